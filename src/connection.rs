@@ -1,0 +1,244 @@
+//! One mailer connection: the IO half of a session.
+//!
+//! Reads bytes from the socket into the [`Session`], carries out the actions it returns (replies,
+//! TLS upgrade, password checks, upstream delivery) and feeds the answers back. Replies are batched
+//! and flushed before anything that can wait (a read, an upstream round trip), which keeps pipelined
+//! clients fast without delaying any reply.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::auth::Authenticator;
+use crate::config::{Config, TlsMode};
+use crate::reply::Reply;
+use crate::secret::Secret;
+use crate::session::{Action, AuthOutcome, Authorized, Session, SessionConfig};
+use crate::upstream::{BoxStream, Delivery, UpstreamContext};
+
+/// What every connection shares.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub authenticator: Authenticator,
+    pub upstream: Arc<UpstreamContext>,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Serves one accepted connection until the mailer quits, times out or disconnects.
+pub async fn handle(shared: Arc<Shared>, stream: BoxStream, peer: SocketAddr, mode: TlsMode, id: u64) {
+    let span = tracing::info_span!("session", id, %peer, login = tracing::field::Empty, account = tracing::field::Empty);
+    async move {
+        tracing::debug!("connected");
+        let mut conn = Connection::new(shared, stream, peer, mode);
+        if let Err(e) = conn.run().await {
+            tracing::debug!(error = %e, "connection ended");
+        }
+        if let Some(d) = conn.delivery.as_mut() {
+            if conn.session.in_data() {
+                d.abort();
+            }
+            d.quit().await;
+        }
+        tracing::debug!("closed");
+    }
+    .instrument(span)
+    .await
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    stream: BoxStream,
+    mode: TlsMode,
+    session: Session,
+    out: Vec<u8>,
+    delivery: Option<Delivery>,
+    message_started: Instant,
+}
+
+enum End {
+    Io(std::io::Error),
+    Timeout,
+    Tls(String),
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Io(e) => write!(f, "{e}"),
+            End::Timeout => f.write_str("idle timeout"),
+            End::Tls(e) => write!(f, "TLS: {e}"),
+        }
+    }
+}
+
+impl Connection {
+    fn new(shared: Arc<Shared>, stream: BoxStream, peer: SocketAddr, mode: TlsMode) -> Connection {
+        let server = &shared.config.server;
+        let limits = &shared.config.limits;
+        let session = Session::new(SessionConfig {
+            hostname: server.hostname.clone(),
+            tls_active: false,
+            starttls_available: mode == TlsMode::Starttls && shared.tls.is_some(),
+            plaintext_auth_allowed: !server.require_tls_for_auth
+                || (server.allow_plaintext_loopback && peer.ip().is_loopback()),
+            max_message_bytes: limits.max_message_bytes,
+            max_recipients: limits.max_recipients,
+        });
+        Connection {
+            shared,
+            stream,
+            mode,
+            session,
+            out: Vec::new(),
+            delivery: None,
+            message_started: Instant::now(),
+        }
+    }
+
+    fn idle(&self) -> Duration {
+        Duration::from_secs(self.shared.config.limits.idle_timeout_secs)
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let out = std::mem::take(&mut self.out);
+        tokio::time::timeout(self.idle(), async {
+            self.stream.write_all(&out).await?;
+            self.stream.flush().await
+        })
+        .await
+        .map_err(|_| End::Timeout)?
+        .map_err(End::Io)
+    }
+
+    async fn upgrade_tls(&mut self) -> Result<(), End> {
+        let acceptor = self.shared.tls.clone().ok_or_else(|| End::Tls("no certificate configured".into()))?;
+        let plain = std::mem::replace(&mut self.stream, Box::new(tokio::io::duplex(1).0));
+        let tls = tokio::time::timeout(self.idle(), acceptor.accept(plain))
+            .await
+            .map_err(|_| End::Timeout)?
+            .map_err(|e| End::Tls(e.to_string()))?;
+        self.stream = Box::new(tls);
+        Ok(())
+    }
+
+    async fn run(&mut self) -> Result<(), End> {
+        if self.mode == TlsMode::Implicit {
+            self.upgrade_tls().await?;
+            self.session.tls_started_implicitly();
+        }
+        self.session.greeting().write_to(&mut self.out);
+        let mut buf = vec![0u8; READ_CHUNK];
+        loop {
+            while let Some(action) = self.session.next_action() {
+                if !self.execute(action).await? {
+                    return Ok(());
+                }
+            }
+            self.flush().await?;
+            let n = match tokio::time::timeout(self.idle(), self.stream.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => return Err(End::Io(e)),
+                Err(_) => {
+                    Reply::new(421, "4.4.2 Idle timeout, closing connection").write_to(&mut self.out);
+                    let _ = self.flush().await;
+                    return Err(End::Timeout);
+                }
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            self.session.push_input(&buf[..n]);
+        }
+    }
+
+    /// Carries out one action; `false` ends the connection.
+    async fn execute(&mut self, action: Action) -> Result<bool, End> {
+        match action {
+            Action::Reply(reply) => reply.write_to(&mut self.out),
+            Action::StartTls => {
+                self.flush().await?;
+                self.upgrade_tls().await?;
+                self.session.tls_started();
+            }
+            Action::Authenticate { login, password } => {
+                self.flush().await?;
+                let outcome = self.authenticate(login, password).await;
+                self.session.auth_result(outcome);
+            }
+            Action::Mail { from, params } => {
+                self.flush().await?;
+                self.message_started = Instant::now();
+                let reply = self.delivery().mail(&from, &params).await;
+                self.session.upstream_reply(reply);
+            }
+            Action::Rcpt { to } => {
+                self.flush().await?;
+                let reply = self.delivery().rcpt(&to).await;
+                self.session.upstream_reply(reply);
+            }
+            Action::Data => {
+                self.flush().await?;
+                let reply = self.delivery().data().await;
+                self.session.upstream_reply(reply);
+            }
+            Action::BodyChunk(chunk) => self.delivery().body(&chunk).await,
+            Action::EndOfData => {
+                self.flush().await?;
+                let started = self.message_started;
+                let delivery = self.delivery();
+                let reply = delivery.end_data().await;
+                let stats = &delivery.stats;
+                tracing::info!(
+                    sender = %stats.sender,
+                    recipients = stats.recipients,
+                    size = stats.size,
+                    reply = %reply.summary(),
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    "{}",
+                    if reply.is_positive() { "message relayed" } else { "message not relayed" }
+                );
+                self.session.upstream_reply(reply);
+            }
+            Action::AbortTransaction => self.delivery().abort(),
+            Action::Close => {
+                self.flush().await?;
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The session asks for upstream work only after a successful AUTH, which creates the delivery.
+    fn delivery(&mut self) -> &mut Delivery {
+        self.delivery.as_mut().expect("upstream action before authentication")
+    }
+
+    async fn authenticate(&mut self, login: String, password: Secret) -> AuthOutcome {
+        let Some(account) = self.shared.authenticator.verify(&login, password).await else {
+            tracing::info!(login = %login, "authentication failed");
+            return AuthOutcome::BadCredentials;
+        };
+        let span = tracing::Span::current();
+        span.record("login", login.as_str());
+        span.record("account", account.name.as_str());
+        if let Err(e) = self.shared.upstream.tokens.token(&account.name).await {
+            tracing::debug!(error = %e, "authenticated, but the account has no usable grant");
+            return AuthOutcome::GrantUnavailable(e.to_string());
+        }
+        tracing::info!("authenticated");
+        self.delivery = Some(Delivery::new(self.shared.upstream.clone(), account.clone()));
+        AuthOutcome::Ok(Authorized {
+            account: account.name.clone(),
+            allowed_senders: account.allowed_senders.clone(),
+        })
+    }
+}

@@ -1,0 +1,68 @@
+//! Provider error codes turned into something an operator can act on.
+//!
+//! Providers answer with codes (`AADSTS700082`, `535 5.7.139`) whose meaning lives in support
+//! articles; the relay appends the fix to its log lines, to the `454` it gives the mailer, and to the
+//! output of `test` and `authorize`.
+
+use crate::config::Family;
+use crate::oauth::ProviderError;
+use crate::reply::Reply;
+
+/// A fix for an error from a token or authorization endpoint.
+pub fn for_provider_error(error: &ProviderError) -> Option<&'static str> {
+    let text = error.to_string();
+    let has = |needle: &str| text.contains(needle);
+    Some(if has("AADSTS50011") {
+        "the redirect URI is not registered for the app: add the exact URI that `authorize` prints under \
+         Authentication > Mobile and desktop applications"
+    } else if has("AADSTS700082") || has("AADSTS70008") {
+        "the refresh token expired (Microsoft drops grants unused for 90 days); run `xoauth-relay authorize` again"
+    } else if has("AADSTS7000218") {
+        "the app expects a client secret: set client_secret_env / client_secret_file for this provider, or turn \
+         on \"Allow public client flows\" under Authentication in the app registration"
+    } else if has("AADSTS7000215") || has("AADSTS7000222") {
+        "the client secret is wrong or expired: create a new one under Certificates & secrets"
+    } else if has("AADSTS65001") {
+        "the user or an admin has not consented to the app's permissions: grant consent and authorize again"
+    } else if has("AADSTS50076") || has("AADSTS50079") {
+        "the tenant requires MFA for this sign-in: use `authorize` (interactive) rather than a scripted flow"
+    } else if has("redirect_uri_mismatch") {
+        "the redirect URI is not registered for the OAuth client: register the exact URI that `authorize` prints \
+         (Google: use a \"Desktop app\" client, which accepts any loopback port)"
+    } else if has("invalid_client") || has("unauthorized_client") {
+        "check client_id and the client secret/certificate, and that the app is allowed to use this grant type"
+    } else if has("invalid_scope") {
+        "the app is not allowed the requested scopes: add them to the app registration (Google: the Gmail API \
+         scope https://mail.google.com/, Microsoft: SMTP.Send)"
+    } else if matches!(error, ProviderError::InvalidGrant(_)) {
+        "the grant was revoked, expired, or the password changed; Google apps left in \"Testing\" lose their \
+         grants after 7 days (publish the app on the OAuth consent screen); Microsoft drops grants unused for 90 days"
+    } else {
+        return None;
+    })
+}
+
+/// A fix for an upstream SMTP reply (mostly authentication failures).
+pub fn for_smtp_reply(family: Family, reply: &Reply) -> Option<&'static str> {
+    let text = reply.lines.join(" ");
+    let has = |needle: &str| text.contains(needle);
+    Some(if has("5.7.139") {
+        "SMTP AUTH is disabled for the tenant or this mailbox: enable Authenticated SMTP for the mailbox \
+         (Microsoft 365 admin center > user > Mail > Email apps, or Set-CASMailbox -SmtpClientAuthenticationDisabled \
+         $false) and check the tenant setting (Set-TransportConfig) and security defaults"
+    } else if has("5.7.3") {
+        "the token was refused for this mailbox: the token must carry SMTP.Send, `mailbox` must be the address of \
+         the user who authorized (a shared mailbox needs Send As / Full Access for that user), and SMTP AUTH must be \
+         enabled for it"
+    } else if has("5.7.30") {
+        "basic authentication is off for this tenant; the relay must authenticate with OAuth (mechanism xoauth2)"
+    } else if has("5.2.252") || has("SendAsDenied") {
+        "SendAsDenied: the authorized user may not send as this sender; grant Send As on that address or send \
+         from the mailbox's own address"
+    } else if family == Family::Google && reply.code == 535 {
+        "Gmail refused the token: `mailbox` must be the Google account that authorized, and the grant must include \
+         the https://mail.google.com/ scope"
+    } else {
+        return None;
+    })
+}

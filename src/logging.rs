@@ -1,0 +1,22 @@
+//! Log setup: human-readable lines by default, JSON with `--log-format json`
+//! (or `XOAUTH_RELAY_LOG_FORMAT=json`); level from `RUST_LOG`, default `info`.
+//!
+//! Nothing secret is ever passed to a log macro: passwords and tokens travel as
+//! [`crate::secret::Secret`], whose `Debug`/`Display` print `[redacted]`.
+
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+    };
+}

@@ -1,0 +1,246 @@
+//! Requests to a provider's OAuth endpoints: refresh, and the grants that need no user
+//! (client credentials, Google service accounts). Interactive flows live in `authorize.rs`.
+//!
+//! Everything here returns a [`TokenSet`] or a [`ProviderError`] that keeps the provider's own error
+//! code, so the operator sees `invalid_grant` or `AADSTS700082`, not "request failed".
+
+use std::time::Duration;
+
+use oauth2::basic::{BasicClient, BasicErrorResponse, BasicTokenResponse};
+use oauth2::{
+    AuthType, AuthUrl, ClientId, ClientSecret, DeviceAuthorizationUrl, EndpointMaybeSet, EndpointNotSet,
+    EndpointSet, RefreshToken, RequestTokenError, RevocationUrl, TokenResponse, TokenUrl,
+};
+
+use crate::config::Provider;
+use crate::http::HttpClient;
+use crate::secret::Secret;
+
+/// What a token endpoint gave back.
+#[derive(Debug, Clone)]
+pub struct TokenSet {
+    pub access_token: Secret,
+    pub expires_in: Option<Duration>,
+    /// Present when the provider issued (or rotated) a refresh token.
+    pub refresh_token: Option<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ProviderError {
+    /// The grant is dead: revoked, expired, or the user changed password (`invalid_grant`).
+    InvalidGrant(String),
+    /// Any other error the provider answered with: `code` and description.
+    Refused { code: String, description: String },
+    /// No usable answer (network, TLS, timeout, unparseable body).
+    Unreachable(String),
+}
+
+impl std::fmt::Display for ProviderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProviderError::InvalidGrant(d) if d.is_empty() => f.write_str("invalid_grant"),
+            ProviderError::InvalidGrant(d) => write!(f, "invalid_grant: {d}"),
+            ProviderError::Refused { code, description } if description.is_empty() => f.write_str(code),
+            ProviderError::Refused { code, description } => write!(f, "{code}: {description}"),
+            ProviderError::Unreachable(d) => write!(f, "token endpoint unreachable: {d}"),
+        }
+    }
+}
+
+pub type OAuthClient = BasicClient<EndpointMaybeSet, EndpointMaybeSet, EndpointNotSet, EndpointMaybeSet, EndpointSet>;
+
+fn bad_url(provider: &Provider, what: &str) -> ProviderError {
+    ProviderError::Refused {
+        code: "configuration".into(),
+        description: format!("provider `{}`: {what} is not a valid URL", provider.name),
+    }
+}
+
+/// An `oauth2` client for `provider`. Credentials go in the request body: every provider we target
+/// accepts that, and public clients (no secret) need it.
+pub fn client(provider: &Provider) -> Result<OAuthClient, ProviderError> {
+    let token = TokenUrl::new(provider.token_url.clone()).map_err(|_| bad_url(provider, "token_url"))?;
+    let auth = provider
+        .authorize_url
+        .clone()
+        .map(AuthUrl::new)
+        .transpose()
+        .map_err(|_| bad_url(provider, "authorize_url"))?;
+    let device = provider
+        .device_authorization_url
+        .clone()
+        .map(DeviceAuthorizationUrl::new)
+        .transpose()
+        .map_err(|_| bad_url(provider, "device_authorization_url"))?;
+    let revoke = provider
+        .revocation_url
+        .clone()
+        .map(RevocationUrl::new)
+        .transpose()
+        .map_err(|_| bad_url(provider, "revocation_url"))?;
+    let mut c = BasicClient::new(ClientId::new(provider.client_id.clone()))
+        .set_auth_uri_option(auth)
+        .set_device_authorization_url_option(device)
+        .set_revocation_url_option(revoke)
+        .set_token_uri(token)
+        .set_auth_type(AuthType::RequestBody);
+    if let Some(secret) = &provider.client_secret {
+        c = c.set_client_secret(ClientSecret::new(secret.clone()));
+    }
+    Ok(c)
+}
+
+pub fn token_set(response: &BasicTokenResponse) -> TokenSet {
+    TokenSet {
+        access_token: Secret::new(response.access_token().secret().clone()),
+        expires_in: response.expires_in(),
+        refresh_token: response.refresh_token().map(|r| Secret::new(r.secret().clone())),
+    }
+}
+
+pub fn classify<RE: std::error::Error + 'static>(error: RequestTokenError<RE, BasicErrorResponse>) -> ProviderError {
+    match error {
+        RequestTokenError::ServerResponse(e) => {
+            let code = e.error().as_ref().to_string();
+            let description = e.error_description().cloned().unwrap_or_default();
+            if code == "invalid_grant" {
+                ProviderError::InvalidGrant(description)
+            } else {
+                ProviderError::Refused { code, description }
+            }
+        }
+        RequestTokenError::Request(e) => ProviderError::Unreachable(e.to_string()),
+        RequestTokenError::Parse(_, body) => ProviderError::Unreachable(format!(
+            "unparseable answer from the token endpoint ({} bytes)",
+            body.len()
+        )),
+        RequestTokenError::Other(s) => ProviderError::Unreachable(s),
+    }
+}
+
+/// Redeems a refresh token for a new access token (and maybe a rotated refresh token).
+pub async fn refresh(provider: &Provider, http: &HttpClient, refresh_token: &Secret) -> Result<TokenSet, ProviderError> {
+    let client = client(provider)?;
+    let token = RefreshToken::new(refresh_token.expose().to_string());
+    let response = client
+        .exchange_refresh_token(&token)
+        .request_async(http)
+        .await
+        .map_err(classify)?;
+    Ok(token_set(&response))
+}
+
+fn now_secs() -> u64 {
+    crate::store::now_unix()
+}
+
+/// Posts a form to a token endpoint and reads the standard token or error answer. Used for grants the
+/// `oauth2` crate has no builder for (JWT bearer).
+pub async fn post_token_form(http: &HttpClient, url: &str, form: &[(&str, &str)]) -> Result<TokenSet, ProviderError> {
+    let body = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
+    let request = oauth2::http::Request::post(url)
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .header("Accept", "application/json")
+        .body(body.into_bytes())
+        .map_err(|e| ProviderError::Unreachable(format!("bad request to {url}: {e}")))?;
+    let response = http.send(request).await.map_err(|e| ProviderError::Unreachable(e.to_string()))?;
+    let json: serde_json::Value = serde_json::from_slice(response.body()).map_err(|_| {
+        ProviderError::Unreachable(format!("HTTP {} from {url} without a JSON body", response.status()))
+    })?;
+    let field = |name: &str| json.get(name).and_then(|v| v.as_str()).map(str::to_string);
+    if let Some(code) = field("error") {
+        let description = field("error_description").unwrap_or_default();
+        return Err(if code == "invalid_grant" {
+            ProviderError::InvalidGrant(description)
+        } else {
+            ProviderError::Refused { code, description }
+        });
+    }
+    let access_token = field("access_token")
+        .ok_or_else(|| ProviderError::Unreachable(format!("HTTP {} from {url} without access_token", response.status())))?;
+    Ok(TokenSet {
+        access_token: Secret::new(access_token),
+        expires_in: json.get("expires_in").and_then(|v| v.as_u64()).map(Duration::from_secs),
+        refresh_token: field("refresh_token").map(Secret::new),
+    })
+}
+
+fn config_error(provider: &Provider, detail: String) -> ProviderError {
+    ProviderError::Refused {
+        code: "configuration".into(),
+        description: format!("provider `{}`: {detail}", provider.name),
+    }
+}
+
+/// App-only token (Microsoft 365 SMTP.SendAsApp): client secret, or a certificate-signed assertion.
+pub async fn client_credentials(provider: &Provider, http: &HttpClient) -> Result<TokenSet, ProviderError> {
+    let client = client(provider)?;
+    let mut request = client.exchange_client_credentials();
+    for scope in &provider.scopes {
+        request = request.add_scope(oauth2::Scope::new(scope.clone()));
+    }
+    let assertion;
+    if let (Some(cert), Some(key)) = (&provider.client_certificate_file, &provider.client_private_key_file) {
+        assertion = client_assertion(provider, cert, key).map_err(|e| config_error(provider, e))?;
+        request = request
+            .add_extra_param("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+            .add_extra_param("client_assertion", assertion.expose());
+    } else if provider.client_secret.is_none() {
+        return Err(config_error(
+            provider,
+            "grant = \"client_credentials\" needs a client secret or client_certificate_file + client_private_key_file".into(),
+        ));
+    }
+    let response = request.request_async(http).await.map_err(classify)?;
+    Ok(token_set(&response))
+}
+
+/// RFC 7523 §2.2 client assertion, with the certificate thumbprints Microsoft looks the key up by.
+fn client_assertion(provider: &Provider, cert: &std::path::Path, key: &std::path::Path) -> Result<Secret, String> {
+    let pem = std::fs::read_to_string(key).map_err(|e| format!("client_private_key_file {}: {e}", key.display()))?;
+    let key = crate::jwt::rsa_key_from_pem(&pem).map_err(|e| format!("client_private_key_file: {e}"))?;
+    let (x5t, x5t256) = crate::jwt::certificate_thumbprints(cert)?;
+    let now = now_secs();
+    let mut jti = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut jti).map_err(|_| "no randomness")?;
+    let claims = serde_json::json!({
+        "aud": provider.token_url,
+        "iss": provider.client_id,
+        "sub": provider.client_id,
+        "jti": jti.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+        "nbf": now,
+        "iat": now,
+        "exp": now + 600,
+    });
+    let header = serde_json::json!({ "x5t": x5t, "x5t#S256": x5t256 });
+    crate::jwt::sign(&key, header, &claims).map(Secret::new)
+}
+
+/// Google service account with domain-wide delegation: a JWT for `mailbox`, exchanged with the
+/// JWT-bearer grant (RFC 7523 §2.1).
+pub async fn service_account(provider: &Provider, mailbox: &str, http: &HttpClient) -> Result<TokenSet, ProviderError> {
+    let Some(path) = &provider.service_account_key_file else {
+        return Err(config_error(provider, "`service_account_key_file` is not set".into()));
+    };
+    let key = crate::jwt::load_service_account_key(path).map_err(|e| config_error(provider, e))?;
+    let now = now_secs();
+    let claims = serde_json::json!({
+        "iss": key.client_email,
+        "sub": mailbox,
+        "scope": provider.scopes.join(" "),
+        "aud": provider.token_url,
+        "iat": now,
+        "exp": now + 3600,
+    });
+    let header = match &key.private_key_id {
+        Some(kid) => serde_json::json!({ "kid": kid }),
+        None => serde_json::json!({}),
+    };
+    let jwt = crate::jwt::sign(&key.key, header, &claims).map_err(|e| config_error(provider, e))?;
+    post_token_form(
+        http,
+        &provider.token_url,
+        &[("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"), ("assertion", &jwt)],
+    )
+    .await
+}

@@ -1,0 +1,112 @@
+//! SMTP replies: the frames both sides of the relay speak.
+//!
+//! One type serves the mailer-facing session and the upstream client, so an upstream rejection can be
+//! handed to the mailer unchanged (its code, enhanced code and text).
+
+use std::fmt;
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    /// Text of each line, without the code; the enhanced status code, when present, leads the text.
+    pub lines: Vec<String>,
+}
+
+impl Reply {
+    pub fn new(code: u16, text: impl Into<String>) -> Reply {
+        Reply {
+            code,
+            lines: vec![text.into()],
+        }
+    }
+
+    pub fn multi(code: u16, lines: Vec<String>) -> Reply {
+        Reply { code, lines }
+    }
+
+    pub fn is_positive(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+
+    pub fn is_transient(&self) -> bool {
+        (400..500).contains(&self.code)
+    }
+
+    /// Wire form: `250-first\r\n250 last\r\n`. Bare CR/LF in the text cannot split a reply.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        let last = self.lines.len().saturating_sub(1);
+        if self.lines.is_empty() {
+            out.extend_from_slice(format!("{} \r\n", self.code).as_bytes());
+        }
+        for (i, line) in self.lines.iter().enumerate() {
+            let sep = if i == last { ' ' } else { '-' };
+            let clean: String = line.chars().filter(|c| *c != '\r' && *c != '\n').collect();
+            out.extend_from_slice(format!("{}{}{}\r\n", self.code, sep, clean).as_bytes());
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write_to(&mut out);
+        out
+    }
+
+    /// Parses one complete reply from `buf`; returns it and the bytes consumed, or `None` if more input
+    /// is needed. `Err` for a line that is not `DDD[ -]text`.
+    pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, String> {
+        let mut pos = 0;
+        let mut lines = Vec::new();
+        loop {
+            let Some(nl) = buf[pos..].iter().position(|b| *b == b'\n') else {
+                return Ok(None);
+            };
+            let raw = &buf[pos..pos + nl];
+            pos += nl + 1;
+            let line = String::from_utf8_lossy(raw.strip_suffix(b"\r").unwrap_or(raw));
+            let code = line
+                .get(..3)
+                .and_then(|c| c.parse::<u16>().ok())
+                .filter(|c| (200..600).contains(c))
+                .ok_or_else(|| format!("malformed reply line: {:.80}", line))?;
+            let sep = line.as_bytes().get(3).copied().unwrap_or(b' ');
+            lines.push(line.get(4..).unwrap_or("").to_string());
+            if sep != b'-' {
+                return Ok(Some((Reply { code, lines }, pos)));
+            }
+        }
+    }
+
+    /// First line, for logs: `550 5.1.1 No such user`.
+    pub fn summary(&self) -> String {
+        format!("{} {}", self.code, self.lines.first().map(String::as_str).unwrap_or(""))
+    }
+}
+
+impl fmt::Debug for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.summary())
+    }
+}
+
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.lines.join(" / "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_line_round_trip() {
+        let r = Reply::multi(250, vec!["relay.local".into(), "PIPELINING".into(), "SIZE 10".into()]);
+        let wire = r.to_bytes();
+        assert_eq!(wire, b"250-relay.local\r\n250-PIPELINING\r\n250 SIZE 10\r\n");
+        let (back, used) = Reply::parse(&wire).unwrap().unwrap();
+        assert_eq!(back, r);
+        assert_eq!(used, wire.len());
+        assert!(Reply::parse(b"250-partial\r\n").unwrap().is_none());
+        assert!(Reply::parse(b"hello\r\n").is_err());
+    }
+}

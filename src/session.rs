@@ -1,0 +1,775 @@
+//! The mailer-facing SMTP session as a state machine without IO.
+//!
+//! Bytes go in with [`Session::push_input`]; [`Session::next_action`] hands out what the IO layer must
+//! do (send a reply, verify a password, open an upstream transaction, stream a body chunk, ...). An
+//! action that needs an answer (`Authenticate`, `Mail`, `Rcpt`, `Data`, `EndOfData`, `StartTls`) parks
+//! the session until the IO layer calls the matching method; input that arrives meanwhile (pipelining)
+//! stays buffered. This keeps every protocol rule unit-testable without sockets.
+//!
+//! The session never sees a token: after AUTH it knows only the account's name and sender policy.
+
+use std::collections::VecDeque;
+
+use base64::Engine;
+use smtp_proto::{Request, AUTH_LOGIN, AUTH_PLAIN, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8};
+
+use crate::reply::Reply;
+use crate::secret::Secret;
+
+/// Longest command line accepted (RFC 4954 asks for 12288 to fit AUTH initial responses).
+pub const MAX_LINE: usize = 12288;
+/// Failed AUTH attempts before the session is closed.
+const MAX_AUTH_FAILURES: u32 = 3;
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub hostname: String,
+    /// The connection is already encrypted (implicit TLS or after STARTTLS).
+    pub tls_active: bool,
+    /// STARTTLS can be offered on this listener.
+    pub starttls_available: bool,
+    /// AUTH may be used without TLS (loopback peer exempted by config, or TLS not required).
+    pub plaintext_auth_allowed: bool,
+    pub max_message_bytes: usize,
+    pub max_recipients: usize,
+}
+
+/// What the session knows about the mailer's account once authenticated: no secrets.
+#[derive(Debug, Clone)]
+pub struct Authorized {
+    pub account: String,
+    pub allowed_senders: Option<Vec<String>>,
+}
+
+impl Authorized {
+    pub fn sender_allowed(&self, sender: &str) -> bool {
+        crate::config::sender_allowed(self.allowed_senders.as_deref(), sender)
+    }
+}
+
+#[derive(Debug)]
+pub enum AuthOutcome {
+    Ok(Authorized),
+    BadCredentials,
+    /// Password right, but the account's grant cannot give a token (text says why and what to do).
+    GrantUnavailable(String),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MailParams {
+    pub size: Option<usize>,
+    pub eight_bit: bool,
+    pub smtputf8: bool,
+}
+
+#[derive(Debug)]
+pub enum Action {
+    Reply(Reply),
+    /// The `220` has been queued; flush it, run the TLS handshake, then call [`Session::tls_started`].
+    StartTls,
+    /// Answer with [`Session::auth_result`].
+    Authenticate { login: String, password: Secret },
+    /// Answer each of these four with [`Session::upstream_reply`].
+    Mail { from: String, params: MailParams },
+    Rcpt { to: String },
+    Data,
+    EndOfData,
+    /// Part of the message body, dot-stuffing already undone.
+    BodyChunk(Vec<u8>),
+    /// Drop the upstream transaction without completing it (message too large).
+    AbortTransaction,
+    Close,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    Auth,
+    Mail,
+    Rcpt,
+    Data,
+    EndOfData,
+    Tls,
+}
+
+enum Phase {
+    Command,
+    AuthPlain,
+    AuthLoginUser,
+    AuthLoginPass { login: String },
+    Data(Box<DataPhase>),
+    Waiting(Waiting),
+    Closed,
+}
+
+struct DataPhase {
+    receiver: smtp_proto::request::receiver::DataReceiver,
+    /// Output of the receiver not yet handed out; a trailing CR is held back because it may be the
+    /// start of the terminating CRLF.CRLF and get taken back by the receiver.
+    pending: Vec<u8>,
+    size: usize,
+    too_big: bool,
+}
+
+impl DataPhase {
+    fn new() -> DataPhase {
+        let mut receiver = smtp_proto::request::receiver::DataReceiver::new();
+        // The receiver recognises "." only after a CRLF it has seen: prime it so that an empty body or
+        // a first line starting with "." is handled like any other line.
+        let mut primed = Vec::new();
+        receiver.ingest(&mut b"\r\n".iter(), &mut primed);
+        DataPhase {
+            receiver,
+            pending: Vec::new(),
+            size: 0,
+            too_big: false,
+        }
+    }
+}
+
+pub struct Session {
+    config: SessionConfig,
+    input: Vec<u8>,
+    /// A line longer than MAX_LINE is being skipped up to its LF.
+    discarding: bool,
+    out: VecDeque<Action>,
+    phase: Phase,
+    ehlo_done: bool,
+    auth: Option<Authorized>,
+    auth_failures: u32,
+    in_transaction: bool,
+    accepted_rcpts: usize,
+}
+
+fn b64() -> &'static base64::engine::GeneralPurpose {
+    &base64::engine::general_purpose::STANDARD
+}
+
+impl Session {
+    pub fn new(config: SessionConfig) -> Session {
+        Session {
+            config,
+            input: Vec::new(),
+            discarding: false,
+            out: VecDeque::new(),
+            phase: Phase::Command,
+            ehlo_done: false,
+            auth: None,
+            auth_failures: 0,
+            in_transaction: false,
+            accepted_rcpts: 0,
+        }
+    }
+
+    pub fn greeting(&self) -> Reply {
+        Reply::new(220, format!("{} ESMTP xoauth-relay ready", self.config.hostname))
+    }
+
+    pub fn authorized(&self) -> Option<&Authorized> {
+        self.auth.as_ref()
+    }
+
+    /// True while the mailer is sending a message body.
+    pub fn in_data(&self) -> bool {
+        matches!(self.phase, Phase::Data(_) | Phase::Waiting(Waiting::EndOfData))
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self.phase, Phase::Closed)
+    }
+
+    pub fn push_input(&mut self, bytes: &[u8]) {
+        self.input.extend_from_slice(bytes);
+    }
+
+    /// The next thing to do, or `None` when the session needs more input or an answer.
+    pub fn next_action(&mut self) -> Option<Action> {
+        loop {
+            if let Some(a) = self.out.pop_front() {
+                return Some(a);
+            }
+            match &self.phase {
+                Phase::Waiting(_) | Phase::Closed => return None,
+                Phase::Data(_) => {
+                    if !self.step_data() {
+                        return self.out.pop_front();
+                    }
+                }
+                _ => match self.take_line() {
+                    Some(line) => self.handle_line(line),
+                    None => return self.out.pop_front(),
+                },
+            }
+        }
+    }
+
+    fn reply(&mut self, code: u16, text: impl Into<String>) {
+        self.out.push_back(Action::Reply(Reply::new(code, text)));
+    }
+
+    fn wait(&mut self, action: Action, waiting: Waiting) {
+        self.out.push_back(action);
+        self.phase = Phase::Waiting(waiting);
+    }
+
+    fn expect_waiting(&mut self, what: Waiting) -> bool {
+        if matches!(self.phase, Phase::Waiting(w) if w == what) {
+            self.phase = Phase::Command;
+            true
+        } else {
+            debug_assert!(false, "answer {what:?} arrived while not waiting for it");
+            false
+        }
+    }
+
+    /// Takes one line (without its line ending) from the input, handling over-long lines.
+    fn take_line(&mut self) -> Option<Vec<u8>> {
+        loop {
+            match self.input.iter().position(|b| *b == b'\n') {
+                Some(nl) => {
+                    let mut line: Vec<u8> = self.input.drain(..=nl).collect();
+                    if self.discarding || line.len() > MAX_LINE + 2 {
+                        self.discarding = false;
+                        self.reply(500, "5.5.6 Line too long");
+                        continue;
+                    }
+                    line.pop();
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
+                    return Some(line);
+                }
+                None if self.input.len() > MAX_LINE => {
+                    self.input.clear();
+                    self.discarding = true;
+                }
+                None => return None,
+            }
+        }
+    }
+
+    fn handle_line(&mut self, line: Vec<u8>) {
+        match std::mem::replace(&mut self.phase, Phase::Command) {
+            Phase::AuthPlain => self.auth_plain_response(&line),
+            Phase::AuthLoginUser => self.auth_login_user(&line),
+            Phase::AuthLoginPass { login } => self.auth_login_pass(login, &line),
+            _ => self.command(line),
+        }
+    }
+
+    fn command(&mut self, mut line: Vec<u8>) {
+        line.extend_from_slice(b"\r\n");
+        let request = match Request::parse(&mut line.iter()) {
+            Ok(r) => r.into_owned(),
+            Err(e) => return self.parse_error(e),
+        };
+        match request {
+            Request::Ehlo { host } => self.ehlo(host),
+            Request::Helo { host } => {
+                self.reset_transaction();
+                self.ehlo_done = true;
+                self.reply(250, format!("{} greets {}", self.config.hostname, host));
+            }
+            Request::StartTls => self.starttls(),
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, initial_response),
+            Request::Mail { from } => self.mail(from),
+            Request::Rcpt { to } => self.rcpt(to.address),
+            Request::Data => self.data(),
+            Request::Rset => {
+                self.reset_transaction();
+                self.reply(250, "2.0.0 OK");
+            }
+            Request::Noop { .. } => self.reply(250, "2.0.0 OK"),
+            Request::Vrfy { .. } => self.reply(252, "2.5.0 Cannot VRFY user, but will accept message and attempt delivery"),
+            Request::Help { .. } => self.reply(
+                214,
+                "2.0.0 Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP VRFY HELP QUIT",
+            ),
+            Request::Quit => {
+                self.reply(221, "2.0.0 Bye");
+                self.out.push_back(Action::Close);
+                self.phase = Phase::Closed;
+            }
+            Request::Bdat { .. } => self.reply(502, "5.5.1 BDAT is not supported; use DATA"),
+            Request::Expn { .. } => self.reply(502, "5.5.1 EXPN is not supported"),
+            Request::Lhlo { .. } | Request::Etrn { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
+                self.reply(502, "5.5.1 Command not implemented")
+            }
+        }
+    }
+
+    fn parse_error(&mut self, e: smtp_proto::Error) {
+        use smtp_proto::Error as E;
+        match e {
+            E::UnknownCommand => self.reply(500, "5.5.1 Unknown command"),
+            E::InvalidSenderAddress => self.reply(501, "5.1.7 Bad sender address syntax"),
+            E::InvalidRecipientAddress => self.reply(501, "5.1.3 Bad recipient address syntax"),
+            E::SyntaxError { syntax } => self.reply(501, format!("5.5.2 Syntax error, expected: {syntax}")),
+            E::InvalidParameter { param } => self.reply(501, format!("5.5.4 Invalid parameter {param}")),
+            E::UnsupportedParameter { param } => {
+                self.reply(555, format!("5.5.4 Unsupported parameter {param:.40}"))
+            }
+            E::ResponseTooLong => self.reply(500, "5.5.6 Line too long"),
+            E::NeedsMoreData { .. } | E::InvalidResponse { .. } => self.reply(501, "5.5.2 Syntax error"),
+        }
+    }
+
+    fn ehlo(&mut self, host: String) {
+        self.reset_transaction();
+        self.ehlo_done = true;
+        let mut lines = vec![
+            format!("{} greets {}", self.config.hostname, host),
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.config.max_message_bytes),
+            "8BITMIME".to_string(),
+            "SMTPUTF8".to_string(),
+            "ENHANCEDSTATUSCODES".to_string(),
+        ];
+        if self.config.starttls_available && !self.config.tls_active {
+            lines.push("STARTTLS".into());
+        }
+        if self.auth.is_none() && self.auth_allowed() {
+            lines.push("AUTH PLAIN LOGIN".into());
+        }
+        lines.push("HELP".into());
+        self.out.push_back(Action::Reply(Reply::multi(250, lines)));
+    }
+
+    fn auth_allowed(&self) -> bool {
+        self.config.tls_active || self.config.plaintext_auth_allowed
+    }
+
+    fn starttls(&mut self) {
+        if self.config.tls_active {
+            return self.reply(503, "5.5.1 TLS already active");
+        }
+        if !self.config.starttls_available {
+            return self.reply(502, "5.5.1 STARTTLS not available on this port");
+        }
+        self.reply(220, "2.0.0 Ready to start TLS");
+        // RFC 3207: anything pipelined after STARTTLS was sent in clear and must be discarded.
+        self.input.clear();
+        self.discarding = false;
+        self.wait(Action::StartTls, Waiting::Tls);
+    }
+
+    /// The listener wrapped the connection in TLS before the greeting (implicit TLS, RFC 8314).
+    pub fn tls_started_implicitly(&mut self) {
+        self.config.tls_active = true;
+    }
+
+    /// The TLS handshake finished: the session starts over, as RFC 3207 requires.
+    pub fn tls_started(&mut self) {
+        if self.expect_waiting(Waiting::Tls) {
+            self.input.clear();
+            self.config.tls_active = true;
+            self.ehlo_done = false;
+            self.auth = None;
+            self.reset_transaction();
+        }
+    }
+
+    fn auth(&mut self, mechanism: u64, initial: String) {
+        if self.auth.is_some() {
+            return self.reply(503, "5.5.1 Already authenticated");
+        }
+        if !self.ehlo_done {
+            return self.reply(503, "5.5.1 Send EHLO first");
+        }
+        if self.in_transaction {
+            return self.reply(503, "5.5.1 AUTH not allowed during a mail transaction");
+        }
+        if !self.auth_allowed() {
+            return self.reply(538, "5.7.11 Encryption required for requested authentication mechanism; use STARTTLS or port 465");
+        }
+        match mechanism {
+            AUTH_PLAIN if initial.is_empty() => {
+                self.reply(334, "");
+                self.phase = Phase::AuthPlain;
+            }
+            AUTH_PLAIN => self.auth_plain_response(initial.as_bytes()),
+            AUTH_LOGIN if initial.is_empty() => {
+                self.reply(334, "VXNlcm5hbWU6");
+                self.phase = Phase::AuthLoginUser;
+            }
+            AUTH_LOGIN => self.auth_login_user(initial.as_bytes()),
+            _ => self.reply(504, "5.5.4 Unrecognized authentication type; use PLAIN or LOGIN"),
+        }
+    }
+
+    /// Decodes a SASL response line; `None` after replying when it was `*` or not base64.
+    fn sasl_decode(&mut self, line: &[u8]) -> Option<Vec<u8>> {
+        if line == b"*" {
+            self.reply(501, "5.0.0 Authentication cancelled");
+            return None;
+        }
+        if line == b"=" {
+            return Some(Vec::new());
+        }
+        match b64().decode(line) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                self.reply(501, "5.5.2 Invalid base64 data");
+                None
+            }
+        }
+    }
+
+    fn auth_plain_response(&mut self, line: &[u8]) {
+        let Some(decoded) = self.sasl_decode(line) else {
+            return;
+        };
+        let mut parts = decoded.split(|b| *b == 0);
+        let (Some(authzid), Some(authcid), Some(password), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return self.reply(501, "5.5.2 Malformed AUTH PLAIN response");
+        };
+        if !authzid.is_empty() && authzid != authcid {
+            return self.reply(535, "5.7.8 Authorization identity must be empty or equal to the login");
+        }
+        let (Ok(login), Ok(password)) = (std::str::from_utf8(authcid), std::str::from_utf8(password)) else {
+            return self.reply(501, "5.5.2 Login and password must be UTF-8");
+        };
+        self.authenticate(login.to_string(), Secret::new(password));
+    }
+
+    fn auth_login_user(&mut self, line: &[u8]) {
+        let Some(decoded) = self.sasl_decode(line) else {
+            return;
+        };
+        match String::from_utf8(decoded) {
+            Ok(login) => {
+                self.reply(334, "UGFzc3dvcmQ6");
+                self.phase = Phase::AuthLoginPass { login };
+            }
+            Err(_) => self.reply(501, "5.5.2 Login must be UTF-8"),
+        }
+    }
+
+    fn auth_login_pass(&mut self, login: String, line: &[u8]) {
+        let Some(decoded) = self.sasl_decode(line) else {
+            return;
+        };
+        match String::from_utf8(decoded) {
+            Ok(password) => self.authenticate(login, Secret::new(password)),
+            Err(_) => self.reply(501, "5.5.2 Password must be UTF-8"),
+        }
+    }
+
+    fn authenticate(&mut self, login: String, password: Secret) {
+        self.wait(Action::Authenticate { login, password }, Waiting::Auth);
+    }
+
+    pub fn auth_result(&mut self, outcome: AuthOutcome) {
+        if !self.expect_waiting(Waiting::Auth) {
+            return;
+        }
+        match outcome {
+            AuthOutcome::Ok(authorized) => {
+                self.auth = Some(authorized);
+                self.reply(235, "2.7.0 Authentication successful");
+            }
+            AuthOutcome::BadCredentials => {
+                self.auth_failures += 1;
+                self.reply(535, "5.7.8 Authentication credentials invalid");
+                if self.auth_failures >= MAX_AUTH_FAILURES {
+                    self.reply(421, "4.7.0 Too many failed authentication attempts, closing connection");
+                    self.out.push_back(Action::Close);
+                    self.phase = Phase::Closed;
+                }
+            }
+            AuthOutcome::GrantUnavailable(why) => self.reply(454, format!("4.7.0 {why}")),
+        }
+    }
+
+    fn mail(&mut self, from: smtp_proto::MailFrom<String>) {
+        let Some(auth) = &self.auth else {
+            return self.reply(530, "5.7.0 Authentication required");
+        };
+        if self.in_transaction {
+            return self.reply(503, "5.5.1 Nested MAIL command");
+        }
+        if from.size > self.config.max_message_bytes {
+            return self.reply(552, format!(
+                "5.3.4 Message size exceeds the limit of {} bytes",
+                self.config.max_message_bytes
+            ));
+        }
+        if !auth.sender_allowed(&from.address) {
+            return self.reply(550, format!(
+                "5.7.1 Sender <{}> is not allowed for account {}",
+                from.address, auth.account
+            ));
+        }
+        let params = MailParams {
+            size: (from.size > 0).then_some(from.size),
+            eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
+            smtputf8: from.flags & MAIL_SMTPUTF8 != 0,
+        };
+        self.wait(
+            Action::Mail {
+                from: from.address,
+                params,
+            },
+            Waiting::Mail,
+        );
+    }
+
+    fn rcpt(&mut self, to: String) {
+        if !self.in_transaction {
+            return self.reply(503, "5.5.1 Need MAIL before RCPT");
+        }
+        if self.accepted_rcpts >= self.config.max_recipients {
+            return self.reply(452, "4.5.3 Too many recipients");
+        }
+        self.wait(Action::Rcpt { to }, Waiting::Rcpt);
+    }
+
+    fn data(&mut self) {
+        if !self.in_transaction {
+            return self.reply(503, "5.5.1 Need MAIL before DATA");
+        }
+        if self.accepted_rcpts == 0 {
+            return self.reply(554, "5.5.1 No valid recipients");
+        }
+        self.wait(Action::Data, Waiting::Data);
+    }
+
+    /// The upstream's answer to the last `Mail`, `Rcpt`, `Data` or `EndOfData` action.
+    pub fn upstream_reply(&mut self, reply: Reply) {
+        let Phase::Waiting(waiting) = self.phase else {
+            debug_assert!(false, "upstream reply while not waiting");
+            return;
+        };
+        self.phase = Phase::Command;
+        match waiting {
+            Waiting::Mail => self.in_transaction = reply.is_positive(),
+            Waiting::Rcpt if reply.is_positive() => self.accepted_rcpts += 1,
+            Waiting::Data if reply.code == 354 => {
+                self.phase = Phase::Data(Box::new(DataPhase::new()));
+                return self.reply(354, "Start mail input; end with <CRLF>.<CRLF>");
+            }
+            Waiting::EndOfData => self.reset_transaction(),
+            _ => {}
+        }
+        self.out.push_back(Action::Reply(reply));
+    }
+
+    fn reset_transaction(&mut self) {
+        self.in_transaction = false;
+        self.accepted_rcpts = 0;
+    }
+
+    /// Feeds buffered input to the DATA receiver; returns false when more input is needed.
+    fn step_data(&mut self) -> bool {
+        let Phase::Data(data) = &mut self.phase else {
+            return false;
+        };
+        if self.input.is_empty() {
+            return false;
+        }
+        let mut iter = self.input.iter();
+        let done = data.receiver.ingest(&mut iter, &mut data.pending);
+        let consumed = self.input.len() - iter.as_slice().len();
+        self.input.drain(..consumed);
+
+        let keep = usize::from(!done && data.pending.last() == Some(&b'\r'));
+        let ready = data.pending.len() - keep;
+        if ready > 0 {
+            data.size += ready;
+            if data.size > self.config.max_message_bytes {
+                if !data.too_big {
+                    data.too_big = true;
+                    self.out.push_back(Action::AbortTransaction);
+                }
+                data.pending.drain(..ready);
+            } else {
+                let tail = data.pending.split_off(ready);
+                let chunk = std::mem::replace(&mut data.pending, tail);
+                self.out.push_back(Action::BodyChunk(chunk));
+            }
+        }
+        if done {
+            let too_big = data.too_big;
+            if too_big {
+                self.phase = Phase::Command;
+                self.reset_transaction();
+                self.reply(552, format!(
+                    "5.3.4 Message size exceeds the limit of {} bytes",
+                    self.config.max_message_bytes
+                ));
+            } else {
+                self.wait(Action::EndOfData, Waiting::EndOfData);
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(tls: bool) -> Session {
+        Session::new(SessionConfig {
+            hostname: "relay.test".into(),
+            tls_active: tls,
+            starttls_available: true,
+            plaintext_auth_allowed: false,
+            max_message_bytes: 100,
+            max_recipients: 2,
+        })
+    }
+
+    /// Feeds `input`, answers upstream actions with `upstream`, and returns the replies' first lines.
+    fn run(s: &mut Session, input: &str, upstream: &mut dyn FnMut(&Action) -> Option<Reply>) -> Vec<String> {
+        s.push_input(input.as_bytes());
+        let mut seen = Vec::new();
+        while let Some(action) = s.next_action() {
+            match &action {
+                Action::Reply(r) => seen.push(r.summary()),
+                Action::Authenticate { login, password } => {
+                    let ok = login == "news" && password.expose() == "pw";
+                    s.auth_result(if ok {
+                        AuthOutcome::Ok(Authorized {
+                            account: "news".into(),
+                            allowed_senders: Some(vec!["*@example.com".into()]),
+                        })
+                    } else {
+                        AuthOutcome::BadCredentials
+                    });
+                }
+                Action::BodyChunk(c) => seen.push(format!("chunk:{}", String::from_utf8_lossy(c))),
+                Action::StartTls => {
+                    seen.push("starttls".into());
+                    s.tls_started();
+                }
+                other => {
+                    if let Some(r) = upstream(other) {
+                        s.upstream_reply(r);
+                    } else {
+                        seen.push(format!("{other:?}"));
+                    }
+                }
+            }
+        }
+        seen
+    }
+
+    fn accept_all(a: &Action) -> Option<Reply> {
+        match a {
+            Action::Mail { .. } | Action::Rcpt { .. } => Some(Reply::new(250, "2.1.0 OK")),
+            Action::Data => Some(Reply::new(354, "go")),
+            Action::EndOfData => Some(Reply::new(250, "2.0.0 queued")),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn auth_requires_tls_and_mail_requires_auth() {
+        let mut s = session(false);
+        let r = run(&mut s, "EHLO x\r\nAUTH PLAIN AG5ld3MAcHc=\r\nMAIL FROM:<a@example.com>\r\n", &mut accept_all);
+        assert!(r[0].starts_with("250 "), "{r:?}");
+        assert!(r[1].starts_with("538 5.7.11"), "{r:?}");
+        assert!(r[2].starts_with("530 5.7.0"), "{r:?}");
+    }
+
+    #[test]
+    fn starttls_discards_pipelined_commands_and_resets_ehlo() {
+        let mut s = session(false);
+        let r = run(&mut s, "EHLO x\r\nSTARTTLS\r\nAUTH PLAIN AG5ld3MAcHc=\r\n", &mut accept_all);
+        assert_eq!(r[1], "220 2.0.0 Ready to start TLS");
+        assert_eq!(r[2], "starttls");
+        assert_eq!(r.len(), 3, "pipelined AUTH must be discarded: {r:?}");
+        let r = run(&mut s, "AUTH PLAIN AG5ld3MAcHc=\r\n", &mut accept_all);
+        assert_eq!(r[0], "503 5.5.1 Send EHLO first");
+    }
+
+    #[test]
+    fn full_transaction_with_limits_and_sender_policy() {
+        let mut s = session(true);
+        let r = run(
+            &mut s,
+            "EHLO x\r\nAUTH LOGIN\r\nbmV3cw==\r\ncHc=\r\nMAIL FROM:<a@other.org>\r\nMAIL FROM:<a@example.com> SIZE=500\r\n\
+             MAIL FROM:<a@example.com> BODY=8BITMIME\r\nRCPT TO:<b@x>\r\nRCPT TO:<c@x>\r\nRCPT TO:<d@x>\r\nDATA\r\n\
+             ..leading\r\nline\r\n.\r\n",
+            &mut accept_all,
+        );
+        let expect = [
+            "250 relay.test greets x",
+            "334 VXNlcm5hbWU6",
+            "334 UGFzc3dvcmQ6",
+            "235 2.7.0 Authentication successful",
+            "550 5.7.1 Sender <a@other.org> is not allowed for account news",
+            "552 5.3.4 Message size exceeds the limit of 100 bytes",
+            "250 2.1.0 OK",
+            "250 2.1.0 OK",
+            "250 2.1.0 OK",
+            "452 4.5.3 Too many recipients",
+            "354 Start mail input; end with <CRLF>.<CRLF>",
+            "chunk:.leading\r\nline\r\n",
+            "250 2.0.0 queued",
+        ];
+        assert_eq!(r, expect);
+    }
+
+    #[test]
+    fn body_split_anywhere_is_unstuffed_the_same() {
+        let body = ".a\r\n..b\r\nc\n.d\r\n\r\n";
+        let wire = format!("{body}.\r\n");
+        for split in 0..wire.len() {
+            let mut s = session(true);
+            run(&mut s, "EHLO x\r\nAUTH PLAIN AG5ld3MAcHc=\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@x>\r\nDATA\r\n", &mut accept_all);
+            let mut got = String::new();
+            let mut end = false;
+            for part in [&wire[..split], &wire[split..]] {
+                for item in run(&mut s, part, &mut accept_all) {
+                    if let Some(c) = item.strip_prefix("chunk:") {
+                        got.push_str(c);
+                    } else if item.starts_with("250 2.0.0") {
+                        end = true;
+                    }
+                }
+            }
+            assert!(end, "split {split}");
+            assert_eq!(got, "a\r\n.b\r\nc\n.d\r\n\r\n", "split {split}");
+        }
+    }
+
+    #[test]
+    fn empty_body_and_oversized_body() {
+        let mut s = session(true);
+        let pre = "EHLO x\r\nAUTH PLAIN AG5ld3MAcHc=\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@x>\r\nDATA\r\n";
+        let r = run(&mut s, &format!("{pre}.\r\n"), &mut accept_all);
+        assert_eq!(r.last().unwrap(), "250 2.0.0 queued");
+        let big = "x".repeat(150);
+        let r = run(&mut s, &format!("MAIL FROM:<a@example.com>\r\nRCPT TO:<b@x>\r\nDATA\r\n{big}\r\n.\r\nNOOP\r\n"), &mut accept_all);
+        assert!(r.iter().any(|l| l == "AbortTransaction"), "{r:?}");
+        assert_eq!(r[r.len() - 2], "552 5.3.4 Message size exceeds the limit of 100 bytes");
+        assert_eq!(r[r.len() - 1], "250 2.0.0 OK");
+    }
+
+    #[test]
+    fn errors_and_long_lines() {
+        let mut s = session(true);
+        let long = "A".repeat(MAX_LINE + 10);
+        let r = run(
+            &mut s,
+            &format!("FOO\r\n{long}\r\nNOOP\r\nRCPT TO:<a@b>\r\nEHLO x\r\nAUTH PLAIN !!!\r\nAUTH CRAM-MD5\r\nAUTH PLAIN AG5ld3MAbm8=\r\nVRFY x\r\nQUIT\r\n"),
+            &mut accept_all,
+        );
+        assert_eq!(r[0], "500 5.5.1 Unknown command");
+        assert_eq!(r[1], "500 5.5.6 Line too long");
+        assert_eq!(r[2], "250 2.0.0 OK");
+        assert_eq!(r[3], "503 5.5.1 Need MAIL before RCPT");
+        assert_eq!(r[5], "501 5.5.2 Invalid base64 data");
+        assert!(r[6].starts_with("504 5.5.4"));
+        assert_eq!(r[7], "535 5.7.8 Authentication credentials invalid");
+        assert!(r[8].starts_with("252 2.5.0"));
+        assert_eq!(r[9], "221 2.0.0 Bye");
+        assert!(s.is_closed());
+    }
+}

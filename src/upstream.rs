@@ -1,0 +1,536 @@
+//! Upstream delivery: the relay's SMTP client towards the provider.
+//!
+//! [`Delivery`] is the one interface the connection uses to hand over a message: `mail`, `rcpt`,
+//! `data`, `body`, `end_data`, `abort`. Each returns the reply the mailer should see, so an upstream
+//! rejection reaches the mailer with the upstream's own code. Delivery gets access tokens from the
+//! token manager and never sees a refresh token.
+//!
+//! The client is written on tokio directly rather than on mail-send, whose client answers Gmail's
+//! XOAUTH2 error challenge wrongly, stops at the first rejected RCPT and adds a blank line to bodies
+//! that end in CRLF; here each command's reply is passed through as it comes and the body is
+//! re-stuffed byte for byte.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::{Account, Mechanism, Provider, TlsMode};
+use crate::reply::Reply;
+use crate::secret::Secret;
+use crate::session::MailParams;
+use crate::tokens::{TokenError, TokenManager};
+
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Stream for T {}
+pub type BoxStream = Box<dyn Stream>;
+
+const MAX_REPLY: usize = 64 * 1024;
+
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// Network, TLS, timeout or protocol trouble: the mailer gets a 451 and retries later.
+    Connection(String),
+    /// The server refused the token (after Gmail's challenge has been answered).
+    AuthRejected(Reply),
+    /// The server answered a step with an error of its own.
+    Rejected(Reply),
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::Connection(s) => f.write_str(s),
+            UpstreamError::AuthRejected(r) => write!(f, "authentication rejected: {}", r.summary()),
+            UpstreamError::Rejected(r) => write!(f, "rejected: {}", r.summary()),
+        }
+    }
+}
+
+/// Extensions the upstream advertised in its EHLO reply.
+#[derive(Debug, Default, Clone)]
+pub struct Capabilities {
+    pub starttls: bool,
+    pub size: bool,
+    pub eight_bit: bool,
+    pub smtputf8: bool,
+    pub auth: Vec<String>,
+}
+
+impl Capabilities {
+    fn from_ehlo(reply: &Reply) -> Capabilities {
+        let mut caps = Capabilities::default();
+        for line in reply.lines.iter().skip(1) {
+            let mut words = line.split_whitespace();
+            let keyword = words.next().unwrap_or("").to_ascii_uppercase();
+            match keyword.as_str() {
+                "STARTTLS" => caps.starttls = true,
+                "SIZE" => caps.size = true,
+                "8BITMIME" => caps.eight_bit = true,
+                "SMTPUTF8" => caps.smtputf8 = true,
+                "AUTH" => caps.auth = words.map(|w| w.to_ascii_uppercase()).collect(),
+                _ => {}
+            }
+        }
+        caps
+    }
+}
+
+/// One SMTP client connection to a provider.
+pub struct Client {
+    stream: BoxStream,
+    buf: Vec<u8>,
+    timeout: Duration,
+    pub caps: Capabilities,
+    /// Dot-stuffing state: the last two body bytes written (a fresh body starts "at a line start").
+    tail: [u8; 2],
+}
+
+fn conn_err(host: &str, what: &str, e: impl std::fmt::Display) -> UpstreamError {
+    UpstreamError::Connection(format!("upstream {host}: {what}: {e}"))
+}
+
+impl Client {
+    /// Connects, sets up TLS as the provider requires (never falling back to clear text) and says EHLO.
+    pub async fn connect(
+        provider: &Provider,
+        tls: &Arc<rustls::ClientConfig>,
+        helo_name: &str,
+        timeout: Duration,
+    ) -> Result<Client, UpstreamError> {
+        let host = provider.smtp_host.as_str();
+        let addr = (host.trim_start_matches('[').trim_end_matches(']'), provider.smtp_port);
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| conn_err(host, "connect", "timed out"))?
+            .map_err(|e| conn_err(host, "connect", e))?;
+        let _ = tcp.set_nodelay(true);
+        let stream: BoxStream = if provider.smtp_tls == TlsMode::Implicit {
+            Box::new(tls_handshake(tcp, host, tls, timeout).await?)
+        } else {
+            Box::new(tcp)
+        };
+        let mut client = Client {
+            stream,
+            buf: Vec::new(),
+            timeout,
+            caps: Capabilities::default(),
+            tail: *b"\r\n",
+        };
+        let greeting = client.read_reply(host).await?;
+        if greeting.code != 220 {
+            return Err(UpstreamError::Rejected(greeting));
+        }
+        client.ehlo(host, helo_name).await?;
+        if provider.smtp_tls == TlsMode::Starttls {
+            if !client.caps.starttls {
+                return Err(conn_err(host, "STARTTLS", "not offered; refusing to send the token in clear"));
+            }
+            let reply = client.command(host, "STARTTLS").await?;
+            if reply.code != 220 {
+                return Err(UpstreamError::Rejected(reply));
+            }
+            let plain = std::mem::replace(&mut client.stream, Box::new(tokio::io::duplex(1).0));
+            client.buf.clear();
+            client.stream = Box::new(tls_handshake(plain, host, tls, timeout).await?);
+            client.ehlo(host, helo_name).await?;
+        }
+        Ok(client)
+    }
+
+    async fn ehlo(&mut self, host: &str, helo_name: &str) -> Result<(), UpstreamError> {
+        let reply = self.command(host, &format!("EHLO {helo_name}")).await?;
+        if reply.code != 250 {
+            return Err(UpstreamError::Rejected(reply));
+        }
+        self.caps = Capabilities::from_ehlo(&reply);
+        Ok(())
+    }
+
+    async fn write(&mut self, host: &str, bytes: &[u8]) -> Result<(), UpstreamError> {
+        tokio::time::timeout(self.timeout, async {
+            self.stream.write_all(bytes).await?;
+            self.stream.flush().await
+        })
+        .await
+        .map_err(|_| conn_err(host, "write", "timed out"))?
+        .map_err(|e| conn_err(host, "write", e))
+    }
+
+    pub async fn read_reply(&mut self, host: &str) -> Result<Reply, UpstreamError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            match Reply::parse(&self.buf) {
+                Ok(Some((reply, used))) => {
+                    self.buf.drain(..used);
+                    return Ok(reply);
+                }
+                Ok(None) if self.buf.len() > MAX_REPLY => return Err(conn_err(host, "reply", "too long")),
+                Ok(None) => {}
+                Err(e) => return Err(conn_err(host, "reply", e)),
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk))
+                .await
+                .map_err(|_| conn_err(host, "reply", "timed out"))?
+                .map_err(|e| conn_err(host, "reply", e))?;
+            if n == 0 {
+                return Err(conn_err(host, "reply", "connection closed"));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    pub async fn command(&mut self, host: &str, line: &str) -> Result<Reply, UpstreamError> {
+        self.write(host, format!("{line}\r\n").as_bytes()).await?;
+        self.read_reply(host).await
+    }
+
+    /// SASL XOAUTH2 or OAUTHBEARER with `token` for `mailbox`. On an error challenge (Gmail's
+    /// `334 <base64 JSON>`), answers as the mechanism requires (empty line / `^A`) to get the final
+    /// reply, and returns it as `AuthRejected`.
+    pub async fn authenticate(
+        &mut self,
+        provider: &Provider,
+        mailbox: &str,
+        token: &Secret,
+    ) -> Result<(), UpstreamError> {
+        let host = provider.smtp_host.as_str();
+        let b64 = &base64::engine::general_purpose::STANDARD;
+        let (name, initial, cancel) = match provider.mechanism {
+            Mechanism::Xoauth2 => (
+                "XOAUTH2",
+                format!("user={mailbox}\x01auth=Bearer {}\x01\x01", token.expose()),
+                "",
+            ),
+            Mechanism::Oauthbearer => (
+                "OAUTHBEARER",
+                format!(
+                    "n,a={},\x01host={}\x01port={}\x01auth=Bearer {}\x01\x01",
+                    mailbox.replace('=', "=3D").replace(',', "=2C"),
+                    provider.smtp_host,
+                    provider.smtp_port,
+                    token.expose()
+                ),
+                "AQ==",
+            ),
+        };
+        let line = format!("AUTH {name} {}\r\n", b64.encode(initial));
+        self.write(host, line.as_bytes()).await?;
+        let mut reply = self.read_reply(host).await?;
+        if reply.code == 334 {
+            self.write(host, format!("{cancel}\r\n").as_bytes()).await?;
+            reply = self.read_reply(host).await?;
+        }
+        match reply.code {
+            235 => Ok(()),
+            // 454/421 are the server's own trouble, not the token's: no refresh will help.
+            421 | 454 => Err(UpstreamError::Rejected(reply)),
+            _ => Err(UpstreamError::AuthRejected(reply)),
+        }
+    }
+
+    /// Writes body bytes, dot-stuffing lines that start with "." (after CRLF only, as the upstream
+    /// will unstuff only there).
+    pub async fn body(&mut self, host: &str, chunk: &[u8]) -> Result<(), UpstreamError> {
+        let mut out = Vec::with_capacity(chunk.len() + chunk.len() / 64 + 2);
+        let mut start = 0;
+        for (i, &b) in chunk.iter().enumerate() {
+            if b == b'.' {
+                let prev = match i {
+                    0 => self.tail,
+                    1 => [self.tail[1], chunk[0]],
+                    _ => [chunk[i - 2], chunk[i - 1]],
+                };
+                if prev == *b"\r\n" {
+                    out.extend_from_slice(&chunk[start..i]);
+                    out.push(b'.');
+                    start = i;
+                }
+            }
+        }
+        out.extend_from_slice(&chunk[start..]);
+        match chunk.len() {
+            0 => {}
+            1 => self.tail = [self.tail[1], chunk[0]],
+            n => self.tail = [chunk[n - 2], chunk[n - 1]],
+        }
+        self.write(host, &out).await
+    }
+
+    /// Ends the body with CRLF.CRLF (adding the CRLF only if the body did not end with one) and reads
+    /// the final reply.
+    pub async fn end_data(&mut self, host: &str) -> Result<Reply, UpstreamError> {
+        let end: &[u8] = if self.tail == *b"\r\n" { b".\r\n" } else { b"\r\n.\r\n" };
+        self.write(host, end).await?;
+        self.tail = *b"\r\n";
+        self.read_reply(host).await
+    }
+}
+
+async fn tls_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    host: &str,
+    tls: &Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> Result<tokio_rustls::client::TlsStream<S>, UpstreamError> {
+    let name = rustls::pki_types::ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']').to_string())
+        .map_err(|_| conn_err(host, "TLS", "not a valid server name"))?;
+    tokio::time::timeout(timeout, tokio_rustls::TlsConnector::from(tls.clone()).connect(name, stream))
+        .await
+        .map_err(|_| conn_err(host, "TLS handshake", "timed out"))?
+        .map_err(|e| conn_err(host, "TLS handshake", e))
+}
+
+/// Everything a delivery needs that is shared by all sessions.
+pub struct UpstreamContext {
+    pub tokens: Arc<TokenManager>,
+    /// Client TLS config per provider name (public roots plus that provider's `smtp_ca_file`).
+    pub tls: std::collections::HashMap<String, Arc<rustls::ClientConfig>>,
+    pub helo_name: String,
+    pub timeout: Duration,
+}
+
+/// Outcome of the upstream half of a message, for the per-message log line.
+#[derive(Debug, Default, Clone)]
+pub struct MessageStats {
+    pub sender: String,
+    pub recipients: usize,
+    pub size: usize,
+}
+
+/// Delivery of one session's messages through the account's provider, reusing the connection
+/// between messages.
+pub struct Delivery {
+    ctx: Arc<UpstreamContext>,
+    account: Arc<Account>,
+    client: Option<Client>,
+    /// The upstream has an open transaction (MAIL accepted) that must be reset before the next one.
+    in_transaction: bool,
+    pub stats: MessageStats,
+}
+
+fn unavailable(e: &UpstreamError) -> Reply {
+    Reply::new(451, format!("4.4.1 Upstream not available, try again later ({e})"))
+}
+
+impl Delivery {
+    pub fn new(ctx: Arc<UpstreamContext>, account: Arc<Account>) -> Delivery {
+        Delivery {
+            ctx,
+            account,
+            client: None,
+            in_transaction: false,
+            stats: MessageStats::default(),
+        }
+    }
+
+    fn host(&self) -> String {
+        self.account.provider.smtp_host.clone()
+    }
+
+    async fn connect_and_auth(&self, token: &Secret) -> Result<Client, UpstreamError> {
+        let provider = &self.account.provider;
+        let tls = self.ctx.tls.get(&provider.name).ok_or_else(|| {
+            UpstreamError::Connection(format!("no TLS configuration for provider `{}`", provider.name))
+        })?;
+        let mut client = Client::connect(provider, tls, &self.ctx.helo_name, self.ctx.timeout).await?;
+        client.authenticate(provider, &self.account.mailbox, token).await?;
+        Ok(client)
+    }
+
+    /// Opens an authenticated connection: on a token rejection, refreshes once and tries once more.
+    async fn open(&mut self) -> Result<(), Reply> {
+        let name = &self.account.name;
+        let token_reply = |e: TokenError| Reply::new(454, format!("4.7.0 {e}"));
+        let token = self.ctx.tokens.token(name).await.map_err(token_reply)?;
+        let client = match self.connect_and_auth(&token.secret).await {
+            Err(UpstreamError::AuthRejected(first)) => {
+                tracing::info!(account = %name, reply = %first.summary(), "upstream refused the access token; refreshing and retrying once");
+                let token = self
+                    .ctx
+                    .tokens
+                    .token_after_rejection(name, &token.secret)
+                    .await
+                    .map_err(token_reply)?;
+                self.connect_and_auth(&token.secret).await
+            }
+            other => other,
+        };
+        match client {
+            Ok(c) => {
+                self.client = Some(c);
+                self.in_transaction = false;
+                Ok(())
+            }
+            Err(UpstreamError::AuthRejected(reply)) => {
+                let hint = crate::hints::for_smtp_reply(self.account.provider.family, &reply)
+                    .map(|h| format!("; {h}"))
+                    .unwrap_or_default();
+                tracing::warn!(account = %name, reply = %reply.summary(), hint = %hint, "upstream rejected the access token twice");
+                Err(Reply::new(
+                    454,
+                    format!("4.7.0 Upstream rejected the account's token ({}){hint}", reply.summary()),
+                ))
+            }
+            Err(UpstreamError::Rejected(reply)) => Err(reply),
+            Err(e) => {
+                tracing::warn!(account = %name, error = %e, "upstream connection failed");
+                Err(unavailable(&e))
+            }
+        }
+    }
+
+    /// Sends a command on the open connection; a broken connection is dropped and reported as 451.
+    async fn exchange(&mut self, line: &str) -> Reply {
+        let host = self.host();
+        let Some(client) = self.client.as_mut() else {
+            return Reply::new(451, "4.4.1 Upstream connection lost");
+        };
+        match client.command(&host, line).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                self.drop_connection();
+                tracing::warn!(account = %self.account.name, error = %e, "upstream connection failed");
+                unavailable(&e)
+            }
+        }
+    }
+
+    fn drop_connection(&mut self) {
+        self.client = None;
+        self.in_transaction = false;
+    }
+
+    pub async fn mail(&mut self, from: &str, params: &MailParams) -> Reply {
+        self.stats = MessageStats {
+            sender: from.to_string(),
+            ..MessageStats::default()
+        };
+        // A connection kept from the last message may have been closed by the upstream meanwhile:
+        // probe it with RSET (needed anyway when a transaction was left open) and reconnect if dead.
+        if self.client.is_some() {
+            let reset = self.exchange("RSET").await;
+            if reset.code != 250 {
+                self.drop_connection();
+            }
+        }
+        if self.client.is_none() {
+            if let Err(reply) = self.open().await {
+                return reply;
+            }
+        }
+        let caps = self.client.as_ref().map(|c| c.caps.clone()).unwrap_or_default();
+        let mut line = format!("MAIL FROM:<{from}>");
+        if let Some(size) = params.size.filter(|_| caps.size) {
+            line.push_str(&format!(" SIZE={size}"));
+        }
+        if params.eight_bit && caps.eight_bit {
+            line.push_str(" BODY=8BITMIME");
+        }
+        if params.smtputf8 && caps.smtputf8 {
+            line.push_str(" SMTPUTF8");
+        }
+        let reply = self.exchange(&line).await;
+        self.in_transaction = reply.is_positive();
+        reply
+    }
+
+    pub async fn rcpt(&mut self, to: &str) -> Reply {
+        let reply = self.exchange(&format!("RCPT TO:<{to}>")).await;
+        if reply.is_positive() {
+            self.stats.recipients += 1;
+        }
+        reply
+    }
+
+    pub async fn data(&mut self) -> Reply {
+        self.exchange("DATA").await
+    }
+
+    /// Streams part of the body. A failure drops the connection; `end_data` then reports it.
+    pub async fn body(&mut self, chunk: &[u8]) {
+        self.stats.size += chunk.len();
+        let host = self.host();
+        if let Some(client) = self.client.as_mut() {
+            if let Err(e) = client.body(&host, chunk).await {
+                tracing::warn!(account = %self.account.name, error = %e, "upstream connection failed during DATA");
+                self.drop_connection();
+            }
+        }
+    }
+
+    pub async fn end_data(&mut self) -> Reply {
+        let host = self.host();
+        let Some(client) = self.client.as_mut() else {
+            return Reply::new(451, "4.4.1 Upstream connection lost during DATA; message not sent");
+        };
+        let reply = match client.end_data(&host).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                self.drop_connection();
+                tracing::warn!(account = %self.account.name, error = %e, "no final reply from upstream");
+                // The upstream may or may not have taken it; a temporary failure makes the mailer retry.
+                return Reply::new(451, format!("4.4.1 No final reply from upstream ({e}); message may not have been sent"));
+            }
+        };
+        self.in_transaction = false;
+        if reply.is_positive() {
+            self.ctx.tokens.store().update_status(&self.account.name, |s| s.last_use = Some(crate::store::now_unix()));
+        }
+        reply
+    }
+
+    /// Abandons the current transaction mid-DATA: closing the connection is the only way SMTP
+    /// offers, and it guarantees the upstream discards the partial message.
+    pub fn abort(&mut self) {
+        if self.client.is_some() {
+            tracing::info!(account = %self.account.name, "upstream transaction aborted");
+        }
+        self.drop_connection();
+    }
+
+    /// Ends the session politely.
+    pub async fn quit(&mut self) {
+        if self.client.is_some() && !self.in_transaction {
+            let _ = self.exchange("QUIT").await;
+        }
+        self.drop_connection();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn stuffed(chunks: &[&[u8]]) -> Vec<u8> {
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let mut client = Client {
+            stream: Box::new(a),
+            buf: Vec::new(),
+            timeout: Duration::from_secs(5),
+            caps: Capabilities::default(),
+            tail: *b"\r\n",
+        };
+        for c in chunks {
+            client.body("h", c).await.unwrap();
+        }
+        client.write("h", b"").await.unwrap();
+        let end: &[u8] = if client.tail == *b"\r\n" { b".\r\n" } else { b"\r\n.\r\n" };
+        client.write("h", end).await.unwrap();
+        drop(client);
+        let mut out = Vec::new();
+        b.read_to_end(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn stuffing_is_exact_across_chunk_boundaries() {
+        assert_eq!(stuffed(&[b".a\r\n.", b"b\r\nc\n.d\r\n"]).await, b"..a\r\n..b\r\nc\n.d\r\n.\r\n");
+        assert_eq!(stuffed(&[b"x\r", b"\n", b".y\r\n"]).await, b"x\r\n..y\r\n.\r\n");
+        assert_eq!(stuffed(&[]).await, b".\r\n");
+        assert_eq!(stuffed(&[b"no newline"]).await, b"no newline\r\n.\r\n");
+    }
+}
