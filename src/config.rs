@@ -388,7 +388,7 @@ impl Config {
         }
         let mut addrs = HashSet::new();
         for l in &raw.listeners {
-            if !addrs.insert(l.address) {
+            if l.address.port() != 0 && !addrs.insert(l.address) {
                 return err(format!("[[listeners]]: address {} is listed twice", l.address));
             }
         }

@@ -135,7 +135,10 @@ impl TokenManager {
         if let Some(t) = self.fresh(slot) {
             return Ok(t);
         }
-        self.obtain(slot, true).await
+        // A token persisted by an earlier run may still be good, but only an empty cache means we
+        // have not looked at it yet; a stale cached token is the stored one.
+        let first_use = slot.cached.lock().unwrap_or_else(|e| e.into_inner()).is_none();
+        self.obtain(slot, first_use).await
     }
 
     /// A new token after the upstream rejected `rejected`: unless another session already replaced it,
