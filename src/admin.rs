@@ -44,11 +44,17 @@ pub struct Response {
 
 impl Response {
     fn ok(text: impl Into<String>) -> Response {
-        Response { ok: true, text: text.into() }
+        Response {
+            ok: true,
+            text: text.into(),
+        }
     }
 
     fn fail(text: impl Into<String>) -> Response {
-        Response { ok: false, text: text.into() }
+        Response {
+            ok: false,
+            text: text.into(),
+        }
     }
 }
 
@@ -89,7 +95,10 @@ pub async fn execute(ctx: &AdminContext, request: Request) -> Response {
     }
 }
 
-fn account<'a>(ctx: &'a AdminContext, name: &str) -> Result<&'a Arc<crate::config::Account>, String> {
+fn account<'a>(
+    ctx: &'a AdminContext,
+    name: &str,
+) -> Result<&'a Arc<crate::config::Account>, String> {
     ctx.config.account(name).map_err(|e| e.to_string())
 }
 
@@ -101,14 +110,21 @@ fn store_grant(
     expires_in: Option<u64>,
 ) -> Result<String, String> {
     let acct = account(ctx, name)?;
-    if refresh_token.as_ref().is_none_or(|t| t.expose().trim().is_empty()) {
-        return Err(format!("account `{name}`: the provider returned no refresh token; nothing stored"));
+    if refresh_token
+        .as_ref()
+        .is_none_or(|t| t.expose().trim().is_empty())
+    {
+        return Err(format!(
+            "account `{name}`: the provider returned no refresh token; nothing stored"
+        ));
     }
     let now = now_unix();
     let grant = Grant {
         kind: acct.grant,
         refresh_token,
-        access_expires_at: access_token.as_ref().map(|_| now + expires_in.unwrap_or(3600)),
+        access_expires_at: access_token
+            .as_ref()
+            .map(|_| now + expires_in.unwrap_or(3600)),
         access_token,
         obtained_at: now,
         last_refresh: None,
@@ -121,7 +137,9 @@ fn store_grant(
     });
     store.flush();
     ctx.upstream.tokens.invalidate(name);
-    Ok(format!("account `{name}`: grant stored; the next session uses it"))
+    Ok(format!(
+        "account `{name}`: grant stored; the next session uses it"
+    ))
 }
 
 async fn revoke(ctx: &AdminContext, name: &str) -> Result<String, String> {
@@ -156,18 +174,14 @@ async fn revoke(ctx: &AdminContext, name: &str) -> Result<String, String> {
     Ok(notes.join("; "))
 }
 
-async fn revoke_at_provider(ctx: &AdminContext, acct: &crate::config::Account, rt: &Secret) -> Result<(), String> {
-    let client = crate::oauth::client(&acct.provider).map_err(|e| e.to_string())?;
-    let token = oauth2::StandardRevocableToken::RefreshToken(oauth2::RefreshToken::new(rt.expose().to_string()));
-    client
-        .revoke_token(token)
-        .map_err(|e| e.to_string())?
-        .request_async(ctx.upstream.tokens.http())
+async fn revoke_at_provider(
+    ctx: &AdminContext,
+    acct: &crate::config::Account,
+    rt: &Secret,
+) -> Result<(), String> {
+    crate::oauth::revoke(&acct.provider, ctx.upstream.tokens.http(), rt)
         .await
-        .map_err(|e| match e {
-            oauth2::RequestTokenError::ServerResponse(r) => r.to_string(),
-            other => other.to_string(),
-        })
+        .map_err(|e| e.to_string())
 }
 
 /// "3m", "5h", "12d"
@@ -189,7 +203,15 @@ fn accounts_table(ctx: &AdminContext) -> String {
     let store = ctx.upstream.tokens.store();
     let now = now_unix();
     let mut rows = vec![[
-        "ACCOUNT", "LOGIN", "PROVIDER", "MAILBOX", "GRANT", "STATE", "TOKEN EXPIRES", "LAST REFRESH", "LAST USE",
+        "ACCOUNT",
+        "LOGIN",
+        "PROVIDER",
+        "MAILBOX",
+        "GRANT",
+        "STATE",
+        "TOKEN EXPIRES",
+        "LAST REFRESH",
+        "LAST USE",
         "REFRESH TOKEN AGE",
     ]
     .map(String::from)
@@ -201,7 +223,9 @@ fn accounts_table(ctx: &AdminContext) -> String {
         let state = match (&grant, &status) {
             (Err(e), _) => format!("unreadable: {e}"),
             (_, s) if s.revoked => format!("revoked: run `xoauth-relay authorize {}`", a.name),
-            (_, s) if s.last_error.is_some() => format!("failing: {}", s.last_error.as_deref().unwrap_or("")),
+            (_, s) if s.last_error.is_some() => {
+                format!("failing: {}", s.last_error.as_deref().unwrap_or(""))
+            }
             (Ok(None), _) if !on_demand => "needs authorization".to_string(),
             _ => "ok".to_string(),
         };
@@ -215,7 +239,8 @@ fn accounts_table(ctx: &AdminContext) -> String {
             None => "-".to_string(),
             Some(g) => {
                 let age = now.saturating_sub(g.obtained_at);
-                let idle = now.saturating_sub(status.last_use.or(g.last_refresh).unwrap_or(g.obtained_at));
+                let idle =
+                    now.saturating_sub(status.last_use.or(g.last_refresh).unwrap_or(g.obtained_at));
                 let warning = match a.provider.family {
                     Family::Google if age > 5 * 86400 => {
                         " (warning: Google apps in Testing status lose grants after 7 days; publish the app)"
@@ -246,7 +271,11 @@ fn accounts_table(ctx: &AdminContext) -> String {
         .collect();
     let mut out = String::new();
     for row in rows {
-        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
@@ -261,33 +290,79 @@ async fn test(ctx: &AdminContext, name: &str, to: Option<&str>) -> Response {
     if let Err(e) = result {
         lines.push(format!("FAILED: {e}"));
     }
-    Response { ok, text: lines.join("\n") + "\n" }
+    Response {
+        ok,
+        text: lines.join("\n") + "\n",
+    }
 }
 
-async fn test_steps(ctx: &AdminContext, name: &str, to: Option<&str>, lines: &mut Vec<String>) -> Result<(), String> {
+async fn test_steps(
+    ctx: &AdminContext,
+    name: &str,
+    to: Option<&str>,
+    lines: &mut Vec<String>,
+) -> Result<(), String> {
     let acct = account(ctx, name)?.clone();
     let p = &acct.provider;
-    let token = ctx.upstream.tokens.token(name).await.map_err(|e| format!("token: {e}"))?;
-    let left = token.expires_at.saturating_duration_since(tokio::time::Instant::now());
-    lines.push(format!("token: ok (expires in {})", span_text(left.as_secs())));
-    let tls = ctx.upstream.tls.get(&p.name).ok_or("no TLS configuration")?;
+    let token = ctx
+        .upstream
+        .tokens
+        .token(name)
+        .await
+        .map_err(|e| format!("token: {e}"))?;
+    let left = token
+        .expires_at
+        .saturating_duration_since(tokio::time::Instant::now());
+    lines.push(format!(
+        "token: ok (expires in {})",
+        span_text(left.as_secs())
+    ));
+    let tls = ctx
+        .upstream
+        .tls
+        .get(&p.name)
+        .ok_or("no TLS configuration")?;
     let mut client = Client::connect(p, tls, &ctx.upstream.helo_name, ctx.upstream.timeout)
         .await
-        .map_err(|e| format!("connect to {}:{} ({:?}): {e}", p.smtp_host, p.smtp_port, p.smtp_tls))?;
-    lines.push(format!("connect to {}:{} ({:?}): ok", p.smtp_host, p.smtp_port, p.smtp_tls).to_lowercase());
+        .map_err(|e| {
+            format!(
+                "connect to {}:{} ({:?}): {e}",
+                p.smtp_host, p.smtp_port, p.smtp_tls
+            )
+        })?;
+    lines.push(
+        format!(
+            "connect to {}:{} ({:?}): ok",
+            p.smtp_host, p.smtp_port, p.smtp_tls
+        )
+        .to_lowercase(),
+    );
     let mechanism = format!("{:?}", p.mechanism).to_uppercase();
     match client.authenticate(p, &acct.mailbox, &token.secret).await {
         Ok(()) => lines.push(format!("authenticate {mechanism} as {}: ok", acct.mailbox)),
         Err(UpstreamError::AuthRejected(r) | UpstreamError::Rejected(r)) => {
-            let hint = crate::hints::for_smtp_reply(p.family, &r).map(|h| format!("\n  hint: {h}")).unwrap_or_default();
-            return Err(format!("authenticate {mechanism} as {}: {}{hint}", acct.mailbox, r.summary()));
+            let hint = crate::hints::for_smtp_reply(p.family, &r)
+                .map(|h| format!("\n  hint: {h}"))
+                .unwrap_or_default();
+            return Err(format!(
+                "authenticate {mechanism} as {}: {}{hint}",
+                acct.mailbox,
+                r.summary()
+            ));
         }
         Err(e) => return Err(format!("authenticate: {e}")),
     }
     let host = p.smtp_host.clone();
     if let Some(to) = to {
-        for line in [format!("MAIL FROM:<{}>", acct.mailbox), format!("RCPT TO:<{to}>"), "DATA".into()] {
-            let reply = client.command(&host, &line).await.map_err(|e| e.to_string())?;
+        for line in [
+            format!("MAIL FROM:<{}>", acct.mailbox),
+            format!("RCPT TO:<{to}>"),
+            "DATA".into(),
+        ] {
+            let reply = client
+                .command(&host, &line)
+                .await
+                .map_err(|e| e.to_string())?;
             lines.push(format!("{line}: {}", reply.summary()));
             if !reply.is_positive() {
                 return Err(format!("{line} refused"));
@@ -298,7 +373,10 @@ async fn test_steps(ctx: &AdminContext, name: &str, to: Option<&str>, lines: &mu
             acct.mailbox,
             rfc2822_now()
         );
-        client.body(&host, body.as_bytes()).await.map_err(|e| e.to_string())?;
+        client
+            .body(&host, body.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
         let reply = client.end_data(&host).await.map_err(|e| e.to_string())?;
         lines.push(format!("message: {}", reply.summary()));
         if !reply.is_positive() {
@@ -326,6 +404,13 @@ fn rfc2822_now() -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days.rem_euclid(7)) as usize];
-    let mon = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"][(month - 1) as usize];
-    format!("{weekday}, {day:02} {mon} {year} {:02}:{:02}:{:02} +0000", rem / 3600, rem % 3600 / 60, rem % 60)
+    let mon = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][(month - 1) as usize];
+    format!(
+        "{weekday}, {day:02} {mon} {year} {:02}:{:02}:{:02} +0000",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }

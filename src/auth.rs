@@ -7,7 +7,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{
+    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
+};
 use argon2::Argon2;
 use tokio::sync::Semaphore;
 
@@ -31,14 +33,21 @@ pub fn hash_password(password: &str) -> String {
 
 fn verify(hash: &str, password: &str) -> bool {
     PasswordHash::new(hash)
-        .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+        .map(|parsed| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
+        })
         .unwrap_or(false)
 }
 
 impl Authenticator {
     pub fn new(accounts: &[Arc<Account>]) -> Authenticator {
         Authenticator {
-            by_login: accounts.iter().map(|a| (a.login.clone(), a.clone())).collect(),
+            by_login: accounts
+                .iter()
+                .map(|a| (a.login.clone(), a.clone()))
+                .collect(),
             dummy_hash: hash_password("xoauth-relay dummy password for unknown logins"),
             permits: Semaphore::new(4),
         }

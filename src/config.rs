@@ -228,7 +228,10 @@ impl std::fmt::Debug for Provider {
         f.debug_struct("Provider")
             .field("name", &self.name)
             .field("token_url", &self.token_url)
-            .field("smtp", &format_args!("{}:{}", self.smtp_host, self.smtp_port))
+            .field(
+                "smtp",
+                &format_args!("{}:{}", self.smtp_host, self.smtp_port),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -305,8 +308,9 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text)
-            .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.to_string().trim_end())))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            ConfigError(format!("{}: {}", path.display(), e.to_string().trim_end()))
+        })?;
         // Relative paths in the file are relative to the directory the relay runs in, like the
         // documented `cargo run -- serve --config config/relay.example.toml`.
         let mut providers = BTreeMap::new();
@@ -332,10 +336,14 @@ impl Config {
         for a in raw.accounts {
             let what = format!("account `{}`", a.name);
             if a.name.is_empty() || a.name.contains(char::is_whitespace) {
-                return err(format!("{what}: `name` must be a non-empty word without spaces"));
+                return err(format!(
+                    "{what}: `name` must be a non-empty word without spaces"
+                ));
             }
             if !seen_names.insert(a.name.clone()) {
-                return err(format!("{what}: two [[accounts]] have this name; names must be unique"));
+                return err(format!(
+                    "{what}: two [[accounts]] have this name; names must be unique"
+                ));
             }
             let login = a.login.clone().unwrap_or_else(|| a.name.clone());
             if !seen_logins.insert(login.clone()) {
@@ -360,7 +368,9 @@ impl Config {
                 ));
             };
             if !a.mailbox.contains('@') {
-                return err(format!("{what}: `mailbox` must be the upstream address, like news@example.com"));
+                return err(format!(
+                    "{what}: `mailbox` must be the upstream address, like news@example.com"
+                ));
             }
             let grant = a.grant.unwrap_or(provider.grant);
             if grant == GrantKind::ServiceAccount && provider.service_account_key_file.is_none() {
@@ -389,7 +399,10 @@ impl Config {
         let mut addrs = HashSet::new();
         for l in &raw.listeners {
             if l.address.port() != 0 && !addrs.insert(l.address) {
-                return err(format!("[[listeners]]: address {} is listed twice", l.address));
+                return err(format!(
+                    "[[listeners]]: address {} is listed twice",
+                    l.address
+                ));
             }
         }
         Ok(Config {
@@ -404,12 +417,15 @@ impl Config {
     }
 
     pub fn account(&self, name: &str) -> Result<&Arc<Account>, ConfigError> {
-        self.accounts.iter().find(|a| a.name == name).ok_or_else(|| {
-            ConfigError(format!(
-                "no account named `{name}` in {}; `xoauth-relay accounts` lists them",
-                self.path.display()
-            ))
-        })
+        self.accounts
+            .iter()
+            .find(|a| a.name == name)
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "no account named `{name}` in {}; `xoauth-relay accounts` lists them",
+                    self.path.display()
+                ))
+            })
     }
 }
 
@@ -424,7 +440,9 @@ fn is_loopback_host(host: &str) -> bool {
 
 fn check_url(provider: &str, key: &str, value: &str) -> Result<(), ConfigError> {
     let url = url::Url::parse(value).map_err(|e| {
-        ConfigError(format!("provider `{provider}`: `{key}` = \"{value}\" is not a URL ({e})"))
+        ConfigError(format!(
+            "provider `{provider}`: `{key}` = \"{value}\" is not a URL ({e})"
+        ))
     })?;
     let host = url.host_str().unwrap_or("");
     match url.scheme() {
@@ -477,7 +495,9 @@ fn resolve_provider(name: &str, raw: RawProvider) -> Result<Provider, ConfigErro
         Family::Generic => (None, None, None, None, None, None, None, None),
     };
     let Some(token_url) = raw.token_url.or(token) else {
-        return err(format!("{what}: `token_url` is missing (required for providers other than google / microsoft)"));
+        return err(format!(
+            "{what}: `token_url` is missing (required for providers other than google / microsoft)"
+        ));
     };
     let Some(smtp_host) = raw.smtp_host.or(host) else {
         return err(format!("{what}: `smtp_host` is missing"));
@@ -543,7 +563,10 @@ fn resolve_provider(name: &str, raw: RawProvider) -> Result<Provider, ConfigErro
     ] {
         if let Some(f) = file {
             if let Err(e) = std::fs::metadata(f) {
-                return err(format!("{what}: `{key}` {}: {e}; check the path", f.display()));
+                return err(format!(
+                    "{what}: `{key}` {}: {e}; check the path",
+                    f.display()
+                ));
             }
         }
     }

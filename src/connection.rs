@@ -31,7 +31,13 @@ pub struct Shared {
 const READ_CHUNK: usize = 64 * 1024;
 
 /// Serves one accepted connection until the mailer quits, times out or disconnects.
-pub async fn handle(shared: Arc<Shared>, stream: BoxStream, peer: SocketAddr, mode: TlsMode, id: u64) {
+pub async fn handle(
+    shared: Arc<Shared>,
+    stream: BoxStream,
+    peer: SocketAddr,
+    mode: TlsMode,
+    id: u64,
+) {
     let span = tracing::info_span!("session", id, %peer, login = tracing::field::Empty, account = tracing::field::Empty);
     async move {
         tracing::debug!("connected");
@@ -120,7 +126,11 @@ impl Connection {
     }
 
     async fn upgrade_tls(&mut self) -> Result<(), End> {
-        let acceptor = self.shared.tls.clone().ok_or_else(|| End::Tls("no certificate configured".into()))?;
+        let acceptor = self
+            .shared
+            .tls
+            .clone()
+            .ok_or_else(|| End::Tls("no certificate configured".into()))?;
         let plain = std::mem::replace(&mut self.stream, Box::new(tokio::io::duplex(1).0));
         let tls = tokio::time::timeout(self.idle(), acceptor.accept(plain))
             .await
@@ -148,7 +158,8 @@ impl Connection {
                 Ok(Ok(n)) => n,
                 Ok(Err(e)) => return Err(End::Io(e)),
                 Err(_) => {
-                    Reply::new(421, "4.4.2 Idle timeout, closing connection").write_to(&mut self.out);
+                    Reply::new(421, "4.4.2 Idle timeout, closing connection")
+                        .write_to(&mut self.out);
                     let _ = self.flush().await;
                     return Err(End::Timeout);
                 }
@@ -219,7 +230,9 @@ impl Connection {
 
     /// The session asks for upstream work only after a successful AUTH, which creates the delivery.
     fn delivery(&mut self) -> &mut Delivery {
-        self.delivery.as_mut().expect("upstream action before authentication")
+        self.delivery
+            .as_mut()
+            .expect("upstream action before authentication")
     }
 
     async fn authenticate(&mut self, login: String, password: Secret) -> AuthOutcome {

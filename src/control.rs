@@ -48,7 +48,10 @@ pub async fn serve(listener: UnixListener, ctx: Arc<AdminContext>) {
             }
             let response = match serde_json::from_str::<Request>(&line) {
                 Ok(request) => crate::admin::execute(&ctx, request).await,
-                Err(e) => Response { ok: false, text: format!("bad control request: {e}") },
+                Err(e) => Response {
+                    ok: false,
+                    text: format!("bad control request: {e}"),
+                },
             };
             if let Ok(mut json) = serde_json::to_string(&response) {
                 json.push('\n');
@@ -62,10 +65,20 @@ pub async fn serve(listener: UnixListener, ctx: Arc<AdminContext>) {
 pub async fn call(path: &Path, request: &Request) -> Result<Option<Response>, String> {
     let stream = match UnixStream::connect(path).await {
         Ok(s) => s,
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
             return Ok(None)
         }
-        Err(e) => return Err(format!("cannot reach the running relay at {}: {e}", path.display())),
+        Err(e) => {
+            return Err(format!(
+                "cannot reach the running relay at {}: {e}",
+                path.display()
+            ))
+        }
     };
     let (read, mut write) = stream.into_split();
     let mut json = serde_json::to_string(request).map_err(|e| e.to_string())?;

@@ -37,19 +37,32 @@ impl HttpClient {
         HttpClient { tls, timeout }
     }
 
-    pub async fn send(&self, request: oauth2::HttpRequest) -> Result<oauth2::HttpResponse, HttpError> {
+    pub async fn send(
+        &self,
+        request: oauth2::HttpRequest,
+    ) -> Result<oauth2::HttpResponse, HttpError> {
         tokio::time::timeout(self.timeout, self.send_inner(request))
             .await
             .map_err(|_| HttpError(format!("no answer within {}s", self.timeout.as_secs())))?
     }
 
-    async fn send_inner(&self, request: oauth2::HttpRequest) -> Result<oauth2::HttpResponse, HttpError> {
+    async fn send_inner(
+        &self,
+        request: oauth2::HttpRequest,
+    ) -> Result<oauth2::HttpResponse, HttpError> {
         let uri = request.uri().clone();
-        let host = uri.host().ok_or_else(|| HttpError(format!("{uri}: no host")))?.to_string();
+        let host = uri
+            .host()
+            .ok_or_else(|| HttpError(format!("{uri}: no host")))?
+            .to_string();
         let https = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
-            _ => return Err(HttpError(format!("{uri}: only http and https are supported"))),
+            _ => {
+                return Err(HttpError(format!(
+                    "{uri}: only http and https are supported"
+                )))
+            }
         };
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let tcp = TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port))
@@ -71,16 +84,32 @@ impl HttpClient {
 }
 
 fn request_head(request: &oauth2::HttpRequest, host: &str, port: u16, https: bool) -> String {
-    let path = request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let path = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
     let default_port = if https { 443 } else { 80 };
-    let host_header = if port == default_port { host.to_string() } else { format!("{host}:{port}") };
-    let mut head = format!("{} {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", request.method(), path, host_header);
+    let host_header = if port == default_port {
+        host.to_string()
+    } else {
+        format!("{host}:{port}")
+    };
+    let mut head = format!(
+        "{} {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+        request.method(),
+        path,
+        host_header
+    );
     for (name, value) in request.headers() {
         if let Ok(v) = value.to_str() {
             head.push_str(&format!("{name}: {v}\r\n"));
         }
     }
-    head.push_str(&format!("Content-Length: {}\r\nUser-Agent: xoauth-relay\r\n\r\n", request.body().len()));
+    head.push_str(&format!(
+        "Content-Length: {}\r\nUser-Agent: xoauth-relay\r\n\r\n",
+        request.body().len()
+    ));
     head
 }
 
@@ -140,17 +169,23 @@ fn response_complete(raw: &[u8]) -> bool {
 }
 
 fn parse_response(raw: &[u8]) -> Result<oauth2::HttpResponse, HttpError> {
-    let (head, body) = split_head(raw).ok_or_else(|| HttpError("incomplete HTTP response".into()))?;
+    let (head, body) =
+        split_head(raw).ok_or_else(|| HttpError("incomplete HTTP response".into()))?;
     let head = String::from_utf8_lossy(head);
     let status: u16 = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| HttpError("malformed HTTP status line".into()))?;
-    let body = if header(&head, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+    let body = if header(&head, "transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
         dechunk(body)?
-    } else if let Some(len) = header(&head, "content-length").and_then(|v| v.parse::<usize>().ok()) {
-        body.get(..len).ok_or_else(|| HttpError("HTTP body shorter than Content-Length".into()))?.to_vec()
+    } else if let Some(len) = header(&head, "content-length").and_then(|v| v.parse::<usize>().ok())
+    {
+        body.get(..len)
+            .ok_or_else(|| HttpError("HTTP body shorter than Content-Length".into()))?
+            .to_vec()
     } else {
         body.to_vec()
     };
@@ -160,7 +195,9 @@ fn parse_response(raw: &[u8]) -> Result<oauth2::HttpResponse, HttpError> {
             response = response.header(k.trim(), v.trim());
         }
     }
-    response.body(body).map_err(|e| HttpError(format!("bad HTTP response: {e}")))
+    response
+        .body(body)
+        .map_err(|e| HttpError(format!("bad HTTP response: {e}")))
 }
 
 fn dechunk(mut body: &[u8]) -> Result<Vec<u8>, HttpError> {
@@ -169,7 +206,8 @@ fn dechunk(mut body: &[u8]) -> Result<Vec<u8>, HttpError> {
     loop {
         let nl = body.windows(2).position(|w| w == b"\r\n").ok_or_else(bad)?;
         let size_text = std::str::from_utf8(&body[..nl]).map_err(|_| bad())?;
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16).map_err(|_| bad())?;
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| bad())?;
         body = &body[nl + 2..];
         if size == 0 {
             return Ok(out);
@@ -181,7 +219,8 @@ fn dechunk(mut body: &[u8]) -> Result<Vec<u8>, HttpError> {
 
 impl<'c> oauth2::AsyncHttpClient<'c> for HttpClient {
     type Error = HttpError;
-    type Future = Pin<Box<dyn Future<Output = Result<oauth2::HttpResponse, HttpError>> + Send + 'c>>;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<oauth2::HttpResponse, HttpError>> + Send + 'c>>;
 
     fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
         Box::pin(self.send(request))
@@ -199,7 +238,11 @@ mod tests {
         let r = parse_response(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 2\r\n\r\n{}").unwrap();
         assert_eq!(r.status().as_u16(), 400);
         assert_eq!(r.body(), b"{}");
-        assert!(response_complete(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"));
-        assert!(!response_complete(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n{}"));
+        assert!(response_complete(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+        ));
+        assert!(!response_complete(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n{}"
+        ));
     }
 }

@@ -18,8 +18,12 @@ pub fn rsa_key_from_pem(pem: &str) -> Result<RsaKeyPair, String> {
         .map_err(|e| format!("not PEM: {e}"))?
         .ok_or("no private key in the PEM text")?;
     match key {
-        rustls::pki_types::PrivateKeyDer::Pkcs8(der) => RsaKeyPair::from_pkcs8(der.secret_pkcs8_der()),
-        rustls::pki_types::PrivateKeyDer::Pkcs1(der) => RsaKeyPair::from_der(der.secret_pkcs1_der()),
+        rustls::pki_types::PrivateKeyDer::Pkcs8(der) => {
+            RsaKeyPair::from_pkcs8(der.secret_pkcs8_der())
+        }
+        rustls::pki_types::PrivateKeyDer::Pkcs1(der) => {
+            RsaKeyPair::from_der(der.secret_pkcs1_der())
+        }
         _ => return Err("the key must be an RSA key (PKCS#8 or PKCS#1)".into()),
     }
     .map_err(|e| format!("not a usable RSA key: {e}"))
@@ -29,10 +33,19 @@ pub fn rsa_key_from_pem(pem: &str) -> Result<RsaKeyPair, String> {
 pub fn sign(key: &RsaKeyPair, mut header: Value, claims: &Value) -> Result<String, String> {
     header["alg"] = "RS256".into();
     header["typ"] = "JWT".into();
-    let signing_input = format!("{}.{}", b64url(header.to_string().as_bytes()), b64url(claims.to_string().as_bytes()));
+    let signing_input = format!(
+        "{}.{}",
+        b64url(header.to_string().as_bytes()),
+        b64url(claims.to_string().as_bytes())
+    );
     let mut signature = vec![0u8; key.public().modulus_len()];
-    key.sign(&RSA_PKCS1_SHA256, &ring::rand::SystemRandom::new(), signing_input.as_bytes(), &mut signature)
-        .map_err(|_| "RSA signing failed".to_string())?;
+    key.sign(
+        &RSA_PKCS1_SHA256,
+        &ring::rand::SystemRandom::new(),
+        signing_input.as_bytes(),
+        &mut signature,
+    )
+    .map_err(|_| "RSA signing failed".to_string())?;
     Ok(format!("{signing_input}.{}", b64url(&signature)))
 }
 
@@ -45,10 +58,15 @@ pub struct ServiceAccountKey {
 
 pub fn load_service_account_key(path: &Path) -> Result<ServiceAccountKey, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let json: Value = serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+    let json: Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
     let field = |name: &str| json.get(name).and_then(Value::as_str).map(str::to_string);
-    let client_email = field("client_email")
-        .ok_or_else(|| format!("{}: no client_email; use the JSON key Google issues for the service account", path.display()))?;
+    let client_email = field("client_email").ok_or_else(|| {
+        format!(
+            "{}: no client_email; use the JSON key Google issues for the service account",
+            path.display()
+        )
+    })?;
     let pem = field("private_key").ok_or_else(|| format!("{}: no private_key", path.display()))?;
     let key = rsa_key_from_pem(&pem).map_err(|e| format!("{}: private_key {e}", path.display()))?;
     Ok(ServiceAccountKey {

@@ -13,13 +13,28 @@ use xoauth_relay::logging::{self, LogFormat};
 use xoauth_relay::secret::Secret;
 
 #[derive(Parser)]
-#[command(name = "xoauth-relay", version, about = "SMTP relay: password AUTH in, OAuth 2.0 (XOAUTH2) out")]
+#[command(
+    name = "xoauth-relay",
+    version,
+    about = "SMTP relay: password AUTH in, OAuth 2.0 (XOAUTH2) out"
+)]
 struct Cli {
     /// Configuration file.
-    #[arg(long, global = true, env = "XOAUTH_RELAY_CONFIG", default_value = "config/relay.toml")]
+    #[arg(
+        long,
+        global = true,
+        env = "XOAUTH_RELAY_CONFIG",
+        default_value = "config/relay.toml"
+    )]
     config: PathBuf,
     /// Log format.
-    #[arg(long, global = true, env = "XOAUTH_RELAY_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "XOAUTH_RELAY_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -67,7 +82,10 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     logging::init(cli.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -85,10 +103,13 @@ fn load(cli: &Cli) -> Result<Config, String> {
 /// prompt without echo.
 fn read_secret(prompt: &str) -> Result<String, String> {
     if std::io::stdin().is_terminal() {
-        rpassword::prompt_password(prompt).map_err(|e| format!("cannot read from the terminal: {e}"))
+        rpassword::prompt_password(prompt)
+            .map_err(|e| format!("cannot read from the terminal: {e}"))
     } else {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).map_err(|e| format!("cannot read stdin: {e}"))?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| format!("cannot read stdin: {e}"))?;
         Ok(strip_one_newline(s))
     }
 }
@@ -133,20 +154,40 @@ async fn run(cli: Cli) -> Result<(), String> {
             finish(admin::run(config, request).await?)
         }
         Command::Accounts => finish(admin::run(load(&cli)?, Request::Accounts).await?),
-        Command::Revoke { account } => {
-            finish(admin::run(load(&cli)?, Request::Revoke { account: account.clone() }).await?)
-        }
-        Command::Test { account, to } => finish(
-            admin::run(load(&cli)?, Request::Test { account: account.clone(), to: to.clone() }).await?,
+        Command::Revoke { account } => finish(
+            admin::run(
+                load(&cli)?,
+                Request::Revoke {
+                    account: account.clone(),
+                },
+            )
+            .await?,
         ),
-        Command::Authorize { account, no_browser, manual, device } => {
+        Command::Test { account, to } => finish(
+            admin::run(
+                load(&cli)?,
+                Request::Test {
+                    account: account.clone(),
+                    to: to.clone(),
+                },
+            )
+            .await?,
+        ),
+        Command::Authorize {
+            account,
+            no_browser,
+            manual,
+            device,
+        } => {
             let config = load(&cli)?;
             let mode = if *device {
                 xoauth_relay::authorize::Mode::Device
             } else if *manual {
                 xoauth_relay::authorize::Mode::Manual
             } else {
-                xoauth_relay::authorize::Mode::Loopback { open_browser: !no_browser }
+                xoauth_relay::authorize::Mode::Loopback {
+                    open_browser: !no_browser,
+                }
             };
             let request = xoauth_relay::authorize::run(&config, account, mode).await?;
             finish(admin::run(config, request).await?)
@@ -168,7 +209,8 @@ fn finish(response: admin::Response) -> Result<(), String> {
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("signal handler");
     tokio::select! {
         _ = ctrl_c => {}
         _ = term.recv() => {}

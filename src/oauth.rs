@@ -6,10 +6,11 @@
 
 use std::time::Duration;
 
-use oauth2::basic::{BasicClient, BasicErrorResponse, BasicTokenResponse};
+use oauth2::basic::{BasicClient, BasicTokenResponse};
 use oauth2::{
-    AuthType, AuthUrl, ClientId, ClientSecret, DeviceAuthorizationUrl, EndpointMaybeSet, EndpointNotSet,
-    EndpointSet, RefreshToken, RequestTokenError, RevocationUrl, TokenResponse, TokenUrl,
+    AuthType, AuthUrl, ClientId, ClientSecret, DeviceAuthorizationUrl, EndpointMaybeSet,
+    EndpointNotSet, EndpointSet, ErrorResponseType, RefreshToken, RequestTokenError, RevocationUrl,
+    StandardErrorResponse, TokenResponse, TokenUrl,
 };
 
 use crate::config::Provider;
@@ -40,14 +41,17 @@ impl std::fmt::Display for ProviderError {
         match self {
             ProviderError::InvalidGrant(d) if d.is_empty() => f.write_str("invalid_grant"),
             ProviderError::InvalidGrant(d) => write!(f, "invalid_grant: {d}"),
-            ProviderError::Refused { code, description } if description.is_empty() => f.write_str(code),
+            ProviderError::Refused { code, description } if description.is_empty() => {
+                f.write_str(code)
+            }
             ProviderError::Refused { code, description } => write!(f, "{code}: {description}"),
             ProviderError::Unreachable(d) => write!(f, "token endpoint unreachable: {d}"),
         }
     }
 }
 
-pub type OAuthClient = BasicClient<EndpointMaybeSet, EndpointMaybeSet, EndpointNotSet, EndpointMaybeSet, EndpointSet>;
+pub type OAuthClient =
+    BasicClient<EndpointMaybeSet, EndpointMaybeSet, EndpointNotSet, EndpointMaybeSet, EndpointSet>;
 
 fn bad_url(provider: &Provider, what: &str) -> ProviderError {
     ProviderError::Refused {
@@ -59,7 +63,8 @@ fn bad_url(provider: &Provider, what: &str) -> ProviderError {
 /// An `oauth2` client for `provider`. Credentials go in the request body: every provider we target
 /// accepts that, and public clients (no secret) need it.
 pub fn client(provider: &Provider) -> Result<OAuthClient, ProviderError> {
-    let token = TokenUrl::new(provider.token_url.clone()).map_err(|_| bad_url(provider, "token_url"))?;
+    let token =
+        TokenUrl::new(provider.token_url.clone()).map_err(|_| bad_url(provider, "token_url"))?;
     let auth = provider
         .authorize_url
         .clone()
@@ -94,11 +99,17 @@ pub fn token_set(response: &BasicTokenResponse) -> TokenSet {
     TokenSet {
         access_token: Secret::new(response.access_token().secret().clone()),
         expires_in: response.expires_in(),
-        refresh_token: response.refresh_token().map(|r| Secret::new(r.secret().clone())),
+        refresh_token: response
+            .refresh_token()
+            .map(|r| Secret::new(r.secret().clone())),
     }
 }
 
-pub fn classify<RE: std::error::Error + 'static>(error: RequestTokenError<RE, BasicErrorResponse>) -> ProviderError {
+pub fn classify<RE, T>(error: RequestTokenError<RE, StandardErrorResponse<T>>) -> ProviderError
+where
+    RE: std::error::Error + 'static,
+    T: ErrorResponseType + AsRef<str> + std::fmt::Display,
+{
     match error {
         RequestTokenError::ServerResponse(e) => {
             let code = e.error().as_ref().to_string();
@@ -119,7 +130,11 @@ pub fn classify<RE: std::error::Error + 'static>(error: RequestTokenError<RE, Ba
 }
 
 /// Redeems a refresh token for a new access token (and maybe a rotated refresh token).
-pub async fn refresh(provider: &Provider, http: &HttpClient, refresh_token: &Secret) -> Result<TokenSet, ProviderError> {
+pub async fn refresh(
+    provider: &Provider,
+    http: &HttpClient,
+    refresh_token: &Secret,
+) -> Result<TokenSet, ProviderError> {
     let client = client(provider)?;
     let token = RefreshToken::new(refresh_token.expose().to_string());
     let response = client
@@ -136,16 +151,28 @@ fn now_secs() -> u64 {
 
 /// Posts a form to a token endpoint and reads the standard token or error answer. Used for grants the
 /// `oauth2` crate has no builder for (JWT bearer).
-pub async fn post_token_form(http: &HttpClient, url: &str, form: &[(&str, &str)]) -> Result<TokenSet, ProviderError> {
-    let body = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
+pub async fn post_token_form(
+    http: &HttpClient,
+    url: &str,
+    form: &[(&str, &str)],
+) -> Result<TokenSet, ProviderError> {
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form)
+        .finish();
     let request = oauth2::http::Request::post(url)
         .header("Content-Type", "application/x-www-form-urlencoded")
         .header("Accept", "application/json")
         .body(body.into_bytes())
         .map_err(|e| ProviderError::Unreachable(format!("bad request to {url}: {e}")))?;
-    let response = http.send(request).await.map_err(|e| ProviderError::Unreachable(e.to_string()))?;
+    let response = http
+        .send(request)
+        .await
+        .map_err(|e| ProviderError::Unreachable(e.to_string()))?;
     let json: serde_json::Value = serde_json::from_slice(response.body()).map_err(|_| {
-        ProviderError::Unreachable(format!("HTTP {} from {url} without a JSON body", response.status()))
+        ProviderError::Unreachable(format!(
+            "HTTP {} from {url} without a JSON body",
+            response.status()
+        ))
     })?;
     let field = |name: &str| json.get(name).and_then(|v| v.as_str()).map(str::to_string);
     if let Some(code) = field("error") {
@@ -156,12 +183,61 @@ pub async fn post_token_form(http: &HttpClient, url: &str, form: &[(&str, &str)]
             ProviderError::Refused { code, description }
         });
     }
-    let access_token = field("access_token")
-        .ok_or_else(|| ProviderError::Unreachable(format!("HTTP {} from {url} without access_token", response.status())))?;
+    let access_token = field("access_token").ok_or_else(|| {
+        ProviderError::Unreachable(format!(
+            "HTTP {} from {url} without access_token",
+            response.status()
+        ))
+    })?;
     Ok(TokenSet {
         access_token: Secret::new(access_token),
-        expires_in: json.get("expires_in").and_then(|v| v.as_u64()).map(Duration::from_secs),
+        expires_in: json
+            .get("expires_in")
+            .and_then(|v| v.as_u64())
+            .map(Duration::from_secs),
         refresh_token: field("refresh_token").map(Secret::new),
+    })
+}
+
+/// RFC 7009 revocation of a refresh token (by hand: the `oauth2` crate insists on https even for a
+/// loopback test provider).
+pub async fn revoke(
+    provider: &Provider,
+    http: &HttpClient,
+    refresh_token: &Secret,
+) -> Result<(), ProviderError> {
+    let Some(url) = &provider.revocation_url else {
+        return Ok(());
+    };
+    let mut form = vec![
+        ("token", refresh_token.expose()),
+        ("token_type_hint", "refresh_token"),
+        ("client_id", provider.client_id.as_str()),
+    ];
+    if let Some(secret) = &provider.client_secret {
+        form.push(("client_secret", secret.as_str()));
+    }
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(&form)
+        .finish();
+    let request = oauth2::http::Request::post(url.as_str())
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(body.into_bytes())
+        .map_err(|e| ProviderError::Unreachable(e.to_string()))?;
+    let response = http
+        .send(request)
+        .await
+        .map_err(|e| ProviderError::Unreachable(e.to_string()))?;
+    // RFC 7009: 200 also for a token that was already invalid.
+    if response.status().is_success() {
+        return Ok(());
+    }
+    Err(ProviderError::Refused {
+        code: format!("HTTP {}", response.status().as_u16()),
+        description: String::from_utf8_lossy(response.body())
+            .chars()
+            .take(200)
+            .collect(),
     })
 }
 
@@ -173,17 +249,26 @@ fn config_error(provider: &Provider, detail: String) -> ProviderError {
 }
 
 /// App-only token (Microsoft 365 SMTP.SendAsApp): client secret, or a certificate-signed assertion.
-pub async fn client_credentials(provider: &Provider, http: &HttpClient) -> Result<TokenSet, ProviderError> {
+pub async fn client_credentials(
+    provider: &Provider,
+    http: &HttpClient,
+) -> Result<TokenSet, ProviderError> {
     let client = client(provider)?;
     let mut request = client.exchange_client_credentials();
     for scope in &provider.scopes {
         request = request.add_scope(oauth2::Scope::new(scope.clone()));
     }
     let assertion;
-    if let (Some(cert), Some(key)) = (&provider.client_certificate_file, &provider.client_private_key_file) {
+    if let (Some(cert), Some(key)) = (
+        &provider.client_certificate_file,
+        &provider.client_private_key_file,
+    ) {
         assertion = client_assertion(provider, cert, key).map_err(|e| config_error(provider, e))?;
         request = request
-            .add_extra_param("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+            .add_extra_param(
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            )
             .add_extra_param("client_assertion", assertion.expose());
     } else if provider.client_secret.is_none() {
         return Err(config_error(
@@ -196,13 +281,20 @@ pub async fn client_credentials(provider: &Provider, http: &HttpClient) -> Resul
 }
 
 /// RFC 7523 §2.2 client assertion, with the certificate thumbprints Microsoft looks the key up by.
-fn client_assertion(provider: &Provider, cert: &std::path::Path, key: &std::path::Path) -> Result<Secret, String> {
-    let pem = std::fs::read_to_string(key).map_err(|e| format!("client_private_key_file {}: {e}", key.display()))?;
-    let key = crate::jwt::rsa_key_from_pem(&pem).map_err(|e| format!("client_private_key_file: {e}"))?;
+fn client_assertion(
+    provider: &Provider,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Secret, String> {
+    let pem = std::fs::read_to_string(key)
+        .map_err(|e| format!("client_private_key_file {}: {e}", key.display()))?;
+    let key =
+        crate::jwt::rsa_key_from_pem(&pem).map_err(|e| format!("client_private_key_file: {e}"))?;
     let (x5t, x5t256) = crate::jwt::certificate_thumbprints(cert)?;
     let now = now_secs();
     let mut jti = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut jti).map_err(|_| "no randomness")?;
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut jti)
+        .map_err(|_| "no randomness")?;
     let claims = serde_json::json!({
         "aud": provider.token_url,
         "iss": provider.client_id,
@@ -218,9 +310,16 @@ fn client_assertion(provider: &Provider, cert: &std::path::Path, key: &std::path
 
 /// Google service account with domain-wide delegation: a JWT for `mailbox`, exchanged with the
 /// JWT-bearer grant (RFC 7523 §2.1).
-pub async fn service_account(provider: &Provider, mailbox: &str, http: &HttpClient) -> Result<TokenSet, ProviderError> {
+pub async fn service_account(
+    provider: &Provider,
+    mailbox: &str,
+    http: &HttpClient,
+) -> Result<TokenSet, ProviderError> {
     let Some(path) = &provider.service_account_key_file else {
-        return Err(config_error(provider, "`service_account_key_file` is not set".into()));
+        return Err(config_error(
+            provider,
+            "`service_account_key_file` is not set".into(),
+        ));
     };
     let key = crate::jwt::load_service_account_key(path).map_err(|e| config_error(provider, e))?;
     let now = now_secs();
@@ -240,7 +339,10 @@ pub async fn service_account(provider: &Provider, mailbox: &str, http: &HttpClie
     post_token_form(
         http,
         &provider.token_url,
-        &[("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"), ("assertion", &jwt)],
+        &[
+            ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+            ("assertion", &jwt),
+        ],
     )
     .await
 }

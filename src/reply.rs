@@ -78,7 +78,11 @@ impl Reply {
 
     /// First line, for logs: `550 5.1.1 No such user`.
     pub fn summary(&self) -> String {
-        format!("{} {}", self.code, self.lines.first().map(String::as_str).unwrap_or(""))
+        format!(
+            "{} {}",
+            self.code,
+            self.lines.first().map(String::as_str).unwrap_or("")
+        )
     }
 }
 
@@ -100,9 +104,15 @@ mod tests {
 
     #[test]
     fn multi_line_round_trip() {
-        let r = Reply::multi(250, vec!["relay.local".into(), "PIPELINING".into(), "SIZE 10".into()]);
+        let r = Reply::multi(
+            250,
+            vec!["relay.local".into(), "PIPELINING".into(), "SIZE 10".into()],
+        );
         let wire = r.to_bytes();
-        assert_eq!(wire, b"250-relay.local\r\n250-PIPELINING\r\n250 SIZE 10\r\n");
+        assert_eq!(
+            wire,
+            b"250-relay.local\r\n250-PIPELINING\r\n250 SIZE 10\r\n"
+        );
         let (back, used) = Reply::parse(&wire).unwrap().unwrap();
         assert_eq!(back, r);
         assert_eq!(used, wire.len());

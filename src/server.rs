@@ -27,14 +27,16 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Opens the grant store and builds what delivery and administration share: token manager, HTTP
 /// client, upstream TLS configurations.
 pub fn open_core(config: &Arc<Config>) -> Result<Arc<UpstreamContext>, String> {
-    let store = GrantStore::open(&config.server.data_dir, &config.server.key_file()).map_err(|e| e.to_string())?;
+    let store = GrantStore::open(&config.server.data_dir, &config.server.key_file())
+        .map_err(|e| e.to_string())?;
     let timeout = Duration::from_secs(config.limits.upstream_timeout_secs);
     let public = crate::tls::client_config(None).map_err(|e| e.to_string())?;
     let http = HttpClient::new(public.clone(), timeout);
     let mut tls = HashMap::new();
     for (name, provider) in &config.providers {
         let cfg = match &provider.smtp_ca_file {
-            Some(ca) => crate::tls::client_config(Some(ca)).map_err(|e| format!("provider `{name}`: smtp_ca_file: {e}"))?,
+            Some(ca) => crate::tls::client_config(Some(ca))
+                .map_err(|e| format!("provider `{name}`: smtp_ca_file: {e}"))?,
             None => public.clone(),
         };
         tls.insert(name.clone(), cfg);
@@ -61,12 +63,16 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Server, String> {
         let config = Arc::new(config);
         if config.listeners.is_empty() {
-            return Err(format!("{}: no [[listeners]] configured", config.path.display()));
+            return Err(format!(
+                "{}: no [[listeners]] configured",
+                config.path.display()
+            ));
         }
         let upstream = open_core(&config)?;
         let needs_tls = config.listeners.iter().any(|l| l.tls != TlsMode::None);
         let tls = if needs_tls {
-            let cfg = crate::tls::server_config(&config.tls, &config.server.hostname).map_err(|e| e.to_string())?;
+            let cfg = crate::tls::server_config(&config.tls, &config.server.hostname)
+                .map_err(|e| e.to_string())?;
             Some(tokio_rustls::TlsAcceptor::from(cfg))
         } else {
             None
@@ -80,7 +86,9 @@ impl Server {
         }
         let control = crate::control::bind(&config.server.control_socket())?;
         for account in &config.accounts {
-            if account.grant == GrantKind::RefreshToken && matches!(upstream.tokens.store().get(&account.name), Ok(None)) {
+            if account.grant == GrantKind::RefreshToken
+                && matches!(upstream.tokens.store().get(&account.name), Ok(None))
+            {
                 tracing::warn!(account = %account.name, "no grant stored; run `xoauth-relay authorize {}`", account.name);
             }
         }
@@ -119,15 +127,27 @@ impl Server {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, tls = ?mode, "listening");
             }
-            tasks.spawn(accept_loop(listener, mode, self.shared.clone(), permits.clone(), ids.clone()));
+            tasks.spawn(accept_loop(
+                listener,
+                mode,
+                self.shared.clone(),
+                permits.clone(),
+                ids.clone(),
+            ));
         }
         tasks.spawn(crate::control::serve(self.control, self.admin.clone()));
         shutdown.await;
         tracing::info!("shutting down: no new connections, waiting for sessions to finish");
         tasks.abort_all();
         let all = u32::try_from(max).unwrap_or(u32::MAX);
-        if tokio::time::timeout(SHUTDOWN_GRACE, permits.acquire_many(all)).await.is_err() {
-            tracing::warn!("sessions still running after {}s; closing them", SHUTDOWN_GRACE.as_secs());
+        if tokio::time::timeout(SHUTDOWN_GRACE, permits.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "sessions still running after {}s; closing them",
+                SHUTDOWN_GRACE.as_secs()
+            );
         }
         let _ = std::fs::remove_file(self.shared.config.server.control_socket());
         self.shared.upstream.tokens.store().flush();

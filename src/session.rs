@@ -68,10 +68,18 @@ pub enum Action {
     /// The `220` has been queued; flush it, run the TLS handshake, then call [`Session::tls_started`].
     StartTls,
     /// Answer with [`Session::auth_result`].
-    Authenticate { login: String, password: Secret },
+    Authenticate {
+        login: String,
+        password: Secret,
+    },
     /// Answer each of these four with [`Session::upstream_reply`].
-    Mail { from: String, params: MailParams },
-    Rcpt { to: String },
+    Mail {
+        from: String,
+        params: MailParams,
+    },
+    Rcpt {
+        to: String,
+    },
     Data,
     EndOfData,
     /// Part of the message body, dot-stuffing already undone.
@@ -161,7 +169,10 @@ impl Session {
     }
 
     pub fn greeting(&self) -> Reply {
-        Reply::new(220, format!("{} ESMTP xoauth-relay ready", self.config.hostname))
+        Reply::new(
+            220,
+            format!("{} ESMTP xoauth-relay ready", self.config.hostname),
+        )
     }
 
     pub fn authorized(&self) -> Option<&Authorized> {
@@ -170,7 +181,10 @@ impl Session {
 
     /// True while the mailer is sending a message body.
     pub fn in_data(&self) -> bool {
-        matches!(self.phase, Phase::Data(_) | Phase::Waiting(Waiting::EndOfData))
+        matches!(
+            self.phase,
+            Phase::Data(_) | Phase::Waiting(Waiting::EndOfData)
+        )
     }
 
     pub fn is_closed(&self) -> bool {
@@ -282,7 +296,10 @@ impl Session {
                 self.reply(250, "2.0.0 OK");
             }
             Request::Noop { .. } => self.reply(250, "2.0.0 OK"),
-            Request::Vrfy { .. } => self.reply(252, "2.5.0 Cannot VRFY user, but will accept message and attempt delivery"),
+            Request::Vrfy { .. } => self.reply(
+                252,
+                "2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
+            ),
             Request::Help { .. } => self.reply(
                 214,
                 "2.0.0 Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP VRFY HELP QUIT",
@@ -294,9 +311,10 @@ impl Session {
             }
             Request::Bdat { .. } => self.reply(502, "5.5.1 BDAT is not supported; use DATA"),
             Request::Expn { .. } => self.reply(502, "5.5.1 EXPN is not supported"),
-            Request::Lhlo { .. } | Request::Etrn { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
-                self.reply(502, "5.5.1 Command not implemented")
-            }
+            Request::Lhlo { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. } => self.reply(502, "5.5.1 Command not implemented"),
         }
     }
 
@@ -306,13 +324,19 @@ impl Session {
             E::UnknownCommand => self.reply(500, "5.5.1 Unknown command"),
             E::InvalidSenderAddress => self.reply(501, "5.1.7 Bad sender address syntax"),
             E::InvalidRecipientAddress => self.reply(501, "5.1.3 Bad recipient address syntax"),
-            E::SyntaxError { syntax } => self.reply(501, format!("5.5.2 Syntax error, expected: {syntax}")),
-            E::InvalidParameter { param } => self.reply(501, format!("5.5.4 Invalid parameter {param}")),
+            E::SyntaxError { syntax } => {
+                self.reply(501, format!("5.5.2 Syntax error, expected: {syntax}"))
+            }
+            E::InvalidParameter { param } => {
+                self.reply(501, format!("5.5.4 Invalid parameter {param}"))
+            }
             E::UnsupportedParameter { param } => {
                 self.reply(555, format!("5.5.4 Unsupported parameter {param:.40}"))
             }
             E::ResponseTooLong => self.reply(500, "5.5.6 Line too long"),
-            E::NeedsMoreData { .. } | E::InvalidResponse { .. } => self.reply(501, "5.5.2 Syntax error"),
+            E::NeedsMoreData { .. } | E::InvalidResponse { .. } => {
+                self.reply(501, "5.5.2 Syntax error")
+            }
         }
     }
 
@@ -395,7 +419,10 @@ impl Session {
                 self.phase = Phase::AuthLoginUser;
             }
             AUTH_LOGIN => self.auth_login_user(initial.as_bytes()),
-            _ => self.reply(504, "5.5.4 Unrecognized authentication type; use PLAIN or LOGIN"),
+            _ => self.reply(
+                504,
+                "5.5.4 Unrecognized authentication type; use PLAIN or LOGIN",
+            ),
         }
     }
 
@@ -428,9 +455,14 @@ impl Session {
             return self.reply(501, "5.5.2 Malformed AUTH PLAIN response");
         };
         if !authzid.is_empty() && authzid != authcid {
-            return self.reply(535, "5.7.8 Authorization identity must be empty or equal to the login");
+            return self.reply(
+                535,
+                "5.7.8 Authorization identity must be empty or equal to the login",
+            );
         }
-        let (Ok(login), Ok(password)) = (std::str::from_utf8(authcid), std::str::from_utf8(password)) else {
+        let (Ok(login), Ok(password)) =
+            (std::str::from_utf8(authcid), std::str::from_utf8(password))
+        else {
             return self.reply(501, "5.5.2 Login and password must be UTF-8");
         };
         self.authenticate(login.to_string(), Secret::new(password));
@@ -476,7 +508,10 @@ impl Session {
                 self.auth_failures += 1;
                 self.reply(535, "5.7.8 Authentication credentials invalid");
                 if self.auth_failures >= MAX_AUTH_FAILURES {
-                    self.reply(421, "4.7.0 Too many failed authentication attempts, closing connection");
+                    self.reply(
+                        421,
+                        "4.7.0 Too many failed authentication attempts, closing connection",
+                    );
                     self.out.push_back(Action::Close);
                     self.phase = Phase::Closed;
                 }
@@ -493,16 +528,22 @@ impl Session {
             return self.reply(503, "5.5.1 Nested MAIL command");
         }
         if from.size > self.config.max_message_bytes {
-            return self.reply(552, format!(
-                "5.3.4 Message size exceeds the limit of {} bytes",
-                self.config.max_message_bytes
-            ));
+            return self.reply(
+                552,
+                format!(
+                    "5.3.4 Message size exceeds the limit of {} bytes",
+                    self.config.max_message_bytes
+                ),
+            );
         }
         if !auth.sender_allowed(&from.address) {
-            return self.reply(550, format!(
-                "5.7.1 Sender <{}> is not allowed for account {}",
-                from.address, auth.account
-            ));
+            return self.reply(
+                550,
+                format!(
+                    "5.7.1 Sender <{}> is not allowed for account {}",
+                    from.address, auth.account
+                ),
+            );
         }
         let params = MailParams {
             size: (from.size > 0).then_some(from.size),
@@ -597,10 +638,13 @@ impl Session {
             if too_big {
                 self.phase = Phase::Command;
                 self.reset_transaction();
-                self.reply(552, format!(
-                    "5.3.4 Message size exceeds the limit of {} bytes",
-                    self.config.max_message_bytes
-                ));
+                self.reply(
+                    552,
+                    format!(
+                        "5.3.4 Message size exceeds the limit of {} bytes",
+                        self.config.max_message_bytes
+                    ),
+                );
             } else {
                 self.wait(Action::EndOfData, Waiting::EndOfData);
             }
@@ -625,7 +669,11 @@ mod tests {
     }
 
     /// Feeds `input`, answers upstream actions with `upstream`, and returns the replies' first lines.
-    fn run(s: &mut Session, input: &str, upstream: &mut dyn FnMut(&Action) -> Option<Reply>) -> Vec<String> {
+    fn run(
+        s: &mut Session,
+        input: &str,
+        upstream: &mut dyn FnMut(&Action) -> Option<Reply>,
+    ) -> Vec<String> {
         s.push_input(input.as_bytes());
         let mut seen = Vec::new();
         while let Some(action) = s.next_action() {
@@ -671,7 +719,11 @@ mod tests {
     #[test]
     fn auth_requires_tls_and_mail_requires_auth() {
         let mut s = session(false);
-        let r = run(&mut s, "EHLO x\r\nAUTH PLAIN AG5ld3MAcHc=\r\nMAIL FROM:<a@example.com>\r\n", &mut accept_all);
+        let r = run(
+            &mut s,
+            "EHLO x\r\nAUTH PLAIN AG5ld3MAcHc=\r\nMAIL FROM:<a@example.com>\r\n",
+            &mut accept_all,
+        );
         assert!(r[0].starts_with("250 "), "{r:?}");
         assert!(r[1].starts_with("538 5.7.11"), "{r:?}");
         assert!(r[2].starts_with("530 5.7.0"), "{r:?}");
@@ -680,7 +732,11 @@ mod tests {
     #[test]
     fn starttls_discards_pipelined_commands_and_resets_ehlo() {
         let mut s = session(false);
-        let r = run(&mut s, "EHLO x\r\nSTARTTLS\r\nAUTH PLAIN AG5ld3MAcHc=\r\n", &mut accept_all);
+        let r = run(
+            &mut s,
+            "EHLO x\r\nSTARTTLS\r\nAUTH PLAIN AG5ld3MAcHc=\r\n",
+            &mut accept_all,
+        );
         assert_eq!(r[1], "220 2.0.0 Ready to start TLS");
         assert_eq!(r[2], "starttls");
         assert_eq!(r.len(), 3, "pipelined AUTH must be discarded: {r:?}");
@@ -746,9 +802,18 @@ mod tests {
         let r = run(&mut s, &format!("{pre}.\r\n"), &mut accept_all);
         assert_eq!(r.last().unwrap(), "250 2.0.0 queued");
         let big = "x".repeat(150);
-        let r = run(&mut s, &format!("MAIL FROM:<a@example.com>\r\nRCPT TO:<b@x>\r\nDATA\r\n{big}\r\n.\r\nNOOP\r\n"), &mut accept_all);
+        let r = run(
+            &mut s,
+            &format!(
+                "MAIL FROM:<a@example.com>\r\nRCPT TO:<b@x>\r\nDATA\r\n{big}\r\n.\r\nNOOP\r\n"
+            ),
+            &mut accept_all,
+        );
         assert!(r.iter().any(|l| l == "AbortTransaction"), "{r:?}");
-        assert_eq!(r[r.len() - 2], "552 5.3.4 Message size exceeds the limit of 100 bytes");
+        assert_eq!(
+            r[r.len() - 2],
+            "552 5.3.4 Message size exceeds the limit of 100 bytes"
+        );
         assert_eq!(r[r.len() - 1], "250 2.0.0 OK");
     }
 

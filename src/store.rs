@@ -117,7 +117,9 @@ impl GrantStore {
             return Ok(None);
         };
         if sealed.len() < NONCE_LEN {
-            return Err(StoreError(format!("account `{account}`: stored grant is truncated")));
+            return Err(StoreError(format!(
+                "account `{account}`: stored grant is truncated"
+            )));
         }
         let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
         let aad = Self::aad(account);
@@ -130,9 +132,11 @@ impl GrantStore {
                      (wrong or replaced key?); restore the original key or run `xoauth-relay authorize {account}`"
                 ))
             })?;
-        serde_json::from_slice(&plain)
-            .map(Some)
-            .map_err(|e| StoreError(format!("account `{account}`: stored grant is unreadable: {e}")))
+        serde_json::from_slice(&plain).map(Some).map_err(|e| {
+            StoreError(format!(
+                "account `{account}`: stored grant is unreadable: {e}"
+            ))
+        })
     }
 
     /// Seals and writes a grant, then flushes: a rotated refresh token must be on disk before the
@@ -143,7 +147,13 @@ impl GrantStore {
         let aad = Self::aad(account);
         let ciphertext = self
             .cipher
-            .encrypt(&nonce, Payload { msg: &plain, aad: &aad })
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: &plain,
+                    aad: &aad,
+                },
+            )
             .map_err(|_| StoreError("sealing the grant failed".into()))?;
         let mut sealed = Vec::with_capacity(NONCE_LEN + ciphertext.len());
         sealed.extend_from_slice(&nonce);
@@ -221,9 +231,14 @@ fn load_or_create_key(path: &Path) -> Result<[u8; 32], StoreError> {
         Ok(text) => {
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(text.trim())
-                .map_err(|_| StoreError(format!("key_file {} is not a base64 key", path.display())))?;
+                .map_err(|_| {
+                    StoreError(format!("key_file {} is not a base64 key", path.display()))
+                })?;
             let key: [u8; 32] = bytes.try_into().map_err(|_| {
-                StoreError(format!("key_file {} does not hold a 32-byte key", path.display()))
+                StoreError(format!(
+                    "key_file {} does not hold a 32-byte key",
+                    path.display()
+                ))
             })?;
             if let Ok(meta) = std::fs::metadata(path) {
                 if meta.permissions().mode() & 0o077 != 0 {
@@ -245,11 +260,15 @@ fn load_or_create_key(path: &Path) -> Result<[u8; 32], StoreError> {
                 .create_new(true)
                 .mode(0o600)
                 .open(path)
-                .map_err(|e| StoreError(format!("cannot create key_file {}: {e}", path.display())))?;
+                .map_err(|e| {
+                    StoreError(format!("cannot create key_file {}: {e}", path.display()))
+                })?;
             let text = base64::engine::general_purpose::STANDARD.encode(key);
             writeln!(file, "{text}")
                 .and_then(|_| file.sync_all())
-                .map_err(|e| StoreError(format!("cannot write key_file {}: {e}", path.display())))?;
+                .map_err(|e| {
+                    StoreError(format!("cannot write key_file {}: {e}", path.display()))
+                })?;
             tracing::info!(key_file = %path.display(), "created a new encryption key; back it up: without it the stored grants cannot be read");
             Ok(key.into())
         }
@@ -286,7 +305,10 @@ mod tests {
         let sealed = store.grants.get("news").unwrap().unwrap();
         store.grants.insert("other", sealed).unwrap();
         assert!(store.get("other").is_err());
-        let mode = std::fs::metadata(dir.path().join("k")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("k"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }

@@ -22,31 +22,51 @@ impl std::fmt::Display for TlsError {
 impl std::error::Error for TlsError {}
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let data = std::fs::read(path).map_err(|e| TlsError(format!("cannot read certificate {}: {e}", path.display())))?;
+    let data = std::fs::read(path)
+        .map_err(|e| TlsError(format!("cannot read certificate {}: {e}", path.display())))?;
     let certs = rustls_pemfile::certs(&mut data.as_slice())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError(format!("certificate {} is not valid PEM: {e}", path.display())))?;
+        .map_err(|e| {
+            TlsError(format!(
+                "certificate {} is not valid PEM: {e}",
+                path.display()
+            ))
+        })?;
     if certs.is_empty() {
-        return Err(TlsError(format!("{} holds no PEM certificate", path.display())));
+        return Err(TlsError(format!(
+            "{} holds no PEM certificate",
+            path.display()
+        )));
     }
     Ok(certs)
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let data = std::fs::read(path).map_err(|e| TlsError(format!("cannot read private key {}: {e}", path.display())))?;
+    let data = std::fs::read(path)
+        .map_err(|e| TlsError(format!("cannot read private key {}: {e}", path.display())))?;
     rustls_pemfile::private_key(&mut data.as_slice())
-        .map_err(|e| TlsError(format!("private key {} is not valid PEM: {e}", path.display())))?
+        .map_err(|e| {
+            TlsError(format!(
+                "private key {} is not valid PEM: {e}",
+                path.display()
+            ))
+        })?
         .ok_or_else(|| TlsError(format!("{} holds no PEM private key", path.display())))
 }
 
 /// Writes a self-signed certificate for `hostname`, `localhost` and 127.0.0.1 (key file 0600).
 pub fn generate_self_signed(tls: &TlsConfig, hostname: &str) -> Result<(), TlsError> {
-    let names = vec![hostname.to_string(), "localhost".to_string(), "127.0.0.1".to_string()];
+    let names = vec![
+        hostname.to_string(),
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+    ];
     let cert = rcgen::generate_simple_self_signed(names)
         .map_err(|e| TlsError(format!("cannot generate a certificate: {e}")))?;
     for path in [&tls.certificate, &tls.private_key] {
         if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| TlsError(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| TlsError(format!("cannot create {}: {e}", dir.display())))?;
         }
     }
     let write = |path: &Path, pem: String, mode: u32| -> Result<(), TlsError> {
@@ -66,7 +86,10 @@ pub fn generate_self_signed(tls: &TlsConfig, hostname: &str) -> Result<(), TlsEr
 
 /// Server config for the listeners; generates a self-signed pair (with a warning) when both files
 /// are missing.
-pub fn server_config(tls: &TlsConfig, hostname: &str) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+pub fn server_config(
+    tls: &TlsConfig,
+    hostname: &str,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     if !tls.certificate.exists() && !tls.private_key.exists() {
         generate_self_signed(tls, hostname)?;
         tracing::warn!(
@@ -80,7 +103,11 @@ pub fn server_config(tls: &TlsConfig, hostname: &str) -> Result<Arc<rustls::Serv
     let config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| TlsError(format!("certificate and private key do not fit together: {e}")))?;
+        .map_err(|e| {
+            TlsError(format!(
+                "certificate and private key do not fit together: {e}"
+            ))
+        })?;
     Ok(Arc::new(config))
 }
 
@@ -90,12 +117,17 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = extra_ca {
         for cert in read_certs(path)? {
-            roots
-                .add(cert)
-                .map_err(|e| TlsError(format!("{}: not a usable CA certificate: {e}", path.display())))?;
+            roots.add(cert).map_err(|e| {
+                TlsError(format!(
+                    "{}: not a usable CA certificate: {e}",
+                    path.display()
+                ))
+            })?;
         }
     }
     Ok(Arc::new(
-        rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth(),
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
     ))
 }

@@ -35,9 +35,18 @@ pub struct AccessToken {
 pub enum TokenError {
     UnknownAccount(String),
     NeedsAuthorization(String),
-    Revoked { account: String, detail: String },
-    Refused { account: String, error: ProviderError },
-    Unreachable { account: String, detail: String },
+    Revoked {
+        account: String,
+        detail: String,
+    },
+    Refused {
+        account: String,
+        error: ProviderError,
+    },
+    Unreachable {
+        account: String,
+        detail: String,
+    },
     Store(String),
 }
 
@@ -83,7 +92,12 @@ pub struct TokenManager {
 }
 
 impl TokenManager {
-    pub fn new(store: GrantStore, http: HttpClient, margin: Duration, accounts: &[Arc<Account>]) -> TokenManager {
+    pub fn new(
+        store: GrantStore,
+        http: HttpClient,
+        margin: Duration,
+        accounts: &[Arc<Account>],
+    ) -> TokenManager {
         let slots = accounts
             .iter()
             .map(|a| {
@@ -137,13 +151,21 @@ impl TokenManager {
         }
         // A token persisted by an earlier run may still be good, but only an empty cache means we
         // have not looked at it yet; a stale cached token is the stored one.
-        let first_use = slot.cached.lock().unwrap_or_else(|e| e.into_inner()).is_none();
+        let first_use = slot
+            .cached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none();
         self.obtain(slot, first_use).await
     }
 
     /// A new token after the upstream rejected `rejected`: unless another session already replaced it,
     /// the cached and stored copies are skipped and a new one is requested.
-    pub async fn token_after_rejection(&self, account: &str, rejected: &Secret) -> Result<AccessToken, TokenError> {
+    pub async fn token_after_rejection(
+        &self,
+        account: &str,
+        rejected: &Secret,
+    ) -> Result<AccessToken, TokenError> {
         let slot = self.slot(account)?;
         let _guard = slot.refresh.lock().await;
         if let Some(t) = self.fresh(slot).filter(|t| &t.secret != rejected) {
@@ -172,7 +194,10 @@ impl TokenManager {
     async fn obtain(&self, slot: &Slot, reuse_stored: bool) -> Result<AccessToken, TokenError> {
         let account = &slot.account;
         let name = account.name.clone();
-        let stored = self.store.get(&name).map_err(|e| TokenError::Store(e.to_string()))?;
+        let stored = self
+            .store
+            .get(&name)
+            .map_err(|e| TokenError::Store(e.to_string()))?;
         let status = self.store.status(&name);
         let now = now_unix();
         if reuse_stored {
@@ -187,7 +212,8 @@ impl TokenManager {
         }
         let result = match account.grant {
             GrantKind::RefreshToken => {
-                let Some(refresh_token) = stored.as_ref().and_then(|g| g.refresh_token.clone()) else {
+                let Some(refresh_token) = stored.as_ref().and_then(|g| g.refresh_token.clone())
+                else {
                     return Err(TokenError::NeedsAuthorization(name));
                 };
                 if status.revoked {
@@ -198,15 +224,20 @@ impl TokenManager {
                 }
                 oauth::refresh(&account.provider, &self.http, &refresh_token).await
             }
-            GrantKind::ClientCredentials => oauth::client_credentials(&account.provider, &self.http).await,
-            GrantKind::ServiceAccount => oauth::service_account(&account.provider, &account.mailbox, &self.http).await,
+            GrantKind::ClientCredentials => {
+                oauth::client_credentials(&account.provider, &self.http).await
+            }
+            GrantKind::ServiceAccount => {
+                oauth::service_account(&account.provider, &account.mailbox, &self.http).await
+            }
         };
         match result {
             Ok(set) => self.persist(slot, stored, set).await,
             Err(error) => {
                 tracing::warn!(account = %name, provider = %account.provider.name, error = %error, "token request failed");
                 let text = error.to_string();
-                let revoked = matches!(error, ProviderError::InvalidGrant(_)) && account.grant == GrantKind::RefreshToken;
+                let revoked = matches!(error, ProviderError::InvalidGrant(_))
+                    && account.grant == GrantKind::RefreshToken;
                 if !matches!(error, ProviderError::Unreachable(_)) {
                     self.store.update_status(&name, |s| {
                         s.last_error = Some(text.clone());
@@ -215,15 +246,29 @@ impl TokenManager {
                     self.store.flush();
                 }
                 Err(match error {
-                    ProviderError::InvalidGrant(_) if revoked => TokenError::Revoked { account: name, detail: text },
-                    ProviderError::Unreachable(detail) => TokenError::Unreachable { account: name, detail },
-                    error => TokenError::Refused { account: name, error },
+                    ProviderError::InvalidGrant(_) if revoked => TokenError::Revoked {
+                        account: name,
+                        detail: text,
+                    },
+                    ProviderError::Unreachable(detail) => TokenError::Unreachable {
+                        account: name,
+                        detail,
+                    },
+                    error => TokenError::Refused {
+                        account: name,
+                        error,
+                    },
                 })
             }
         }
     }
 
-    async fn persist(&self, slot: &Slot, stored: Option<Grant>, set: TokenSet) -> Result<AccessToken, TokenError> {
+    async fn persist(
+        &self,
+        slot: &Slot,
+        stored: Option<Grant>,
+        set: TokenSet,
+    ) -> Result<AccessToken, TokenError> {
         let name = slot.account.name.clone();
         let now = now_unix();
         let lifetime = set.expires_in.unwrap_or(DEFAULT_LIFETIME);

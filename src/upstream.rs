@@ -101,7 +101,10 @@ impl Client {
         timeout: Duration,
     ) -> Result<Client, UpstreamError> {
         let host = provider.smtp_host.as_str();
-        let addr = (host.trim_start_matches('[').trim_end_matches(']'), provider.smtp_port);
+        let addr = (
+            host.trim_start_matches('[').trim_end_matches(']'),
+            provider.smtp_port,
+        );
         let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| conn_err(host, "connect", "timed out"))?
@@ -126,7 +129,11 @@ impl Client {
         client.ehlo(host, helo_name).await?;
         if provider.smtp_tls == TlsMode::Starttls {
             if !client.caps.starttls {
-                return Err(conn_err(host, "STARTTLS", "not offered; refusing to send the token in clear"));
+                return Err(conn_err(
+                    host,
+                    "STARTTLS",
+                    "not offered; refusing to send the token in clear",
+                ));
             }
             let reply = client.command(host, "STARTTLS").await?;
             if reply.code != 220 {
@@ -167,7 +174,9 @@ impl Client {
                     self.buf.drain(..used);
                     return Ok(reply);
                 }
-                Ok(None) if self.buf.len() > MAX_REPLY => return Err(conn_err(host, "reply", "too long")),
+                Ok(None) if self.buf.len() > MAX_REPLY => {
+                    return Err(conn_err(host, "reply", "too long"))
+                }
                 Ok(None) => {}
                 Err(e) => return Err(conn_err(host, "reply", e)),
             }
@@ -263,7 +272,11 @@ impl Client {
     /// Ends the body with CRLF.CRLF (adding the CRLF only if the body did not end with one) and reads
     /// the final reply.
     pub async fn end_data(&mut self, host: &str) -> Result<Reply, UpstreamError> {
-        let end: &[u8] = if self.tail == *b"\r\n" { b".\r\n" } else { b"\r\n.\r\n" };
+        let end: &[u8] = if self.tail == *b"\r\n" {
+            b".\r\n"
+        } else {
+            b"\r\n.\r\n"
+        };
         self.write(host, end).await?;
         self.tail = *b"\r\n";
         self.read_reply(host).await
@@ -276,12 +289,19 @@ async fn tls_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     tls: &Arc<rustls::ClientConfig>,
     timeout: Duration,
 ) -> Result<tokio_rustls::client::TlsStream<S>, UpstreamError> {
-    let name = rustls::pki_types::ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']').to_string())
-        .map_err(|_| conn_err(host, "TLS", "not a valid server name"))?;
-    tokio::time::timeout(timeout, tokio_rustls::TlsConnector::from(tls.clone()).connect(name, stream))
-        .await
-        .map_err(|_| conn_err(host, "TLS handshake", "timed out"))?
-        .map_err(|e| conn_err(host, "TLS handshake", e))
+    let name = rustls::pki_types::ServerName::try_from(
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+    )
+    .map_err(|_| conn_err(host, "TLS", "not a valid server name"))?;
+    tokio::time::timeout(
+        timeout,
+        tokio_rustls::TlsConnector::from(tls.clone()).connect(name, stream),
+    )
+    .await
+    .map_err(|_| conn_err(host, "TLS handshake", "timed out"))?
+    .map_err(|e| conn_err(host, "TLS handshake", e))
 }
 
 /// Everything a delivery needs that is shared by all sessions.
@@ -313,7 +333,10 @@ pub struct Delivery {
 }
 
 fn unavailable(e: &UpstreamError) -> Reply {
-    Reply::new(451, format!("4.4.1 Upstream not available, try again later ({e})"))
+    Reply::new(
+        451,
+        format!("4.4.1 Upstream not available, try again later ({e})"),
+    )
 }
 
 impl Delivery {
@@ -334,10 +357,16 @@ impl Delivery {
     async fn connect_and_auth(&self, token: &Secret) -> Result<Client, UpstreamError> {
         let provider = &self.account.provider;
         let tls = self.ctx.tls.get(&provider.name).ok_or_else(|| {
-            UpstreamError::Connection(format!("no TLS configuration for provider `{}`", provider.name))
+            UpstreamError::Connection(format!(
+                "no TLS configuration for provider `{}`",
+                provider.name
+            ))
         })?;
-        let mut client = Client::connect(provider, tls, &self.ctx.helo_name, self.ctx.timeout).await?;
-        client.authenticate(provider, &self.account.mailbox, token).await?;
+        let mut client =
+            Client::connect(provider, tls, &self.ctx.helo_name, self.ctx.timeout).await?;
+        client
+            .authenticate(provider, &self.account.mailbox, token)
+            .await?;
         Ok(client)
     }
 
@@ -372,7 +401,10 @@ impl Delivery {
                 tracing::warn!(account = %name, reply = %reply.summary(), hint = %hint, "upstream rejected the access token twice");
                 Err(Reply::new(
                     454,
-                    format!("4.7.0 Upstream rejected the account's token ({}){hint}", reply.summary()),
+                    format!(
+                        "4.7.0 Upstream rejected the account's token ({}){hint}",
+                        reply.summary()
+                    ),
                 ))
             }
             Err(UpstreamError::Rejected(reply)) => Err(reply),
@@ -422,7 +454,11 @@ impl Delivery {
                 return reply;
             }
         }
-        let caps = self.client.as_ref().map(|c| c.caps.clone()).unwrap_or_default();
+        let caps = self
+            .client
+            .as_ref()
+            .map(|c| c.caps.clone())
+            .unwrap_or_default();
         let mut line = format!("MAIL FROM:<{from}>");
         if let Some(size) = params.size.filter(|_| caps.size) {
             line.push_str(&format!(" SIZE={size}"));
@@ -465,7 +501,10 @@ impl Delivery {
     pub async fn end_data(&mut self) -> Reply {
         let host = self.host();
         let Some(client) = self.client.as_mut() else {
-            return Reply::new(451, "4.4.1 Upstream connection lost during DATA; message not sent");
+            return Reply::new(
+                451,
+                "4.4.1 Upstream connection lost during DATA; message not sent",
+            );
         };
         let reply = match client.end_data(&host).await {
             Ok(reply) => reply,
@@ -473,12 +512,22 @@ impl Delivery {
                 self.drop_connection();
                 tracing::warn!(account = %self.account.name, error = %e, "no final reply from upstream");
                 // The upstream may or may not have taken it; a temporary failure makes the mailer retry.
-                return Reply::new(451, format!("4.4.1 No final reply from upstream ({e}); message may not have been sent"));
+                return Reply::new(
+                    451,
+                    format!(
+                        "4.4.1 No final reply from upstream ({e}); message may not have been sent"
+                    ),
+                );
             }
         };
         self.in_transaction = false;
         if reply.is_positive() {
-            self.ctx.tokens.store().update_status(&self.account.name, |s| s.last_use = Some(crate::store::now_unix()));
+            self.ctx
+                .tokens
+                .store()
+                .update_status(&self.account.name, |s| {
+                    s.last_use = Some(crate::store::now_unix())
+                });
         }
         reply
     }
@@ -518,7 +567,11 @@ mod tests {
             client.body("h", c).await.unwrap();
         }
         client.write("h", b"").await.unwrap();
-        let end: &[u8] = if client.tail == *b"\r\n" { b".\r\n" } else { b"\r\n.\r\n" };
+        let end: &[u8] = if client.tail == *b"\r\n" {
+            b".\r\n"
+        } else {
+            b"\r\n.\r\n"
+        };
         client.write("h", end).await.unwrap();
         drop(client);
         let mut out = Vec::new();
@@ -528,8 +581,14 @@ mod tests {
 
     #[tokio::test]
     async fn stuffing_is_exact_across_chunk_boundaries() {
-        assert_eq!(stuffed(&[b".a\r\n.", b"b\r\nc\n.d\r\n"]).await, b"..a\r\n..b\r\nc\n.d\r\n.\r\n");
-        assert_eq!(stuffed(&[b"x\r", b"\n", b".y\r\n"]).await, b"x\r\n..y\r\n.\r\n");
+        assert_eq!(
+            stuffed(&[b".a\r\n.", b"b\r\nc\n.d\r\n"]).await,
+            b"..a\r\n..b\r\nc\n.d\r\n.\r\n"
+        );
+        assert_eq!(
+            stuffed(&[b"x\r", b"\n", b".y\r\n"]).await,
+            b"x\r\n..y\r\n.\r\n"
+        );
         assert_eq!(stuffed(&[]).await, b".\r\n");
         assert_eq!(stuffed(&[b"no newline"]).await, b"no newline\r\n.\r\n");
     }

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use common::*;
 
-async fn setup(opts: RelayOptions, smtp_mode: &'static str) -> (tempfile::TempDir, FakeProvider, Relay) {
+async fn setup(
+    opts: RelayOptions,
+    smtp_mode: &'static str,
+) -> (tempfile::TempDir, FakeProvider, Relay) {
     let dir = tempfile::tempdir().unwrap();
     let provider = FakeProvider::start(smtp_mode, None).await;
     let relay = Relay::start(dir.path(), &provider, opts).await;
@@ -17,36 +20,57 @@ async fn setup(opts: RelayOptions, smtp_mode: &'static str) -> (tempfile::TempDi
 
 async fn logged_in(relay: &Relay, provider: &FakeProvider, mode: Conn) -> Client {
     let mut c = Client::connect(relay, mode, &provider.pki).await;
-    assert_eq!(c.login_plain(LOGIN, PASSWORD).await, "235 2.7.0 Authentication successful");
+    assert_eq!(
+        c.login_plain(LOGIN, PASSWORD).await,
+        "235 2.7.0 Authentication successful"
+    );
     c
 }
 
 fn all_ok(replies: &[String]) -> bool {
-    replies.iter().all(|r| r.starts_with('2') || r.starts_with("354"))
+    replies
+        .iter()
+        .all(|r| r.starts_with('2') || r.starts_with("354"))
 }
 
 #[tokio::test]
 async fn plain_and_login_over_starttls_and_implicit_tls() {
     for smtp_mode in ["implicit", "starttls"] {
         let (_dir, provider, relay) = setup(RelayOptions::default(), smtp_mode).await;
-        for (mode, use_login) in [(Conn::StartTls, false), (Conn::StartTls, true), (Conn::Implicit, false), (Conn::Implicit, true)] {
+        for (mode, use_login) in [
+            (Conn::StartTls, false),
+            (Conn::StartTls, true),
+            (Conn::Implicit, false),
+            (Conn::Implicit, true),
+        ] {
             let mut c = Client::connect(&relay, mode, &provider.pki).await;
-            let auth = if use_login { c.login_login(LOGIN, PASSWORD).await } else { c.login_plain(LOGIN, PASSWORD).await };
+            let auth = if use_login {
+                c.login_login(LOGIN, PASSWORD).await
+            } else {
+                c.login_plain(LOGIN, PASSWORD).await
+            };
             assert_eq!(auth, "235 2.7.0 Authentication successful");
             let body = format!("Subject: {mode:?} {use_login}\r\n\r\nhello\r\n");
-            let replies = c.send_mail("news@example.com", &["to@example.org"], body.as_bytes()).await;
+            let replies = c
+                .send_mail("news@example.com", &["to@example.org"], body.as_bytes())
+                .await;
             assert!(all_ok(&replies), "{replies:?}");
-            assert_eq!(replies.last().unwrap(), "250 2.0.0 OK 1700000000 x-fake-id", "upstream's own reply");
+            assert_eq!(
+                replies.last().unwrap(),
+                "250 2.0.0 OK 1700000000 x-fake-id",
+                "upstream's own reply"
+            );
             assert_eq!(c.cmd("QUIT").await, "221 2.0.0 Bye");
             let state = provider.state();
             let m = state.messages.last().unwrap();
             assert_eq!(m.body, body.as_bytes());
             assert_eq!(m.rcpts, vec!["to@example.org"]);
         }
-        let state = provider.state();
-        assert_eq!(state.messages.len(), 4);
-        assert_eq!(state.refresh_count, 1, "one token serves every session");
-        drop(state);
+        {
+            let state = provider.state();
+            assert_eq!(state.messages.len(), 4);
+            assert_eq!(state.refresh_count, 1, "one token serves every session");
+        }
         relay.stop().await;
     }
 }
@@ -57,12 +81,16 @@ async fn bodies_arrive_byte_identical() {
     let mut big = Vec::new();
     let mut i = 0u32;
     while big.len() < 3 * 1024 * 1024 {
-        big.extend_from_slice(format!(".line {i} with a leading dot and \u{e9}\u{1f600}\r\n").as_bytes());
+        big.extend_from_slice(
+            format!(".line {i} with a leading dot and \u{e9}\u{1f600}\r\n").as_bytes(),
+        );
         i += 1;
     }
     let bodies: Vec<Vec<u8>> = vec![
         b".leading dot\r\n..two dots\r\n.\r\nend\r\n".to_vec(),
-        "Subject: 8bit\r\n\r\nGr\u{fc}\u{df}e aus K\u{f6}ln, \u{65e5}\u{672c}\r\n".as_bytes().to_vec(),
+        "Subject: 8bit\r\n\r\nGr\u{fc}\u{df}e aus K\u{f6}ln, \u{65e5}\u{672c}\r\n"
+            .as_bytes()
+            .to_vec(),
         b"ends with a blank line\r\n\r\n".to_vec(),
         b"ends without a blank line\r\n".to_vec(),
         b"bare\nlf and lone\r cr\r\n".to_vec(),
@@ -82,7 +110,11 @@ async fn bodies_arrive_byte_identical() {
         assert!(got == *body, "body changed in transit");
     }
     let state = provider.state();
-    assert!(state.messages[1].mail_from.contains("BODY=8BITMIME"), "{}", state.messages[1].mail_from);
+    assert!(
+        state.messages[1].mail_from.contains("BODY=8BITMIME"),
+        "{}",
+        state.messages[1].mail_from
+    );
     assert_eq!(state.messages.len(), bodies.len());
 }
 
@@ -90,7 +122,10 @@ async fn bodies_arrive_byte_identical() {
 async fn fifty_sessions_after_expiry_cause_one_refresh() {
     let (_dir, provider, relay) = setup(RelayOptions::default(), "implicit").await;
     let mut c = logged_in(&relay, &provider, Conn::Implicit).await;
-    assert!(all_ok(&c.send_mail("news@example.com", &["a@x.org"], b"first\r\n").await));
+    assert!(all_ok(
+        &c.send_mail("news@example.com", &["a@x.org"], b"first\r\n")
+            .await
+    ));
     assert_eq!(provider.state().refresh_count, 1);
 
     // Move past the refresh margin (token lifetime 3600 s, margin 300 s).
@@ -105,7 +140,13 @@ async fn fifty_sessions_after_expiry_cause_one_refresh() {
         tasks.push(tokio::spawn(async move {
             let mut c = Client::connect(&relay, Conn::Implicit, &pki).await;
             let auth = c.login_plain(LOGIN, PASSWORD).await;
-            let replies = c.send_mail("news@example.com", &["a@x.org"], format!("parallel {i}\r\n").as_bytes()).await;
+            let replies = c
+                .send_mail(
+                    "news@example.com",
+                    &["a@x.org"],
+                    format!("parallel {i}\r\n").as_bytes(),
+                )
+                .await;
             (auth, replies)
         }));
     }
@@ -115,7 +156,10 @@ async fn fifty_sessions_after_expiry_cause_one_refresh() {
         assert!(all_ok(&replies), "{replies:?}");
     }
     let state = provider.state();
-    assert_eq!(state.refresh_count, 2, "50 sessions after expiry must share one refresh");
+    assert_eq!(
+        state.refresh_count, 2,
+        "50 sessions after expiry must share one refresh"
+    );
     assert_eq!(state.messages.len(), 51);
     assert_eq!(state.auth_rejected, 0);
 }
@@ -129,13 +173,19 @@ async fn rotated_refresh_token_survives_restart_and_rejected_token_is_refreshed(
     let relay = Relay::start(dir.path(), &provider, RelayOptions::default()).await;
     relay.import("news", &first_rt).await;
     let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
-    assert!(all_ok(&c.send_mail("news@example.com", &["a@x.org"], b"one\r\n").await));
+    assert!(all_ok(
+        &c.send_mail("news@example.com", &["a@x.org"], b"one\r\n")
+            .await
+    ));
     assert_eq!(c.cmd("QUIT").await, "221 2.0.0 Bye");
     drop(c);
     relay.stop().await;
     {
         let mut s = provider.state();
-        assert!(!s.refresh_tokens.contains(&first_rt), "provider rotated the refresh token");
+        assert!(
+            !s.refresh_tokens.contains(&first_rt),
+            "provider rotated the refresh token"
+        );
         // The provider forgets every access token: the one persisted by the relay is now refused.
         s.access_tokens.clear();
     }
@@ -143,27 +193,50 @@ async fn rotated_refresh_token_survives_restart_and_rejected_token_is_refreshed(
     let config_path = dir.path().join("relay.toml");
     let relay = Relay::start_from(dir.path(), config_path).await;
     let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
-    let replies = c.send_mail("news@example.com", &["a@x.org"], b"two\r\n").await;
+    let replies = c
+        .send_mail("news@example.com", &["a@x.org"], b"two\r\n")
+        .await;
     assert!(all_ok(&replies), "{replies:?}");
     let s = provider.state();
-    assert_eq!(s.refresh_count, 2, "second refresh used the rotated token from disk");
-    assert_eq!(s.auth_rejected, 1, "the stale token was refused once, then retried");
-    assert_eq!(s.challenge_answers, vec![String::new()], "Gmail's 334 challenge answered with an empty line");
+    assert_eq!(
+        s.refresh_count, 2,
+        "second refresh used the rotated token from disk"
+    );
+    assert_eq!(
+        s.auth_rejected, 1,
+        "the stale token was refused once, then retried"
+    );
+    assert_eq!(
+        s.challenge_answers,
+        vec![String::new()],
+        "Gmail's 334 challenge answered with an empty line"
+    );
     assert_eq!(s.messages.len(), 2);
 }
 
 #[tokio::test]
 async fn oauthbearer_and_its_error_challenge() {
-    let opts = RelayOptions { mechanism: "oauthbearer", ..RelayOptions::default() };
+    let opts = RelayOptions {
+        mechanism: "oauthbearer",
+        ..RelayOptions::default()
+    };
     let (_dir, provider, relay) = setup(opts, "implicit").await;
     let mut c = logged_in(&relay, &provider, Conn::Implicit).await;
-    assert!(all_ok(&c.send_mail("news@example.com", &["a@x.org"], b"hi\r\n").await));
+    assert!(all_ok(
+        &c.send_mail("news@example.com", &["a@x.org"], b"hi\r\n")
+            .await
+    ));
     provider.state().access_tokens.clear();
-    let replies = c.send_mail("news@example.com", &["a@x.org"], b"again\r\n").await;
+    let replies = c
+        .send_mail("news@example.com", &["a@x.org"], b"again\r\n")
+        .await;
     // Same session, same upstream connection: still authenticated there.
     assert!(all_ok(&replies), "{replies:?}");
     let mut c2 = logged_in(&relay, &provider, Conn::Implicit).await;
-    assert!(all_ok(&c2.send_mail("news@example.com", &["a@x.org"], b"new session\r\n").await));
+    assert!(all_ok(
+        &c2.send_mail("news@example.com", &["a@x.org"], b"new session\r\n")
+            .await
+    ));
     let s = provider.state();
     assert_eq!(s.challenge_answers, vec!["AQ==".to_string()]);
     assert_eq!(s.refresh_count, 2);
@@ -178,18 +251,41 @@ async fn revoked_and_missing_grants_are_reported_at_auth() {
     for _ in 0..3 {
         let mut c = Client::connect(&relay, Conn::Implicit, &provider.pki).await;
         let reply = c.login_plain(LOGIN, PASSWORD).await;
-        assert!(reply.starts_with("454 4.7.0 account `news`: grant revoked by the provider (invalid_grant"), "{reply}");
-        assert!(reply.contains("run `xoauth-relay authorize news`"), "{reply}");
-        assert_eq!(c.cmd("MAIL FROM:<news@example.com>").await, "530 5.7.0 Authentication required");
+        assert!(
+            reply.starts_with(
+                "454 4.7.0 account `news`: grant revoked by the provider (invalid_grant"
+            ),
+            "{reply}"
+        );
+        assert!(
+            reply.contains("run `xoauth-relay authorize news`"),
+            "{reply}"
+        );
+        assert_eq!(
+            c.cmd("MAIL FROM:<news@example.com>").await,
+            "530 5.7.0 Authentication required"
+        );
     }
-    assert_eq!(provider.state().refresh_count, 1, "a revoked grant is not retried in a loop");
-    assert_eq!(logs.text().matches("token request failed").count(), 1, "logged once:\n{}", logs.text());
+    assert_eq!(
+        provider.state().refresh_count,
+        1,
+        "a revoked grant is not retried in a loop"
+    );
+    assert_eq!(
+        logs.text().matches("token request failed").count(),
+        1,
+        "logged once:\n{}",
+        logs.text()
+    );
 
     // A new grant takes effect for the next session, without a restart.
     let rt = provider.state().add_refresh_token();
     relay.import("news", &rt).await;
     let mut c = logged_in(&relay, &provider, Conn::Implicit).await;
-    assert!(all_ok(&c.send_mail("news@example.com", &["a@x.org"], b"back\r\n").await));
+    assert!(all_ok(
+        &c.send_mail("news@example.com", &["a@x.org"], b"back\r\n")
+            .await
+    ));
 
     // An account that was never authorized.
     let dir = tempfile::tempdir().unwrap();
@@ -207,22 +303,37 @@ async fn upstream_down_gives_451() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);
-    let opts = RelayOptions { smtp_port_override: Some(port), ..RelayOptions::default() };
+    let opts = RelayOptions {
+        smtp_port_override: Some(port),
+        ..RelayOptions::default()
+    };
     let (_dir, provider, relay) = setup(opts, "implicit").await;
     let mut c = logged_in(&relay, &provider, Conn::Implicit).await;
     let reply = c.cmd("MAIL FROM:<news@example.com>").await;
-    assert!(reply.starts_with("451 4.4.1 Upstream not available"), "{reply}");
-    assert_eq!(c.cmd("RCPT TO:<a@x.org>").await, "503 5.5.1 Need MAIL before RCPT");
+    assert!(
+        reply.starts_with("451 4.4.1 Upstream not available"),
+        "{reply}"
+    );
+    assert_eq!(
+        c.cmd("RCPT TO:<a@x.org>").await,
+        "503 5.5.1 Need MAIL before RCPT"
+    );
 
     // Token endpoint unreachable: reported at AUTH.
     let dir = tempfile::tempdir().unwrap();
-    let opts = RelayOptions { token_url_override: Some(format!("http://127.0.0.1:{port}/token")), ..RelayOptions::default() };
+    let opts = RelayOptions {
+        token_url_override: Some(format!("http://127.0.0.1:{port}/token")),
+        ..RelayOptions::default()
+    };
     let relay = Relay::start(dir.path(), &provider, opts).await;
     let rt = provider.state().add_refresh_token();
     relay.import("news", &rt).await;
     let mut c = Client::connect(&relay, Conn::Implicit, &provider.pki).await;
     let reply = c.login_plain(LOGIN, PASSWORD).await;
-    assert!(reply.starts_with("454 4.7.0 account `news`: cannot get a token"), "{reply}");
+    assert!(
+        reply.starts_with("454 4.7.0 account `news`: cannot get a token"),
+        "{reply}"
+    );
 }
 
 #[tokio::test]
@@ -230,17 +341,32 @@ async fn per_recipient_replies_pass_through() {
     let (_dir, provider, relay) = setup(RelayOptions::default(), "implicit").await;
     let mut c = logged_in(&relay, &provider, Conn::Implicit).await;
     let replies = c
-        .send_mail("news@example.com", &["ok1@x.org", "reject-me@x.org", "later@x.org", "ok2@x.org"], b"mixed\r\n")
+        .send_mail(
+            "news@example.com",
+            &["ok1@x.org", "reject-me@x.org", "later@x.org", "ok2@x.org"],
+            b"mixed\r\n",
+        )
         .await;
     assert_eq!(replies[1], "250 2.1.5 OK");
-    assert_eq!(replies[2], "550 5.1.1 The email account that you tried to reach does not exist: reject-me@x.org");
-    assert_eq!(replies[3], "450 4.2.1 The user you are trying to contact is receiving mail too quickly");
+    assert_eq!(
+        replies[2],
+        "550 5.1.1 The email account that you tried to reach does not exist: reject-me@x.org"
+    );
+    assert_eq!(
+        replies[3],
+        "450 4.2.1 The user you are trying to contact is receiving mail too quickly"
+    );
     assert_eq!(replies[4], "250 2.1.5 OK");
     assert_eq!(replies[6], "250 2.0.0 OK 1700000000 x-fake-id");
-    assert_eq!(provider.state().messages[0].rcpts, vec!["ok1@x.org", "ok2@x.org"]);
+    assert_eq!(
+        provider.state().messages[0].rcpts,
+        vec!["ok1@x.org", "ok2@x.org"]
+    );
 
     // Upstream rejects the message itself: its code reaches the mailer.
-    let replies = c.send_mail("news@example.com", &["reject-only@x.org"], b"x\r\n").await;
+    let replies = c
+        .send_mail("news@example.com", &["reject-only@x.org"], b"x\r\n")
+        .await;
     assert!(replies[1].starts_with("550 5.1.1"));
     assert_eq!(replies[2], "554 5.5.1 No valid recipients");
 }
@@ -259,37 +385,93 @@ async fn error_replies() {
     let ehlo = c.cmd("EHLO x").await;
     assert!(!ehlo.contains("AUTH"), "{ehlo}");
     assert_eq!(c.cmd("FOO bar").await, "500 5.5.1 Unknown command");
-    assert!(c.cmd("MAIL FROM:<news@example.com>").await.starts_with("530 5.7.0"));
-    assert!(c.login_plain(LOGIN, PASSWORD).await.starts_with("538 5.7.11"));
+    assert!(c
+        .cmd("MAIL FROM:<news@example.com>")
+        .await
+        .starts_with("530 5.7.0"));
+    assert!(c
+        .login_plain(LOGIN, PASSWORD)
+        .await
+        .starts_with("538 5.7.11"));
     let long = "NOOP ".to_string() + &"x".repeat(20_000);
     assert_eq!(c.cmd(&long).await, "500 5.5.6 Line too long");
-    assert_eq!(c.cmd("NOOP").await, "250 2.0.0 OK", "the session goes on after a long line");
+    assert_eq!(
+        c.cmd("NOOP").await,
+        "250 2.0.0 OK",
+        "the session goes on after a long line"
+    );
 
     let mut c = Client::connect(&relay, Conn::Implicit, &provider.pki).await;
-    assert_eq!(c.cmd("AUTH PLAIN not*base64").await, "501 5.5.2 Invalid base64 data");
-    assert_eq!(c.login_plain(LOGIN, "wrong").await, "535 5.7.8 Authentication credentials invalid");
-    assert_eq!(c.login_plain("nobody", PASSWORD).await, "535 5.7.8 Authentication credentials invalid");
-    assert_eq!(c.login_plain(LOGIN, PASSWORD).await, "235 2.7.0 Authentication successful");
-    assert!(c.cmd("MAIL FROM:news@example.com").await.starts_with("501 5.5.2"), "syntax error");
-    assert_eq!(c.cmd("RCPT TO:<a@x.org>").await, "503 5.5.1 Need MAIL before RCPT");
+    assert_eq!(
+        c.cmd("AUTH PLAIN not*base64").await,
+        "501 5.5.2 Invalid base64 data"
+    );
+    assert_eq!(
+        c.login_plain(LOGIN, "wrong").await,
+        "535 5.7.8 Authentication credentials invalid"
+    );
+    assert_eq!(
+        c.login_plain("nobody", PASSWORD).await,
+        "535 5.7.8 Authentication credentials invalid"
+    );
+    assert_eq!(
+        c.login_plain(LOGIN, PASSWORD).await,
+        "235 2.7.0 Authentication successful"
+    );
+    assert!(
+        c.cmd("MAIL FROM:news@example.com")
+            .await
+            .starts_with("501 5.5.2"),
+        "syntax error"
+    );
+    assert_eq!(
+        c.cmd("RCPT TO:<a@x.org>").await,
+        "503 5.5.1 Need MAIL before RCPT"
+    );
     assert_eq!(c.cmd("DATA").await, "503 5.5.1 Need MAIL before DATA");
-    assert_eq!(c.cmd("MAIL FROM:<news@example.com> SIZE=5000").await, "552 5.3.4 Message size exceeds the limit of 1000 bytes");
-    assert_eq!(c.cmd("MAIL FROM:<boss@example.com>").await, "550 5.7.1 Sender <boss@example.com> is not allowed for account news");
-    assert_eq!(c.cmd("MAIL FROM:<a@news.example.com>").await, "250 2.1.0 OK");
-    assert_eq!(c.cmd("MAIL FROM:<a@news.example.com>").await, "503 5.5.1 Nested MAIL command");
+    assert_eq!(
+        c.cmd("MAIL FROM:<news@example.com> SIZE=5000").await,
+        "552 5.3.4 Message size exceeds the limit of 1000 bytes"
+    );
+    assert_eq!(
+        c.cmd("MAIL FROM:<boss@example.com>").await,
+        "550 5.7.1 Sender <boss@example.com> is not allowed for account news"
+    );
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@news.example.com>").await,
+        "250 2.1.0 OK"
+    );
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@news.example.com>").await,
+        "503 5.5.1 Nested MAIL command"
+    );
     for i in 0..5 {
-        assert_eq!(c.cmd(&format!("RCPT TO:<r{i}@x.org>")).await, "250 2.1.5 OK");
+        assert_eq!(
+            c.cmd(&format!("RCPT TO:<r{i}@x.org>")).await,
+            "250 2.1.5 OK"
+        );
     }
-    assert_eq!(c.cmd("RCPT TO:<r6@x.org>").await, "452 4.5.3 Too many recipients");
+    assert_eq!(
+        c.cmd("RCPT TO:<r6@x.org>").await,
+        "452 4.5.3 Too many recipients"
+    );
     assert!(c.cmd("DATA").await.starts_with("354"));
     let big = "y".repeat(3000) + "\r\n";
     c.send_raw(&stuff(big.as_bytes())).await;
-    assert_eq!(c.reply().await, "552 5.3.4 Message size exceeds the limit of 1000 bytes");
-    assert_eq!(c.cmd("VRFY someone").await, "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery");
+    assert_eq!(
+        c.reply().await,
+        "552 5.3.4 Message size exceeds the limit of 1000 bytes"
+    );
+    assert_eq!(
+        c.cmd("VRFY someone").await,
+        "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery"
+    );
     assert!(c.cmd("HELP").await.starts_with("214 2.0.0"));
     assert_eq!(c.cmd("RSET").await, "250 2.0.0 OK");
     // After the oversized message the next one goes through on a fresh upstream connection.
-    let replies = c.send_mail("news@example.com", &["a@x.org"], b"small\r\n").await;
+    let replies = c
+        .send_mail("news@example.com", &["a@x.org"], b"small\r\n")
+        .await;
     assert!(all_ok(&replies), "{replies:?}");
     // Bare LF is not an end of data.
     assert_eq!(c.cmd("MAIL FROM:<news@example.com>").await, "250 2.1.0 OK");
@@ -297,20 +479,36 @@ async fn error_replies() {
     assert!(c.cmd("DATA").await.starts_with("354"));
     c.send_raw(b"one\n.\nsmuggled\r\n.\r\n").await;
     assert_eq!(c.reply().await, "250 2.0.0 OK 1700000000 x-fake-id");
-    assert_eq!(provider.state().messages.last().unwrap().body, b"one\n.\nsmuggled\r\n");
-    assert_eq!(provider.state().messages.len(), 2, "the oversized message never completed upstream");
+    assert_eq!(
+        provider.state().messages.last().unwrap().body,
+        b"one\n.\nsmuggled\r\n"
+    );
+    assert_eq!(
+        provider.state().messages.len(),
+        2,
+        "the oversized message never completed upstream"
+    );
 }
 
 #[tokio::test]
 async fn idle_timeout_and_connection_limit() {
-    let opts = RelayOptions { idle_timeout_secs: 1, max_connections: 1, ..RelayOptions::default() };
+    let opts = RelayOptions {
+        idle_timeout_secs: 1,
+        max_connections: 1,
+        ..RelayOptions::default()
+    };
     let (_dir, provider, relay) = setup(opts, "implicit").await;
     let mut first = Client::plain(&relay).await;
     let mut second = tokio::net::TcpStream::connect(relay.plain).await.unwrap();
     let mut buf = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut second, &mut buf).await.unwrap();
+    tokio::io::AsyncReadExt::read_to_end(&mut second, &mut buf)
+        .await
+        .unwrap();
     assert_eq!(buf, b"421 4.3.2 Too many connections, try again later\r\n");
-    assert_eq!(first.reply().await, "421 4.4.2 Idle timeout, closing connection");
+    assert_eq!(
+        first.reply().await,
+        "421 4.4.2 Idle timeout, closing connection"
+    );
     drop(provider);
 }
 
@@ -324,9 +522,16 @@ async fn client_dropping_mid_data_aborts_upstream() {
     c.send_raw(b"Subject: half\r\n\r\npartial body").await;
     drop(c);
     let mut c = logged_in(&relay, &provider, Conn::Implicit).await;
-    assert!(all_ok(&c.send_mail("news@example.com", &["a@x.org"], b"whole\r\n").await));
+    assert!(all_ok(
+        &c.send_mail("news@example.com", &["a@x.org"], b"whole\r\n")
+            .await
+    ));
     let s = provider.state();
-    assert_eq!(s.messages.len(), 1, "the half message never completed upstream");
+    assert_eq!(
+        s.messages.len(),
+        1,
+        "the half message never completed upstream"
+    );
     assert_eq!(s.messages[0].body, b"whole\r\n");
 }
 
@@ -335,10 +540,20 @@ async fn secrets_never_reach_logs_or_the_database_file() {
     let (logs, _guard) = LogCapture::install();
     let (dir, provider, relay) = setup(RelayOptions::default(), "starttls").await;
     let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
-    assert!(all_ok(&c.send_mail("news@example.com", &["a@x.org"], b"Subject: s\r\n\r\nBODY-SECRET-TEXT\r\n").await));
+    assert!(all_ok(
+        &c.send_mail(
+            "news@example.com",
+            &["a@x.org"],
+            b"Subject: s\r\n\r\nBODY-SECRET-TEXT\r\n"
+        )
+        .await
+    ));
     provider.state().access_tokens.clear();
     let mut c2 = logged_in(&relay, &provider, Conn::StartTls).await;
-    assert!(all_ok(&c2.send_mail("news@example.com", &["a@x.org"], b"again\r\n").await));
+    assert!(all_ok(
+        &c2.send_mail("news@example.com", &["a@x.org"], b"again\r\n")
+            .await
+    ));
     let mut c3 = Client::connect(&relay, Conn::StartTls, &provider.pki).await;
     c3.login_plain(LOGIN, "wrong-pw-SECRET").await;
     drop((c, c2, c3));
@@ -346,9 +561,16 @@ async fn secrets_never_reach_logs_or_the_database_file() {
 
     let text = logs.text();
     assert!(text.contains("message relayed"), "{text}");
-    assert!(text.contains("account=news") || text.contains("account: news") || text.contains("news"), "{text}");
+    assert!(
+        text.contains("account=news") || text.contains("account: news") || text.contains("news"),
+        "{text}"
+    );
     let mut secrets = provider.state().issued.clone();
-    secrets.extend([PASSWORD.to_string(), "wrong-pw-SECRET".into(), "BODY-SECRET-TEXT".into()]);
+    secrets.extend([
+        PASSWORD.to_string(),
+        "wrong-pw-SECRET".into(),
+        "BODY-SECRET-TEXT".into(),
+    ]);
     assert!(secrets.len() >= 5);
     for s in &secrets {
         assert!(!text.contains(s.as_str()), "secret {s} in logs");
@@ -359,7 +581,11 @@ async fn secrets_never_reach_logs_or_the_database_file() {
     for f in files {
         let bytes = std::fs::read(&f).unwrap();
         for s in &secrets {
-            assert!(!bytes.windows(s.len()).any(|w| w == s.as_bytes()), "{s} in clear in {}", f.display());
+            assert!(
+                !bytes.windows(s.len()).any(|w| w == s.as_bytes()),
+                "{s} in clear in {}",
+                f.display()
+            );
         }
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
@@ -382,7 +608,11 @@ fn collect_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
 
 #[tokio::test]
 async fn python_smtplib_sends_through_the_relay() {
-    if std::process::Command::new("python3").arg("--version").output().is_err() {
+    if std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("python3 not installed; skipping the stock-client check");
         return;
     }
@@ -409,11 +639,23 @@ print("sent")
         login = LOGIN,
         password = PASSWORD
     );
-    let out = tokio::process::Command::new("python3").arg("-c").arg(script).output().await.unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "sent");
     let s = provider.state();
     assert_eq!(s.messages.len(), 2);
     assert_eq!(s.messages[0].rcpts, vec!["a@example.org", "b@example.org"]);
-    assert_eq!(s.messages[0].body, b"Subject: smtplib\r\n\r\n.dot first\r\nhello\r\n");
+    assert_eq!(
+        s.messages[0].body,
+        b"Subject: smtplib\r\n\r\n.dot first\r\nhello\r\n"
+    );
 }

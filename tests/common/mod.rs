@@ -23,7 +23,9 @@ pub fn b64(data: impl AsRef<[u8]>) -> String {
 }
 
 pub fn b64d(data: &str) -> Vec<u8> {
-    base64::engine::general_purpose::STANDARD.decode(data.trim()).unwrap_or_default()
+    base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .unwrap_or_default()
 }
 
 /// Test PKI: one CA that signs the fake provider's and the relay's certificates.
@@ -52,9 +54,18 @@ impl Pki {
     }
 
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
-        let certs = rustls_pemfile::certs(&mut self.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
-        let key = rustls_pemfile::private_key(&mut self.key_pem.as_bytes()).unwrap().unwrap();
-        Arc::new(rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).unwrap())
+        let certs = rustls_pemfile::certs(&mut self.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls_pemfile::private_key(&mut self.key_pem.as_bytes())
+            .unwrap()
+            .unwrap();
+        Arc::new(
+            rustls::ServerConfig::builder()
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .unwrap(),
+        )
     }
 
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
@@ -62,7 +73,11 @@ impl Pki {
         for c in rustls_pemfile::certs(&mut self.ca_pem.as_bytes()) {
             roots.add(c.unwrap()).unwrap();
         }
-        Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
+        Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
     }
 }
 
@@ -114,7 +129,10 @@ impl State {
 
     pub fn issue_access(&mut self) -> String {
         let at = self.new_secret("ya29.at");
-        self.access_tokens.insert(at.clone(), Instant::now() + Duration::from_secs(self.lifetime));
+        self.access_tokens.insert(
+            at.clone(),
+            Instant::now() + Duration::from_secs(self.lifetime),
+        );
         at
     }
 
@@ -128,7 +146,9 @@ impl State {
     }
 
     fn token_valid(&self, token: &str) -> bool {
-        self.access_tokens.get(token).is_some_and(|exp| *exp > Instant::now())
+        self.access_tokens
+            .get(token)
+            .is_some_and(|exp| *exp > Instant::now())
     }
 }
 
@@ -149,7 +169,9 @@ pub struct HttpRequest {
 }
 
 /// A route of the fake authorization server: `(status, content type, body, extra headers)`.
-pub type Handler = Arc<dyn Fn(&HttpRequest, &Shared) -> Option<(u16, String, Vec<(String, String)>)> + Send + Sync>;
+pub type Handler = Arc<
+    dyn Fn(&HttpRequest, &Shared) -> Option<(u16, String, Vec<(String, String)>)> + Send + Sync,
+>;
 
 pub struct FakeProvider {
     pub state: Shared,
@@ -192,7 +214,12 @@ impl FakeProvider {
         tokio::spawn(http_server(http, state.clone(), extra_routes));
         let smtp = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let smtp_addr = smtp.local_addr().unwrap();
-        tokio::spawn(smtp_server(smtp, state.clone(), pki.server_config(), smtp_mode == "implicit"));
+        tokio::spawn(smtp_server(
+            smtp,
+            state.clone(),
+            pki.server_config(),
+            smtp_mode == "implicit",
+        ));
         FakeProvider {
             state,
             http_addr,
@@ -215,7 +242,9 @@ impl FakeProvider {
 // Token endpoint
 
 fn parse_form(s: &str) -> HashMap<String, String> {
-    url::form_urlencoded::parse(s.as_bytes()).into_owned().collect()
+    url::form_urlencoded::parse(s.as_bytes())
+        .into_owned()
+        .collect()
 }
 
 async fn read_http(stream: &mut TcpStream) -> Option<HttpRequest> {
@@ -233,7 +262,8 @@ async fn read_http(stream: &mut TcpStream) -> Option<HttpRequest> {
                 .lines()
                 .find_map(|l| {
                     let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
                 })
                 .unwrap_or(0);
             break (pos + 4, len);
@@ -260,7 +290,11 @@ async fn read_http(stream: &mut TcpStream) -> Option<HttpRequest> {
 }
 
 pub fn json_error(code: &str, description: &str) -> (u16, String, Vec<(String, String)>) {
-    (400, serde_json::json!({"error": code, "error_description": description}).to_string(), vec![])
+    (
+        400,
+        serde_json::json!({"error": code, "error_description": description}).to_string(),
+        vec![],
+    )
 }
 
 fn token_route(req: &HttpRequest, state: &Shared) -> (u16, String, Vec<(String, String)>) {
@@ -269,7 +303,8 @@ fn token_route(req: &HttpRequest, state: &Shared) -> (u16, String, Vec<(String, 
     let grant = req.form.get("grant_type").map(String::as_str).unwrap_or("");
     if grant == "refresh_token" {
         if req.form.get("client_id") != Some(&s.client_id)
-            || s.client_secret.is_some() && req.form.get("client_secret") != s.client_secret.as_ref()
+            || s.client_secret.is_some()
+                && req.form.get("client_secret") != s.client_secret.as_ref()
         {
             return json_error("invalid_client", "bad client credentials");
         }
@@ -291,19 +326,29 @@ fn token_route(req: &HttpRequest, state: &Shared) -> (u16, String, Vec<(String, 
 
 async fn http_server(listener: TcpListener, state: Shared, extra: Option<Handler>) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
         let state = state.clone();
         let extra = extra.clone();
         tokio::spawn(async move {
-            let Some(req) = read_http(&mut stream).await else { return };
+            let Some(req) = read_http(&mut stream).await else {
+                return;
+            };
             let routed = extra.as_ref().and_then(|h| h(&req, &state));
             let (status, body, headers) = match routed {
                 Some(r) => r,
                 None if req.path == "/token" && req.method == "POST" => token_route(&req, &state),
                 None => (404, "{}".to_string(), vec![]),
             };
-            let mut head = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
-            if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+            let mut head = format!(
+                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+                body.len()
+            );
+            if !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            {
                 head.push_str("Content-Type: application/json\r\n");
             }
             for (k, v) in headers {
@@ -330,7 +375,11 @@ impl Lines {
         loop {
             if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = self.buf.drain(..=pos).collect();
-                return Some(String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_string());
+                return Some(
+                    String::from_utf8_lossy(&line)
+                        .trim_end_matches(['\r', '\n'])
+                        .to_string(),
+                );
             }
             let mut chunk = [0u8; 8192];
             let n = self.io.read(&mut chunk).await.ok()?;
@@ -378,14 +427,24 @@ impl Lines {
     }
 
     async fn send(&mut self, s: &str) -> Option<()> {
-        self.io.write_all(format!("{s}\r\n").as_bytes()).await.ok()?;
+        self.io
+            .write_all(format!("{s}\r\n").as_bytes())
+            .await
+            .ok()?;
         self.io.flush().await.ok()
     }
 }
 
-async fn smtp_server(listener: TcpListener, state: Shared, tls: Arc<rustls::ServerConfig>, implicit: bool) {
+async fn smtp_server(
+    listener: TcpListener,
+    state: Shared,
+    tls: Arc<rustls::ServerConfig>,
+    implicit: bool,
+) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
         let state = state.clone();
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
         tokio::spawn(async move {
@@ -397,7 +456,16 @@ async fn smtp_server(listener: TcpListener, state: Shared, tls: Arc<rustls::Serv
             } else {
                 Box::new(tcp)
             };
-            let _ = smtp_session(Lines { io, buf: Vec::new() }, state, acceptor, implicit).await;
+            let _ = smtp_session(
+                Lines {
+                    io,
+                    buf: Vec::new(),
+                },
+                state,
+                acceptor,
+                implicit,
+            )
+            .await;
         });
     }
 }
@@ -411,15 +479,25 @@ fn check_sasl(mech: Mech, decoded: &str, state: &State) -> bool {
             parts.get(1).and_then(|p| p.strip_prefix("auth=Bearer ")),
         ),
         Mech::Oauthbearer => (
-            parts.first().and_then(|p| p.strip_prefix("n,a=")).and_then(|p| p.strip_suffix(',')),
+            parts
+                .first()
+                .and_then(|p| p.strip_prefix("n,a="))
+                .and_then(|p| p.strip_suffix(',')),
             parts.iter().find_map(|p| p.strip_prefix("auth=Bearer ")),
         ),
     };
     let well_formed = decoded.ends_with("\x01\x01");
-    well_formed && user == Some(state.mailbox.as_str()) && auth.is_some_and(|t| state.token_valid(t))
+    well_formed
+        && user == Some(state.mailbox.as_str())
+        && auth.is_some_and(|t| state.token_valid(t))
 }
 
-async fn smtp_session(mut c: Lines, state: Shared, acceptor: tokio_rustls::TlsAcceptor, mut tls: bool) -> Option<()> {
+async fn smtp_session(
+    mut c: Lines,
+    state: Shared,
+    acceptor: tokio_rustls::TlsAcceptor,
+    mut tls: bool,
+) -> Option<()> {
     c.send("220 fake.provider ESMTP ready").await?;
     let mut authed = false;
     let mut msg: Option<Message> = None;
@@ -427,7 +505,13 @@ async fn smtp_session(mut c: Lines, state: Shared, acceptor: tokio_rustls::TlsAc
         let line = c.line().await?;
         let upper = line.to_ascii_uppercase();
         if upper.starts_with("EHLO") {
-            let mut caps = vec!["fake.provider", "SIZE 40000000", "8BITMIME", "SMTPUTF8", "PIPELINING"];
+            let mut caps = vec![
+                "fake.provider",
+                "SIZE 40000000",
+                "8BITMIME",
+                "SMTPUTF8",
+                "PIPELINING",
+            ];
             if !tls {
                 caps.push("STARTTLS");
             }
@@ -443,9 +527,14 @@ async fn smtp_session(mut c: Lines, state: Shared, acceptor: tokio_rustls::TlsAc
             c.buf.clear();
             tls = true;
         } else if let Some(rest) = upper.strip_prefix("AUTH ") {
-            let mech = if rest.starts_with("XOAUTH2") { Mech::Xoauth2 } else { Mech::Oauthbearer };
+            let mech = if rest.starts_with("XOAUTH2") {
+                Mech::Xoauth2
+            } else {
+                Mech::Oauthbearer
+            };
             if !tls {
-                c.send("530 5.7.0 Must issue a STARTTLS command first").await?;
+                c.send("530 5.7.0 Must issue a STARTTLS command first")
+                    .await?;
                 continue;
             }
             let arg = line.split_whitespace().nth(2).unwrap_or("");
@@ -458,16 +547,24 @@ async fn smtp_session(mut c: Lines, state: Shared, acceptor: tokio_rustls::TlsAc
             } else {
                 state.lock().unwrap().auth_rejected += 1;
                 let challenge = match mech {
-                    Mech::Xoauth2 => r#"{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}"#,
-                    Mech::Oauthbearer => r#"{"status":"invalid_token","scope":"https://mail.google.com/"}"#,
+                    Mech::Xoauth2 => {
+                        r#"{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}"#
+                    }
+                    Mech::Oauthbearer => {
+                        r#"{"status":"invalid_token","scope":"https://mail.google.com/"}"#
+                    }
                 };
                 c.send(&format!("334 {}", b64(challenge))).await?;
                 let answer = c.line().await?;
                 state.lock().unwrap().challenge_answers.push(answer.clone());
                 let expected = if mech == Mech::Xoauth2 { "" } else { "AQ==" };
                 if answer == expected {
-                    c.send("535-5.7.8 Username and Password not accepted. For more information, go to").await?;
-                    c.send("535 5.7.8  https://support.google.com/mail/?p=BadCredentials x").await?;
+                    c.send(
+                        "535-5.7.8 Username and Password not accepted. For more information, go to",
+                    )
+                    .await?;
+                    c.send("535 5.7.8  https://support.google.com/mail/?p=BadCredentials x")
+                        .await?;
                 } else {
                     c.send("501 5.5.2 Cannot Decode response").await?;
                 }
@@ -477,7 +574,10 @@ async fn smtp_session(mut c: Lines, state: Shared, acceptor: tokio_rustls::TlsAc
                 c.send("530 5.7.0 Authentication Required").await?;
                 continue;
             }
-            msg = Some(Message { mail_from: line[10..].to_string(), ..Default::default() });
+            msg = Some(Message {
+                mail_from: line[10..].to_string(),
+                ..Default::default()
+            });
             c.send("250 2.1.0 OK").await?;
         } else if upper.starts_with("RCPT TO:") {
             let Some(m) = msg.as_mut() else {
@@ -486,9 +586,15 @@ async fn smtp_session(mut c: Lines, state: Shared, acceptor: tokio_rustls::TlsAc
             };
             let addr = line[8..].trim_matches(['<', '>', ' ']).to_string();
             if addr.starts_with("reject") {
-                c.send(&format!("550 5.1.1 The email account that you tried to reach does not exist: {addr}")).await?;
+                c.send(&format!(
+                    "550 5.1.1 The email account that you tried to reach does not exist: {addr}"
+                ))
+                .await?;
             } else if addr.starts_with("later") {
-                c.send("450 4.2.1 The user you are trying to contact is receiving mail too quickly").await?;
+                c.send(
+                    "450 4.2.1 The user you are trying to contact is receiving mail too quickly",
+                )
+                .await?;
             } else {
                 m.rcpts.push(addr);
                 c.send("250 2.1.5 OK").await?;
@@ -508,7 +614,8 @@ async fn smtp_session(mut c: Lines, state: Shared, acceptor: tokio_rustls::TlsAc
             let big = m.body.len() > 30_000_000;
             state.lock().unwrap().messages.push(m);
             if big {
-                c.send("552 5.3.4 Your message exceeded Google's message size limits").await?;
+                c.send("552 5.3.4 Your message exceeded Google's message size limits")
+                    .await?;
             } else {
                 c.send("250 2.0.0 OK 1700000000 x-fake-id").await?;
             }
@@ -574,7 +681,12 @@ pub struct Relay {
 
 /// Writes a config for a relay with a `starttls`, an `implicit` and a `none` listener in front of
 /// `provider`, into `dir`.
-pub fn write_config(dir: &Path, provider: &FakeProvider, opts: &RelayOptions, password_hash: &str) -> PathBuf {
+pub fn write_config(
+    dir: &Path,
+    provider: &FakeProvider,
+    opts: &RelayOptions,
+    password_hash: &str,
+) -> PathBuf {
     std::fs::create_dir_all(dir.join("certs")).unwrap();
     std::fs::write(dir.join("certs/upstream-ca.pem"), &provider.pki.ca_pem).unwrap();
     std::fs::write(dir.join("certs/relay.crt"), &provider.pki.cert_pem).unwrap();
@@ -584,7 +696,10 @@ pub fn write_config(dir: &Path, provider: &FakeProvider, opts: &RelayOptions, pa
         .as_ref()
         .map(|v| format!("allowed_senders = {v:?}\n"))
         .unwrap_or_default();
-    let token_url = opts.token_url_override.clone().unwrap_or_else(|| format!("{}/token", provider.base_url()));
+    let token_url = opts
+        .token_url_override
+        .clone()
+        .unwrap_or_else(|| format!("{}/token", provider.base_url()));
     let config = format!(
         r#"
 [server]
@@ -660,7 +775,8 @@ mailbox = "news@example.com"
 static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 pub fn password_hash() -> String {
-    HASH.get_or_init(|| xoauth_relay::auth::hash_password(PASSWORD)).clone()
+    HASH.get_or_init(|| xoauth_relay::auth::hash_password(PASSWORD))
+        .clone()
 }
 
 impl Relay {
@@ -758,14 +874,22 @@ impl Client {
         } else {
             Box::new(tcp)
         };
-        let mut c = Client { lines: Lines { io, buf: Vec::new() } };
+        let mut c = Client {
+            lines: Lines {
+                io,
+                buf: Vec::new(),
+            },
+        };
         let greeting = c.reply().await;
         assert!(greeting.starts_with("220 "), "{greeting}");
         let ehlo = c.cmd("EHLO mailer.test").await;
         assert!(ehlo.starts_with("250"), "{ehlo}");
         if mode == Conn::StartTls {
             assert!(ehlo.contains("STARTTLS"), "{ehlo}");
-            assert!(!ehlo.contains("AUTH"), "AUTH must not be offered before TLS: {ehlo}");
+            assert!(
+                !ehlo.contains("AUTH"),
+                "AUTH must not be offered before TLS: {ehlo}"
+            );
             assert_eq!(c.cmd("STARTTLS").await, "220 2.0.0 Ready to start TLS");
             let io = std::mem::replace(&mut c.lines.io, Box::new(tokio::io::duplex(1).0));
             c.lines.io = Box::new(tls_connect(io, pki).await);
@@ -777,7 +901,12 @@ impl Client {
 
     pub async fn plain(relay: &Relay) -> Client {
         let tcp = TcpStream::connect(relay.plain).await.unwrap();
-        let mut c = Client { lines: Lines { io: Box::new(tcp), buf: Vec::new() } };
+        let mut c = Client {
+            lines: Lines {
+                io: Box::new(tcp),
+                buf: Vec::new(),
+            },
+        };
         let greeting = c.reply().await;
         assert!(greeting.starts_with("220 "), "{greeting}");
         c
@@ -809,7 +938,11 @@ impl Client {
     }
 
     pub async fn login_plain(&mut self, login: &str, password: &str) -> String {
-        self.cmd(&format!("AUTH PLAIN {}", b64(format!("\0{login}\0{password}")))).await
+        self.cmd(&format!(
+            "AUTH PLAIN {}",
+            b64(format!("\0{login}\0{password}"))
+        ))
+        .await
     }
 
     pub async fn login_login(&mut self, login: &str, password: &str) -> String {
@@ -858,7 +991,10 @@ async fn tls_connect<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static>(
     pki: &Pki,
 ) -> tokio_rustls::client::TlsStream<S> {
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    tokio_rustls::TlsConnector::from(pki.client_config()).connect(name, io).await.unwrap()
+    tokio_rustls::TlsConnector::from(pki.client_config())
+        .connect(name, io)
+        .await
+        .unwrap()
 }
 
 /// Captures everything the relay logs (all levels) while the guard lives.
