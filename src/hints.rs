@@ -66,3 +66,57 @@ pub fn for_smtp_reply(family: Family, reply: &Reply) -> Option<&'static str> {
         return None;
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn microsoft_and_google_codes_get_fixes() {
+        let reply = |text: &str| Reply::new(535, text);
+        let ms = |text| for_smtp_reply(Family::Microsoft, &reply(text)).unwrap_or("");
+        assert!(ms("5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant").contains("Set-CASMailbox"));
+        assert!(ms("5.7.3 Authentication unsuccessful").contains("SMTP.Send"));
+        assert!(for_smtp_reply(
+            Family::Microsoft,
+            &Reply::new(554, "5.2.252 SendAsDenied; x not allowed")
+        )
+        .unwrap()
+        .contains("Send As"));
+        assert!(for_smtp_reply(
+            Family::Google,
+            &reply("5.7.8 Username and Password not accepted")
+        )
+        .unwrap()
+        .contains("mail.google.com"));
+        let refused = |code: &str, d: &str| ProviderError::Refused {
+            code: code.into(),
+            description: d.into(),
+        };
+        assert!(for_provider_error(&refused(
+            "invalid_request",
+            "AADSTS50011: The redirect URI ..."
+        ))
+        .unwrap()
+        .contains("redirect URI"));
+        assert!(for_provider_error(&refused(
+            "invalid_client",
+            "AADSTS7000218: ... client_assertion or client_secret"
+        ))
+        .unwrap()
+        .contains("Allow public client flows"));
+        assert!(for_provider_error(&ProviderError::InvalidGrant(
+            "AADSTS700082: The refresh token has expired due to inactivity".into()
+        ))
+        .unwrap()
+        .contains("90 days"));
+        assert!(for_provider_error(&ProviderError::InvalidGrant(
+            "Token has been expired or revoked.".into()
+        ))
+        .unwrap()
+        .contains("Testing"));
+        assert!(for_provider_error(&refused("redirect_uri_mismatch", ""))
+            .unwrap()
+            .contains("Desktop app"));
+    }
+}

@@ -68,6 +68,9 @@ impl Server {
                 config.path.display()
             ));
         }
+        crate::store::create_private_dir(&config.server.data_dir).map_err(|e| e.to_string())?;
+        // First, so that a second relay on the same data_dir is told so instead of a database lock error.
+        let control = crate::control::bind(&config.server.control_socket())?;
         let upstream = open_core(&config)?;
         let needs_tls = config.listeners.iter().any(|l| l.tls != TlsMode::None);
         let tls = if needs_tls {
@@ -84,7 +87,6 @@ impl Server {
             })?;
             listeners.push((listener, l.tls));
         }
-        let control = crate::control::bind(&config.server.control_socket())?;
         for account in &config.accounts {
             if account.grant == GrantKind::RefreshToken
                 && matches!(upstream.tokens.store().get(&account.name), Ok(None))

@@ -1,0 +1,251 @@
+//! The command line as an operator uses it: hash-password, check, import-token, accounts, and admin
+//! commands against a running `serve` (through its control socket).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use std::io::Write;
+
+const BIN: &str = env!("CARGO_BIN_EXE_xoauth-relay");
+
+fn run(args: &[&str], stdin: &str) -> (bool, String, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn hash() -> String {
+    let (ok, out, err) = run(&["hash-password"], "pw\n");
+    assert!(ok, "{err}");
+    out.trim().to_string()
+}
+
+fn config(dir: &Path, accounts: &str, provider_extra: &str) -> String {
+    let text = format!(
+        r#"
+[server]
+data_dir = "{dir}/data"
+
+[[listeners]]
+address = "127.0.0.1:0"
+tls = "none"
+
+[providers.corp]
+token_url = "http://127.0.0.1:9/token"
+client_id = "relay"
+smtp_host = "localhost"
+smtp_port = 2525
+smtp_tls = "none"
+{provider_extra}
+{accounts}
+"#,
+        dir = dir.display()
+    );
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("relay-{n}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+fn account(name: &str, login: &str, hash: &str) -> String {
+    format!("[[accounts]]\nname = \"{name}\"\nlogin = \"{login}\"\npassword_hash = \"{hash}\"\nprovider = \"corp\"\nmailbox = \"{name}@example.com\"\n")
+}
+
+#[test]
+fn hash_password_reads_stdin_without_the_trailing_newline() {
+    use argon2::{PasswordHash, PasswordVerifier};
+    let h = hash();
+    assert!(h.starts_with("$argon2id$v=19$"), "{h}");
+    let parsed = PasswordHash::new(&h).unwrap();
+    assert!(argon2::Argon2::default()
+        .verify_password(b"pw", &parsed)
+        .is_ok());
+    assert!(argon2::Argon2::default()
+        .verify_password(b"pw\n", &parsed)
+        .is_err());
+}
+
+#[test]
+fn check_names_the_key_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let h = hash();
+    let cases: Vec<(String, &str)> = vec![
+        (
+            config(d, &(account("a", "a", &h) + "colour = \"red\"\n"), ""),
+            "unknown field `colour`",
+        ),
+        (
+            config(d, &account("a", "a", &h).replace("corp", "nope"), ""),
+            "provider `nope` is not defined",
+        ),
+        (
+            config(
+                d,
+                "[[accounts]]\nname = \"a\"\nprovider = \"corp\"\nmailbox = \"a@x.org\"\n",
+                "",
+            ),
+            "`password_hash` is missing; create one with `xoauth-relay hash-password`",
+        ),
+        (
+            config(
+                d,
+                &(account("a", "same", &h) + &account("b", "same", &h)),
+                "",
+            ),
+            "login `same` is already used",
+        ),
+        (
+            config(
+                d,
+                &account("a", "a", &h),
+                "client_secret_file = \"/nonexistent/secret\"",
+            ),
+            "`client_secret_file` /nonexistent/secret",
+        ),
+        (
+            config(
+                d,
+                &account("a", "a", &h),
+                "client_secret_env = \"XR_TEST_UNSET_VAR\"",
+            ),
+            "XR_TEST_UNSET_VAR, which is not set",
+        ),
+        (
+            config(
+                d,
+                &account("a", "a", &h),
+                "revocation_url = \"http://example.com/revoke\"",
+            ),
+            "`revocation_url` must be an https URL",
+        ),
+    ];
+    for (path, expected) in cases {
+        for cmd in ["check", "serve"] {
+            let (ok, _, err) = run(&["--config", &path, cmd], "");
+            assert!(!ok, "{cmd} accepted a bad config ({expected})");
+            assert!(
+                err.contains(expected),
+                "{cmd}: expected `{expected}` in: {err}"
+            );
+        }
+    }
+    let (ok, out, err) = run(&["--config", "config/relay.example.toml", "check"], "");
+    assert!(ok, "the example config must pass: {err}");
+    assert!(
+        out.contains("ok (2 listener(s), 1 provider(s), 1 account(s))"),
+        "{out}"
+    );
+}
+
+#[test]
+fn import_token_and_accounts_with_and_without_a_running_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = hash();
+    let path = config(
+        dir.path(),
+        &(account("news", "news", &h) + &account("crm", "crm", &h)),
+        "",
+    );
+
+    let (ok, out, err) = run(
+        &["--config", &path, "import-token", "news"],
+        "rt-imported-SECRET\n",
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.trim(),
+        "account `news`: grant stored; the next session uses it"
+    );
+    let (ok, table, err) = run(&["--config", &path, "accounts"], "");
+    assert!(ok, "{err}");
+    let row = |t: &str, name: &str| {
+        t.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(
+        row(&table, "news ").contains("refresh_token  ok"),
+        "{table}"
+    );
+    assert!(
+        row(&table, "crm ").contains("needs authorization"),
+        "{table}"
+    );
+
+    // sled allows one process: with `serve` running, admin commands go through its control socket.
+    let mut serve = Command::new(BIN)
+        .args(["--config", &path, "serve"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(serve.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("listening") {
+        line.clear();
+        assert!(
+            std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() > 0,
+            "serve exited early"
+        );
+    }
+    let (ok, out, err) = run(&["--config", &path, "import-token", "crm"], "rt-crm-SECRET");
+    assert!(ok, "{err}");
+    assert!(out.contains("grant stored"));
+    let (ok, table, err) = run(&["--config", &path, "accounts"], "");
+    assert!(ok, "{err}");
+    assert!(row(&table, "crm ").contains("refresh_token  ok"), "{table}");
+    let (ok, out, _) = run(&["--config", &path, "revoke", "crm"], "");
+    assert!(ok);
+    assert!(out.contains("grant deleted"), "{out}");
+    // A second relay on the same data dir is refused with a clear message.
+    let (ok, _, err) = run(&["--config", &path, "serve"], "");
+    assert!(!ok);
+    assert!(err.contains("already running"), "{err}");
+    unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
+    assert!(serve.wait().unwrap().success());
+
+    use std::os::unix::fs::PermissionsExt;
+    let key = dir.path().join("data/master.key");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let mut stack = vec![dir.path().join("data")];
+    while let Some(p) = stack.pop() {
+        for e in std::fs::read_dir(&p).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let bytes = std::fs::read(&p).unwrap();
+            for secret in [&b"rt-imported-SECRET"[..], b"rt-crm-SECRET"] {
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret),
+                    "token in clear in {}",
+                    p.display()
+                );
+            }
+        }
+    }
+}
