@@ -441,14 +441,25 @@ impl Delivery {
             sender: from.to_string(),
             ..MessageStats::default()
         };
-        // A connection kept from the last message may have been closed by the upstream meanwhile:
-        // probe it with RSET (needed anyway when a transaction was left open) and reconnect if dead.
-        if self.client.is_some() {
-            let reset = self.exchange("RSET").await;
-            if reset.code != 250 {
+        if self.in_transaction {
+            // The mailer reset or abandoned its last transaction; the upstream still has it open.
+            if self.exchange("RSET").await.code != 250 {
                 self.drop_connection();
             }
         }
+        // A connection kept from the last message may have been closed by the upstream meanwhile
+        // (idle timeout): that shows as a broken connection or a 421. Reconnect once in that case.
+        let reused = self.client.is_some();
+        let mut reply = self.mail_once(from, params).await;
+        if reused && (self.client.is_none() || reply.code == 421) {
+            self.drop_connection();
+            reply = self.mail_once(from, params).await;
+        }
+        self.in_transaction = reply.is_positive();
+        reply
+    }
+
+    async fn mail_once(&mut self, from: &str, params: &MailParams) -> Reply {
         if self.client.is_none() {
             if let Err(reply) = self.open().await {
                 return reply;
@@ -469,9 +480,7 @@ impl Delivery {
         if params.smtputf8 && caps.smtputf8 {
             line.push_str(" SMTPUTF8");
         }
-        let reply = self.exchange(&line).await;
-        self.in_transaction = reply.is_positive();
-        reply
+        self.exchange(&line).await
     }
 
     pub async fn rcpt(&mut self, to: &str) -> Reply {

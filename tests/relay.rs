@@ -513,6 +513,30 @@ async fn idle_timeout_and_connection_limit() {
 }
 
 #[tokio::test]
+async fn upstream_closing_an_idle_connection_is_transparent() {
+    let (_dir, provider, relay) = setup(RelayOptions::default(), "starttls").await;
+    provider.state().close_after_message = true;
+    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
+    for i in 0..3 {
+        let replies = c
+            .send_mail(
+                "news@example.com",
+                &["a@x.org"],
+                format!("msg {i}\r\n").as_bytes(),
+            )
+            .await;
+        assert!(all_ok(&replies), "{replies:?}");
+    }
+    let s = provider.state();
+    assert_eq!(s.messages.len(), 3);
+    assert_eq!(
+        s.auth_ok, 3,
+        "one upstream connection per message, reopened transparently"
+    );
+    assert_eq!(s.refresh_count, 1);
+}
+
+#[tokio::test]
 async fn client_dropping_mid_data_aborts_upstream() {
     let (_dir, provider, relay) = setup(RelayOptions::default(), "implicit").await;
     let mut c = logged_in(&relay, &provider, Conn::Implicit).await;

@@ -109,6 +109,8 @@ pub struct State {
     /// Every secret handed out, so tests can look for them in logs and files.
     pub issued: Vec<String>,
     pub counter: u64,
+    /// Close the connection after each accepted message, as an upstream with a short idle timeout does.
+    pub close_after_message: bool,
     /// Extra flows (authorization code, device code, ...) register here.
     pub extra: HashMap<String, String>,
 }
@@ -206,6 +208,7 @@ impl FakeProvider {
             messages: Vec::new(),
             issued: vec!["test-client-SECRET".into()],
             counter: 0,
+            close_after_message: false,
             extra: HashMap::new(),
         }));
         let pki = Arc::new(Pki::new());
@@ -612,12 +615,19 @@ async fn smtp_session(
             let mut m = msg.take().unwrap();
             m.body = body;
             let big = m.body.len() > 30_000_000;
-            state.lock().unwrap().messages.push(m);
+            let close = {
+                let mut s = state.lock().unwrap();
+                s.messages.push(m);
+                s.close_after_message
+            };
             if big {
                 c.send("552 5.3.4 Your message exceeded Google's message size limits")
                     .await?;
             } else {
                 c.send("250 2.0.0 OK 1700000000 x-fake-id").await?;
+            }
+            if close {
+                return Some(());
             }
         } else if upper == "RSET" {
             msg = None;
