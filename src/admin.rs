@@ -137,6 +137,7 @@ fn store_grant(
     });
     store.flush();
     ctx.upstream.tokens.invalidate(name);
+    tracing::info!(account = %name, "grant stored");
     Ok(format!(
         "account `{name}`: grant stored; the next session uses it"
     ))
@@ -171,6 +172,7 @@ async fn revoke(ctx: &AdminContext, name: &str) -> Result<String, String> {
         return Ok(format!("account `{name}`: no grant was stored"));
     }
     notes.insert(0, format!("account `{name}`: grant deleted"));
+    tracing::info!(account = %name, "grant deleted");
     Ok(notes.join("; "))
 }
 
@@ -322,21 +324,14 @@ async fn test_steps(
         .tls
         .get(&p.name)
         .ok_or("no TLS configuration")?;
+    let target = format!(
+        "connect to {}:{} ({})",
+        p.smtp_host, p.smtp_port, p.smtp_tls
+    );
     let mut client = Client::connect(p, tls, &ctx.upstream.helo_name, ctx.upstream.timeout)
         .await
-        .map_err(|e| {
-            format!(
-                "connect to {}:{} ({:?}): {e}",
-                p.smtp_host, p.smtp_port, p.smtp_tls
-            )
-        })?;
-    lines.push(
-        format!(
-            "connect to {}:{} ({:?}): ok",
-            p.smtp_host, p.smtp_port, p.smtp_tls
-        )
-        .to_lowercase(),
-    );
+        .map_err(|e| format!("{target}: {e}"))?;
+    lines.push(format!("{target}: ok"));
     let mechanism = format!("{:?}", p.mechanism).to_uppercase();
     match client.authenticate(p, &acct.mailbox, &token.secret).await {
         Ok(()) => lines.push(format!("authenticate {mechanism} as {}: ok", acct.mailbox)),

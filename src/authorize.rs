@@ -155,19 +155,23 @@ async fn loopback(
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     let pending = authorization_url(account, format!("http://127.0.0.1:{port}/"))?;
     print_url(&account.provider, &pending);
-    println!("Waiting for the browser to come back to 127.0.0.1:{port} ...");
-    if open_browser {
-        for opener in ["xdg-open", "open"] {
-            let spawned = std::process::Command::new(opener)
+    let opened = open_browser
+        && ["xdg-open", "open"].iter().any(|opener| {
+            std::process::Command::new(opener)
                 .arg(&pending.url)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
-                .spawn();
-            if spawned.is_ok() {
-                break;
-            }
-        }
+                .spawn()
+                .is_ok()
+        });
+    if open_browser && !opened {
+        println!("(no browser could be opened here: open the URL yourself)");
     }
+    println!(
+        "Waiting for the browser to come back to 127.0.0.1:{port} (up to {} minutes). The browser must run on \
+         this machine or reach it through `ssh -L {port}:127.0.0.1:{port}`; otherwise stop and use --manual.",
+        LOOPBACK_WAIT.as_secs() / 60
+    );
     let result = tokio::time::timeout(LOOPBACK_WAIT, async {
         loop {
             let (stream, _) = listener.accept().await.map_err(|e| e.to_string())?;
@@ -338,7 +342,7 @@ async fn device(account: &Account, http: &HttpClient) -> Result<TokenSet, String
     }
     if p.device_authorization_url.is_none() {
         return Err(format!(
-            "provider `{}` has no device_authorization_url; set it or use the loopback flow",
+            "provider `{}` has no device_authorization_url; set it, use the loopback flow if it has an authorize_url, or `import-token`",
             p.name
         ));
     }

@@ -94,6 +94,16 @@ pub enum TlsMode {
     None,
 }
 
+impl std::fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TlsMode::Starttls => "starttls",
+            TlsMode::Implicit => "implicit",
+            TlsMode::None => "none",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
@@ -309,7 +319,13 @@ impl Config {
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            ConfigError(format!("{}: {}", path.display(), e.to_string().trim_end()))
+            let mut msg = format!("{}: {}", path.display(), e.to_string().trim_end());
+            if msg.contains("invalid socket address") {
+                msg.push_str(
+                    "\n(a listener address is an IP and a port, like 127.0.0.1:587 or 0.0.0.0:587)",
+                );
+            }
+            ConfigError(msg)
         })?;
         // Relative paths in the file are relative to the directory the relay runs in, like the
         // documented `cargo run -- serve --config config/relay.example.toml`.
@@ -332,7 +348,7 @@ impl Config {
 
         let mut accounts = Vec::new();
         let mut seen_names = HashSet::new();
-        let mut seen_logins = HashSet::new();
+        let mut seen_logins: std::collections::HashMap<String, String> = Default::default();
         for a in raw.accounts {
             let what = format!("account `{}`", a.name);
             if a.name.is_empty() || a.name.contains(char::is_whitespace) {
@@ -346,9 +362,9 @@ impl Config {
                 ));
             }
             let login = a.login.clone().unwrap_or_else(|| a.name.clone());
-            if !seen_logins.insert(login.clone()) {
+            if let Some(other) = seen_logins.insert(login.clone(), a.name.clone()) {
                 return err(format!(
-                    "{what}: login `{login}` is already used by another account; give each account its own `login`"
+                    "{what}: login `{login}` is already used by account `{other}`; give each account its own `login`"
                 ));
             }
             let Some(password_hash) = a.password_hash else {
@@ -373,6 +389,42 @@ impl Config {
                 ));
             }
             let grant = a.grant.unwrap_or(provider.grant);
+            if grant == GrantKind::ClientCredentials
+                && provider.grant != GrantKind::ClientCredentials
+                && provider.family == Family::Microsoft
+            {
+                return err(format!(
+                    "{what}: grant = \"client_credentials\" must be set on [providers.microsoft] (it changes the scope \
+                     to https://outlook.office365.com/.default); use a separate provider table for app-only accounts"
+                ));
+            }
+            if grant == GrantKind::ClientCredentials && provider.family == Family::Google {
+                return err(format!(
+                    "{what}: Google has no client-credentials grant for Gmail; use grant = \"service_account\" \
+                     (Workspace domain-wide delegation) or a user grant from `xoauth-relay authorize`"
+                ));
+            }
+            if grant == GrantKind::RefreshToken
+                && provider.family == Family::Google
+                && provider.client_secret.is_none()
+            {
+                return err(format!(
+                    "{what}: Google's token endpoint needs the OAuth client's secret (Desktop app clients have one too); \
+                     set client_secret_env, client_secret_file or client_secret in [providers.google]"
+                ));
+            }
+            for pattern in a.allowed_senders.iter().flatten() {
+                let domain_wildcard = pattern
+                    .strip_prefix("*@")
+                    .is_some_and(|d| !d.is_empty() && !d.contains(['*', '@']));
+                let address = !pattern.contains('*') && pattern.matches('@').count() == 1;
+                if !(domain_wildcard || address) {
+                    return err(format!(
+                        "{what}: allowed_senders entry \"{pattern}\" is neither an address (news@example.com) nor \
+                         a whole domain (*@example.com)"
+                    ));
+                }
+            }
             if grant == GrantKind::ServiceAccount && provider.service_account_key_file.is_none() {
                 return err(format!(
                     "{what}: grant = \"service_account\" needs `service_account_key_file` in [providers.{}]",
@@ -396,14 +448,40 @@ impl Config {
         if raw.limits.max_connections == 0 {
             return err("[limits]: max_connections must be greater than 0");
         }
+        if raw.listeners.is_empty() {
+            return err(format!(
+                "{}: no [[listeners]] configured; add one, like address = \"127.0.0.1:587\", tls = \"starttls\"",
+                path.display()
+            ));
+        }
         let mut addrs = HashSet::new();
         for l in &raw.listeners {
+            if l.tls == TlsMode::None
+                && raw.server.require_tls_for_auth
+                && !raw.server.allow_plaintext_loopback
+            {
+                return err(format!(
+                    "[[listeners]] {}: tls = \"none\" but require_tls_for_auth = true and allow_plaintext_loopback = false, \
+                     so no mailer could ever authenticate there; use tls = \"starttls\" or allow loopback clients",
+                    l.address
+                ));
+            }
             if l.address.port() != 0 && !addrs.insert(l.address) {
                 return err(format!(
                     "[[listeners]]: address {} is listed twice",
                     l.address
                 ));
             }
+        }
+        if raw.listeners.iter().any(|l| l.tls != TlsMode::None)
+            && raw.tls.certificate.exists() != raw.tls.private_key.exists()
+        {
+            return err(format!(
+                "[tls]: only one of certificate ({}) and private_key ({}) exists; provide both, or remove both to \
+                 have a self-signed pair generated",
+                raw.tls.certificate.display(),
+                raw.tls.private_key.display()
+            ));
         }
         Ok(Config {
             path: path.to_path_buf(),

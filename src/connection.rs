@@ -174,7 +174,13 @@ impl Connection {
     /// Carries out one action; `false` ends the connection.
     async fn execute(&mut self, action: Action) -> Result<bool, End> {
         match action {
-            Action::Reply(reply) => reply.write_to(&mut self.out),
+            Action::Reply(reply) => {
+                // Every refusal the mailer sees is in the log too (replies carry no secrets).
+                if reply.code >= 400 {
+                    tracing::info!(reply = %reply.summary(), "refused");
+                }
+                reply.write_to(&mut self.out)
+            }
             Action::StartTls => {
                 self.flush().await?;
                 self.upgrade_tls().await?;
@@ -244,7 +250,7 @@ impl Connection {
         span.record("login", login.as_str());
         span.record("account", account.name.as_str());
         if let Err(e) = self.shared.upstream.tokens.token(&account.name).await {
-            tracing::debug!(error = %e, "authenticated, but the account has no usable grant");
+            tracing::info!(error = %e, "password accepted, but the account has no usable grant");
             return AuthOutcome::GrantUnavailable(e.to_string());
         }
         tracing::info!("authenticated");

@@ -49,9 +49,13 @@ enum Command {
     /// Print an argon2id hash for an account's password_hash (reads the password from stdin or a prompt).
     HashPassword,
     /// Store a refresh token (read from stdin) as the account's grant.
-    ImportToken { account: String },
+    ImportToken {
+        /// Account name (`name` in [[accounts]]).
+        account: String,
+    },
     /// Obtain a grant for an account through the provider's consent page or device code.
     Authorize {
+        /// Account name (`name` in [[accounts]]).
         account: String,
         /// Print the URL instead of opening a browser.
         #[arg(long)]
@@ -66,10 +70,15 @@ enum Command {
     /// List accounts with their grant state.
     Accounts,
     /// Delete an account's grant (and revoke it at the provider where possible).
-    Revoke { account: String },
+    Revoke {
+        /// Account name (`name` in [[accounts]]).
+        account: String,
+    },
     /// Get a token and authenticate to the upstream; with --to, send a short test message.
     Test {
+        /// Account name (`name` in [[accounts]]).
         account: String,
+        /// Also send a short test message to this address.
         #[arg(long)]
         to: Option<String>,
     },
@@ -138,6 +147,9 @@ async fn run(cli: Cli) -> Result<(), String> {
             if password.is_empty() {
                 return Err("empty password".into());
             }
+            if std::io::stdin().is_terminal() && read_secret("Again: ")? != password {
+                return Err("the two passwords differ; nothing printed".into());
+            }
             println!("{}", xoauth_relay::auth::hash_password(&password));
             Ok(())
         }
@@ -145,6 +157,11 @@ async fn run(cli: Cli) -> Result<(), String> {
             let config = load(&cli)?;
             config.account(account).map_err(|e| e.to_string())?;
             let token = read_secret("Refresh token: ")?;
+            if token.trim().is_empty() {
+                return Err(format!(
+                    "no refresh token on stdin; pipe it in, like `xoauth-relay import-token {account} < token.txt`"
+                ));
+            }
             let request = Request::StoreGrant {
                 account: account.clone(),
                 refresh_token: Some(Secret::new(token.trim())),
@@ -163,16 +180,20 @@ async fn run(cli: Cli) -> Result<(), String> {
             )
             .await?,
         ),
-        Command::Test { account, to } => finish(
-            admin::run(
-                load(&cli)?,
-                Request::Test {
-                    account: account.clone(),
-                    to: to.clone(),
-                },
-            )
-            .await?,
-        ),
+        Command::Test { account, to } => {
+            let request = Request::Test {
+                account: account.clone(),
+                to: to.clone(),
+            };
+            let response = admin::run(load(&cli)?, request).await?;
+            // Every step is worth seeing, the failed one included.
+            print!("{}", response.text);
+            if response.ok {
+                Ok(())
+            } else {
+                Err(format!("test of account `{account}` failed"))
+            }
+        }
         Command::Authorize {
             account,
             no_browser,

@@ -45,7 +45,7 @@ impl std::fmt::Display for ProviderError {
                 f.write_str(code)
             }
             ProviderError::Refused { code, description } => write!(f, "{code}: {description}"),
-            ProviderError::Unreachable(d) => write!(f, "token endpoint unreachable: {d}"),
+            ProviderError::Unreachable(d) => write!(f, "no usable answer from the provider: {d}"),
         }
     }
 }
@@ -121,10 +121,9 @@ where
             }
         }
         RequestTokenError::Request(e) => ProviderError::Unreachable(e.to_string()),
-        RequestTokenError::Parse(_, body) => ProviderError::Unreachable(format!(
-            "unparseable answer from the token endpoint ({} bytes)",
-            body.len()
-        )),
+        RequestTokenError::Parse(_, body) => {
+            ProviderError::Unreachable(format!("unparseable answer ({} bytes)", body.len()))
+        }
         RequestTokenError::Other(s) => ProviderError::Unreachable(s),
     }
 }

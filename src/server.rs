@@ -62,14 +62,16 @@ impl Server {
     /// Binds every listener and the control socket; fails with an operator-readable message.
     pub async fn bind(config: Config) -> Result<Server, String> {
         let config = Arc::new(config);
-        if config.listeners.is_empty() {
-            return Err(format!(
-                "{}: no [[listeners]] configured",
-                config.path.display()
-            ));
+        // Ports first: a port in use is the likeliest failure, and nothing is created on disk before it.
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let listener = TcpListener::bind(l.address).await.map_err(|e| {
+                format!("cannot listen on {} ({e}); change [[listeners]] address or stop what uses the port", l.address)
+            })?;
+            listeners.push((listener, l.tls));
         }
         crate::store::create_private_dir(&config.server.data_dir).map_err(|e| e.to_string())?;
-        // First, so that a second relay on the same data_dir is told so instead of a database lock error.
+        // Before the database, so that a second relay on the same data_dir is told so instead of a lock error.
         let control = crate::control::bind(&config.server.control_socket())?;
         let upstream = open_core(&config)?;
         let needs_tls = config.listeners.iter().any(|l| l.tls != TlsMode::None);
@@ -80,13 +82,6 @@ impl Server {
         } else {
             None
         };
-        let mut listeners = Vec::new();
-        for l in &config.listeners {
-            let listener = TcpListener::bind(l.address).await.map_err(|e| {
-                format!("cannot listen on {} ({e}); change [[listeners]] address or stop what uses the port", l.address)
-            })?;
-            listeners.push((listener, l.tls));
-        }
         for account in &config.accounts {
             if account.grant == GrantKind::RefreshToken
                 && matches!(upstream.tokens.store().get(&account.name), Ok(None))
@@ -127,7 +122,7 @@ impl Server {
         let mut tasks = tokio::task::JoinSet::new();
         for (listener, mode) in self.listeners {
             if let Ok(addr) = listener.local_addr() {
-                tracing::info!(%addr, tls = ?mode, "listening");
+                tracing::info!(%addr, tls = %mode, "listening");
             }
             tasks.spawn(accept_loop(
                 listener,

@@ -61,8 +61,17 @@ pub fn generate_self_signed(tls: &TlsConfig, hostname: &str) -> Result<(), TlsEr
         "localhost".to_string(),
         "127.0.0.1".to_string(),
     ];
-    let cert = rcgen::generate_simple_self_signed(names)
-        .map_err(|e| TlsError(format!("cannot generate a certificate: {e}")))?;
+    let generate = || {
+        let mut params = rcgen::CertificateParams::new(names)?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, hostname);
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok::<_, rcgen::Error>((cert, key))
+    };
+    let (cert, key) =
+        generate().map_err(|e| TlsError(format!("cannot generate a certificate: {e}")))?;
     for path in [&tls.certificate, &tls.private_key] {
         if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
@@ -79,8 +88,8 @@ pub fn generate_self_signed(tls: &TlsConfig, hostname: &str) -> Result<(), TlsEr
             .and_then(|mut f| f.write_all(pem.as_bytes()))
             .map_err(|e| TlsError(format!("cannot write {}: {e}", path.display())))
     };
-    write(&tls.private_key, cert.signing_key.serialize_pem(), 0o600)?;
-    write(&tls.certificate, cert.cert.pem(), 0o644)?;
+    write(&tls.private_key, key.serialize_pem(), 0o600)?;
+    write(&tls.certificate, cert.pem(), 0o644)?;
     Ok(())
 }
 

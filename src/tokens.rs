@@ -60,7 +60,8 @@ impl std::fmt::Display for TokenError {
             ),
             TokenError::Revoked { account, detail } => write!(
                 f,
-                "account `{account}`: grant revoked by the provider ({detail}); run `xoauth-relay authorize {account}`"
+                "account `{account}`: grant revoked by the provider ({detail}); run `xoauth-relay authorize {account}` \
+                 (Google apps in Testing status lose grants after 7 days; Microsoft after 90 days unused)"
             ),
             TokenError::Refused { account, error } => {
                 write!(f, "account `{account}`: the provider refused a token ({error})")?;
@@ -234,17 +235,21 @@ impl TokenManager {
         match result {
             Ok(set) => self.persist(slot, stored, set).await,
             Err(error) => {
-                tracing::warn!(account = %name, provider = %account.provider.name, error = %error, "token request failed");
                 let text = error.to_string();
                 let revoked = matches!(error, ProviderError::InvalidGrant(_))
                     && account.grant == GrantKind::RefreshToken;
-                if !matches!(error, ProviderError::Unreachable(_)) {
-                    self.store.update_status(&name, |s| {
-                        s.last_error = Some(text.clone());
-                        s.revoked = revoked;
-                    });
-                    self.store.flush();
+                // One warning per new failure, not one per mailer session that runs into it.
+                if status.last_error.as_deref() == Some(text.as_str()) {
+                    tracing::debug!(account = %name, error = %error, "token request failed again");
+                } else {
+                    let hint = crate::hints::for_provider_error(&error).unwrap_or("");
+                    tracing::warn!(account = %name, provider = %account.provider.name, error = %error, hint, "token request failed");
                 }
+                self.store.update_status(&name, |s| {
+                    s.last_error = Some(text.clone());
+                    s.revoked = revoked;
+                });
+                self.store.flush();
                 Err(match error {
                     ProviderError::InvalidGrant(_) if revoked => TokenError::Revoked {
                         account: name,

@@ -511,7 +511,7 @@ async fn device_flow_refuses_gmail_scope_up_front() {
     let (_dir, _provider, relay, _) = start("", "").await;
     // A google preset account: Google rejects mail scopes in the device flow.
     let text = std::fs::read_to_string(&relay.config_path).unwrap()
-        + "\n[providers.google]\nclient_id = \"x.apps.googleusercontent.com\"\n\n[[accounts]]\nname = \"g\"\npassword_hash = \""
+        + "\n[providers.google]\nclient_id = \"x.apps.googleusercontent.com\"\nclient_secret = \"s\"\n\n[[accounts]]\nname = \"g\"\npassword_hash = \""
         + &password_hash()
         + "\"\nprovider = \"google\"\nmailbox = \"g@gmail.com\"\n";
     let path = relay.dir.join("google.toml");

@@ -30,6 +30,16 @@ fn run(args: &[&str], stdin: &str) -> (bool, String, String) {
     )
 }
 
+/// Stops the child even when an assertion fails first.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn hash() -> String {
     let (ok, out, err) = run(&["hash-password"], "pw\n");
     assert!(ok, "{err}");
@@ -137,6 +147,16 @@ fn check_names_the_key_and_the_fix() {
             "`revocation_url` must be an https URL",
         ),
     ];
+    let bad_pattern =
+        account("a", "a", &h).replace("mailbox", "allowed_senders = [\"news@*\"]\nmailbox");
+    let cases = [
+        cases,
+        vec![(
+            config(d, &bad_pattern, ""),
+            "allowed_senders entry \"news@*\" is neither",
+        )],
+    ]
+    .concat();
     for (path, expected) in cases {
         for cmd in ["check", "serve"] {
             let (ok, _, err) = run(&["--config", &path, cmd], "");
@@ -192,14 +212,16 @@ fn import_token_and_accounts_with_and_without_a_running_relay() {
     );
 
     // sled allows one process: with `serve` running, admin commands go through its control socket.
-    let mut serve = Command::new(BIN)
-        .args(["--config", &path, "serve"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = std::io::BufReader::new(serve.stderr.take().unwrap());
+    let mut serve = KillOnDrop(
+        Command::new(BIN)
+            .args(["--config", &path, "serve"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stderr = std::io::BufReader::new(serve.0.stderr.take().unwrap());
     let mut line = String::new();
     while !line.contains("listening") {
         line.clear();
@@ -221,8 +243,11 @@ fn import_token_and_accounts_with_and_without_a_running_relay() {
     let (ok, _, err) = run(&["--config", &path, "serve"], "");
     assert!(!ok);
     assert!(err.contains("already running"), "{err}");
-    unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
-    assert!(serve.wait().unwrap().success());
+    unsafe { libc::kill(serve.0.id() as i32, libc::SIGTERM) };
+    assert!(
+        serve.0.wait().unwrap().success(),
+        "serve stops cleanly on SIGTERM"
+    );
 
     use std::os::unix::fs::PermissionsExt;
     let key = dir.path().join("data/master.key");

@@ -689,7 +689,7 @@ pub struct Relay {
     handle: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// Writes a config for a relay with a `starttls`, an `implicit` and a `none` listener in front of
+/// Writes a config for a relay with a `starttls` and an `implicit` listener in front of
 /// `provider`, into `dir`.
 pub fn write_config(
     dir: &Path,
@@ -725,10 +725,6 @@ tls = "starttls"
 [[listeners]]
 address = "127.0.0.1:0"
 tls = "implicit"
-
-[[listeners]]
-address = "127.0.0.1:0"
-tls = "none"
 
 [tls]
 certificate = "{dir}/certs/relay.crt"
@@ -811,7 +807,8 @@ impl Relay {
             config_path,
             starttls: find(TlsMode::Starttls),
             implicit: find(TlsMode::Implicit),
-            plain: find(TlsMode::None),
+            // Clear text on the STARTTLS port, before STARTTLS.
+            plain: find(TlsMode::Starttls),
             shutdown: Some(tx),
             handle: Some(handle),
         }
