@@ -85,8 +85,15 @@ pub async fn execute(ctx: &AdminContext, request: Request) -> Response {
             refresh_token,
             access_token,
             expires_in,
-        } => store_grant(ctx, &account, refresh_token, access_token, expires_in),
-        Request::Revoke { account } => revoke(ctx, &account).await,
+        } => {
+            let change =
+                async { store_grant(ctx, &account, refresh_token, access_token, expires_in) };
+            ctx.upstream.tokens.replace_grant(&account, change).await
+        }
+        Request::Revoke { account } => {
+            let change = revoke(ctx, &account);
+            ctx.upstream.tokens.replace_grant(&account, change).await
+        }
         Request::Test { account, to } => return test(ctx, &account, to.as_deref()).await,
     };
     match result {
@@ -131,16 +138,20 @@ fn store_grant(
     };
     let store = ctx.upstream.tokens.store();
     store.put(name, &grant).map_err(|e| e.to_string())?;
+    clear_status(store, name);
+    tracing::info!(account = %name, "grant stored");
+    Ok(format!(
+        "account `{name}`: grant stored; the next session uses it"
+    ))
+}
+
+/// A new or deleted grant starts with a clean record: no revoked flag, no old provider error.
+fn clear_status(store: &crate::store::GrantStore, name: &str) {
     store.update_status(name, |s| {
         s.revoked = false;
         s.last_error = None;
     });
     store.flush();
-    ctx.upstream.tokens.invalidate(name);
-    tracing::info!(account = %name, "grant stored");
-    Ok(format!(
-        "account `{name}`: grant stored; the next session uses it"
-    ))
 }
 
 async fn revoke(ctx: &AdminContext, name: &str) -> Result<String, String> {
@@ -162,12 +173,7 @@ async fn revoke(ctx: &AdminContext, name: &str) -> Result<String, String> {
         }
     }
     let existed = store.remove(name).map_err(|e| e.to_string())?;
-    store.update_status(name, |s| {
-        s.revoked = false;
-        s.last_error = None;
-    });
-    store.flush();
-    ctx.upstream.tokens.invalidate(name);
+    clear_status(store, name);
     if !existed {
         return Ok(format!("account `{name}`: no grant was stored"));
     }

@@ -53,6 +53,10 @@ impl Authenticator {
         }
     }
 
+    pub fn knows(&self, login: &str) -> bool {
+        self.by_login.contains_key(login)
+    }
+
     /// The account whose login and password these are, or `None`.
     pub async fn verify(&self, login: &str, password: Secret) -> Option<Arc<Account>> {
         let account = self.by_login.get(login).cloned();

@@ -230,7 +230,7 @@ async fn serve_redirect(
     let (status, page) = match &outcome {
         Ok(_) => (
             200,
-            "Authorization complete: xoauth-relay has stored the grant. You can close this window."
+            "Authorization received: xoauth-relay is storing the grant (see the terminal). You can close this window."
                 .to_string(),
         ),
         Err(e) => (400, format!("Authorization failed: {e}")),

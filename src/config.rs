@@ -184,7 +184,7 @@ struct RawProvider {
     revocation_url: Option<String>,
     scopes: Option<Vec<String>>,
     client_id: Option<String>,
-    client_secret: Option<String>,
+    client_secret: Option<crate::secret::Secret>,
     client_secret_env: Option<String>,
     client_secret_file: Option<PathBuf>,
     smtp_host: Option<String>,
@@ -319,7 +319,18 @@ impl Config {
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let mut msg = format!("{}: {}", path.display(), e.to_string().trim_end());
+            // Line and column only: the parser's own message quotes the source line, which may hold
+            // a client secret.
+            let at = e
+                .span()
+                .map(|span| {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                    format!(":{line}:{col}")
+                })
+                .unwrap_or_default();
+            let mut msg = format!("{}{at}: {}", path.display(), e.message().trim_end());
             if msg.contains("invalid socket address") {
                 msg.push_str(
                     "\n(a listener address is an IP and a port, like 127.0.0.1:587 or 0.0.0.0:587)",
@@ -398,6 +409,15 @@ impl Config {
                      to https://outlook.office365.com/.default); use a separate provider table for app-only accounts"
                 ));
             }
+            if grant == GrantKind::ClientCredentials
+                && provider.family == Family::Microsoft
+                && provider.token_url.contains("/common/")
+            {
+                return err(format!(
+                    "{what}: app-only (client_credentials) tokens need your tenant: set `tenant` (id or domain) in \
+                     [providers.microsoft]"
+                ));
+            }
             if grant == GrantKind::ClientCredentials && provider.family == Family::Google {
                 return err(format!(
                     "{what}: Google has no client-credentials grant for Gmail; use grant = \"service_account\" \
@@ -444,6 +464,9 @@ impl Config {
 
         if raw.limits.max_message_bytes == 0 || raw.limits.max_recipients == 0 {
             return err("[limits]: max_message_bytes and max_recipients must be greater than 0");
+        }
+        if raw.server.refresh_margin_secs > 1800 {
+            return err("[server]: refresh_margin_secs must be at most 1800 (access tokens live about an hour)");
         }
         if raw.limits.max_connections == 0 {
             return err("[limits]: max_connections must be greater than 0");
@@ -631,7 +654,7 @@ fn resolve_provider(name: &str, raw: RawProvider) -> Result<Provider, ConfigErro
             ))
         })?)
     } else {
-        raw.client_secret
+        raw.client_secret.map(|s| s.expose().to_string())
     };
     for (key, file) in [
         ("smtp_ca_file", &raw.smtp_ca_file),

@@ -243,7 +243,13 @@ impl Connection {
 
     async fn authenticate(&mut self, login: String, password: Secret) -> AuthOutcome {
         let Some(account) = self.shared.authenticator.verify(&login, password).await else {
-            tracing::info!(login = %login, "authentication failed");
+            // Only a configured login is named: an unknown one may be a password typed in the wrong
+            // field, or carry line breaks meant to forge log lines.
+            if self.shared.authenticator.knows(&login) {
+                tracing::info!(login = %login, "authentication failed: wrong password");
+            } else {
+                tracing::info!("authentication failed: unknown login");
+            }
             return AuthOutcome::BadCredentials;
         };
         let span = tracing::Span::current();

@@ -29,6 +29,12 @@ pub fn for_provider_error(error: &ProviderError) -> Option<&'static str> {
     } else if has("redirect_uri_mismatch") {
         "the redirect URI is not registered for the OAuth client: register the exact URI that `authorize` prints \
          (Google: use a \"Desktop app\" client, which accepts any loopback port)"
+    } else if has("Invalid JWT") {
+        "the service account's assertion was refused: check that service_account_key_file is the account's \
+         current JSON key and that this machine's clock is right"
+    } else if has("unauthorized_client") && has("scope") {
+        "domain-wide delegation is missing: in the Workspace Admin console (Security > API controls > \
+         Domain-wide delegation) allow the service account's client ID the scope https://mail.google.com/"
     } else if has("invalid_client") || has("unauthorized_client") {
         "check client_id and the client secret/certificate, and that the app is allowed to use this grant type"
     } else if has("invalid_scope") {
@@ -42,10 +48,25 @@ pub fn for_provider_error(error: &ProviderError) -> Option<&'static str> {
     })
 }
 
+/// Whether `code` (an enhanced status code like `5.7.3`) appears in the reply as a whole token.
+fn has_code(reply: &Reply, code: &str) -> bool {
+    reply
+        .lines
+        .iter()
+        .flat_map(|l| l.split(|c: char| !(c.is_ascii_digit() || c == '.')))
+        .any(|token| token == code)
+}
+
+/// Rejections that a new access token cannot cure (SMTP AUTH disabled, basic auth off): refreshing
+/// would only cost a token request, and on Microsoft a refresh-token rotation, per message.
+pub fn refresh_cannot_help(reply: &Reply) -> bool {
+    has_code(reply, "5.7.139") || has_code(reply, "5.7.30")
+}
+
 /// A fix for an upstream SMTP reply (mostly authentication failures).
 pub fn for_smtp_reply(family: Family, reply: &Reply) -> Option<&'static str> {
     let text = reply.lines.join(" ");
-    let has = |needle: &str| text.contains(needle);
+    let has = |code: &str| has_code(reply, code);
     Some(if has("5.7.139") {
         "SMTP AUTH is disabled for the tenant or this mailbox: enable Authenticated SMTP for the mailbox \
          (Microsoft 365 admin center > user > Mail > Email apps, or Set-CASMailbox -SmtpClientAuthenticationDisabled \
@@ -56,7 +77,7 @@ pub fn for_smtp_reply(family: Family, reply: &Reply) -> Option<&'static str> {
          enabled for it"
     } else if has("5.7.30") {
         "basic authentication is off for this tenant; the relay must authenticate with OAuth (mechanism xoauth2)"
-    } else if has("5.2.252") || has("SendAsDenied") {
+    } else if has("5.2.252") || text.contains("SendAsDenied") {
         "SendAsDenied: the authorized user may not send as this sender; grant Send As on that address or send \
          from the mailbox's own address"
     } else if family == Family::Google && reply.code == 535 {
@@ -77,6 +98,16 @@ mod tests {
         let ms = |text| for_smtp_reply(Family::Microsoft, &reply(text)).unwrap_or("");
         assert!(ms("5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant").contains("Set-CASMailbox"));
         assert!(ms("5.7.3 Authentication unsuccessful").contains("SMTP.Send"));
+        assert!(
+            ms("5.7.30 Basic authentication is not supported for Client Submission")
+                .contains("basic authentication")
+        );
+        assert!(refresh_cannot_help(&reply(
+            "5.7.139 Authentication unsuccessful"
+        )));
+        assert!(!refresh_cannot_help(&reply(
+            "5.7.3 Authentication unsuccessful"
+        )));
         assert!(for_smtp_reply(
             Family::Microsoft,
             &Reply::new(554, "5.2.252 SendAsDenied; x not allowed")

@@ -34,14 +34,14 @@ impl Reply {
 
     /// Wire form: `250-first\r\n250 last\r\n`. Bare CR/LF in the text cannot split a reply.
     pub fn write_to(&self, out: &mut Vec<u8>) {
-        let last = self.lines.len().saturating_sub(1);
         if self.lines.is_empty() {
             out.extend_from_slice(format!("{} \r\n", self.code).as_bytes());
         }
-        for (i, line) in self.lines.iter().enumerate() {
+        let pieces: Vec<String> = self.lines.iter().flat_map(|l| wrap(l)).collect();
+        let last = pieces.len().saturating_sub(1);
+        for (i, piece) in pieces.iter().enumerate() {
             let sep = if i == last { ' ' } else { '-' };
-            let clean: String = line.chars().filter(|c| *c != '\r' && *c != '\n').collect();
-            out.extend_from_slice(format!("{}{}{}\r\n", self.code, sep, clean).as_bytes());
+            out.extend_from_slice(format!("{}{}{}\r\n", self.code, sep, piece).as_bytes());
         }
     }
 
@@ -86,6 +86,31 @@ impl Reply {
     }
 }
 
+/// Longest reply text per line: RFC 5321 §4.5.3.1.5 limits a reply line to 512 octets.
+const MAX_TEXT: usize = 400;
+
+/// Splits `text` into pieces that fit a reply line (at spaces where possible); CR and LF, which
+/// would end the reply early, are dropped.
+fn wrap(text: &str) -> Vec<String> {
+    let clean: String = text.chars().filter(|c| *c != '\r' && *c != '\n').collect();
+    let mut pieces = Vec::new();
+    let mut rest = clean.as_str();
+    while rest.len() > MAX_TEXT {
+        let mut cut = MAX_TEXT;
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let cut = rest[..cut]
+            .rfind(' ')
+            .filter(|&i| i > MAX_TEXT / 2)
+            .unwrap_or(cut);
+        pieces.push(rest[..cut].trim_end().to_string());
+        rest = rest[cut..].trim_start();
+    }
+    pieces.push(rest.to_string());
+    pieces
+}
+
 impl fmt::Debug for Reply {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.summary())
@@ -118,5 +143,9 @@ mod tests {
         assert_eq!(used, wire.len());
         assert!(Reply::parse(b"250-partial\r\n").unwrap().is_none());
         assert!(Reply::parse(b"hello\r\n").is_err());
+        let long = Reply::new(454, format!("4.7.0 {}", "word ".repeat(300))).to_bytes();
+        assert!(long.split(|b| *b == b'\n').all(|l| l.len() <= 512));
+        let (back, _) = Reply::parse(&long).unwrap().unwrap();
+        assert!(back.lines.len() > 1 && back.code == 454);
     }
 }

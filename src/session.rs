@@ -243,6 +243,13 @@ impl Session {
                     let mut line: Vec<u8> = self.input.drain(..=nl).collect();
                     if self.discarding || line.len() > MAX_LINE + 2 {
                         self.discarding = false;
+                        // A SASL exchange cannot survive a lost response: back to commands.
+                        if matches!(
+                            self.phase,
+                            Phase::AuthPlain | Phase::AuthLoginUser | Phase::AuthLoginPass { .. }
+                        ) {
+                            self.phase = Phase::Command;
+                        }
                         self.reply(500, "5.5.6 Line too long");
                         continue;
                     }
@@ -279,8 +286,8 @@ impl Session {
         match request {
             Request::Ehlo { host } => self.ehlo(host),
             Request::Helo { host } => {
+                // HELO is not EHLO: no extensions, so no AUTH (RFC 4954) until the client says EHLO.
                 self.reset_transaction();
-                self.ehlo_done = true;
                 self.reply(250, format!("{} greets {}", self.config.hostname, host));
             }
             Request::StartTls => self.starttls(),
@@ -289,7 +296,18 @@ impl Session {
                 initial_response,
             } => self.auth(mechanism, initial_response),
             Request::Mail { from } => self.mail(from),
-            Request::Rcpt { to } => self.rcpt(to.address),
+            Request::Rcpt { to } => {
+                if to.orcpt.is_some() || to.flags != 0 || to.rrvs != 0 {
+                    self.reply(
+                        555,
+                        "5.5.4 RCPT parameters (NOTIFY, ORCPT, RRVS) are not supported",
+                    )
+                } else if to.address.is_empty() || !plain_address(&to.address) {
+                    self.reply(553, "5.1.3 Recipient address must not need quoting (no spaces, quotes, <, >, \\)")
+                } else {
+                    self.rcpt(to.address)
+                }
+            }
             Request::Data => self.data(),
             Request::Rset => {
                 self.reset_transaction();
@@ -536,6 +554,15 @@ impl Session {
                 ),
             );
         }
+        if !plain_address(&from.address) {
+            return self.reply(
+                553,
+                "5.1.7 Sender address must not need quoting (no spaces, quotes, <, >, \\)",
+            );
+        }
+        if let Some(param) = unsupported_mail_param(&from) {
+            return self.reply(555, format!("5.5.4 {param} is not supported"));
+        }
         if !auth.sender_allowed(&from.address) {
             return self.reply(
                 550,
@@ -650,6 +677,40 @@ impl Session {
             }
         }
         true
+    }
+}
+
+/// Whether `address` can be written back between angle brackets as it is. smtp-proto removes the
+/// quotes of a quoted local part, so an address that needed them (spaces, `>`, ...) could smuggle
+/// parameters into the upstream's MAIL/RCPT line; such addresses are refused instead.
+fn plain_address(address: &str) -> bool {
+    address
+        .chars()
+        .all(|c| !c.is_control() && !c.is_whitespace() && !matches!(c, '<' | '>' | '"' | '\\'))
+}
+
+/// The first MAIL parameter of an extension the relay does not advertise (RFC 5321 §4.1.1.11:
+/// refuse rather than drop, which would silently lose e.g. REQUIRETLS).
+fn unsupported_mail_param(from: &smtp_proto::MailFrom<String>) -> Option<&'static str> {
+    use smtp_proto::{MAIL_BODY_7BIT, MAIL_BODY_BINARYMIME, MAIL_REQUIRETLS};
+    let allowed = MAIL_BODY_7BIT | MAIL_BODY_8BITMIME | MAIL_SMTPUTF8;
+    if from.flags & MAIL_REQUIRETLS != 0 {
+        Some("REQUIRETLS")
+    } else if from.flags & MAIL_BODY_BINARYMIME != 0 {
+        Some("BODY=BINARYMIME")
+    } else if from.flags & !allowed != 0 || from.env_id.is_some() {
+        Some("DSN (RET/ENVID)")
+    } else if from.trans_id.is_some()
+        || from.mtrk.is_some()
+        || from.by != 0
+        || from.hold_for != 0
+        || from.hold_until != 0
+        || from.mt_priority != 0
+        || from.solicit.is_some()
+    {
+        Some("this MAIL parameter")
+    } else {
+        None
     }
 }
 
@@ -793,6 +854,28 @@ mod tests {
             assert!(end, "split {split}");
             assert_eq!(got, "a\r\n.b\r\nc\n.d\r\n\r\n", "split {split}");
         }
+    }
+
+    #[test]
+    fn quoted_addresses_and_unsupported_parameters_are_refused() {
+        let mut s = session(true);
+        let r = run(
+            &mut s,
+            "EHLO x\r\nAUTH PLAIN AG5ld3MAcHc=\r\nMAIL FROM:<\"ceo@corp.com> ENVID=x\"@example.com>\r\n\
+             MAIL FROM:<a@example.com> RET=HDRS\r\nMAIL FROM:<a@example.com> REQUIRETLS\r\n\
+             MAIL FROM:<a@example.com> AUTH=<>\r\nRCPT TO:<b@x> NOTIFY=NEVER\r\nRCPT TO:<\"b c\"@x>\r\nRCPT TO:<b@x>\r\n",
+            &mut accept_all,
+        );
+        assert!(r[2].starts_with("553 5.1.7"), "{r:?}");
+        assert!(r[3].starts_with("555 5.5.4"), "{r:?}");
+        assert!(r[4].starts_with("555 5.5.4 REQUIRETLS"), "{r:?}");
+        assert_eq!(
+            r[5], "250 2.1.0 OK",
+            "AUTH= is part of the advertised AUTH extension"
+        );
+        assert!(r[6].starts_with("555 5.5.4"), "{r:?}");
+        assert!(r[7].starts_with("553 5.1.3"), "{r:?}");
+        assert_eq!(r[8], "250 2.1.0 OK");
     }
 
     #[test]

@@ -181,12 +181,16 @@ impl GrantStore {
 
     /// Updates the bookkeeping record. Not flushed: losing a last-use time in a crash is harmless,
     /// and a disk sync per message would be on the hot path.
-    pub fn update_status(&self, account: &str, f: impl FnOnce(&mut Status)) {
-        let mut s = self.status(account);
-        f(&mut s);
-        if let Ok(v) = serde_json::to_vec(&s) {
-            let _ = self.status.insert(account, v);
-        }
+    /// Atomic read-modify-write (sled retries `f` on a concurrent change), so a last-use update from
+    /// one session cannot undo a failure recorded by a refresh.
+    pub fn update_status(&self, account: &str, f: impl Fn(&mut Status)) {
+        let _ = self.status.update_and_fetch(account, |old| {
+            let mut s: Status = old
+                .and_then(|v| serde_json::from_slice(v).ok())
+                .unwrap_or_default();
+            f(&mut s);
+            serde_json::to_vec(&s).ok()
+        });
     }
 
     pub fn flush(&self) {

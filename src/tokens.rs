@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::{Account, GrantKind};
+use crate::config::{Account, Family, GrantKind};
 use crate::http::HttpClient;
 use crate::oauth::{self, ProviderError, TokenSet};
 use crate::secret::Secret;
@@ -38,6 +38,7 @@ pub enum TokenError {
     Revoked {
         account: String,
         detail: String,
+        family: Family,
     },
     Refused {
         account: String,
@@ -58,11 +59,17 @@ impl std::fmt::Display for TokenError {
                 f,
                 "account `{a}`: no grant stored yet; run `xoauth-relay authorize {a}` (or `import-token {a}`)"
             ),
-            TokenError::Revoked { account, detail } => write!(
-                f,
-                "account `{account}`: grant revoked by the provider ({detail}); run `xoauth-relay authorize {account}` \
-                 (Google apps in Testing status lose grants after 7 days; Microsoft after 90 days unused)"
-            ),
+            TokenError::Revoked { account, detail, family } => {
+                write!(
+                    f,
+                    "account `{account}`: grant revoked by the provider ({detail}); run `xoauth-relay authorize {account}`"
+                )?;
+                match family {
+                    Family::Google => f.write_str(" (Google apps in Testing status lose grants after 7 days: publish the app)"),
+                    Family::Microsoft => f.write_str(" (Microsoft drops grants unused for 90 days)"),
+                    Family::Generic => Ok(()),
+                }
+            }
             TokenError::Refused { account, error } => {
                 write!(f, "account `{account}`: the provider refused a token ({error})")?;
                 if let Some(hint) = crate::hints::for_provider_error(error) {
@@ -79,17 +86,26 @@ impl std::fmt::Display for TokenError {
     }
 }
 
+/// After a failed token request, waiters get the same error for this long instead of each asking
+/// the provider again (a dead endpoint would otherwise make a hundred sessions queue for minutes).
+const FAILURE_BACKOFF: Duration = Duration::from_secs(15);
+
 struct Slot {
     account: Arc<Account>,
     cached: Mutex<Option<AccessToken>>,
+    failure: Mutex<Option<(Instant, TokenError)>>,
     refresh: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub struct TokenManager {
     store: GrantStore,
     http: HttpClient,
     margin: Duration,
-    slots: HashMap<String, Slot>,
+    slots: HashMap<String, Arc<Slot>>,
 }
 
 impl TokenManager {
@@ -102,11 +118,12 @@ impl TokenManager {
         let slots = accounts
             .iter()
             .map(|a| {
-                let slot = Slot {
+                let slot = Arc::new(Slot {
                     account: a.clone(),
                     cached: Mutex::new(None),
+                    failure: Mutex::new(None),
                     refresh: tokio::sync::Mutex::new(()),
-                };
+                });
                 (a.name.clone(), slot)
             })
             .collect();
@@ -126,60 +143,91 @@ impl TokenManager {
         &self.http
     }
 
-    fn slot(&self, account: &str) -> Result<&Slot, TokenError> {
+    fn slot(&self, account: &str) -> Result<Arc<Slot>, TokenError> {
         self.slots
             .get(account)
+            .cloned()
             .ok_or_else(|| TokenError::UnknownAccount(account.to_string()))
     }
 
     fn fresh(&self, slot: &Slot) -> Option<AccessToken> {
-        let cached = slot.cached.lock().unwrap_or_else(|e| e.into_inner());
-        cached
+        lock(&slot.cached)
             .as_ref()
             .filter(|t| t.expires_at > Instant::now() + self.margin)
             .cloned()
     }
 
     /// A token valid for at least the safety margin, refreshing if needed.
-    pub async fn token(&self, account: &str) -> Result<AccessToken, TokenError> {
+    pub async fn token(self: &Arc<Self>, account: &str) -> Result<AccessToken, TokenError> {
         let slot = self.slot(account)?;
-        if let Some(t) = self.fresh(slot) {
+        if let Some(t) = self.fresh(&slot) {
             return Ok(t);
         }
-        let _guard = slot.refresh.lock().await;
-        if let Some(t) = self.fresh(slot) {
-            return Ok(t);
-        }
-        // A token persisted by an earlier run may still be good, but only an empty cache means we
-        // have not looked at it yet; a stale cached token is the stored one.
-        let first_use = slot
-            .cached
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none();
-        self.obtain(slot, first_use).await
+        self.refresh(slot, None).await
     }
 
     /// A new token after the upstream rejected `rejected`: unless another session already replaced it,
     /// the cached and stored copies are skipped and a new one is requested.
     pub async fn token_after_rejection(
-        &self,
+        self: &Arc<Self>,
         account: &str,
         rejected: &Secret,
     ) -> Result<AccessToken, TokenError> {
         let slot = self.slot(account)?;
-        let _guard = slot.refresh.lock().await;
-        if let Some(t) = self.fresh(slot).filter(|t| &t.secret != rejected) {
-            return Ok(t);
-        }
-        self.obtain(slot, false).await
+        self.refresh(slot, Some(rejected.clone())).await
     }
 
-    /// Forgets the cached token (after a grant was imported, authorized or revoked).
-    pub fn invalidate(&self, account: &str) {
-        if let Ok(slot) = self.slot(account) {
-            *slot.cached.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    /// One refresh at a time per account; whoever waited for the lock first looks again, so a crowd
+    /// arriving after expiry causes one request. The work runs in its own task: a mailer hanging up
+    /// must not cancel it between the provider rotating the refresh token and the new one reaching disk.
+    async fn refresh(
+        self: &Arc<Self>,
+        slot: Arc<Slot>,
+        rejected: Option<Secret>,
+    ) -> Result<AccessToken, TokenError> {
+        let this = self.clone();
+        let task = tokio::spawn(async move {
+            let _guard = slot.refresh.lock().await;
+            if let Some(t) = this
+                .fresh(&slot)
+                .filter(|t| rejected.as_ref() != Some(&t.secret))
+            {
+                return Ok(t);
+            }
+            if let Some((at, error)) = lock(&slot.failure).clone() {
+                if at.elapsed() < FAILURE_BACKOFF {
+                    return Err(error);
+                }
+            }
+            // A token persisted by an earlier run may still be good, but only an empty cache means we
+            // have not looked at it yet; a stale cached token is the stored one.
+            let first_use = rejected.is_none() && lock(&slot.cached).is_none();
+            let result = this.obtain(&slot, first_use).await;
+            *lock(&slot.failure) = result.as_ref().err().map(|e| (Instant::now(), e.clone()));
+            result
+        });
+        task.await
+            .map_err(|e| TokenError::Store(format!("token refresh task failed: {e}")))?
+    }
+
+    /// Runs `change` (which replaces or deletes the account's grant) while no refresh is in flight,
+    /// then forgets the cached token and any remembered failure, so the next session uses the new state.
+    pub async fn replace_grant<T>(
+        &self,
+        account: &str,
+        change: impl std::future::Future<Output = T>,
+    ) -> T {
+        let slot = self.slot(account).ok();
+        let _guard = match &slot {
+            Some(s) => Some(s.refresh.lock().await),
+            None => None,
+        };
+        let out = change.await;
+        if let Some(s) = &slot {
+            *lock(&s.cached) = None;
+            *lock(&s.failure) = None;
         }
+        out
     }
 
     fn cache(&self, slot: &Slot, secret: Secret, lifetime: Duration) -> AccessToken {
@@ -187,7 +235,7 @@ impl TokenManager {
             secret,
             expires_at: Instant::now() + lifetime,
         };
-        *slot.cached.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
+        *lock(&slot.cached) = Some(token.clone());
         token
     }
 
@@ -221,6 +269,7 @@ impl TokenManager {
                     return Err(TokenError::Revoked {
                         account: name,
                         detail: status.last_error.unwrap_or_else(|| "invalid_grant".into()),
+                        family: account.provider.family,
                     });
                 }
                 oauth::refresh(&account.provider, &self.http, &refresh_token).await
@@ -254,6 +303,7 @@ impl TokenManager {
                     ProviderError::InvalidGrant(_) if revoked => TokenError::Revoked {
                         account: name,
                         detail: text,
+                        family: account.provider.family,
                     },
                     ProviderError::Unreachable(detail) => TokenError::Unreachable {
                         account: name,

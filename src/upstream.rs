@@ -28,6 +28,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Stream for T {}
 pub type BoxStream = Box<dyn Stream>;
 
 const MAX_REPLY: usize = 64 * 1024;
+/// Wait for the reply to the end of data (RFC 5321 §4.5.3.2.6).
+const FINAL_REPLY_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Debug)]
 pub enum UpstreamError {
@@ -84,8 +86,70 @@ pub struct Client {
     buf: Vec<u8>,
     timeout: Duration,
     pub caps: Capabilities,
-    /// Dot-stuffing state: the last two body bytes written (a fresh body starts "at a line start").
-    tail: [u8; 2],
+    body: BodyEncoder,
+}
+
+/// Turns a message body into DATA wire form. CR and LF that are not a CRLF pair become CRLF: RFC 5321
+/// §2.3.8 allows an SMTP client to send them only as CRLF, and passing a bare LF on would let a mailer
+/// smuggle an end of data (`LF.LF`) past the relay to an upstream that accepts one. Lines starting with
+/// "." are dot-stuffed. State carries across chunks, which may split anywhere.
+#[derive(Default)]
+struct BodyEncoder {
+    pending_cr: bool,
+    mid_line: bool,
+}
+
+impl BodyEncoder {
+    fn encode(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        let mut i = 0;
+        while i < chunk.len() {
+            if self.mid_line && !self.pending_cr {
+                // Fast path: copy up to the next line-end character.
+                let run = memchr::memchr2(b'\r', b'\n', &chunk[i..]).unwrap_or(chunk.len() - i);
+                out.extend_from_slice(&chunk[i..i + run]);
+                i += run;
+                if i == chunk.len() {
+                    break;
+                }
+            }
+            let b = chunk[i];
+            i += 1;
+            if self.pending_cr {
+                self.pending_cr = false;
+                out.extend_from_slice(b"\r\n");
+                self.mid_line = false;
+                if b == b'\n' {
+                    continue;
+                }
+            }
+            match b {
+                b'\r' => self.pending_cr = true,
+                b'\n' => {
+                    out.extend_from_slice(b"\r\n");
+                    self.mid_line = false;
+                }
+                b'.' if !self.mid_line => {
+                    out.extend_from_slice(b"..");
+                    self.mid_line = true;
+                }
+                _ => {
+                    out.push(b);
+                    self.mid_line = true;
+                }
+            }
+        }
+    }
+
+    /// The end-of-data sequence, completing an unfinished last line; resets for the next message.
+    fn finish(&mut self) -> &'static [u8] {
+        let unfinished = self.pending_cr || self.mid_line;
+        *self = BodyEncoder::default();
+        if unfinished {
+            b"\r\n.\r\n"
+        } else {
+            b".\r\n"
+        }
+    }
 }
 
 fn conn_err(host: &str, what: &str, e: impl std::fmt::Display) -> UpstreamError {
@@ -120,7 +184,7 @@ impl Client {
             buf: Vec::new(),
             timeout,
             caps: Capabilities::default(),
-            tail: *b"\r\n",
+            body: BodyEncoder::default(),
         };
         let greeting = client.read_reply(host).await?;
         if greeting.code != 220 {
@@ -167,7 +231,15 @@ impl Client {
     }
 
     pub async fn read_reply(&mut self, host: &str) -> Result<Reply, UpstreamError> {
-        let deadline = tokio::time::Instant::now() + self.timeout;
+        self.read_reply_within(host, self.timeout).await
+    }
+
+    async fn read_reply_within(
+        &mut self,
+        host: &str,
+        limit: Duration,
+    ) -> Result<Reply, UpstreamError> {
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             match Reply::parse(&self.buf) {
                 Ok(Some((reply, used))) => {
@@ -193,6 +265,14 @@ impl Client {
     }
 
     pub async fn command(&mut self, host: &str, line: &str) -> Result<Reply, UpstreamError> {
+        if !self.buf.is_empty() {
+            // Replies nobody asked for: the dialogue is out of step, every later reply would be misread.
+            return Err(conn_err(
+                host,
+                "protocol",
+                "unexpected data from the server; connection dropped",
+            ));
+        }
         self.write(host, format!("{line}\r\n").as_bytes()).await?;
         self.read_reply(host).await
     }
@@ -226,6 +306,16 @@ impl Client {
                 "AQ==",
             ),
         };
+        if !self.caps.auth.is_empty() && !self.caps.auth.iter().any(|m| m == name) {
+            return Err(conn_err(
+                host,
+                "AUTH",
+                format!(
+                    "offers {} but not {name}; check `mechanism` for this provider",
+                    self.caps.auth.join(" ")
+                ),
+            ));
+        }
         let line = format!("AUTH {name} {}\r\n", b64.encode(initial));
         self.write(host, line.as_bytes()).await?;
         let mut reply = self.read_reply(host).await?;
@@ -241,45 +331,20 @@ impl Client {
         }
     }
 
-    /// Writes body bytes, dot-stuffing lines that start with "." (after CRLF only, as the upstream
-    /// will unstuff only there).
+    /// Writes part of a message body (see [`BodyEncoder`]).
     pub async fn body(&mut self, host: &str, chunk: &[u8]) -> Result<(), UpstreamError> {
-        let mut out = Vec::with_capacity(chunk.len() + chunk.len() / 64 + 2);
-        let mut start = 0;
-        for (i, &b) in chunk.iter().enumerate() {
-            if b == b'.' {
-                let prev = match i {
-                    0 => self.tail,
-                    1 => [self.tail[1], chunk[0]],
-                    _ => [chunk[i - 2], chunk[i - 1]],
-                };
-                if prev == *b"\r\n" {
-                    out.extend_from_slice(&chunk[start..i]);
-                    out.push(b'.');
-                    start = i;
-                }
-            }
-        }
-        out.extend_from_slice(&chunk[start..]);
-        match chunk.len() {
-            0 => {}
-            1 => self.tail = [self.tail[1], chunk[0]],
-            n => self.tail = [chunk[n - 2], chunk[n - 1]],
-        }
+        let mut out = Vec::with_capacity(chunk.len() + chunk.len() / 32 + 4);
+        self.body.encode(chunk, &mut out);
         self.write(host, &out).await
     }
 
-    /// Ends the body with CRLF.CRLF (adding the CRLF only if the body did not end with one) and reads
-    /// the final reply.
+    /// Ends the body and reads the final reply, allowing the upstream the 10 minutes RFC 5321
+    /// §4.5.3.2.6 suggests: giving up earlier makes the mailer retry a message that may have been taken.
     pub async fn end_data(&mut self, host: &str) -> Result<Reply, UpstreamError> {
-        let end: &[u8] = if self.tail == *b"\r\n" {
-            b".\r\n"
-        } else {
-            b"\r\n.\r\n"
-        };
+        let end = self.body.finish();
         self.write(host, end).await?;
-        self.tail = *b"\r\n";
-        self.read_reply(host).await
+        self.read_reply_within(host, self.timeout.max(FINAL_REPLY_TIMEOUT))
+            .await
     }
 }
 
@@ -376,7 +441,9 @@ impl Delivery {
         let token_reply = |e: TokenError| Reply::new(454, format!("4.7.0 {e}"));
         let token = self.ctx.tokens.token(name).await.map_err(token_reply)?;
         let client = match self.connect_and_auth(&token.secret).await {
-            Err(UpstreamError::AuthRejected(first)) => {
+            Err(UpstreamError::AuthRejected(first))
+                if !crate::hints::refresh_cannot_help(&first) =>
+            {
                 tracing::info!(account = %name, reply = %first.summary(), "upstream refused the access token; refreshing and retrying once");
                 let token = self
                     .ctx
@@ -407,7 +474,8 @@ impl Delivery {
                     ),
                 ))
             }
-            Err(UpstreamError::Rejected(reply)) => Err(reply),
+            // A refusal before MAIL (greeting, EHLO, STARTTLS) is about the connection, not this
+            // message: the mailer should retry later, not bounce.
             Err(e) => {
                 tracing::warn!(account = %name, error = %e, "upstream connection failed");
                 Err(unavailable(&e))
@@ -422,6 +490,18 @@ impl Delivery {
             return Reply::new(451, "4.4.1 Upstream connection lost");
         };
         match client.command(&host, line).await {
+            Ok(reply) if reply.code == 421 => {
+                // The upstream is closing the connection; only our session with it ends, not the mailer's.
+                self.drop_connection();
+                tracing::warn!(account = %self.account.name, reply = %reply.summary(), "upstream closed the connection");
+                Reply::new(
+                    451,
+                    format!(
+                        "4.4.1 Upstream closed the connection ({}), try again later",
+                        reply.summary()
+                    ),
+                )
+            }
             Ok(reply) => reply,
             Err(e) => {
                 self.drop_connection();
@@ -563,42 +643,39 @@ impl Delivery {
 mod tests {
     use super::*;
 
-    async fn stuffed(chunks: &[&[u8]]) -> Vec<u8> {
-        let (a, mut b) = tokio::io::duplex(1 << 16);
-        let mut client = Client {
-            stream: Box::new(a),
-            buf: Vec::new(),
-            timeout: Duration::from_secs(5),
-            caps: Capabilities::default(),
-            tail: *b"\r\n",
-        };
-        for c in chunks {
-            client.body("h", c).await.unwrap();
-        }
-        client.write("h", b"").await.unwrap();
-        let end: &[u8] = if client.tail == *b"\r\n" {
-            b".\r\n"
-        } else {
-            b"\r\n.\r\n"
-        };
-        client.write("h", end).await.unwrap();
-        drop(client);
+    fn encoded(chunks: &[&[u8]]) -> Vec<u8> {
+        let mut enc = BodyEncoder::default();
         let mut out = Vec::new();
-        b.read_to_end(&mut out).await.unwrap();
+        for c in chunks {
+            enc.encode(c, &mut out);
+        }
+        out.extend_from_slice(enc.finish());
         out
     }
 
-    #[tokio::test]
-    async fn stuffing_is_exact_across_chunk_boundaries() {
+    #[test]
+    fn stuffing_is_exact_across_chunk_boundaries() {
         assert_eq!(
-            stuffed(&[b".a\r\n.", b"b\r\nc\n.d\r\n"]).await,
-            b"..a\r\n..b\r\nc\n.d\r\n.\r\n"
+            encoded(&[b".a\r\n.", b"b\r\nc.\r\n"]),
+            b"..a\r\n..b\r\nc.\r\n.\r\n"
         );
+        assert_eq!(encoded(&[b"x\r", b"\n", b".y\r\n"]), b"x\r\n..y\r\n.\r\n");
+        assert_eq!(encoded(&[]), b".\r\n");
+        assert_eq!(encoded(&[b"no newline"]), b"no newline\r\n.\r\n");
+        assert_eq!(encoded(&[b"blank\r\n\r\n"]), b"blank\r\n\r\n.\r\n");
+    }
+
+    #[test]
+    fn bare_line_ends_become_crlf_so_no_end_of_data_can_be_smuggled() {
+        let smuggle = b"one\n.\nMAIL FROM:<x@evil>\r\nlone\r.\r\n";
+        let wire = encoded(&[smuggle]);
         assert_eq!(
-            stuffed(&[b"x\r", b"\n", b".y\r\n"]).await,
-            b"x\r\n..y\r\n.\r\n"
+            wire,
+            b"one\r\n..\r\nMAIL FROM:<x@evil>\r\nlone\r\n..\r\n.\r\n"
         );
-        assert_eq!(stuffed(&[]).await, b".\r\n");
-        assert_eq!(stuffed(&[b"no newline"]).await, b"no newline\r\n.\r\n");
+        // Byte by byte gives the same.
+        let parts: Vec<&[u8]> = smuggle.chunks(1).collect();
+        assert_eq!(encoded(&parts), wire);
+        assert_eq!(encoded(&[b"end\r"]), b"end\r\n.\r\n");
     }
 }

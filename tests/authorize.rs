@@ -384,7 +384,7 @@ async fn loopback_flow_with_pkce_while_the_relay_runs() {
     assert!(body.contains("state does not match"), "{body}");
     let (status, _, body) = browser_get(&location).await;
     assert_eq!(status, 200, "{body}");
-    assert!(body.contains("Authorization complete"), "{body}");
+    assert!(body.contains("Authorization received"), "{body}");
     let output = child.wait_with_output().await.unwrap();
     assert!(
         output.status.success(),

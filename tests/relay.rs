@@ -93,7 +93,6 @@ async fn bodies_arrive_byte_identical() {
             .to_vec(),
         b"ends with a blank line\r\n\r\n".to_vec(),
         b"ends without a blank line\r\n".to_vec(),
-        b"bare\nlf and lone\r cr\r\n".to_vec(),
         Vec::new(),
         big,
     ];
@@ -109,13 +108,26 @@ async fn bodies_arrive_byte_identical() {
         assert_eq!(got.len(), body.len());
         assert!(got == *body, "body changed in transit");
     }
+    // Bare CR and LF are sent upstream as CRLF (RFC 5321 §2.3.8); everything else is untouched.
+    let replies = c
+        .send_mail(
+            "news@example.com",
+            &["a@example.org"],
+            b"bare\nlf and lone\r cr\r\n",
+        )
+        .await;
+    assert!(all_ok(&replies), "{replies:?}");
+    assert_eq!(
+        provider.state().messages.last().unwrap().body,
+        b"bare\r\nlf and lone\r\n cr\r\n"
+    );
     let state = provider.state();
     assert!(
         state.messages[1].mail_from.contains("BODY=8BITMIME"),
         "{}",
         state.messages[1].mail_from
     );
-    assert_eq!(state.messages.len(), bodies.len());
+    assert_eq!(state.messages.len(), bodies.len() + 1);
 }
 
 #[tokio::test]
@@ -299,6 +311,47 @@ async fn revoked_and_missing_grants_are_reported_at_auth() {
 }
 
 #[tokio::test]
+async fn smtp_auth_disabled_is_explained_without_refreshing() {
+    let (_dir, provider, relay) = setup(RelayOptions::default(), "starttls").await;
+    provider.state().auth_reply = Some(
+        "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.".into(),
+    );
+    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
+    let reply = c.cmd("MAIL FROM:<news@example.com>").await;
+    assert!(
+        reply.starts_with("454-4.7.0 Upstream rejected the account's token (535 5.7.139"),
+        "{reply}"
+    );
+    assert!(reply.contains("Set-CASMailbox"), "{reply}");
+    let s = provider.state();
+    assert_eq!(s.auth_rejected, 1, "a new token cannot help: no retry");
+    assert_eq!(s.refresh_count, 1, "no refresh beyond the first token");
+}
+
+#[tokio::test]
+async fn a_token_endpoint_outage_costs_one_request_not_one_per_session() {
+    let (_dir, provider, relay) = setup(RelayOptions::default(), "implicit").await;
+    provider.state().token_outage = true;
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let relay = relay.view();
+        let pki = provider.pki.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(&relay, Conn::Implicit, &pki).await;
+            c.login_plain(LOGIN, PASSWORD).await
+        }));
+    }
+    for t in tasks {
+        let reply = t.await.unwrap();
+        assert!(
+            reply.starts_with("454 4.7.0 account `news`: cannot get a token"),
+            "{reply}"
+        );
+    }
+    assert_eq!(provider.state().token_requests, 1);
+}
+
+#[tokio::test]
 async fn upstream_down_gives_451() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
@@ -473,7 +526,7 @@ async fn error_replies() {
         .send_mail("news@example.com", &["a@x.org"], b"small\r\n")
         .await;
     assert!(all_ok(&replies), "{replies:?}");
-    // Bare LF is not an end of data.
+    // Bare LF is not an end of data, and the upstream never sees one that it might take for one.
     assert_eq!(c.cmd("MAIL FROM:<news@example.com>").await, "250 2.1.0 OK");
     assert_eq!(c.cmd("RCPT TO:<a@x.org>").await, "250 2.1.5 OK");
     assert!(c.cmd("DATA").await.starts_with("354"));
@@ -481,7 +534,7 @@ async fn error_replies() {
     assert_eq!(c.reply().await, "250 2.0.0 OK 1700000000 x-fake-id");
     assert_eq!(
         provider.state().messages.last().unwrap().body,
-        b"one\n.\nsmuggled\r\n"
+        b"one\r\n.\r\nsmuggled\r\n"
     );
     assert_eq!(
         provider.state().messages.len(),

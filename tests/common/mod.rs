@@ -111,6 +111,10 @@ pub struct State {
     pub counter: u64,
     /// Close the connection after each accepted message, as an upstream with a short idle timeout does.
     pub close_after_message: bool,
+    /// Answer every AUTH with this reply instead of checking the token (e.g. Microsoft's 5.7.139).
+    pub auth_reply: Option<String>,
+    /// The token endpoint answers 503 with an HTML page.
+    pub token_outage: bool,
     /// Extra flows (authorization code, device code, ...) register here.
     pub extra: HashMap<String, String>,
 }
@@ -209,6 +213,8 @@ impl FakeProvider {
             issued: vec!["test-client-SECRET".into()],
             counter: 0,
             close_after_message: false,
+            auth_reply: None,
+            token_outage: false,
             extra: HashMap::new(),
         }));
         let pki = Arc::new(Pki::new());
@@ -303,6 +309,13 @@ pub fn json_error(code: &str, description: &str) -> (u16, String, Vec<(String, S
 fn token_route(req: &HttpRequest, state: &Shared) -> (u16, String, Vec<(String, String)>) {
     let mut s = state.lock().unwrap();
     s.token_requests += 1;
+    if s.token_outage {
+        return (
+            503,
+            "<html>Service Unavailable</html>".into(),
+            vec![("Content-Type".into(), "text/html".into())],
+        );
+    }
     let grant = req.form.get("grant_type").map(String::as_str).unwrap_or("");
     if grant == "refresh_token" {
         if req.form.get("client_id") != Some(&s.client_id)
@@ -542,6 +555,12 @@ async fn smtp_session(
             }
             let arg = line.split_whitespace().nth(2).unwrap_or("");
             let decoded = String::from_utf8_lossy(&b64d(arg)).to_string();
+            let fixed = state.lock().unwrap().auth_reply.clone();
+            if let Some(reply) = fixed {
+                state.lock().unwrap().auth_rejected += 1;
+                c.send(&reply).await?;
+                continue;
+            }
             let ok = check_sasl(mech, &decoded, &state.lock().unwrap());
             if ok {
                 state.lock().unwrap().auth_ok += 1;
