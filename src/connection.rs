@@ -26,6 +26,8 @@ pub struct Shared {
     pub authenticator: Authenticator,
     pub upstream: Arc<UpstreamContext>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Becomes `true` when the relay shuts down.
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 const READ_CHUNK: usize = 64 * 1024;
@@ -65,6 +67,7 @@ struct Connection {
     out: Vec<u8>,
     delivery: Option<Delivery>,
     message_started: Instant,
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 enum End {
@@ -97,13 +100,14 @@ impl Connection {
             max_recipients: limits.max_recipients,
         });
         Connection {
-            shared,
             stream,
             mode,
             session,
             out: Vec::new(),
             delivery: None,
             message_started: Instant::now(),
+            stop: shared.stop.clone(),
+            shared,
         }
     }
 
@@ -154,7 +158,21 @@ impl Connection {
                 }
             }
             self.flush().await?;
-            let n = match tokio::time::timeout(self.idle(), self.stream.read(&mut buf)).await {
+            let idle = self.idle();
+            let read = tokio::time::timeout(idle, self.stream.read(&mut buf));
+            // On shutdown, a mailer between commands is told to come back later; one sending a
+            // message body may finish it (within the shutdown grace period).
+            let in_data = self.session.in_data();
+            let outcome = tokio::select! {
+                biased;
+                _ = self.stop.changed(), if !in_data => {
+                    Reply::new(421, "4.3.2 Service shutting down, try again later").write_to(&mut self.out);
+                    let _ = self.flush().await;
+                    return Ok(());
+                }
+                r = read => r,
+            };
+            let n = match outcome {
                 Ok(Ok(n)) => n,
                 Ok(Err(e)) => return Err(End::Io(e)),
                 Err(_) => {

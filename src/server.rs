@@ -56,6 +56,7 @@ pub struct Server {
     listeners: Vec<(TcpListener, TlsMode)>,
     control: tokio::net::UnixListener,
     admin: Arc<AdminContext>,
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Server {
@@ -93,7 +94,9 @@ impl Server {
             config: config.clone(),
             upstream: upstream.clone(),
         });
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let shared = Arc::new(Shared {
+            stop: stop_rx,
             authenticator: Authenticator::new(&config.accounts),
             config,
             upstream,
@@ -104,6 +107,7 @@ impl Server {
             listeners,
             control,
             admin,
+            stop,
         })
     }
 
@@ -136,6 +140,7 @@ impl Server {
         shutdown.await;
         tracing::info!("shutting down: no new connections, waiting for sessions to finish");
         tasks.abort_all();
+        let _ = self.stop.send(true);
         let all = u32::try_from(max).unwrap_or(u32::MAX);
         if tokio::time::timeout(SHUTDOWN_GRACE, permits.acquire_many(all))
             .await

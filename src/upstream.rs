@@ -557,7 +557,15 @@ impl Delivery {
         if params.eight_bit && caps.eight_bit {
             line.push_str(" BODY=8BITMIME");
         }
-        if params.smtputf8 && caps.smtputf8 {
+        if params.smtputf8 {
+            if !caps.smtputf8 {
+                // Passing internationalised addresses to a server that did not offer SMTPUTF8 would
+                // be rejected or mangled there (RFC 6531 §3.4).
+                return Reply::new(
+                    553,
+                    "5.6.7 The upstream does not support SMTPUTF8 for this message",
+                );
+            }
             line.push_str(" SMTPUTF8");
         }
         self.exchange(&line).await

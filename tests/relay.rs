@@ -590,6 +590,38 @@ async fn upstream_closing_an_idle_connection_is_transparent() {
 }
 
 #[tokio::test]
+async fn shutdown_lets_a_message_finish_and_sends_idle_sessions_away() {
+    let (_dir, provider, relay) = setup(RelayOptions::default(), "implicit").await;
+    let mut idle = logged_in(&relay, &provider, Conn::Implicit).await;
+    let mut busy = logged_in(&relay, &provider, Conn::Implicit).await;
+    assert_eq!(
+        busy.cmd("MAIL FROM:<news@example.com>").await,
+        "250 2.1.0 OK"
+    );
+    assert_eq!(busy.cmd("RCPT TO:<a@x.org>").await, "250 2.1.5 OK");
+    assert!(busy.cmd("DATA").await.starts_with("354"));
+    busy.send_raw(b"Subject: in flight\r\n\r\nfirst half\r\n")
+        .await;
+    let stopping = tokio::spawn(relay.stop());
+    assert_eq!(
+        idle.reply().await,
+        "421 4.3.2 Service shutting down, try again later"
+    );
+    busy.send_raw(b"second half\r\n.\r\n").await;
+    assert_eq!(busy.reply().await, "250 2.0.0 OK 1700000000 x-fake-id");
+    busy.send_raw(b"NOOP\r\n").await;
+    assert_eq!(
+        busy.reply().await,
+        "421 4.3.2 Service shutting down, try again later"
+    );
+    stopping.await.unwrap();
+    assert_eq!(
+        provider.state().messages[0].body,
+        b"Subject: in flight\r\n\r\nfirst half\r\nsecond half\r\n"
+    );
+}
+
+#[tokio::test]
 async fn client_dropping_mid_data_aborts_upstream() {
     let (_dir, provider, relay) = setup(RelayOptions::default(), "implicit").await;
     let mut c = logged_in(&relay, &provider, Conn::Implicit).await;
