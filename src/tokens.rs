@@ -94,6 +94,9 @@ struct Slot {
     account: Arc<Account>,
     cached: Mutex<Option<AccessToken>>,
     failure: Mutex<Option<(Instant, TokenError)>>,
+    /// A grant the store failed to write (disk full, say): a rotated refresh token must not be lost,
+    /// so it is used from here and written again with the next refresh.
+    unsaved: Mutex<Option<Grant>>,
     refresh: tokio::sync::Mutex<()>,
 }
 
@@ -122,6 +125,7 @@ impl TokenManager {
                     account: a.clone(),
                     cached: Mutex::new(None),
                     failure: Mutex::new(None),
+                    unsaved: Mutex::new(None),
                     refresh: tokio::sync::Mutex::new(()),
                 });
                 (a.name.clone(), slot)
@@ -226,6 +230,7 @@ impl TokenManager {
         if let Some(s) = &slot {
             *lock(&s.cached) = None;
             *lock(&s.failure) = None;
+            *lock(&s.unsaved) = None;
         }
         out
     }
@@ -243,10 +248,14 @@ impl TokenManager {
     async fn obtain(&self, slot: &Slot, reuse_stored: bool) -> Result<AccessToken, TokenError> {
         let account = &slot.account;
         let name = account.name.clone();
-        let stored = self
-            .store
-            .get(&name)
-            .map_err(|e| TokenError::Store(e.to_string()))?;
+        let unsaved = lock(&slot.unsaved).clone();
+        let stored = match unsaved {
+            Some(grant) => Some(grant),
+            None => self
+                .store
+                .get(&name)
+                .map_err(|e| TokenError::Store(e.to_string()))?,
+        };
         let status = self.store.status(&name);
         let now = now_unix();
         if reuse_stored {
@@ -345,9 +354,10 @@ impl TokenManager {
         grant.last_refresh = Some(now);
         let store = self.store.clone();
         let key = name.clone();
+        let to_save = grant.clone();
         // put() flushes to disk; keep that off the async workers.
-        tokio::task::spawn_blocking(move || {
-            store.put(&key, &grant)?;
+        let saved = tokio::task::spawn_blocking(move || {
+            store.put(&key, &to_save)?;
             store.update_status(&key, |s| {
                 s.last_error = None;
                 s.revoked = false;
@@ -355,8 +365,20 @@ impl TokenManager {
             Ok::<_, crate::store::StoreError>(())
         })
         .await
-        .map_err(|e| TokenError::Store(e.to_string()))?
-        .map_err(|e| TokenError::Store(e.to_string()))?;
+        .map_err(|e| crate::store::StoreError(e.to_string()))
+        .and_then(|r| r);
+        match saved {
+            Ok(()) => *lock(&slot.unsaved) = None,
+            Err(e) => {
+                tracing::error!(
+                    account = %name,
+                    error = %e,
+                    "cannot save the new grant to the database; keeping it in memory and retrying with the next \
+                     refresh (if the relay stops first, run `xoauth-relay authorize {name}`)"
+                );
+                *lock(&slot.unsaved) = Some(grant);
+            }
+        }
         tracing::info!(account = %name, rotated, expires_in_secs = lifetime.as_secs(), "access token refreshed");
         Ok(self.cache(slot, set.access_token, lifetime))
     }
