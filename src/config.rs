@@ -271,12 +271,6 @@ pub struct Account {
     pub grant: GrantKind,
 }
 
-impl Account {
-    pub fn sender_allowed(&self, sender: &str) -> bool {
-        sender_allowed(self.allowed_senders.as_deref(), sender)
-    }
-}
-
 /// Whether MAIL FROM `sender` matches `allowed` (exact addresses or `*@domain`, case-insensitive);
 /// no list means any sender.
 pub fn sender_allowed(allowed: Option<&[String]>, sender: &str) -> bool {
@@ -714,8 +708,4 @@ pub fn strip_one_newline(mut s: String) -> String {
         }
     }
     s
-}
-
-pub fn is_loopback(host: &str) -> bool {
-    is_loopback_host(host)
 }

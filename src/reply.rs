@@ -28,10 +28,6 @@ impl Reply {
         (200..400).contains(&self.code)
     }
 
-    pub fn is_transient(&self) -> bool {
-        (400..500).contains(&self.code)
-    }
-
     /// Wire form: `250-first\r\n250 last\r\n`. Bare CR/LF in the text cannot split a reply.
     pub fn write_to(&self, out: &mut Vec<u8>) {
         if self.lines.is_empty() {

@@ -11,7 +11,7 @@
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use base64::Engine;
 use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
@@ -64,7 +64,6 @@ pub struct GrantStore {
     grants: sled::Tree,
     status: sled::Tree,
     cipher: XChaCha20Poly1305,
-    path: PathBuf,
 }
 
 pub fn now_unix() -> u64 {
@@ -100,12 +99,7 @@ impl GrantStore {
             grants,
             status,
             cipher: XChaCha20Poly1305::new((&key).into()),
-            path,
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     fn aad(account: &str) -> Vec<u8> {
