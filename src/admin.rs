@@ -353,17 +353,13 @@ async fn test_steps(
         }
         Err(e) => return Err(format!("authenticate: {e}")),
     }
-    let host = p.smtp_host.clone();
     if let Some(to) = to {
         for line in [
             format!("MAIL FROM:<{}>", acct.mailbox),
             format!("RCPT TO:<{to}>"),
             "DATA".into(),
         ] {
-            let reply = client
-                .command(&host, &line)
-                .await
-                .map_err(|e| e.to_string())?;
+            let reply = client.command(&line).await.map_err(|e| e.to_string())?;
             lines.push(format!("{line}: {}", reply.summary()));
             if !reply.is_positive() {
                 return Err(format!("{line} refused"));
@@ -375,16 +371,16 @@ async fn test_steps(
             rfc2822_now()
         );
         client
-            .body(&host, body.as_bytes())
+            .body(body.as_bytes())
             .await
             .map_err(|e| e.to_string())?;
-        let reply = client.end_data(&host).await.map_err(|e| e.to_string())?;
+        let reply = client.end_data().await.map_err(|e| e.to_string())?;
         lines.push(format!("message: {}", reply.summary()));
         if !reply.is_positive() {
             return Err("message refused".into());
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(5), client.command(&host, "QUIT")).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.command("QUIT")).await;
     lines.push("ok".into());
     Ok(())
 }

@@ -150,11 +150,12 @@ fn now_secs() -> u64 {
 
 /// Posts a form to a token endpoint and reads the standard token or error answer. Used for grants the
 /// `oauth2` crate has no builder for (JWT bearer).
-pub async fn post_token_form(
+/// POSTs an `application/x-www-form-urlencoded` body to a provider endpoint.
+async fn post_form(
     http: &HttpClient,
     url: &str,
     form: &[(&str, &str)],
-) -> Result<TokenSet, ProviderError> {
+) -> Result<oauth2::HttpResponse, ProviderError> {
     let body = url::form_urlencoded::Serializer::new(String::new())
         .extend_pairs(form)
         .finish();
@@ -163,10 +164,17 @@ pub async fn post_token_form(
         .header("Accept", "application/json")
         .body(body.into_bytes())
         .map_err(|e| ProviderError::Unreachable(format!("bad request to {url}: {e}")))?;
-    let response = http
-        .send(request)
+    http.send(request)
         .await
-        .map_err(|e| ProviderError::Unreachable(e.to_string()))?;
+        .map_err(|e| ProviderError::Unreachable(e.to_string()))
+}
+
+pub async fn post_token_form(
+    http: &HttpClient,
+    url: &str,
+    form: &[(&str, &str)],
+) -> Result<TokenSet, ProviderError> {
+    let response = post_form(http, url, form).await?;
     let json: serde_json::Value = serde_json::from_slice(response.body()).map_err(|_| {
         ProviderError::Unreachable(format!(
             "HTTP {} from {url} without a JSON body",
@@ -216,17 +224,7 @@ pub async fn revoke(
     if let Some(secret) = &provider.client_secret {
         form.push(("client_secret", secret.as_str()));
     }
-    let body = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(&form)
-        .finish();
-    let request = oauth2::http::Request::post(url.as_str())
-        .header("Content-Type", "application/x-www-form-urlencoded")
-        .body(body.into_bytes())
-        .map_err(|e| ProviderError::Unreachable(e.to_string()))?;
-    let response = http
-        .send(request)
-        .await
-        .map_err(|e| ProviderError::Unreachable(e.to_string()))?;
+    let response = post_form(http, url, &form).await?;
     // RFC 7009: 200 also for a token that was already invalid.
     if response.status().is_success() {
         return Ok(());

@@ -87,6 +87,8 @@ pub struct Client {
     timeout: Duration,
     pub caps: Capabilities,
     body: BodyEncoder,
+    /// The upstream's name, for error messages.
+    host: String,
 }
 
 /// Turns a message body into DATA wire form. CR and LF that are not a CRLF pair become CRLF: RFC 5321
@@ -185,12 +187,13 @@ impl Client {
             timeout,
             caps: Capabilities::default(),
             body: BodyEncoder::default(),
+            host: host.to_string(),
         };
-        let greeting = client.read_reply(host).await?;
+        let greeting = client.read_reply().await?;
         if greeting.code != 220 {
             return Err(UpstreamError::Rejected(greeting));
         }
-        client.ehlo(host, helo_name).await?;
+        client.ehlo(helo_name).await?;
         if provider.smtp_tls == TlsMode::Starttls {
             if !client.caps.starttls {
                 return Err(conn_err(
@@ -199,20 +202,24 @@ impl Client {
                     "not offered; refusing to send the token in clear",
                 ));
             }
-            let reply = client.command(host, "STARTTLS").await?;
+            let reply = client.command("STARTTLS").await?;
             if reply.code != 220 {
                 return Err(UpstreamError::Rejected(reply));
             }
             let plain = std::mem::replace(&mut client.stream, Box::new(tokio::io::duplex(1).0));
             client.buf.clear();
             client.stream = Box::new(tls_handshake(plain, host, tls, timeout).await?);
-            client.ehlo(host, helo_name).await?;
+            client.ehlo(helo_name).await?;
         }
         Ok(client)
     }
 
-    async fn ehlo(&mut self, host: &str, helo_name: &str) -> Result<(), UpstreamError> {
-        let reply = self.command(host, &format!("EHLO {helo_name}")).await?;
+    fn err(&self, what: &str, e: impl std::fmt::Display) -> UpstreamError {
+        conn_err(&self.host, what, e)
+    }
+
+    async fn ehlo(&mut self, helo_name: &str) -> Result<(), UpstreamError> {
+        let reply = self.command(&format!("EHLO {helo_name}")).await?;
         if reply.code != 250 {
             return Err(UpstreamError::Rejected(reply));
         }
@@ -220,25 +227,21 @@ impl Client {
         Ok(())
     }
 
-    async fn write(&mut self, host: &str, bytes: &[u8]) -> Result<(), UpstreamError> {
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), UpstreamError> {
         tokio::time::timeout(self.timeout, async {
             self.stream.write_all(bytes).await?;
             self.stream.flush().await
         })
         .await
-        .map_err(|_| conn_err(host, "write", "timed out"))?
-        .map_err(|e| conn_err(host, "write", e))
+        .map_err(|_| self.err("write", "timed out"))?
+        .map_err(|e| self.err("write", e))
     }
 
-    pub async fn read_reply(&mut self, host: &str) -> Result<Reply, UpstreamError> {
-        self.read_reply_within(host, self.timeout).await
+    pub async fn read_reply(&mut self) -> Result<Reply, UpstreamError> {
+        self.read_reply_within(self.timeout).await
     }
 
-    async fn read_reply_within(
-        &mut self,
-        host: &str,
-        limit: Duration,
-    ) -> Result<Reply, UpstreamError> {
+    async fn read_reply_within(&mut self, limit: Duration) -> Result<Reply, UpstreamError> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             match Reply::parse(&self.buf) {
@@ -246,35 +249,32 @@ impl Client {
                     self.buf.drain(..used);
                     return Ok(reply);
                 }
-                Ok(None) if self.buf.len() > MAX_REPLY => {
-                    return Err(conn_err(host, "reply", "too long"))
-                }
+                Ok(None) if self.buf.len() > MAX_REPLY => return Err(self.err("reply", "too long")),
                 Ok(None) => {}
-                Err(e) => return Err(conn_err(host, "reply", e)),
+                Err(e) => return Err(self.err("reply", e)),
             }
             let mut chunk = [0u8; 4096];
             let n = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk))
                 .await
-                .map_err(|_| conn_err(host, "reply", "timed out"))?
-                .map_err(|e| conn_err(host, "reply", e))?;
+                .map_err(|_| self.err("reply", "timed out"))?
+                .map_err(|e| self.err("reply", e))?;
             if n == 0 {
-                return Err(conn_err(host, "reply", "connection closed"));
+                return Err(self.err("reply", "connection closed"));
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 
-    pub async fn command(&mut self, host: &str, line: &str) -> Result<Reply, UpstreamError> {
+    pub async fn command(&mut self, line: &str) -> Result<Reply, UpstreamError> {
         if !self.buf.is_empty() {
             // Replies nobody asked for: the dialogue is out of step, every later reply would be misread.
-            return Err(conn_err(
-                host,
+            return Err(self.err(
                 "protocol",
                 "unexpected data from the server; connection dropped",
             ));
         }
-        self.write(host, format!("{line}\r\n").as_bytes()).await?;
-        self.read_reply(host).await
+        self.write(format!("{line}\r\n").as_bytes()).await?;
+        self.read_reply().await
     }
 
     /// SASL XOAUTH2 or OAUTHBEARER with `token` for `mailbox`. On an error challenge (Gmail's
@@ -286,7 +286,6 @@ impl Client {
         mailbox: &str,
         token: &Secret,
     ) -> Result<(), UpstreamError> {
-        let host = provider.smtp_host.as_str();
         let b64 = &base64::engine::general_purpose::STANDARD;
         let (name, initial, cancel) = match provider.mechanism {
             Mechanism::Xoauth2 => (
@@ -307,8 +306,7 @@ impl Client {
             ),
         };
         if !self.caps.auth.is_empty() && !self.caps.auth.iter().any(|m| m == name) {
-            return Err(conn_err(
-                host,
+            return Err(self.err(
                 "AUTH",
                 format!(
                     "offers {} but not {name}; check `mechanism` for this provider",
@@ -317,11 +315,11 @@ impl Client {
             ));
         }
         let line = format!("AUTH {name} {}\r\n", b64.encode(initial));
-        self.write(host, line.as_bytes()).await?;
-        let mut reply = self.read_reply(host).await?;
+        self.write(line.as_bytes()).await?;
+        let mut reply = self.read_reply().await?;
         if reply.code == 334 {
-            self.write(host, format!("{cancel}\r\n").as_bytes()).await?;
-            reply = self.read_reply(host).await?;
+            self.write(format!("{cancel}\r\n").as_bytes()).await?;
+            reply = self.read_reply().await?;
         }
         match reply.code {
             235 => Ok(()),
@@ -332,18 +330,18 @@ impl Client {
     }
 
     /// Writes part of a message body (see [`BodyEncoder`]).
-    pub async fn body(&mut self, host: &str, chunk: &[u8]) -> Result<(), UpstreamError> {
+    pub async fn body(&mut self, chunk: &[u8]) -> Result<(), UpstreamError> {
         let mut out = Vec::with_capacity(chunk.len() + chunk.len() / 32 + 4);
         self.body.encode(chunk, &mut out);
-        self.write(host, &out).await
+        self.write(&out).await
     }
 
     /// Ends the body and reads the final reply, allowing the upstream the 10 minutes RFC 5321
     /// §4.5.3.2.6 suggests: giving up earlier makes the mailer retry a message that may have been taken.
-    pub async fn end_data(&mut self, host: &str) -> Result<Reply, UpstreamError> {
+    pub async fn end_data(&mut self) -> Result<Reply, UpstreamError> {
         let end = self.body.finish();
-        self.write(host, end).await?;
-        self.read_reply_within(host, self.timeout.max(FINAL_REPLY_TIMEOUT))
+        self.write(end).await?;
+        self.read_reply_within(self.timeout.max(FINAL_REPLY_TIMEOUT))
             .await
     }
 }
@@ -415,10 +413,6 @@ impl Delivery {
         }
     }
 
-    fn host(&self) -> String {
-        self.account.provider.smtp_host.clone()
-    }
-
     async fn connect_and_auth(&self, token: &Secret) -> Result<Client, UpstreamError> {
         let provider = &self.account.provider;
         let tls = self.ctx.tls.get(&provider.name).ok_or_else(|| {
@@ -485,11 +479,10 @@ impl Delivery {
 
     /// Sends a command on the open connection; a broken connection is dropped and reported as 451.
     async fn exchange(&mut self, line: &str) -> Reply {
-        let host = self.host();
         let Some(client) = self.client.as_mut() else {
             return Reply::new(451, "4.4.1 Upstream connection lost");
         };
-        match client.command(&host, line).await {
+        match client.command(line).await {
             Ok(reply) if reply.code == 421 => {
                 // The upstream is closing the connection; only our session with it ends, not the mailer's.
                 self.drop_connection();
@@ -586,9 +579,8 @@ impl Delivery {
     /// Streams part of the body. A failure drops the connection; `end_data` then reports it.
     pub async fn body(&mut self, chunk: &[u8]) {
         self.stats.size += chunk.len();
-        let host = self.host();
         if let Some(client) = self.client.as_mut() {
-            if let Err(e) = client.body(&host, chunk).await {
+            if let Err(e) = client.body(chunk).await {
                 tracing::warn!(account = %self.account.name, error = %e, "upstream connection failed during DATA");
                 self.drop_connection();
             }
@@ -596,14 +588,13 @@ impl Delivery {
     }
 
     pub async fn end_data(&mut self) -> Reply {
-        let host = self.host();
         let Some(client) = self.client.as_mut() else {
             return Reply::new(
                 451,
                 "4.4.1 Upstream connection lost during DATA; message not sent",
             );
         };
-        let reply = match client.end_data(&host).await {
+        let reply = match client.end_data().await {
             Ok(reply) => reply,
             Err(e) => {
                 self.drop_connection();
