@@ -271,8 +271,8 @@ impl Connection {
             return AuthOutcome::BadCredentials;
         };
         let span = tracing::Span::current();
-        span.record("login", login.as_str());
-        span.record("account", account.name.as_str());
+        span.record("login", tracing::field::display(&login));
+        span.record("account", tracing::field::display(&account.name));
         if let Err(e) = self.shared.upstream.tokens.token(&account.name).await {
             tracing::info!(error = %e, "password accepted, but the account has no usable grant");
             return AuthOutcome::GrantUnavailable(e.to_string());
