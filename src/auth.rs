@@ -14,7 +14,7 @@ use argon2::Argon2;
 use tokio::sync::Semaphore;
 
 use crate::config::Account;
-use crate::secret::Secret;
+use crate::util::secret::Secret;
 
 pub struct Authenticator {
     by_login: HashMap<String, Arc<Account>>,
@@ -62,7 +62,7 @@ impl Authenticator {
         let account = self.by_login.get(login).cloned();
         let hash = account
             .as_ref()
-            .map(|a| a.password_hash.clone())
+            .map(|a| a.password_hash.expose().to_string())
             .unwrap_or_else(|| self.dummy_hash.clone());
         let _permit = self.permits.acquire().await.ok()?;
         let ok = tokio::task::spawn_blocking(move || verify(&hash, password.expose()))

@@ -3,44 +3,60 @@
 //! Providers answer with codes (`AADSTS700082`, `535 5.7.139`) whose meaning lives in support
 //! articles; the relay appends the fix to its log lines, to the `454` it gives the mailer, and to the
 //! output of `test` and `authorize`.
+//!
+//! Classification reads codes, never display text: the OAuth `error` code and the `AADSTS` number
+//! Microsoft puts in `error_description`, and an SMTP reply's enhanced status code. This module sits
+//! below `oauth` and `delivery` (it imports neither), so both can ask it.
 
 use crate::config::Family;
-use crate::oauth::ProviderError;
-use crate::reply::Reply;
+use crate::smtp::{EnhancedCode, Reply};
 
-/// A fix for an error from a token or authorization endpoint.
-pub fn for_provider_error(error: &ProviderError) -> Option<&'static str> {
-    let text = error.to_string();
-    let has = |needle: &str| text.contains(needle);
-    Some(if has("AADSTS50011") {
+/// The `AADSTSnnnn` numbers in a Microsoft error description.
+fn aadsts_codes(description: &str) -> impl Iterator<Item = u32> + '_ {
+    description.match_indices("AADSTS").filter_map(|(i, m)| {
+        let digits: String = description[i + m.len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    })
+}
+
+/// A fix for an error from a token or authorization endpoint: `code` is the OAuth `error` field,
+/// `description` its `error_description`.
+pub fn for_provider_error(code: &str, description: &str) -> Option<&'static str> {
+    let aadsts: Vec<u32> = aadsts_codes(description).collect();
+    let has = |n: u32| aadsts.contains(&n);
+    let scope_related = description.contains("scope");
+    Some(if has(50011) {
         "the redirect URI is not registered for the app: add the exact URI that `authorize` prints under \
          Authentication > Mobile and desktop applications"
-    } else if has("AADSTS700082") || has("AADSTS70008") {
+    } else if has(700082) || has(70008) {
         "the refresh token expired (Microsoft drops grants unused for 90 days); run `xoauth-relay authorize` again"
-    } else if has("AADSTS7000218") {
+    } else if has(7000218) {
         "the app expects a client secret: set client_secret_env / client_secret_file for this provider, or turn \
          on \"Allow public client flows\" under Authentication in the app registration"
-    } else if has("AADSTS7000215") || has("AADSTS7000222") {
+    } else if has(7000215) || has(7000222) {
         "the client secret is wrong or expired: create a new one under Certificates & secrets"
-    } else if has("AADSTS65001") {
+    } else if has(65001) {
         "the user or an admin has not consented to the app's permissions: grant consent and authorize again"
-    } else if has("AADSTS50076") || has("AADSTS50079") {
+    } else if has(50076) || has(50079) {
         "the tenant requires MFA for this sign-in: use `authorize` (interactive) rather than a scripted flow"
-    } else if has("redirect_uri_mismatch") {
+    } else if code == "redirect_uri_mismatch" {
         "the redirect URI is not registered for the OAuth client: register the exact URI that `authorize` prints \
          (Google: use a \"Desktop app\" client, which accepts any loopback port)"
-    } else if has("Invalid JWT") {
+    } else if code == "invalid_grant" && description.contains("Invalid JWT") {
         "the service account's assertion was refused: check that service_account_key_file is the account's \
          current JSON key and that this machine's clock is right"
-    } else if has("unauthorized_client") && has("scope") {
+    } else if code == "unauthorized_client" && scope_related {
         "domain-wide delegation is missing: in the Workspace Admin console (Security > API controls > \
          Domain-wide delegation) allow the service account's client ID the scope https://mail.google.com/"
-    } else if has("invalid_client") || has("unauthorized_client") {
+    } else if code == "invalid_client" || code == "unauthorized_client" {
         "check client_id and the client secret/certificate, and that the app is allowed to use this grant type"
-    } else if has("invalid_scope") {
+    } else if code == "invalid_scope" {
         "the app is not allowed the requested scopes: add them to the app registration (Google: the Gmail API \
          scope https://mail.google.com/, Microsoft: SMTP.Send)"
-    } else if matches!(error, ProviderError::InvalidGrant(_)) {
+    } else if code == "invalid_grant" {
         "the grant was revoked, expired, or the password changed; Google apps left in \"Testing\" lose their \
          grants after 7 days (publish the app on the OAuth consent screen); Microsoft drops grants unused for 90 days"
     } else {
@@ -48,36 +64,31 @@ pub fn for_provider_error(error: &ProviderError) -> Option<&'static str> {
     })
 }
 
-/// Whether `code` (an enhanced status code like `5.7.3`) appears in the reply as a whole token.
-fn has_code(reply: &Reply, code: &str) -> bool {
-    reply
-        .lines
-        .iter()
-        .flat_map(|l| l.split(|c: char| !(c.is_ascii_digit() || c == '.')))
-        .any(|token| token == code)
-}
+const SMTP_AUTH_DISABLED: EnhancedCode = EnhancedCode(5, 7, 139);
+const BASIC_AUTH_OFF: EnhancedCode = EnhancedCode(5, 7, 30);
+const TOKEN_REFUSED_FOR_MAILBOX: EnhancedCode = EnhancedCode(5, 7, 3);
+const SEND_AS_DENIED: EnhancedCode = EnhancedCode(5, 2, 252);
 
 /// Rejections that a new access token cannot cure (SMTP AUTH disabled, basic auth off): refreshing
 /// would only cost a token request, and on Microsoft a refresh-token rotation, per message.
 pub fn refresh_cannot_help(reply: &Reply) -> bool {
-    has_code(reply, "5.7.139") || has_code(reply, "5.7.30")
+    reply.mentions(SMTP_AUTH_DISABLED) || reply.mentions(BASIC_AUTH_OFF)
 }
 
 /// A fix for an upstream SMTP reply (mostly authentication failures).
 pub fn for_smtp_reply(family: Family, reply: &Reply) -> Option<&'static str> {
-    let text = reply.lines.join(" ");
-    let has = |code: &str| has_code(reply, code);
-    Some(if has("5.7.139") {
+    let has = |code: EnhancedCode| reply.mentions(code);
+    Some(if has(SMTP_AUTH_DISABLED) {
         "SMTP AUTH is disabled for the tenant or this mailbox: enable Authenticated SMTP for the mailbox \
          (Microsoft 365 admin center > user > Mail > Email apps, or Set-CASMailbox -SmtpClientAuthenticationDisabled \
          $false) and check the tenant setting (Set-TransportConfig) and security defaults"
-    } else if has("5.7.3") {
+    } else if has(TOKEN_REFUSED_FOR_MAILBOX) {
         "the token was refused for this mailbox: the token must carry SMTP.Send, `mailbox` must be the address of \
          the user who authorized (a shared mailbox needs Send As / Full Access for that user), and SMTP AUTH must be \
          enabled for it"
-    } else if has("5.7.30") {
+    } else if has(BASIC_AUTH_OFF) {
         "basic authentication is off for this tenant; the relay must authenticate with OAuth (mechanism xoauth2)"
-    } else if has("5.2.252") || text.contains("SendAsDenied") {
+    } else if has(SEND_AS_DENIED) {
         "SendAsDenied: the authorized user may not send as this sender; grant Send As on that address or send \
          from the mailbox's own address"
     } else if family == Family::Google && reply.code == 535 {
@@ -120,33 +131,30 @@ mod tests {
         )
         .unwrap()
         .contains("mail.google.com"));
-        let refused = |code: &str, d: &str| ProviderError::Refused {
-            code: code.into(),
-            description: d.into(),
-        };
-        assert!(for_provider_error(&refused(
-            "invalid_request",
-            "AADSTS50011: The redirect URI ..."
-        ))
-        .unwrap()
-        .contains("redirect URI"));
-        assert!(for_provider_error(&refused(
+        let refused = |code: &str, d: &str| for_provider_error(code, d);
+        assert!(
+            (refused("invalid_request", "AADSTS50011: The redirect URI ..."))
+                .unwrap()
+                .contains("redirect URI")
+        );
+        assert!((refused(
             "invalid_client",
             "AADSTS7000218: ... client_assertion or client_secret"
         ))
         .unwrap()
         .contains("Allow public client flows"));
-        assert!(for_provider_error(&ProviderError::InvalidGrant(
-            "AADSTS700082: The refresh token has expired due to inactivity".into()
-        ))
+        assert!(for_provider_error(
+            "invalid_grant",
+            "AADSTS700082: The refresh token has expired due to inactivity"
+        )
         .unwrap()
         .contains("90 days"));
-        assert!(for_provider_error(&ProviderError::InvalidGrant(
-            "Token has been expired or revoked.".into()
-        ))
-        .unwrap()
-        .contains("Testing"));
-        assert!(for_provider_error(&refused("redirect_uri_mismatch", ""))
+        assert!(
+            for_provider_error("invalid_grant", "Token has been expired or revoked.")
+                .unwrap()
+                .contains("Testing")
+        );
+        assert!(refused("redirect_uri_mismatch", "")
             .unwrap()
             .contains("Desktop app"));
     }

@@ -40,7 +40,7 @@ fn verify_jwt(jwt: &str) -> Result<(serde_json::Value, serde_json::Value), Strin
     if parts.len() != 3 {
         return Err("not a JWT".into());
     }
-    let key = xoauth_relay::jwt::rsa_key_from_pem(
+    let key = xoauth_relay::oauth::jwt::rsa_key_from_pem(
         &std::fs::read_to_string(fixture("test-rsa-key.pem")).unwrap(),
     )
     .unwrap();

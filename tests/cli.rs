@@ -243,7 +243,11 @@ fn import_token_and_accounts_with_and_without_a_running_relay() {
     let (ok, _, err) = run(&["--config", &path, "serve"], "");
     assert!(!ok);
     assert!(err.contains("already running"), "{err}");
-    unsafe { libc::kill(serve.0.id() as i32, libc::SIGTERM) };
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &serve.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
     assert!(
         serve.0.wait().unwrap().success(),
         "serve stops cleanly on SIGTERM"

@@ -813,7 +813,7 @@ impl Relay {
 
     pub async fn start_from(dir: &Path, config_path: PathBuf) -> Relay {
         let config = xoauth_relay::config::Config::load(&config_path).unwrap();
-        let server = xoauth_relay::server::Server::bind(config).await.unwrap();
+        let server = xoauth_relay::app::Relay::bind(config).await.unwrap();
         let addrs = server.local_addrs();
         let find = |mode| addrs.iter().find(|(_, m)| *m == mode).unwrap().0;
         use xoauth_relay::config::TlsMode;
@@ -849,11 +849,11 @@ impl Relay {
     /// Stores `refresh_token` as the grant of `account` through the running relay's control socket.
     pub async fn import(&self, account: &str, refresh_token: &str) {
         let config = xoauth_relay::config::Config::load(&self.config_path).unwrap();
-        let response = xoauth_relay::admin::run(
+        let response = xoauth_relay::app::admin(
             config,
-            xoauth_relay::admin::Request::StoreGrant {
+            xoauth_relay::control::wire::Request::StoreGrant {
                 account: account.into(),
-                refresh_token: Some(xoauth_relay::secret::Secret::new(refresh_token)),
+                refresh_token: Some(xoauth_relay::util::secret::Secret::new(refresh_token)),
                 access_token: None,
                 expires_in: None,
             },

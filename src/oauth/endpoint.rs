@@ -13,9 +13,9 @@ use oauth2::{
     StandardErrorResponse, TokenResponse, TokenUrl,
 };
 
+use super::http::HttpClient;
 use crate::config::Provider;
-use crate::http::HttpClient;
-use crate::secret::Secret;
+use crate::util::secret::Secret;
 
 /// What a token endpoint gave back.
 #[derive(Debug, Clone)]
@@ -47,6 +47,30 @@ impl std::fmt::Display for ProviderError {
             ProviderError::Refused { code, description } => write!(f, "{code}: {description}"),
             ProviderError::Unreachable(d) => write!(f, "no usable answer from the provider: {d}"),
         }
+    }
+}
+
+impl ProviderError {
+    /// The OAuth error code (`invalid_grant`, `invalid_client`, ...), or `unreachable`.
+    pub fn code(&self) -> &str {
+        match self {
+            ProviderError::InvalidGrant(_) => "invalid_grant",
+            ProviderError::Refused { code, .. } => code,
+            ProviderError::Unreachable(_) => "unreachable",
+        }
+    }
+
+    /// The provider's `error_description` (where Microsoft puts its `AADSTS` code).
+    pub fn description(&self) -> &str {
+        match self {
+            ProviderError::InvalidGrant(d) | ProviderError::Unreachable(d) => d,
+            ProviderError::Refused { description, .. } => description,
+        }
+    }
+
+    /// What the operator should do about it, when known.
+    pub fn hint(&self) -> Option<&'static str> {
+        crate::hints::for_provider_error(self.code(), self.description())
     }
 }
 
@@ -90,7 +114,7 @@ pub fn client(provider: &Provider) -> Result<OAuthClient, ProviderError> {
         .set_token_uri(token)
         .set_auth_type(AuthType::RequestBody);
     if let Some(secret) = &provider.client_secret {
-        c = c.set_client_secret(ClientSecret::new(secret.clone()));
+        c = c.set_client_secret(ClientSecret::new(secret.expose().to_string()));
     }
     Ok(c)
 }
@@ -145,7 +169,7 @@ pub async fn refresh(
 }
 
 fn now_secs() -> u64 {
-    crate::store::now_unix()
+    crate::util::clock::now_unix()
 }
 
 /// Posts a form to a token endpoint and reads the standard token or error answer. Used for grants the
@@ -222,7 +246,7 @@ pub async fn revoke(
         ("client_id", provider.client_id.as_str()),
     ];
     if let Some(secret) = &provider.client_secret {
-        form.push(("client_secret", secret.as_str()));
+        form.push(("client_secret", secret.expose()));
     }
     let response = post_form(http, url, &form).await?;
     // RFC 7009: 200 also for a token that was already invalid.
@@ -260,7 +284,10 @@ pub async fn client_credentials(
         &provider.client_certificate_file,
         &provider.client_private_key_file,
     ) {
-        assertion = client_assertion(provider, cert, key).map_err(|e| config_error(provider, e))?;
+        let (p, cert, key) = (provider.clone(), cert.clone(), key.clone());
+        assertion = off_runtime(move || client_assertion(&p, &cert, &key))
+            .await
+            .map_err(|e| config_error(provider, e))?;
         request = request
             .add_extra_param(
                 "client_assertion_type",
@@ -277,6 +304,15 @@ pub async fn client_credentials(
     Ok(token_set(&response))
 }
 
+/// Key files are read and RSA signatures computed on the blocking pool, not on a runtime worker.
+async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| format!("key task failed: {e}"))?
+}
+
 /// RFC 7523 §2.2 client assertion, with the certificate thumbprints Microsoft looks the key up by.
 fn client_assertion(
     provider: &Provider,
@@ -286,8 +322,8 @@ fn client_assertion(
     let pem = std::fs::read_to_string(key)
         .map_err(|e| format!("client_private_key_file {}: {e}", key.display()))?;
     let key =
-        crate::jwt::rsa_key_from_pem(&pem).map_err(|e| format!("client_private_key_file: {e}"))?;
-    let (x5t, x5t256) = crate::jwt::certificate_thumbprints(cert)?;
+        super::jwt::rsa_key_from_pem(&pem).map_err(|e| format!("client_private_key_file: {e}"))?;
+    let (x5t, x5t256) = super::jwt::certificate_thumbprints(cert)?;
     let now = now_secs();
     let mut jti = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut jti)
@@ -302,7 +338,7 @@ fn client_assertion(
         "exp": now + 600,
     });
     let header = serde_json::json!({ "x5t": x5t, "x5t#S256": x5t256 });
-    crate::jwt::sign(&key, header, &claims).map(Secret::new)
+    super::jwt::sign(&key, header, &claims).map(Secret::new)
 }
 
 /// Google service account with domain-wide delegation: a JWT for `mailbox`, exchanged with the
@@ -318,7 +354,10 @@ pub async fn service_account(
             "`service_account_key_file` is not set".into(),
         ));
     };
-    let key = crate::jwt::load_service_account_key(path).map_err(|e| config_error(provider, e))?;
+    let path = path.clone();
+    let key = off_runtime(move || super::jwt::load_service_account_key(&path))
+        .await
+        .map_err(|e| config_error(provider, e))?;
     let now = now_secs();
     let claims = serde_json::json!({
         "iss": key.client_email,
@@ -332,7 +371,7 @@ pub async fn service_account(
         Some(kid) => serde_json::json!({ "kid": kid }),
         None => serde_json::json!({}),
     };
-    let jwt = crate::jwt::sign(&key.key, header, &claims).map_err(|e| config_error(provider, e))?;
+    let jwt = super::jwt::sign(&key.key, header, &claims).map_err(|e| config_error(provider, e))?;
     post_token_form(
         http,
         &provider.token_url,

@@ -8,8 +8,6 @@ use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::TlsConfig;
-
 #[derive(Debug)]
 pub struct TlsError(pub String);
 
@@ -55,7 +53,11 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 }
 
 /// Writes a self-signed certificate for `hostname`, `localhost` and 127.0.0.1 (key file 0600).
-pub fn generate_self_signed(tls: &TlsConfig, hostname: &str) -> Result<(), TlsError> {
+pub fn generate_self_signed(
+    certificate: &Path,
+    private_key: &Path,
+    hostname: &str,
+) -> Result<(), TlsError> {
     let names = vec![
         hostname.to_string(),
         "localhost".to_string(),
@@ -72,7 +74,7 @@ pub fn generate_self_signed(tls: &TlsConfig, hostname: &str) -> Result<(), TlsEr
     };
     let (cert, key) =
         generate().map_err(|e| TlsError(format!("cannot generate a certificate: {e}")))?;
-    for path in [&tls.certificate, &tls.private_key] {
+    for path in [certificate, private_key] {
         if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| TlsError(format!("cannot create {}: {e}", dir.display())))?;
@@ -88,27 +90,28 @@ pub fn generate_self_signed(tls: &TlsConfig, hostname: &str) -> Result<(), TlsEr
             .and_then(|mut f| f.write_all(pem.as_bytes()))
             .map_err(|e| TlsError(format!("cannot write {}: {e}", path.display())))
     };
-    write(&tls.private_key, key.serialize_pem(), 0o600)?;
-    write(&tls.certificate, cert.pem(), 0o644)?;
+    write(private_key, key.serialize_pem(), 0o600)?;
+    write(certificate, cert.pem(), 0o644)?;
     Ok(())
 }
 
 /// Server config for the listeners; generates a self-signed pair (with a warning) when both files
 /// are missing.
 pub fn server_config(
-    tls: &TlsConfig,
+    certificate: &Path,
+    private_key: &Path,
     hostname: &str,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    if !tls.certificate.exists() && !tls.private_key.exists() {
-        generate_self_signed(tls, hostname)?;
+    if !certificate.exists() && !private_key.exists() {
+        generate_self_signed(certificate, private_key, hostname)?;
         tracing::warn!(
-            certificate = %tls.certificate.display(),
+            certificate = %certificate.display(),
             "no TLS certificate found: generated a self-signed one; mailers that verify certificates \
              need it trusted, or put a real certificate at [tls] certificate / private_key"
         );
     }
-    let certs = read_certs(&tls.certificate)?;
-    let key = read_key(&tls.private_key)?;
+    let certs = read_certs(certificate)?;
+    let key = read_key(private_key)?;
     let config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)

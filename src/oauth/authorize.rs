@@ -6,7 +6,7 @@
 //!   code, back on stdin, for servers whose loopback the browser cannot reach;
 //! - `--device`: the device authorization grant (RFC 8628).
 //!
-//! Each returns a `StoreGrant` request; the caller stores it through the running relay if there is one.
+//! Each returns the token set; the caller stores it through the running relay if there is one.
 //! Accounts with `grant = "client_credentials"` or `"service_account"` need none of this.
 
 use std::time::Duration;
@@ -18,10 +18,9 @@ use oauth2::{
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::admin::Request;
+use super::endpoint::{self as oauth, ProviderError, TokenSet};
+use super::http::HttpClient;
 use crate::config::{Account, Config, Family, GrantKind, Provider};
-use crate::http::HttpClient;
-use crate::oauth::{self, ProviderError, TokenSet};
 
 pub enum Mode {
     Loopback { open_browser: bool },
@@ -36,13 +35,15 @@ const LOOPBACK_WAIT: Duration = Duration::from_secs(600);
 const MANUAL_PORT: u16 = 8765;
 
 fn fail(account: &str, e: &ProviderError) -> String {
-    let hint = crate::hints::for_provider_error(e)
+    let hint = e
+        .hint()
         .map(|h| format!("\n  hint: {h}"))
         .unwrap_or_default();
     format!("account `{account}`: authorization failed ({e}){hint}")
 }
 
-pub async fn run(config: &Config, name: &str, mode: Mode) -> Result<Request, String> {
+/// Runs the flow and returns the tokens to store (always with a refresh token).
+pub async fn run(config: &Config, name: &str, mode: Mode) -> Result<TokenSet, String> {
     let account = config.account(name).map_err(|e| e.to_string())?.clone();
     if account.grant != GrantKind::RefreshToken {
         return Err(format!(
@@ -51,7 +52,7 @@ pub async fn run(config: &Config, name: &str, mode: Mode) -> Result<Request, Str
             account.grant.as_str()
         ));
     }
-    let public = crate::tls::client_config(None).map_err(|e| e.to_string())?;
+    let public = crate::util::tls::client_config(None).map_err(|e| e.to_string())?;
     let http = HttpClient::new(
         public,
         Duration::from_secs(config.limits.upstream_timeout_secs),
@@ -68,12 +69,7 @@ pub async fn run(config: &Config, name: &str, mode: Mode) -> Result<Request, Str
              myaccount.google.com/permissions and retry); Microsoft needs the offline_access scope"
         ));
     }
-    Ok(Request::StoreGrant {
-        account: name.to_string(),
-        refresh_token: set.refresh_token,
-        access_token: Some(set.access_token),
-        expires_in: set.expires_in.map(|d| d.as_secs()),
-    })
+    Ok(set)
 }
 
 struct Pending {

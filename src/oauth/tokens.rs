@@ -7,7 +7,8 @@
 //! account is marked revoked and no further refresh is tried until a new grant is stored; this is what
 //! turns a dead grant into one clear log line instead of a retry loop.
 //!
-//! Expiry uses tokio's clock so tests can move time; what is persisted uses wall-clock seconds.
+//! Time comes from an injected [`Clock`](crate::util::clock::Clock): monotonic for expiry and
+//! backoff, wall-clock seconds for what is persisted; tokens come from an injected [`Issuer`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,16 +16,17 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::endpoint::{ProviderError, TokenSet};
+use super::issuer::Issuer;
 use crate::config::{Account, Family, GrantKind};
-use crate::http::HttpClient;
-use crate::oauth::{self, ProviderError, TokenSet};
-use crate::secret::Secret;
-use crate::store::{now_unix, Grant, GrantStore};
+use crate::store::{Grant, Store};
+use crate::util::clock::SharedClock;
+use crate::util::secret::Secret;
 
 /// Used when the provider does not say how long a token lives.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct AccessToken {
     pub secret: Secret,
     pub expires_at: Instant,
@@ -72,7 +74,7 @@ impl std::fmt::Display for TokenError {
             }
             TokenError::Refused { account, error } => {
                 write!(f, "account `{account}`: the provider refused a token ({error})")?;
-                if let Some(hint) = crate::hints::for_provider_error(error) {
+                if let Some(hint) = error.hint() {
                     write!(f, "; {hint}")?;
                 }
                 Ok(())
@@ -105,16 +107,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub struct TokenManager {
-    store: GrantStore,
-    http: HttpClient,
+    store: Store,
+    issuer: Arc<dyn Issuer>,
+    clock: SharedClock,
     margin: Duration,
     slots: HashMap<String, Arc<Slot>>,
 }
 
 impl TokenManager {
     pub fn new(
-        store: GrantStore,
-        http: HttpClient,
+        store: Store,
+        issuer: Arc<dyn Issuer>,
+        clock: SharedClock,
         margin: Duration,
         accounts: &[Arc<Account>],
     ) -> TokenManager {
@@ -133,18 +137,19 @@ impl TokenManager {
             .collect();
         TokenManager {
             store,
-            http,
+            issuer,
+            clock,
             margin,
             slots,
         }
     }
 
-    pub fn store(&self) -> &GrantStore {
+    pub fn store(&self) -> &Store {
         &self.store
     }
 
-    pub fn http(&self) -> &HttpClient {
-        &self.http
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
     }
 
     fn slot(&self, account: &str) -> Result<Arc<Slot>, TokenError> {
@@ -157,7 +162,7 @@ impl TokenManager {
     fn fresh(&self, slot: &Slot) -> Option<AccessToken> {
         lock(&slot.cached)
             .as_ref()
-            .filter(|t| t.expires_at > Instant::now() + self.margin)
+            .filter(|t| t.expires_at > self.clock.now() + self.margin)
             .cloned()
     }
 
@@ -199,7 +204,7 @@ impl TokenManager {
                 return Ok(t);
             }
             if let Some((at, error)) = lock(&slot.failure).clone() {
-                if at.elapsed() < FAILURE_BACKOFF {
+                if this.clock.now().saturating_duration_since(at) < FAILURE_BACKOFF {
                     return Err(error);
                 }
             }
@@ -207,7 +212,8 @@ impl TokenManager {
             // have not looked at it yet; a stale cached token is the stored one.
             let first_use = rejected.is_none() && lock(&slot.cached).is_none();
             let result = this.obtain(&slot, first_use).await;
-            *lock(&slot.failure) = result.as_ref().err().map(|e| (Instant::now(), e.clone()));
+            let now = this.clock.now();
+            *lock(&slot.failure) = result.as_ref().err().map(|e| (now, e.clone()));
             result
         });
         task.await
@@ -238,7 +244,7 @@ impl TokenManager {
     fn cache(&self, slot: &Slot, secret: Secret, lifetime: Duration) -> AccessToken {
         let token = AccessToken {
             secret,
-            expires_at: Instant::now() + lifetime,
+            expires_at: self.clock.now() + lifetime,
         };
         *lock(&slot.cached) = Some(token.clone());
         token
@@ -257,7 +263,7 @@ impl TokenManager {
                 .map_err(|e| TokenError::Store(e.to_string()))?,
         };
         let status = self.store.status(&name);
-        let now = now_unix();
+        let now = self.clock.unix();
         if reuse_stored {
             // A token persisted by an earlier run is still good: no need to ask the provider.
             if let Some(g) = &stored {
@@ -268,10 +274,9 @@ impl TokenManager {
                 }
             }
         }
-        let result = match account.grant {
+        let refresh_token = match account.grant {
             GrantKind::RefreshToken => {
-                let Some(refresh_token) = stored.as_ref().and_then(|g| g.refresh_token.clone())
-                else {
+                let Some(rt) = stored.as_ref().and_then(|g| g.refresh_token.clone()) else {
                     return Err(TokenError::NeedsAuthorization(name));
                 };
                 if status.revoked {
@@ -281,15 +286,11 @@ impl TokenManager {
                         family: account.provider.family,
                     });
                 }
-                oauth::refresh(&account.provider, &self.http, &refresh_token).await
+                Some(rt)
             }
-            GrantKind::ClientCredentials => {
-                oauth::client_credentials(&account.provider, &self.http).await
-            }
-            GrantKind::ServiceAccount => {
-                oauth::service_account(&account.provider, &account.mailbox, &self.http).await
-            }
+            GrantKind::ClientCredentials | GrantKind::ServiceAccount => None,
         };
+        let result = self.issuer.issue(account, refresh_token.as_ref()).await;
         match result {
             Ok(set) => self.persist(slot, stored, set).await,
             Err(error) => {
@@ -300,14 +301,16 @@ impl TokenManager {
                 if status.last_error.as_deref() == Some(text.as_str()) {
                     tracing::debug!(account = %name, error = %error, "token request failed again");
                 } else {
-                    let hint = crate::hints::for_provider_error(&error).unwrap_or("");
+                    let hint = error.hint().unwrap_or("");
                     tracing::warn!(account = %name, provider = %account.provider.name, error = %error, hint, "token request failed");
                 }
                 self.store.update_status(&name, |s| {
                     s.last_error = Some(text.clone());
                     s.revoked = revoked;
                 });
-                self.store.flush();
+                if let Err(e) = self.store.flush().await {
+                    tracing::warn!(account = %name, error = %e, "cannot record the token failure on disk");
+                }
                 Err(match error {
                     ProviderError::InvalidGrant(_) if revoked => TokenError::Revoked {
                         account: name,
@@ -334,15 +337,11 @@ impl TokenManager {
         set: TokenSet,
     ) -> Result<AccessToken, TokenError> {
         let name = slot.account.name.clone();
-        let now = now_unix();
+        let now = self.clock.unix();
         let lifetime = set.expires_in.unwrap_or(DEFAULT_LIFETIME);
         let mut grant = stored.unwrap_or(Grant {
-            kind: slot.account.grant,
-            refresh_token: None,
-            access_token: None,
-            access_expires_at: None,
             obtained_at: now,
-            last_refresh: None,
+            ..Grant::default()
         });
         let rotated = set.refresh_token.is_some() && set.refresh_token != grant.refresh_token;
         if rotated {
@@ -352,21 +351,13 @@ impl TokenManager {
         grant.access_token = Some(set.access_token.clone());
         grant.access_expires_at = Some(now + lifetime.as_secs());
         grant.last_refresh = Some(now);
-        let store = self.store.clone();
-        let key = name.clone();
-        let to_save = grant.clone();
-        // put() flushes to disk; keep that off the async workers.
-        let saved = tokio::task::spawn_blocking(move || {
-            store.put(&key, &to_save)?;
-            store.update_status(&key, |s| {
+        let saved = self.store.put(&name, grant.clone()).await;
+        if saved.is_ok() {
+            self.store.update_status(&name, |s| {
                 s.last_error = None;
                 s.revoked = false;
             });
-            Ok::<_, crate::store::StoreError>(())
-        })
-        .await
-        .map_err(|e| crate::store::StoreError(e.to_string()))
-        .and_then(|r| r);
+        }
         match saved {
             Ok(()) => *lock(&slot.unsaved) = None,
             Err(e) => {
@@ -381,5 +372,213 @@ impl TokenManager {
         }
         tracing::info!(account = %name, rotated, expires_in_secs = lifetime.as_secs(), "access token refreshed");
         Ok(self.cache(slot, set.access_token, lifetime))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::config::Config;
+    use crate::store::memory::MemoryStore;
+    use crate::util::clock::{Clock, ManualClock};
+    use crate::util::BoxFuture;
+
+    /// Answers every request with `answer`, counting them; rotates the refresh token when asked.
+    struct Scripted {
+        calls: AtomicUsize,
+        answer: Mutex<Result<u64, ProviderError>>,
+        rotate: bool,
+    }
+
+    impl Scripted {
+        fn new(answer: Result<u64, ProviderError>) -> Arc<Scripted> {
+            Arc::new(Scripted {
+                calls: AtomicUsize::new(0),
+                answer: Mutex::new(answer),
+                rotate: false,
+            })
+        }
+
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Issuer for Scripted {
+        fn issue<'a>(
+            &'a self,
+            _account: &'a Account,
+            _refresh_token: Option<&'a Secret>,
+        ) -> BoxFuture<'a, Result<TokenSet, ProviderError>> {
+            Box::pin(async move {
+                let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                // Let every waiter pile up behind the single flight.
+                tokio::task::yield_now().await;
+                let answer = lock(&self.answer).clone();
+                answer.map(|lifetime| TokenSet {
+                    access_token: Secret::new(format!("at-{n}")),
+                    expires_in: Some(Duration::from_secs(lifetime)),
+                    refresh_token: self.rotate.then(|| Secret::new(format!("rt-{n}"))),
+                })
+            })
+        }
+    }
+
+    const CONFIG: &str = r#"
+[[listeners]]
+address = "127.0.0.1:0"
+tls = "none"
+
+[providers.p]
+token_url = "http://127.0.0.1:1/token"
+client_id = "c"
+smtp_host = "localhost"
+smtp_tls = "none"
+
+[[accounts]]
+name = "news"
+password_hash = "$argon2id$v=19$m=19456,t=2,p=1$8uLpBtLr7xHax5eifcWBXA$QKTwp/o3Eg0VHq7aeAVpq5nU6VsxKM0bSk9xdcSnc0U"
+provider = "p"
+mailbox = "news@example.com"
+"#;
+
+    struct Fixture {
+        tokens: Arc<TokenManager>,
+        clock: Arc<ManualClock>,
+        store: Store,
+    }
+
+    fn fixture(issuer: Arc<Scripted>) -> Fixture {
+        let config = Config::parse(CONFIG, std::path::Path::new("t.toml")).unwrap();
+        let store = Store::new(MemoryStore::default());
+        let clock = ManualClock::new(1_000_000);
+        let tokens = Arc::new(TokenManager::new(
+            store.clone(),
+            issuer,
+            clock.clone(),
+            Duration::from_secs(300),
+            &config.accounts,
+        ));
+        Fixture {
+            tokens,
+            clock,
+            store,
+        }
+    }
+
+    async fn with_grant(f: &Fixture) {
+        let grant = Grant {
+            refresh_token: Some(Secret::new("rt-0")),
+            obtained_at: f.clock.unix(),
+            ..Grant::default()
+        };
+        f.store.put("news", grant).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_crowd_after_expiry_causes_one_request_and_the_token_is_cached_until_the_margin() {
+        let issuer = Scripted::new(Ok(3600));
+        let f = fixture(issuer.clone());
+        with_grant(&f).await;
+        let crowd: Vec<_> = (0..50)
+            .map(|_| {
+                let t = f.tokens.clone();
+                tokio::spawn(async move { t.token("news").await.map(|t| t.secret) })
+            })
+            .collect();
+        for task in crowd {
+            assert_eq!(task.await.unwrap().unwrap().expose(), "at-1");
+        }
+        assert_eq!(issuer.calls(), 1);
+        // 3600 s lifetime, 300 s margin: good for 3299 s, refreshed after 3300.
+        f.clock.advance(Duration::from_secs(3299));
+        assert_eq!(
+            f.tokens.token("news").await.unwrap().secret.expose(),
+            "at-1"
+        );
+        assert_eq!(issuer.calls(), 1);
+        f.clock.advance(Duration::from_secs(2));
+        assert_eq!(
+            f.tokens.token("news").await.unwrap().secret.expose(),
+            "at-2"
+        );
+        assert_eq!(issuer.calls(), 2);
+        let stored = f.store.get("news").unwrap().unwrap();
+        assert_eq!(stored.access_token.unwrap().expose(), "at-2");
+        assert_eq!(stored.access_expires_at, Some(f.clock.unix() + 3600));
+    }
+
+    #[tokio::test]
+    async fn a_failure_is_remembered_for_the_backoff_then_retried() {
+        let issuer = Scripted::new(Err(ProviderError::Unreachable("down".into())));
+        let f = fixture(issuer.clone());
+        with_grant(&f).await;
+        for _ in 0..5 {
+            let e = f.tokens.token("news").await.unwrap_err();
+            assert!(matches!(e, TokenError::Unreachable { .. }), "{e}");
+        }
+        assert_eq!(issuer.calls(), 1);
+        assert!(f.store.status("news").last_error.is_some());
+        f.clock.advance(FAILURE_BACKOFF + Duration::from_secs(1));
+        *lock(&issuer.answer) = Ok(3600);
+        assert_eq!(
+            f.tokens.token("news").await.unwrap().secret.expose(),
+            "at-2"
+        );
+        assert_eq!(f.store.status("news").last_error, None);
+    }
+
+    #[tokio::test]
+    async fn invalid_grant_marks_the_grant_revoked_and_stops_asking() {
+        let issuer = Scripted::new(Err(ProviderError::InvalidGrant(
+            "Token has been revoked".into(),
+        )));
+        let f = fixture(issuer.clone());
+        with_grant(&f).await;
+        let e = f.tokens.token("news").await.unwrap_err();
+        assert!(
+            e.to_string().contains("run `xoauth-relay authorize news`"),
+            "{e}"
+        );
+        f.clock.advance(Duration::from_secs(3600));
+        assert!(matches!(
+            f.tokens.token("news").await.unwrap_err(),
+            TokenError::Revoked { .. }
+        ));
+        assert_eq!(issuer.calls(), 1, "a revoked grant is never retried");
+        assert!(f.store.status("news").revoked);
+    }
+
+    #[tokio::test]
+    async fn a_rotated_refresh_token_is_stored_before_the_access_token_is_used() {
+        let issuer = Arc::new(Scripted {
+            rotate: true,
+            ..Arc::try_unwrap(Scripted::new(Ok(3600))).ok().unwrap()
+        });
+        let f = fixture(issuer.clone());
+        with_grant(&f).await;
+        let token = f.tokens.token("news").await.unwrap();
+        assert_eq!(token.secret.expose(), "at-1");
+        let stored = f.store.get("news").unwrap().unwrap();
+        assert_eq!(stored.refresh_token.unwrap().expose(), "rt-1");
+        // A rejected token is replaced even though it has not expired.
+        let again = f
+            .tokens
+            .token_after_rejection("news", &token.secret)
+            .await
+            .unwrap();
+        assert_eq!(again.secret.expose(), "at-2");
+        assert_eq!(issuer.calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn no_grant_means_authorize() {
+        let issuer = Scripted::new(Ok(3600));
+        let f = fixture(issuer.clone());
+        let e = f.tokens.token("news").await.unwrap_err();
+        assert!(matches!(e, TokenError::NeedsAuthorization(_)), "{e}");
+        assert_eq!(issuer.calls(), 0);
     }
 }

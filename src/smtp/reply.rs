@@ -1,9 +1,55 @@
 //! SMTP replies: the frames both sides of the relay speak.
 //!
 //! One type serves the mailer-facing session and the upstream client, so an upstream rejection can be
-//! handed to the mailer unchanged (its code, enhanced code and text).
+//! handed to the mailer unchanged (its code, enhanced code and text). [`Reply::severity`] and
+//! [`Reply::enhanced`] are what retry-or-bounce decisions and hints read; nothing classifies a reply
+//! by its display text.
+//!
+//! The framing is parsed here rather than with smtp-proto's `ResponseReceiver`, which keeps the parts
+//! of an enhanced status code as `u8`: Microsoft's throttling codes (`4.7.500`–`4.7.699`) would come
+//! out as `4.7.255`, and the mailer must see the upstream's code as sent.
 
 use std::fmt;
+
+/// What the reply code's first digit says (RFC 5321 §4.2.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// 2xx
+    Positive,
+    /// 3xx: go on (354 after DATA, 334 in SASL).
+    Intermediate,
+    /// 4xx: try again later.
+    Transient,
+    /// 5xx: do not repeat as it is.
+    Permanent,
+}
+
+/// An RFC 3463 enhanced status code, `class.subject.detail`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EnhancedCode(pub u16, pub u16, pub u16);
+
+impl EnhancedCode {
+    /// Parses `5.7.139` (the whole word).
+    pub fn parse(word: &str) -> Option<EnhancedCode> {
+        let mut parts = word.split('.');
+        let mut next = |max_len: usize| {
+            parts
+                .next()
+                .filter(|p| {
+                    !p.is_empty() && p.len() <= max_len && p.bytes().all(|b| b.is_ascii_digit())
+                })
+                .and_then(|p| p.parse::<u16>().ok())
+        };
+        let code = EnhancedCode(next(1)?, next(3)?, next(3)?);
+        (parts.next().is_none() && matches!(code.0, 2 | 4 | 5)).then_some(code)
+    }
+}
+
+impl std::fmt::Display for EnhancedCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.0, self.1, self.2)
+    }
+}
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct Reply {
@@ -24,8 +70,33 @@ impl Reply {
         Reply { code, lines }
     }
 
+    /// 2xx or 3xx.
     pub fn is_positive(&self) -> bool {
-        (200..400).contains(&self.code)
+        matches!(self.severity(), Severity::Positive | Severity::Intermediate)
+    }
+
+    pub fn severity(&self) -> Severity {
+        match self.code {
+            200..=299 => Severity::Positive,
+            300..=399 => Severity::Intermediate,
+            400..=499 => Severity::Transient,
+            _ => Severity::Permanent,
+        }
+    }
+
+    /// The enhanced status code leading the first line, if any.
+    pub fn enhanced(&self) -> Option<EnhancedCode> {
+        let first = self.lines.first()?.split_whitespace().next()?;
+        EnhancedCode::parse(first)
+    }
+
+    /// Whether `code` appears as a whole word in any line: Microsoft puts its specific code
+    /// (`5.7.139`) after a generic one on some lines.
+    pub fn mentions(&self, code: EnhancedCode) -> bool {
+        self.lines
+            .iter()
+            .flat_map(|l| l.split(|c: char| !(c.is_ascii_digit() || c == '.')))
+            .any(|word| EnhancedCode::parse(word) == Some(code))
     }
 
     /// Wire form: `250-first\r\n250 last\r\n`. Bare CR/LF in the text cannot split a reply.
@@ -143,5 +214,23 @@ mod tests {
         assert!(long.split(|b| *b == b'\n').all(|l| l.len() <= 512));
         let (back, _) = Reply::parse(&long).unwrap().unwrap();
         assert!(back.lines.len() > 1 && back.code == 454);
+    }
+
+    #[test]
+    fn severity_and_enhanced_codes() {
+        let r = Reply::new(
+            451,
+            "4.7.650 The mail server has been temporarily rate limited",
+        );
+        assert_eq!(r.severity(), Severity::Transient);
+        assert_eq!(r.enhanced(), Some(EnhancedCode(4, 7, 650)));
+        assert_eq!(Reply::new(250, "OK").enhanced(), None);
+        assert_eq!(Reply::new(550, "x").severity(), Severity::Permanent);
+        assert!(Reply::new(354, "go").is_positive());
+        let ms = Reply::new(535, "5.7.3 Authentication unsuccessful [5.7.139 detail]");
+        assert!(ms.mentions(EnhancedCode(5, 7, 139)));
+        assert!(!ms.mentions(EnhancedCode(5, 7, 13)));
+        assert_eq!(EnhancedCode::parse("5.7"), None);
+        assert_eq!(EnhancedCode::parse("3.1.1"), None);
     }
 }

@@ -11,14 +11,16 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::auth::Authenticator;
 use crate::config::{Config, TlsMode};
-use crate::reply::Reply;
-use crate::secret::Secret;
-use crate::session::{Action, AuthOutcome, Authorized, Session, SessionConfig};
-use crate::upstream::{BoxStream, Delivery, UpstreamContext};
+use crate::delivery::client::BoxStream;
+use crate::delivery::{Submission, UpstreamContext};
+use crate::smtp::session::{Action, AuthOutcome, Authorized, Session, SessionConfig};
+use crate::smtp::Reply;
+use crate::util::secret::Secret;
 
 /// What every connection shares.
 pub struct Shared {
@@ -26,8 +28,10 @@ pub struct Shared {
     pub authenticator: Authenticator,
     pub upstream: Arc<UpstreamContext>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
-    /// Becomes `true` when the relay shuts down.
-    pub stop: tokio::sync::watch::Receiver<bool>,
+    /// Cancelled when the relay shuts down: sessions between commands are sent away.
+    pub stop: CancellationToken,
+    /// Cancelled when the shutdown grace period is over: whatever still runs is cut.
+    pub cut: CancellationToken,
 }
 
 const READ_CHUNK: usize = 64 * 1024;
@@ -43,8 +47,13 @@ pub async fn handle(
     let span = tracing::info_span!("session", id, %peer, login = tracing::field::Empty, account = tracing::field::Empty);
     async move {
         tracing::debug!("connected");
+        let cut = shared.cut.clone();
         let mut conn = Connection::new(shared, stream, peer, mode);
-        if let Err(e) = conn.run().await {
+        let ended = tokio::select! {
+            r = conn.run() => r,
+            _ = cut.cancelled() => Err(End::Cut),
+        };
+        if let Err(e) = ended {
             tracing::debug!(error = %e, "connection ended");
         }
         if let Some(d) = conn.delivery.as_mut() {
@@ -65,15 +74,16 @@ struct Connection {
     mode: TlsMode,
     session: Session,
     out: Vec<u8>,
-    delivery: Option<Delivery>,
+    delivery: Option<Submission>,
     message_started: Instant,
-    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 enum End {
     Io(std::io::Error),
     Timeout,
     Tls(String),
+    /// The shutdown grace period ran out.
+    Cut,
 }
 
 impl std::fmt::Display for End {
@@ -82,6 +92,7 @@ impl std::fmt::Display for End {
             End::Io(e) => write!(f, "{e}"),
             End::Timeout => f.write_str("idle timeout"),
             End::Tls(e) => write!(f, "TLS: {e}"),
+            End::Cut => f.write_str("cut at the end of the shutdown grace period"),
         }
     }
 }
@@ -106,7 +117,6 @@ impl Connection {
             out: Vec::new(),
             delivery: None,
             message_started: Instant::now(),
-            stop: shared.stop.clone(),
             shared,
         }
     }
@@ -163,9 +173,10 @@ impl Connection {
             // On shutdown, a mailer between commands is told to come back later; one sending a
             // message body may finish it (within the shutdown grace period).
             let in_data = self.session.in_data();
+            let stop = self.shared.stop.clone();
             let outcome = tokio::select! {
                 biased;
-                _ = self.stop.changed(), if !in_data => {
+                _ = stop.cancelled(), if !in_data => {
                     Reply::new(421, "4.3.2 Service shutting down, try again later").write_to(&mut self.out);
                     let _ = self.flush().await;
                     return Ok(());
@@ -212,25 +223,26 @@ impl Connection {
             Action::Mail { from, params } => {
                 self.flush().await?;
                 self.message_started = Instant::now();
-                let reply = self.delivery().mail(&from, &params).await;
-                self.session.upstream_reply(reply);
+                let outcome = self.delivery().mail(&from, &params).await;
+                self.session.upstream_reply(outcome.into_reply());
             }
             Action::Rcpt { to } => {
                 self.flush().await?;
-                let reply = self.delivery().rcpt(&to).await;
-                self.session.upstream_reply(reply);
+                let outcome = self.delivery().rcpt(&to).await;
+                self.session.upstream_reply(outcome.into_reply());
             }
             Action::Data => {
                 self.flush().await?;
-                let reply = self.delivery().data().await;
-                self.session.upstream_reply(reply);
+                let outcome = self.delivery().data().await;
+                self.session.upstream_reply(outcome.into_reply());
             }
             Action::BodyChunk(chunk) => self.delivery().body(&chunk).await,
             Action::EndOfData => {
                 self.flush().await?;
                 let started = self.message_started;
                 let delivery = self.delivery();
-                let reply = delivery.end_data().await;
+                let outcome = delivery.end_data().await;
+                let reply = outcome.reply();
                 let stats = &delivery.stats;
                 tracing::info!(
                     sender = %stats.sender,
@@ -239,9 +251,9 @@ impl Connection {
                     reply = %reply.summary(),
                     duration_ms = started.elapsed().as_millis() as u64,
                     "{}",
-                    if reply.is_positive() { "message relayed" } else { "message not relayed" }
+                    if outcome.is_accepted() { "message relayed" } else { "message not relayed" }
                 );
-                self.session.upstream_reply(reply);
+                self.session.upstream_reply(outcome.into_reply());
             }
             Action::AbortTransaction => self.delivery().abort(),
             Action::Close => {
@@ -253,7 +265,7 @@ impl Connection {
     }
 
     /// The session asks for upstream work only after a successful AUTH, which creates the delivery.
-    fn delivery(&mut self) -> &mut Delivery {
+    fn delivery(&mut self) -> &mut Submission {
         self.delivery
             .as_mut()
             .expect("upstream action before authentication")
@@ -278,7 +290,10 @@ impl Connection {
             return AuthOutcome::GrantUnavailable(e.to_string());
         }
         tracing::info!("authenticated");
-        self.delivery = Some(Delivery::new(self.shared.upstream.clone(), account.clone()));
+        self.delivery = Some(Submission::new(
+            self.shared.upstream.clone(),
+            account.clone(),
+        ));
         AuthOutcome::Ok(Authorized {
             account: account.name.clone(),
             allowed_senders: account.allowed_senders.clone(),

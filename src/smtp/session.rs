@@ -13,8 +13,8 @@ use std::collections::VecDeque;
 use base64::Engine;
 use smtp_proto::{Request, AUTH_LOGIN, AUTH_PLAIN, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8};
 
-use crate::reply::Reply;
-use crate::secret::Secret;
+use super::reply::Reply;
+use crate::util::secret::Secret;
 
 /// Longest command line accepted (RFC 4954 asks for 12288 to fit AUTH initial responses).
 pub const MAX_LINE: usize = 12288;
@@ -43,8 +43,24 @@ pub struct Authorized {
 
 impl Authorized {
     pub fn sender_allowed(&self, sender: &str) -> bool {
-        crate::config::sender_allowed(self.allowed_senders.as_deref(), sender)
+        sender_allowed(self.allowed_senders.as_deref(), sender)
     }
+}
+
+/// Whether MAIL FROM `sender` matches `allowed` (exact addresses or `*@domain`, case-insensitive);
+/// no list means any sender.
+pub fn sender_allowed(allowed: Option<&[String]>, sender: &str) -> bool {
+    let Some(list) = allowed else {
+        return true;
+    };
+    let sender = sender.to_ascii_lowercase();
+    list.iter().any(|pattern| {
+        let pattern = pattern.to_ascii_lowercase();
+        match pattern.strip_prefix("*@") {
+            Some(domain) => sender.rsplit_once('@').is_some_and(|(_, d)| d == domain),
+            None => pattern == sender,
+        }
+    })
 }
 
 #[derive(Debug)]

@@ -2,7 +2,7 @@
 //! (or `XOAUTH_RELAY_LOG_FORMAT=json`); level from `RUST_LOG`, default `info`.
 //!
 //! Nothing secret is ever passed to a log macro: passwords and tokens travel as
-//! [`crate::secret::Secret`], whose `Debug`/`Display` print `[redacted]`.
+//! [`crate::util::secret::Secret`], whose `Debug`/`Display` print `[redacted]`.
 
 use tracing_subscriber::EnvFilter;
 

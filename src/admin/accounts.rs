@@ -1,0 +1,88 @@
+//! `accounts`: each account's grant kind and state, token expiry, last refresh and use, and the
+//! refresh token's age with the provider-specific warnings.
+
+use super::{ago, span_text, AdminContext};
+use crate::config::{Family, GrantKind};
+
+pub(super) fn table(ctx: &AdminContext) -> String {
+    let store = ctx.upstream.tokens.store();
+    let now = ctx.upstream.tokens.clock().unix();
+    let mut rows = vec![[
+        "ACCOUNT",
+        "LOGIN",
+        "PROVIDER",
+        "MAILBOX",
+        "GRANT",
+        "STATE",
+        "TOKEN EXPIRES",
+        "LAST REFRESH",
+        "LAST USE",
+        "REFRESH TOKEN AGE",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for a in &ctx.config.accounts {
+        let status = store.status(&a.name);
+        let grant = store.get(&a.name);
+        let on_demand = a.grant != GrantKind::RefreshToken;
+        let state = match (&grant, &status) {
+            (Err(e), _) => format!("unreadable: {e}"),
+            (_, s) if s.revoked => format!("revoked: run `xoauth-relay authorize {}`", a.name),
+            (_, s) if s.last_error.is_some() => {
+                format!("failing: {}", s.last_error.as_deref().unwrap_or(""))
+            }
+            (Ok(None), _) if !on_demand => "needs authorization".to_string(),
+            _ => "ok".to_string(),
+        };
+        let g = grant.ok().flatten();
+        let expires = match g.as_ref().and_then(|g| g.access_expires_at) {
+            Some(t) if t > now => format!("in {}", span_text(t - now)),
+            Some(_) => "expired".into(),
+            None => "-".into(),
+        };
+        let age = match g.as_ref().filter(|g| g.refresh_token.is_some()) {
+            None => "-".to_string(),
+            Some(g) => {
+                let age = now.saturating_sub(g.obtained_at);
+                let idle =
+                    now.saturating_sub(status.last_use.or(g.last_refresh).unwrap_or(g.obtained_at));
+                let warning = match a.provider.family {
+                    Family::Google if age > 5 * 86400 => {
+                        " (warning: Google apps in Testing status lose grants after 7 days; publish the app)"
+                    }
+                    Family::Microsoft if idle > 80 * 86400 => {
+                        " (warning: Microsoft expires refresh tokens after 90 days without use)"
+                    }
+                    _ => "",
+                };
+                format!("{}{warning}", span_text(age))
+            }
+        };
+        rows.push(vec![
+            a.name.clone(),
+            a.login.clone(),
+            a.provider.name.clone(),
+            a.mailbox.clone(),
+            a.grant.as_str().to_string(),
+            state,
+            expires,
+            ago(g.as_ref().and_then(|g| g.last_refresh), now),
+            ago(status.last_use, now),
+            age,
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,90 @@
+//! Changing an account's grant: storing one (`authorize`, `import-token`) and deleting it
+//! (`revoke`, which also revokes it at the provider where there is an endpoint).
+
+use super::{account, AdminContext};
+use crate::store::{Grant, Store};
+use crate::util::secret::Secret;
+
+pub(super) async fn store_grant(
+    ctx: &AdminContext,
+    name: &str,
+    refresh_token: Option<Secret>,
+    access_token: Option<Secret>,
+    expires_in: Option<u64>,
+) -> Result<String, String> {
+    account(ctx, name)?;
+    if refresh_token
+        .as_ref()
+        .is_none_or(|t| t.expose().trim().is_empty())
+    {
+        return Err(format!(
+            "account `{name}`: the provider returned no refresh token; nothing stored"
+        ));
+    }
+    let now = ctx.upstream.tokens.clock().unix();
+    let grant = Grant {
+        refresh_token,
+        access_expires_at: access_token
+            .as_ref()
+            .map(|_| now + expires_in.unwrap_or(3600)),
+        access_token,
+        obtained_at: now,
+        last_refresh: None,
+    };
+    let store = ctx.upstream.tokens.store();
+    store.put(name, grant).await.map_err(|e| e.to_string())?;
+    clear_status(store, name).await;
+    tracing::info!(account = %name, "grant stored");
+    Ok(format!(
+        "account `{name}`: grant stored; the next session uses it"
+    ))
+}
+
+/// A new or deleted grant starts with a clean record: no revoked flag, no old provider error.
+async fn clear_status(store: &Store, name: &str) {
+    store.update_status(name, |s| {
+        s.revoked = false;
+        s.last_error = None;
+    });
+    if let Err(e) = store.flush().await {
+        tracing::warn!(account = %name, error = %e, "cannot write the account's status");
+    }
+}
+
+pub(super) async fn revoke(ctx: &AdminContext, name: &str) -> Result<String, String> {
+    let acct = account(ctx, name)?;
+    let store = ctx.upstream.tokens.store();
+    let grant = store.get(name).map_err(|e| e.to_string())?;
+    let mut notes = Vec::new();
+    if let Some(rt) = grant.as_ref().and_then(|g| g.refresh_token.clone()) {
+        if acct.provider.revocation_url.is_some() {
+            match revoke_at_provider(ctx, acct, &rt).await {
+                Ok(()) => notes.push("revoked at the provider".to_string()),
+                Err(e) => notes.push(format!("the provider's revocation endpoint failed ({e}); revoke the app's access in the account's security settings")),
+            }
+        } else {
+            notes.push(format!(
+                "provider `{}` has no revocation endpoint; remove the app's consent in the provider's account settings",
+                acct.provider.name
+            ));
+        }
+    }
+    let existed = store.remove(name).await.map_err(|e| e.to_string())?;
+    clear_status(store, name).await;
+    if !existed {
+        return Ok(format!("account `{name}`: no grant was stored"));
+    }
+    notes.insert(0, format!("account `{name}`: grant deleted"));
+    tracing::info!(account = %name, "grant deleted");
+    Ok(notes.join("; "))
+}
+
+async fn revoke_at_provider(
+    ctx: &AdminContext,
+    acct: &crate::config::Account,
+    rt: &Secret,
+) -> Result<(), String> {
+    crate::oauth::endpoint::revoke(&acct.provider, &ctx.http, rt)
+        .await
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,77 @@
+//! Administration: the operations behind `accounts`, `import-token`, `authorize` (storing the grant),
+//! `revoke` and `test`.
+//!
+//! Each operation is a control [`Request`] executed against an [`AdminContext`], the same code
+//! whether the request came over the control socket to a running relay or the command line opened
+//! the store itself (the app decides which).
+
+mod accounts;
+mod grants;
+mod test;
+
+use std::sync::Arc;
+
+use crate::config::{Account, Config};
+use crate::control::server::Handler;
+use crate::control::wire::{Request, Response};
+use crate::delivery::UpstreamContext;
+use crate::oauth::http::HttpClient;
+use crate::util::BoxFuture;
+
+pub struct AdminContext {
+    pub config: Arc<Config>,
+    pub upstream: Arc<UpstreamContext>,
+    /// For the provider's revocation endpoint.
+    pub http: HttpClient,
+}
+
+pub async fn execute(ctx: &AdminContext, request: Request) -> Response {
+    let tokens = &ctx.upstream.tokens;
+    let result = match request {
+        Request::Accounts => Ok(accounts::table(ctx)),
+        Request::StoreGrant {
+            account,
+            refresh_token,
+            access_token,
+            expires_in,
+        } => {
+            let change =
+                grants::store_grant(ctx, &account, refresh_token, access_token, expires_in);
+            tokens.replace_grant(&account, change).await
+        }
+        Request::Revoke { account } => {
+            let change = grants::revoke(ctx, &account);
+            tokens.replace_grant(&account, change).await
+        }
+        Request::Test { account, to } => return test::test(ctx, &account, to.as_deref()).await,
+    };
+    match result {
+        Ok(text) => Response::ok(text),
+        Err(text) => Response::fail(text),
+    }
+}
+
+impl Handler for AdminContext {
+    fn handle(&self, request: Request) -> BoxFuture<'_, Response> {
+        Box::pin(execute(self, request))
+    }
+}
+
+fn account<'a>(ctx: &'a AdminContext, name: &str) -> Result<&'a Arc<Account>, String> {
+    ctx.config.account(name).map_err(|e| e.to_string())
+}
+
+/// "3m", "5h", "12d"
+pub fn span_text(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+fn ago(t: Option<u64>, now: u64) -> String {
+    t.map(|t| format!("{} ago", span_text(now.saturating_sub(t))))
+        .unwrap_or_else(|| "-".into())
+}

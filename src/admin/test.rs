@@ -1,0 +1,131 @@
+//! `test NAME [--to ADDR]`: token, connect, authenticate (and send), each step printed with its
+//! outcome, so an operator sees where the path breaks.
+
+use std::time::Duration;
+
+use super::{account, span_text, AdminContext};
+use crate::control::wire::Response;
+use crate::delivery::client::Client;
+use crate::delivery::UpstreamError;
+
+/// `test NAME`: each step of a real upstream session, printed with its outcome.
+pub(super) async fn test(ctx: &AdminContext, name: &str, to: Option<&str>) -> Response {
+    let mut lines = Vec::new();
+    let result = test_steps(ctx, name, to, &mut lines).await;
+    let ok = result.is_ok();
+    if let Err(e) = result {
+        lines.push(format!("FAILED: {e}"));
+    }
+    Response {
+        ok,
+        text: lines.join("\n") + "\n",
+    }
+}
+
+async fn test_steps(
+    ctx: &AdminContext,
+    name: &str,
+    to: Option<&str>,
+    lines: &mut Vec<String>,
+) -> Result<(), String> {
+    let acct = account(ctx, name)?.clone();
+    let p = &acct.provider;
+    let token = ctx
+        .upstream
+        .tokens
+        .token(name)
+        .await
+        .map_err(|e| format!("token: {e}"))?;
+    let left = token
+        .expires_at
+        .saturating_duration_since(ctx.upstream.tokens.clock().now());
+    lines.push(format!(
+        "token: ok (expires in {})",
+        span_text(left.as_secs())
+    ));
+    let tls = ctx
+        .upstream
+        .tls
+        .get(&p.name)
+        .ok_or("no TLS configuration")?;
+    let target = format!(
+        "connect to {}:{} ({})",
+        p.smtp_host, p.smtp_port, p.smtp_tls
+    );
+    let mut client = Client::connect(p, tls, &ctx.upstream.helo_name, ctx.upstream.timeout)
+        .await
+        .map_err(|e| format!("{target}: {e}"))?;
+    lines.push(format!("{target}: ok"));
+    let mechanism = format!("{:?}", p.mechanism).to_uppercase();
+    match client.authenticate(p, &acct.mailbox, &token.secret).await {
+        Ok(()) => lines.push(format!("authenticate {mechanism} as {}: ok", acct.mailbox)),
+        Err(UpstreamError::AuthRejected(r) | UpstreamError::Rejected(r)) => {
+            let hint = crate::hints::for_smtp_reply(p.family, &r)
+                .map(|h| format!("\n  hint: {h}"))
+                .unwrap_or_default();
+            return Err(format!(
+                "authenticate {mechanism} as {}: {}{hint}",
+                acct.mailbox,
+                r.summary()
+            ));
+        }
+        Err(e) => return Err(format!("authenticate: {e}")),
+    }
+    if let Some(to) = to {
+        for line in [
+            format!("MAIL FROM:<{}>", acct.mailbox),
+            format!("RCPT TO:<{to}>"),
+            "DATA".into(),
+        ] {
+            let reply = client.command(&line).await.map_err(|e| e.to_string())?;
+            lines.push(format!("{line}: {}", reply.summary()));
+            if !reply.is_positive() {
+                return Err(format!("{line} refused"));
+            }
+        }
+        let body = format!(
+            "From: <{}>\r\nTo: <{to}>\r\nSubject: xoauth-relay test\r\nDate: {}\r\n\r\nThis is a test message sent by `xoauth-relay test {name}`.\r\n",
+            acct.mailbox,
+            rfc2822_now()
+        );
+        client
+            .body(body.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let reply = client.end_data().await.map_err(|e| e.to_string())?;
+        lines.push(format!("message: {}", reply.summary()));
+        if !reply.is_positive() {
+            return Err("message refused".into());
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.command("QUIT")).await;
+    lines.push("ok".into());
+    Ok(())
+}
+
+/// Current time as an RFC 5322 date (UTC), without a date crate.
+fn rfc2822_now() -> String {
+    let secs = crate::util::clock::now_unix();
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days.rem_euclid(7)) as usize];
+    let mon = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][(month - 1) as usize];
+    format!(
+        "{weekday}, {day:02} {mon} {year} {:02}:{:02}:{:02} +0000",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}

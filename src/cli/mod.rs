@@ -1,0 +1,256 @@
+//! Command line: `serve`, `check`, `hash-password`, `import-token`, `authorize`, `accounts`,
+//! `revoke`, `test`. Argument parsing and printing only: every operation is the app's or the admin
+//! room's.
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{strip_one_newline, Config};
+use crate::control::wire::{Request, Response};
+use crate::oauth::authorize;
+use crate::util::logging::{self, LogFormat};
+use crate::util::secret::Secret;
+
+#[derive(Parser)]
+#[command(
+    name = "xoauth-relay",
+    version,
+    about = "SMTP relay: password AUTH in, OAuth 2.0 (XOAUTH2) out"
+)]
+struct Cli {
+    /// Configuration file.
+    #[arg(
+        long,
+        global = true,
+        env = "XOAUTH_RELAY_CONFIG",
+        default_value = "config/relay.toml"
+    )]
+    config: PathBuf,
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "XOAUTH_RELAY_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay.
+    Serve,
+    /// Validate the configuration and exit.
+    Check,
+    /// Print an argon2id hash for an account's password_hash (reads the password from stdin or a prompt).
+    HashPassword,
+    /// Store a refresh token (read from stdin) as the account's grant.
+    ImportToken {
+        /// Account name (`name` in [[accounts]]).
+        account: String,
+    },
+    /// Obtain a grant for an account through the provider's consent page or device code.
+    Authorize {
+        /// Account name (`name` in [[accounts]]).
+        account: String,
+        /// Print the URL instead of opening a browser.
+        #[arg(long)]
+        no_browser: bool,
+        /// Paste-back: print the URL, then read the redirected URL (or the code) from stdin.
+        #[arg(long, conflicts_with = "device")]
+        manual: bool,
+        /// Device code flow: print a code to enter on another device.
+        #[arg(long)]
+        device: bool,
+    },
+    /// List accounts with their grant state.
+    Accounts,
+    /// Delete an account's grant (and revoke it at the provider where possible).
+    Revoke {
+        /// Account name (`name` in [[accounts]]).
+        account: String,
+    },
+    /// Get a token and authenticate to the upstream; with --to, send a short test message.
+    Test {
+        /// Account name (`name` in [[accounts]]).
+        account: String,
+        /// Also send a short test message to this address.
+        #[arg(long)]
+        to: Option<String>,
+    },
+}
+
+/// The program: parse arguments, run the command, print its result; the exit code says whether it
+/// worked.
+pub fn main() -> ExitCode {
+    private_umask();
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Everything the relay creates (database, key, socket, certificates, spool) is private to its user,
+/// whatever library creates it.
+#[allow(unsafe_code)] // The one unsafe call: libc's umask has no safe wrapper in std.
+fn private_umask() {
+    // SAFETY: umask only swaps the process's file-mode mask; it touches no memory.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
+fn load(cli: &Cli) -> Result<Config, String> {
+    Config::load(&cli.config).map_err(|e| e.to_string())
+}
+
+/// Reads a secret: from stdin when it is not a terminal (one trailing newline dropped), else from a
+/// prompt without echo.
+fn read_secret(prompt: &str) -> Result<String, String> {
+    if std::io::stdin().is_terminal() {
+        rpassword::prompt_password(prompt)
+            .map_err(|e| format!("cannot read from the terminal: {e}"))
+    } else {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| format!("cannot read stdin: {e}"))?;
+        Ok(strip_one_newline(s))
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    match &cli.command {
+        Command::Serve => {
+            let config = load(&cli)?;
+            let relay = crate::app::Relay::bind(config).await?;
+            relay.run(shutdown_signal()).await;
+            Ok(())
+        }
+        Command::Check => {
+            let config = load(&cli)?;
+            println!(
+                "{}: ok ({} listener(s), {} provider(s), {} account(s))",
+                config.path.display(),
+                config.listeners.len(),
+                config.providers.len(),
+                config.accounts.len()
+            );
+            Ok(())
+        }
+        Command::HashPassword => {
+            let password = read_secret("Password: ")?;
+            if password.is_empty() {
+                return Err("empty password".into());
+            }
+            if std::io::stdin().is_terminal() && read_secret("Again: ")? != password {
+                return Err("the two passwords differ; nothing printed".into());
+            }
+            println!("{}", crate::auth::hash_password(&password));
+            Ok(())
+        }
+        Command::ImportToken { account } => {
+            let config = load(&cli)?;
+            config.account(account).map_err(|e| e.to_string())?;
+            let token = read_secret("Refresh token: ")?;
+            if token.trim().is_empty() {
+                return Err(format!(
+                    "no refresh token on stdin; pipe it in, like `xoauth-relay import-token {account} < token.txt`"
+                ));
+            }
+            let request = Request::StoreGrant {
+                account: account.clone(),
+                refresh_token: Some(Secret::new(token.trim())),
+                access_token: None,
+                expires_in: None,
+            };
+            finish(crate::app::admin(config, request).await?)
+        }
+        Command::Accounts => finish(crate::app::admin(load(&cli)?, Request::Accounts).await?),
+        Command::Revoke { account } => finish(
+            crate::app::admin(
+                load(&cli)?,
+                Request::Revoke {
+                    account: account.clone(),
+                },
+            )
+            .await?,
+        ),
+        Command::Test { account, to } => {
+            let request = Request::Test {
+                account: account.clone(),
+                to: to.clone(),
+            };
+            let response = crate::app::admin(load(&cli)?, request).await?;
+            // Every step is worth seeing, the failed one included.
+            print!("{}", response.text);
+            if response.ok {
+                Ok(())
+            } else {
+                Err(format!("test of account `{account}` failed"))
+            }
+        }
+        Command::Authorize {
+            account,
+            no_browser,
+            manual,
+            device,
+        } => {
+            let config = load(&cli)?;
+            let mode = if *device {
+                authorize::Mode::Device
+            } else if *manual {
+                authorize::Mode::Manual
+            } else {
+                authorize::Mode::Loopback {
+                    open_browser: !no_browser,
+                }
+            };
+            let set = authorize::run(&config, account, mode).await?;
+            let request = Request::StoreGrant {
+                account: account.clone(),
+                refresh_token: set.refresh_token,
+                access_token: Some(set.access_token),
+                expires_in: set.expires_in.map(|d| d.as_secs()),
+            };
+            finish(crate::app::admin(config, request).await?)
+        }
+    }
+}
+
+fn finish(response: Response) -> Result<(), String> {
+    if response.ok {
+        print!("{}", response.text);
+        if !response.text.ends_with('\n') {
+            println!();
+        }
+        Ok(())
+    } else {
+        Err(response.text.trim_end().to_string())
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("signal handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}

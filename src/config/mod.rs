@@ -1,0 +1,425 @@
+//! The one TOML file an operator writes: listeners, TLS, limits, providers and accounts.
+//!
+//! Three steps, each with one job: [`raw`] parses the text (pure serde), [`resolve`] applies presets
+//! and validates (still pure: secrets are only *named*), and [`Config::resolve`] reads what lives
+//! outside the file (environment variables, secret files, certificate paths) through an [`Env`]. A
+//! reload can therefore parse, validate and diff a candidate without touching the running relay.
+//! Every error names the key and says what to do. The rest of the program only ever sees a fully
+//! resolved [`Provider`] and [`Account`], whose `Debug` output shows no secret or password hash.
+
+pub mod raw;
+pub mod resolve;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::util::secret::Secret;
+
+/// A configuration problem, worded for the operator who has to fix it.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+pub(crate) fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub hostname: String,
+    pub data_dir: PathBuf,
+    pub key_file: Option<PathBuf>,
+    pub control_socket: Option<PathBuf>,
+    pub require_tls_for_auth: bool,
+    pub allow_plaintext_loopback: bool,
+    /// Refresh an access token this many seconds before it expires.
+    pub refresh_margin_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            hostname: "localhost".into(),
+            data_dir: PathBuf::from("data"),
+            key_file: None,
+            control_socket: None,
+            require_tls_for_auth: true,
+            allow_plaintext_loopback: true,
+            refresh_margin_secs: 300,
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn key_file(&self) -> PathBuf {
+        self.key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("master.key"))
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.control_socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("control.sock"))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    Starttls,
+    Implicit,
+    None,
+}
+
+impl std::fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TlsMode::Starttls => "starttls",
+            TlsMode::Implicit => "implicit",
+            TlsMode::None => "none",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+    pub tls: TlsMode,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            certificate: PathBuf::from("certs/relay.crt"),
+            private_key: PathBuf::from("certs/relay.key"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_message_bytes: usize,
+    pub max_recipients: usize,
+    pub max_connections: usize,
+    pub idle_timeout_secs: u64,
+    /// Deadline for each step of the upstream dialogue (connect, TLS, each reply).
+    pub upstream_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 36_700_160,
+            max_recipients: 100,
+            max_connections: 1000,
+            idle_timeout_secs: 300,
+            upstream_timeout_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mechanism {
+    Xoauth2,
+    Oauthbearer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantKind {
+    RefreshToken,
+    ClientCredentials,
+    ServiceAccount,
+}
+
+impl GrantKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantKind::RefreshToken => "refresh_token",
+            GrantKind::ClientCredentials => "client_credentials",
+            GrantKind::ServiceAccount => "service_account",
+        }
+    }
+}
+
+/// Which provider family a provider belongs to; drives error hints and flow quirks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Google,
+    Microsoft,
+    Generic,
+}
+
+/// A provider with every preset and override applied and its client secret read.
+#[derive(Clone)]
+pub struct Provider {
+    pub name: String,
+    pub family: Family,
+    pub token_url: String,
+    pub authorize_url: Option<String>,
+    pub device_authorization_url: Option<String>,
+    pub revocation_url: Option<String>,
+    pub scopes: Vec<String>,
+    pub client_id: String,
+    /// Where the client secret comes from; [`Config::resolve`] reads it into `client_secret`.
+    pub secret_source: Option<SecretSource>,
+    pub client_secret: Option<Secret>,
+    pub smtp_host: String,
+    pub smtp_port: u16,
+    pub smtp_tls: TlsMode,
+    pub smtp_ca_file: Option<PathBuf>,
+    pub mechanism: Mechanism,
+    pub redirect_port: Option<u16>,
+    pub grant: GrantKind,
+    pub service_account_key_file: Option<PathBuf>,
+    pub client_certificate_file: Option<PathBuf>,
+    pub client_private_key_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Provider {
+    // By hand so that the client secret can never reach a log through `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider")
+            .field("name", &self.name)
+            .field("token_url", &self.token_url)
+            .field(
+                "smtp",
+                &format_args!("{}:{}", self.smtp_host, self.smtp_port),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// One mailer identity mapped to one provider grant.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub name: String,
+    pub login: String,
+    /// argon2id PHC string; a `Secret` so that `{:?}` of an account cannot print it.
+    pub password_hash: Secret,
+    pub provider: Arc<Provider>,
+    pub mailbox: String,
+    pub allowed_senders: Option<Vec<String>>,
+    pub grant: GrantKind,
+}
+
+/// Where a provider's client secret is read from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    Inline(Secret),
+    Env(String),
+    File(PathBuf),
+}
+
+impl std::fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretSource::Inline(_) => f.write_str("Inline([redacted])"),
+            SecretSource::Env(v) => write!(f, "Env({v})"),
+            SecretSource::File(p) => write!(f, "File({})", p.display()),
+        }
+    }
+}
+
+/// What resolving a config may read from outside the file; a trait so tests and a reload dry run
+/// can supply their own.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+    fn read_secret(&self, path: &Path) -> std::io::Result<String>;
+    fn exists(&self, path: &Path) -> bool;
+}
+
+/// The process environment and the real filesystem.
+pub struct SystemEnv;
+
+impl Env for SystemEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+
+    fn read_secret(&self, path: &Path) -> std::io::Result<String> {
+        read_secret_file(path)
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        std::fs::metadata(path).is_ok()
+    }
+}
+
+/// The whole resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub server: ServerConfig,
+    pub listeners: Vec<ListenerConfig>,
+    pub tls: TlsConfig,
+    pub limits: Limits,
+    pub providers: BTreeMap<String, Arc<Provider>>,
+    pub accounts: Vec<Arc<Account>>,
+}
+
+impl Config {
+    /// Reads, parses, validates and resolves the file at `path` against the real environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(format!(
+                "cannot read config file {}: {e}; pass --config PATH (or set XOAUTH_RELAY_CONFIG), \
+                 starting from config/relay.example.toml",
+                path.display()
+            ))
+        })?;
+        Config::parse(&text, path)?.resolve(&SystemEnv)
+    }
+
+    /// Parses and validates the text: a pure function (secrets named, not read).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        resolve::build(raw::parse(text, path)?, path)
+    }
+
+    /// Reads what the file only names: client secrets from env vars or files; checks that the files
+    /// it points at exist.
+    pub fn resolve(self, env: &dyn Env) -> Result<Config, ConfigError> {
+        resolve::external(self, env)
+    }
+
+    pub fn account(&self, name: &str) -> Result<&Arc<Account>, ConfigError> {
+        self.accounts
+            .iter()
+            .find(|a| a.name == name)
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "no account named `{name}` in {}; `xoauth-relay accounts` lists them",
+                    self.path.display()
+                ))
+            })
+    }
+}
+
+/// Reads a secret from a file; one trailing newline is not part of it.
+pub fn read_secret_file(path: &Path) -> std::io::Result<String> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(strip_one_newline(text))
+}
+
+/// Removes one trailing `\n` or `\r\n`: what `echo` or an editor adds is not part of a secret.
+pub fn strip_one_newline(mut s: String) -> String {
+    if s.ends_with('\n') {
+        s.pop();
+        if s.ends_with('\r') {
+            s.pop();
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = r#"
+[[listeners]]
+address = "127.0.0.1:587"
+tls = "none"
+
+[providers.corp]
+token_url = "https://login.example.com/token"
+client_id = "c"
+client_secret = "client-SECRET-inline"
+smtp_host = "smtp.example.com"
+
+[providers.envy]
+token_url = "https://login.example.com/token"
+client_id = "c"
+client_secret_env = "XR_UNIT_SECRET"
+smtp_host = "smtp.example.com"
+
+[[accounts]]
+name = "news"
+password_hash = "$argon2id$v=19$m=19456,t=2,p=1$8uLpBtLr7xHax5eifcWBXA$QKTwp/o3Eg0VHq7aeAVpq5nU6VsxKM0bSk9xdcSnc0U"
+provider = "corp"
+mailbox = "news@example.com"
+
+[[accounts]]
+name = "other"
+password_hash = "$argon2id$v=19$m=19456,t=2,p=1$8uLpBtLr7xHax5eifcWBXA$QKTwp/o3Eg0VHq7aeAVpq5nU6VsxKM0bSk9xdcSnc0U"
+provider = "envy"
+mailbox = "other@example.com"
+"#;
+
+    struct FakeEnv;
+
+    impl Env for FakeEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            (name == "XR_UNIT_SECRET").then(|| "env-SECRET-value".to_string())
+        }
+        fn read_secret(&self, _: &Path) -> std::io::Result<String> {
+            Err(std::io::ErrorKind::NotFound.into())
+        }
+        fn exists(&self, _: &Path) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn parsing_names_secrets_and_resolving_reads_them_through_the_env() {
+        let parsed = Config::parse(TEXT, Path::new("relay.toml")).unwrap();
+        let envy = &parsed.providers["envy"];
+        assert_eq!(
+            envy.secret_source,
+            Some(SecretSource::Env("XR_UNIT_SECRET".into()))
+        );
+        assert!(envy.client_secret.is_none(), "parse reads no environment");
+        let config = parsed.resolve(&FakeEnv).unwrap();
+        assert_eq!(
+            config.providers["envy"]
+                .client_secret
+                .as_ref()
+                .unwrap()
+                .expose(),
+            "env-SECRET-value"
+        );
+        // Accounts point at the resolved provider.
+        assert!(config
+            .account("other")
+            .unwrap()
+            .provider
+            .client_secret
+            .is_some());
+    }
+
+    #[test]
+    fn debug_output_shows_no_secret_or_password_hash() {
+        let config = Config::parse(TEXT, Path::new("relay.toml"))
+            .unwrap()
+            .resolve(&FakeEnv)
+            .unwrap();
+        let debug = format!("{config:?}");
+        assert!(debug.contains("news"), "{debug}");
+        for secret in ["SECRET", "argon2id"] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! The file as written: serde structures and the TOML parse, nothing else.
+//!
+//! A pure function of the text (no environment, no files), so a reload can parse a candidate file
+//! without touching anything. Unknown keys are refused: a typo in a mail relay's config should stop
+//! the start, not silently fall back to a default.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::{
+    ConfigError, GrantKind, Limits, ListenerConfig, Mechanism, ServerConfig, TlsConfig, TlsMode,
+};
+use crate::util::secret::Secret;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub providers: BTreeMap<String, RawProvider>,
+    #[serde(default)]
+    pub accounts: Vec<RawAccount>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    pub token_url: Option<String>,
+    pub authorize_url: Option<String>,
+    pub device_authorization_url: Option<String>,
+    pub revocation_url: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<Secret>,
+    pub client_secret_env: Option<String>,
+    pub client_secret_file: Option<PathBuf>,
+    pub smtp_host: Option<String>,
+    pub smtp_port: Option<u16>,
+    pub smtp_tls: Option<TlsMode>,
+    pub smtp_ca_file: Option<PathBuf>,
+    pub mechanism: Option<Mechanism>,
+    pub tenant: Option<String>,
+    pub redirect_port: Option<u16>,
+    pub grant: Option<GrantKind>,
+    pub service_account_key_file: Option<PathBuf>,
+    pub client_certificate_file: Option<PathBuf>,
+    pub client_private_key_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccount {
+    pub name: String,
+    pub login: Option<String>,
+    pub password_hash: Option<Secret>,
+    pub provider: String,
+    pub mailbox: String,
+    #[serde(default)]
+    pub allowed_senders: Option<Vec<String>>,
+    pub grant: Option<GrantKind>,
+}
+
+impl std::fmt::Debug for RawAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawAccount")
+            .field("name", &self.name)
+            .field("provider", &self.provider)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses the file's text; errors carry `path:line:col`.
+pub fn parse(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        // Line and column only: the parser's own message quotes the source line, which may hold
+        // a client secret.
+        let at = e
+            .span()
+            .map(|span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!(":{line}:{col}")
+            })
+            .unwrap_or_default();
+        let mut msg = format!("{}{at}: {}", path.display(), e.message().trim_end());
+        if msg.contains("invalid socket address") {
+            msg.push_str(
+                "\n(a listener address is an IP and a port, like 127.0.0.1:587 or 0.0.0.0:587)",
+            );
+        }
+        ConfigError(msg)
+    })
+}

@@ -1,0 +1,402 @@
+//! From the file as written to the configuration the relay runs on: presets merged, every rule
+//! checked, errors worded with the key and the fix.
+//!
+//! [`build`] is pure (it names secrets but does not read them); [`external`] is the one step that
+//! looks outside the file, through [`Env`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::raw::{RawConfig, RawProvider};
+use super::{
+    err, Account, Config, ConfigError, Env, Family, GrantKind, Mechanism, Provider, SecretSource,
+    TlsMode,
+};
+use crate::util::secret::Secret;
+
+/// Applies presets and validates; reads nothing outside `raw`.
+pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
+    // Relative paths in the file are relative to the directory the relay runs in, like the
+    // documented `cargo run -- serve --config config/relay.example.toml`.
+    let mut providers = BTreeMap::new();
+    let mut names: Vec<String> = raw.providers.keys().cloned().collect();
+    for preset in ["google", "microsoft"] {
+        if !raw.providers.contains_key(preset) {
+            names.push(preset.to_string());
+        }
+    }
+    for name in names {
+        let overrides = raw.providers.get(&name).cloned();
+        let used = raw.accounts.iter().any(|a| a.provider == name);
+        if overrides.is_none() && !used {
+            continue;
+        }
+        let p = provider(&name, overrides.unwrap_or_default())?;
+        providers.insert(name, Arc::new(p));
+    }
+
+    let mut accounts = Vec::new();
+    let mut seen_names = HashSet::new();
+    let mut seen_logins: HashMap<String, String> = HashMap::new();
+    for a in raw.accounts {
+        let what = format!("account `{}`", a.name);
+        if a.name.is_empty() || a.name.contains(char::is_whitespace) {
+            return err(format!(
+                "{what}: `name` must be a non-empty word without spaces"
+            ));
+        }
+        if !seen_names.insert(a.name.clone()) {
+            return err(format!(
+                "{what}: two [[accounts]] have this name; names must be unique"
+            ));
+        }
+        let login = a.login.clone().unwrap_or_else(|| a.name.clone());
+        if let Some(other) = seen_logins.insert(login.clone(), a.name.clone()) {
+            return err(format!(
+                "{what}: login `{login}` is already used by account `{other}`; give each account its own `login`"
+            ));
+        }
+        let Some(password_hash) = a.password_hash else {
+            return err(format!(
+                "{what}: `password_hash` is missing; create one with `xoauth-relay hash-password` and paste it in"
+            ));
+        };
+        if let Err(e) = argon2::PasswordHash::new(password_hash.expose()) {
+            return err(format!(
+                "{what}: `password_hash` is not a PHC string ({e}); create one with `xoauth-relay hash-password`"
+            ));
+        }
+        let Some(provider) = providers.get(&a.provider).cloned() else {
+            return err(format!(
+                "{what}: provider `{}` is not defined; add a [providers.{}] table or use `google` / `microsoft`",
+                a.provider, a.provider
+            ));
+        };
+        if !a.mailbox.contains('@') {
+            return err(format!(
+                "{what}: `mailbox` must be the upstream address, like news@example.com"
+            ));
+        }
+        let grant = a.grant.unwrap_or(provider.grant);
+        if grant == GrantKind::ClientCredentials
+            && provider.grant != GrantKind::ClientCredentials
+            && provider.family == Family::Microsoft
+        {
+            return err(format!(
+                "{what}: grant = \"client_credentials\" must be set on [providers.microsoft] (it changes the scope \
+                 to https://outlook.office365.com/.default); use a separate provider table for app-only accounts"
+            ));
+        }
+        if grant == GrantKind::ClientCredentials
+            && provider.family == Family::Microsoft
+            && provider.token_url.contains("/common/")
+        {
+            return err(format!(
+                "{what}: app-only (client_credentials) tokens need your tenant: set `tenant` (id or domain) in \
+                 [providers.microsoft]"
+            ));
+        }
+        if grant == GrantKind::ClientCredentials && provider.family == Family::Google {
+            return err(format!(
+                "{what}: Google has no client-credentials grant for Gmail; use grant = \"service_account\" \
+                 (Workspace domain-wide delegation) or a user grant from `xoauth-relay authorize`"
+            ));
+        }
+        if grant == GrantKind::RefreshToken
+            && provider.family == Family::Google
+            && provider.secret_source.is_none()
+        {
+            return err(format!(
+                "{what}: Google's token endpoint needs the OAuth client's secret (Desktop app clients have one too); \
+                 set client_secret_env, client_secret_file or client_secret in [providers.google]"
+            ));
+        }
+        for pattern in a.allowed_senders.iter().flatten() {
+            let domain_wildcard = pattern
+                .strip_prefix("*@")
+                .is_some_and(|d| !d.is_empty() && !d.contains(['*', '@']));
+            let address = !pattern.contains('*') && pattern.matches('@').count() == 1;
+            if !(domain_wildcard || address) {
+                return err(format!(
+                    "{what}: allowed_senders entry \"{pattern}\" is neither an address (news@example.com) nor \
+                     a whole domain (*@example.com)"
+                ));
+            }
+        }
+        if grant == GrantKind::ServiceAccount && provider.service_account_key_file.is_none() {
+            return err(format!(
+                "{what}: grant = \"service_account\" needs `service_account_key_file` in [providers.{}]",
+                provider.name
+            ));
+        }
+        accounts.push(Arc::new(Account {
+            name: a.name,
+            login,
+            password_hash,
+            provider,
+            mailbox: a.mailbox,
+            allowed_senders: a.allowed_senders,
+            grant,
+        }));
+    }
+
+    if raw.limits.max_message_bytes == 0 || raw.limits.max_recipients == 0 {
+        return err("[limits]: max_message_bytes and max_recipients must be greater than 0");
+    }
+    if raw.server.refresh_margin_secs > 1800 {
+        return err(
+            "[server]: refresh_margin_secs must be at most 1800 (access tokens live about an hour)",
+        );
+    }
+    if raw.limits.max_connections == 0 {
+        return err("[limits]: max_connections must be greater than 0");
+    }
+    if raw.listeners.is_empty() {
+        return err(format!(
+            "{}: no [[listeners]] configured; add one, like address = \"127.0.0.1:587\", tls = \"starttls\"",
+            path.display()
+        ));
+    }
+    let mut addrs = HashSet::new();
+    for l in &raw.listeners {
+        if l.tls == TlsMode::None
+            && raw.server.require_tls_for_auth
+            && !raw.server.allow_plaintext_loopback
+        {
+            return err(format!(
+                "[[listeners]] {}: tls = \"none\" but require_tls_for_auth = true and allow_plaintext_loopback = false, \
+                 so no mailer could ever authenticate there; use tls = \"starttls\" or allow loopback clients",
+                l.address
+            ));
+        }
+        if l.address.port() != 0 && !addrs.insert(l.address) {
+            return err(format!(
+                "[[listeners]]: address {} is listed twice",
+                l.address
+            ));
+        }
+    }
+    Ok(Config {
+        path: path.to_path_buf(),
+        server: raw.server,
+        listeners: raw.listeners,
+        tls: raw.tls,
+        limits: raw.limits,
+        providers,
+        accounts,
+    })
+}
+
+/// Reads client secrets from env vars and files, and checks that every file the config names exists.
+pub fn external(mut config: Config, env: &dyn Env) -> Result<Config, ConfigError> {
+    let mut resolved = BTreeMap::new();
+    for (name, p) in &config.providers {
+        let what = format!("provider `{name}`");
+        let mut p = Provider::clone(p);
+        p.client_secret = match &p.secret_source {
+            Some(SecretSource::Env(var)) => match env.var(var) {
+                Some(v) if !v.is_empty() => Some(Secret::new(v)),
+                _ => {
+                    return err(format!(
+                        "{what}: `client_secret_env` names {var}, which is not set; export it or use `client_secret_file`"
+                    ))
+                }
+            },
+            Some(SecretSource::File(file)) => Some(Secret::new(env.read_secret(file).map_err(|e| {
+                ConfigError(format!(
+                    "{what}: `client_secret_file` {}: {e}; check the path and that the relay's user can read it",
+                    file.display()
+                ))
+            })?)),
+            Some(SecretSource::Inline(s)) => Some(s.clone()),
+            None => None,
+        };
+        for (key, file) in [
+            ("smtp_ca_file", &p.smtp_ca_file),
+            ("service_account_key_file", &p.service_account_key_file),
+            ("client_certificate_file", &p.client_certificate_file),
+            ("client_private_key_file", &p.client_private_key_file),
+        ] {
+            if let Some(f) = file {
+                if !env.exists(f) {
+                    return err(format!(
+                        "{what}: `{key}` {}: No such file or directory; check the path",
+                        f.display()
+                    ));
+                }
+            }
+        }
+        resolved.insert(name.clone(), Arc::new(p));
+    }
+    config.accounts = config
+        .accounts
+        .iter()
+        .map(|a| {
+            let mut a = Account::clone(a);
+            a.provider = resolved[&a.provider.name].clone();
+            Arc::new(a)
+        })
+        .collect();
+    config.providers = resolved;
+    let (cert, key) = (&config.tls.certificate, &config.tls.private_key);
+    if config.listeners.iter().any(|l| l.tls != TlsMode::None)
+        && env.exists(cert) != env.exists(key)
+    {
+        return err(format!(
+            "[tls]: only one of certificate ({}) and private_key ({}) exists; provide both, or remove both to \
+             have a self-signed pair generated",
+            cert.display(),
+            key.display()
+        ));
+    }
+    Ok(config)
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn check_url(provider: &str, key: &str, value: &str) -> Result<(), ConfigError> {
+    let url = url::Url::parse(value).map_err(|e| {
+        ConfigError(format!(
+            "provider `{provider}`: `{key}` = \"{value}\" is not a URL ({e})"
+        ))
+    })?;
+    let host = url.host_str().unwrap_or("");
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback_host(host) => Ok(()),
+        _ => err(format!(
+            "provider `{provider}`: `{key}` must be an https URL (http is accepted only for a loopback host)"
+        )),
+    }
+}
+
+fn provider(name: &str, raw: RawProvider) -> Result<Provider, ConfigError> {
+    let what = format!("provider `{name}`");
+    let family = match name {
+        "google" => Family::Google,
+        "microsoft" => Family::Microsoft,
+        _ => Family::Generic,
+    };
+    let tenant = raw.tenant.clone().unwrap_or_else(|| "common".into());
+    let ms = |path: &str| format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/{path}");
+    // Preset values; fields the operator sets win.
+    let (token, authorize, device, revoke, scopes, host, port, tls) = match family {
+        Family::Google => (
+            Some("https://oauth2.googleapis.com/token".to_string()),
+            Some("https://accounts.google.com/o/oauth2/v2/auth".to_string()),
+            Some("https://oauth2.googleapis.com/device/code".to_string()),
+            Some("https://oauth2.googleapis.com/revoke".to_string()),
+            Some(vec!["https://mail.google.com/".to_string()]),
+            Some("smtp.gmail.com".to_string()),
+            Some(465),
+            Some(TlsMode::Implicit),
+        ),
+        Family::Microsoft => (
+            Some(ms("token")),
+            Some(ms("authorize")),
+            Some(ms("devicecode")),
+            None,
+            Some(if raw.grant == Some(GrantKind::ClientCredentials) {
+                vec!["https://outlook.office365.com/.default".to_string()]
+            } else {
+                vec![
+                    "https://outlook.office.com/SMTP.Send".to_string(),
+                    "offline_access".to_string(),
+                ]
+            }),
+            Some("smtp.office365.com".to_string()),
+            Some(587),
+            Some(TlsMode::Starttls),
+        ),
+        Family::Generic => (None, None, None, None, None, None, None, None),
+    };
+    let Some(token_url) = raw.token_url.or(token) else {
+        return err(format!(
+            "{what}: `token_url` is missing (required for providers other than google / microsoft)"
+        ));
+    };
+    let Some(smtp_host) = raw.smtp_host.or(host) else {
+        return err(format!("{what}: `smtp_host` is missing"));
+    };
+    let Some(client_id) = raw.client_id else {
+        return err(format!(
+            "{what}: `client_id` is missing; register an OAuth app with the provider and put its client id here"
+        ));
+    };
+    let authorize_url = raw.authorize_url.or(authorize);
+    let device_authorization_url = raw.device_authorization_url.or(device);
+    let revocation_url = raw.revocation_url.or(revoke);
+    check_url(name, "token_url", &token_url)?;
+    for (key, value) in [
+        ("authorize_url", &authorize_url),
+        ("device_authorization_url", &device_authorization_url),
+        ("revocation_url", &revocation_url),
+    ] {
+        if let Some(v) = value {
+            check_url(name, key, v)?;
+        }
+    }
+    let smtp_tls = raw.smtp_tls.or(tls).unwrap_or(TlsMode::Starttls);
+    if smtp_tls == TlsMode::None && !is_loopback_host(&smtp_host) {
+        return err(format!(
+            "{what}: smtp_tls = \"none\" is allowed only for a loopback smtp_host; use \"starttls\" or \"implicit\""
+        ));
+    }
+    let secret_sources = [
+        raw.client_secret.is_some(),
+        raw.client_secret_env.is_some(),
+        raw.client_secret_file.is_some(),
+    ];
+    if secret_sources.iter().filter(|s| **s).count() > 1 {
+        return err(format!(
+            "{what}: set only one of `client_secret`, `client_secret_env`, `client_secret_file`"
+        ));
+    }
+    let secret_source = if let Some(var) = raw.client_secret_env {
+        Some(SecretSource::Env(var))
+    } else if let Some(file) = raw.client_secret_file {
+        Some(SecretSource::File(file))
+    } else {
+        raw.client_secret.map(SecretSource::Inline)
+    };
+    let client_secret = match &secret_source {
+        Some(SecretSource::Inline(s)) => Some(s.clone()),
+        _ => None,
+    };
+    if raw.client_certificate_file.is_some() != raw.client_private_key_file.is_some() {
+        return err(format!(
+            "{what}: `client_certificate_file` and `client_private_key_file` go together; set both or neither"
+        ));
+    }
+    Ok(Provider {
+        name: name.to_string(),
+        family,
+        token_url,
+        authorize_url,
+        device_authorization_url,
+        revocation_url,
+        scopes: raw.scopes.or(scopes).unwrap_or_default(),
+        client_id,
+        secret_source,
+        client_secret,
+        smtp_host,
+        smtp_port: raw.smtp_port.or(port).unwrap_or(587),
+        smtp_tls,
+        smtp_ca_file: raw.smtp_ca_file,
+        mechanism: raw.mechanism.unwrap_or(Mechanism::Xoauth2),
+        redirect_port: raw.redirect_port,
+        grant: raw.grant.unwrap_or(GrantKind::RefreshToken),
+        service_account_key_file: raw.service_account_key_file,
+        client_certificate_file: raw.client_certificate_file,
+        client_private_key_file: raw.client_private_key_file,
+    })
+}

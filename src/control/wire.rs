@@ -1,0 +1,47 @@
+//! The control socket's messages: one JSON line each way.
+
+use serde::{Deserialize, Serialize};
+
+use crate::util::secret::Secret;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Accounts,
+    /// Store a grant obtained by `authorize` or given to `import-token`.
+    StoreGrant {
+        account: String,
+        refresh_token: Option<Secret>,
+        access_token: Option<Secret>,
+        expires_in: Option<u64>,
+    },
+    Revoke {
+        account: String,
+    },
+    Test {
+        account: String,
+        to: Option<String>,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    pub text: String,
+}
+
+impl Response {
+    pub fn ok(text: impl Into<String>) -> Response {
+        Response {
+            ok: true,
+            text: text.into(),
+        }
+    }
+
+    pub fn fail(text: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            text: text.into(),
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! The relay's SMTP client towards a provider: connect, TLS, EHLO, SASL XOAUTH2/OAUTHBEARER,
+//! commands and a streamed body. It knows nothing of sessions or accounts.
+//!
+//! Written on tokio directly rather than on mail-send, whose client answers Gmail's XOAUTH2 error
+//! challenge wrongly, stops at the first rejected RCPT and adds a blank line to bodies that end in
+//! CRLF; here each command's reply is passed through as it comes and the body is re-stuffed byte for
+//! byte. Errors keep their kind ([`ErrorKind`]): timeout, connect, TLS, protocol, closed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use smtp_proto::{
+    EhloResponse, AUTH_OAUTHBEARER, AUTH_XOAUTH2, EXT_8BIT_MIME, EXT_PIPELINING, EXT_SIZE,
+    EXT_SMTP_UTF8, EXT_START_TLS,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::outcome::{ErrorKind, UpstreamError};
+use crate::config::{Mechanism, Provider, TlsMode};
+use crate::smtp::body::BodyEncoder;
+use crate::smtp::Reply;
+use crate::util::secret::Secret;
+
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Stream for T {}
+pub type BoxStream = Box<dyn Stream>;
+
+const MAX_REPLY: usize = 64 * 1024;
+/// Wait for the reply to the end of data (RFC 5321 §4.5.3.2.6).
+const FINAL_REPLY_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Extensions the upstream advertised in its EHLO reply (parsed by smtp-proto).
+#[derive(Debug, Default, Clone)]
+pub struct Capabilities {
+    pub starttls: bool,
+    pub size: bool,
+    pub eight_bit: bool,
+    pub smtputf8: bool,
+    pub pipelining: bool,
+    /// smtp-proto's `AUTH_*` bits.
+    pub auth: u64,
+}
+
+impl Capabilities {
+    fn from_ehlo(reply: &Reply) -> Capabilities {
+        let wire = reply.to_bytes();
+        let Ok(ehlo) = EhloResponse::parse(&mut wire.iter()) else {
+            return Capabilities::default();
+        };
+        let has = |ext| ehlo.has_capability(ext);
+        Capabilities {
+            starttls: has(EXT_START_TLS),
+            size: has(EXT_SIZE),
+            eight_bit: has(EXT_8BIT_MIME),
+            smtputf8: has(EXT_SMTP_UTF8),
+            pipelining: has(EXT_PIPELINING),
+            auth: ehlo.auth_mechanisms,
+        }
+    }
+}
+
+/// One SMTP client connection to a provider.
+pub struct Client {
+    stream: BoxStream,
+    buf: Vec<u8>,
+    timeout: Duration,
+    pub caps: Capabilities,
+    body: BodyEncoder,
+    /// The upstream's name, for error messages.
+    host: String,
+}
+
+impl Client {
+    /// Connects, sets up TLS as the provider requires (never falling back to clear text) and says EHLO.
+    pub async fn connect(
+        provider: &Provider,
+        tls: &Arc<rustls::ClientConfig>,
+        helo_name: &str,
+        timeout: Duration,
+    ) -> Result<Client, UpstreamError> {
+        let host = provider.smtp_host.as_str();
+        let addr = (
+            host.trim_start_matches('[').trim_end_matches(']'),
+            provider.smtp_port,
+        );
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| UpstreamError::new(ErrorKind::Timeout, host, "connect", "timed out"))?
+            .map_err(|e| UpstreamError::new(ErrorKind::Connect, host, "connect", e))?;
+        let _ = tcp.set_nodelay(true);
+        let stream: BoxStream = if provider.smtp_tls == TlsMode::Implicit {
+            Box::new(tls_handshake(tcp, host, tls, timeout).await?)
+        } else {
+            Box::new(tcp)
+        };
+        let mut client = Client {
+            stream,
+            buf: Vec::new(),
+            timeout,
+            caps: Capabilities::default(),
+            body: BodyEncoder::default(),
+            host: host.to_string(),
+        };
+        let greeting = client.read_reply().await?;
+        if greeting.code != 220 {
+            return Err(UpstreamError::Rejected(greeting));
+        }
+        client.ehlo(helo_name).await?;
+        if provider.smtp_tls == TlsMode::Starttls {
+            if !client.caps.starttls {
+                return Err(UpstreamError::new(
+                    ErrorKind::Protocol,
+                    host,
+                    "STARTTLS",
+                    "not offered; refusing to send the token in clear",
+                ));
+            }
+            let reply = client.command("STARTTLS").await?;
+            if reply.code != 220 {
+                return Err(UpstreamError::Rejected(reply));
+            }
+            let plain = std::mem::replace(&mut client.stream, Box::new(tokio::io::duplex(1).0));
+            client.buf.clear();
+            client.stream = Box::new(tls_handshake(plain, host, tls, timeout).await?);
+            client.ehlo(helo_name).await?;
+        }
+        Ok(client)
+    }
+
+    fn err(&self, kind: ErrorKind, what: &str, e: impl std::fmt::Display) -> UpstreamError {
+        UpstreamError::new(kind, &self.host, what, e)
+    }
+
+    async fn ehlo(&mut self, helo_name: &str) -> Result<(), UpstreamError> {
+        let reply = self.command(&format!("EHLO {helo_name}")).await?;
+        if reply.code != 250 {
+            return Err(UpstreamError::Rejected(reply));
+        }
+        self.caps = Capabilities::from_ehlo(&reply);
+        Ok(())
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), UpstreamError> {
+        tokio::time::timeout(self.timeout, async {
+            self.stream.write_all(bytes).await?;
+            self.stream.flush().await
+        })
+        .await
+        .map_err(|_| self.err(ErrorKind::Timeout, "write", "timed out"))?
+        .map_err(|e| self.err(ErrorKind::Closed, "write", e))
+    }
+
+    pub async fn read_reply(&mut self) -> Result<Reply, UpstreamError> {
+        self.read_reply_within(self.timeout).await
+    }
+
+    async fn read_reply_within(&mut self, limit: Duration) -> Result<Reply, UpstreamError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match Reply::parse(&self.buf) {
+                Ok(Some((reply, used))) => {
+                    self.buf.drain(..used);
+                    return Ok(reply);
+                }
+                Ok(None) if self.buf.len() > MAX_REPLY => {
+                    return Err(self.err(ErrorKind::Protocol, "reply", "too long"))
+                }
+                Ok(None) => {}
+                Err(e) => return Err(self.err(ErrorKind::Protocol, "reply", e)),
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk))
+                .await
+                .map_err(|_| self.err(ErrorKind::Timeout, "reply", "timed out"))?
+                .map_err(|e| self.err(ErrorKind::Closed, "reply", e))?;
+            if n == 0 {
+                return Err(self.err(ErrorKind::Closed, "reply", "connection closed"));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    pub async fn command(&mut self, line: &str) -> Result<Reply, UpstreamError> {
+        if !self.buf.is_empty() {
+            // Replies nobody asked for: the dialogue is out of step, every later reply would be misread.
+            return Err(self.err(
+                ErrorKind::Protocol,
+                "protocol",
+                "unexpected data from the server; connection dropped",
+            ));
+        }
+        self.write(format!("{line}\r\n").as_bytes()).await?;
+        self.read_reply().await
+    }
+
+    /// SASL XOAUTH2 or OAUTHBEARER with `token` for `mailbox`. On an error challenge (Gmail's
+    /// `334 <base64 JSON>`), answers as the mechanism requires (empty line / `^A`) to get the final
+    /// reply, and returns it as `AuthRejected`.
+    pub async fn authenticate(
+        &mut self,
+        provider: &Provider,
+        mailbox: &str,
+        token: &Secret,
+    ) -> Result<(), UpstreamError> {
+        let b64 = &base64::engine::general_purpose::STANDARD;
+        let (name, bit, initial, cancel) = match provider.mechanism {
+            Mechanism::Xoauth2 => (
+                "XOAUTH2",
+                AUTH_XOAUTH2,
+                format!("user={mailbox}\x01auth=Bearer {}\x01\x01", token.expose()),
+                "",
+            ),
+            Mechanism::Oauthbearer => (
+                "OAUTHBEARER",
+                AUTH_OAUTHBEARER,
+                format!(
+                    "n,a={},\x01host={}\x01port={}\x01auth=Bearer {}\x01\x01",
+                    mailbox.replace('=', "=3D").replace(',', "=2C"),
+                    provider.smtp_host,
+                    provider.smtp_port,
+                    token.expose()
+                ),
+                "AQ==",
+            ),
+        };
+        if self.caps.auth != 0 && self.caps.auth & bit == 0 {
+            return Err(self.err(
+                ErrorKind::Protocol,
+                "AUTH",
+                format!(
+                    "offers {} but not {name}; check `mechanism` for this provider",
+                    mechanism_names(self.caps.auth)
+                ),
+            ));
+        }
+        let line = format!("AUTH {name} {}\r\n", b64.encode(initial));
+        self.write(line.as_bytes()).await?;
+        let mut reply = self.read_reply().await?;
+        if reply.code == 334 {
+            self.write(format!("{cancel}\r\n").as_bytes()).await?;
+            reply = self.read_reply().await?;
+        }
+        match reply.code {
+            235 => Ok(()),
+            // 454/421 are the server's own trouble, not the token's: no refresh will help.
+            421 | 454 => Err(UpstreamError::Rejected(reply)),
+            _ => Err(UpstreamError::AuthRejected(reply)),
+        }
+    }
+
+    /// Writes part of a message body (see [`BodyEncoder`]).
+    pub async fn body(&mut self, chunk: &[u8]) -> Result<(), UpstreamError> {
+        let mut out = Vec::with_capacity(chunk.len() + chunk.len() / 32 + 4);
+        self.body.encode(chunk, &mut out);
+        self.write(&out).await
+    }
+
+    /// Ends the body and reads the final reply, allowing the upstream the 10 minutes RFC 5321
+    /// §4.5.3.2.6 suggests: giving up earlier makes the mailer retry a message that may have been taken.
+    pub async fn end_data(&mut self) -> Result<Reply, UpstreamError> {
+        let end = self.body.finish();
+        self.write(end).await?;
+        self.read_reply_within(self.timeout.max(FINAL_REPLY_TIMEOUT))
+            .await
+    }
+}
+
+/// The mechanisms a server offered, for an error message.
+fn mechanism_names(bits: u64) -> String {
+    use smtp_proto::{AUTH_CRAM_MD5, AUTH_LOGIN, AUTH_PLAIN};
+    let known = [
+        (AUTH_PLAIN, "PLAIN"),
+        (AUTH_LOGIN, "LOGIN"),
+        (AUTH_CRAM_MD5, "CRAM-MD5"),
+        (AUTH_XOAUTH2, "XOAUTH2"),
+        (AUTH_OAUTHBEARER, "OAUTHBEARER"),
+    ];
+    let names: Vec<&str> = known
+        .iter()
+        .filter(|(bit, _)| bits & bit != 0)
+        .map(|(_, name)| *name)
+        .collect();
+    if names.is_empty() {
+        "other mechanisms".into()
+    } else {
+        names.join(" ")
+    }
+}
+
+async fn tls_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    host: &str,
+    tls: &Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> Result<tokio_rustls::client::TlsStream<S>, UpstreamError> {
+    let name = rustls::pki_types::ServerName::try_from(
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+    )
+    .map_err(|_| UpstreamError::new(ErrorKind::Config, host, "TLS", "not a valid server name"))?;
+    tokio::time::timeout(
+        timeout,
+        tokio_rustls::TlsConnector::from(tls.clone()).connect(name, stream),
+    )
+    .await
+    .map_err(|_| UpstreamError::new(ErrorKind::Timeout, host, "TLS handshake", "timed out"))?
+    .map_err(|e| UpstreamError::new(ErrorKind::Tls, host, "TLS handshake", e))
+}

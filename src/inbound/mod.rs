@@ -1,0 +1,8 @@
+//! The mailer side: listeners, admission limits, and the IO driver of one mailer connection.
+//!
+//! `listener` accepts and admits; `connection` runs one session: it feeds socket bytes to the
+//! sans-IO [`crate::smtp::session::Session`] and carries out its actions (TLS, password check,
+//! delivery through [`crate::delivery::Submission`]).
+
+pub mod connection;
+pub mod listener;

@@ -1,0 +1,43 @@
+//! An in-memory grant store for unit tests: the same contract as the sled store, nothing on disk.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::{Grant, GrantStore, Status, StoreError};
+
+#[derive(Default)]
+pub struct MemoryStore {
+    grants: Mutex<HashMap<String, Grant>>,
+    status: Mutex<HashMap<String, Status>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl GrantStore for MemoryStore {
+    fn get(&self, account: &str) -> Result<Option<Grant>, StoreError> {
+        Ok(lock(&self.grants).get(account).cloned())
+    }
+
+    fn put(&self, account: &str, grant: &Grant) -> Result<(), StoreError> {
+        lock(&self.grants).insert(account.to_string(), grant.clone());
+        Ok(())
+    }
+
+    fn remove(&self, account: &str) -> Result<bool, StoreError> {
+        Ok(lock(&self.grants).remove(account).is_some())
+    }
+
+    fn status(&self, account: &str) -> Status {
+        lock(&self.status).get(account).cloned().unwrap_or_default()
+    }
+
+    fn update_status(&self, account: &str, f: &dyn Fn(&mut Status)) {
+        f(lock(&self.status).entry(account.to_string()).or_default());
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

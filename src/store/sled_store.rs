@@ -1,0 +1,144 @@
+//! The grant store on sled: one database under `data_dir`, grants sealed, bookkeeping in clear.
+//!
+//! sled allows one process per database: while `serve` runs, admin commands reach this store
+//! through the control socket instead of opening it.
+
+use std::path::Path;
+
+use super::seal::Sealer;
+use super::{Grant, GrantStore, Status, StoreError};
+use crate::util::fs::{create_private_dir, restrict_tree};
+
+pub struct SledStore {
+    db: sled::Db,
+    grants: sled::Tree,
+    status: sled::Tree,
+    sealer: Sealer,
+}
+
+fn db_err(e: sled::Error) -> StoreError {
+    StoreError(format!("database error: {e}"))
+}
+
+impl SledStore {
+    /// Opens (creating if needed) the database in `data_dir` and the key in `key_file`. Blocking:
+    /// call at start-up.
+    pub fn open(data_dir: &Path, key_file: &Path) -> Result<SledStore, StoreError> {
+        create_private_dir(data_dir).map_err(|e| {
+            StoreError(format!(
+                "cannot create data_dir {}: {e}",
+                data_dir.display()
+            ))
+        })?;
+        let sealer = Sealer::from_key_file(key_file)?;
+        let path = data_dir.join("grants.db");
+        let db = sled::Config::new().path(&path).open().map_err(|e| {
+            let detail = e.to_string();
+            if detail.contains("lock") || detail.contains("WouldBlock") || detail.contains("temporarily unavailable") {
+                StoreError(format!(
+                    "database {} is in use by another process (is `xoauth-relay serve` running with this data_dir \
+                     but its control socket missing?); stop that process or run the command against it",
+                    path.display()
+                ))
+            } else {
+                StoreError(format!("cannot open database {}: {detail}", path.display()))
+            }
+        })?;
+        restrict_tree(&path);
+        let grants = db.open_tree("grants").map_err(db_err)?;
+        let status = db.open_tree("status").map_err(db_err)?;
+        Ok(SledStore {
+            db,
+            grants,
+            status,
+            sealer,
+        })
+    }
+}
+
+impl GrantStore for SledStore {
+    fn get(&self, account: &str) -> Result<Option<Grant>, StoreError> {
+        let Some(sealed) = self.grants.get(account).map_err(db_err)? else {
+            return Ok(None);
+        };
+        let plain = self.sealer.open(account, &sealed)?;
+        serde_json::from_slice(&plain).map(Some).map_err(|e| {
+            StoreError(format!(
+                "account `{account}`: stored grant is unreadable: {e}"
+            ))
+        })
+    }
+
+    fn put(&self, account: &str, grant: &Grant) -> Result<(), StoreError> {
+        let plain = serde_json::to_vec(grant).map_err(|e| StoreError(e.to_string()))?;
+        let sealed = self.sealer.seal(account, &plain)?;
+        self.grants.insert(account, sealed).map_err(db_err)?;
+        self.db.flush().map_err(db_err)?;
+        Ok(())
+    }
+
+    fn remove(&self, account: &str) -> Result<bool, StoreError> {
+        let existed = self.grants.remove(account).map_err(db_err)?.is_some();
+        self.db.flush().map_err(db_err)?;
+        Ok(existed)
+    }
+
+    fn status(&self, account: &str) -> Status {
+        self.status
+            .get(account)
+            .ok()
+            .flatten()
+            .and_then(|v| serde_json::from_slice(&v).ok())
+            .unwrap_or_default()
+    }
+
+    // sled retries `f` on a concurrent change, so a last-use update from one session cannot undo a
+    // failure recorded by a refresh.
+    fn update_status(&self, account: &str, f: &dyn Fn(&mut Status)) {
+        let _ = self.status.update_and_fetch(account, |old| {
+            let mut s: Status = old
+                .and_then(|v| serde_json::from_slice(v).ok())
+                .unwrap_or_default();
+            f(&mut s);
+            serde_json::to_vec(&s).ok()
+        });
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(db_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::util::secret::Secret;
+
+    fn grant(token: &str) -> Grant {
+        Grant {
+            refresh_token: Some(Secret::new(token)),
+            obtained_at: 1,
+            ..Grant::default()
+        }
+    }
+
+    #[test]
+    fn sealed_grant_round_trips_and_is_bound_to_its_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("d"), &dir.path().join("k")).unwrap();
+        store.put("news", &grant("rt-secret-value")).unwrap();
+        let back = store.get("news").unwrap().unwrap();
+        assert_eq!(back.refresh_token.unwrap().expose(), "rt-secret-value");
+        // Move the sealed bytes under another name: the AEAD must refuse them.
+        let sealed = store.grants.get("news").unwrap().unwrap();
+        store.grants.insert("other", sealed).unwrap();
+        assert!(store.get("other").is_err());
+        let mode = std::fs::metadata(dir.path().join("k"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

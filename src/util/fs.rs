@@ -1,0 +1,36 @@
+//! Files the relay creates hold secrets or mail: directories `0700`, files `0600`, whatever the umask.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+
+/// Creates `dir` (and parents) with mode 0700 if missing.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    Ok(())
+}
+
+/// Tightens a tree some library created with the process umask: dirs 0700, files 0600.
+pub fn restrict_tree(path: &Path) {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return;
+    };
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700));
+    for entry in entries.flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            restrict_tree(&p);
+        } else {
+            let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+        }
+    }
+}
+
+/// Whether users other than the owner may read or write `path`.
+pub fn readable_by_others(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
+}

@@ -1,0 +1,13 @@
+//! Small helpers every room may use; nothing here knows about mail, tokens or the config.
+//!
+//! `secret` (a string that never prints) · `clock` (time that tests can move) · `fs` (private files
+//! and directories) · `tls` (certificate loading and client roots) · `logging` (subscriber setup).
+
+pub mod clock;
+pub mod fs;
+pub mod logging;
+pub mod secret;
+pub mod tls;
+
+/// A boxed future, for the few traits whose implementations are async (`dyn`-compatible).
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
