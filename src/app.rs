@@ -17,6 +17,8 @@ use crate::admin::AdminContext;
 use crate::auth::Authenticator;
 use crate::config::{Config, GrantKind, TlsMode};
 use crate::control::wire::{Request, Response};
+use crate::delivery::activity::{Activity, PERSIST_EVERY};
+use crate::delivery::pool::{Dialer, Pool};
 use crate::delivery::UpstreamContext;
 use crate::inbound::connection::Shared;
 use crate::inbound::listener::{self, Admission, Listener};
@@ -39,8 +41,9 @@ pub struct Core {
 }
 
 impl Core {
-    /// Opens the grant store (blocking: at start-up, or in a one-shot command).
-    pub fn open(config: Arc<Config>) -> Result<Core, String> {
+    /// Opens the grant store (blocking: at start-up, or in a one-shot command). Background work
+    /// (closing retired upstream connections) runs in `tasks`.
+    pub fn open(config: Arc<Config>, tasks: TaskTracker) -> Result<Core, String> {
         let store = SledStore::open(&config.server.data_dir, &config.server.key_file())
             .map_err(|e| e.to_string())?;
         let timeout = Duration::from_secs(config.limits.upstream_timeout_secs);
@@ -64,11 +67,24 @@ impl Core {
             margin,
             &config.accounts,
         ));
-        let upstream = Arc::new(UpstreamContext {
-            tokens,
+        let dialer = Dialer {
+            tokens: tokens.clone(),
             tls,
             helo_name: config.server.hostname.clone(),
             timeout,
+        };
+        let limits = &config.limits;
+        let pool = Pool::new(
+            &config.accounts,
+            dialer,
+            Duration::from_secs(limits.upstream_idle_secs),
+            Duration::from_secs(limits.upstream_wait_secs),
+            tasks.clone(),
+        );
+        let upstream = Arc::new(UpstreamContext {
+            tokens,
+            pool,
+            activity: Activity::new(&config.accounts),
         });
         Ok(Core {
             config,
@@ -94,10 +110,15 @@ pub async fn admin(config: Config, request: Request) -> Result<Response, String>
         return Ok(response);
     }
     let config = Arc::new(config);
-    let core = tokio::task::spawn_blocking(move || Core::open(config))
+    let tasks = TaskTracker::new();
+    let background = tasks.clone();
+    let core = tokio::task::spawn_blocking(move || Core::open(config, background))
         .await
         .map_err(|e| e.to_string())??;
     let response = crate::admin::execute(&core.admin(), request).await;
+    core.upstream.pool.close();
+    tasks.close();
+    tasks.wait().await;
     core.upstream
         .tokens
         .store()
@@ -110,6 +131,8 @@ pub async fn admin(config: Config, request: Request) -> Result<Response, String>
 /// A relay with its ports bound, ready to [`Relay::run`].
 pub struct Relay {
     core: Core,
+    /// Sessions, control requests and background work: everything shutdown waits for.
+    tasks: TaskTracker,
     shared: Arc<Shared>,
     listeners: Vec<Listener>,
     control: tokio::net::UnixListener,
@@ -134,8 +157,10 @@ impl Relay {
         // lock error.
         let control = crate::control::server::bind(&config.server.control_socket())?;
         let setup = config.clone();
+        let tasks = TaskTracker::new();
+        let background = tasks.clone();
         let (core, tls) = tokio::task::spawn_blocking(move || {
-            let core = Core::open(setup.clone())?;
+            let core = Core::open(setup.clone(), background)?;
             let tls = if setup.listeners.iter().any(|l| l.tls != TlsMode::None) {
                 let cfg = crate::util::tls::server_config(
                     &setup.tls.certificate,
@@ -159,7 +184,11 @@ impl Relay {
             }
         }
         let shared = Arc::new(Shared {
-            authenticator: Authenticator::new(&config.accounts),
+            authenticator: Authenticator::new(
+                &config.accounts,
+                Duration::from_secs(config.limits.auth_cache_secs),
+                core.upstream.tokens.clock().clone(),
+            ),
             config,
             upstream: core.upstream.clone(),
             tls,
@@ -168,10 +197,18 @@ impl Relay {
         });
         Ok(Relay {
             core,
+            tasks,
             shared,
             listeners,
             control,
         })
+    }
+
+    /// A read-only view of the running relay's counters, for tests and diagnostics.
+    pub fn probe(&self) -> Probe {
+        Probe {
+            shared: self.shared.clone(),
+        }
     }
 
     pub fn local_addrs(&self) -> Vec<(SocketAddr, TlsMode)> {
@@ -183,8 +220,10 @@ impl Relay {
 
     /// Serves until `shutdown` completes, then waits (bounded) for running sessions.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let sessions = TaskTracker::new();
+        let sessions = self.tasks;
         let admission = Admission::new(self.shared.config.limits.max_connections, sessions.clone());
+        let stop = self.shared.stop.clone();
+        let upstream = self.core.upstream.clone();
         let mut services = tokio::task::JoinSet::new();
         for l in self.listeners {
             services.spawn(listener::accept_loop(
@@ -196,15 +235,15 @@ impl Relay {
         services.spawn(crate::control::server::serve(
             self.control,
             Arc::new(self.core.admin()),
-            self.shared.stop.clone(),
+            stop.clone(),
             sessions.clone(),
         ));
+        services.spawn(housekeeping(upstream.clone(), stop.clone()));
         shutdown.await;
         tracing::info!("shutting down: no new connections, waiting for sessions to finish");
-        self.shared.stop.cancel();
+        stop.cancel();
         while services.join_next().await.is_some() {}
-        sessions.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, sessions.wait())
+        if tokio::time::timeout(SHUTDOWN_GRACE, wait_for_sessions(&sessions, &upstream))
             .await
             .is_err()
         {
@@ -213,11 +252,55 @@ impl Relay {
                 SHUTDOWN_GRACE.as_secs()
             );
             self.shared.cut.cancel();
-            sessions.wait().await;
+            wait_for_sessions(&sessions, &upstream).await;
         }
         let _ = std::fs::remove_file(self.shared.config.server.control_socket());
-        if let Err(e) = self.core.upstream.tokens.store().flush().await {
+        upstream.activity.persist(upstream.tokens.store()).await;
+        if let Err(e) = upstream.tokens.store().flush().await {
             tracing::warn!(error = %e, "cannot flush the database at shutdown");
+        }
+    }
+}
+
+/// Counters of a running relay.
+#[derive(Clone)]
+pub struct Probe {
+    shared: Arc<Shared>,
+}
+
+impl Probe {
+    /// Logins answered from the login cache (without argon2).
+    pub fn login_cache_hits(&self) -> u64 {
+        self.shared.authenticator.cache_hits()
+    }
+
+    /// Open upstream connections of `account`, idle ones included.
+    pub fn upstream_connections(&self, account: &str) -> usize {
+        self.shared.upstream.pool.open_connections(account)
+    }
+}
+
+/// Sessions end, then the pool says QUIT to what they left idle, and the tracker drains.
+async fn wait_for_sessions(tasks: &TaskTracker, upstream: &UpstreamContext) {
+    tasks.close();
+    tasks.wait().await;
+    // Sessions hand connections back while they finish; only then close the pool, and wait for
+    // the QUITs it starts.
+    upstream.pool.close();
+    tasks.wait().await;
+}
+
+/// Periodic upkeep until the relay stops: idle upstream connections closed, last-use times saved.
+async fn housekeeping(upstream: Arc<UpstreamContext>, stop: CancellationToken) {
+    let mut reap = tokio::time::interval(Duration::from_secs(1));
+    let mut persist = tokio::time::interval(PERSIST_EVERY);
+    reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    persist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = reap.tick() => upstream.pool.reap(),
+            _ = persist.tick() => upstream.activity.persist(upstream.tokens.store()).await,
         }
     }
 }

@@ -1,26 +1,33 @@
 //! Local authentication: the mailer's login and password against argon2id hashes from the config.
 //!
-//! Verification is CPU- and memory-heavy by design, so it runs on the blocking pool, bounded by a
-//! semaphore so a burst of logins cannot exhaust memory. An unknown login is checked against a dummy
-//! hash with the same parameters, so a wrong login and a wrong password cost the same time.
+//! Verification is CPU- and memory-heavy by design, so it runs on the blocking pool, at most one per
+//! core at a time, each in one of a fixed set of reused memory buffers: RSS stays bounded by the
+//! number of concurrent verifications, however many logins arrive (allocating 19 MiB per login left
+//! the allocator holding it). An unknown login is checked against a dummy hash with the same
+//! parameters, so a wrong login and a wrong password cost the same time.
+//!
+//! A login verified once is remembered for `auth_cache_secs` (Dovecot's `auth_cache_ttl`): the cache
+//! holds an HMAC-SHA-256, under a key made at start and never stored, of login and password, and a
+//! fingerprint of the account's password hash, so a changed hash invalidates it. Failed logins are
+//! never cached; the cache never holds a password.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use argon2::password_hash::{
-    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
-};
-use argon2::Argon2;
+use argon2::password_hash::{rand_core::OsRng, Output, PasswordHash, PasswordHasher, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
+use ring::hmac;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 use crate::config::Account;
+use crate::util::clock::SharedClock;
 use crate::util::secret::Secret;
 
-pub struct Authenticator {
-    by_login: HashMap<String, Arc<Account>>,
-    dummy_hash: String,
-    permits: Semaphore,
-}
+/// Entries kept at most; beyond it the cache is swept (expired entries first, then all).
+const CACHE_MAX: usize = 10_000;
 
 /// Hashes a password as an argon2id PHC string (the crate's recommended parameters).
 pub fn hash_password(password: &str) -> String {
@@ -31,25 +38,158 @@ pub fn hash_password(password: &str) -> String {
         .to_string()
 }
 
-fn verify(hash: &str, password: &str) -> bool {
-    PasswordHash::new(hash)
-        .map(|parsed| {
-            Argon2::default()
-                .verify_password(password.as_bytes(), &parsed)
-                .is_ok()
-        })
-        .unwrap_or(false)
+/// Verifies `password` against a PHC string, computing in `blocks` (resized as the hash needs).
+fn verify_in(hash: &str, password: &[u8], blocks: &mut Vec<Block>) -> bool {
+    let mut run = || -> Option<bool> {
+        let parsed = PasswordHash::new(hash).ok()?;
+        let algorithm = Algorithm::try_from(parsed.algorithm).ok()?;
+        let version = match parsed.version {
+            Some(v) => Version::try_from(v).ok()?,
+            None => Version::default(),
+        };
+        let params = Params::try_from(&parsed).ok()?;
+        let expected = parsed.hash?;
+        let mut salt = [0u8; 64];
+        let salt = parsed.salt?.decode_b64(&mut salt).ok()?;
+        let mut out = vec![0u8; expected.len()];
+        blocks.resize(params.block_count(), Block::new());
+        Argon2::new(algorithm, version, params)
+            .hash_password_into_with_memory(password, salt, &mut out, &mut blocks[..])
+            .ok()?;
+        // Output's equality is constant-time.
+        Some(Output::new(&out).ok()? == expected)
+    };
+    run().unwrap_or(false)
+}
+
+struct Cached {
+    account: Arc<Account>,
+    hash_fingerprint: hmac::Tag,
+    expires: Instant,
+}
+
+struct LoginCache {
+    key: hmac::Key,
+    ttl: Duration,
+    entries: Mutex<HashMap<Vec<u8>, Cached>>,
+    hits: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl LoginCache {
+    fn new(ttl: Duration) -> LoginCache {
+        let rng = ring::rand::SystemRandom::new();
+        LoginCache {
+            key: hmac::Key::generate(hmac::HMAC_SHA256, &rng).expect("system randomness"),
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+            hits: AtomicU64::new(0),
+        }
+    }
+
+    /// The cache key: login and password, length-prefixed so no two pairs collide.
+    fn tag(&self, login: &str, password: &Secret) -> Vec<u8> {
+        let mut ctx = hmac::Context::with_key(&self.key);
+        ctx.update(&(login.len() as u64).to_be_bytes());
+        ctx.update(login.as_bytes());
+        ctx.update(password.expose().as_bytes());
+        ctx.sign().as_ref().to_vec()
+    }
+
+    fn fingerprint(&self, account: &Account) -> hmac::Tag {
+        hmac::sign(&self.key, account.password_hash.expose().as_bytes())
+    }
+
+    /// A hit only while the login still maps to the same account with the same password hash.
+    fn get(&self, tag: &[u8], current: &Arc<Account>, now: Instant) -> bool {
+        let entries = lock(&self.entries);
+        let hit = entries.get(tag).is_some_and(|c| {
+            c.expires > now
+                && c.account.name == current.name
+                && c.hash_fingerprint.as_ref() == self.fingerprint(current).as_ref()
+        });
+        if hit {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        hit
+    }
+
+    fn put(&self, tag: Vec<u8>, account: Arc<Account>, now: Instant) {
+        let mut entries = lock(&self.entries);
+        if entries.len() >= CACHE_MAX {
+            entries.retain(|_, c| c.expires > now);
+            if entries.len() >= CACHE_MAX {
+                entries.clear();
+            }
+        }
+        let cached = Cached {
+            hash_fingerprint: self.fingerprint(&account),
+            account,
+            expires: now + self.ttl,
+        };
+        entries.insert(tag, cached);
+    }
+}
+
+/// A successful login.
+pub struct Verified {
+    pub account: Arc<Account>,
+    /// Answered from the login cache, without argon2.
+    pub cached: bool,
+}
+
+/// What outlives a change of accounts: the argon2 workers and buffers, and the cache (whose entries
+/// stay valid only for unchanged password hashes).
+struct Engine {
+    dummy_hash: String,
+    permits: Semaphore,
+    /// Argon2 working memory, one buffer per verification that ran at the same time as others.
+    buffers: Mutex<Vec<Vec<Block>>>,
+    /// `None` when `auth_cache_secs` is 0.
+    cache: Option<LoginCache>,
+    clock: SharedClock,
+}
+
+pub struct Authenticator {
+    by_login: HashMap<String, Arc<Account>>,
+    engine: Arc<Engine>,
+}
+
+fn by_login(accounts: &[Arc<Account>]) -> HashMap<String, Arc<Account>> {
+    accounts
+        .iter()
+        .map(|a| (a.login.clone(), a.clone()))
+        .collect()
 }
 
 impl Authenticator {
-    pub fn new(accounts: &[Arc<Account>]) -> Authenticator {
-        Authenticator {
-            by_login: accounts
-                .iter()
-                .map(|a| (a.login.clone(), a.clone()))
-                .collect(),
+    pub fn new(
+        accounts: &[Arc<Account>],
+        cache_ttl: Duration,
+        clock: SharedClock,
+    ) -> Authenticator {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let engine = Engine {
             dummy_hash: hash_password("xoauth-relay dummy password for unknown logins"),
-            permits: Semaphore::new(4),
+            permits: Semaphore::new(cores),
+            buffers: Mutex::new(Vec::new()),
+            cache: (!cache_ttl.is_zero()).then(|| LoginCache::new(cache_ttl)),
+            clock,
+        };
+        Authenticator {
+            by_login: by_login(accounts),
+            engine: Arc::new(engine),
+        }
+    }
+
+    /// The same workers and cache for a new set of accounts (a reloaded config).
+    pub fn with_accounts(&self, accounts: &[Arc<Account>]) -> Authenticator {
+        Authenticator {
+            by_login: by_login(accounts),
+            engine: self.engine.clone(),
         }
     }
 
@@ -57,18 +197,58 @@ impl Authenticator {
         self.by_login.contains_key(login)
     }
 
+    /// Logins answered from the cache so far (for tests and metrics).
+    pub fn cache_hits(&self) -> u64 {
+        self.engine
+            .cache
+            .as_ref()
+            .map_or(0, |c| c.hits.load(Ordering::Relaxed))
+    }
+
     /// The account whose login and password these are, or `None`.
-    pub async fn verify(&self, login: &str, password: Secret) -> Option<Arc<Account>> {
+    pub async fn verify(&self, login: &str, password: Secret) -> Option<Verified> {
+        let engine = &self.engine;
         let account = self.by_login.get(login).cloned();
+        let cache = engine.cache.as_ref();
+        let tag = cache.map(|c| c.tag(login, &password));
+        if let (Some(cache), Some(tag), Some(current)) = (cache, &tag, &account) {
+            if cache.get(tag, current, engine.clock.now()) {
+                return Some(Verified {
+                    account: current.clone(),
+                    cached: true,
+                });
+            }
+        }
         let hash = account
             .as_ref()
             .map(|a| a.password_hash.expose().to_string())
-            .unwrap_or_else(|| self.dummy_hash.clone());
-        let _permit = self.permits.acquire().await.ok()?;
-        let ok = tokio::task::spawn_blocking(move || verify(&hash, password.expose()))
-            .await
-            .unwrap_or(false);
-        account.filter(|_| ok)
+            .unwrap_or_else(|| engine.dummy_hash.clone());
+        let ok = engine.run_argon2(hash, password).await;
+        let account = account.filter(|_| ok)?;
+        if let (Some(cache), Some(tag)) = (cache, tag) {
+            cache.put(tag, account.clone(), engine.clock.now());
+        }
+        Some(Verified {
+            account,
+            cached: false,
+        })
+    }
+}
+
+impl Engine {
+    async fn run_argon2(&self, hash: String, password: Secret) -> bool {
+        let Ok(_permit) = self.permits.acquire().await else {
+            return false;
+        };
+        let mut blocks = lock(&self.buffers).pop().unwrap_or_default();
+        let (ok, blocks) = tokio::task::spawn_blocking(move || {
+            let ok = verify_in(&hash, password.expose().as_bytes(), &mut blocks);
+            (ok, blocks)
+        })
+        .await
+        .unwrap_or_default();
+        lock(&self.buffers).push(blocks);
+        ok
     }
 }
 
@@ -80,7 +260,63 @@ mod tests {
     fn hash_is_argon2id_and_verifies() {
         let h = hash_password("s3cret");
         assert!(h.starts_with("$argon2id$v=19$"), "{h}");
-        assert!(verify(&h, "s3cret"));
-        assert!(!verify(&h, "wrong"));
+        let mut blocks = Vec::new();
+        assert!(verify_in(&h, b"s3cret", &mut blocks));
+        assert!(!verify_in(&h, b"wrong", &mut blocks));
+        assert!(!verify_in("not a hash", b"s3cret", &mut blocks));
+        assert_eq!(
+            blocks.len(),
+            Params::DEFAULT_M_COST as usize,
+            "one reused buffer"
+        );
+    }
+
+    fn account(login: &str, password: &str) -> Arc<Account> {
+        let text = format!(
+            r#"
+[[listeners]]
+address = "127.0.0.1:0"
+tls = "none"
+[providers.p]
+token_url = "http://127.0.0.1:1/token"
+client_id = "c"
+smtp_host = "localhost"
+smtp_tls = "none"
+[[accounts]]
+name = "news"
+login = "{login}"
+password_hash = "{}"
+provider = "p"
+mailbox = "news@example.com"
+"#,
+            hash_password(password)
+        );
+        let config = crate::config::Config::parse(&text, std::path::Path::new("t")).unwrap();
+        config.accounts[0].clone()
+    }
+
+    #[tokio::test]
+    async fn the_cache_serves_a_repeated_login_and_never_a_wrong_or_outdated_password() {
+        let clock = crate::util::clock::ManualClock::new(0);
+        let auth = Authenticator::new(
+            &[account("news", "pw1")],
+            Duration::from_secs(300),
+            clock.clone(),
+        );
+        let pw = |p: &str| Secret::new(p);
+        let first = auth.verify("news", pw("pw1")).await.unwrap();
+        assert!(!first.cached);
+        assert!(auth.verify("news", pw("pw1")).await.unwrap().cached);
+        assert!(auth.verify("news", pw("wrong")).await.is_none());
+        assert!(auth.verify("nobody", pw("pw1")).await.is_none());
+        assert_eq!(auth.cache_hits(), 1);
+        // A changed hash: the old password is refused, the new one verified afresh.
+        let changed = auth.with_accounts(&[account("news", "pw2")]);
+        assert!(changed.verify("news", pw("pw1")).await.is_none());
+        assert!(!changed.verify("news", pw("pw2")).await.unwrap().cached);
+        assert!(changed.verify("news", pw("pw2")).await.unwrap().cached);
+        // Entries expire.
+        clock.advance(Duration::from_secs(301));
+        assert!(!changed.verify("news", pw("pw2")).await.unwrap().cached);
     }
 }

@@ -23,6 +23,7 @@ pub(super) fn table(ctx: &AdminContext) -> String {
     .to_vec()];
     for a in &ctx.config.accounts {
         let status = store.status(&a.name);
+        let last_use = ctx.upstream.activity.last_use(&a.name).max(status.last_use);
         let grant = store.get(&a.name);
         let on_demand = a.grant != GrantKind::RefreshToken;
         let state = match (&grant, &status) {
@@ -44,8 +45,7 @@ pub(super) fn table(ctx: &AdminContext) -> String {
             None => "-".to_string(),
             Some(g) => {
                 let age = now.saturating_sub(g.obtained_at);
-                let idle =
-                    now.saturating_sub(status.last_use.or(g.last_refresh).unwrap_or(g.obtained_at));
+                let idle = now.saturating_sub(last_use.or(g.last_refresh).unwrap_or(g.obtained_at));
                 let warning = match a.provider.family {
                     Family::Google if age > 5 * 86400 => {
                         " (warning: Google apps in Testing status lose grants after 7 days; publish the app)"
@@ -67,7 +67,7 @@ pub(super) fn table(ctx: &AdminContext) -> String {
             state,
             expires,
             ago(g.as_ref().and_then(|g| g.last_refresh), now),
-            ago(status.last_use, now),
+            ago(last_use, now),
             age,
         ]);
     }

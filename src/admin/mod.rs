@@ -37,11 +37,16 @@ pub async fn execute(ctx: &AdminContext, request: Request) -> Response {
         } => {
             let change =
                 grants::store_grant(ctx, &account, refresh_token, access_token, expires_in);
-            tokens.replace_grant(&account, change).await
+            let result = tokens.replace_grant(&account, change).await;
+            // Connections authenticated with the old grant are not used again.
+            ctx.upstream.pool.retire_account(&account);
+            result
         }
         Request::Revoke { account } => {
             let change = grants::revoke(ctx, &account);
-            tokens.replace_grant(&account, change).await
+            let result = tokens.replace_grant(&account, change).await;
+            ctx.upstream.pool.retire_account(&account);
+            result
         }
         Request::Test { account, to } => return test::test(ctx, &account, to.as_deref()).await,
     };

@@ -43,16 +43,13 @@ async fn test_steps(
         "token: ok (expires in {})",
         span_text(left.as_secs())
     ));
-    let tls = ctx
-        .upstream
-        .tls
-        .get(&p.name)
-        .ok_or("no TLS configuration")?;
+    let dialer = ctx.upstream.pool.dialer();
+    let tls = dialer.tls.get(&p.name).ok_or("no TLS configuration")?;
     let target = format!(
         "connect to {}:{} ({})",
         p.smtp_host, p.smtp_port, p.smtp_tls
     );
-    let mut client = Client::connect(p, tls, &ctx.upstream.helo_name, ctx.upstream.timeout)
+    let mut client = Client::connect(p, tls, &dialer.helo_name, dialer.timeout)
         .await
         .map_err(|e| format!("{target}: {e}"))?;
     lines.push(format!("{target}: ok"));

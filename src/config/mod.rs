@@ -126,6 +126,12 @@ pub struct Limits {
     pub idle_timeout_secs: u64,
     /// Deadline for each step of the upstream dialogue (connect, TLS, each reply).
     pub upstream_timeout_secs: u64,
+    /// A pooled upstream connection unused this long is closed (QUIT).
+    pub upstream_idle_secs: u64,
+    /// How long a message waits for one of the account's upstream connections before `451 4.4.5`.
+    pub upstream_wait_secs: u64,
+    /// A verified login is remembered this long (0: every AUTH runs argon2).
+    pub auth_cache_secs: u64,
 }
 
 impl Default for Limits {
@@ -136,6 +142,9 @@ impl Default for Limits {
             max_connections: 1000,
             idle_timeout_secs: 300,
             upstream_timeout_secs: 60,
+            upstream_idle_secs: 60,
+            upstream_wait_secs: 60,
+            auth_cache_secs: 300,
         }
     }
 }
@@ -197,6 +206,8 @@ pub struct Provider {
     pub service_account_key_file: Option<PathBuf>,
     pub client_certificate_file: Option<PathBuf>,
     pub client_private_key_file: Option<PathBuf>,
+    /// Upstream connections open at once per account (Exchange Online refuses a fourth per mailbox).
+    pub max_upstream_connections: usize,
 }
 
 impl std::fmt::Debug for Provider {
@@ -224,6 +235,8 @@ pub struct Account {
     pub mailbox: String,
     pub allowed_senders: Option<Vec<String>>,
     pub grant: GrantKind,
+    /// The provider's `max_upstream_connections` unless the account sets its own.
+    pub max_upstream_connections: usize,
 }
 
 /// Where a provider's client secret is read from.

@@ -54,6 +54,7 @@ pub struct RawProvider {
     pub service_account_key_file: Option<PathBuf>,
     pub client_certificate_file: Option<PathBuf>,
     pub client_private_key_file: Option<PathBuf>,
+    pub max_upstream_connections: Option<usize>,
 }
 
 #[derive(Clone, Deserialize)]
@@ -67,6 +68,7 @@ pub struct RawAccount {
     #[serde(default)]
     pub allowed_senders: Option<Vec<String>>,
     pub grant: Option<GrantKind>,
+    pub max_upstream_connections: Option<usize>,
 }
 
 impl std::fmt::Debug for RawAccount {

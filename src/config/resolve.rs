@@ -74,6 +74,11 @@ pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
                 a.provider, a.provider
             ));
         };
+        if a.max_upstream_connections == Some(0) {
+            return err(format!(
+                "{what}: max_upstream_connections must be at least 1"
+            ));
+        }
         if !a.mailbox.contains('@') {
             return err(format!(
                 "{what}: `mailbox` must be the upstream address, like news@example.com"
@@ -131,6 +136,9 @@ pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
                 provider.name
             ));
         }
+        let max_upstream_connections = a
+            .max_upstream_connections
+            .unwrap_or(provider.max_upstream_connections);
         accounts.push(Arc::new(Account {
             name: a.name,
             login,
@@ -139,6 +147,7 @@ pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             mailbox: a.mailbox,
             allowed_senders: a.allowed_senders,
             grant,
+            max_upstream_connections,
         }));
     }
 
@@ -319,6 +328,11 @@ fn provider(name: &str, raw: RawProvider) -> Result<Provider, ConfigError> {
         ),
         Family::Generic => (None, None, None, None, None, None, None, None),
     };
+    if raw.max_upstream_connections == Some(0) {
+        return err(format!(
+            "{what}: max_upstream_connections must be at least 1"
+        ));
+    }
     let Some(token_url) = raw.token_url.or(token) else {
         return err(format!(
             "{what}: `token_url` is missing (required for providers other than google / microsoft)"
@@ -398,5 +412,9 @@ fn provider(name: &str, raw: RawProvider) -> Result<Provider, ConfigError> {
         service_account_key_file: raw.service_account_key_file,
         client_certificate_file: raw.client_certificate_file,
         client_private_key_file: raw.client_private_key_file,
+        max_upstream_connections: raw.max_upstream_connections.unwrap_or(match family {
+            Family::Microsoft => 3,
+            Family::Google | Family::Generic => 10,
+        }),
     })
 }

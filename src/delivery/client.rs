@@ -183,16 +183,40 @@ impl Client {
     }
 
     pub async fn command(&mut self, line: &str) -> Result<Reply, UpstreamError> {
+        let mut replies = self.pipeline(std::slice::from_ref(&line.to_string())).await;
+        replies.pop().expect("one reply per line")
+    }
+
+    /// Sends `lines` in one write and reads one reply per line, in order (RFC 2920 when more than
+    /// one). Once the connection breaks, every remaining line gets the same error.
+    pub async fn pipeline(&mut self, lines: &[String]) -> Vec<Result<Reply, UpstreamError>> {
+        let failed = |e: UpstreamError| vec![Err(e); lines.len()];
         if !self.buf.is_empty() {
             // Replies nobody asked for: the dialogue is out of step, every later reply would be misread.
-            return Err(self.err(
+            return failed(self.err(
                 ErrorKind::Protocol,
                 "protocol",
                 "unexpected data from the server; connection dropped",
             ));
         }
-        self.write(format!("{line}\r\n").as_bytes()).await?;
-        self.read_reply().await
+        let mut out = Vec::with_capacity(lines.iter().map(|l| l.len() + 2).sum());
+        for line in lines {
+            out.extend_from_slice(line.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        if let Err(e) = self.write(&out).await {
+            return failed(e);
+        }
+        let mut replies = Vec::with_capacity(lines.len());
+        while replies.len() < lines.len() {
+            match self.read_reply().await {
+                Ok(reply) => replies.push(Ok(reply)),
+                Err(e) => {
+                    replies.resize(lines.len(), Err(e));
+                }
+            }
+        }
+        replies
     }
 
     /// SASL XOAUTH2 or OAUTHBEARER with `token` for `mailbox`. On an error challenge (Gmail's
@@ -308,4 +332,33 @@ async fn tls_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     .await
     .map_err(|_| UpstreamError::new(ErrorKind::Timeout, host, "TLS handshake", "timed out"))?
     .map_err(|e| UpstreamError::new(ErrorKind::Tls, host, "TLS handshake", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ehlo_capabilities_come_from_smtp_proto() {
+        let reply = Reply::multi(
+            250,
+            [
+                "fake.provider",
+                "SIZE 40000000",
+                "8BITMIME",
+                "SMTPUTF8",
+                "PIPELINING",
+                "AUTH XOAUTH2 OAUTHBEARER",
+            ]
+            .map(String::from)
+            .to_vec(),
+        );
+        let caps = Capabilities::from_ehlo(&reply);
+        assert!(
+            caps.size && caps.eight_bit && caps.smtputf8 && caps.pipelining,
+            "{caps:?}"
+        );
+        assert!(!caps.starttls);
+        assert_eq!(caps.auth, AUTH_XOAUTH2 | AUTH_OAUTHBEARER);
+    }
 }

@@ -1,12 +1,15 @@
 //! What happens to a message after the mailer hands it over: the interface the inbound side calls
-//! ([`submission::Submission`]), the SMTP client towards the provider ([`client`]), and the typed
-//! outcomes of each step ([`outcome`]).
+//! ([`submission::Submission`]), the per-account upstream connection pool ([`pool`]), the SMTP
+//! client towards the provider ([`client`]), the typed outcomes of each step ([`outcome`]), and
+//! last-use bookkeeping ([`activity`]).
 //!
-//! Coming rooms plug in here: a per-account connection pool behind `Submission::open`, pacing, and
-//! a durable queue that decides retry-or-bounce from [`outcome::Outcome`] alone.
+//! Coming rooms plug in here: pacing, and a durable queue that decides retry-or-bounce from
+//! [`outcome::Outcome`] alone.
 
+pub mod activity;
 pub mod client;
 pub mod outcome;
+pub mod pool;
 pub mod submission;
 
 pub use outcome::{ErrorKind, Outcome, UpstreamError};

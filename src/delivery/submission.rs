@@ -1,30 +1,33 @@
 //! One mailer session's messages on their way upstream: the interface the inbound connection calls.
 //!
 //! [`Submission`] takes a transaction step by step (`mail`, `rcpt`, `data`, `body`, `end_data`,
-//! `abort`) and answers each with an [`Outcome`] carrying the reply the mailer should see, so an
-//! upstream rejection reaches the mailer with the upstream's own code. It gets access tokens from
-//! the token manager and never sees a refresh token. Where the upstream connection comes from is
-//! one function ([`Submission::open`]), the seam a connection pool plugs into.
+//! `reset`, `abort`) and answers each with an [`Outcome`] carrying the reply the mailer should see,
+//! so an upstream rejection reaches the mailer with the upstream's own code. It holds a pooled
+//! upstream connection only for the length of one transaction ([`Submission::open`] leases it), so
+//! fifty mailer sessions of one account can share its three connections. It gets access tokens
+//! through the pool's dialer and never sees a refresh token.
+//!
+//! When the upstream offers PIPELINING (RFC 2920) and the mailer's RCPTs and DATA are already
+//! buffered behind its MAIL, they go upstream in the same write; the replies are kept in order and
+//! handed out as the session asks for each command, so the mailer still gets each reply for its own
+//! command.
 
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
 
-use super::client::Client;
-use super::outcome::{ErrorKind, Outcome, UpstreamError};
+use super::activity::Activity;
+use super::outcome::{Outcome, UpstreamError};
+use super::pool::{Lease, OpenError, Pool};
 use crate::config::Account;
-use crate::oauth::tokens::{TokenError, TokenManager};
-use crate::smtp::session::MailParams;
+use crate::oauth::tokens::TokenManager;
+use crate::smtp::session::{Ahead, MailParams};
 use crate::smtp::Reply;
-use crate::util::secret::Secret;
 
-/// Everything a delivery needs that is shared by all sessions.
+/// Everything delivery needs that is shared by all sessions.
 pub struct UpstreamContext {
     pub tokens: Arc<TokenManager>,
-    /// Client TLS config per provider name (public roots plus that provider's `smtp_ca_file`).
-    pub tls: HashMap<String, Arc<rustls::ClientConfig>>,
-    pub helo_name: String,
-    pub timeout: Duration,
+    pub pool: Arc<Pool>,
+    pub activity: Activity,
 }
 
 /// Outcome of the upstream half of a message, for the per-message log line.
@@ -35,14 +38,18 @@ pub struct MessageStats {
     pub size: usize,
 }
 
-/// Delivery of one session's messages through the account's provider, reusing the connection
-/// between messages.
+/// Delivery of one session's messages through the account's provider.
 pub struct Submission {
     ctx: Arc<UpstreamContext>,
     account: Arc<Account>,
-    client: Option<Client>,
-    /// The upstream has an open transaction (MAIL accepted) that must be reset before the next one.
+    /// The connection of the transaction in progress.
+    lease: Option<Lease>,
+    /// The upstream accepted MAIL and the transaction has not ended.
     in_transaction: bool,
+    /// The upstream accepted DATA and is reading a body.
+    in_data: bool,
+    /// Replies to commands sent ahead with MAIL, in order, with the command each answers.
+    ahead: VecDeque<(String, Result<Reply, UpstreamError>)>,
     pub stats: MessageStats,
 }
 
@@ -53,198 +60,230 @@ fn unavailable(e: &UpstreamError) -> Reply {
     )
 }
 
+fn closed_by_upstream(reply: &Reply) -> Reply {
+    Reply::new(
+        451,
+        format!(
+            "4.4.1 Upstream closed the connection ({}), try again later",
+            reply.summary()
+        ),
+    )
+}
+
+/// A reply the connection must not be used after: the upstream said it is closing.
+fn closing(result: &Result<Reply, UpstreamError>) -> bool {
+    matches!(result, Ok(r) if r.code == 421)
+}
+
 impl Submission {
     pub fn new(ctx: Arc<UpstreamContext>, account: Arc<Account>) -> Submission {
         Submission {
             ctx,
             account,
-            client: None,
+            lease: None,
             in_transaction: false,
+            in_data: false,
+            ahead: VecDeque::new(),
             stats: MessageStats::default(),
         }
     }
 
-    async fn connect_and_auth(&self, token: &Secret) -> Result<Client, UpstreamError> {
-        let provider = &self.account.provider;
-        let tls = self.ctx.tls.get(&provider.name).ok_or_else(|| {
-            UpstreamError::new(
-                ErrorKind::Config,
-                &provider.smtp_host,
-                "TLS",
-                format!("no TLS configuration for provider `{}`", provider.name),
-            )
-        })?;
-        let mut client =
-            Client::connect(provider, tls, &self.ctx.helo_name, self.ctx.timeout).await?;
-        client
-            .authenticate(provider, &self.account.mailbox, token)
-            .await?;
-        Ok(client)
-    }
-
-    /// Opens an authenticated connection: on a token rejection, refreshes once and tries once more.
-    async fn open(&mut self) -> Result<(), Reply> {
+    /// Leases an authenticated connection from the account's pool; the refusal is the mailer's reply.
+    async fn open(&self, fresh: bool) -> Result<Lease, Reply> {
         let name = &self.account.name;
-        let token_reply = |e: TokenError| Reply::new(454, format!("4.7.0 {e}"));
-        let token = self.ctx.tokens.token(name).await.map_err(token_reply)?;
-        let client = match self.connect_and_auth(&token.secret).await {
-            Err(UpstreamError::AuthRejected(first))
-                if !crate::hints::refresh_cannot_help(&first) =>
-            {
-                tracing::info!(account = %name, reply = %first.summary(), "upstream refused the access token; refreshing and retrying once");
-                let token = self
-                    .ctx
-                    .tokens
-                    .token_after_rejection(name, &token.secret)
-                    .await
-                    .map_err(token_reply)?;
-                self.connect_and_auth(&token.secret).await
-            }
-            other => other,
-        };
-        match client {
-            Ok(c) => {
-                self.client = Some(c);
-                self.in_transaction = false;
-                Ok(())
-            }
-            Err(UpstreamError::AuthRejected(reply)) => {
-                let hint = crate::hints::for_smtp_reply(self.account.provider.family, &reply)
-                    .map(|h| format!("; {h}"))
-                    .unwrap_or_default();
-                tracing::warn!(account = %name, reply = %reply.summary(), hint = %hint, "upstream rejected the access token twice");
-                Err(Reply::new(
-                    454,
-                    format!(
-                        "4.7.0 Upstream rejected the account's token ({}){hint}",
-                        reply.summary()
-                    ),
-                ))
-            }
-            // A refusal before MAIL (greeting, EHLO, STARTTLS) is about the connection, not this
-            // message: the mailer should retry later, not bounce.
-            Err(e) => {
-                tracing::warn!(account = %name, error = %e, "upstream connection failed");
-                Err(unavailable(&e))
-            }
-        }
+        self.ctx
+            .pool
+            .lease(&self.account, fresh)
+            .await
+            .map_err(|e| match e {
+                OpenError::Busy { cap } => {
+                    tracing::warn!(account = %name, cap, "all upstream connections busy");
+                    Reply::new(
+                        451,
+                        format!(
+                            "4.4.5 account `{name}`: all {cap} upstream connections are busy; try again later"
+                        ),
+                    )
+                }
+                OpenError::Token(e) => Reply::new(454, format!("4.7.0 {e}")),
+                OpenError::AuthRejected(reply) => {
+                    let hint = crate::hints::for_smtp_reply(self.account.provider.family, &reply)
+                        .map(|h| format!("; {h}"))
+                        .unwrap_or_default();
+                    tracing::warn!(account = %name, reply = %reply.summary(), hint = %hint, "upstream rejected the access token twice");
+                    Reply::new(
+                        454,
+                        format!(
+                            "4.7.0 Upstream rejected the account's token ({}){hint}",
+                            reply.summary()
+                        ),
+                    )
+                }
+                // A refusal before MAIL (greeting, EHLO, STARTTLS) is about the connection, not
+                // this message: the mailer should retry later, not bounce.
+                OpenError::Connect(e) => {
+                    tracing::warn!(account = %name, error = %e, "upstream connection failed");
+                    unavailable(&e)
+                }
+            })
     }
 
-    /// Sends a command on the open connection; a broken connection is dropped and reported as 451.
-    async fn exchange(&mut self, line: &str) -> Reply {
-        let Some(client) = self.client.as_mut() else {
-            return Reply::new(451, "4.4.1 Upstream connection lost");
-        };
-        match client.command(line).await {
+    /// Retires the connection of this transaction.
+    fn drop_connection(&mut self) {
+        self.lease = None;
+        self.in_transaction = false;
+        self.in_data = false;
+        self.ahead.clear();
+    }
+
+    /// Hands the connection back to the pool for the next transaction.
+    fn give_back(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.give_back();
+        }
+        self.in_transaction = false;
+        self.in_data = false;
+        self.ahead.clear();
+    }
+
+    /// The mailer's reply for the upstream's answer to a step; a broken or closing connection is
+    /// retired and reported as a temporary failure.
+    fn settle(&mut self, result: Result<Reply, UpstreamError>) -> Reply {
+        match result {
             Ok(reply) if reply.code == 421 => {
                 // The upstream is closing the connection; only our session with it ends, not the mailer's.
-                self.drop_connection();
                 tracing::warn!(account = %self.account.name, reply = %reply.summary(), "upstream closed the connection");
-                Reply::new(
-                    451,
-                    format!(
-                        "4.4.1 Upstream closed the connection ({}), try again later",
-                        reply.summary()
-                    ),
-                )
+                self.drop_connection();
+                closed_by_upstream(&reply)
             }
             Ok(reply) => reply,
             Err(e) => {
-                self.drop_connection();
                 tracing::warn!(account = %self.account.name, error = %e, "upstream connection failed");
+                self.drop_connection();
                 unavailable(&e)
             }
         }
     }
 
-    fn drop_connection(&mut self) {
-        self.client = None;
-        self.in_transaction = false;
+    /// Sends a command of the open transaction, or takes its reply if it was sent ahead.
+    async fn step(&mut self, line: String) -> Reply {
+        if let Some((sent, _)) = self.ahead.front() {
+            if *sent == line {
+                let (_, result) = self.ahead.pop_front().expect("front exists");
+                return self.settle(result);
+            }
+            // The session always asks for what it let us send ahead, in order; anything else means
+            // the dialogue is out of step.
+            tracing::warn!(account = %self.account.name, "pipelined commands out of step; dropping the connection");
+            self.drop_connection();
+        }
+        let Some(client) = self.lease.as_mut().and_then(Lease::client) else {
+            return Reply::new(451, "4.4.1 Upstream connection lost");
+        };
+        let result = client.command(&line).await;
+        self.settle(result)
     }
 
-    pub async fn mail(&mut self, from: &str, params: &MailParams) -> Outcome {
-        Outcome::from_reply(self.mail_reply(from, params).await)
-    }
-
-    async fn mail_reply(&mut self, from: &str, params: &MailParams) -> Reply {
+    pub async fn mail(&mut self, from: &str, params: &MailParams, ahead: &Ahead) -> Outcome {
         self.stats = MessageStats {
             sender: from.to_string(),
             ..MessageStats::default()
         };
         if self.in_transaction {
-            // The mailer reset or abandoned its last transaction; the upstream still has it open.
-            if self.exchange("RSET").await.code != 250 {
-                self.drop_connection();
-            }
+            // The mailer abandoned its last transaction without telling us (the session reports
+            // RSET, so this is only a safety net).
+            self.reset().await;
         }
-        // A connection kept from the last message may have been closed by the upstream meanwhile
-        // (idle timeout): that shows as a broken connection or a 421. Reconnect once in that case.
-        let reused = self.client.is_some();
-        let mut reply = self.mail_once(from, params).await;
-        if reused && (self.client.is_none() || reply.code == 421) {
-            self.drop_connection();
-            reply = self.mail_once(from, params).await;
-        }
-        self.in_transaction = reply.is_positive();
-        reply
+        Outcome::from_reply(self.mail_reply(from, params, ahead).await)
     }
 
-    async fn mail_once(&mut self, from: &str, params: &MailParams) -> Reply {
-        if self.client.is_none() {
-            if let Err(reply) = self.open().await {
-                return reply;
+    async fn mail_reply(&mut self, from: &str, params: &MailParams, ahead: &Ahead) -> Reply {
+        for attempt in 0..2 {
+            let mut lease = match self.lease.take() {
+                Some(lease) => lease,
+                None => match self.open(attempt > 0).await {
+                    Ok(lease) => lease,
+                    Err(reply) => return reply,
+                },
+            };
+            let Some(conn) = lease.conn.as_mut() else {
+                return Reply::new(451, "4.4.1 Upstream connection lost");
+            };
+            let caps = conn.client.caps.clone();
+            let mut line = format!("MAIL FROM:<{from}>");
+            if let Some(size) = params.size.filter(|_| caps.size) {
+                line.push_str(&format!(" SIZE={size}"));
             }
-        }
-        let caps = self
-            .client
-            .as_ref()
-            .map(|c| c.caps.clone())
-            .unwrap_or_default();
-        let mut line = format!("MAIL FROM:<{from}>");
-        if let Some(size) = params.size.filter(|_| caps.size) {
-            line.push_str(&format!(" SIZE={size}"));
-        }
-        if params.eight_bit && caps.eight_bit {
-            line.push_str(" BODY=8BITMIME");
-        }
-        if params.smtputf8 {
-            if !caps.smtputf8 {
-                // Passing internationalised addresses to a server that did not offer SMTPUTF8 would
-                // be rejected or mangled there (RFC 6531 §3.4).
-                return Reply::new(
-                    553,
-                    "5.6.7 The upstream does not support SMTPUTF8 for this message",
-                );
+            if params.eight_bit && caps.eight_bit {
+                line.push_str(" BODY=8BITMIME");
             }
-            line.push_str(" SMTPUTF8");
+            if params.smtputf8 {
+                if !caps.smtputf8 {
+                    // Passing internationalised addresses to a server that did not offer SMTPUTF8
+                    // would be rejected or mangled there (RFC 6531 §3.4).
+                    lease.give_back();
+                    return Reply::new(
+                        553,
+                        "5.6.7 The upstream does not support SMTPUTF8 for this message",
+                    );
+                }
+                line.push_str(" SMTPUTF8");
+            }
+            let mut lines = vec![line];
+            if caps.pipelining {
+                lines.extend(ahead.rcpts.iter().map(|to| format!("RCPT TO:<{to}>")));
+                if ahead.data {
+                    lines.push("DATA".to_string());
+                }
+            }
+            let mut results = conn.client.pipeline(&lines).await.into_iter();
+            let first = results.next().expect("one result per line");
+            // A connection kept idle in the pool may have been closed by the upstream meanwhile:
+            // that shows as a broken connection or a 421 before any reply. Replace it, once.
+            let dead = matches!(first, Err(UpstreamError::Connection(_))) || closing(&first);
+            if conn.reused && dead && attempt == 0 {
+                tracing::debug!(account = %self.account.name, "pooled upstream connection was closed; opening another");
+                drop(lease);
+                continue;
+            }
+            self.ahead = lines.into_iter().skip(1).zip(results).collect();
+            self.lease = Some(lease);
+            let reply = self.settle(first);
+            if reply.is_positive() {
+                self.in_transaction = true;
+            } else if self
+                .ahead
+                .iter()
+                .any(|(_, r)| matches!(r, Ok(r) if r.code == 354))
+            {
+                // A server that opened DATA without a transaction is not one to reuse.
+                self.drop_connection();
+            } else {
+                self.give_back();
+            }
+            return reply;
         }
-        self.exchange(&line).await
+        Reply::new(451, "4.4.1 Upstream connection lost")
     }
 
     pub async fn rcpt(&mut self, to: &str) -> Outcome {
-        Outcome::from_reply(self.rcpt_reply(to).await)
-    }
-
-    async fn rcpt_reply(&mut self, to: &str) -> Reply {
-        let reply = self.exchange(&format!("RCPT TO:<{to}>")).await;
+        let reply = self.step(format!("RCPT TO:<{to}>")).await;
         if reply.is_positive() {
             self.stats.recipients += 1;
         }
-        reply
+        Outcome::from_reply(reply)
     }
 
     pub async fn data(&mut self) -> Outcome {
-        Outcome::from_reply(self.data_reply().await)
-    }
-
-    async fn data_reply(&mut self) -> Reply {
-        self.exchange("DATA").await
+        let reply = self.step("DATA".to_string()).await;
+        self.in_data = reply.code == 354;
+        Outcome::from_reply(reply)
     }
 
     /// Streams part of the body. A failure drops the connection; `end_data` then reports it.
     pub async fn body(&mut self, chunk: &[u8]) {
         self.stats.size += chunk.len();
-        if let Some(client) = self.client.as_mut() {
+        if let Some(client) = self.lease.as_mut().and_then(Lease::client) {
             if let Err(e) = client.body(chunk).await {
                 tracing::warn!(account = %self.account.name, error = %e, "upstream connection failed during DATA");
                 self.drop_connection();
@@ -253,55 +292,71 @@ impl Submission {
     }
 
     pub async fn end_data(&mut self) -> Outcome {
-        Outcome::from_reply(self.end_data_reply().await)
-    }
-
-    async fn end_data_reply(&mut self) -> Reply {
-        let Some(client) = self.client.as_mut() else {
-            return Reply::new(
+        let Some(client) = self.lease.as_mut().and_then(Lease::client) else {
+            return Outcome::from_reply(Reply::new(
                 451,
                 "4.4.1 Upstream connection lost during DATA; message not sent",
-            );
+            ));
         };
         let reply = match client.end_data().await {
-            Ok(reply) => reply,
+            Ok(reply) if reply.code == 421 => {
+                // Whether it took the message is unknown to the mailer only if we hide the reply;
+                // a 421 is a temporary failure either way, and the connection is done.
+                self.drop_connection();
+                tracing::warn!(account = %self.account.name, reply = %reply.summary(), "upstream closed the connection after the message");
+                reply
+            }
+            Ok(reply) => {
+                self.give_back();
+                reply
+            }
             Err(e) => {
                 self.drop_connection();
                 tracing::warn!(account = %self.account.name, error = %e, "no final reply from upstream");
                 // The upstream may or may not have taken it; a temporary failure makes the mailer retry.
-                return Reply::new(
+                return Outcome::from_reply(Reply::new(
                     451,
                     format!(
                         "4.4.1 No final reply from upstream ({e}); message may not have been sent"
                     ),
-                );
+                ));
             }
         };
-        self.in_transaction = false;
         if reply.is_positive() {
             let now = self.ctx.tokens.clock().unix();
-            self.ctx
-                .tokens
-                .store()
-                .update_status(&self.account.name, |s| s.last_use = Some(now));
+            self.ctx.activity.touch(&self.account.name, now);
         }
-        reply
+        Outcome::from_reply(reply)
+    }
+
+    /// The mailer abandoned its transaction: reset it upstream and hand the connection back.
+    pub async fn reset(&mut self) {
+        if self.in_data {
+            return self.abort();
+        }
+        if !self.in_transaction {
+            return self.give_back();
+        }
+        self.ahead.clear();
+        let reply = self.step("RSET".to_string()).await;
+        if reply.code == 250 {
+            self.give_back();
+        } else {
+            self.drop_connection();
+        }
     }
 
     /// Abandons the current transaction mid-DATA: closing the connection is the only way SMTP
-    /// offers, and it guarantees the upstream discards the partial message.
+    /// offers, and it guarantees the upstream discards the partial message. Never back in the pool.
     pub fn abort(&mut self) {
-        if self.client.is_some() {
+        if self.lease.is_some() {
             tracing::info!(account = %self.account.name, "upstream transaction aborted");
         }
         self.drop_connection();
     }
 
-    /// Ends the session politely.
-    pub async fn quit(&mut self) {
-        if self.client.is_some() && !self.in_transaction {
-            let _ = self.exchange("QUIT").await;
-        }
-        self.drop_connection();
+    /// The mailer's session is over: whatever it held goes back (or, mid-DATA, is closed).
+    pub async fn finish(&mut self) {
+        self.reset().await;
     }
 }

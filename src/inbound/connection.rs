@@ -60,7 +60,7 @@ pub async fn handle(
             if conn.session.in_data() {
                 d.abort();
             }
-            d.quit().await;
+            d.finish().await;
         }
         tracing::debug!("closed");
     }
@@ -220,10 +220,14 @@ impl Connection {
                 let outcome = self.authenticate(login, password).await;
                 self.session.auth_result(outcome);
             }
-            Action::Mail { from, params } => {
+            Action::Mail {
+                from,
+                params,
+                ahead,
+            } => {
                 self.flush().await?;
                 self.message_started = Instant::now();
-                let outcome = self.delivery().mail(&from, &params).await;
+                let outcome = self.delivery().mail(&from, &params, &ahead).await;
                 self.session.upstream_reply(outcome.into_reply());
             }
             Action::Rcpt { to } => {
@@ -256,6 +260,7 @@ impl Connection {
                 self.session.upstream_reply(outcome.into_reply());
             }
             Action::AbortTransaction => self.delivery().abort(),
+            Action::Reset => self.delivery().reset().await,
             Action::Close => {
                 self.flush().await?;
                 return Ok(false);
@@ -272,7 +277,7 @@ impl Connection {
     }
 
     async fn authenticate(&mut self, login: String, password: Secret) -> AuthOutcome {
-        let Some(account) = self.shared.authenticator.verify(&login, password).await else {
+        let Some(verified) = self.shared.authenticator.verify(&login, password).await else {
             // Only a configured login is named: an unknown one may be a password typed in the wrong
             // field, or carry line breaks meant to forge log lines.
             if self.shared.authenticator.knows(&login) {
@@ -282,6 +287,7 @@ impl Connection {
             }
             return AuthOutcome::BadCredentials;
         };
+        let account = verified.account;
         let span = tracing::Span::current();
         span.record("login", tracing::field::display(&login));
         span.record("account", tracing::field::display(&account.name));
@@ -289,7 +295,7 @@ impl Connection {
             tracing::info!(error = %e, "password accepted, but the account has no usable grant");
             return AuthOutcome::GrantUnavailable(e.to_string());
         }
-        tracing::info!("authenticated");
+        tracing::info!(cached = verified.cached, "authenticated");
         self.delivery = Some(Submission::new(
             self.shared.upstream.clone(),
             account.clone(),

@@ -30,6 +30,8 @@ const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 pub struct AccessToken {
     pub secret: Secret,
     pub expires_at: Instant,
+    /// How long it was issued for; a short-lived token is refreshed a fraction of it before expiry.
+    pub lifetime: Duration,
 }
 
 /// Why an account has no token; the text says what the operator should do.
@@ -159,10 +161,16 @@ impl TokenManager {
             .ok_or_else(|| TokenError::UnknownAccount(account.to_string()))
     }
 
+    /// The refresh margin for a token of `lifetime`: the configured one, but at most a third of the
+    /// lifetime, so a 5-minute token is used for 3 minutes 20 instead of never being fresh.
+    fn margin_for(&self, lifetime: Duration) -> Duration {
+        self.margin.min(lifetime / 3)
+    }
+
     fn fresh(&self, slot: &Slot) -> Option<AccessToken> {
         lock(&slot.cached)
             .as_ref()
-            .filter(|t| t.expires_at > self.clock.now() + self.margin)
+            .filter(|t| t.expires_at > self.clock.now() + self.margin_for(t.lifetime))
             .cloned()
     }
 
@@ -241,10 +249,18 @@ impl TokenManager {
         out
     }
 
-    fn cache(&self, slot: &Slot, secret: Secret, lifetime: Duration) -> AccessToken {
+    /// Caches a token that expires in `left` and was issued for `lifetime`.
+    fn cache(
+        &self,
+        slot: &Slot,
+        secret: Secret,
+        left: Duration,
+        lifetime: Duration,
+    ) -> AccessToken {
         let token = AccessToken {
             secret,
-            expires_at: self.clock.now() + lifetime,
+            expires_at: self.clock.now() + left,
+            lifetime,
         };
         *lock(&slot.cached) = Some(token.clone());
         token
@@ -268,8 +284,11 @@ impl TokenManager {
             // A token persisted by an earlier run is still good: no need to ask the provider.
             if let Some(g) = &stored {
                 if let (Some(tok), Some(exp)) = (&g.access_token, g.access_expires_at) {
-                    if exp > now + self.margin.as_secs() {
-                        return Ok(self.cache(slot, tok.clone(), Duration::from_secs(exp - now)));
+                    let issued = g.last_refresh.unwrap_or(g.obtained_at).min(now);
+                    let lifetime = Duration::from_secs(exp.saturating_sub(issued));
+                    if exp > now + self.margin_for(lifetime).as_secs() {
+                        let left = Duration::from_secs(exp - now);
+                        return Ok(self.cache(slot, tok.clone(), left, lifetime));
                     }
                 }
             }
@@ -371,7 +390,7 @@ impl TokenManager {
             }
         }
         tracing::info!(account = %name, rotated, expires_in_secs = lifetime.as_secs(), "access token refreshed");
-        Ok(self.cache(slot, set.access_token, lifetime))
+        Ok(self.cache(slot, set.access_token, lifetime, lifetime))
     }
 }
 
@@ -571,6 +590,28 @@ mailbox = "news@example.com"
             .unwrap();
         assert_eq!(again.secret.expose(), "at-2");
         assert_eq!(issuer.calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_short_lived_token_is_used_for_two_thirds_of_its_life() {
+        let issuer = Scripted::new(Ok(5));
+        let f = fixture(issuer.clone());
+        with_grant(&f).await;
+        f.tokens.token("news").await.unwrap();
+        f.clock.advance(Duration::from_millis(3300));
+        f.tokens.token("news").await.unwrap();
+        assert_eq!(
+            issuer.calls(),
+            1,
+            "5 s token, 300 s margin: still fresh at 3.3 s"
+        );
+        f.clock.advance(Duration::from_millis(100));
+        f.tokens.token("news").await.unwrap();
+        assert_eq!(
+            issuer.calls(),
+            2,
+            "refreshed once a third of its life is left"
+        );
     }
 
     #[tokio::test]

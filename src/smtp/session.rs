@@ -78,6 +78,13 @@ pub struct MailParams {
     pub smtputf8: bool,
 }
 
+/// Pipelined commands after a MAIL, in order: RCPTs, then maybe DATA.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ahead {
+    pub rcpts: Vec<String>,
+    pub data: bool,
+}
+
 #[derive(Debug)]
 pub enum Action {
     Reply(Reply),
@@ -92,6 +99,9 @@ pub enum Action {
     Mail {
         from: String,
         params: MailParams,
+        /// Commands already buffered after MAIL that the session will forward if MAIL is accepted
+        /// (RFC 2920 pipelining): delivery may send them upstream in the same write.
+        ahead: Ahead,
     },
     Rcpt {
         to: String,
@@ -102,6 +112,8 @@ pub enum Action {
     BodyChunk(Vec<u8>),
     /// Drop the upstream transaction without completing it (message too large).
     AbortTransaction,
+    /// The mailer abandoned its transaction (RSET, EHLO, HELO, STARTTLS): reset it upstream.
+    Reset,
     Close,
 }
 
@@ -303,7 +315,7 @@ impl Session {
             Request::Ehlo { host } => self.ehlo(host),
             Request::Helo { host } => {
                 // HELO is not EHLO: no extensions, so no AUTH (RFC 4954) until the client says EHLO.
-                self.reset_transaction();
+                self.abandon_transaction();
                 self.reply(250, format!("{} greets {}", self.config.hostname, host));
             }
             Request::StartTls => self.starttls(),
@@ -312,21 +324,13 @@ impl Session {
                 initial_response,
             } => self.auth(mechanism, initial_response),
             Request::Mail { from } => self.mail(from),
-            Request::Rcpt { to } => {
-                if to.orcpt.is_some() || to.flags != 0 || to.rrvs != 0 {
-                    self.reply(
-                        555,
-                        "5.5.4 RCPT parameters (NOTIFY, ORCPT, RRVS) are not supported",
-                    )
-                } else if to.address.is_empty() || !plain_address(&to.address) {
-                    self.reply(553, "5.1.3 Recipient address must not need quoting (no spaces, quotes, <, >, \\)")
-                } else {
-                    self.rcpt(to.address)
-                }
-            }
+            Request::Rcpt { to } => match rcpt_address(to) {
+                Ok(address) => self.rcpt(address),
+                Err(reply) => self.out.push_back(Action::Reply(reply)),
+            },
             Request::Data => self.data(),
             Request::Rset => {
-                self.reset_transaction();
+                self.abandon_transaction();
                 self.reply(250, "2.0.0 OK");
             }
             Request::Noop { .. } => self.reply(250, "2.0.0 OK"),
@@ -375,7 +379,7 @@ impl Session {
     }
 
     fn ehlo(&mut self, host: String) {
-        self.reset_transaction();
+        self.abandon_transaction();
         self.ehlo_done = true;
         let mut lines = vec![
             format!("{} greets {}", self.config.hostname, host),
@@ -425,7 +429,7 @@ impl Session {
             self.config.tls_active = true;
             self.ehlo_done = false;
             self.auth = None;
-            self.reset_transaction();
+            self.abandon_transaction();
         }
     }
 
@@ -593,13 +597,52 @@ impl Session {
             eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
             smtputf8: from.flags & MAIL_SMTPUTF8 != 0,
         };
+        let ahead = self.ahead();
         self.wait(
             Action::Mail {
                 from: from.address,
                 params,
+                ahead,
             },
             Waiting::Mail,
         );
+    }
+
+    /// The RCPTs (and DATA) that follow in the buffered input and that the session will forward
+    /// exactly as they are if MAIL is accepted: the same checks as [`Session::rcpt`], assuming every
+    /// earlier recipient is accepted (so a recipient the limit would refuse is never sent ahead).
+    fn ahead(&self) -> Ahead {
+        let mut ahead = Ahead::default();
+        if self.discarding {
+            return ahead;
+        }
+        let mut rest = self.input.as_slice();
+        while let Some(nl) = memchr::memchr(b'\n', rest) {
+            let line = &rest[..=nl];
+            rest = &rest[nl + 1..];
+            if line.len() > MAX_LINE + 2 {
+                break;
+            }
+            let mut crlf = line.strip_suffix(b"\n").unwrap_or(line).to_vec();
+            if crlf.last() == Some(&b'\r') {
+                crlf.pop();
+            }
+            crlf.extend_from_slice(b"\r\n");
+            match Request::parse(&mut crlf.iter()).map(Request::into_owned) {
+                Ok(Request::Rcpt { to }) if ahead.rcpts.len() < self.config.max_recipients => {
+                    match rcpt_address(to) {
+                        Ok(address) => ahead.rcpts.push(address),
+                        Err(_) => break,
+                    }
+                }
+                Ok(Request::Data) if !ahead.rcpts.is_empty() => {
+                    ahead.data = true;
+                    break;
+                }
+                _ => break,
+            }
+        }
+        ahead
     }
 
     fn rcpt(&mut self, to: String) {
@@ -640,6 +683,14 @@ impl Session {
             _ => {}
         }
         self.out.push_back(Action::Reply(reply));
+    }
+
+    /// Like [`Session::reset_transaction`], telling the IO layer when an upstream transaction was open.
+    fn abandon_transaction(&mut self) {
+        if self.in_transaction {
+            self.out.push_back(Action::Reset);
+        }
+        self.reset_transaction();
     }
 
     fn reset_transaction(&mut self) {
@@ -693,6 +744,23 @@ impl Session {
             }
         }
         true
+    }
+}
+
+/// The address of a RCPT the relay forwards, or the refusal.
+fn rcpt_address(to: smtp_proto::RcptTo<String>) -> Result<String, Reply> {
+    if to.orcpt.is_some() || to.flags != 0 || to.rrvs != 0 {
+        Err(Reply::new(
+            555,
+            "5.5.4 RCPT parameters (NOTIFY, ORCPT, RRVS) are not supported",
+        ))
+    } else if to.address.is_empty() || !plain_address(&to.address) {
+        Err(Reply::new(
+            553,
+            "5.1.3 Recipient address must not need quoting (no spaces, quotes, <, >, \\)",
+        ))
+    } else {
+        Ok(to.address)
     }
 }
 
@@ -914,6 +982,48 @@ mod tests {
             "552 5.3.4 Message size exceeds the limit of 100 bytes"
         );
         assert_eq!(r[r.len() - 1], "250 2.0.0 OK");
+    }
+
+    #[test]
+    fn rcpts_and_data_behind_mail_are_offered_for_pipelining() {
+        let mut s = session(true);
+        run(
+            &mut s,
+            "EHLO x\r\nAUTH PLAIN AG5ld3MAcHc=\r\n",
+            &mut accept_all,
+        );
+        s.push_input(
+            b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@x>\r\nRCPT TO:<\"q q\"@x>\r\nDATA\r\n",
+        );
+        let Some(Action::Mail { ahead, .. }) = s.next_action() else {
+            panic!("MAIL expected");
+        };
+        // The quoted address would be refused by the session, so nothing from it on goes ahead.
+        assert_eq!(
+            ahead,
+            Ahead {
+                rcpts: vec!["b@x".into()],
+                data: false
+            }
+        );
+        let mut s = session(true);
+        run(
+            &mut s,
+            "EHLO x\r\nAUTH PLAIN AG5ld3MAcHc=\r\n",
+            &mut accept_all,
+        );
+        s.push_input(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@x>\r\nRCPT TO:<c@x>\r\nRCPT TO:<d@x>\r\nDATA\r\n");
+        let Some(Action::Mail { ahead, .. }) = s.next_action() else {
+            panic!("MAIL expected");
+        };
+        // At most max_recipients (2) go ahead; DATA waits for the third RCPT's local refusal.
+        assert_eq!(
+            ahead,
+            Ahead {
+                rcpts: vec!["b@x".into(), "c@x".into()],
+                data: false
+            }
+        );
     }
 
     #[test]

@@ -9,6 +9,8 @@ use super::seal::Sealer;
 use super::{Grant, GrantStore, Status, StoreError};
 use crate::util::fs::{create_private_dir, restrict_tree};
 
+const CACHE_BYTES: u64 = 4 << 20;
+
 pub struct SledStore {
     db: sled::Db,
     grants: sled::Tree,
@@ -32,7 +34,12 @@ impl SledStore {
         })?;
         let sealer = Sealer::from_key_file(key_file)?;
         let path = data_dir.join("grants.db");
-        let db = sled::Config::new().path(&path).open().map_err(|e| {
+        // A handful of grants: a few MiB of page cache is plenty (sled's default is 1 GiB).
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(CACHE_BYTES)
+            .open()
+            .map_err(|e| {
             let detail = e.to_string();
             if detail.contains("lock") || detail.contains("WouldBlock") || detail.contains("temporarily unavailable") {
                 StoreError(format!(

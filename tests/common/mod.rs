@@ -111,6 +111,19 @@ pub struct State {
     pub counter: u64,
     /// Close the connection after each accepted message, as an upstream with a short idle timeout does.
     pub close_after_message: bool,
+    /// Answer AUTH with `432 4.3.2` while this many connections of the user are authenticated
+    /// (Exchange Online's per-mailbox limit is 3).
+    pub max_authed: Option<usize>,
+    /// Authenticated connections open now, and the most seen at once.
+    pub authed_now: usize,
+    pub authed_peak: usize,
+    /// SMTP connections accepted, and QUITs received.
+    pub connections: usize,
+    pub quits: usize,
+    /// Commands that had arrived before the reply to the previous one (the client pipelined).
+    pub pipelined: usize,
+    /// Notified whenever the SMTP side changes something above.
+    pub changed: Arc<tokio::sync::Notify>,
     /// Answer every AUTH with this reply instead of checking the token (e.g. Microsoft's 5.7.139).
     pub auth_reply: Option<String>,
     /// The token endpoint answers 503 with an HTML page.
@@ -213,6 +226,13 @@ impl FakeProvider {
             issued: vec!["test-client-SECRET".into()],
             counter: 0,
             close_after_message: false,
+            max_authed: None,
+            authed_now: 0,
+            authed_peak: 0,
+            connections: 0,
+            quits: 0,
+            pipelined: 0,
+            changed: Arc::new(tokio::sync::Notify::new()),
             auth_reply: None,
             token_outage: false,
             extra: HashMap::new(),
@@ -244,6 +264,20 @@ impl FakeProvider {
 
     pub fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap()
+    }
+
+    /// Waits until the fake's state satisfies `done` (no polling: the SMTP side notifies).
+    pub async fn until(&self, done: impl Fn(&State) -> bool) {
+        let changed = self.state().changed.clone();
+        loop {
+            let notified = changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if done(&self.state()) {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -472,6 +506,11 @@ async fn smtp_server(
             } else {
                 Box::new(tcp)
             };
+            {
+                let mut s = state.lock().unwrap();
+                s.connections += 1;
+                s.changed.notify_waiters();
+            }
             let _ = smtp_session(
                 Lines {
                     io,
@@ -508,6 +547,17 @@ fn check_sasl(mech: Mech, decoded: &str, state: &State) -> bool {
         && auth.is_some_and(|t| state.token_valid(t))
 }
 
+/// Counts an authenticated connection until it closes.
+struct Authed(Shared);
+
+impl Drop for Authed {
+    fn drop(&mut self) {
+        let mut s = self.0.lock().unwrap();
+        s.authed_now -= 1;
+        s.changed.notify_waiters();
+    }
+}
+
 async fn smtp_session(
     mut c: Lines,
     state: Shared,
@@ -516,8 +566,12 @@ async fn smtp_session(
 ) -> Option<()> {
     c.send("220 fake.provider ESMTP ready").await?;
     let mut authed = false;
+    let mut _authed_guard: Option<Authed> = None;
     let mut msg: Option<Message> = None;
     loop {
+        if c.buf.contains(&b'\n') {
+            state.lock().unwrap().pipelined += 1;
+        }
         let line = c.line().await?;
         let upper = line.to_ascii_uppercase();
         if upper.starts_with("EHLO") {
@@ -562,8 +616,23 @@ async fn smtp_session(
                 continue;
             }
             let ok = check_sasl(mech, &decoded, &state.lock().unwrap());
-            if ok {
-                state.lock().unwrap().auth_ok += 1;
+            let full = {
+                let s = state.lock().unwrap();
+                s.max_authed.is_some_and(|max| s.authed_now >= max)
+            };
+            if ok && full {
+                state.lock().unwrap().auth_rejected += 1;
+                c.send("432 4.3.2 STOREDRV.ClientSubmit; mailbox concurrent connections limit exceeded")
+                    .await?;
+            } else if ok {
+                {
+                    let mut s = state.lock().unwrap();
+                    s.auth_ok += 1;
+                    s.authed_now += 1;
+                    s.authed_peak = s.authed_peak.max(s.authed_now);
+                    s.changed.notify_waiters();
+                }
+                _authed_guard = Some(Authed(state.clone()));
                 authed = true;
                 c.send("235 2.7.0 Accepted").await?;
             } else {
@@ -637,6 +706,7 @@ async fn smtp_session(
             let close = {
                 let mut s = state.lock().unwrap();
                 s.messages.push(m);
+                s.changed.notify_waiters();
                 s.close_after_message
             };
             if big {
@@ -654,6 +724,11 @@ async fn smtp_session(
         } else if upper == "NOOP" {
             c.send("250 2.0.0 OK").await?;
         } else if upper == "QUIT" {
+            {
+                let mut s = state.lock().unwrap();
+                s.quits += 1;
+                s.changed.notify_waiters();
+            }
             c.send("221 2.0.0 closing connection").await?;
             return Some(());
         } else {
@@ -676,6 +751,8 @@ pub struct RelayOptions {
     pub require_tls_for_auth: bool,
     pub extra_provider_toml: String,
     pub extra_accounts_toml: String,
+    /// More `[limits]` keys, one per line.
+    pub extra_limits_toml: String,
 }
 
 impl Default for RelayOptions {
@@ -691,6 +768,7 @@ impl Default for RelayOptions {
             require_tls_for_auth: true,
             extra_provider_toml: String::new(),
             extra_accounts_toml: String::new(),
+            extra_limits_toml: String::new(),
         }
     }
 }
@@ -704,6 +782,7 @@ pub struct Relay {
     pub starttls: SocketAddr,
     pub implicit: SocketAddr,
     pub plain: SocketAddr,
+    pub probe: xoauth_relay::app::Probe,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<()>>,
 }
@@ -755,6 +834,7 @@ max_recipients = 5
 max_connections = {maxconn}
 idle_timeout_secs = {idle}
 upstream_timeout_secs = 10
+{extra_limits}
 
 [providers.fake]
 token_url = "{token_url}"
@@ -791,6 +871,7 @@ mailbox = "news@example.com"
         login = LOGIN,
         hash = password_hash,
         extra_accounts = opts.extra_accounts_toml,
+        extra_limits = opts.extra_limits_toml,
     );
     let path = dir.join("relay.toml");
     std::fs::write(&path, config).unwrap();
@@ -815,6 +896,7 @@ impl Relay {
         let config = xoauth_relay::config::Config::load(&config_path).unwrap();
         let server = xoauth_relay::app::Relay::bind(config).await.unwrap();
         let addrs = server.local_addrs();
+        let probe = server.probe();
         let find = |mode| addrs.iter().find(|(_, m)| *m == mode).unwrap().0;
         use xoauth_relay::config::TlsMode;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -828,6 +910,7 @@ impl Relay {
             implicit: find(TlsMode::Implicit),
             // Clear text on the STARTTLS port, before STARTTLS.
             plain: find(TlsMode::Starttls),
+            probe,
             shutdown: Some(tx),
             handle: Some(handle),
         }
@@ -841,6 +924,7 @@ impl Relay {
             starttls: self.starttls,
             implicit: self.implicit,
             plain: self.plain,
+            probe: self.probe.clone(),
             shutdown: None,
             handle: None,
         }
@@ -978,6 +1062,30 @@ impl Client {
     }
 
     /// Sends a whole message; returns the replies to MAIL, each RCPT, DATA and the end of data.
+    /// Like `send_mail`, but MAIL, the RCPTs and DATA go in one write (RFC 2920), as Postfix sends.
+    pub async fn send_mail_pipelined(
+        &mut self,
+        from: &str,
+        rcpts: &[&str],
+        body: &[u8],
+    ) -> Vec<String> {
+        let mut batch = format!("MAIL FROM:<{from}>\r\n");
+        for r in rcpts {
+            batch.push_str(&format!("RCPT TO:<{r}>\r\n"));
+        }
+        batch.push_str("DATA\r\n");
+        self.send_raw(batch.as_bytes()).await;
+        let mut replies = Vec::new();
+        for _ in 0..rcpts.len() + 2 {
+            replies.push(self.reply().await);
+        }
+        if replies.last().is_some_and(|r| r.starts_with("354")) {
+            self.send_raw(&stuff(body)).await;
+            replies.push(self.reply().await);
+        }
+        replies
+    }
+
     pub async fn send_mail(&mut self, from: &str, rcpts: &[&str], body: &[u8]) -> Vec<String> {
         let mut replies = vec![self.cmd(&format!("MAIL FROM:<{from}>")).await];
         for r in rcpts {
@@ -1021,6 +1129,36 @@ async fn tls_connect<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static>(
         .connect(name, io)
         .await
         .unwrap()
+}
+
+/// Test time that moves only when told: tokio's clock paused, and its auto-advance held off (a
+/// blocking task inhibits it) so that waiting on loopback IO does not fast-forward timeouts.
+pub struct ManualTime {
+    release: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl ManualTime {
+    pub fn start() -> ManualTime {
+        tokio::time::pause();
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        tokio::task::spawn_blocking(move || {
+            let _ = wait.recv();
+        });
+        ManualTime {
+            release: Some(release),
+        }
+    }
+
+    pub async fn advance(&self, by: Duration) {
+        tokio::time::advance(by).await;
+    }
+}
+
+impl Drop for ManualTime {
+    fn drop(&mut self) {
+        drop(self.release.take());
+        tokio::time::resume();
+    }
 }
 
 /// Captures everything the relay logs (all levels) while the guard lives.

@@ -1,0 +1,391 @@
+//! Upstream connections per account, shared by every mailer session of that account.
+//!
+//! SMTP AUTH binds a connection to one mailbox, so the pool is keyed by account. A connection is
+//! opened, TLS'd and authenticated once, then carries one transaction at a time for whichever session
+//! leases it. Every open connection of an account counts against its `max_upstream_connections`
+//! (idle ones too: Exchange Online refuses a fourth per mailbox, whatever we think of it); a lease
+//! beyond the cap waits for one to come back, up to `upstream_wait_secs`.
+//!
+//! A connection is retired (never leased again) when it has been idle longer than
+//! `upstream_idle_secs` (QUIT), when the access token it authenticated with has expired, when the
+//! account's grant is replaced or revoked ([`Pool::retire_account`]), and whenever its holder
+//! says so (an upstream `421`, a broken dialogue, a mailer gone mid-DATA).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+use super::client::Client;
+use super::outcome::{ErrorKind, UpstreamError};
+use crate::config::Account;
+use crate::oauth::tokens::{TokenError, TokenManager};
+use crate::util::clock::SharedClock;
+use crate::util::secret::Secret;
+
+/// How long a QUIT to a retired connection may take.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An authenticated upstream connection.
+pub struct Conn {
+    pub client: Client,
+    /// When the access token it authenticated with expires; the connection is retired then.
+    token_expires: Instant,
+    /// The account's grant generation it was authenticated under.
+    generation: u64,
+    /// It has carried a transaction before (so it may have been closed by the upstream meanwhile).
+    pub reused: bool,
+}
+
+/// Why no connection could be had.
+#[derive(Debug)]
+pub enum OpenError {
+    /// Every connection of the account is in use and none came back in time.
+    Busy { cap: usize },
+    /// No token (grant missing, revoked, endpoint down).
+    Token(TokenError),
+    /// The upstream refused the token, also after one refresh.
+    AuthRejected(crate::smtp::Reply),
+    /// Connect, TLS, greeting, EHLO or STARTTLS failed.
+    Connect(UpstreamError),
+}
+
+pub struct Pool {
+    accounts: HashMap<String, Arc<AccountPool>>,
+    dialer: Dialer,
+    idle_timeout: Duration,
+    wait: Duration,
+    clock: SharedClock,
+    /// Where QUITs to retired connections run, so shutdown waits for them.
+    tasks: TaskTracker,
+}
+
+/// What opening a connection needs.
+pub struct Dialer {
+    pub tokens: Arc<TokenManager>,
+    /// Client TLS config per provider name (public roots plus that provider's `smtp_ca_file`).
+    pub tls: HashMap<String, Arc<rustls::ClientConfig>>,
+    pub helo_name: String,
+    pub timeout: Duration,
+}
+
+struct AccountPool {
+    cap: usize,
+    state: Mutex<State>,
+    /// A connection came back or a slot was freed.
+    freed: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    /// Most recently returned last.
+    idle: Vec<(Conn, Instant)>,
+    /// Open connections: idle, leased, and being dialled.
+    open: usize,
+    generation: u64,
+    closed: bool,
+}
+
+enum Take {
+    Idle(Conn),
+    /// A slot is reserved: dial a new connection.
+    Dial,
+    /// At the cap with nothing idle.
+    Wait,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A connection slot held by one session for one transaction. Dropping it without
+/// [`Lease::give_back`] retires the connection (the upstream discards a half-sent message).
+pub struct Lease {
+    pool: Arc<AccountPool>,
+    pub conn: Option<Conn>,
+    clock: SharedClock,
+    /// The slot has been handed back (given back or retired explicitly).
+    done: bool,
+}
+
+impl Lease {
+    pub fn client(&mut self) -> Option<&mut Client> {
+        self.conn.as_mut().map(|c| &mut c.client)
+    }
+
+    /// Puts the connection back for the next transaction, unless the grant changed or its token
+    /// expired meanwhile.
+    pub fn give_back(mut self) {
+        self.done = true;
+        let Some(mut conn) = self.conn.take() else {
+            return self.release();
+        };
+        let now = self.clock.now();
+        let mut state = lock(&self.pool.state);
+        if state.closed || conn.generation != state.generation || conn.token_expires <= now {
+            state.open -= 1;
+        } else {
+            conn.reused = true;
+            state.idle.push((conn, now));
+        }
+        drop(state);
+        self.pool.freed.notify_one();
+    }
+
+    fn release(&mut self) {
+        self.done = true;
+        self.conn = None;
+        lock(&self.pool.state).open -= 1;
+        self.pool.freed.notify_one();
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if !self.done {
+            self.release();
+        }
+    }
+}
+
+impl Pool {
+    pub fn new(
+        accounts: &[Arc<Account>],
+        dialer: Dialer,
+        idle_timeout: Duration,
+        wait: Duration,
+        tasks: TaskTracker,
+    ) -> Arc<Pool> {
+        let clock = dialer.tokens.clock().clone();
+        let accounts = accounts
+            .iter()
+            .map(|a| {
+                let pool = AccountPool {
+                    cap: a.max_upstream_connections.max(1),
+                    state: Mutex::new(State::default()),
+                    freed: Notify::new(),
+                };
+                (a.name.clone(), Arc::new(pool))
+            })
+            .collect();
+        Arc::new(Pool {
+            accounts,
+            dialer,
+            idle_timeout,
+            wait,
+            clock,
+            tasks,
+        })
+    }
+
+    pub fn dialer(&self) -> &Dialer {
+        &self.dialer
+    }
+
+    /// Open connections of `account` (idle, leased and being dialled).
+    pub fn open_connections(&self, account: &str) -> usize {
+        self.accounts
+            .get(account)
+            .map_or(0, |p| lock(&p.state).open)
+    }
+
+    /// A connection for one transaction: an idle one when there is one (unless `fresh`), else a new
+    /// one if the cap allows, else the first to come back within `upstream_wait_secs`.
+    pub async fn lease(&self, account: &Arc<Account>, fresh: bool) -> Result<Lease, OpenError> {
+        let Some(pool) = self.accounts.get(&account.name).cloned() else {
+            return Err(OpenError::Token(TokenError::UnknownAccount(
+                account.name.clone(),
+            )));
+        };
+        let deadline = self.clock.now() + self.wait;
+        loop {
+            let freed = pool.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let (got, stale, generation) = self.take(&pool, fresh);
+            self.quit_all(stale);
+            match got {
+                Take::Idle(conn) => {
+                    return Ok(Lease {
+                        pool: pool.clone(),
+                        conn: Some(conn),
+                        clock: self.clock.clone(),
+                        done: false,
+                    })
+                }
+                Take::Dial => {
+                    let mut lease = Lease {
+                        pool: pool.clone(),
+                        conn: None,
+                        clock: self.clock.clone(),
+                        done: false,
+                    };
+                    // On failure the lease drops here and frees the slot.
+                    lease.conn = Some(self.dial(account, generation).await?);
+                    return Ok(lease);
+                }
+                Take::Wait => {
+                    let left = deadline.saturating_duration_since(self.clock.now());
+                    if tokio::time::timeout(left, freed).await.is_err() {
+                        return Err(OpenError::Busy { cap: pool.cap });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Under the lock: sweeps stale idle connections out (returned, to be closed), then decides.
+    fn take(&self, pool: &AccountPool, fresh: bool) -> (Take, Vec<Conn>, u64) {
+        let mut state = lock(&pool.state);
+        let generation = state.generation;
+        let mut stale = self.sweep(&mut state);
+        if !fresh {
+            if let Some((conn, _)) = state.idle.pop() {
+                return (Take::Idle(conn), stale, generation);
+            }
+        }
+        if state.open < pool.cap {
+            state.open += 1;
+            return (Take::Dial, stale, generation);
+        }
+        if fresh {
+            // Make room for a new connection by retiring an idle one.
+            if let Some((conn, _)) = state.idle.pop() {
+                stale.push(conn);
+                return (Take::Dial, stale, generation);
+            }
+        }
+        (Take::Wait, stale, generation)
+    }
+
+    /// Takes out the idle connections that must not be used again: idle too long, token expired,
+    /// authenticated under a replaced grant.
+    fn sweep(&self, state: &mut State) -> Vec<Conn> {
+        let now = self.clock.now();
+        let generation = state.generation;
+        let (keep, old): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut state.idle)
+                .into_iter()
+                .partition(|(c, since)| {
+                    c.generation == generation
+                        && c.token_expires > now
+                        && now.saturating_duration_since(*since) < self.idle_timeout
+                });
+        state.idle = keep;
+        state.open -= old.len();
+        old.into_iter().map(|(c, _)| c).collect()
+    }
+
+    /// Token → connect → TLS → EHLO → AUTH; on a token rejection, one refresh and one more try.
+    async fn dial(&self, account: &Account, generation: u64) -> Result<Conn, OpenError> {
+        let name = &account.name;
+        let tokens = &self.dialer.tokens;
+        let token = tokens.token(name).await.map_err(OpenError::Token)?;
+        let (client, token) = match self.dialer.connect_and_auth(account, &token.secret).await {
+            Err(UpstreamError::AuthRejected(first))
+                if !crate::hints::refresh_cannot_help(&first) =>
+            {
+                tracing::info!(account = %name, reply = %first.summary(), "upstream refused the access token; refreshing and retrying once");
+                let token = tokens
+                    .token_after_rejection(name, &token.secret)
+                    .await
+                    .map_err(OpenError::Token)?;
+                (
+                    self.dialer.connect_and_auth(account, &token.secret).await,
+                    token,
+                )
+            }
+            other => (other, token),
+        };
+        match client {
+            Ok(client) => Ok(Conn {
+                client,
+                token_expires: token.expires_at,
+                generation,
+                reused: false,
+            }),
+            Err(UpstreamError::AuthRejected(reply)) => Err(OpenError::AuthRejected(reply)),
+            Err(e) => Err(OpenError::Connect(e)),
+        }
+    }
+
+    /// Closes idle connections idle longer than `upstream_idle_secs` or past their token; run
+    /// periodically by the app.
+    pub fn reap(&self) {
+        for pool in self.accounts.values() {
+            let stale = self.sweep(&mut lock(&pool.state));
+            if !stale.is_empty() {
+                pool.freed.notify_waiters();
+            }
+            self.quit_all(stale);
+        }
+    }
+
+    /// The grant was replaced or revoked: no connection authenticated with the old one is used
+    /// again (idle ones close now, leased ones when they come back).
+    pub fn retire_account(&self, account: &str) {
+        let Some(pool) = self.accounts.get(account) else {
+            return;
+        };
+        let stale: Vec<Conn> = {
+            let mut state = lock(&pool.state);
+            state.generation += 1;
+            let idle = std::mem::take(&mut state.idle);
+            state.open -= idle.len();
+            idle.into_iter().map(|(c, _)| c).collect()
+        };
+        pool.freed.notify_waiters();
+        self.quit_all(stale);
+    }
+
+    /// At shutdown: no more leases come back into the pool; idle connections say QUIT.
+    pub fn close(&self) {
+        for pool in self.accounts.values() {
+            let stale: Vec<Conn> = {
+                let mut state = lock(&pool.state);
+                state.closed = true;
+                let idle = std::mem::take(&mut state.idle);
+                state.open -= idle.len();
+                idle.into_iter().map(|(c, _)| c).collect()
+            };
+            self.quit_all(stale);
+        }
+    }
+
+    fn quit_all(&self, conns: Vec<Conn>) {
+        if conns.is_empty() {
+            return;
+        }
+        self.tasks.spawn(async move {
+            for mut conn in conns {
+                let _ = tokio::time::timeout(QUIT_TIMEOUT, conn.client.command("QUIT")).await;
+            }
+        });
+    }
+}
+
+impl Dialer {
+    pub async fn connect_and_auth(
+        &self,
+        account: &Account,
+        token: &Secret,
+    ) -> Result<Client, UpstreamError> {
+        let provider = &account.provider;
+        let tls = self.tls.get(&provider.name).ok_or_else(|| {
+            UpstreamError::new(
+                ErrorKind::Config,
+                &provider.smtp_host,
+                "TLS",
+                format!("no TLS configuration for provider `{}`", provider.name),
+            )
+        })?;
+        let mut client = Client::connect(provider, tls, &self.helo_name, self.timeout).await?;
+        client
+            .authenticate(provider, &account.mailbox, token)
+            .await?;
+        Ok(client)
+    }
+}
