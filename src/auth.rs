@@ -26,6 +26,12 @@ use crate::config::Account;
 use crate::util::clock::SharedClock;
 use crate::util::secret::Secret;
 
+/// What an unknown login is verified against: the default parameters (so it costs what a real one
+/// does) and a password nobody knows. A constant, because hashing one at start-up would cost a start
+/// 19 MiB of peak memory.
+const DUMMY_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$Mc4EXP5+ymXcb4wNBoEHkQ$e+7GP1nsI1BfTMJfqOpxmB8N0ZhDYrnbLZn2CAvboeo";
+
 /// Entries kept at most; beyond it the cache is swept (expired entries first, then all).
 const CACHE_MAX: usize = 10_000;
 
@@ -154,14 +160,16 @@ struct Engine {
 }
 
 pub struct Authenticator {
-    by_login: HashMap<String, Arc<Account>>,
+    /// Each login's account, and a lock that lets one verification of it run at a time: a burst of
+    /// sessions logging in with the same password costs one argon2 run, the rest hit the cache.
+    by_login: HashMap<String, (Arc<Account>, tokio::sync::Mutex<()>)>,
     engine: Arc<Engine>,
 }
 
-fn by_login(accounts: &[Arc<Account>]) -> HashMap<String, Arc<Account>> {
+fn by_login(accounts: &[Arc<Account>]) -> HashMap<String, (Arc<Account>, tokio::sync::Mutex<()>)> {
     accounts
         .iter()
-        .map(|a| (a.login.clone(), a.clone()))
+        .map(|a| (a.login.clone(), (a.clone(), tokio::sync::Mutex::new(()))))
         .collect()
 }
 
@@ -173,7 +181,7 @@ impl Authenticator {
     ) -> Authenticator {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let engine = Engine {
-            dummy_hash: hash_password("xoauth-relay dummy password for unknown logins"),
+            dummy_hash: DUMMY_HASH.to_string(),
             permits: Semaphore::new(cores),
             buffers: Mutex::new(Vec::new()),
             cache: (!cache_ttl.is_zero()).then(|| LoginCache::new(cache_ttl)),
@@ -208,16 +216,30 @@ impl Authenticator {
     /// The account whose login and password these are, or `None`.
     pub async fn verify(&self, login: &str, password: Secret) -> Option<Verified> {
         let engine = &self.engine;
-        let account = self.by_login.get(login).cloned();
+        let entry = self.by_login.get(login);
+        let account = entry.map(|(a, _)| a.clone());
         let cache = engine.cache.as_ref();
         let tag = cache.map(|c| c.tag(login, &password));
-        if let (Some(cache), Some(tag), Some(current)) = (cache, &tag, &account) {
-            if cache.get(tag, current, engine.clock.now()) {
-                return Some(Verified {
-                    account: current.clone(),
-                    cached: true,
-                });
-            }
+        let hit = |tag: &Option<Vec<u8>>| match (cache, tag, &account) {
+            (Some(cache), Some(tag), Some(current)) => cache.get(tag, current, engine.clock.now()),
+            _ => false,
+        };
+        let cached = |account: &Option<Arc<Account>>| {
+            account.clone().map(|account| Verified {
+                account,
+                cached: true,
+            })
+        };
+        if hit(&tag) {
+            return cached(&account);
+        }
+        let _one_at_a_time = match entry {
+            Some((_, lock)) => Some(lock.lock().await),
+            None => None,
+        };
+        // Whoever held the lock may have just verified the same password.
+        if hit(&tag) {
+            return cached(&account);
         }
         let hash = account
             .as_ref()
@@ -258,9 +280,13 @@ mod tests {
 
     #[test]
     fn hash_is_argon2id_and_verifies() {
+        let mut blocks = Vec::new();
+        assert!(
+            PasswordHash::new(DUMMY_HASH).is_ok() && !verify_in(DUMMY_HASH, b"", &mut blocks),
+            "the dummy hash parses and takes no empty password"
+        );
         let h = hash_password("s3cret");
         assert!(h.starts_with("$argon2id$v=19$"), "{h}");
-        let mut blocks = Vec::new();
         assert!(verify_in(&h, b"s3cret", &mut blocks));
         assert!(!verify_in(&h, b"wrong", &mut blocks));
         assert!(!verify_in("not a hash", b"s3cret", &mut blocks));

@@ -28,6 +28,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Stream for T {}
 pub type BoxStream = Box<dyn Stream>;
 
 const MAX_REPLY: usize = 64 * 1024;
+/// Encoded body bytes gathered before a write.
+const BODY_BATCH: usize = 128 * 1024;
 /// Wait for the reply to the end of data (RFC 5321 §4.5.3.2.6).
 const FINAL_REPLY_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -68,6 +70,8 @@ pub struct Client {
     timeout: Duration,
     pub caps: Capabilities,
     body: BodyEncoder,
+    /// Encoded body not yet written.
+    out: Vec<u8>,
     /// The upstream's name, for error messages.
     host: String,
 }
@@ -101,6 +105,7 @@ impl Client {
             timeout,
             caps: Capabilities::default(),
             body: BodyEncoder::default(),
+            out: Vec::new(),
             host: host.to_string(),
         };
         let greeting = client.read_reply().await?;
@@ -275,17 +280,29 @@ impl Client {
     }
 
     /// Writes part of a message body (see [`BodyEncoder`]).
+    /// Bytes are gathered up to [`BODY_BATCH`] so that a small message goes out in one write with
+    /// its end-of-data, and a large one in few large writes.
     pub async fn body(&mut self, chunk: &[u8]) -> Result<(), UpstreamError> {
-        let mut out = Vec::with_capacity(chunk.len() + chunk.len() / 32 + 4);
-        self.body.encode(chunk, &mut out);
-        self.write(&out).await
+        self.body.encode(chunk, &mut self.out);
+        if self.out.len() >= BODY_BATCH {
+            let out = std::mem::take(&mut self.out);
+            let written = self.write(&out).await;
+            self.out = out;
+            self.out.clear();
+            written?;
+        }
+        Ok(())
     }
 
     /// Ends the body and reads the final reply, allowing the upstream the 10 minutes RFC 5321
     /// §4.5.3.2.6 suggests: giving up earlier makes the mailer retry a message that may have been taken.
     pub async fn end_data(&mut self) -> Result<Reply, UpstreamError> {
-        let end = self.body.finish();
-        self.write(end).await?;
+        let mut out = std::mem::take(&mut self.out);
+        out.extend_from_slice(self.body.finish());
+        let written = self.write(&out).await;
+        out.clear();
+        self.out = out;
+        written?;
         self.read_reply_within(self.timeout.max(FINAL_REPLY_TIMEOUT))
             .await
     }

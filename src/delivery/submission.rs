@@ -266,6 +266,11 @@ impl Submission {
         Reply::new(451, "4.4.1 Upstream connection lost")
     }
 
+    /// The next step's reply came with MAIL's (pipelining): answering it will not wait.
+    pub fn answer_ready(&self) -> bool {
+        !self.ahead.is_empty()
+    }
+
     pub async fn rcpt(&mut self, to: &str) -> Outcome {
         let reply = self.step(format!("RCPT TO:<{to}>")).await;
         if reply.is_positive() {

@@ -139,6 +139,15 @@ impl Connection {
         .map_err(End::Io)
     }
 
+    /// Replies wait in the buffer while the next one is at hand too (a pipelined RCPT or DATA whose
+    /// upstream reply came with MAIL's): one write for the group instead of one per reply.
+    async fn flush_unless_answer_ready(&mut self) -> Result<(), End> {
+        if self.delivery.as_ref().is_some_and(Submission::answer_ready) {
+            return Ok(());
+        }
+        self.flush().await
+    }
+
     async fn upgrade_tls(&mut self) -> Result<(), End> {
         let acceptor = self
             .shared
@@ -160,7 +169,7 @@ impl Connection {
             self.session.tls_started_implicitly();
         }
         self.session.greeting().write_to(&mut self.out);
-        let mut buf = vec![0u8; READ_CHUNK];
+        let stop = self.shared.stop.clone();
         loop {
             while let Some(action) = self.session.next_action() {
                 if !self.execute(action).await? {
@@ -169,11 +178,12 @@ impl Connection {
             }
             self.flush().await?;
             let idle = self.idle();
-            let read = tokio::time::timeout(idle, self.stream.read(&mut buf));
             // On shutdown, a mailer between commands is told to come back later; one sending a
             // message body may finish it (within the shutdown grace period).
             let in_data = self.session.in_data();
-            let stop = self.shared.stop.clone();
+            // Straight into the session's buffer: no copy per read.
+            let target = self.session.input_for_read(READ_CHUNK);
+            let read = tokio::time::timeout(idle, self.stream.read_buf(target));
             let outcome = tokio::select! {
                 biased;
                 _ = stop.cancelled(), if !in_data => {
@@ -196,7 +206,6 @@ impl Connection {
             if n == 0 {
                 return Ok(());
             }
-            self.session.push_input(&buf[..n]);
         }
     }
 
@@ -231,12 +240,12 @@ impl Connection {
                 self.session.upstream_reply(outcome.into_reply());
             }
             Action::Rcpt { to } => {
-                self.flush().await?;
+                self.flush_unless_answer_ready().await?;
                 let outcome = self.delivery().rcpt(&to).await;
                 self.session.upstream_reply(outcome.into_reply());
             }
             Action::Data => {
-                self.flush().await?;
+                self.flush_unless_answer_ready().await?;
                 let outcome = self.delivery().data().await;
                 self.session.upstream_reply(outcome.into_reply());
             }

@@ -211,9 +211,18 @@ impl TokenManager {
             {
                 return Ok(t);
             }
+            // The margin is for comfort, not a cliff: while the provider cannot give a new token,
+            // the cached one serves until it really expires.
+            let still_valid = || {
+                lock(&slot.cached)
+                    .as_ref()
+                    .filter(|t| t.expires_at > this.clock.now())
+                    .filter(|t| rejected.as_ref() != Some(&t.secret))
+                    .cloned()
+            };
             if let Some((at, error)) = lock(&slot.failure).clone() {
                 if this.clock.now().saturating_duration_since(at) < FAILURE_BACKOFF {
-                    return Err(error);
+                    return still_valid().ok_or(error);
                 }
             }
             // A token persisted by an earlier run may still be good, but only an empty cache means we
@@ -222,7 +231,14 @@ impl TokenManager {
             let result = this.obtain(&slot, first_use).await;
             let now = this.clock.now();
             *lock(&slot.failure) = result.as_ref().err().map(|e| (now, e.clone()));
-            result
+            let passing = matches!(
+                result,
+                Err(TokenError::Unreachable { .. } | TokenError::Refused { .. })
+            );
+            match still_valid().filter(|_| passing) {
+                Some(t) => Ok(t),
+                None => result,
+            }
         });
         task.await
             .map_err(|e| TokenError::Store(format!("token refresh task failed: {e}")))?
@@ -612,6 +628,33 @@ mailbox = "news@example.com"
             2,
             "refreshed once a third of its life is left"
         );
+    }
+
+    #[tokio::test]
+    async fn an_outage_near_expiry_keeps_the_cached_token_until_it_expires() {
+        let issuer = Scripted::new(Ok(3600));
+        let f = fixture(issuer.clone());
+        with_grant(&f).await;
+        assert_eq!(
+            f.tokens.token("news").await.unwrap().secret.expose(),
+            "at-1"
+        );
+        *lock(&issuer.answer) = Err(ProviderError::Unreachable("down".into()));
+        // Two minutes before expiry (inside the 300 s margin): the refresh fails, the token serves.
+        f.clock.advance(Duration::from_secs(3480));
+        for _ in 0..3 {
+            assert_eq!(
+                f.tokens.token("news").await.unwrap().secret.expose(),
+                "at-1"
+            );
+        }
+        assert_eq!(issuer.calls(), 2, "one failed refresh, then the backoff");
+        // Once it has expired, the outage shows.
+        f.clock.advance(Duration::from_secs(121));
+        assert!(matches!(
+            f.tokens.token("news").await.unwrap_err(),
+            TokenError::Unreachable { .. }
+        ));
     }
 
     #[tokio::test]

@@ -223,6 +223,13 @@ impl Session {
         self.input.extend_from_slice(bytes);
     }
 
+    /// The buffer the IO layer appends what it reads from the mailer to, with at least `room` bytes
+    /// of spare capacity (saves copying every read through a second buffer).
+    pub fn input_for_read(&mut self, room: usize) -> &mut Vec<u8> {
+        self.input.reserve(room);
+        &mut self.input
+    }
+
     /// The next thing to do, or `None` when the session needs more input or an answer.
     pub fn next_action(&mut self) -> Option<Action> {
         loop {

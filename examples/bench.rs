@@ -1,0 +1,852 @@
+//! The relay as its own process, measured: msgs/s beside a no-relay baseline, the relay's CPU per
+//! message (`/proc/PID/stat`) and its peak RSS (`VmHWM`).
+//!
+//!     cargo build --release && cargo run --release --example bench [-- quick]
+//!
+//! This process runs a fake provider (token endpoint, and an SMTP server doing STARTTLS + XOAUTH2
+//! that checks every body's SHA-256) and the load generator; the relay binary
+//! (`target/release/xoauth-relay`, or `RELAY_BIN`) runs as a child, started afresh for every cell so
+//! that its peak RSS is that cell's. The baseline sends the same load straight to the fake provider.
+//! The machine is shared: compare ratios, not absolute times.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+const LOGIN: &str = "bench";
+const PASSWORD: &str = "bench-password";
+const MAILBOX: &str = "bench@example.com";
+
+fn b64(data: impl AsRef<[u8]>) -> String {
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fake provider
+
+#[derive(Default)]
+struct Provider {
+    /// Valid access tokens and their expiry.
+    tokens: Mutex<HashMap<String, Instant>>,
+    lifetime_secs: AtomicU64,
+    token_requests: AtomicU64,
+    auth_failures: AtomicU64,
+    delivered: AtomicU64,
+    corrupt: AtomicU64,
+    /// SHA-256 every body must have.
+    expected: Mutex<Vec<u8>>,
+    counter: AtomicU64,
+}
+
+impl Provider {
+    fn issue(&self) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let token = format!("at-{n}-bench");
+        let life = Duration::from_secs(self.lifetime_secs.load(Ordering::Relaxed));
+        self.tokens
+            .lock()
+            .unwrap()
+            .insert(token.clone(), Instant::now() + life);
+        token
+    }
+
+    fn valid(&self, token: &str) -> bool {
+        self.tokens
+            .lock()
+            .unwrap()
+            .get(token)
+            .is_some_and(|e| *e > Instant::now())
+    }
+}
+
+fn tls_pair() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let pem = cert.pem();
+    let server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    (Arc::new(server), Arc::new(client), pem)
+}
+
+async fn token_endpoint(listener: TcpListener, p: Arc<Provider>) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            continue;
+        };
+        let p = p.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                let Ok(n) = s.read(&mut chunk).await else {
+                    return;
+                };
+                if n == 0 {
+                    return;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let Some(head) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    continue;
+                };
+                let text = String::from_utf8_lossy(&buf[..head]).to_ascii_lowercase();
+                let len: usize = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if buf.len() >= head + 4 + len {
+                    break;
+                }
+            }
+            p.token_requests.fetch_add(1, Ordering::Relaxed);
+            let body = format!(
+                r#"{{"access_token":"{}","token_type":"Bearer","expires_in":{}}}"#,
+                p.issue(),
+                p.lifetime_secs.load(Ordering::Relaxed)
+            );
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(reply.as_bytes()).await;
+        });
+    }
+}
+
+trait Io: tokio::io::AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+async fn smtp_upstream(listener: TcpListener, p: Arc<Provider>, tls: Arc<rustls::ServerConfig>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let p = p.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+        tokio::spawn(async move {
+            let _ = upstream_session(tcp, p, acceptor).await;
+        });
+    }
+}
+
+async fn upstream_session(
+    tcp: TcpStream,
+    p: Arc<Provider>,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> std::io::Result<()> {
+    let mut io: BufReader<Box<dyn Io>> = BufReader::with_capacity(64 * 1024, Box::new(tcp));
+    io.get_mut().write_all(b"220 fake ESMTP\r\n").await?;
+    let mut tls = false;
+    let mut authed = false;
+    let mut line = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        line.clear();
+        if io.read_until(b'\n', &mut line).await? == 0 {
+            return Ok(());
+        }
+        let cmd = String::from_utf8_lossy(&line).trim_end().to_string();
+        let upper = cmd.to_ascii_uppercase();
+        if upper.starts_with("EHLO") {
+            out.extend_from_slice(
+                b"250-fake\r\n250-PIPELINING\r\n250-SIZE 40000000\r\n250-8BITMIME\r\n",
+            );
+            if !tls {
+                out.extend_from_slice(b"250-STARTTLS\r\n");
+            }
+            out.extend_from_slice(b"250 AUTH XOAUTH2\r\n");
+        } else if upper == "STARTTLS" {
+            io.get_mut().write_all(b"220 go\r\n").await?;
+            let inner = io.into_inner();
+            let stream: Box<dyn Io> = Box::new(acceptor.accept(inner).await?);
+            io = BufReader::with_capacity(64 * 1024, stream);
+            tls = true;
+            continue;
+        } else if let Some(arg) = upper.strip_prefix("AUTH XOAUTH2 ") {
+            let _ = arg;
+            let raw = cmd["AUTH XOAUTH2 ".len()..].trim();
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(raw)
+                .unwrap_or_default();
+            let text = String::from_utf8_lossy(&decoded);
+            let token = text
+                .split('\x01')
+                .find_map(|f| f.strip_prefix("auth=Bearer "))
+                .unwrap_or("");
+            let user_ok = text.starts_with(&format!("user={MAILBOX}\x01"));
+            if tls && user_ok && p.valid(token) {
+                authed = true;
+                out.extend_from_slice(b"235 2.7.0 Accepted\r\n");
+            } else {
+                p.auth_failures.fetch_add(1, Ordering::Relaxed);
+                out.extend_from_slice(b"535 5.7.8 Username and Password not accepted\r\n");
+            }
+        } else if upper.starts_with("MAIL FROM:") {
+            out.extend_from_slice(if authed {
+                b"250 2.1.0 OK\r\n".as_slice()
+            } else {
+                b"530 5.7.0 Authentication Required\r\n".as_slice()
+            });
+        } else if upper.starts_with("RCPT TO:") {
+            out.extend_from_slice(b"250 2.1.5 OK\r\n");
+        } else if upper == "DATA" {
+            io.get_mut().write_all(&out).await?;
+            out.clear();
+            io.get_mut().write_all(b"354 Go ahead\r\n").await?;
+            let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+            loop {
+                line.clear();
+                if io.read_until(b'\n', &mut line).await? == 0 {
+                    return Ok(());
+                }
+                if line == b".\r\n" {
+                    break;
+                }
+                hash.update(&line);
+            }
+            let ok = hash.finish().as_ref() == p.expected.lock().unwrap().as_slice();
+            p.delivered.fetch_add(1, Ordering::Relaxed);
+            if !ok {
+                p.corrupt.fetch_add(1, Ordering::Relaxed);
+            }
+            out.extend_from_slice(b"250 2.0.0 OK queued\r\n");
+        } else if upper == "RSET" || upper == "NOOP" {
+            out.extend_from_slice(b"250 2.0.0 OK\r\n");
+        } else if upper == "QUIT" {
+            io.get_mut().write_all(b"221 bye\r\n").await?;
+            return Ok(());
+        } else {
+            out.extend_from_slice(b"502 5.5.1 Unrecognized\r\n");
+        }
+        // Reply once the client's pipelined group has been read (RFC 2920).
+        if io.buffer().is_empty() {
+            io.get_mut().write_all(&out).await?;
+            out.clear();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load generator
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// Plain AUTH PLAIN to the relay on loopback.
+    Relay(SocketAddr),
+    /// STARTTLS + XOAUTH2 straight to the fake provider.
+    Direct(SocketAddr),
+}
+
+struct Mailer {
+    io: BufReader<Box<dyn Io>>,
+    line: String,
+}
+
+impl Mailer {
+    async fn reply(&mut self) -> std::io::Result<u16> {
+        loop {
+            self.line.clear();
+            if self.io.read_line(&mut self.line).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            if self.line.as_bytes().get(3) != Some(&b'-') {
+                return Ok(self.line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0));
+            }
+        }
+    }
+
+    async fn cmd(&mut self, line: &str) -> std::io::Result<u16> {
+        self.io.get_mut().write_all(line.as_bytes()).await?;
+        self.io.get_mut().write_all(b"\r\n").await?;
+        self.reply().await
+    }
+
+    async fn connect(
+        target: Target,
+        tls: &Arc<rustls::ClientConfig>,
+        provider: &Provider,
+        password: &str,
+    ) -> std::io::Result<(Mailer, bool)> {
+        let addr = match target {
+            Target::Relay(a) | Target::Direct(a) => a,
+        };
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let mut m = Mailer {
+            io: BufReader::with_capacity(16 * 1024, Box::new(tcp)),
+            line: String::new(),
+        };
+        m.reply().await?;
+        m.cmd("EHLO load.test").await?;
+        let ok = match target {
+            Target::Relay(_) => {
+                let plain = b64(format!("\0{LOGIN}\0{password}"));
+                m.cmd(&format!("AUTH PLAIN {plain}")).await? == 235
+            }
+            Target::Direct(_) => {
+                m.cmd("STARTTLS").await?;
+                let inner = m.io.into_inner();
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                let stream = tokio_rustls::TlsConnector::from(tls.clone())
+                    .connect(name, inner)
+                    .await?;
+                m.io = BufReader::with_capacity(16 * 1024, Box::new(stream));
+                m.cmd("EHLO load.test").await?;
+                let token = provider.issue();
+                let sasl = b64(format!("user={MAILBOX}\x01auth=Bearer {token}\x01\x01"));
+                m.cmd(&format!("AUTH XOAUTH2 {sasl}")).await? == 235
+            }
+        };
+        Ok((m, ok))
+    }
+
+    /// One message, MAIL/RCPT/DATA pipelined as Postfix does; true when the final reply is 250.
+    async fn send(&mut self, body: &[u8]) -> std::io::Result<bool> {
+        self.io
+            .get_mut()
+            .write_all(
+                format!("MAIL FROM:<{MAILBOX}>\r\nRCPT TO:<rcpt@example.org>\r\nDATA\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mail = self.reply().await?;
+        let rcpt = self.reply().await?;
+        let data = self.reply().await?;
+        if data != 354 {
+            return Ok(false);
+        }
+        self.io.get_mut().write_all(body).await?;
+        self.io.get_mut().write_all(b".\r\n").await?;
+        Ok(self.reply().await? == 250 && mail == 250 && rcpt == 250)
+    }
+}
+
+struct Load {
+    sessions: usize,
+    body: Arc<Vec<u8>>,
+    /// Messages per connection; 0 = one connection for the whole run.
+    per_connection: usize,
+    duration: Duration,
+    password: &'static str,
+}
+
+struct Counts {
+    sent: u64,
+    failed: u64,
+    logins_failed: u64,
+}
+
+async fn run_load(
+    target: Target,
+    load: &Load,
+    tls: &Arc<rustls::ClientConfig>,
+    provider: &Arc<Provider>,
+) -> Counts {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let logins_failed = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..load.sessions {
+        let (stop, sent, failed, logins_failed) = (
+            stop.clone(),
+            sent.clone(),
+            failed.clone(),
+            logins_failed.clone(),
+        );
+        let (tls, provider, body) = (tls.clone(), provider.clone(), load.body.clone());
+        let per_connection = load.per_connection;
+        let password = load.password;
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((mut m, ok)) = Mailer::connect(target, &tls, &provider, password).await
+                else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                if !ok {
+                    logins_failed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) && (per_connection == 0 || n < per_connection) {
+                    match m.send(&body).await {
+                        Ok(true) => sent.fetch_add(1, Ordering::Relaxed),
+                        _ => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    };
+                    n += 1;
+                }
+                let _ = m.cmd("QUIT").await;
+            }
+        }));
+    }
+    tokio::time::sleep(load.duration).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    Counts {
+        sent: sent.load(Ordering::Relaxed),
+        failed: failed.load(Ordering::Relaxed),
+        logins_failed: logins_failed.load(Ordering::Relaxed),
+    }
+}
+
+/// A message of about `size` bytes in 78-octet lines, no line starting with ".".
+fn body(size: usize) -> Vec<u8> {
+    let mut b =
+        b"From: <bench@example.com>\r\nTo: <rcpt@example.org>\r\nSubject: bench\r\n\r\n".to_vec();
+    let line = b"The quick brown fox jumps over the lazy dog, again and again and again!!!!\r\n";
+    while b.len() < size {
+        b.extend_from_slice(line);
+    }
+    b
+}
+
+// ---------------------------------------------------------------------------------------------
+// The relay process
+
+struct RelayProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+fn relay_bin() -> PathBuf {
+    std::env::var_os("RELAY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/release/xoauth-relay"))
+}
+
+/// /proc/PID/stat utime + stime, in milliseconds.
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // Fields after the command: state is index 0, utime is field 14 overall (index 11 here).
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    let hz = 100.0; // sysconf(_SC_CLK_TCK) on Linux
+    ticks as f64 * 1000.0 / hz
+}
+
+fn peak_rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl RelayProcess {
+    async fn start(dir: &Path, config: &str) -> RelayProcess {
+        let path = dir.join("relay.toml");
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(dir.join("relay.log")).unwrap();
+        let port: u16 = config
+            .lines()
+            .find_map(|l| l.strip_prefix("address = \"127.0.0.1:"))
+            .and_then(|r| r.trim_end_matches('"').parse().ok())
+            .unwrap();
+        let child = Command::new(relay_bin())
+            .args(["--config", path.to_str().unwrap(), "serve"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("relay binary: build it with `cargo build --release` or set RELAY_BIN");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        for _ in 0..200 {
+            if TcpStream::connect(addr).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        RelayProcess { child, addr }
+    }
+
+    fn import(&self, config: &Path, refresh_token: &str) {
+        let mut c = Command::new(relay_bin())
+            .args([
+                "--config",
+                config.to_str().unwrap(),
+                "import-token",
+                "bench",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(refresh_token.as_bytes())
+            .unwrap();
+        assert!(c.wait().unwrap().success(), "import-token failed");
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    provider: Arc<Provider>,
+    smtp: SocketAddr,
+    http: SocketAddr,
+    client_tls: Arc<rustls::ClientConfig>,
+    hash: String,
+}
+
+impl Env {
+    fn config(&self, extra_limits: &str) -> String {
+        let dir = self.dir.path().display();
+        format!(
+            r#"
+[server]
+hostname = "relay.bench"
+data_dir = "{dir}/data-{n}"
+allow_plaintext_loopback = true
+
+[[listeners]]
+address = "127.0.0.1:{port}"
+tls = "none"
+
+[limits]
+max_connections = 2000
+{extra_limits}
+
+[providers.fake]
+token_url = "http://{http}/token"
+scopes = ["https://mail.google.com/"]
+client_id = "bench-client"
+client_secret = "bench-secret"
+smtp_host = "localhost"
+smtp_port = {smtp_port}
+smtp_tls = "starttls"
+smtp_ca_file = "{dir}/ca.pem"
+
+[[accounts]]
+name = "bench"
+login = "{LOGIN}"
+password_hash = "{hash}"
+provider = "fake"
+mailbox = "{MAILBOX}"
+"#,
+            n = self.provider.counter.fetch_add(1, Ordering::Relaxed),
+            port = free_port(),
+            http = self.http,
+            smtp_port = self.smtp.port(),
+            hash = self.hash,
+        )
+    }
+
+    async fn relay(&self, extra_limits: &str) -> RelayProcess {
+        let config = self.config(extra_limits);
+        let relay = RelayProcess::start(self.dir.path(), &config).await;
+        relay.import(&self.dir.path().join("relay.toml"), "rt-bench");
+        relay
+    }
+}
+
+struct Row {
+    cell: String,
+    base: Option<f64>,
+    rate: f64,
+    cpu_per_msg: f64,
+    rss: f64,
+    note: String,
+}
+
+/// `BENCH_ONLY=text` runs only the cells whose name contains it.
+fn selected(name: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |only| name.contains(&only))
+}
+
+/// `BENCH_PERF=file` records the relay with `perf` during the (single) selected cell.
+fn perf_attach(pid: u32) -> Option<Child> {
+    let out = std::env::var("BENCH_PERF").ok()?;
+    Command::new("perf")
+        .args([
+            "record",
+            "-F",
+            "999",
+            "-g",
+            "-o",
+            &out,
+            "-p",
+            &pid.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
+}
+
+async fn cell(env: &Env, name: &str, load: Load, baseline: bool, extra_limits: &str) -> Row {
+    *env.provider.expected.lock().unwrap() =
+        ring::digest::digest(&ring::digest::SHA256, &load.body)
+            .as_ref()
+            .to_vec();
+    let direct = || {
+        run_load(
+            Target::Direct(env.smtp),
+            &load,
+            &env.client_tls,
+            &env.provider,
+        )
+    };
+    let rate = |c: Counts| c.sent as f64 / load.duration.as_secs_f64();
+    // The baseline runs before and after the relay: the machine is shared, so its mean is the
+    // fairer ceiling.
+    let before = if baseline {
+        Some(rate(direct().await))
+    } else {
+        None
+    };
+    let relay = env.relay(extra_limits).await;
+    let pid = relay.child.id();
+    let delivered_before = env.provider.delivered.load(Ordering::Relaxed);
+    let corrupt_before = env.provider.corrupt.load(Ordering::Relaxed);
+    let perf = perf_attach(pid);
+    let cpu0 = cpu_ms(pid);
+    let c = run_load(
+        Target::Relay(relay.addr),
+        &load,
+        &env.client_tls,
+        &env.provider,
+    )
+    .await;
+    let cpu = cpu_ms(pid) - cpu0;
+    if let Some(perf) = perf {
+        let _ = Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status();
+        let _ = perf.wait_with_output();
+    }
+    let rss = peak_rss_mb(pid);
+    let delivered = env.provider.delivered.load(Ordering::Relaxed) - delivered_before;
+    let corrupt = env.provider.corrupt.load(Ordering::Relaxed) - corrupt_before;
+    relay.stop();
+    let messages = c.sent.max(1) as f64;
+    let sent = c.sent;
+    let (failed, logins_failed) = (c.failed, c.logins_failed);
+    let relay_rate = rate(c);
+    let base = match before {
+        Some(b) => Some((b + rate(direct().await)) / 2.0),
+        None => None,
+    };
+    Row {
+        cell: name.to_string(),
+        base,
+        rate: relay_rate,
+        cpu_per_msg: cpu / messages,
+        rss,
+        note: format!(
+            "{sent} sent, {delivered} delivered, {corrupt} corrupt, {failed} failed, {logins_failed} logins refused"
+        ),
+    }
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(bench(quick));
+}
+
+async fn bench(quick: bool) {
+    let secs = |s: u64| Duration::from_secs(if quick { s.div_ceil(3) } else { s });
+    let dir = tempfile::tempdir().unwrap();
+    let (server_tls, client_tls, ca) = tls_pair();
+    std::fs::write(dir.path().join("ca.pem"), ca).unwrap();
+    let provider = Arc::new(Provider::default());
+    provider.lifetime_secs.store(3600, Ordering::Relaxed);
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let smtp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let env = Env {
+        http: http.local_addr().unwrap(),
+        smtp: smtp.local_addr().unwrap(),
+        dir,
+        provider: provider.clone(),
+        client_tls,
+        hash: xoauth_relay::auth::hash_password(PASSWORD),
+    };
+    tokio::spawn(token_endpoint(http, provider.clone()));
+    tokio::spawn(smtp_upstream(smtp, provider.clone(), server_tls));
+    println!("relay binary: {}", relay_bin().display());
+
+    let kib10 = Arc::new(body(10 * 1024));
+    let mib1 = Arc::new(body(1024 * 1024));
+    let persistent = |sessions, body: &Arc<Vec<u8>>, d| Load {
+        sessions,
+        body: body.clone(),
+        per_connection: 0,
+        duration: d,
+        password: PASSWORD,
+    };
+    let mut rows = Vec::new();
+    let cells = [
+        (
+            "persistent, 10 KiB, C=10",
+            persistent(10, &kib10, secs(6)),
+            true,
+        ),
+        (
+            "persistent, 10 KiB, C=50",
+            persistent(50, &kib10, secs(6)),
+            true,
+        ),
+        (
+            "persistent, 10 KiB, C=50, 4x longer",
+            persistent(50, &kib10, secs(24)),
+            false,
+        ),
+        (
+            "persistent, 1 MiB, C=10",
+            persistent(10, &mib1, secs(6)),
+            true,
+        ),
+        (
+            "persistent, 1 MiB, C=50",
+            persistent(50, &mib1, secs(6)),
+            false,
+        ),
+        (
+            "one message per connection, C=10, 10 KiB",
+            Load {
+                per_connection: 1,
+                ..persistent(10, &kib10, secs(6))
+            },
+            true,
+        ),
+    ];
+    for (name, load, baseline) in cells {
+        if selected(name) {
+            rows.push(cell(&env, name, load, baseline, "").await);
+        }
+    }
+
+    // 1,000 failed logins, then the relay's peak RSS.
+    if selected("1,000 failed logins") {
+        let relay = env.relay("").await;
+        let pid = relay.child.id();
+        let cpu0 = cpu_ms(pid);
+        let mut tasks = Vec::new();
+        for _ in 0..10 {
+            let (tls, provider) = (env.client_tls.clone(), env.provider.clone());
+            let addr = relay.addr;
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..100 {
+                    if let Ok((mut m, _)) =
+                        Mailer::connect(Target::Relay(addr), &tls, &provider, "wrong").await
+                    {
+                        let _ = m.cmd("QUIT").await;
+                    }
+                }
+            }));
+        }
+        let started = Instant::now();
+        for t in tasks {
+            let _ = t.await;
+        }
+        rows.push(Row {
+            cell: "1,000 failed logins, C=10".into(),
+            base: None,
+            rate: 1000.0 / started.elapsed().as_secs_f64(),
+            cpu_per_msg: (cpu_ms(pid) - cpu0) / 1000.0,
+            rss: peak_rss_mb(pid),
+            note: "rate = logins/s, CPU per login".into(),
+        });
+        relay.stop();
+    }
+
+    // Short-lived tokens: 5 s lifetime, 10 sessions reconnecting every 20 messages, 20 s.
+    if selected("5 s tokens") {
+        provider.lifetime_secs.store(5, Ordering::Relaxed);
+        let requests0 = provider.token_requests.load(Ordering::Relaxed);
+        let failures0 = provider.auth_failures.load(Ordering::Relaxed);
+        let load = Load {
+            per_connection: 20,
+            ..persistent(10, &kib10, secs(20))
+        };
+        let mut row = cell(
+            &env,
+            "5 s tokens, reconnect every 20, C=10",
+            load,
+            false,
+            "",
+        )
+        .await;
+        let requests = provider.token_requests.load(Ordering::Relaxed) - requests0;
+        let failures = provider.auth_failures.load(Ordering::Relaxed) - failures0;
+        row.note = format!(
+            "{}; {requests} token requests, {failures} upstream AUTH failures",
+            row.note
+        );
+        rows.push(row);
+        provider.lifetime_secs.store(3600, Ordering::Relaxed);
+    }
+
+    println!();
+    println!(
+        "| cell | no relay msg/s | relay msg/s | ratio | relay CPU ms/msg | relay peak RSS MB | notes |"
+    );
+    println!("|---|--:|--:|--:|--:|--:|---|");
+    for r in rows {
+        let (base, ratio) = match r.base {
+            Some(b) => (format!("{b:.0}"), format!("{:.2}", r.rate / b.max(1.0))),
+            None => ("".into(), "".into()),
+        };
+        println!(
+            "| {} | {base} | {:.0} | {ratio} | {:.3} | {:.1} | {} |",
+            r.cell, r.rate, r.cpu_per_msg, r.rss, r.note
+        );
+    }
+}
