@@ -66,6 +66,7 @@ impl Core {
             clock::system(),
             margin,
             &config.accounts,
+            tasks.clone(),
         ));
         let dialer = Dialer {
             tokens: tokens.clone(),
@@ -221,7 +222,12 @@ impl Relay {
     /// Serves until `shutdown` completes, then waits (bounded) for running sessions.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         let sessions = self.tasks;
-        let admission = Admission::new(self.shared.config.limits.max_connections, sessions.clone());
+        let limits = &self.shared.config.limits;
+        let admission = Admission::new(
+            limits.max_connections,
+            limits.max_connections_per_ip,
+            sessions.clone(),
+        );
         let stop = self.shared.stop.clone();
         let upstream = self.core.upstream.clone();
         let mut services = tokio::task::JoinSet::new();

@@ -156,20 +156,22 @@ struct Engine {
     buffers: Mutex<Vec<Vec<Block>>>,
     /// `None` when `auth_cache_secs` is 0.
     cache: Option<LoginCache>,
+    /// Verifications running, by cache key: a burst of sessions logging in with the same login and
+    /// password costs one argon2 run, the others wait for it and hit the cache. (Per key, not per
+    /// login: wrong passwords do not queue ahead of the right one.)
+    inflight: Mutex<HashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>>,
     clock: SharedClock,
 }
 
 pub struct Authenticator {
-    /// Each login's account, and a lock that lets one verification of it run at a time: a burst of
-    /// sessions logging in with the same password costs one argon2 run, the rest hit the cache.
-    by_login: HashMap<String, (Arc<Account>, tokio::sync::Mutex<()>)>,
+    by_login: HashMap<String, Arc<Account>>,
     engine: Arc<Engine>,
 }
 
-fn by_login(accounts: &[Arc<Account>]) -> HashMap<String, (Arc<Account>, tokio::sync::Mutex<()>)> {
+fn by_login(accounts: &[Arc<Account>]) -> HashMap<String, Arc<Account>> {
     accounts
         .iter()
-        .map(|a| (a.login.clone(), (a.clone(), tokio::sync::Mutex::new(()))))
+        .map(|a| (a.login.clone(), a.clone()))
         .collect()
 }
 
@@ -185,6 +187,7 @@ impl Authenticator {
             permits: Semaphore::new(cores),
             buffers: Mutex::new(Vec::new()),
             cache: (!cache_ttl.is_zero()).then(|| LoginCache::new(cache_ttl)),
+            inflight: Mutex::new(HashMap::new()),
             clock,
         };
         Authenticator {
@@ -216,8 +219,7 @@ impl Authenticator {
     /// The account whose login and password these are, or `None`.
     pub async fn verify(&self, login: &str, password: Secret) -> Option<Verified> {
         let engine = &self.engine;
-        let entry = self.by_login.get(login);
-        let account = entry.map(|(a, _)| a.clone());
+        let account = self.by_login.get(login).cloned();
         let cache = engine.cache.as_ref();
         let tag = cache.map(|c| c.tag(login, &password));
         let hit = |tag: &Option<Vec<u8>>| match (cache, tag, &account) {
@@ -233,14 +235,29 @@ impl Authenticator {
         if hit(&tag) {
             return cached(&account);
         }
-        let _one_at_a_time = match entry {
-            Some((_, lock)) => Some(lock.lock().await),
+        let flight = tag
+            .as_ref()
+            .map(|t| lock(&engine.inflight).entry(t.clone()).or_default().clone());
+        let _one_at_a_time = match &flight {
+            Some(f) => Some(f.lock().await),
             None => None,
         };
-        // Whoever held the lock may have just verified the same password.
+        // Whoever went first may have just verified the same password.
         if hit(&tag) {
             return cached(&account);
         }
+        let _done = tag.clone().map(|tag| Landed { engine, tag });
+        self.verify_uncached(account, password, tag).await
+    }
+
+    async fn verify_uncached(
+        &self,
+        account: Option<Arc<Account>>,
+        password: Secret,
+        tag: Option<Vec<u8>>,
+    ) -> Option<Verified> {
+        let engine = &self.engine;
+        let cache = engine.cache.as_ref();
         let hash = account
             .as_ref()
             .map(|a| a.password_hash.expose().to_string())
@@ -254,6 +271,18 @@ impl Authenticator {
             account,
             cached: false,
         })
+    }
+}
+
+/// Ends a verification's flight, also when the session is dropped mid-way.
+struct Landed<'a> {
+    engine: &'a Engine,
+    tag: Vec<u8>,
+}
+
+impl Drop for Landed<'_> {
+    fn drop(&mut self) {
+        lock(&self.engine.inflight).remove(&self.tag);
     }
 }
 

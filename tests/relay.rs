@@ -431,6 +431,8 @@ async fn error_replies() {
     let opts = RelayOptions {
         allowed_senders: Some(vec!["news@example.com".into(), "*@news.example.com".into()]),
         max_message_bytes: 1000,
+        // This session makes a dozen mistakes on purpose (tests/hostile.rs covers the limit).
+        extra_limits_toml: "max_errors_per_session = 20".into(),
         ..RelayOptions::default()
     };
     let (_dir, provider, relay) = setup(opts, "implicit").await;

@@ -132,6 +132,14 @@ pub struct Limits {
     pub upstream_wait_secs: u64,
     /// A verified login is remembered this long (0: every AUTH runs argon2).
     pub auth_cache_secs: u64,
+    /// Implicit TLS and STARTTLS handshakes must finish within this.
+    pub tls_handshake_timeout_secs: u64,
+    /// A connection that has not authenticated by then gets `421 4.4.2`.
+    pub preauth_timeout_secs: u64,
+    /// Connections from one address at once; more get `421 4.7.0` (loopback counts too).
+    pub max_connections_per_ip: usize,
+    /// Error replies in a session before `421 4.7.0` and close (Postfix's hard error limit).
+    pub max_errors_per_session: u32,
 }
 
 impl Default for Limits {
@@ -145,6 +153,10 @@ impl Default for Limits {
             upstream_idle_secs: 60,
             upstream_wait_secs: 60,
             auth_cache_secs: 300,
+            tls_handshake_timeout_secs: 10,
+            preauth_timeout_secs: 60,
+            max_connections_per_ip: 50,
+            max_errors_per_session: 10,
         }
     }
 }

@@ -72,6 +72,9 @@ pub struct Client {
     body: BodyEncoder,
     /// Encoded body not yet written.
     out: Vec<u8>,
+    /// Replies still owed for what was sent: if a step was cut short, the dialogue is out of
+    /// step and the connection must not be reused.
+    owed: usize,
     /// The upstream's name, for error messages.
     host: String,
 }
@@ -106,6 +109,7 @@ impl Client {
             caps: Capabilities::default(),
             body: BodyEncoder::default(),
             out: Vec::new(),
+            owed: 0,
             host: host.to_string(),
         };
         let greeting = client.read_reply().await?;
@@ -209,13 +213,17 @@ impl Client {
             out.extend_from_slice(line.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
+        self.owed = lines.len();
         if let Err(e) = self.write(&out).await {
             return failed(e);
         }
         let mut replies = Vec::with_capacity(lines.len());
         while replies.len() < lines.len() {
             match self.read_reply().await {
-                Ok(reply) => replies.push(Ok(reply)),
+                Ok(reply) => {
+                    self.owed -= 1;
+                    replies.push(Ok(reply));
+                }
                 Err(e) => {
                     replies.resize(lines.len(), Err(e));
                 }
@@ -280,6 +288,11 @@ impl Client {
     }
 
     /// Writes part of a message body (see [`BodyEncoder`]).
+    /// Whether every reply for what was sent has been read (a step cut short leaves some owed).
+    pub fn in_step(&self) -> bool {
+        self.owed > 0
+    }
+
     /// Bytes are gathered up to [`BODY_BATCH`] so that a small message goes out in one write with
     /// its end-of-data, and a large one in few large writes.
     pub async fn body(&mut self, chunk: &[u8]) -> Result<(), UpstreamError> {
@@ -299,12 +312,16 @@ impl Client {
     pub async fn end_data(&mut self) -> Result<Reply, UpstreamError> {
         let mut out = std::mem::take(&mut self.out);
         out.extend_from_slice(self.body.finish());
+        self.owed = 1;
         let written = self.write(&out).await;
         out.clear();
         self.out = out;
         written?;
-        self.read_reply_within(self.timeout.max(FINAL_REPLY_TIMEOUT))
-            .await
+        let reply = self
+            .read_reply_within(self.timeout.max(FINAL_REPLY_TIMEOUT))
+            .await?;
+        self.owed = 0;
+        Ok(reply)
     }
 }
 

@@ -72,8 +72,14 @@ pub struct Dialer {
     pub timeout: Duration,
 }
 
+/// How long an upstream refusal of the account's token is answered from memory.
+const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
+
 struct AccountPool {
     cap: usize,
+    /// The upstream refused the token even after a refresh: the same answer, without asking it
+    /// again, until then (Microsoft throttles request loops).
+    refused: Mutex<Option<(Instant, crate::smtp::Reply)>>,
     state: Mutex<State>,
     /// A connection came back or a slot was freed.
     freed: Notify,
@@ -93,6 +99,8 @@ enum Take {
     Idle(Conn),
     /// A slot is reserved: dial a new connection.
     Dial,
+    /// At the cap: close this idle connection, then dial in its slot.
+    Replace(Conn),
     /// At the cap with nothing idle.
     Wait,
 }
@@ -165,6 +173,7 @@ impl Pool {
             .map(|a| {
                 let pool = AccountPool {
                     cap: a.max_upstream_connections.max(1),
+                    refused: Mutex::new(None),
                     state: Mutex::new(State::default()),
                     freed: Notify::new(),
                 };
@@ -192,6 +201,16 @@ impl Pool {
             .map_or(0, |p| lock(&p.state).open)
     }
 
+    /// The upstream's lasting refusal of the account's token, if it came in the last minute.
+    pub fn remembered_refusal(&self, account: &str) -> Option<crate::smtp::Reply> {
+        let pool = self.accounts.get(account)?;
+        let now = self.clock.now();
+        lock(&pool.refused)
+            .as_ref()
+            .filter(|(until, _)| *until > now)
+            .map(|(_, reply)| reply.clone())
+    }
+
     /// A connection for one transaction: an idle one when there is one (unless `fresh`), else a new
     /// one if the cap allows, else the first to come back within `upstream_wait_secs`.
     pub async fn lease(&self, account: &Arc<Account>, fresh: bool) -> Result<Lease, OpenError> {
@@ -200,13 +219,16 @@ impl Pool {
                 account.name.clone(),
             )));
         };
+        if let Some(reply) = self.remembered_refusal(&account.name) {
+            return Err(OpenError::AuthRejected(reply));
+        }
         let deadline = self.clock.now() + self.wait;
         loop {
             let freed = pool.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
             let (got, stale, generation) = self.take(&pool, fresh);
-            self.quit_all(stale);
+            self.quit_all(&pool, stale);
             match got {
                 Take::Idle(conn) => {
                     return Ok(Lease {
@@ -216,6 +238,20 @@ impl Pool {
                         done: false,
                     })
                 }
+                Take::Replace(mut old) => {
+                    // At the cap: the old connection goes before the new one comes, so the
+                    // upstream never sees one more than the cap.
+                    let _ = tokio::time::timeout(QUIT_TIMEOUT, old.client.command("QUIT")).await;
+                    drop(old);
+                    let mut lease = Lease {
+                        pool: pool.clone(),
+                        conn: None,
+                        clock: self.clock.clone(),
+                        done: false,
+                    };
+                    lease.conn = Some(self.dial_remembering(&pool, account, generation).await?);
+                    return Ok(lease);
+                }
                 Take::Dial => {
                     let mut lease = Lease {
                         pool: pool.clone(),
@@ -224,7 +260,7 @@ impl Pool {
                         done: false,
                     };
                     // On failure the lease drops here and frees the slot.
-                    lease.conn = Some(self.dial(account, generation).await?);
+                    lease.conn = Some(self.dial_remembering(&pool, account, generation).await?);
                     return Ok(lease);
                 }
                 Take::Wait => {
@@ -241,7 +277,7 @@ impl Pool {
     fn take(&self, pool: &AccountPool, fresh: bool) -> (Take, Vec<Conn>, u64) {
         let mut state = lock(&pool.state);
         let generation = state.generation;
-        let mut stale = self.sweep(&mut state);
+        let stale = self.sweep(&mut state);
         if !fresh {
             if let Some((conn, _)) = state.idle.pop() {
                 return (Take::Idle(conn), stale, generation);
@@ -254,8 +290,7 @@ impl Pool {
         if fresh {
             // Make room for a new connection by retiring an idle one.
             if let Some((conn, _)) = state.idle.pop() {
-                stale.push(conn);
-                return (Take::Dial, stale, generation);
+                return (Take::Replace(conn), stale, generation);
             }
         }
         (Take::Wait, stale, generation)
@@ -275,8 +310,23 @@ impl Pool {
                         && now.saturating_duration_since(*since) < self.idle_timeout
                 });
         state.idle = keep;
-        state.open -= old.len();
+        // Still counted in `open` until their QUIT is done: the upstream sees them until then.
         old.into_iter().map(|(c, _)| c).collect()
+    }
+
+    /// [`Pool::dial`], remembering a refusal of the token for [`REFUSAL_MEMORY`].
+    async fn dial_remembering(
+        &self,
+        pool: &AccountPool,
+        account: &Account,
+        generation: u64,
+    ) -> Result<Conn, OpenError> {
+        let result = self.dial(account, generation).await;
+        if let Err(OpenError::AuthRejected(reply)) = &result {
+            let until = self.clock.now() + REFUSAL_MEMORY;
+            *lock(&pool.refused) = Some((until, reply.clone()));
+        }
+        result
     }
 
     /// Token → connect → TLS → EHLO → AUTH; on a token rejection, one refresh and one more try.
@@ -317,10 +367,7 @@ impl Pool {
     pub fn reap(&self) {
         for pool in self.accounts.values() {
             let stale = self.sweep(&mut lock(&pool.state));
-            if !stale.is_empty() {
-                pool.freed.notify_waiters();
-            }
-            self.quit_all(stale);
+            self.quit_all(pool, stale);
         }
     }
 
@@ -330,15 +377,15 @@ impl Pool {
         let Some(pool) = self.accounts.get(account) else {
             return;
         };
+        // A new grant deserves a new try.
+        *lock(&pool.refused) = None;
         let stale: Vec<Conn> = {
             let mut state = lock(&pool.state);
             state.generation += 1;
             let idle = std::mem::take(&mut state.idle);
-            state.open -= idle.len();
             idle.into_iter().map(|(c, _)| c).collect()
         };
-        pool.freed.notify_waiters();
-        self.quit_all(stale);
+        self.quit_all(pool, stale);
     }
 
     /// At shutdown: no more leases come back into the pool; idle connections say QUIT.
@@ -348,22 +395,23 @@ impl Pool {
                 let mut state = lock(&pool.state);
                 state.closed = true;
                 let idle = std::mem::take(&mut state.idle);
-                state.open -= idle.len();
                 idle.into_iter().map(|(c, _)| c).collect()
             };
-            self.quit_all(stale);
+            self.quit_all(pool, stale);
         }
     }
 
-    fn quit_all(&self, conns: Vec<Conn>) {
-        if conns.is_empty() {
-            return;
-        }
-        self.tasks.spawn(async move {
-            for mut conn in conns {
+    /// Says QUIT to retired connections in the background; each frees its slot once closed.
+    fn quit_all(&self, pool: &Arc<AccountPool>, conns: Vec<Conn>) {
+        for mut conn in conns {
+            let pool = pool.clone();
+            self.tasks.spawn(async move {
                 let _ = tokio::time::timeout(QUIT_TIMEOUT, conn.client.command("QUIT")).await;
-            }
-        });
+                drop(conn);
+                lock(&pool.state).open -= 1;
+                pool.freed.notify_one();
+            });
+        }
     }
 }
 

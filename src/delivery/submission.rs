@@ -53,6 +53,17 @@ pub struct Submission {
     pub stats: MessageStats,
 }
 
+/// Why the upstream will not take the account's token, and the fix when known.
+pub fn token_refused_text(account: &Account, reply: &Reply) -> String {
+    let hint = crate::hints::for_smtp_reply(account.provider.family, reply)
+        .map(|h| format!("; {h}"))
+        .unwrap_or_default();
+    format!(
+        "Upstream rejected the account's token ({}){hint}",
+        reply.summary()
+    )
+}
+
 fn unavailable(e: &UpstreamError) -> Reply {
     Reply::new(
         451,
@@ -107,17 +118,9 @@ impl Submission {
                 }
                 OpenError::Token(e) => Reply::new(454, format!("4.7.0 {e}")),
                 OpenError::AuthRejected(reply) => {
-                    let hint = crate::hints::for_smtp_reply(self.account.provider.family, &reply)
-                        .map(|h| format!("; {h}"))
-                        .unwrap_or_default();
-                    tracing::warn!(account = %name, reply = %reply.summary(), hint = %hint, "upstream rejected the access token twice");
-                    Reply::new(
-                        454,
-                        format!(
-                            "4.7.0 Upstream rejected the account's token ({}){hint}",
-                            reply.summary()
-                        ),
-                    )
+                    let text = token_refused_text(&self.account, &reply);
+                    tracing::warn!(account = %name, reply = %reply.summary(), "{text}");
+                    Reply::new(454, format!("4.7.0 {text}"))
                 }
                 // A refusal before MAIL (greeting, EHLO, STARTTLS) is about the connection, not
                 // this message: the mailer should retry later, not bounce.
@@ -136,10 +139,13 @@ impl Submission {
         self.ahead.clear();
     }
 
-    /// Hands the connection back to the pool for the next transaction.
+    /// Hands the connection back to the pool for the next transaction (unless a step on it was
+    /// cut short, which leaves the dialogue out of step).
     fn give_back(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.give_back();
+        if let Some(mut lease) = self.lease.take() {
+            if lease.client().is_some_and(|c| !c.in_step()) {
+                lease.give_back();
+            }
         }
         self.in_transaction = false;
         self.in_data = false;
@@ -214,7 +220,15 @@ impl Submission {
             if let Some(size) = params.size.filter(|_| caps.size) {
                 line.push_str(&format!(" SIZE={size}"));
             }
-            if params.eight_bit && caps.eight_bit {
+            if params.eight_bit {
+                if !caps.eight_bit {
+                    // 8-bit content must not reach a 7-bit server (RFC 6152 §3).
+                    lease.give_back();
+                    return Reply::new(
+                        554,
+                        "5.6.3 The upstream does not accept 8-bit content (no 8BITMIME); send it 7-bit encoded",
+                    );
+                }
                 line.push_str(" BODY=8BITMIME");
             }
             if params.smtputf8 {
@@ -336,7 +350,18 @@ impl Submission {
 
     /// The mailer abandoned its transaction: reset it upstream and hand the connection back.
     pub async fn reset(&mut self) {
-        if self.in_data {
+        let cut_short = self
+            .lease
+            .as_mut()
+            .and_then(Lease::client)
+            .is_some_and(|c| c.in_step());
+        // A DATA sent ahead that the upstream opened (354) has it reading a body: RSET would be
+        // message text. Likewise a step cut short. Only closing ends those.
+        let data_open = self
+            .ahead
+            .iter()
+            .any(|(_, r)| matches!(r, Ok(r) if r.code == 354));
+        if self.in_data || cut_short || data_open {
             return self.abort();
         }
         if !self.in_transaction {

@@ -35,6 +35,11 @@ pub struct Shared {
 }
 
 const READ_CHUNK: usize = 64 * 1024;
+/// Replies are written out once this much is waiting, so a client that pipelines thousands of
+/// commands (and perhaps never reads) cannot make the relay hold their replies.
+const OUT_LIMIT: usize = 16 * 1024;
+/// Refusals logged per session; the rest are counted in one line at the end.
+const LOGGED_REFUSALS: u32 = 5;
 
 /// Serves one accepted connection until the mailer quits, times out or disconnects.
 pub async fn handle(
@@ -56,6 +61,13 @@ pub async fn handle(
         if let Err(e) = ended {
             tracing::debug!(error = %e, "connection ended");
         }
+        if conn.refusals > LOGGED_REFUSALS {
+            tracing::info!(
+                refusals = conn.refusals,
+                not_logged = conn.refusals - LOGGED_REFUSALS,
+                "session ended after more refusals than are logged one by one"
+            );
+        }
         if let Some(d) = conn.delivery.as_mut() {
             if conn.session.in_data() {
                 d.abort();
@@ -76,6 +88,10 @@ struct Connection {
     out: Vec<u8>,
     delivery: Option<Submission>,
     message_started: Instant,
+    /// A connection not authenticated by then is closed.
+    preauth_deadline: Instant,
+    /// Error replies sent, for the log's bound.
+    refusals: u32,
 }
 
 enum End {
@@ -106,10 +122,12 @@ impl Connection {
             tls_active: false,
             starttls_available: mode == TlsMode::Starttls && shared.tls.is_some(),
             plaintext_auth_allowed: !server.require_tls_for_auth
-                || (server.allow_plaintext_loopback && peer.ip().is_loopback()),
+                || (server.allow_plaintext_loopback && peer.ip().to_canonical().is_loopback()),
             max_message_bytes: limits.max_message_bytes,
             max_recipients: limits.max_recipients,
+            max_errors: limits.max_errors_per_session,
         });
+        let preauth_deadline = Instant::now() + Duration::from_secs(limits.preauth_timeout_secs);
         Connection {
             stream,
             mode,
@@ -117,6 +135,8 @@ impl Connection {
             out: Vec::new(),
             delivery: None,
             message_started: Instant::now(),
+            preauth_deadline,
+            refusals: 0,
             shared,
         }
     }
@@ -155,7 +175,8 @@ impl Connection {
             .clone()
             .ok_or_else(|| End::Tls("no certificate configured".into()))?;
         let plain = std::mem::replace(&mut self.stream, Box::new(tokio::io::duplex(1).0));
-        let tls = tokio::time::timeout(self.idle(), acceptor.accept(plain))
+        let limit = Duration::from_secs(self.shared.config.limits.tls_handshake_timeout_secs);
+        let tls = tokio::time::timeout(limit, acceptor.accept(plain))
             .await
             .map_err(|_| End::Timeout)?
             .map_err(|e| End::Tls(e.to_string()))?;
@@ -177,7 +198,11 @@ impl Connection {
                 }
             }
             self.flush().await?;
-            let idle = self.idle();
+            let preauth_left = self
+                .preauth_deadline
+                .saturating_duration_since(Instant::now());
+            let preauth = self.session.authorized().is_none() && preauth_left < self.idle();
+            let idle = if preauth { preauth_left } else { self.idle() };
             // On shutdown, a mailer between commands is told to come back later; one sending a
             // message body may finish it (within the shutdown grace period).
             let in_data = self.session.in_data();
@@ -197,8 +222,12 @@ impl Connection {
                 Ok(Ok(n)) => n,
                 Ok(Err(e)) => return Err(End::Io(e)),
                 Err(_) => {
-                    Reply::new(421, "4.4.2 Idle timeout, closing connection")
-                        .write_to(&mut self.out);
+                    let text = if preauth {
+                        "4.4.2 Not authenticated in time, closing connection"
+                    } else {
+                        "4.4.2 Idle timeout, closing connection"
+                    };
+                    Reply::new(421, text).write_to(&mut self.out);
                     let _ = self.flush().await;
                     return Err(End::Timeout);
                 }
@@ -213,11 +242,18 @@ impl Connection {
     async fn execute(&mut self, action: Action) -> Result<bool, End> {
         match action {
             Action::Reply(reply) => {
-                // Every refusal the mailer sees is in the log too (replies carry no secrets).
+                // Refusals the mailer sees are in the log too (replies carry no secrets), the first
+                // few of a session one by one.
                 if reply.code >= 400 {
-                    tracing::info!(reply = %reply.summary(), "refused");
+                    self.refusals += 1;
+                    if self.refusals <= LOGGED_REFUSALS {
+                        tracing::info!(reply = %reply.summary(), "refused");
+                    }
                 }
-                reply.write_to(&mut self.out)
+                reply.write_to(&mut self.out);
+                if self.out.len() >= OUT_LIMIT {
+                    self.flush().await?;
+                }
             }
             Action::StartTls => {
                 self.flush().await?;
@@ -303,6 +339,11 @@ impl Connection {
         if let Err(e) = self.shared.upstream.tokens.token(&account.name).await {
             tracing::info!(error = %e, "password accepted, but the account has no usable grant");
             return AuthOutcome::GrantUnavailable(e.to_string());
+        }
+        if let Some(reply) = self.shared.upstream.pool.remembered_refusal(&account.name) {
+            let why = crate::delivery::submission::token_refused_text(&account, &reply);
+            tracing::info!(reply = %reply.summary(), "password accepted, but the upstream refuses the account's token");
+            return AuthOutcome::GrantUnavailable(why);
         }
         tracing::info!(cached = verified.cached, "authenticated");
         self.delivery = Some(Submission::new(

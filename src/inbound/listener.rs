@@ -2,9 +2,10 @@
 //! [`connection`](super::connection). Sessions run in the app's task tracker, so shutdown can wait
 //! for them and cut what is left.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -41,20 +42,76 @@ impl Listener {
     }
 }
 
-/// What all accept loops share: the connection slots and session ids.
+/// What all accept loops share: the connection slots, the per-address counts, session ids.
 pub struct Admission {
     permits: Arc<Semaphore>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    max_per_ip: usize,
     ids: AtomicU64,
     tracker: TaskTracker,
 }
 
+/// One connection counted against its address until dropped.
+struct IpSlot {
+    admission: Arc<Admission>,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .admission
+            .per_ip
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
 impl Admission {
-    pub fn new(max_connections: usize, tracker: TaskTracker) -> Arc<Admission> {
+    pub fn new(max_connections: usize, max_per_ip: usize, tracker: TaskTracker) -> Arc<Admission> {
         Arc::new(Admission {
             permits: Arc::new(Semaphore::new(max_connections)),
+            per_ip: Mutex::new(HashMap::new()),
+            max_per_ip,
             ids: AtomicU64::new(1),
             tracker,
         })
+    }
+
+    /// Counts a connection from `ip` (IPv4-mapped IPv6 as IPv4), or `None` past the limit.
+    fn admit_ip(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        let ip = ip.to_canonical();
+        let mut counts = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= self.max_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            admission: self.clone(),
+            ip,
+        })
+    }
+
+    /// Turns a connection away: a `421` on a clear-text port; on an implicit-TLS port only a close,
+    /// since clear text there is garbage to a TLS client.
+    fn refuse(&self, mut tcp: tokio::net::TcpStream, mode: TlsMode, reply: Reply) {
+        if mode == TlsMode::Implicit {
+            return drop(tcp);
+        }
+        self.tracker.spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                let _ = tcp.write_all(&reply.to_bytes()).await;
+                let _ = tcp.shutdown().await;
+            })
+            .await;
+        });
     }
 }
 
@@ -79,22 +136,28 @@ pub async fn accept_loop(listener: Listener, shared: Arc<Shared>, admission: Arc
             }
         };
         let _ = tcp.set_nodelay(true);
+        let mode = listener.mode;
+        let Some(ip_slot) = admission.admit_ip(peer.ip()) else {
+            let reply = Reply::new(
+                421,
+                "4.7.0 Too many connections from your address, try again later",
+            );
+            admission.refuse(tcp, mode, reply);
+            tracing::warn!(%peer, "connection refused: max_connections_per_ip reached");
+            continue;
+        };
         let Ok(permit) = admission.permits.clone().try_acquire_owned() else {
-            admission.tracker.spawn(async move {
-                let mut tcp = tcp;
-                let reply = Reply::new(421, "4.3.2 Too many connections, try again later");
-                let _ = tcp.write_all(&reply.to_bytes()).await;
-                let _ = tcp.shutdown().await;
-            });
+            let reply = Reply::new(421, "4.3.2 Too many connections, try again later");
+            admission.refuse(tcp, mode, reply);
             tracing::warn!(%peer, "connection refused: max_connections reached");
             continue;
         };
         let id = admission.ids.fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
-        let mode = listener.mode;
         admission.tracker.spawn(async move {
             connection::handle(shared, Box::new(tcp), peer, mode, id).await;
             drop(permit);
+            drop(ip_slot);
         });
     }
 }

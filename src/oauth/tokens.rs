@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
 use super::endpoint::{ProviderError, TokenSet};
 use super::issuer::Issuer;
@@ -90,6 +91,15 @@ impl std::fmt::Display for TokenError {
     }
 }
 
+/// Failures a still-valid cached token may ride out: the provider being down or refusing for now;
+/// not a revoked grant or a store failure.
+fn passing(error: &TokenError) -> bool {
+    matches!(
+        error,
+        TokenError::Unreachable { .. } | TokenError::Refused { .. }
+    )
+}
+
 /// After a failed token request, waiters get the same error for this long instead of each asking
 /// the provider again (a dead endpoint would otherwise make a hundred sessions queue for minutes).
 const FAILURE_BACKOFF: Duration = Duration::from_secs(15);
@@ -114,6 +124,8 @@ pub struct TokenManager {
     clock: SharedClock,
     margin: Duration,
     slots: HashMap<String, Arc<Slot>>,
+    /// Refreshes run here, so shutdown waits for a rotated refresh token to reach the store.
+    tasks: TaskTracker,
 }
 
 impl TokenManager {
@@ -123,6 +135,7 @@ impl TokenManager {
         clock: SharedClock,
         margin: Duration,
         accounts: &[Arc<Account>],
+        tasks: TaskTracker,
     ) -> TokenManager {
         let slots = accounts
             .iter()
@@ -143,6 +156,7 @@ impl TokenManager {
             clock,
             margin,
             slots,
+            tasks,
         }
     }
 
@@ -203,7 +217,7 @@ impl TokenManager {
         rejected: Option<Secret>,
     ) -> Result<AccessToken, TokenError> {
         let this = self.clone();
-        let task = tokio::spawn(async move {
+        let task = self.tasks.spawn(async move {
             let _guard = slot.refresh.lock().await;
             if let Some(t) = this
                 .fresh(&slot)
@@ -222,7 +236,10 @@ impl TokenManager {
             };
             if let Some((at, error)) = lock(&slot.failure).clone() {
                 if this.clock.now().saturating_duration_since(at) < FAILURE_BACKOFF {
-                    return still_valid().ok_or(error);
+                    return match still_valid().filter(|_| passing(&error)) {
+                        Some(t) => Ok(t),
+                        None => Err(error),
+                    };
                 }
             }
             // A token persisted by an earlier run may still be good, but only an empty cache means we
@@ -231,13 +248,12 @@ impl TokenManager {
             let result = this.obtain(&slot, first_use).await;
             let now = this.clock.now();
             *lock(&slot.failure) = result.as_ref().err().map(|e| (now, e.clone()));
-            let passing = matches!(
-                result,
-                Err(TokenError::Unreachable { .. } | TokenError::Refused { .. })
-            );
-            match still_valid().filter(|_| passing) {
-                Some(t) => Ok(t),
-                None => result,
+            match result {
+                Err(e) => match still_valid().filter(|_| passing(&e)) {
+                    Some(t) => Ok(t),
+                    None => Err(e),
+                },
+                ok => ok,
             }
         });
         task.await
@@ -495,6 +511,7 @@ mailbox = "news@example.com"
             clock.clone(),
             Duration::from_secs(300),
             &config.accounts,
+            TaskTracker::new(),
         ));
         Fixture {
             tokens,

@@ -32,6 +32,9 @@ pub struct SessionConfig {
     pub plaintext_auth_allowed: bool,
     pub max_message_bytes: usize,
     pub max_recipients: usize,
+    /// Error replies of the relay's own (not the upstream's) after which the session is closed, like
+    /// Postfix's hard error limit; a delivered message starts the count again. 0: no limit.
+    pub max_errors: u32,
 }
 
 /// What the session knows about the mailer's account once authenticated: no secrets.
@@ -164,7 +167,12 @@ impl DataPhase {
 
 pub struct Session {
     config: SessionConfig,
+    /// Received bytes; those before `start` are consumed. Compacted once per read, so a read
+    /// holding thousands of lines costs linear time, not a shift per line.
     input: Vec<u8>,
+    start: usize,
+    /// Error replies since the last delivered message.
+    errors: u32,
     /// A line longer than MAX_LINE is being skipped up to its LF.
     discarding: bool,
     out: VecDeque<Action>,
@@ -185,6 +193,8 @@ impl Session {
         Session {
             config,
             input: Vec::new(),
+            start: 0,
+            errors: 0,
             discarding: false,
             out: VecDeque::new(),
             phase: Phase::Command,
@@ -220,14 +230,44 @@ impl Session {
     }
 
     pub fn push_input(&mut self, bytes: &[u8]) {
+        self.compact();
         self.input.extend_from_slice(bytes);
     }
 
     /// The buffer the IO layer appends what it reads from the mailer to, with at least `room` bytes
     /// of spare capacity (saves copying every read through a second buffer).
     pub fn input_for_read(&mut self, room: usize) -> &mut Vec<u8> {
+        self.compact();
         self.input.reserve(room);
         &mut self.input
+    }
+
+    /// Bytes received and not yet consumed.
+    pub fn buffered(&self) -> usize {
+        self.input.len() - self.start
+    }
+
+    fn unread(&self) -> &[u8] {
+        &self.input[self.start..]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.input.len() {
+            self.clear_input();
+        }
+    }
+
+    fn clear_input(&mut self) {
+        self.input.clear();
+        self.start = 0;
+    }
+
+    fn compact(&mut self) {
+        if self.start > 0 {
+            self.input.drain(..self.start);
+            self.start = 0;
+        }
     }
 
     /// The next thing to do, or `None` when the session needs more input or an answer.
@@ -252,7 +292,24 @@ impl Session {
     }
 
     fn reply(&mut self, code: u16, text: impl Into<String>) {
-        self.out.push_back(Action::Reply(Reply::new(code, text)));
+        self.refuse_or_reply(Reply::new(code, text));
+    }
+
+    /// Queues a reply of the relay's own, counting errors against `max_errors`.
+    fn refuse_or_reply(&mut self, reply: Reply) {
+        let error = reply.code >= 400;
+        self.out.push_back(Action::Reply(reply));
+        if error && !matches!(self.phase, Phase::Closed) {
+            self.errors += 1;
+            if self.config.max_errors > 0 && self.errors >= self.config.max_errors {
+                self.out.push_back(Action::Reply(Reply::new(
+                    421,
+                    "4.7.0 Too many errors, closing connection",
+                )));
+                self.out.push_back(Action::Close);
+                self.phase = Phase::Closed;
+            }
+        }
     }
 
     fn wait(&mut self, action: Action, waiting: Waiting) {
@@ -273,9 +330,10 @@ impl Session {
     /// Takes one line (without its line ending) from the input, handling over-long lines.
     fn take_line(&mut self) -> Option<Vec<u8>> {
         loop {
-            match self.input.iter().position(|b| *b == b'\n') {
+            match memchr::memchr(b'\n', self.unread()) {
                 Some(nl) => {
-                    let mut line: Vec<u8> = self.input.drain(..=nl).collect();
+                    let mut line = self.unread()[..=nl].to_vec();
+                    self.consume(nl + 1);
                     if self.discarding || line.len() > MAX_LINE + 2 {
                         self.discarding = false;
                         // A SASL exchange cannot survive a lost response: back to commands.
@@ -286,6 +344,9 @@ impl Session {
                             self.phase = Phase::Command;
                         }
                         self.reply(500, "5.5.6 Line too long");
+                        if self.is_closed() {
+                            return None;
+                        }
                         continue;
                     }
                     line.pop();
@@ -294,8 +355,8 @@ impl Session {
                     }
                     return Some(line);
                 }
-                None if self.input.len() > MAX_LINE => {
-                    self.input.clear();
+                None if self.buffered() > MAX_LINE => {
+                    self.clear_input();
                     self.discarding = true;
                 }
                 None => return None,
@@ -313,6 +374,11 @@ impl Session {
     }
 
     fn command(&mut self, mut line: Vec<u8>) {
+        // NUL, a bare CR and other control bytes have no place in a command, and must never be
+        // echoed back (EHLO repeats its argument).
+        if has_control(&line) {
+            return self.reply(501, "5.5.2 Control characters are not allowed in commands");
+        }
         line.extend_from_slice(b"\r\n");
         let request = match Request::parse(&mut line.iter()) {
             Ok(r) => r.into_owned(),
@@ -333,7 +399,7 @@ impl Session {
             Request::Mail { from } => self.mail(from),
             Request::Rcpt { to } => match rcpt_address(to) {
                 Ok(address) => self.rcpt(address),
-                Err(reply) => self.out.push_back(Action::Reply(reply)),
+                Err(reply) => self.refuse_or_reply(reply),
             },
             Request::Data => self.data(),
             Request::Rset => {
@@ -419,7 +485,7 @@ impl Session {
         }
         self.reply(220, "2.0.0 Ready to start TLS");
         // RFC 3207: anything pipelined after STARTTLS was sent in clear and must be discarded.
-        self.input.clear();
+        self.clear_input();
         self.discarding = false;
         self.wait(Action::StartTls, Waiting::Tls);
     }
@@ -432,7 +498,7 @@ impl Session {
     /// The TLS handshake finished: the session starts over, as RFC 3207 requires.
     pub fn tls_started(&mut self) {
         if self.expect_waiting(Waiting::Tls) {
-            self.input.clear();
+            self.clear_input();
             self.config.tls_active = true;
             self.ehlo_done = false;
             self.auth = None;
@@ -623,7 +689,7 @@ impl Session {
         if self.discarding {
             return ahead;
         }
-        let mut rest = self.input.as_slice();
+        let mut rest = self.unread();
         while let Some(nl) = memchr::memchr(b'\n', rest) {
             let line = &rest[..=nl];
             rest = &rest[nl + 1..];
@@ -633,6 +699,9 @@ impl Session {
             let mut crlf = line.strip_suffix(b"\n").unwrap_or(line).to_vec();
             if crlf.last() == Some(&b'\r') {
                 crlf.pop();
+            }
+            if has_control(&crlf) {
+                break;
             }
             crlf.extend_from_slice(b"\r\n");
             match Request::parse(&mut crlf.iter()).map(Request::into_owned) {
@@ -686,7 +755,12 @@ impl Session {
                 self.phase = Phase::Data(Box::new(DataPhase::new()));
                 return self.reply(354, "Start mail input; end with <CRLF>.<CRLF>");
             }
-            Waiting::EndOfData => self.reset_transaction(),
+            Waiting::EndOfData => {
+                if reply.is_positive() {
+                    self.errors = 0;
+                }
+                self.reset_transaction();
+            }
             _ => {}
         }
         self.out.push_back(Action::Reply(reply));
@@ -710,13 +784,17 @@ impl Session {
         let Phase::Data(data) = &mut self.phase else {
             return false;
         };
-        if self.input.is_empty() {
+        let unread = &self.input[self.start..];
+        if unread.is_empty() {
             return false;
         }
-        let mut iter = self.input.iter();
+        let mut iter = unread.iter();
         let done = data.receiver.ingest(&mut iter, &mut data.pending);
-        let consumed = self.input.len() - iter.as_slice().len();
-        self.input.drain(..consumed);
+        let consumed = unread.len() - iter.as_slice().len();
+        self.consume(consumed);
+        let Phase::Data(data) = &mut self.phase else {
+            return false;
+        };
 
         let keep = usize::from(!done && data.pending.last() == Some(&b'\r'));
         let ready = data.pending.len() - keep;
@@ -752,6 +830,11 @@ impl Session {
         }
         true
     }
+}
+
+/// NUL, bare CR and the other C0 controls (and DEL) have no place in a command line.
+fn has_control(line: &[u8]) -> bool {
+    line.iter().any(|b| *b < 0x20 || *b == 0x7f)
 }
 
 /// The address of a RCPT the relay forwards, or the refusal.
@@ -817,6 +900,7 @@ mod tests {
             plaintext_auth_allowed: false,
             max_message_bytes: 100,
             max_recipients: 2,
+            max_errors: 10,
         })
     }
 

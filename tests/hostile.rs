@@ -1,0 +1,237 @@
+//! Clients that misbehave, over real sockets: each gets its documented reply or a close, and a
+//! well-behaved mailer sending at the same time is served normally.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn setup(opts: RelayOptions) -> (tempfile::TempDir, FakeProvider, Relay) {
+    let dir = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("implicit", None).await;
+    let relay = Relay::start(dir.path(), &provider, opts).await;
+    let rt = provider.state().add_refresh_token();
+    relay.import("news", &rt).await;
+    (dir, provider, relay)
+}
+
+fn all_ok(replies: &[String]) -> bool {
+    replies
+        .iter()
+        .all(|r| r.starts_with('2') || r.starts_with("354"))
+}
+
+/// A mailer that logs in and sends `n` messages, checking every reply.
+async fn well_behaved(relay: Relay, pki: std::sync::Arc<Pki>, n: usize) {
+    let mut c = Client::connect(&relay, Conn::Implicit, &pki).await;
+    assert!(c.login_plain(LOGIN, PASSWORD).await.starts_with("235"));
+    for i in 0..n {
+        let body = format!("Subject: {i}\r\n\r\nfine\r\n");
+        let replies = c
+            .send_mail("news@example.com", &["a@x.org"], body.as_bytes())
+            .await;
+        assert!(all_ok(&replies), "{replies:?}");
+    }
+}
+
+/// Reads until the relay closes; returns what it sent.
+async fn read_to_close(tcp: &mut TcpStream) -> Vec<u8> {
+    let mut all = Vec::new();
+    let _ = tcp.read_to_end(&mut all).await;
+    all
+}
+
+/// Every reply line is `DDD[ -]` + text, at most 512 octets, CRLF-terminated.
+fn well_formed(wire: &[u8]) -> bool {
+    wire.split_inclusive(|b| *b == b'\n').all(|line| {
+        line.len() <= 512
+            && line.ends_with(b"\r\n")
+            && line.len() >= 6
+            && line[..3].iter().all(u8::is_ascii_digit)
+            && matches!(line[3], b' ' | b'-')
+            && !line[4..line.len() - 2].iter().any(|b| *b < 0x20)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_and_garbage_get_their_replies_while_a_mailer_is_served() {
+    let (_dir, provider, relay) = setup(RelayOptions::default()).await;
+    let mailer = tokio::spawn(well_behaved(relay.view(), provider.pki.clone(), 20));
+
+    // 64 KiB of bare LF: empty commands, refused until the error limit closes the session.
+    let mut tcp = TcpStream::connect(relay.plain).await.unwrap();
+    tcp.write_all(&vec![b'\n'; 64 * 1024]).await.unwrap();
+    let wire = read_to_close(&mut tcp).await;
+    assert!(well_formed(&wire), "{}", String::from_utf8_lossy(&wire));
+    let text = String::from_utf8_lossy(&wire);
+    assert!(text.starts_with("220 "), "{text}");
+    assert_eq!(text.matches("\r\n500 ").count(), 10, "{text}");
+    assert!(
+        text.ends_with("421 4.7.0 Too many errors, closing connection\r\n"),
+        "{text}"
+    );
+
+    // A 1 MB line: one refusal, and the session goes on.
+    let mut c = Client::plain(&relay).await;
+    let mut line = vec![b'A'; 1 << 20];
+    line.extend_from_slice(b"\r\n");
+    c.send_raw(&line).await;
+    assert_eq!(c.reply().await, "500 5.5.6 Line too long");
+    assert_eq!(c.cmd("NOOP").await, "250 2.0.0 OK");
+
+    // NUL and a bare CR in a command: refused, and never echoed.
+    assert_eq!(
+        c.cmd("EHLO evil\0host").await,
+        "501 5.5.2 Control characters are not allowed in commands"
+    );
+    assert_eq!(
+        c.cmd("EHLO a\rb").await,
+        "501 5.5.2 Control characters are not allowed in commands"
+    );
+
+    // TLS garbage on the clear-text port: refused line by line, then closed.
+    let mut tcp = TcpStream::connect(relay.plain).await.unwrap();
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    for i in 0..4000u32 {
+        hello.push((i.wrapping_mul(2_654_435_761) >> 13) as u8);
+    }
+    tcp.write_all(&hello).await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let wire = read_to_close(&mut tcp).await;
+    assert!(well_formed(&wire), "{}", String::from_utf8_lossy(&wire));
+
+    // Clear text on the implicit-TLS port: no clear-text reply, just a close (or a TLS alert).
+    let mut tcp = TcpStream::connect(relay.implicit).await.unwrap();
+    tcp.write_all(b"EHLO plain.text\r\n").await.unwrap();
+    let wire = read_to_close(&mut tcp).await;
+    assert!(
+        !wire.starts_with(b"220") && !wire.starts_with(b"421") && !wire.starts_with(b"5"),
+        "{wire:?}"
+    );
+
+    mailer.await.unwrap();
+    assert_eq!(provider.state().messages.len(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_thousand_pipelined_noops_are_all_answered() {
+    let (_dir, provider, relay) = setup(RelayOptions::default()).await;
+    let mailer = tokio::spawn(well_behaved(relay.view(), provider.pki.clone(), 5));
+    let tcp = TcpStream::connect(relay.plain).await.unwrap();
+    let (mut read, mut write) = tcp.into_split();
+    let writer = tokio::spawn(async move {
+        let noops = b"NOOP\r\n".repeat(100_000);
+        write.write_all(&noops).await.unwrap();
+        write.write_all(b"QUIT\r\n").await.unwrap();
+        write
+    });
+    let mut all = Vec::new();
+    read.read_to_end(&mut all).await.unwrap();
+    let _write = writer.await.unwrap();
+    let text = String::from_utf8_lossy(&all);
+    assert_eq!(text.matches("250 2.0.0 OK\r\n").count(), 100_000);
+    assert!(text.ends_with("221 2.0.0 Bye\r\n"));
+    mailer.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_cut_off_at_the_idle_timeout() {
+    let opts = RelayOptions {
+        idle_timeout_secs: 1,
+        ..RelayOptions::default()
+    };
+    let (_dir, provider, relay) = setup(opts).await;
+    let mailer = tokio::spawn(well_behaved(relay.view(), provider.pki.clone(), 5));
+    let mut tcp = TcpStream::connect(relay.plain).await.unwrap();
+    // Write NOOPs and never read: once the relay's replies fill the socket buffers, its write
+    // blocks, the idle timeout ends the session, and our writes fail.
+    let chunk = b"NOOP\r\n".repeat(10_000);
+    let mut written = 0usize;
+    while tcp.write_all(&chunk).await.is_ok() {
+        written += chunk.len();
+        assert!(written < 1 << 30, "the relay kept reading without bound");
+    }
+    mailer.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_authenticate_in_time_is_closed() {
+    let opts = RelayOptions {
+        extra_limits_toml: "preauth_timeout_secs = 2".into(),
+        ..RelayOptions::default()
+    };
+    let (_dir, _provider, relay) = setup(opts).await;
+    let mut c = Client::plain(&relay).await;
+    // A byte every half second keeps the idle timeout from firing, not the pre-auth one.
+    for b in b"EHL" {
+        c.send_raw(&[*b]).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        c.reply().await,
+        "421 4.4.2 Not authenticated in time, closing connection"
+    );
+    assert_eq!(c.reply().await, "", "closed");
+}
+
+#[tokio::test]
+async fn one_address_gets_at_most_its_share_of_connections() {
+    let opts = RelayOptions {
+        extra_limits_toml: "max_connections_per_ip = 3".into(),
+        ..RelayOptions::default()
+    };
+    let (_dir, provider, relay) = setup(opts).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(Client::plain(&relay).await);
+    }
+    let mut fourth = TcpStream::connect(relay.plain).await.unwrap();
+    let wire = read_to_close(&mut fourth).await;
+    assert_eq!(
+        wire,
+        b"421 4.7.0 Too many connections from your address, try again later\r\n"
+    );
+    // On the implicit-TLS port the refusal is a close, never clear text.
+    let mut tls_port = TcpStream::connect(relay.implicit).await.unwrap();
+    assert!(read_to_close(&mut tls_port).await.is_empty());
+    // Another address is not affected (127.0.0.2 is loopback too, and counted on its own).
+    let other = tokio::net::TcpSocket::new_v4().unwrap();
+    other.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut other = other.connect(relay.plain).await.unwrap();
+    let mut greeting = [0u8; 4];
+    other.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(&greeting, b"220 ");
+    drop(held);
+    drop(provider);
+}
+
+#[tokio::test]
+async fn a_lasting_token_refusal_costs_one_refresh_for_ten_messages() {
+    let (_dir, provider, relay) = setup(RelayOptions::default()).await;
+    provider.state().auth_reply = Some("535 5.7.3 Authentication unsuccessful".into());
+    let mut c = Client::connect(&relay, Conn::Implicit, &provider.pki).await;
+    assert!(c.login_plain(LOGIN, PASSWORD).await.starts_with("235"));
+    let reply = c.cmd("MAIL FROM:<news@example.com>").await;
+    assert!(
+        reply.starts_with("454")
+            && reply.contains("Upstream rejected the account's token (535 5.7.3"),
+        "{reply}"
+    );
+    for _ in 0..9 {
+        let mut c = Client::connect(&relay, Conn::Implicit, &provider.pki).await;
+        let reply = c.login_plain(LOGIN, PASSWORD).await;
+        assert!(reply.starts_with("454"), "{reply}");
+        assert!(reply.contains("SMTP.Send"), "the hint: {reply}");
+    }
+    let s = provider.state();
+    assert_eq!(
+        s.refresh_count, 2,
+        "the first token, and one refresh after the first rejection"
+    );
+    assert_eq!(s.auth_rejected, 2, "two upstream AUTHs for ten sessions");
+}
