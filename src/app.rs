@@ -143,6 +143,15 @@ impl Relay {
     /// Binds every listener and the control socket; fails with an operator-readable message.
     pub async fn bind(config: Config) -> Result<Relay, String> {
         let config = Arc::new(config);
+        raise_file_limit(config.limits.max_connections)?;
+        let published = config.example_password_accounts();
+        if let (Some(name), Some(addr)) = (published.first(), config.public_listeners().first()) {
+            return Err(format!(
+                "account `{name}` still has the example config's published password, and listener {addr} is \
+                 reachable from other machines; set its password_hash (`xoauth-relay hash-password`) or listen on \
+                 loopback only"
+            ));
+        }
         // Ports first: a port in use is the likeliest failure, and nothing is created on disk before it.
         let mut listeners = Vec::new();
         for l in &config.listeners {
@@ -266,6 +275,22 @@ impl Relay {
             tracing::warn!(error = %e, "cannot flush the database at shutdown");
         }
     }
+}
+
+/// Raises the soft limit on open files to the hard one: each mailer session holds two descriptors
+/// (its socket and its upstream connection's), plus the listeners, the store and the control socket.
+fn raise_file_limit(max_connections: usize) -> Result<(), String> {
+    let need = 2 * max_connections as u64 + 64;
+    let limit = rlimit::increase_nofile_limit(u64::MAX)
+        .map_err(|e| format!("cannot read the open-files limit: {e}"))?;
+    if limit < need {
+        return Err(format!(
+            "[limits] max_connections = {max_connections} needs about {need} open files (two per mailer \
+             session), but this process may open only {limit}; raise the limit (systemd LimitNOFILE=, \
+             `ulimit -n`) or lower max_connections"
+        ));
+    }
+    Ok(())
 }
 
 /// Counters of a running relay.

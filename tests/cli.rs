@@ -176,6 +176,53 @@ fn check_names_the_key_and_the_fix() {
 }
 
 #[test]
+fn check_reports_every_error_at_once_and_warns_about_the_published_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let h = hash();
+    let accounts = account("a", "same", &h).replace("corp", "nope")
+        + &account("b", "x", &h)
+        + &account("c", "x", &h);
+    let path = config(
+        d,
+        &accounts,
+        "revocation_url = \"http://example.com/revoke\"",
+    );
+    let (ok, _, err) = run(&["--config", &path, "check"], "");
+    assert!(!ok);
+    for expected in [
+        "`revocation_url` must be an https URL",
+        "login `x` is already used by account `b`",
+    ] {
+        assert!(err.contains(expected), "expected `{expected}` in: {err}");
+    }
+
+    let (ok, _, err) = run(&["--config", "config/relay.example.toml", "check"], "");
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("warning: account `newsletter`: password_hash is the example's published one"),
+        "{err}"
+    );
+    // On a listener other machines can reach, `serve` refuses it.
+    let example = std::fs::read_to_string("config/relay.example.toml").unwrap();
+    let public = example
+        .replace("127.0.0.1:587", "0.0.0.0:0")
+        .replace("127.0.0.1:465", "127.0.0.1:0")
+        .replace(
+            "data_dir = \"data\"",
+            &format!("data_dir = \"{}/data\"", d.display()),
+        );
+    let public_path = d.join("public.toml");
+    std::fs::write(&public_path, public).unwrap();
+    let (ok, _, err) = run(&["--config", public_path.to_str().unwrap(), "serve"], "");
+    assert!(!ok);
+    assert!(
+        err.contains("still has the example config's published password"),
+        "{err}"
+    );
+}
+
+#[test]
 fn import_token_and_accounts_with_and_without_a_running_relay() {
     let dir = tempfile::tempdir().unwrap();
     let h = hash();

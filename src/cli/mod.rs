@@ -144,6 +144,9 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Check => {
             let config = load(&cli)?;
+            for warning in config.warnings() {
+                eprintln!("warning: {warning}");
+            }
             println!(
                 "{}: ok ({} listener(s), {} provider(s), {} account(s))",
                 config.path.display(),

@@ -343,6 +343,58 @@ impl Config {
     }
 }
 
+/// The `password_hash` published in `config/relay.example.toml` (password "change-me"): anyone can
+/// log in with it, so `serve` refuses it on a listener other than loopback.
+pub const EXAMPLE_PASSWORD_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$pvxRNMbZtA9LLJEcHj8WNQ$C4AqN4TR5l9vfJdFPgfWeihGedxXqzT3b2R2NySCvmA";
+
+impl Config {
+    /// Accounts still using the example config's published password.
+    pub fn example_password_accounts(&self) -> Vec<&str> {
+        self.accounts
+            .iter()
+            .filter(|a| a.password_hash.expose() == EXAMPLE_PASSWORD_HASH)
+            .map(|a| a.name.as_str())
+            .collect()
+    }
+
+    /// Listeners reachable from other machines.
+    pub fn public_listeners(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .map(|l| l.address)
+            .filter(|a| !a.ip().to_canonical().is_loopback())
+            .collect()
+    }
+
+    /// What `check` should point out although the file is valid.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for name in self.example_password_accounts() {
+            out.push(format!(
+                "account `{name}`: password_hash is the example's published one (password \"change-me\"); \
+                 make your own with `xoauth-relay hash-password` (serve refuses it on a non-loopback listener)"
+            ));
+        }
+        let key = self.server.key_file();
+        if key.starts_with(&self.server.data_dir) {
+            out.push(format!(
+                "[server] key_file {} is inside data_dir: a backup of data_dir then carries its own key; \
+                 set key_file to a path outside it (and move the key there)",
+                key.display()
+            ));
+        }
+        if crate::util::fs::readable_by_others(&key) {
+            out.push(format!(
+                "[server] key_file {} is readable by other users; run `chmod 600 {}`",
+                key.display(),
+                key.display()
+            ));
+        }
+        out
+    }
+}
+
 /// Reads a secret from a file; one trailing newline is not part of it.
 pub fn read_secret_file(path: &Path) -> std::io::Result<String> {
     let text = std::fs::read_to_string(path)?;

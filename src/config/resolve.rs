@@ -9,17 +9,142 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::raw::{RawConfig, RawProvider};
+use super::raw::{RawAccount, RawConfig, RawProvider};
 use super::{
     err, Account, Config, ConfigError, Env, Family, GrantKind, Mechanism, Provider, SecretSource,
     TlsMode,
 };
 use crate::util::secret::Secret;
 
+/// One `[[accounts]]` entry, checked against the resolved providers and the accounts before it.
+fn account(
+    a: RawAccount,
+    providers: &BTreeMap<String, Arc<Provider>>,
+    failed_providers: &HashSet<String>,
+    seen_names: &mut HashSet<String>,
+    seen_logins: &mut HashMap<String, String>,
+) -> Result<Arc<Account>, ConfigError> {
+    let what = format!("account `{}`", a.name);
+    if a.name.is_empty() || a.name.contains(char::is_whitespace) {
+        return err(format!(
+            "{what}: `name` must be a non-empty word without spaces"
+        ));
+    }
+    if !seen_names.insert(a.name.clone()) {
+        return err(format!(
+            "{what}: two [[accounts]] have this name; names must be unique"
+        ));
+    }
+    let login = a.login.clone().unwrap_or_else(|| a.name.clone());
+    if let Some(other) = seen_logins.insert(login.clone(), a.name.clone()) {
+        return err(format!(
+            "{what}: login `{login}` is already used by account `{other}`; give each account its own `login`"
+        ));
+    }
+    let Some(password_hash) = a.password_hash else {
+        return err(format!(
+            "{what}: `password_hash` is missing; create one with `xoauth-relay hash-password` and paste it in"
+        ));
+    };
+    if let Err(e) = argon2::PasswordHash::new(password_hash.expose()) {
+        return err(format!(
+            "{what}: `password_hash` is not a PHC string ({e}); create one with `xoauth-relay hash-password`"
+        ));
+    }
+    let Some(provider) = providers.get(&a.provider).cloned() else {
+        if failed_providers.contains(&a.provider) {
+            // Its provider's own error says what to fix.
+            return err(String::new());
+        }
+        return err(format!(
+            "{what}: provider `{}` is not defined; add a [providers.{}] table or use `google` / `microsoft`",
+            a.provider, a.provider
+        ));
+    };
+    if a.max_upstream_connections == Some(0) {
+        return err(format!(
+            "{what}: max_upstream_connections must be at least 1"
+        ));
+    }
+    if !a.mailbox.contains('@') {
+        return err(format!(
+            "{what}: `mailbox` must be the upstream address, like news@example.com"
+        ));
+    }
+    let grant = a.grant.unwrap_or(provider.grant);
+    if grant == GrantKind::ClientCredentials
+        && provider.grant != GrantKind::ClientCredentials
+        && provider.family == Family::Microsoft
+    {
+        return err(format!(
+            "{what}: grant = \"client_credentials\" must be set on [providers.microsoft] (it changes the scope \
+             to https://outlook.office365.com/.default); use a separate provider table for app-only accounts"
+        ));
+    }
+    if grant == GrantKind::ClientCredentials
+        && provider.family == Family::Microsoft
+        && provider.token_url.contains("/common/")
+    {
+        return err(format!(
+            "{what}: app-only (client_credentials) tokens need your tenant: set `tenant` (id or domain) in \
+             [providers.microsoft]"
+        ));
+    }
+    if grant == GrantKind::ClientCredentials && provider.family == Family::Google {
+        return err(format!(
+            "{what}: Google has no client-credentials grant for Gmail; use grant = \"service_account\" \
+             (Workspace domain-wide delegation) or a user grant from `xoauth-relay authorize`"
+        ));
+    }
+    if grant == GrantKind::RefreshToken
+        && provider.family == Family::Google
+        && provider.secret_source.is_none()
+    {
+        return err(format!(
+            "{what}: Google's token endpoint needs the OAuth client's secret (Desktop app clients have one too); \
+             set client_secret_env, client_secret_file or client_secret in [providers.google]"
+        ));
+    }
+    for pattern in a.allowed_senders.iter().flatten() {
+        let domain_wildcard = pattern
+            .strip_prefix("*@")
+            .is_some_and(|d| !d.is_empty() && !d.contains(['*', '@']));
+        let address = !pattern.contains('*') && pattern.matches('@').count() == 1;
+        if !(domain_wildcard || address) {
+            return err(format!(
+                "{what}: allowed_senders entry \"{pattern}\" is neither an address (news@example.com) nor \
+                 a whole domain (*@example.com)"
+            ));
+        }
+    }
+    if grant == GrantKind::ServiceAccount && provider.service_account_key_file.is_none() {
+        return err(format!(
+            "{what}: grant = \"service_account\" needs `service_account_key_file` in [providers.{}]",
+            provider.name
+        ));
+    }
+    let max_upstream_connections = a
+        .max_upstream_connections
+        .unwrap_or(provider.max_upstream_connections);
+    Ok(Arc::new(Account {
+        name: a.name,
+        login,
+        password_hash,
+        provider,
+        mailbox: a.mailbox,
+        allowed_senders: a.allowed_senders,
+        grant,
+        max_upstream_connections,
+    }))
+}
+
 /// Applies presets and validates; reads nothing outside `raw`.
 pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
     // Relative paths in the file are relative to the directory the relay runs in, like the
     // documented `cargo run -- serve --config config/relay.example.toml`.
+    // Every problem is collected, so one `check` run shows them all.
+    let mut errors: Vec<String> = Vec::new();
+    let mut failed_providers = HashSet::new();
     let mut providers = BTreeMap::new();
     let mut names: Vec<String> = raw.providers.keys().cloned().collect();
     for preset in ["google", "microsoft"] {
@@ -33,137 +158,47 @@ pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         if overrides.is_none() && !used {
             continue;
         }
-        let p = provider(&name, overrides.unwrap_or_default())?;
-        providers.insert(name, Arc::new(p));
+        match provider(&name, overrides.unwrap_or_default()) {
+            Ok(p) => {
+                providers.insert(name, Arc::new(p));
+            }
+            Err(e) => {
+                errors.push(e.0);
+                failed_providers.insert(name);
+            }
+        }
     }
 
     let mut accounts = Vec::new();
     let mut seen_names = HashSet::new();
     let mut seen_logins: HashMap<String, String> = HashMap::new();
     for a in raw.accounts {
-        let what = format!("account `{}`", a.name);
-        if a.name.is_empty() || a.name.contains(char::is_whitespace) {
-            return err(format!(
-                "{what}: `name` must be a non-empty word without spaces"
-            ));
+        match account(
+            a,
+            &providers,
+            &failed_providers,
+            &mut seen_names,
+            &mut seen_logins,
+        ) {
+            Ok(a) => accounts.push(a),
+            Err(e) => errors.push(e.0),
         }
-        if !seen_names.insert(a.name.clone()) {
-            return err(format!(
-                "{what}: two [[accounts]] have this name; names must be unique"
-            ));
-        }
-        let login = a.login.clone().unwrap_or_else(|| a.name.clone());
-        if let Some(other) = seen_logins.insert(login.clone(), a.name.clone()) {
-            return err(format!(
-                "{what}: login `{login}` is already used by account `{other}`; give each account its own `login`"
-            ));
-        }
-        let Some(password_hash) = a.password_hash else {
-            return err(format!(
-                "{what}: `password_hash` is missing; create one with `xoauth-relay hash-password` and paste it in"
-            ));
-        };
-        if let Err(e) = argon2::PasswordHash::new(password_hash.expose()) {
-            return err(format!(
-                "{what}: `password_hash` is not a PHC string ({e}); create one with `xoauth-relay hash-password`"
-            ));
-        }
-        let Some(provider) = providers.get(&a.provider).cloned() else {
-            return err(format!(
-                "{what}: provider `{}` is not defined; add a [providers.{}] table or use `google` / `microsoft`",
-                a.provider, a.provider
-            ));
-        };
-        if a.max_upstream_connections == Some(0) {
-            return err(format!(
-                "{what}: max_upstream_connections must be at least 1"
-            ));
-        }
-        if !a.mailbox.contains('@') {
-            return err(format!(
-                "{what}: `mailbox` must be the upstream address, like news@example.com"
-            ));
-        }
-        let grant = a.grant.unwrap_or(provider.grant);
-        if grant == GrantKind::ClientCredentials
-            && provider.grant != GrantKind::ClientCredentials
-            && provider.family == Family::Microsoft
-        {
-            return err(format!(
-                "{what}: grant = \"client_credentials\" must be set on [providers.microsoft] (it changes the scope \
-                 to https://outlook.office365.com/.default); use a separate provider table for app-only accounts"
-            ));
-        }
-        if grant == GrantKind::ClientCredentials
-            && provider.family == Family::Microsoft
-            && provider.token_url.contains("/common/")
-        {
-            return err(format!(
-                "{what}: app-only (client_credentials) tokens need your tenant: set `tenant` (id or domain) in \
-                 [providers.microsoft]"
-            ));
-        }
-        if grant == GrantKind::ClientCredentials && provider.family == Family::Google {
-            return err(format!(
-                "{what}: Google has no client-credentials grant for Gmail; use grant = \"service_account\" \
-                 (Workspace domain-wide delegation) or a user grant from `xoauth-relay authorize`"
-            ));
-        }
-        if grant == GrantKind::RefreshToken
-            && provider.family == Family::Google
-            && provider.secret_source.is_none()
-        {
-            return err(format!(
-                "{what}: Google's token endpoint needs the OAuth client's secret (Desktop app clients have one too); \
-                 set client_secret_env, client_secret_file or client_secret in [providers.google]"
-            ));
-        }
-        for pattern in a.allowed_senders.iter().flatten() {
-            let domain_wildcard = pattern
-                .strip_prefix("*@")
-                .is_some_and(|d| !d.is_empty() && !d.contains(['*', '@']));
-            let address = !pattern.contains('*') && pattern.matches('@').count() == 1;
-            if !(domain_wildcard || address) {
-                return err(format!(
-                    "{what}: allowed_senders entry \"{pattern}\" is neither an address (news@example.com) nor \
-                     a whole domain (*@example.com)"
-                ));
-            }
-        }
-        if grant == GrantKind::ServiceAccount && provider.service_account_key_file.is_none() {
-            return err(format!(
-                "{what}: grant = \"service_account\" needs `service_account_key_file` in [providers.{}]",
-                provider.name
-            ));
-        }
-        let max_upstream_connections = a
-            .max_upstream_connections
-            .unwrap_or(provider.max_upstream_connections);
-        accounts.push(Arc::new(Account {
-            name: a.name,
-            login,
-            password_hash,
-            provider,
-            mailbox: a.mailbox,
-            allowed_senders: a.allowed_senders,
-            grant,
-            max_upstream_connections,
-        }));
     }
 
     if raw.limits.max_message_bytes == 0 || raw.limits.max_recipients == 0 {
-        return err("[limits]: max_message_bytes and max_recipients must be greater than 0");
+        errors.push("[limits]: max_message_bytes and max_recipients must be greater than 0".into());
     }
     if raw.server.refresh_margin_secs > 1800 {
-        return err(
-            "[server]: refresh_margin_secs must be at most 1800 (access tokens live about an hour)",
+        errors.push(
+            "[server]: refresh_margin_secs must be at most 1800 (access tokens live about an hour)"
+                .into(),
         );
     }
     if raw.limits.max_connections == 0 {
-        return err("[limits]: max_connections must be greater than 0");
+        errors.push("[limits]: max_connections must be greater than 0".into());
     }
     if raw.listeners.is_empty() {
-        return err(format!(
+        errors.push(format!(
             "{}: no [[listeners]] configured; add one, like address = \"127.0.0.1:587\", tls = \"starttls\"",
             path.display()
         ));
@@ -174,18 +209,22 @@ pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             && raw.server.require_tls_for_auth
             && !raw.server.allow_plaintext_loopback
         {
-            return err(format!(
+            errors.push(format!(
                 "[[listeners]] {}: tls = \"none\" but require_tls_for_auth = true and allow_plaintext_loopback = false, \
                  so no mailer could ever authenticate there; use tls = \"starttls\" or allow loopback clients",
                 l.address
             ));
         }
         if l.address.port() != 0 && !addrs.insert(l.address) {
-            return err(format!(
+            errors.push(format!(
                 "[[listeners]]: address {} is listed twice",
                 l.address
             ));
         }
+    }
+    errors.retain(|e| !e.is_empty());
+    if !errors.is_empty() {
+        return err(errors.join("\n"));
     }
     Ok(Config {
         path: path.to_path_buf(),
@@ -198,46 +237,60 @@ pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
     })
 }
 
+/// A provider's client secret read and its files checked.
+fn provider_externals(name: &str, p: &Provider, env: &dyn Env) -> Result<Provider, ConfigError> {
+    let what = format!("provider `{name}`");
+    let mut p = Provider::clone(p);
+    p.client_secret = match &p.secret_source {
+        Some(SecretSource::Env(var)) => match env.var(var) {
+            Some(v) if !v.is_empty() => Some(Secret::new(v)),
+            _ => {
+                return err(format!(
+                    "{what}: `client_secret_env` names {var}, which is not set; export it or use `client_secret_file`"
+                ))
+            }
+        },
+        Some(SecretSource::File(file)) => Some(Secret::new(env.read_secret(file).map_err(|e| {
+            ConfigError(format!(
+                "{what}: `client_secret_file` {}: {e}; check the path and that the relay's user can read it",
+                file.display()
+            ))
+        })?)),
+        Some(SecretSource::Inline(s)) => Some(s.clone()),
+        None => None,
+    };
+    for (key, file) in [
+        ("smtp_ca_file", &p.smtp_ca_file),
+        ("service_account_key_file", &p.service_account_key_file),
+        ("client_certificate_file", &p.client_certificate_file),
+        ("client_private_key_file", &p.client_private_key_file),
+    ] {
+        if let Some(f) = file {
+            if !env.exists(f) {
+                return err(format!(
+                    "{what}: `{key}` {}: No such file or directory; check the path",
+                    f.display()
+                ));
+            }
+        }
+    }
+    Ok(p)
+}
+
 /// Reads client secrets from env vars and files, and checks that every file the config names exists.
 pub fn external(mut config: Config, env: &dyn Env) -> Result<Config, ConfigError> {
     let mut resolved = BTreeMap::new();
+    let mut errors = Vec::new();
     for (name, p) in &config.providers {
-        let what = format!("provider `{name}`");
-        let mut p = Provider::clone(p);
-        p.client_secret = match &p.secret_source {
-            Some(SecretSource::Env(var)) => match env.var(var) {
-                Some(v) if !v.is_empty() => Some(Secret::new(v)),
-                _ => {
-                    return err(format!(
-                        "{what}: `client_secret_env` names {var}, which is not set; export it or use `client_secret_file`"
-                    ))
-                }
-            },
-            Some(SecretSource::File(file)) => Some(Secret::new(env.read_secret(file).map_err(|e| {
-                ConfigError(format!(
-                    "{what}: `client_secret_file` {}: {e}; check the path and that the relay's user can read it",
-                    file.display()
-                ))
-            })?)),
-            Some(SecretSource::Inline(s)) => Some(s.clone()),
-            None => None,
-        };
-        for (key, file) in [
-            ("smtp_ca_file", &p.smtp_ca_file),
-            ("service_account_key_file", &p.service_account_key_file),
-            ("client_certificate_file", &p.client_certificate_file),
-            ("client_private_key_file", &p.client_private_key_file),
-        ] {
-            if let Some(f) = file {
-                if !env.exists(f) {
-                    return err(format!(
-                        "{what}: `{key}` {}: No such file or directory; check the path",
-                        f.display()
-                    ));
-                }
+        match provider_externals(name, p, env) {
+            Ok(p) => {
+                resolved.insert(name.clone(), Arc::new(p));
             }
+            Err(e) => errors.push(e.0),
         }
-        resolved.insert(name.clone(), Arc::new(p));
+    }
+    if !errors.is_empty() {
+        return err(errors.join("\n"));
     }
     config.accounts = config
         .accounts

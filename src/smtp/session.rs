@@ -381,7 +381,7 @@ impl Session {
         }
         line.extend_from_slice(b"\r\n");
         let request = match Request::parse(&mut line.iter()) {
-            Ok(r) => r.into_owned(),
+            Ok(r) => postmaster(r.into_owned(), &line),
             Err(e) => return self.parse_error(e),
         };
         match request {
@@ -832,6 +832,26 @@ impl Session {
     }
 }
 
+/// `RCPT TO:<postmaster>` (RFC 5321 §4.5.1) is a recipient, which smtp-proto parses as an empty
+/// address; give it back its name, as the mailer wrote it.
+fn postmaster(request: Request<String>, line: &[u8]) -> Request<String> {
+    match request {
+        Request::Rcpt { mut to } if to.address.is_empty() => {
+            let text = String::from_utf8_lossy(line);
+            if let Some(inner) = text
+                .split_once('<')
+                .and_then(|(_, rest)| rest.split_once('>'))
+                .map(|(inner, _)| inner)
+                .filter(|inner| inner.eq_ignore_ascii_case("postmaster"))
+            {
+                to.address = inner.to_string();
+            }
+            Request::Rcpt { to }
+        }
+        other => other,
+    }
+}
+
 /// NUL, bare CR and the other C0 controls (and DEL) have no place in a command line.
 fn has_control(line: &[u8]) -> bool {
     line.iter().any(|b| *b < 0x20 || *b == 0x7f)
@@ -1115,6 +1135,55 @@ mod tests {
                 data: false
             }
         );
+    }
+
+    #[test]
+    fn postmaster_is_a_recipient_and_never_a_null_sender() {
+        let mut s = session(true);
+        let r = run(
+            &mut s,
+            "EHLO x\r\nAUTH PLAIN AG5ld3MAcHc=\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<postmaster>\r\nRCPT TO:<Postmaster>\r\n",
+            &mut |a| {
+                if let Action::Rcpt { to } = a {
+                    Some(Reply::new(250, format!("2.1.5 {to}")))
+                } else {
+                    accept_all(a)
+                }
+            },
+        );
+        assert_eq!(r[3], "250 2.1.5 postmaster", "{r:?}");
+        assert_eq!(r[4], "250 2.1.5 Postmaster", "{r:?}");
+        let mut s = session(true);
+        let mut senders = Vec::new();
+        run(
+            &mut s,
+            "EHLO x\r\nAUTH PLAIN AG5ld3MAcHc=\r\nMAIL FROM:<postmaster@example.com>\r\n",
+            &mut |a| {
+                if let Action::Mail { from, .. } = a {
+                    senders.push(from.clone());
+                }
+                accept_all(a)
+            },
+        );
+        assert_eq!(senders, ["postmaster@example.com"]);
+    }
+
+    #[test]
+    fn errors_end_the_session_at_the_limit_and_a_delivered_message_resets_the_count() {
+        let mut s = session(true);
+        let r = run(&mut s, &"FOO\r\n".repeat(9), &mut accept_all);
+        assert_eq!(r.len(), 9);
+        let r = run(
+            &mut s,
+            "EHLO x\r\nAUTH PLAIN AG5ld3MAcHc=\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@x>\r\nDATA\r\nhi\r\n.\r\n",
+            &mut accept_all,
+        );
+        assert_eq!(r.last().unwrap(), "250 2.0.0 queued");
+        let r = run(&mut s, &"FOO\r\n".repeat(10), &mut accept_all);
+        assert_eq!(r[9], "500 5.5.1 Unknown command");
+        assert_eq!(r[10], "421 4.7.0 Too many errors, closing connection");
+        assert_eq!(r.last().unwrap(), "Close");
+        assert!(s.is_closed());
     }
 
     #[test]
