@@ -44,7 +44,7 @@ impl Core {
     /// Opens the grant store (blocking: at start-up, or in a one-shot command). Background work
     /// (closing retired upstream connections) runs in `tasks`.
     pub fn open(config: Arc<Config>, tasks: TaskTracker) -> Result<Core, String> {
-        let store = SledStore::open(&config.server.data_dir, &config.server.key_file())
+        let store = SledStore::open(&config.server.data_dir, &config.key_file())
             .map_err(|e| e.to_string())?;
         let timeout = Duration::from_secs(config.limits.upstream_timeout_secs);
         let public = crate::util::tls::client_config(None).map_err(|e| e.to_string())?;

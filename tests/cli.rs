@@ -301,7 +301,7 @@ fn import_token_and_accounts_with_and_without_a_running_relay() {
     );
 
     use std::os::unix::fs::PermissionsExt;
-    let key = dir.path().join("data/master.key");
+    let key = dir.path().join("master.key");
     assert_eq!(
         std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
         0o600

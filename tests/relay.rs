@@ -692,7 +692,14 @@ async fn secrets_never_reach_logs_or_the_database_file() {
     }
     let mut files = Vec::new();
     collect_files(&dir.path().join("data"), &mut files);
-    assert!(files.iter().any(|f| f.ends_with("master.key")));
+    assert!(
+        !files.iter().any(|f| f.ends_with("master.key")),
+        "the key is not in data_dir"
+    );
+    assert!(
+        dir.path().join("master.key").exists(),
+        "but beside the config"
+    );
     for f in files {
         let bytes = std::fs::read(&f).unwrap();
         for s in &secrets {

@@ -63,12 +63,6 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    pub fn key_file(&self) -> PathBuf {
-        self.key_file
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("master.key"))
-    }
-
     pub fn control_socket(&self) -> PathBuf {
         self.control_socket
             .clone()
@@ -349,6 +343,22 @@ pub const EXAMPLE_PASSWORD_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$pvxRNMbZtA9LLJEcHj8WNQ$C4AqN4TR5l9vfJdFPgfWeihGedxXqzT3b2R2NySCvmA";
 
 impl Config {
+    /// The key that seals the grants: `key_file`, else `master.key` beside the config file (not in
+    /// data_dir, so a backup of the data does not carry its own key). A key at the old default,
+    /// `data_dir/master.key`, keeps working until it is moved (`check` says so).
+    pub fn key_file(&self) -> PathBuf {
+        if let Some(k) = &self.server.key_file {
+            return k.clone();
+        }
+        let beside = self.path.with_file_name("master.key");
+        let old = self.server.data_dir.join("master.key");
+        if !beside.exists() && old.exists() {
+            old
+        } else {
+            beside
+        }
+    }
+
     /// Accounts still using the example config's published password.
     pub fn example_password_accounts(&self) -> Vec<&str> {
         self.accounts
@@ -376,12 +386,13 @@ impl Config {
                  make your own with `xoauth-relay hash-password` (serve refuses it on a non-loopback listener)"
             ));
         }
-        let key = self.server.key_file();
+        let key = self.key_file();
         if key.starts_with(&self.server.data_dir) {
             out.push(format!(
                 "[server] key_file {} is inside data_dir: a backup of data_dir then carries its own key; \
-                 set key_file to a path outside it (and move the key there)",
-                key.display()
+                 move it to {} (the default) or set key_file to a path outside data_dir",
+                key.display(),
+                self.path.with_file_name("master.key").display()
             ));
         }
         if crate::util::fs::readable_by_others(&key) {
@@ -485,6 +496,31 @@ mailbox = "other@example.com"
             .provider
             .client_secret
             .is_some());
+    }
+
+    #[test]
+    fn the_key_defaults_beside_the_config_and_an_old_one_in_data_dir_keeps_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = TEXT.replace(
+            "[[listeners]]",
+            &format!(
+                "[server]\ndata_dir = \"{}/data\"\n\n[[listeners]]",
+                dir.path().display()
+            ),
+        );
+        let config = Config::parse(&text, &dir.path().join("relay.toml")).unwrap();
+        assert_eq!(config.key_file(), dir.path().join("master.key"));
+        assert!(!config
+            .warnings()
+            .iter()
+            .any(|w| w.contains("inside data_dir")));
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        std::fs::write(dir.path().join("data/master.key"), "old").unwrap();
+        assert_eq!(config.key_file(), dir.path().join("data/master.key"));
+        assert!(config
+            .warnings()
+            .iter()
+            .any(|w| w.contains("inside data_dir")));
     }
 
     #[test]
