@@ -22,7 +22,7 @@ use crate::delivery::pool::{Dialer, Pool};
 use crate::delivery::UpstreamContext;
 use crate::inbound::connection::Shared;
 use crate::inbound::listener::{self, Admission, Listener};
-use crate::oauth::http::HttpClient;
+use crate::oauth::http::HttpClients;
 use crate::oauth::issuer::ProviderIssuer;
 use crate::oauth::tokens::TokenManager;
 use crate::store::sled_store::SledStore;
@@ -37,7 +37,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub struct Core {
     pub config: Arc<Config>,
     pub upstream: Arc<UpstreamContext>,
-    pub http: HttpClient,
+    pub http: HttpClients,
 }
 
 impl Core {
@@ -48,7 +48,7 @@ impl Core {
             .map_err(|e| e.to_string())?;
         let timeout = Duration::from_secs(config.limits.upstream_timeout_secs);
         let public = crate::util::tls::client_config(None).map_err(|e| e.to_string())?;
-        let http = HttpClient::new(public.clone(), timeout);
+        let http = HttpClients::new(&config)?;
         let mut tls = HashMap::new();
         for (name, provider) in &config.providers {
             let cfg = match &provider.smtp_ca_file {

@@ -84,7 +84,8 @@ async fn revoke_at_provider(
     acct: &crate::config::Account,
     rt: &Secret,
 ) -> Result<(), String> {
-    crate::oauth::endpoint::revoke(&acct.provider, &ctx.http, rt)
+    let http = ctx.http.get(&acct.provider)?;
+    crate::oauth::endpoint::revoke(&acct.provider, http, rt)
         .await
         .map_err(|e| e.to_string())
 }

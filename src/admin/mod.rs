@@ -15,14 +15,14 @@ use crate::config::{Account, Config};
 use crate::control::server::Handler;
 use crate::control::wire::{Request, Response};
 use crate::delivery::UpstreamContext;
-use crate::oauth::http::HttpClient;
+use crate::oauth::http::HttpClients;
 use crate::util::BoxFuture;
 
 pub struct AdminContext {
     pub config: Arc<Config>,
     pub upstream: Arc<UpstreamContext>,
-    /// For the provider's revocation endpoint.
-    pub http: HttpClient,
+    /// For the providers' revocation endpoints.
+    pub http: HttpClients,
 }
 
 pub async fn execute(ctx: &AdminContext, request: Request) -> Response {

@@ -206,6 +206,8 @@ pub struct Provider {
     pub smtp_port: u16,
     pub smtp_tls: TlsMode,
     pub smtp_ca_file: Option<PathBuf>,
+    /// Extra CA (PEM) trusted for the provider's token, device and revocation endpoints.
+    pub http_ca_file: Option<PathBuf>,
     pub mechanism: Mechanism,
     pub redirect_port: Option<u16>,
     pub grant: GrantKind,

@@ -47,6 +47,7 @@ pub struct RawProvider {
     pub smtp_port: Option<u16>,
     pub smtp_tls: Option<TlsMode>,
     pub smtp_ca_file: Option<PathBuf>,
+    pub http_ca_file: Option<PathBuf>,
     pub mechanism: Option<Mechanism>,
     pub tenant: Option<String>,
     pub redirect_port: Option<u16>,

@@ -261,6 +261,7 @@ fn provider_externals(name: &str, p: &Provider, env: &dyn Env) -> Result<Provide
     };
     for (key, file) in [
         ("smtp_ca_file", &p.smtp_ca_file),
+        ("http_ca_file", &p.http_ca_file),
         ("service_account_key_file", &p.service_account_key_file),
         ("client_certificate_file", &p.client_certificate_file),
         ("client_private_key_file", &p.client_private_key_file),
@@ -459,6 +460,7 @@ fn provider(name: &str, raw: RawProvider) -> Result<Provider, ConfigError> {
         smtp_port: raw.smtp_port.or(port).unwrap_or(587),
         smtp_tls,
         smtp_ca_file: raw.smtp_ca_file,
+        http_ca_file: raw.http_ca_file,
         mechanism: raw.mechanism.unwrap_or(Mechanism::Xoauth2),
         redirect_port: raw.redirect_port,
         grant: raw.grant.unwrap_or(GrantKind::RefreshToken),

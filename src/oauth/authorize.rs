@@ -52,11 +52,10 @@ pub async fn run(config: &Config, name: &str, mode: Mode) -> Result<TokenSet, St
             account.grant.as_str()
         ));
     }
-    let public = crate::util::tls::client_config(None).map_err(|e| e.to_string())?;
-    let http = HttpClient::new(
-        public,
+    let http = HttpClient::for_provider(
+        &account.provider,
         Duration::from_secs(config.limits.upstream_timeout_secs),
-    );
+    )?;
     let set = match mode {
         Mode::Device => device(&account, &http).await?,
         Mode::Loopback { open_browser } => loopback(&account, &http, open_browser).await?,

@@ -3,7 +3,7 @@
 //! backoff can be unit-tested against a scripted issuer.
 
 use super::endpoint::{self, ProviderError, TokenSet};
-use super::http::HttpClient;
+use super::http::HttpClients;
 use crate::config::{Account, GrantKind};
 use crate::util::secret::Secret;
 use crate::util::BoxFuture;
@@ -19,7 +19,7 @@ pub trait Issuer: Send + Sync + 'static {
 
 /// The provider's real endpoints.
 pub struct ProviderIssuer {
-    pub http: HttpClient,
+    pub http: HttpClients,
 }
 
 impl Issuer for ProviderIssuer {
@@ -30,18 +30,23 @@ impl Issuer for ProviderIssuer {
     ) -> BoxFuture<'a, Result<TokenSet, ProviderError>> {
         Box::pin(async move {
             let provider = &account.provider;
+            let http = self
+                .http
+                .get(provider)
+                .map_err(|e| ProviderError::Refused {
+                    code: "configuration".into(),
+                    description: e,
+                })?;
             match (account.grant, refresh_token) {
-                (GrantKind::RefreshToken, Some(rt)) => {
-                    endpoint::refresh(provider, &self.http, rt).await
-                }
+                (GrantKind::RefreshToken, Some(rt)) => endpoint::refresh(provider, http, rt).await,
                 (GrantKind::RefreshToken, None) => Err(ProviderError::InvalidGrant(
                     "no refresh token stored".into(),
                 )),
                 (GrantKind::ClientCredentials, _) => {
-                    endpoint::client_credentials(provider, &self.http).await
+                    endpoint::client_credentials(provider, http).await
                 }
                 (GrantKind::ServiceAccount, _) => {
-                    endpoint::service_account(provider, &account.mailbox, &self.http).await
+                    endpoint::service_account(provider, &account.mailbox, http).await
                 }
             }
         })
