@@ -46,6 +46,12 @@ pub struct ServerConfig {
     pub allow_plaintext_loopback: bool,
     /// Refresh an access token this many seconds before it expires.
     pub refresh_margin_secs: u64,
+    /// Upstream SMTP through a proxy: `socks5://[user@]host:port` or `http://[user@]host:port`
+    /// (HTTP CONNECT); a provider's own `upstream_proxy` wins ("direct" for none).
+    pub upstream_proxy: Option<String>,
+    /// The proxy user's password, from exactly one of these.
+    pub upstream_proxy_password_env: Option<String>,
+    pub upstream_proxy_password_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -58,6 +64,9 @@ impl Default for ServerConfig {
             require_tls_for_auth: true,
             allow_plaintext_loopback: true,
             refresh_margin_secs: 300,
+            upstream_proxy: None,
+            upstream_proxy_password_env: None,
+            upstream_proxy_password_file: None,
         }
     }
 }
@@ -216,6 +225,70 @@ pub struct Provider {
     pub client_private_key_file: Option<PathBuf>,
     /// Upstream connections open at once per account (Exchange Online refuses a fourth per mailbox).
     pub max_upstream_connections: usize,
+    /// The proxy its SMTP connections go through, if any.
+    pub upstream_proxy: Option<UpstreamProxy>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyKind {
+    Socks5,
+    HttpConnect,
+}
+
+/// A proxy for upstream SMTP connections.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UpstreamProxy {
+    pub kind: ProxyKind,
+    pub host: String,
+    pub port: u16,
+    pub user: Option<String>,
+    /// Read by [`Config::resolve`] from `upstream_proxy_password_env` / `_file`.
+    pub password: Option<Secret>,
+}
+
+impl std::fmt::Debug for UpstreamProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} {}:{}", self.kind, self.host, self.port)
+    }
+}
+
+impl UpstreamProxy {
+    /// Parses `socks5://[user@]host:port` or `http://[user@]host:port`.
+    pub fn parse(text: &str) -> Result<UpstreamProxy, String> {
+        let url = url::Url::parse(text).map_err(|e| format!("\"{text}\" is not a URL ({e})"))?;
+        let kind = match url.scheme() {
+            "socks5" | "socks5h" => ProxyKind::Socks5,
+            "http" => ProxyKind::HttpConnect,
+            other => {
+                return Err(format!(
+                    "scheme `{other}` is not supported; use socks5://host:port or http://host:port"
+                ))
+            }
+        };
+        if url.password().is_some() {
+            return Err(
+                "put the proxy password in upstream_proxy_password_env or _file, not in the URL"
+                    .into(),
+            );
+        }
+        let host = url
+            .host_str()
+            .ok_or("no host")?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = url
+            .port()
+            .ok_or("no port; write it out, like socks5://proxy.corp:1080")?;
+        let user = (!url.username().is_empty()).then(|| url.username().to_string());
+        Ok(UpstreamProxy {
+            kind,
+            host,
+            port,
+            user,
+            password: None,
+        })
+    }
 }
 
 impl std::fmt::Debug for Provider {

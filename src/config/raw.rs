@@ -56,6 +56,7 @@ pub struct RawProvider {
     pub client_certificate_file: Option<PathBuf>,
     pub client_private_key_file: Option<PathBuf>,
     pub max_upstream_connections: Option<usize>,
+    pub upstream_proxy: Option<String>,
 }
 
 #[derive(Clone, Deserialize)]

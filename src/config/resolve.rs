@@ -12,7 +12,7 @@ use std::sync::Arc;
 use super::raw::{RawAccount, RawConfig, RawProvider};
 use super::{
     err, Account, Config, ConfigError, Env, Family, GrantKind, Mechanism, Provider, SecretSource,
-    TlsMode,
+    TlsMode, UpstreamProxy,
 };
 use crate::util::secret::Secret;
 
@@ -144,6 +144,27 @@ pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
     // documented `cargo run -- serve --config config/relay.example.toml`.
     // Every problem is collected, so one `check` run shows them all.
     let mut errors: Vec<String> = Vec::new();
+    let default_proxy = match raw
+        .server
+        .upstream_proxy
+        .as_deref()
+        .map(UpstreamProxy::parse)
+    {
+        Some(Err(e)) => {
+            errors.push(format!("[server] upstream_proxy: {e}"));
+            None
+        }
+        Some(Ok(p)) => Some(p),
+        None => None,
+    };
+    if raw.server.upstream_proxy_password_env.is_some()
+        && raw.server.upstream_proxy_password_file.is_some()
+    {
+        errors.push(
+            "[server]: set only one of upstream_proxy_password_env and upstream_proxy_password_file"
+                .into(),
+        );
+    }
     let mut failed_providers = HashSet::new();
     let mut providers = BTreeMap::new();
     let mut names: Vec<String> = raw.providers.keys().cloned().collect();
@@ -158,7 +179,7 @@ pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         if overrides.is_none() && !used {
             continue;
         }
-        match provider(&name, overrides.unwrap_or_default()) {
+        match provider(&name, overrides.unwrap_or_default(), default_proxy.as_ref()) {
             Ok(p) => {
                 providers.insert(name, Arc::new(p));
             }
@@ -282,9 +303,37 @@ fn provider_externals(name: &str, p: &Provider, env: &dyn Env) -> Result<Provide
 pub fn external(mut config: Config, env: &dyn Env) -> Result<Config, ConfigError> {
     let mut resolved = BTreeMap::new();
     let mut errors = Vec::new();
+    let server = &config.server;
+    let proxy_password = if let Some(var) = &server.upstream_proxy_password_env {
+        match env.var(var) {
+            Some(v) if !v.is_empty() => Some(Secret::new(v)),
+            _ => {
+                errors.push(format!(
+                    "[server] upstream_proxy_password_env names {var}, which is not set; export it"
+                ));
+                None
+            }
+        }
+    } else if let Some(file) = &server.upstream_proxy_password_file {
+        match env.read_secret(file) {
+            Ok(v) => Some(Secret::new(v)),
+            Err(e) => {
+                errors.push(format!(
+                    "[server] upstream_proxy_password_file {}: {e}; check the path and that the relay's user can read it",
+                    file.display()
+                ));
+                None
+            }
+        }
+    } else {
+        None
+    };
     for (name, p) in &config.providers {
         match provider_externals(name, p, env) {
-            Ok(p) => {
+            Ok(mut p) => {
+                if let Some(proxy) = p.upstream_proxy.as_mut().filter(|x| x.user.is_some()) {
+                    proxy.password = proxy_password.clone();
+                }
                 resolved.insert(name.clone(), Arc::new(p));
             }
             Err(e) => errors.push(e.0),
@@ -342,7 +391,11 @@ fn check_url(provider: &str, key: &str, value: &str) -> Result<(), ConfigError> 
     }
 }
 
-fn provider(name: &str, raw: RawProvider) -> Result<Provider, ConfigError> {
+fn provider(
+    name: &str,
+    raw: RawProvider,
+    default_proxy: Option<&UpstreamProxy>,
+) -> Result<Provider, ConfigError> {
     let what = format!("provider `{name}`");
     let family = match name {
         "google" => Family::Google,
@@ -467,6 +520,14 @@ fn provider(name: &str, raw: RawProvider) -> Result<Provider, ConfigError> {
         service_account_key_file: raw.service_account_key_file,
         client_certificate_file: raw.client_certificate_file,
         client_private_key_file: raw.client_private_key_file,
+        upstream_proxy: match raw.upstream_proxy.as_deref() {
+            Some("direct") => None,
+            Some(text) => Some(
+                UpstreamProxy::parse(text)
+                    .map_err(|e| ConfigError(format!("{what}: upstream_proxy: {e}")))?,
+            ),
+            None => default_proxy.cloned(),
+        },
         max_upstream_connections: raw.max_upstream_connections.unwrap_or(match family {
             Family::Microsoft => 3,
             Family::Google | Family::Generic => 10,

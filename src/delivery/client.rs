@@ -15,7 +15,6 @@ use smtp_proto::{
     EXT_SMTP_UTF8, EXT_START_TLS,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::outcome::{ErrorKind, UpstreamError};
 use crate::config::{Mechanism, Provider, TlsMode};
@@ -88,15 +87,13 @@ impl Client {
         timeout: Duration,
     ) -> Result<Client, UpstreamError> {
         let host = provider.smtp_host.as_str();
-        let addr = (
-            host.trim_start_matches('[').trim_end_matches(']'),
+        let tcp = super::connect::connect(
+            host,
             provider.smtp_port,
-        );
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| UpstreamError::new(ErrorKind::Timeout, host, "connect", "timed out"))?
-            .map_err(|e| UpstreamError::new(ErrorKind::Connect, host, "connect", e))?;
-        let _ = tcp.set_nodelay(true);
+            provider.upstream_proxy.as_ref(),
+            timeout,
+        )
+        .await?;
         let stream: BoxStream = if provider.smtp_tls == TlsMode::Implicit {
             Box::new(tls_handshake(tcp, host, tls, timeout).await?)
         } else {

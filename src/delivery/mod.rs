@@ -1,6 +1,7 @@
 //! What happens to a message after the mailer hands it over: the interface the inbound side calls
 //! ([`submission::Submission`]), the per-account upstream connection pool ([`pool`]), the SMTP
-//! client towards the provider ([`client`]), the typed outcomes of each step ([`outcome`]), and
+//! client towards the provider ([`client`]) and how it reaches it ([`connect`]: Happy Eyeballs,
+//! SOCKS5 and HTTP CONNECT proxies), the typed outcomes of each step ([`outcome`]), and
 //! last-use bookkeeping ([`activity`]).
 //!
 //! Coming rooms plug in here: pacing, and a durable queue that decides retry-or-bounce from
@@ -8,6 +9,7 @@
 
 pub mod activity;
 pub mod client;
+pub mod connect;
 pub mod outcome;
 pub mod pool;
 pub mod submission;
