@@ -235,3 +235,52 @@ async fn a_lasting_token_refusal_costs_one_refresh_for_ten_messages() {
     );
     assert_eq!(s.auth_rejected, 2, "two upstream AUTHs for ten sessions");
 }
+
+#[tokio::test]
+async fn protocol_corners_toward_the_upstream() {
+    let (_dir, provider, relay) = setup(RelayOptions::default()).await;
+    let mut c = Client::connect(&relay, Conn::Implicit, &provider.pki).await;
+    assert!(c.login_plain(LOGIN, PASSWORD).await.starts_with("235"));
+    // A 421 after the end of data: a temporary failure for the mailer, and a new connection next.
+    provider.state().after_data_reply = Some("421 4.3.2 Service shutting down".into());
+    let replies = c
+        .send_mail("news@example.com", &["a@x.org"], b"one\r\n")
+        .await;
+    let last = replies.last().unwrap();
+    assert!(
+        last.starts_with("451 4.4.1 Upstream closed the connection (421 4.3.2"),
+        "{replies:?}"
+    );
+    assert!(all_ok(
+        &c.send_mail("news@example.com", &["a@x.org"], b"two\r\n")
+            .await
+    ));
+    assert_eq!(provider.state().auth_ok, 2);
+    // 8-bit content towards a server without 8BITMIME (RFC 6152): refused, not sent.
+    provider.state().seven_bit = true;
+    provider.state().close_after_message = true;
+    assert!(all_ok(
+        &c.send_mail("news@example.com", &["a@x.org"], b"three\r\n")
+            .await
+    ));
+    assert_eq!(
+        c.cmd("MAIL FROM:<news@example.com> BODY=8BITMIME").await,
+        "554 5.6.3 The upstream does not accept 8-bit content (no 8BITMIME); send it 7-bit encoded"
+    );
+    assert_eq!(provider.state().messages.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_handshake_that_never_finishes_frees_its_slot() {
+    let opts = RelayOptions {
+        max_connections: 1,
+        extra_limits_toml: "tls_handshake_timeout_secs = 1".into(),
+        ..RelayOptions::default()
+    };
+    let (_dir, provider, relay) = setup(opts).await;
+    // Connects to the implicit-TLS port and says nothing: closed after the handshake timeout.
+    let mut silent = TcpStream::connect(relay.implicit).await.unwrap();
+    assert!(read_to_close(&mut silent).await.is_empty());
+    // The one connection slot is free again.
+    well_behaved(relay.view(), provider.pki.clone(), 1).await;
+}

@@ -319,11 +319,11 @@ impl Submission {
         };
         let reply = match client.end_data().await {
             Ok(reply) if reply.code == 421 => {
-                // Whether it took the message is unknown to the mailer only if we hide the reply;
-                // a 421 is a temporary failure either way, and the connection is done.
+                // A temporary failure for the mailer (not a 421 of ours: the relay is not closing),
+                // and the connection is done.
                 self.drop_connection();
                 tracing::warn!(account = %self.account.name, reply = %reply.summary(), "upstream closed the connection after the message");
-                reply
+                closed_by_upstream(&reply)
             }
             Ok(reply) => {
                 self.give_back();

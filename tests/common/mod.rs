@@ -120,6 +120,10 @@ pub struct State {
     /// SMTP connections accepted, and QUITs received.
     pub connections: usize,
     pub quits: usize,
+    /// Offer no 8BITMIME (a 7-bit server).
+    pub seven_bit: bool,
+    /// Answer the next end of data with this (then close, if it is a 421).
+    pub after_data_reply: Option<String>,
     /// Commands that had arrived before the reply to the previous one (the client pipelined).
     pub pipelined: usize,
     /// Notified whenever the SMTP side changes something above.
@@ -232,6 +236,8 @@ impl FakeProvider {
             connections: 0,
             quits: 0,
             pipelined: 0,
+            seven_bit: false,
+            after_data_reply: None,
             changed: Arc::new(tokio::sync::Notify::new()),
             auth_reply: None,
             token_outage: false,
@@ -575,13 +581,10 @@ async fn smtp_session(
         let line = c.line().await?;
         let upper = line.to_ascii_uppercase();
         if upper.starts_with("EHLO") {
-            let mut caps = vec![
-                "fake.provider",
-                "SIZE 40000000",
-                "8BITMIME",
-                "SMTPUTF8",
-                "PIPELINING",
-            ];
+            let mut caps = vec!["fake.provider", "SIZE 40000000", "SMTPUTF8", "PIPELINING"];
+            if !state.lock().unwrap().seven_bit {
+                caps.push("8BITMIME");
+            }
             if !tls {
                 caps.push("STARTTLS");
             }
@@ -709,7 +712,13 @@ async fn smtp_session(
                 s.changed.notify_waiters();
                 s.close_after_message
             };
-            if big {
+            let after_data = state.lock().unwrap().after_data_reply.take();
+            if let Some(reply) = after_data {
+                c.send(&reply).await?;
+                if reply.starts_with("421") {
+                    return Some(());
+                }
+            } else if big {
                 c.send("552 5.3.4 Your message exceeded Google's message size limits")
                     .await?;
             } else {
