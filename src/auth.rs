@@ -327,27 +327,7 @@ mod tests {
     }
 
     fn account(login: &str, password: &str) -> Arc<Account> {
-        let text = format!(
-            r#"
-[[listeners]]
-address = "127.0.0.1:0"
-tls = "none"
-[providers.p]
-token_url = "http://127.0.0.1:1/token"
-client_id = "c"
-smtp_host = "localhost"
-smtp_tls = "none"
-[[accounts]]
-name = "news"
-login = "{login}"
-password_hash = "{}"
-provider = "p"
-mailbox = "news@example.com"
-"#,
-            hash_password(password)
-        );
-        let config = crate::config::Config::parse(&text, std::path::Path::new("t")).unwrap();
-        config.accounts[0].clone()
+        crate::config::one_account(login, &hash_password(password)).accounts[0].clone()
     }
 
     #[tokio::test]

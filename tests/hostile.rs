@@ -9,21 +9,6 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-async fn setup(opts: RelayOptions) -> (tempfile::TempDir, FakeProvider, Relay) {
-    let dir = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start("implicit", None).await;
-    let relay = Relay::start(dir.path(), &provider, opts).await;
-    let rt = provider.state().add_refresh_token();
-    relay.import("news", &rt).await;
-    (dir, provider, relay)
-}
-
-fn all_ok(replies: &[String]) -> bool {
-    replies
-        .iter()
-        .all(|r| r.starts_with('2') || r.starts_with("354"))
-}
-
 /// A mailer that logs in and sends `n` messages, checking every reply.
 async fn well_behaved(relay: Relay, pki: std::sync::Arc<Pki>, n: usize) {
     let mut c = Client::connect(&relay, Conn::Implicit, &pki).await;
@@ -58,7 +43,7 @@ fn well_formed(wire: &[u8]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn floods_and_garbage_get_their_replies_while_a_mailer_is_served() {
-    let (_dir, provider, relay) = setup(RelayOptions::default()).await;
+    let (_dir, provider, relay) = setup(RelayOptions::default(), "implicit").await;
     let mailer = tokio::spawn(well_behaved(relay.view(), provider.pki.clone(), 20));
 
     // 64 KiB of bare LF: empty commands, refused until the error limit closes the session.
@@ -120,7 +105,7 @@ async fn floods_and_garbage_get_their_replies_while_a_mailer_is_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_thousand_pipelined_noops_are_all_answered() {
-    let (_dir, provider, relay) = setup(RelayOptions::default()).await;
+    let (_dir, provider, relay) = setup(RelayOptions::default(), "implicit").await;
     let mailer = tokio::spawn(well_behaved(relay.view(), provider.pki.clone(), 5));
     let tcp = TcpStream::connect(relay.plain).await.unwrap();
     let (mut read, mut write) = tcp.into_split();
@@ -145,7 +130,7 @@ async fn a_client_that_never_reads_is_cut_off_at_the_idle_timeout() {
         idle_timeout_secs: 1,
         ..RelayOptions::default()
     };
-    let (_dir, provider, relay) = setup(opts).await;
+    let (_dir, provider, relay) = setup(opts, "implicit").await;
     let mailer = tokio::spawn(well_behaved(relay.view(), provider.pki.clone(), 5));
     let mut tcp = TcpStream::connect(relay.plain).await.unwrap();
     // Write NOOPs and never read: once the relay's replies fill the socket buffers, its write
@@ -165,7 +150,7 @@ async fn a_client_that_does_not_authenticate_in_time_is_closed() {
         extra_limits_toml: "preauth_timeout_secs = 2".into(),
         ..RelayOptions::default()
     };
-    let (_dir, _provider, relay) = setup(opts).await;
+    let (_dir, _provider, relay) = setup(opts, "implicit").await;
     let mut c = Client::plain(&relay).await;
     // A byte every half second keeps the idle timeout from firing, not the pre-auth one.
     for b in b"EHL" {
@@ -185,7 +170,7 @@ async fn one_address_gets_at_most_its_share_of_connections() {
         extra_limits_toml: "max_connections_per_ip = 3".into(),
         ..RelayOptions::default()
     };
-    let (_dir, provider, relay) = setup(opts).await;
+    let (_dir, provider, relay) = setup(opts, "implicit").await;
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(Client::plain(&relay).await);
@@ -212,7 +197,7 @@ async fn one_address_gets_at_most_its_share_of_connections() {
 
 #[tokio::test]
 async fn a_lasting_token_refusal_costs_one_refresh_for_ten_messages() {
-    let (_dir, provider, relay) = setup(RelayOptions::default()).await;
+    let (_dir, provider, relay) = setup(RelayOptions::default(), "implicit").await;
     provider.state().auth_reply = Some("535 5.7.3 Authentication unsuccessful".into());
     let mut c = Client::connect(&relay, Conn::Implicit, &provider.pki).await;
     assert!(c.login_plain(LOGIN, PASSWORD).await.starts_with("235"));
@@ -238,7 +223,7 @@ async fn a_lasting_token_refusal_costs_one_refresh_for_ten_messages() {
 
 #[tokio::test]
 async fn protocol_corners_toward_the_upstream() {
-    let (_dir, provider, relay) = setup(RelayOptions::default()).await;
+    let (_dir, provider, relay) = setup(RelayOptions::default(), "implicit").await;
     let mut c = Client::connect(&relay, Conn::Implicit, &provider.pki).await;
     assert!(c.login_plain(LOGIN, PASSWORD).await.starts_with("235"));
     // A 421 after the end of data: a temporary failure for the mailer, and a new connection next.
@@ -277,7 +262,7 @@ async fn a_tls_handshake_that_never_finishes_frees_its_slot() {
         extra_limits_toml: "tls_handshake_timeout_secs = 1".into(),
         ..RelayOptions::default()
     };
-    let (_dir, provider, relay) = setup(opts).await;
+    let (_dir, provider, relay) = setup(opts, "implicit").await;
     // Connects to the implicit-TLS port and says nothing: closed after the handshake timeout.
     let mut silent = TcpStream::connect(relay.implicit).await.unwrap();
     assert!(read_to_close(&mut silent).await.is_empty());

@@ -7,15 +7,6 @@ use std::time::Duration;
 
 use common::*;
 
-async fn setup(opts: RelayOptions) -> (tempfile::TempDir, FakeProvider, Relay) {
-    let dir = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start("implicit", None).await;
-    let relay = Relay::start(dir.path(), &provider, opts).await;
-    let rt = provider.state().add_refresh_token();
-    relay.import("news", &rt).await;
-    (dir, provider, relay)
-}
-
 fn capped(cap: usize) -> RelayOptions {
     RelayOptions {
         extra_provider_toml: format!("max_upstream_connections = {cap}"),
@@ -23,24 +14,9 @@ fn capped(cap: usize) -> RelayOptions {
     }
 }
 
-async fn logged_in(relay: &Relay, provider: &FakeProvider) -> Client {
-    let mut c = Client::connect(relay, Conn::Implicit, &provider.pki).await;
-    assert_eq!(
-        c.login_plain(LOGIN, PASSWORD).await,
-        "235 2.7.0 Authentication successful"
-    );
-    c
-}
-
-fn all_ok(replies: &[String]) -> bool {
-    replies
-        .iter()
-        .all(|r| r.starts_with('2') || r.starts_with("354"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_sessions_share_three_upstream_connections() {
-    let (_dir, provider, relay) = setup(capped(3)).await;
+    let (_dir, provider, relay) = setup(capped(3), "implicit").await;
     // Like Exchange Online: a fourth concurrent authenticated connection gets 432 4.3.2.
     provider.state().max_authed = Some(3);
     let mut sessions = Vec::new();
@@ -90,9 +66,9 @@ async fn connections_are_reused_across_sessions_and_closed_when_idle() {
         extra_limits_toml: "upstream_idle_secs = 30".into(),
         ..RelayOptions::default()
     };
-    let (_dir, provider, relay) = setup(opts).await;
+    let (_dir, provider, relay) = setup(opts, "implicit").await;
     for i in 0..5 {
-        let mut c = logged_in(&relay, &provider).await;
+        let mut c = logged_in(&relay, &provider, Conn::Implicit).await;
         let body = format!("message {i}\r\n");
         assert!(all_ok(
             &c.send_mail("news@example.com", &["a@x.org"], body.as_bytes())
@@ -115,7 +91,7 @@ async fn connections_are_reused_across_sessions_and_closed_when_idle() {
     provider.until(|s| s.quits == 1 && s.authed_now == 0).await;
     drop(clock);
     // The next message opens (and authenticates) a new connection.
-    let mut c = logged_in(&relay, &provider).await;
+    let mut c = logged_in(&relay, &provider, Conn::Implicit).await;
     assert!(all_ok(
         &c.send_mail("news@example.com", &["a@x.org"], b"later\r\n")
             .await
@@ -125,8 +101,8 @@ async fn connections_are_reused_across_sessions_and_closed_when_idle() {
 
 #[tokio::test]
 async fn a_new_grant_or_a_revoke_drops_the_pooled_connections() {
-    let (_dir, provider, relay) = setup(RelayOptions::default()).await;
-    let mut c = logged_in(&relay, &provider).await;
+    let (_dir, provider, relay) = setup(RelayOptions::default(), "implicit").await;
+    let mut c = logged_in(&relay, &provider, Conn::Implicit).await;
     assert!(all_ok(
         &c.send_mail("news@example.com", &["a@x.org"], b"one\r\n")
             .await
@@ -148,14 +124,14 @@ async fn a_new_grant_or_a_revoke_drops_the_pooled_connections() {
 
 #[tokio::test]
 async fn a_mailer_gone_mid_data_never_returns_its_connection() {
-    let (_dir, provider, relay) = setup(RelayOptions::default()).await;
-    let mut first = logged_in(&relay, &provider).await;
+    let (_dir, provider, relay) = setup(RelayOptions::default(), "implicit").await;
+    let mut first = logged_in(&relay, &provider, Conn::Implicit).await;
     assert!(all_ok(
         &first
             .send_mail("news@example.com", &["a@x.org"], b"first\r\n")
             .await
     ));
-    let mut c = logged_in(&relay, &provider).await;
+    let mut c = logged_in(&relay, &provider, Conn::Implicit).await;
     assert_eq!(c.cmd("MAIL FROM:<news@example.com>").await, "250 2.1.0 OK");
     assert_eq!(c.cmd("RCPT TO:<a@x.org>").await, "250 2.1.5 OK");
     assert!(c.cmd("DATA").await.starts_with("354"));
@@ -176,8 +152,8 @@ async fn a_mailer_gone_mid_data_never_returns_its_connection() {
 
 #[tokio::test]
 async fn pipelined_commands_go_upstream_in_one_write_with_each_reply_kept() {
-    let (_dir, provider, relay) = setup(RelayOptions::default()).await;
-    let mut c = logged_in(&relay, &provider).await;
+    let (_dir, provider, relay) = setup(RelayOptions::default(), "implicit").await;
+    let mut c = logged_in(&relay, &provider, Conn::Implicit).await;
     let replies = c
         .send_mail_pipelined(
             "news@example.com",
@@ -218,9 +194,9 @@ async fn pipelined_commands_go_upstream_in_one_write_with_each_reply_kept() {
 
 #[tokio::test]
 async fn a_repeated_login_is_served_from_the_cache_and_a_wrong_one_still_refused() {
-    let (_dir, provider, relay) = setup(RelayOptions::default()).await;
+    let (_dir, provider, relay) = setup(RelayOptions::default(), "implicit").await;
     for _ in 0..3 {
-        let mut c = logged_in(&relay, &provider).await;
+        let mut c = logged_in(&relay, &provider, Conn::Implicit).await;
         assert_eq!(c.cmd("QUIT").await, "221 2.0.0 Bye");
     }
     assert_eq!(
@@ -238,13 +214,13 @@ async fn a_repeated_login_is_served_from_the_cache_and_a_wrong_one_still_refused
 
 #[tokio::test]
 async fn short_lived_tokens_are_refreshed_once_per_lifetime() {
-    let (_dir, provider, relay) = setup(RelayOptions::default()).await;
+    let (_dir, provider, relay) = setup(RelayOptions::default(), "implicit").await;
     provider.state().lifetime = 5;
     let clock = ManualTime::start();
     // 50 sessions over 12 s, one message each; tokens live 5 s, the margin is 300 s.
     for i in 0..50u64 {
         clock.advance(Duration::from_millis(240)).await;
-        let mut c = logged_in(&relay, &provider).await;
+        let mut c = logged_in(&relay, &provider, Conn::Implicit).await;
         let replies = c
             .send_mail("news@example.com", &["a@x.org"], b"short\r\n")
             .await;

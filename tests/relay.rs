@@ -6,33 +6,6 @@ use std::time::Duration;
 
 use common::*;
 
-async fn setup(
-    opts: RelayOptions,
-    smtp_mode: &'static str,
-) -> (tempfile::TempDir, FakeProvider, Relay) {
-    let dir = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start(smtp_mode, None).await;
-    let relay = Relay::start(dir.path(), &provider, opts).await;
-    let rt = provider.state().add_refresh_token();
-    relay.import("news", &rt).await;
-    (dir, provider, relay)
-}
-
-async fn logged_in(relay: &Relay, provider: &FakeProvider, mode: Conn) -> Client {
-    let mut c = Client::connect(relay, mode, &provider.pki).await;
-    assert_eq!(
-        c.login_plain(LOGIN, PASSWORD).await,
-        "235 2.7.0 Authentication successful"
-    );
-    c
-}
-
-fn all_ok(replies: &[String]) -> bool {
-    replies
-        .iter()
-        .all(|r| r.starts_with('2') || r.starts_with("354"))
-}
-
 #[tokio::test]
 async fn plain_and_login_over_starttls_and_implicit_tls() {
     for smtp_mode in ["implicit", "starttls"] {

@@ -498,6 +498,33 @@ pub fn strip_one_newline(mut s: String) -> String {
     s
 }
 
+/// A minimal valid config for unit tests elsewhere: one account `news` (mailbox news@example.com)
+/// with `login` and `password_hash`, on a loopback provider `p`.
+#[cfg(test)]
+pub(crate) fn one_account(login: &str, password_hash: &str) -> Config {
+    let text = format!(
+        r#"
+[[listeners]]
+address = "127.0.0.1:0"
+tls = "none"
+
+[providers.p]
+token_url = "http://127.0.0.1:1/token"
+client_id = "c"
+smtp_host = "localhost"
+smtp_tls = "none"
+
+[[accounts]]
+name = "news"
+login = "{login}"
+password_hash = "{password_hash}"
+provider = "p"
+mailbox = "news@example.com"
+"#
+    );
+    Config::parse(&text, Path::new("test.toml")).expect("the test config is valid")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -231,35 +231,22 @@ impl Pool {
             self.quit_all(&pool, stale);
             match got {
                 Take::Idle(conn) => {
-                    return Ok(Lease {
-                        pool: pool.clone(),
-                        conn: Some(conn),
-                        clock: self.clock.clone(),
-                        done: false,
-                    })
+                    let mut lease = self.slot(&pool);
+                    lease.conn = Some(conn);
+                    return Ok(lease);
                 }
                 Take::Replace(mut old) => {
                     // At the cap: the old connection goes before the new one comes, so the
                     // upstream never sees one more than the cap.
+                    let mut lease = self.slot(&pool);
                     let _ = tokio::time::timeout(QUIT_TIMEOUT, old.client.command("QUIT")).await;
                     drop(old);
-                    let mut lease = Lease {
-                        pool: pool.clone(),
-                        conn: None,
-                        clock: self.clock.clone(),
-                        done: false,
-                    };
                     lease.conn = Some(self.dial_remembering(&pool, account, generation).await?);
                     return Ok(lease);
                 }
                 Take::Dial => {
-                    let mut lease = Lease {
-                        pool: pool.clone(),
-                        conn: None,
-                        clock: self.clock.clone(),
-                        done: false,
-                    };
                     // On failure the lease drops here and frees the slot.
+                    let mut lease = self.slot(&pool);
                     lease.conn = Some(self.dial_remembering(&pool, account, generation).await?);
                     return Ok(lease);
                 }
@@ -270,6 +257,16 @@ impl Pool {
                     }
                 }
             }
+        }
+    }
+
+    /// A lease on a slot `take` reserved (freed again if dropped before it holds a connection).
+    fn slot(&self, pool: &Arc<AccountPool>) -> Lease {
+        Lease {
+            pool: pool.clone(),
+            conn: None,
+            clock: self.clock.clone(),
+            done: false,
         }
     }
 

@@ -1208,6 +1208,39 @@ impl LogCapture {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Test set-ups
+
+/// A fake provider in `smtp_mode`, a relay in front of it, and a grant for `news` imported.
+pub async fn setup(
+    opts: RelayOptions,
+    smtp_mode: &'static str,
+) -> (tempfile::TempDir, FakeProvider, Relay) {
+    let dir = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start(smtp_mode, None).await;
+    let relay = Relay::start(dir.path(), &provider, opts).await;
+    let rt = provider.state().add_refresh_token();
+    relay.import("news", &rt).await;
+    (dir, provider, relay)
+}
+
+/// A mailer logged in as the test account.
+pub async fn logged_in(relay: &Relay, provider: &FakeProvider, mode: Conn) -> Client {
+    let mut c = Client::connect(relay, mode, &provider.pki).await;
+    assert_eq!(
+        c.login_plain(LOGIN, PASSWORD).await,
+        "235 2.7.0 Authentication successful"
+    );
+    c
+}
+
+/// Every reply positive (2xx or 354).
+pub fn all_ok(replies: &[String]) -> bool {
+    replies
+        .iter()
+        .all(|r| r.starts_with('2') || r.starts_with("354"))
+}
+
+// ---------------------------------------------------------------------------------------------
 // Proxies for upstream SMTP
 
 /// What a test proxy saw: the targets it was asked for, and the credentials it got.
