@@ -25,9 +25,7 @@ async fn upstream_smtp_goes_through_a_socks5_proxy_with_credentials() {
         ),
         ..RelayOptions::default()
     };
-    let relay = Relay::start(dir.path(), &provider, opts).await;
-    let rt = provider.state().add_refresh_token();
-    relay.import("news", &rt).await;
+    let relay = start_with_grant(dir.path(), &provider, opts).await;
     let replies = send_one(&relay, &provider).await;
     assert!(replies.last().unwrap().starts_with("250"), "{replies:?}");
     assert_eq!(provider.state().messages.len(), 1);
@@ -51,9 +49,7 @@ async fn a_provider_can_use_its_own_http_connect_proxy() {
         extra_provider_toml: format!("upstream_proxy = \"http://{connect}\""),
         ..RelayOptions::default()
     };
-    let relay = Relay::start(dir.path(), &provider, opts).await;
-    let rt = provider.state().add_refresh_token();
-    relay.import("news", &rt).await;
+    let relay = start_with_grant(dir.path(), &provider, opts).await;
     let replies = send_one(&relay, &provider).await;
     assert!(replies.last().unwrap().starts_with("250"), "{replies:?}");
     assert_eq!(
