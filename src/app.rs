@@ -254,7 +254,10 @@ impl Relay {
             sessions.clone(),
         ));
         services.spawn(housekeeping(upstream.clone(), stop.clone()));
+        // Under systemd (Type=notify): the listeners are bound and accepting now.
+        notify(sd_notify::NotifyState::Ready);
         shutdown.await;
+        notify(sd_notify::NotifyState::Stopping);
         tracing::info!("shutting down: no new connections, waiting for sessions to finish");
         stop.cancel();
         while services.join_next().await.is_some() {}
@@ -291,6 +294,13 @@ fn raise_file_limit(max_connections: usize) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Tells systemd (when it started us with a notify socket) what the relay is doing.
+fn notify(state: sd_notify::NotifyState) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
 }
 
 /// Counters of a running relay.

@@ -325,3 +325,36 @@ fn import_token_and_accounts_with_and_without_a_running_relay() {
         }
     }
 }
+
+#[test]
+fn serve_tells_systemd_when_it_is_ready_and_when_it_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = hash();
+    let path = config(dir.path(), &account("a", "a", &h), "");
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    // A bound on the wait, not a pause: recv returns as soon as the relay writes.
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let serve = KillOnDrop(
+        Command::new(BIN)
+            .args(["--config", &path, "serve"])
+            .env("NOTIFY_SOCKET", &socket_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).expect("READY=1 within 30 s");
+    assert_eq!(&buf[..n], b"READY=1\n");
+    let sent = Command::new("kill")
+        .args(["-TERM", &serve.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let n = socket.recv(&mut buf).expect("STOPPING=1 after SIGTERM");
+    assert_eq!(&buf[..n], b"STOPPING=1\n");
+}

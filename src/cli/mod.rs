@@ -138,8 +138,9 @@ async fn run(cli: Cli) -> Result<(), String> {
     match &cli.command {
         Command::Serve => {
             let config = load(&cli)?;
+            let shutdown = shutdown_signal()?;
             let relay = crate::app::Relay::bind(config).await?;
-            relay.run(shutdown_signal()).await;
+            relay.run(shutdown).await;
             Ok(())
         }
         Command::Check => {
@@ -248,12 +249,17 @@ fn finish(response: Response) -> Result<(), String> {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("signal handler");
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-    }
+/// SIGTERM or SIGINT. The handlers are installed here, before the relay binds and reports ready,
+/// so a stop request right after start-up is a graceful shutdown, not the default kill.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let handler = |kind| signal(kind).map_err(|e| format!("cannot install a signal handler: {e}"));
+    let mut term = handler(SignalKind::terminate())?;
+    let mut int = handler(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
