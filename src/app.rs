@@ -283,7 +283,9 @@ impl Relay {
 /// Raises the soft limit on open files to the hard one: each mailer session holds two descriptors
 /// (its socket and its upstream connection's), plus the listeners, the store and the control socket.
 fn raise_file_limit(max_connections: usize) -> Result<(), String> {
-    let need = 2 * max_connections as u64 + 64;
+    let need = (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(64);
     let limit = rlimit::increase_nofile_limit(u64::MAX)
         .map_err(|e| format!("cannot read the open-files limit: {e}"))?;
     if limit < need {

@@ -269,3 +269,29 @@ async fn a_tls_handshake_that_never_finishes_frees_its_slot() {
     // The one connection slot is free again.
     well_behaved(relay.view(), provider.pki.clone(), 1).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_does_not_outlive_the_preauth_deadline() {
+    let opts = RelayOptions {
+        extra_limits_toml: "preauth_timeout_secs = 2".into(),
+        ..RelayOptions::default()
+    };
+    let (_dir, _provider, relay) = setup(opts, "implicit").await;
+    let mut tcp = TcpStream::connect(relay.plain).await.unwrap();
+    // A megabyte of NOOPs, replies never read: the relay's writes block, and the pre-auth deadline
+    // (not the 300 s idle timeout) ends the session, so our writes start failing.
+    let noops = b"NOOP\r\n".repeat(200_000);
+    let started = std::time::Instant::now();
+    let _ = tcp.write_all(&noops).await;
+    let mut sink = [0u8; 1 << 16];
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while tcp.write_all(&noops[..6000]).await.is_ok() {}
+    })
+    .await;
+    let _ = tcp.read(&mut sink).await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "cut off at the pre-auth deadline, not the idle timeout: {:?}",
+        started.elapsed()
+    );
+}

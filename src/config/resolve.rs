@@ -157,6 +157,15 @@ pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         Some(Ok(p)) => Some(p),
         None => None,
     };
+    let password_set = raw.server.upstream_proxy_password_env.is_some()
+        || raw.server.upstream_proxy_password_file.is_some();
+    if default_proxy.as_ref().is_some_and(|p| p.user.is_some()) && !password_set {
+        errors.push(
+            "[server] upstream_proxy names a user but no password: set upstream_proxy_password_env or \
+             upstream_proxy_password_file"
+                .into(),
+        );
+    }
     if raw.server.upstream_proxy_password_env.is_some()
         && raw.server.upstream_proxy_password_file.is_some()
     {
@@ -215,8 +224,29 @@ pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
                 .into(),
         );
     }
-    if raw.limits.max_connections == 0 {
-        errors.push("[limits]: max_connections must be greater than 0".into());
+    if raw.limits.max_connections == 0 || raw.limits.max_connections > 1_000_000 {
+        errors.push("[limits]: max_connections must be between 1 and 1000000".into());
+    }
+    if raw.limits.max_connections_per_ip == 0 {
+        errors.push("[limits]: max_connections_per_ip must be at least 1".into());
+    }
+    const DAY: u64 = 86_400;
+    for (key, value) in [
+        ("idle_timeout_secs", raw.limits.idle_timeout_secs),
+        ("upstream_timeout_secs", raw.limits.upstream_timeout_secs),
+        (
+            "tls_handshake_timeout_secs",
+            raw.limits.tls_handshake_timeout_secs,
+        ),
+        ("preauth_timeout_secs", raw.limits.preauth_timeout_secs),
+        ("upstream_idle_secs", raw.limits.upstream_idle_secs),
+        ("upstream_wait_secs", raw.limits.upstream_wait_secs),
+    ] {
+        if value == 0 || value > DAY {
+            errors.push(format!(
+                "[limits]: {key} must be between 1 and {DAY} seconds"
+            ));
+        }
     }
     if raw.listeners.is_empty() {
         errors.push(format!(
@@ -522,10 +552,17 @@ fn provider(
         client_private_key_file: raw.client_private_key_file,
         upstream_proxy: match raw.upstream_proxy.as_deref() {
             Some("direct") => None,
-            Some(text) => Some(
-                UpstreamProxy::parse(text)
-                    .map_err(|e| ConfigError(format!("{what}: upstream_proxy: {e}")))?,
-            ),
+            Some(text) => {
+                let proxy = UpstreamProxy::parse(text)
+                    .map_err(|e| ConfigError(format!("{what}: upstream_proxy: {e}")))?;
+                if proxy.user.is_some() {
+                    return err(format!(
+                        "{what}: upstream_proxy: a proxy with a user belongs in [server] upstream_proxy (its \
+                         password comes from upstream_proxy_password_env / _file there)"
+                    ));
+                }
+                Some(proxy)
+            }
             None => default_proxy.cloned(),
         },
         max_upstream_connections: raw.max_upstream_connections.unwrap_or(match family {

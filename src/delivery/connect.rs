@@ -154,7 +154,7 @@ async fn socks5(
         tcp.write_all(&auth).await?;
         let mut status = [0u8; 2];
         tcp.read_exact(&mut status).await?;
-        if status[1] != 0 {
+        if status != [0x01, 0x00] {
             return Err(proxy_err("SOCKS5: the proxy refused the user and password"));
         }
     }
@@ -181,6 +181,9 @@ async fn socks5(
     tcp.write_all(&request).await?;
     let mut head = [0u8; 4];
     tcp.read_exact(&mut head).await?;
+    if head[0] != 0x05 {
+        return Err(proxy_err("SOCKS5: malformed reply"));
+    }
     if head[1] != 0 {
         let why = match head[1] {
             0x02 => "not allowed by the proxy's rules",

@@ -320,8 +320,12 @@ impl Pool {
     ) -> Result<Conn, OpenError> {
         let result = self.dial(account, generation).await;
         if let Err(OpenError::AuthRejected(reply)) = &result {
-            let until = self.clock.now() + REFUSAL_MEMORY;
-            *lock(&pool.refused) = Some((until, reply.clone()));
+            // Only a lasting refusal, and not one for a grant replaced meanwhile.
+            let current = lock(&pool.state).generation == generation;
+            if reply.code >= 500 && current {
+                let until = self.clock.now() + REFUSAL_MEMORY;
+                *lock(&pool.refused) = Some((until, reply.clone()));
+            }
         }
         result
     }

@@ -173,6 +173,16 @@ impl Submission {
 
     /// Sends a command of the open transaction, or takes its reply if it was sent ahead.
     async fn step(&mut self, line: String) -> Reply {
+        // A DATA sent ahead that the session answered itself (no recipient accepted) is left over:
+        // its reply is dropped, unless the upstream opened DATA, which only closing can end.
+        if line != "DATA" && self.ahead.front().is_some_and(|(sent, _)| sent == "DATA") {
+            if let Some((_, Ok(r))) = self.ahead.pop_front() {
+                if r.code == 354 {
+                    self.drop_connection();
+                    return Reply::new(451, "4.4.1 Upstream connection lost");
+                }
+            }
+        }
         if let Some((sent, _)) = self.ahead.front() {
             if *sent == line {
                 let (_, result) = self.ahead.pop_front().expect("front exists");

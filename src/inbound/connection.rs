@@ -145,12 +145,29 @@ impl Connection {
         Duration::from_secs(self.shared.config.limits.idle_timeout_secs)
     }
 
+    /// How long the next wait on the mailer may last: the idle timeout, and before AUTH no longer
+    /// than the pre-auth deadline (so a client that reads slowly cannot outlive it).
+    fn patience(&self) -> Duration {
+        if self.session.authorized().is_some() {
+            return self.idle();
+        }
+        self.idle().min(
+            self.preauth_deadline
+                .saturating_duration_since(Instant::now()),
+        )
+    }
+
+    /// Past the pre-auth deadline without AUTH.
+    fn preauth_expired(&self) -> bool {
+        self.session.authorized().is_none() && Instant::now() >= self.preauth_deadline
+    }
+
     async fn flush(&mut self) -> Result<(), End> {
         if self.out.is_empty() {
             return Ok(());
         }
         let out = std::mem::take(&mut self.out);
-        tokio::time::timeout(self.idle(), async {
+        tokio::time::timeout(self.patience(), async {
             self.stream.write_all(&out).await?;
             self.stream.flush().await
         })
@@ -198,11 +215,11 @@ impl Connection {
                 }
             }
             self.flush().await?;
-            let preauth_left = self
-                .preauth_deadline
-                .saturating_duration_since(Instant::now());
-            let preauth = self.session.authorized().is_none() && preauth_left < self.idle();
-            let idle = if preauth { preauth_left } else { self.idle() };
+            let preauth = self.session.authorized().is_none() && self.patience() < self.idle();
+            if self.preauth_expired() {
+                return self.preauth_timeout().await;
+            }
+            let idle = self.patience();
             // On shutdown, a mailer between commands is told to come back later; one sending a
             // message body may finish it (within the shutdown grace period).
             let in_data = self.session.in_data();
@@ -221,13 +238,10 @@ impl Connection {
             let n = match outcome {
                 Ok(Ok(n)) => n,
                 Ok(Err(e)) => return Err(End::Io(e)),
+                Err(_) if preauth => return self.preauth_timeout().await,
                 Err(_) => {
-                    let text = if preauth {
-                        "4.4.2 Not authenticated in time, closing connection"
-                    } else {
-                        "4.4.2 Idle timeout, closing connection"
-                    };
-                    Reply::new(421, text).write_to(&mut self.out);
+                    Reply::new(421, "4.4.2 Idle timeout, closing connection")
+                        .write_to(&mut self.out);
                     let _ = self.flush().await;
                     return Err(End::Timeout);
                 }
@@ -238,6 +252,16 @@ impl Connection {
         }
     }
 
+    async fn preauth_timeout(&mut self) -> Result<(), End> {
+        self.out.clear();
+        Reply::new(421, "4.4.2 Not authenticated in time, closing connection")
+            .write_to(&mut self.out);
+        let out = std::mem::take(&mut self.out);
+        // A last word with a short fuse: the deadline has passed.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.write_all(&out)).await;
+        Err(End::Timeout)
+    }
+
     /// Carries out one action; `false` ends the connection.
     async fn execute(&mut self, action: Action) -> Result<bool, End> {
         match action {
@@ -245,7 +269,7 @@ impl Connection {
                 // Refusals the mailer sees are in the log too (replies carry no secrets), the first
                 // few of a session one by one.
                 if reply.code >= 400 {
-                    self.refusals += 1;
+                    self.refusals = self.refusals.saturating_add(1);
                     if self.refusals <= LOGGED_REFUSALS {
                         tracing::info!(reply = %reply.summary(), "refused");
                     }

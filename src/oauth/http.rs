@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use crate::config::{Config, Provider};
 
+/// Longest answer read from an OAuth endpoint.
+const MAX_RESPONSE: usize = 1 << 20;
+
 #[derive(Debug)]
 pub struct HttpError(pub String);
 
@@ -57,6 +60,8 @@ impl HttpClient {
         let tls = crate::util::tls::client_config(extra_ca).map_err(|e| e.to_string())?;
         let client = reqwest::Client::builder()
             .use_preconfigured_tls(rustls::ClientConfig::clone(&tls))
+            // A redirect would re-post a refresh token or client secret to wherever it points.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .connect_timeout(timeout)
             .user_agent(concat!("xoauth-relay/", env!("CARGO_PKG_VERSION")))
@@ -88,9 +93,20 @@ impl HttpClient {
         for (name, value) in response.headers() {
             builder = builder.header(name, value);
         }
-        let body = response.bytes().await.map_err(describe)?;
+        // Token answers are a few hundred bytes; more is not an answer.
+        let mut response = response;
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(describe)? {
+            if body.len() + chunk.len() > MAX_RESPONSE {
+                return Err(HttpError(format!(
+                    "answer longer than {} KiB",
+                    MAX_RESPONSE / 1024
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
         builder
-            .body(body.to_vec())
+            .body(body)
             .map_err(|e| HttpError(format!("unusable answer: {e}")))
     }
 }
