@@ -18,7 +18,9 @@ use crate::auth::Authenticator;
 use crate::config::{Config, GrantKind, TlsMode};
 use crate::control::wire::{Request, Response};
 use crate::delivery::activity::{Activity, PERSIST_EVERY};
+use crate::delivery::pacing::Pacers;
 use crate::delivery::pool::{Dialer, Pool};
+use crate::delivery::queue::Queue;
 use crate::delivery::UpstreamContext;
 use crate::inbound::connection::Shared;
 use crate::inbound::listener::{self, Admission, Listener};
@@ -82,10 +84,29 @@ impl Core {
             Duration::from_secs(limits.upstream_wait_secs),
             tasks.clone(),
         );
+        let clock = tokens.clock().clone();
+        let pacers = Arc::new(Pacers::new(&config.accounts, clock.clone()));
+        let queue = Queue::open(
+            &config.server.data_dir,
+            config.delivery.clone(),
+            &config.accounts,
+            clock,
+            &config.server.hostname,
+        )
+        .map_err(|e| {
+            format!(
+                "cannot open the queue in {}: {e}",
+                config.server.data_dir.join("queue").display()
+            )
+        })?;
+        queue.load_pacing(&pacers);
         let upstream = Arc::new(UpstreamContext {
             tokens,
             pool,
             activity: Activity::new(&config.accounts),
+            pacers,
+            queue: Arc::new(queue),
+            pacing_wait: Duration::from_secs(limits.upstream_wait_secs),
         });
         Ok(Core {
             config,
@@ -254,6 +275,12 @@ impl Relay {
             sessions.clone(),
         ));
         services.spawn(housekeeping(upstream.clone(), stop.clone()));
+        upstream.queue.start(
+            upstream.pool.clone(),
+            upstream.pacers.clone(),
+            stop.clone(),
+            &sessions,
+        );
         // Under systemd (Type=notify): the listeners are bound and accepting now.
         notify(sd_notify::NotifyState::Ready);
         shutdown.await;
@@ -274,6 +301,7 @@ impl Relay {
         }
         let _ = std::fs::remove_file(self.shared.config.server.control_socket());
         upstream.activity.persist(upstream.tokens.store()).await;
+        upstream.queue.save_pacing(&upstream.pacers).await;
         if let Err(e) = upstream.tokens.store().flush().await {
             tracing::warn!(error = %e, "cannot flush the database at shutdown");
         }
@@ -343,7 +371,10 @@ async fn housekeeping(upstream: Arc<UpstreamContext>, stop: CancellationToken) {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = reap.tick() => upstream.pool.reap(),
-            _ = persist.tick() => upstream.activity.persist(upstream.tokens.store()).await,
+            _ = persist.tick() => {
+                upstream.activity.persist(upstream.tokens.store()).await;
+                upstream.queue.save_pacing(&upstream.pacers).await;
+            }
         }
     }
 }

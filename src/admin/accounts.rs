@@ -2,6 +2,19 @@
 //! refresh token's age with the provider-specific warnings.
 
 use super::{ago, span_text, AdminContext};
+
+/// "0", "12 (oldest 5m)", "12 (oldest 5m), paused: throttled: 421 ... (until 40s from now)".
+fn queued(ctx: &AdminContext, account: &str) -> String {
+    let v = ctx.upstream.queue.account_view(account);
+    let mut out = v.queued.to_string();
+    if let Some(age) = v.oldest_secs {
+        out.push_str(&format!(" (oldest {})", span_text(age)));
+    }
+    if let Some(why) = v.paused {
+        out.push_str(&format!(", paused: {why}"));
+    }
+    out
+}
 use crate::config::{Family, GrantKind};
 
 pub(super) fn table(ctx: &AdminContext) -> String {
@@ -18,6 +31,7 @@ pub(super) fn table(ctx: &AdminContext) -> String {
         "LAST REFRESH",
         "LAST USE",
         "REFRESH TOKEN AGE",
+        "QUEUED",
     ]
     .map(String::from)
     .to_vec()];
@@ -69,6 +83,7 @@ pub(super) fn table(ctx: &AdminContext) -> String {
             ago(g.as_ref().and_then(|g| g.last_refresh), now),
             ago(last_use, now),
             age,
+            queued(ctx, &a.name),
         ]);
     }
     let widths: Vec<usize> = (0..rows[0].len())

@@ -7,6 +7,7 @@
 
 mod accounts;
 mod grants;
+mod queue;
 mod test;
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use crate::config::{Account, Config};
 use crate::control::server::Handler;
 use crate::control::wire::{Request, Response};
+use crate::delivery::queue::Target;
 use crate::delivery::UpstreamContext;
 use crate::oauth::http::HttpClients;
 use crate::util::BoxFuture;
@@ -38,8 +40,10 @@ pub async fn execute(ctx: &AdminContext, request: Request) -> Response {
             let change =
                 grants::store_grant(ctx, &account, refresh_token, access_token, expires_in);
             let result = tokens.replace_grant(&account, change).await;
-            // Connections authenticated with the old grant are not used again.
+            // Connections authenticated with the old grant are not used again, and mail held for
+            // the old one's trouble may go.
             ctx.upstream.pool.retire_account(&account);
+            ctx.upstream.queue.grant_changed(&account);
             result
         }
         Request::Revoke { account } => {
@@ -49,6 +53,20 @@ pub async fn execute(ctx: &AdminContext, request: Request) -> Response {
             result
         }
         Request::Test { account, to } => return test::test(ctx, &account, to.as_deref()).await,
+        Request::Queue { account, json } => queue::list(ctx, account.as_deref(), json),
+        Request::QueueShow { id } => queue::show(ctx, &id).await,
+        Request::QueueRetry { id, account, all } => {
+            let target = match (id, account) {
+                (Some(id), _) => Target::Id(id),
+                (None, Some(a)) => Target::Account(a),
+                (None, None) if all => Target::All,
+                (None, None) => {
+                    return Response::fail("say which: a message id, --account NAME or --all")
+                }
+            };
+            queue::retry(ctx, target)
+        }
+        Request::QueueDelete { id } => queue::delete(ctx, &id).await,
     };
     match result {
         Ok(text) => Response::ok(text),
@@ -64,6 +82,24 @@ impl Handler for AdminContext {
 
 fn account<'a>(ctx: &'a AdminContext, name: &str) -> Result<&'a Arc<Account>, String> {
     ctx.config.account(name).map_err(|e| e.to_string())
+}
+
+/// Rows as left-aligned columns, the first row the header.
+fn columns(rows: Vec<Vec<String>>) -> String {
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// "3m", "5h", "12d"

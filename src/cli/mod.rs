@@ -47,7 +47,11 @@ enum Command {
     /// Run the relay.
     Serve,
     /// Validate the configuration and exit.
-    Check,
+    Check {
+        /// Also print each account's delivery mode and effective limits.
+        #[arg(long)]
+        verbose: bool,
+    },
     /// Print an argon2id hash for an account's password_hash (reads the password from stdin or a prompt).
     HashPassword,
     /// Store a refresh token (read from stdin) as the account's grant.
@@ -76,6 +80,17 @@ enum Command {
         /// Account name (`name` in [[accounts]]).
         account: String,
     },
+    /// List queued messages; `queue show|retry|delete` act on them.
+    Queue {
+        #[command(subcommand)]
+        action: Option<QueueAction>,
+        /// Only this account's messages.
+        #[arg(long)]
+        account: Option<String>,
+        /// One JSON array with an object per message, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Get a token and authenticate to the upstream; with --to, send a short test message.
     Test {
         /// Account name (`name` in [[accounts]]).
@@ -84,6 +99,26 @@ enum Command {
         #[arg(long)]
         to: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// Envelope, each recipient's state and last reply, and the headers (never the body).
+    Show { id: String },
+    /// Attempt now: lifts a pause and the backoff (pacing still applies).
+    Retry {
+        /// A message id.
+        #[arg(required_unless_present_any = ["all", "account"], conflicts_with_all = ["all", "account"])]
+        id: Option<String>,
+        /// Every message of this account.
+        #[arg(long, conflicts_with = "all")]
+        account: Option<String>,
+        /// Every queued message.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete a message without a bounce (no confirmation; logged).
+    Delete { id: String },
 }
 
 /// The program: parse arguments, run the command, print its result; the exit code says whether it
@@ -143,8 +178,23 @@ async fn run(cli: Cli) -> Result<(), String> {
             relay.run(shutdown).await;
             Ok(())
         }
-        Command::Check => {
+        Command::Check { verbose } => {
             let config = load(&cli)?;
+            if *verbose {
+                for a in &config.accounts {
+                    println!(
+                        "account `{}`: provider {}, delivery {}, max_upstream_connections {}, limits: {}",
+                        a.name,
+                        a.provider.name,
+                        match a.delivery {
+                            crate::config::DeliveryMode::Direct => "direct",
+                            crate::config::DeliveryMode::Queue => "queue",
+                        },
+                        a.max_upstream_connections,
+                        a.pacing.describe()
+                    );
+                }
+            }
             for warning in config.warnings() {
                 eprintln!("warning: {warning}");
             }
@@ -186,6 +236,26 @@ async fn run(cli: Cli) -> Result<(), String> {
             finish(crate::app::admin(config, request).await?)
         }
         Command::Accounts => finish(crate::app::admin(load(&cli)?, Request::Accounts).await?),
+        Command::Queue {
+            action,
+            account,
+            json,
+        } => {
+            let request = match action {
+                None => Request::Queue {
+                    account: account.clone(),
+                    json: *json,
+                },
+                Some(QueueAction::Show { id }) => Request::QueueShow { id: id.clone() },
+                Some(QueueAction::Retry { id, account, all }) => Request::QueueRetry {
+                    id: id.clone(),
+                    account: account.clone(),
+                    all: *all,
+                },
+                Some(QueueAction::Delete { id }) => Request::QueueDelete { id: id.clone() },
+            };
+            finish(crate::app::admin(load(&cli)?, request).await?)
+        }
         Command::Revoke { account } => finish(
             crate::app::admin(
                 load(&cli)?,

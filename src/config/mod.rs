@@ -164,6 +164,84 @@ impl Default for Limits {
     }
 }
 
+/// How an account's messages go upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryMode {
+    /// While the mailer waits: a `250` means the upstream said `250`.
+    Direct,
+    /// Into the spool first: a `250` means it is on disk and will be delivered or returned.
+    Queue,
+}
+
+/// `[delivery]`: the default mode and the queue's schedule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    pub mode: DeliveryMode,
+    /// First retry after a temporary failure; doubling (with jitter) up to `retry_max_secs`.
+    pub retry_min_secs: u64,
+    pub retry_max_secs: u64,
+    /// Recipients still pending after this long are bounced.
+    pub max_queue_age_secs: u64,
+    /// An account that got a provider quota reply waits this long (unless the reply names a time).
+    pub quota_pause_secs: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            mode: DeliveryMode::Direct,
+            retry_min_secs: 60,
+            retry_max_secs: 3600,
+            max_queue_age_secs: 432_000,
+            quota_pause_secs: 3600,
+        }
+    }
+}
+
+/// What a provider accepts from one mailbox; 0 means no limit. Set on a provider (presets for
+/// `microsoft` and `google`) and overridden per account.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Pacing {
+    pub max_messages_per_minute: u32,
+    pub max_recipients_per_message: u32,
+    pub max_messages_per_day: u32,
+    pub max_recipients_per_day: u32,
+}
+
+impl Pacing {
+    /// `overrides` in field order; a key that is set wins.
+    pub fn with(self, overrides: [Option<u32>; 4]) -> Pacing {
+        let [a, b, c, d] = overrides;
+        Pacing {
+            max_messages_per_minute: a.unwrap_or(self.max_messages_per_minute),
+            max_recipients_per_message: b.unwrap_or(self.max_recipients_per_message),
+            max_messages_per_day: c.unwrap_or(self.max_messages_per_day),
+            max_recipients_per_day: d.unwrap_or(self.max_recipients_per_day),
+        }
+    }
+
+    /// "30/min, 500 rcpt/msg, 10000 rcpt/day" (limits that are set only), or "none".
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = [
+            (self.max_messages_per_minute, "msg/min"),
+            (self.max_recipients_per_message, "rcpt/msg"),
+            (self.max_messages_per_day, "msg/day"),
+            (self.max_recipients_per_day, "rcpt/day"),
+        ]
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, unit)| format!("{n} {unit}"))
+        .collect();
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mechanism {
@@ -227,6 +305,7 @@ pub struct Provider {
     pub max_upstream_connections: usize,
     /// The proxy its SMTP connections go through, if any.
     pub upstream_proxy: Option<UpstreamProxy>,
+    pub pacing: Pacing,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -318,6 +397,10 @@ pub struct Account {
     pub grant: GrantKind,
     /// The provider's `max_upstream_connections` unless the account sets its own.
     pub max_upstream_connections: usize,
+    /// The provider's limits with the account's overrides.
+    pub pacing: Pacing,
+    /// `delivery` of the account, else `[delivery] mode`.
+    pub delivery: DeliveryMode,
 }
 
 /// Where a provider's client secret is read from.
@@ -371,6 +454,7 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub tls: TlsConfig,
     pub limits: Limits,
+    pub delivery: DeliveryConfig,
     pub providers: BTreeMap<String, Arc<Provider>>,
     pub accounts: Vec<Arc<Account>>,
 }

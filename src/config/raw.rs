@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::{
-    ConfigError, GrantKind, Limits, ListenerConfig, Mechanism, ServerConfig, TlsConfig, TlsMode,
+    ConfigError, DeliveryConfig, DeliveryMode, GrantKind, Limits, ListenerConfig, Mechanism,
+    ServerConfig, TlsConfig, TlsMode,
 };
 use crate::util::secret::Secret;
 
@@ -25,6 +26,8 @@ pub struct RawConfig {
     pub tls: TlsConfig,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
     #[serde(default)]
     pub providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
@@ -57,6 +60,21 @@ pub struct RawProvider {
     pub client_private_key_file: Option<PathBuf>,
     pub max_upstream_connections: Option<usize>,
     pub upstream_proxy: Option<String>,
+    pub max_messages_per_minute: Option<u32>,
+    pub max_recipients_per_message: Option<u32>,
+    pub max_messages_per_day: Option<u32>,
+    pub max_recipients_per_day: Option<u32>,
+}
+
+impl RawProvider {
+    pub fn pacing(&self) -> [Option<u32>; 4] {
+        [
+            self.max_messages_per_minute,
+            self.max_recipients_per_message,
+            self.max_messages_per_day,
+            self.max_recipients_per_day,
+        ]
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -71,6 +89,22 @@ pub struct RawAccount {
     pub allowed_senders: Option<Vec<String>>,
     pub grant: Option<GrantKind>,
     pub max_upstream_connections: Option<usize>,
+    pub delivery: Option<DeliveryMode>,
+    pub max_messages_per_minute: Option<u32>,
+    pub max_recipients_per_message: Option<u32>,
+    pub max_messages_per_day: Option<u32>,
+    pub max_recipients_per_day: Option<u32>,
+}
+
+impl RawAccount {
+    pub fn pacing(&self) -> [Option<u32>; 4] {
+        [
+            self.max_messages_per_minute,
+            self.max_recipients_per_message,
+            self.max_messages_per_day,
+            self.max_recipients_per_day,
+        ]
+    }
 }
 
 impl std::fmt::Debug for RawAccount {

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use super::raw::{RawAccount, RawConfig, RawProvider};
 use super::{
-    err, Account, Config, ConfigError, Env, Family, GrantKind, Mechanism, Provider, SecretSource,
-    TlsMode, UpstreamProxy,
+    err, Account, Config, ConfigError, DeliveryMode, Env, Family, GrantKind, Mechanism, Pacing,
+    Provider, SecretSource, TlsMode, UpstreamProxy,
 };
 use crate::util::secret::Secret;
 
@@ -23,8 +23,10 @@ fn account(
     failed_providers: &HashSet<String>,
     seen_names: &mut HashSet<String>,
     seen_logins: &mut HashMap<String, String>,
+    default_delivery: DeliveryMode,
 ) -> Result<Arc<Account>, ConfigError> {
     let what = format!("account `{}`", a.name);
+    let pacing_overrides = a.pacing();
     if a.name.is_empty() || a.name.contains(char::is_whitespace) {
         return err(format!(
             "{what}: `name` must be a non-empty word without spaces"
@@ -126,6 +128,8 @@ fn account(
     let max_upstream_connections = a
         .max_upstream_connections
         .unwrap_or(provider.max_upstream_connections);
+    let pacing = provider.pacing.with(pacing_overrides);
+    let delivery = a.delivery.unwrap_or(default_delivery);
     Ok(Arc::new(Account {
         name: a.name,
         login,
@@ -135,6 +139,8 @@ fn account(
         allowed_senders: a.allowed_senders,
         grant,
         max_upstream_connections,
+        pacing,
+        delivery,
     }))
 }
 
@@ -209,6 +215,7 @@ pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             &failed_providers,
             &mut seen_names,
             &mut seen_logins,
+            raw.delivery.mode,
         ) {
             Ok(a) => accounts.push(a),
             Err(e) => errors.push(e.0),
@@ -248,6 +255,20 @@ pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             ));
         }
     }
+    let d = &raw.delivery;
+    for (key, value) in [
+        ("retry_min_secs", d.retry_min_secs),
+        ("retry_max_secs", d.retry_max_secs),
+        ("max_queue_age_secs", d.max_queue_age_secs),
+        ("quota_pause_secs", d.quota_pause_secs),
+    ] {
+        if value == 0 {
+            errors.push(format!("[delivery]: {key} must be at least 1"));
+        }
+    }
+    if d.retry_max_secs < d.retry_min_secs {
+        errors.push("[delivery]: retry_max_secs must not be smaller than retry_min_secs".into());
+    }
     if raw.listeners.is_empty() {
         errors.push(format!(
             "{}: no [[listeners]] configured; add one, like address = \"127.0.0.1:587\", tls = \"starttls\"",
@@ -283,6 +304,7 @@ pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         listeners: raw.listeners,
         tls: raw.tls,
         limits: raw.limits,
+        delivery: raw.delivery,
         providers,
         accounts,
     })
@@ -470,6 +492,22 @@ fn provider(
             "{what}: max_upstream_connections must be at least 1"
         ));
     }
+    let presets = match family {
+        Family::Microsoft => Pacing {
+            max_messages_per_minute: 30,
+            max_recipients_per_message: 500,
+            max_messages_per_day: 0,
+            max_recipients_per_day: 10_000,
+        },
+        Family::Google => Pacing {
+            max_messages_per_minute: 0,
+            max_recipients_per_message: 100,
+            max_messages_per_day: 2_000,
+            max_recipients_per_day: 10_000,
+        },
+        Family::Generic => Pacing::default(),
+    };
+    let pacing = presets.with(raw.pacing());
     let Some(token_url) = raw.token_url.or(token) else {
         return err(format!(
             "{what}: `token_url` is missing (required for providers other than google / microsoft)"
@@ -565,6 +603,7 @@ fn provider(
             }
             None => default_proxy.cloned(),
         },
+        pacing,
         max_upstream_connections: raw.max_upstream_connections.unwrap_or(match family {
             Family::Microsoft => 3,
             Family::Google | Family::Generic => 10,

@@ -22,6 +22,22 @@ pub enum Request {
         account: String,
         to: Option<String>,
     },
+    Queue {
+        account: Option<String>,
+        json: bool,
+    },
+    QueueShow {
+        id: String,
+    },
+    /// One of: `id`, `account`, `all`.
+    QueueRetry {
+        id: Option<String>,
+        account: Option<String>,
+        all: bool,
+    },
+    QueueDelete {
+        id: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

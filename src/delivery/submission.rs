@@ -17,8 +17,11 @@ use std::sync::Arc;
 
 use super::activity::Activity;
 use super::outcome::{Outcome, UpstreamError};
+use super::pacing::{Pacer, Pacers};
 use super::pool::{Lease, OpenError, Pool};
-use crate::config::Account;
+use super::queue::spool::{Envelope, SpoolWriter};
+use super::queue::Queue;
+use crate::config::{Account, DeliveryMode};
 use crate::oauth::tokens::TokenManager;
 use crate::smtp::session::{Ahead, MailParams};
 use crate::smtp::Reply;
@@ -28,6 +31,10 @@ pub struct UpstreamContext {
     pub tokens: Arc<TokenManager>,
     pub pool: Arc<Pool>,
     pub activity: Activity,
+    pub pacers: Arc<Pacers>,
+    pub queue: Arc<Queue>,
+    /// How long a direct-mode message waits for its turn under the account's pacing.
+    pub pacing_wait: std::time::Duration,
 }
 
 /// Outcome of the upstream half of a message, for the per-message log line.
@@ -36,6 +43,8 @@ pub struct MessageStats {
     pub sender: String,
     pub recipients: usize,
     pub size: usize,
+    /// Queue mode: the id the message was queued as.
+    pub queued_as: Option<String>,
 }
 
 /// Delivery of one session's messages through the account's provider.
@@ -50,7 +59,18 @@ pub struct Submission {
     in_data: bool,
     /// Replies to commands sent ahead with MAIL, in order, with the command each answers.
     ahead: VecDeque<(String, Result<Reply, UpstreamError>)>,
+    /// RCPTs forwarded in the transaction in progress (for `max_recipients_per_message`).
+    rcpts: usize,
+    pacer: Option<Arc<Pacer>>,
+    /// Queue mode: the message being received into the spool.
+    spooled: Option<Spooled>,
     pub stats: MessageStats,
+}
+
+/// A queue-mode message on its way into the spool.
+struct Spooled {
+    env: Envelope,
+    writer: Option<SpoolWriter>,
 }
 
 /// Why the upstream will not take the account's token, and the fix when known.
@@ -88,6 +108,7 @@ fn closing(result: &Result<Reply, UpstreamError>) -> bool {
 
 impl Submission {
     pub fn new(ctx: Arc<UpstreamContext>, account: Arc<Account>) -> Submission {
+        let pacer = ctx.pacers.get(&account.name).cloned();
         Submission {
             ctx,
             account,
@@ -95,8 +116,57 @@ impl Submission {
             in_transaction: false,
             in_data: false,
             ahead: VecDeque::new(),
+            rcpts: 0,
+            pacer,
+            spooled: None,
             stats: MessageStats::default(),
         }
+    }
+
+    /// Direct mode under pacing: waits for the account's turn (up to `upstream_wait_secs`), or
+    /// says why not.
+    async fn paced(&self) -> Result<(), Reply> {
+        let Some(pacer) = &self.pacer else {
+            return Ok(());
+        };
+        let clock = self.ctx.tokens.clock();
+        let deadline = clock.now() + self.ctx.pacing_wait;
+        loop {
+            match pacer.take(0, self.ctx.pacers.now_ms()) {
+                Ok(()) => return Ok(()),
+                Err(wait) if clock.now() + wait.after <= deadline => {
+                    tokio::time::sleep(wait.after).await;
+                }
+                Err(wait) => {
+                    let text = wait.describe(&self.account.name);
+                    tracing::warn!(account = %self.account.name, "{text}");
+                    return Err(Reply::new(451, format!("4.7.0 {text}; try again later")));
+                }
+            }
+        }
+    }
+
+    /// Whether one more RCPT may go upstream in this transaction (direct mode's share of pacing).
+    fn recipient_allowed(&self) -> Result<(), Reply> {
+        let Some(pacer) = &self.pacer else {
+            return Ok(());
+        };
+        let cap = pacer.recipients_per_message();
+        if cap > 0 && self.rcpts >= cap {
+            return Err(Reply::new(
+                452,
+                format!(
+                    "4.5.3 Too many recipients for one message to this provider (at most {cap}); send the rest in another message"
+                ),
+            ));
+        }
+        pacer
+            .take_recipient(self.ctx.pacers.now_ms())
+            .map_err(|wait| {
+                let text = wait.describe(&self.account.name);
+                tracing::warn!(account = %self.account.name, "{text}");
+                Reply::new(451, format!("4.7.0 {text}; try again later"))
+            })
     }
 
     /// Leases an authenticated connection from the account's pool; the refusal is the mailer's reply.
@@ -210,11 +280,33 @@ impl Submission {
             // RSET, so this is only a safety net).
             self.reset().await;
         }
+        self.rcpts = 0;
+        if self.account.delivery == DeliveryMode::Queue {
+            self.spooled = Some(Spooled {
+                env: Envelope {
+                    id: String::new(),
+                    account: self.account.name.clone(),
+                    sender: from.to_string(),
+                    recipients: Vec::new(),
+                    received: 0,
+                    size: 0,
+                    eight_bit: params.eight_bit,
+                    smtputf8: params.smtputf8,
+                    bounce: false,
+                },
+                writer: None,
+            });
+            return Outcome::from_reply(Reply::new(250, "2.1.0 Ok"));
+        }
+        if let Err(reply) = self.paced().await {
+            return Outcome::from_reply(reply);
+        }
         Outcome::from_reply(self.mail_reply(from, params, ahead).await)
     }
 
     async fn mail_reply(&mut self, from: &str, params: &MailParams, ahead: &Ahead) -> Reply {
         for attempt in 0..2 {
+            self.rcpts = 0;
             let mut lease = match self.lease.take() {
                 Some(lease) => lease,
                 None => match self.open(attempt > 0).await {
@@ -255,8 +347,17 @@ impl Submission {
             }
             let mut lines = vec![line];
             if caps.pipelining {
-                lines.extend(ahead.rcpts.iter().map(|to| format!("RCPT TO:<{to}>")));
-                if ahead.data {
+                // Only as many RCPTs as pacing allows go ahead; the rest are answered one by one.
+                let mut all = true;
+                for to in &ahead.rcpts {
+                    if self.recipient_allowed().is_err() {
+                        all = false;
+                        break;
+                    }
+                    self.rcpts += 1;
+                    lines.push(format!("RCPT TO:<{to}>"));
+                }
+                if ahead.data && all {
                     lines.push("DATA".to_string());
                 }
             }
@@ -296,7 +397,20 @@ impl Submission {
     }
 
     pub async fn rcpt(&mut self, to: &str) -> Outcome {
-        let reply = self.step(format!("RCPT TO:<{to}>")).await;
+        if let Some(spooled) = self.spooled.as_mut() {
+            spooled.env.recipients.push(to.to_string());
+            self.stats.recipients += 1;
+            return Outcome::from_reply(Reply::new(250, "2.1.5 Ok"));
+        }
+        let line = format!("RCPT TO:<{to}>");
+        let sent_ahead = self.ahead.front().is_some_and(|(sent, _)| *sent == line);
+        if !sent_ahead {
+            if let Err(reply) = self.recipient_allowed() {
+                return Outcome::from_reply(reply);
+            }
+            self.rcpts += 1;
+        }
+        let reply = self.step(line).await;
         if reply.is_positive() {
             self.stats.recipients += 1;
         }
@@ -304,6 +418,11 @@ impl Submission {
     }
 
     pub async fn data(&mut self) -> Outcome {
+        if let Some(spooled) = self.spooled.as_mut() {
+            spooled.env.id = self.ctx.queue.new_id();
+            spooled.writer = Some(self.ctx.queue.writer(&spooled.env.id));
+            return Outcome::from_reply(Reply::new(354, "End data with <CR><LF>.<CR><LF>"));
+        }
         let reply = self.step("DATA".to_string()).await;
         self.in_data = reply.code == 354;
         Outcome::from_reply(reply)
@@ -312,6 +431,10 @@ impl Submission {
     /// Streams part of the body. A failure drops the connection; `end_data` then reports it.
     pub async fn body(&mut self, chunk: &[u8]) {
         self.stats.size += chunk.len();
+        if let Some(writer) = self.spooled.as_mut().and_then(|s| s.writer.as_mut()) {
+            writer.push(chunk).await;
+            return;
+        }
         if let Some(client) = self.lease.as_mut().and_then(Lease::client) {
             if let Err(e) = client.body(chunk).await {
                 tracing::warn!(account = %self.account.name, error = %e, "upstream connection failed during DATA");
@@ -321,6 +444,26 @@ impl Submission {
     }
 
     pub async fn end_data(&mut self) -> Outcome {
+        if let Some(Spooled {
+            env,
+            writer: Some(writer),
+        }) = self.spooled.take()
+        {
+            return Outcome::from_reply(match self.ctx.queue.accept(writer, env).await {
+                Ok(id) => {
+                    let reply = super::queue::queued_reply(&id);
+                    self.stats.queued_as = Some(id);
+                    reply
+                }
+                Err(e) => {
+                    tracing::warn!(account = %self.account.name, error = %e, "cannot queue a message");
+                    Reply::new(
+                        451,
+                        "4.3.0 Cannot queue the message right now; try again later",
+                    )
+                }
+            });
+        }
         let Some(client) = self.lease.as_mut().and_then(Lease::client) else {
             return Outcome::from_reply(Reply::new(
                 451,
@@ -360,6 +503,8 @@ impl Submission {
 
     /// The mailer abandoned its transaction: reset it upstream and hand the connection back.
     pub async fn reset(&mut self) {
+        // A half-received queued message is thrown away with its spool file.
+        self.spooled = None;
         let cut_short = self
             .lease
             .as_mut()
@@ -389,6 +534,7 @@ impl Submission {
     /// Abandons the current transaction mid-DATA: closing the connection is the only way SMTP
     /// offers, and it guarantees the upstream discards the partial message. Never back in the pool.
     pub fn abort(&mut self) {
+        self.spooled = None;
         if self.lease.is_some() {
             tracing::info!(account = %self.account.name, "upstream transaction aborted");
         }

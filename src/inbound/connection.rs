@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::auth::Authenticator;
-use crate::config::{Config, TlsMode};
+use crate::config::{Config, DeliveryMode, TlsMode};
 use crate::delivery::client::BoxStream;
 use crate::delivery::{Submission, UpstreamContext};
 use crate::smtp::session::{Action, AuthOutcome, Authorized, Session, SessionConfig};
@@ -317,14 +317,18 @@ impl Connection {
                 let outcome = delivery.end_data().await;
                 let reply = outcome.reply();
                 let stats = &delivery.stats;
+                let what = match (&stats.queued_as, outcome.is_accepted()) {
+                    (Some(_), _) => "message accepted into the queue",
+                    (None, true) => "message relayed",
+                    (None, false) => "message not relayed",
+                };
                 tracing::info!(
                     sender = %stats.sender,
                     recipients = stats.recipients,
                     size = stats.size,
                     reply = %reply.summary(),
                     duration_ms = started.elapsed().as_millis() as u64,
-                    "{}",
-                    if outcome.is_accepted() { "message relayed" } else { "message not relayed" }
+                    "{what}"
                 );
                 self.session.upstream_reply(outcome.into_reply());
             }
@@ -360,9 +364,17 @@ impl Connection {
         let span = tracing::Span::current();
         span.record("login", tracing::field::display(&login));
         span.record("account", tracing::field::display(&account.name));
-        if let Err(e) = self.shared.upstream.tokens.token(&account.name).await {
-            tracing::info!(error = %e, "password accepted, but the account has no usable grant");
-            return AuthOutcome::GrantUnavailable(e.to_string());
+        match self.shared.upstream.tokens.token(&account.name).await {
+            Ok(_) => {}
+            // Queued mail can wait for the token endpoint to come back; a missing or revoked grant
+            // would only pile up mail that cannot go.
+            Err(e) if account.delivery == DeliveryMode::Queue && e.is_passing() => {
+                tracing::info!(error = %e, "token endpoint unavailable; accepting mail into the queue");
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "password accepted, but the account has no usable grant");
+                return AuthOutcome::GrantUnavailable(e.to_string());
+            }
         }
         if let Some(reply) = self.shared.upstream.pool.remembered_refusal(&account.name) {
             let why = crate::delivery::submission::token_refused_text(&account, &reply);

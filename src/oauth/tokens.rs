@@ -100,6 +100,13 @@ fn passing(error: &TokenError) -> bool {
     )
 }
 
+impl TokenError {
+    /// The token endpoint is down or refusing for now, not the grant gone: queued mail can wait.
+    pub fn is_passing(&self) -> bool {
+        passing(self)
+    }
+}
+
 /// After a failed token request, waiters get the same error for this long instead of each asking
 /// the provider again (a dead endpoint would otherwise make a hundred sessions queue for minutes).
 const FAILURE_BACKOFF: Duration = Duration::from_secs(15);

@@ -29,6 +29,7 @@ pub fn b64d(data: &str) -> Vec<u8> {
 }
 
 /// Test PKI: one CA that signs the fake provider's and the relay's certificates.
+#[derive(Clone)]
 pub struct Pki {
     pub ca_pem: String,
     pub cert_pem: String,
@@ -132,6 +133,12 @@ pub struct State {
     pub auth_reply: Option<String>,
     /// The token endpoint answers 503 with an HTML page.
     pub token_outage: bool,
+    /// The SMTP server closes every connection at once, without a greeting (the upstream is down).
+    pub down: bool,
+    /// Answer every MAIL with this (a quota or throttling reply, say).
+    pub mail_reply: Option<String>,
+    /// Recipients starting with "once" that have had their one `450` already.
+    pub deferred_once: HashSet<String>,
     /// Extra flows (authorization code, device code, ...) register here.
     pub extra: HashMap<String, String>,
 }
@@ -238,6 +245,9 @@ impl FakeProvider {
             pipelined: 0,
             seven_bit: false,
             after_data_reply: None,
+            down: false,
+            mail_reply: None,
+            deferred_once: HashSet::new(),
             changed: Arc::new(tokio::sync::Notify::new()),
             auth_reply: None,
             token_outage: false,
@@ -570,6 +580,9 @@ async fn smtp_session(
     acceptor: tokio_rustls::TlsAcceptor,
     mut tls: bool,
 ) -> Option<()> {
+    if state.lock().unwrap().down {
+        return None;
+    }
     c.send("220 fake.provider ESMTP ready").await?;
     let mut authed = false;
     let mut _authed_guard: Option<Authed> = None;
@@ -668,6 +681,11 @@ async fn smtp_session(
                 c.send("530 5.7.0 Authentication Required").await?;
                 continue;
             }
+            let fixed = state.lock().unwrap().mail_reply.clone();
+            if let Some(reply) = fixed {
+                c.send(&reply).await?;
+                continue;
+            }
             msg = Some(Message {
                 mail_from: line[10..].to_string(),
                 ..Default::default()
@@ -684,6 +702,10 @@ async fn smtp_session(
                     "550 5.1.1 The email account that you tried to reach does not exist: {addr}"
                 ))
                 .await?;
+            } else if addr.starts_with("once")
+                && state.lock().unwrap().deferred_once.insert(addr.clone())
+            {
+                c.send("450 4.2.1 Mailbox busy, try again later").await?;
             } else if addr.starts_with("later") {
                 c.send(
                     "450 4.2.1 The user you are trying to contact is receiving mail too quickly",
@@ -992,6 +1014,11 @@ impl Client {
             Conn::Implicit => relay.implicit,
             Conn::Plain => relay.plain,
         };
+        Client::connect_addr(addr, mode, pki).await
+    }
+
+    /// Like `connect`, to a relay at `addr` (one running as another process, say).
+    pub async fn connect_addr(addr: SocketAddr, mode: Conn, pki: &Pki) -> Client {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let io: BoxIo = if mode == Conn::Implicit {
             Box::new(tls_connect(tcp, pki).await)
@@ -1098,6 +1125,41 @@ impl Client {
             replies.push(self.reply().await);
         }
         replies
+    }
+
+    /// Like `send_mail`, but `None` once the connection is gone (the relay was killed, say).
+    pub async fn try_send_mail(
+        &mut self,
+        from: &str,
+        rcpts: &[&str],
+        body: &[u8],
+    ) -> Option<Vec<String>> {
+        let mut lines = vec![format!("MAIL FROM:<{from}>")];
+        lines.extend(rcpts.iter().map(|r| format!("RCPT TO:<{r}>")));
+        lines.push("DATA".into());
+        let mut replies = Vec::new();
+        for line in lines {
+            self.lines
+                .io
+                .write_all(format!("{line}\r\n").as_bytes())
+                .await
+                .ok()?;
+            let reply = self.reply().await;
+            if reply.is_empty() {
+                return None;
+            }
+            replies.push(reply);
+        }
+        if !replies.last()?.starts_with("354") {
+            return Some(replies);
+        }
+        self.lines.io.write_all(&stuff(body)).await.ok()?;
+        let reply = self.reply().await;
+        if reply.is_empty() {
+            return None;
+        }
+        replies.push(reply);
+        Some(replies)
     }
 
     pub async fn send_mail(&mut self, from: &str, rcpts: &[&str], body: &[u8]) -> Vec<String> {

@@ -1,0 +1,134 @@
+//! `queue`: what is waiting, for whom, and why; `queue show`, `retry` and `delete`.
+
+use super::{span_text, AdminContext};
+use crate::delivery::queue::{MessageView, Target};
+
+/// The table, or with `json` one JSON array with an object per message.
+pub(super) fn list(
+    ctx: &AdminContext,
+    account: Option<&str>,
+    json: bool,
+) -> Result<String, String> {
+    if let Some(a) = account {
+        super::account(ctx, a)?;
+    }
+    let messages = ctx.upstream.queue.list(account);
+    if json {
+        return serde_json::to_string_pretty(&messages)
+            .map(|mut s| {
+                s.push('\n');
+                s
+            })
+            .map_err(|e| e.to_string());
+    }
+    if messages.is_empty() {
+        return Ok("queue is empty\n".into());
+    }
+    let mut rows = vec![[
+        "ID",
+        "ACCOUNT",
+        "SENDER",
+        "PENDING/DELIVERED/BOUNCED",
+        "SIZE",
+        "AGE",
+        "ATTEMPTS",
+        "NEXT",
+        "LAST REPLY",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for m in &messages {
+        let count = |state: &str| m.recipients.iter().filter(|r| r.state == state).count();
+        rows.push(vec![
+            m.id.clone(),
+            m.account.clone(),
+            sender(m),
+            format!(
+                "{}/{}/{}",
+                count("pending"),
+                count("delivered"),
+                count("bounced")
+            ),
+            m.size.to_string(),
+            span_text(m.age_secs),
+            m.attempts.to_string(),
+            if m.next_attempt_secs == 0 {
+                "now".into()
+            } else {
+                format!("in {}", span_text(m.next_attempt_secs))
+            },
+            m.last_reply.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    let mut out = super::columns(rows);
+    out.push_str(&format!("{} message(s)\n", messages.len()));
+    Ok(out)
+}
+
+fn sender(m: &MessageView) -> String {
+    if m.sender.is_empty() {
+        "<>".into()
+    } else {
+        m.sender.clone()
+    }
+}
+
+/// Envelope, each recipient's state and last reply, and the headers (never the body).
+pub(super) async fn show(ctx: &AdminContext, id: &str) -> Result<String, String> {
+    let Some((m, headers)) = ctx.upstream.queue.show(id).await else {
+        return Err(format!(
+            "no queued message {id}; `xoauth-relay queue` lists them"
+        ));
+    };
+    let mut out = format!(
+        "id: {}\naccount: {}\nsender: {}\nsize: {}\nage: {}\nattempts: {}\nnext attempt: in {}\nlast reply: {}\nrecipients:\n",
+        m.id,
+        m.account,
+        sender(&m),
+        m.size,
+        span_text(m.age_secs),
+        m.attempts,
+        span_text(m.next_attempt_secs),
+        m.last_reply.as_deref().unwrap_or("-"),
+    );
+    for r in &m.recipients {
+        out.push_str(&format!(
+            "  {} {} {}\n",
+            r.address,
+            r.state,
+            r.last_reply.as_deref().unwrap_or("")
+        ));
+    }
+    out.push_str("headers:\n");
+    for line in headers.lines() {
+        out.push_str("  ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+pub(super) fn retry(ctx: &AdminContext, target: Target) -> Result<String, String> {
+    if let Target::Account(a) = &target {
+        super::account(ctx, a)?;
+    }
+    let n = ctx.upstream.queue.retry(&target);
+    match target {
+        Target::Id(id) if n == 0 => Err(format!(
+            "no queued message {id}; `xoauth-relay queue` lists them"
+        )),
+        _ => Ok(format!(
+            "{n} message(s) scheduled for delivery now (pacing still applies)\n"
+        )),
+    }
+}
+
+pub(super) async fn delete(ctx: &AdminContext, id: &str) -> Result<String, String> {
+    if ctx.upstream.queue.delete(id).await? {
+        Ok(format!("message {id} deleted (no bounce sent)\n"))
+    } else {
+        Err(format!(
+            "no queued message {id}; `xoauth-relay queue` lists them"
+        ))
+    }
+}

@@ -1,0 +1,354 @@
+//! How fast one account may send: what the provider accepts per mailbox.
+//!
+//! Microsoft 365 takes 30 messages a minute and 10,000 recipients a day from a mailbox, Gmail 2,000
+//! messages a day; going faster earns throttling replies and, repeated, a blocked mailbox. Each
+//! account has one [`Pacer`], asked before every upstream transaction in both delivery modes:
+//! - messages per minute: a token bucket whose burst is a twentieth of the limit (at least 1), so
+//!   a backlog drains evenly instead of in bursts the provider reads as abuse;
+//! - messages and recipients per day: rolling 24-hour windows (what providers count), kept in
+//!   one-minute buckets and persisted across restarts ([`Pacers::snapshot`]).
+//!
+//! An upstream transaction counts as one message; each recipient in it counts once.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Account, Pacing};
+use crate::util::clock::SharedClock;
+
+const DAY_SECS: u64 = 86_400;
+/// Daily windows are kept in buckets this wide: a day of traffic is at most 1,440 entries.
+const BUCKET_SECS: u64 = 60;
+
+/// Why a transaction must wait, and for how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wait {
+    pub after: Duration,
+    /// The config key of the limit that was reached.
+    pub limit: &'static str,
+    pub value: u32,
+}
+
+impl Wait {
+    /// For the mailer and the log: "account `news`: max_messages_per_minute (30) reached; next in 2s".
+    pub fn describe(&self, account: &str) -> String {
+        format!(
+            "account `{account}`: {} ({}) reached; resets in {}s",
+            self.limit,
+            self.value,
+            self.after.as_secs().max(1)
+        )
+    }
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Day {
+    /// (unix minute start, messages, recipients), oldest first.
+    buckets: VecDeque<(u64, u32, u32)>,
+}
+
+impl Day {
+    fn expire(&mut self, now: u64) {
+        while self
+            .buckets
+            .front()
+            .is_some_and(|(t, _, _)| t + DAY_SECS <= now)
+        {
+            self.buckets.pop_front();
+        }
+    }
+
+    fn totals(&self) -> (u64, u64) {
+        self.buckets.iter().fold((0, 0), |(m, r), (_, bm, br)| {
+            (m + u64::from(*bm), r + u64::from(*br))
+        })
+    }
+
+    /// When enough of the window will have rolled off for `need` more to fit under `limit`.
+    fn frees_after(
+        &self,
+        now: u64,
+        limit: u64,
+        need: u64,
+        pick: impl Fn(&(u64, u32, u32)) -> u64,
+    ) -> Duration {
+        let mut total: u64 = self.buckets.iter().map(&pick).sum();
+        for b in &self.buckets {
+            if total + need <= limit {
+                break;
+            }
+            total -= pick(b);
+            if total + need <= limit {
+                return Duration::from_secs((b.0 + DAY_SECS).saturating_sub(now).max(1));
+            }
+        }
+        Duration::from_secs(1)
+    }
+
+    fn add(&mut self, now: u64, messages: u32, recipients: u32) {
+        let minute = now - now % BUCKET_SECS;
+        match self.buckets.back_mut() {
+            Some(b) if b.0 == minute => {
+                b.1 += messages;
+                b.2 += recipients;
+            }
+            _ => self.buckets.push_back((minute, messages, recipients)),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    /// Messages the per-minute bucket holds now (fractional: it refills continuously).
+    tokens: f64,
+    /// Unix time in milliseconds of the last refill.
+    refilled_ms: u64,
+    day: Day,
+}
+
+/// One account's limits and what it has used of them.
+#[derive(Debug)]
+pub struct Pacer {
+    pub limits: Pacing,
+    state: Mutex<State>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Pacer {
+    pub fn new(limits: Pacing) -> Pacer {
+        Pacer {
+            limits,
+            state: Mutex::new(State {
+                tokens: f64::from(Self::burst_of(limits)),
+                refilled_ms: 0,
+                day: Day::default(),
+            }),
+        }
+    }
+
+    fn burst_of(limits: Pacing) -> u32 {
+        (limits.max_messages_per_minute / 20).max(1)
+    }
+
+    /// Recipients one upstream transaction may carry (0: no limit).
+    pub fn recipients_per_message(&self) -> usize {
+        self.limits.max_recipients_per_message as usize
+    }
+
+    /// Takes one message with `recipients` recipients at `now_ms` (unix milliseconds), or says how
+    /// long until it would fit. Nothing is taken when it does not fit.
+    pub fn take(&self, recipients: u32, now_ms: u64) -> Result<(), Wait> {
+        self.check(recipients, now_ms, true)
+    }
+
+    /// Whether `take` would succeed, without taking.
+    pub fn check(&self, recipients: u32, now_ms: u64, take: bool) -> Result<(), Wait> {
+        let l = self.limits;
+        let now = now_ms / 1000;
+        let mut s = lock(&self.state);
+        let per_minute = l.max_messages_per_minute;
+        if per_minute > 0 {
+            let burst = f64::from(Self::burst_of(l));
+            let rate = f64::from(per_minute) / 60_000.0;
+            let elapsed = now_ms.saturating_sub(s.refilled_ms) as f64;
+            s.tokens = (s.tokens + elapsed * rate).min(burst);
+            s.refilled_ms = now_ms;
+            if s.tokens < 1.0 {
+                let ms = ((1.0 - s.tokens) / rate).ceil() as u64;
+                return Err(Wait {
+                    after: Duration::from_millis(ms.max(1)),
+                    limit: "max_messages_per_minute",
+                    value: per_minute,
+                });
+            }
+        }
+        s.day.expire(now);
+        let (messages, rcpts) = s.day.totals();
+        if l.max_messages_per_day > 0 && messages + 1 > u64::from(l.max_messages_per_day) {
+            return Err(Wait {
+                after: s
+                    .day
+                    .frees_after(now, l.max_messages_per_day.into(), 1, |b| b.1.into()),
+                limit: "max_messages_per_day",
+                value: l.max_messages_per_day,
+            });
+        }
+        let limit = u64::from(l.max_recipients_per_day);
+        if limit > 0 && rcpts + u64::from(recipients) > limit {
+            return Err(Wait {
+                after: s
+                    .day
+                    .frees_after(now, limit, recipients.into(), |b| b.2.into()),
+                limit: "max_recipients_per_day",
+                value: l.max_recipients_per_day,
+            });
+        }
+        if take {
+            if per_minute > 0 {
+                s.tokens -= 1.0;
+            }
+            s.day.add(now, 1, recipients);
+        }
+        Ok(())
+    }
+
+    /// Counts recipients added to a transaction already counted as a message (direct mode, where
+    /// RCPTs arrive one by one); `Err` when the daily recipient limit is reached.
+    pub fn take_recipient(&self, now_ms: u64) -> Result<(), Wait> {
+        let limit = self.limits.max_recipients_per_day;
+        let now = now_ms / 1000;
+        let mut s = lock(&self.state);
+        s.day.expire(now);
+        if limit > 0 && s.day.totals().1 + 1 > u64::from(limit) {
+            return Err(Wait {
+                after: s.day.frees_after(now, limit.into(), 1, |b| b.2.into()),
+                limit: "max_recipients_per_day",
+                value: limit,
+            });
+        }
+        s.day.add(now, 0, 1);
+        Ok(())
+    }
+
+    /// Messages and recipients of the last 24 hours.
+    pub fn used_today(&self, now_ms: u64) -> (u64, u64) {
+        let mut s = lock(&self.state);
+        s.day.expire(now_ms / 1000);
+        s.day.totals()
+    }
+}
+
+/// Every account's pacer, and the daily windows as they are persisted.
+pub struct Pacers {
+    accounts: HashMap<String, Arc<Pacer>>,
+    clock: SharedClock,
+    /// The monotonic clock at start and the wall clock then: pacing follows the monotonic clock
+    /// (which tests can pause), in wall-clock milliseconds (which can be persisted).
+    origin: (tokio::time::Instant, u64),
+}
+
+impl Pacers {
+    pub fn new(accounts: &[Arc<Account>], clock: SharedClock) -> Pacers {
+        let origin = (clock.now(), clock.unix() * 1000);
+        Pacers {
+            accounts: accounts
+                .iter()
+                .map(|a| (a.name.clone(), Arc::new(Pacer::new(a.pacing))))
+                .collect(),
+            clock,
+            origin,
+        }
+    }
+
+    /// Unix milliseconds as pacing counts them.
+    pub fn now_ms(&self) -> u64 {
+        let since = self.clock.now().saturating_duration_since(self.origin.0);
+        self.origin.1 + since.as_millis() as u64
+    }
+
+    pub fn get(&self, account: &str) -> Option<&Arc<Pacer>> {
+        self.accounts.get(account)
+    }
+
+    /// The daily windows, for the file they are kept in between runs.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let days: HashMap<&str, Day> = self
+            .accounts
+            .iter()
+            .map(|(name, p)| (name.as_str(), lock(&p.state).day.clone()))
+            .collect();
+        serde_json::to_vec(&days).unwrap_or_default()
+    }
+
+    /// Restores what [`Pacers::snapshot`] wrote; unknown accounts and a damaged file are ignored
+    /// (a lost window errs towards the provider's throttling, never towards losing mail).
+    pub fn restore(&self, bytes: &[u8]) {
+        let Ok(days) = serde_json::from_slice::<HashMap<String, Day>>(bytes) else {
+            return;
+        };
+        for (name, day) in days {
+            if let Some(p) = self.accounts.get(&name) {
+                lock(&p.state).day = day;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pacer(per_minute: u32, per_day: u32, rcpts_per_day: u32) -> Pacer {
+        Pacer::new(Pacing {
+            max_messages_per_minute: per_minute,
+            max_recipients_per_message: 0,
+            max_messages_per_day: per_day,
+            max_recipients_per_day: rcpts_per_day,
+        })
+    }
+
+    #[test]
+    fn the_minute_bucket_allows_a_twentieth_as_burst_then_paces_evenly() {
+        let p = pacer(600, 0, 0);
+        let t0 = 1_000_000_000;
+        // Burst of 30 at once, then one per 100 ms.
+        for _ in 0..30 {
+            p.take(1, t0).unwrap();
+        }
+        let wait = p.take(1, t0).unwrap_err();
+        assert_eq!(wait.limit, "max_messages_per_minute");
+        assert_eq!(wait.after, Duration::from_millis(100));
+        p.take(1, t0 + 100).unwrap();
+        // Over a minute: the burst plus 600.
+        let mut sent = 31;
+        for ms in (200..=60_000).step_by(100) {
+            if p.take(1, t0 + ms).is_ok() {
+                sent += 1;
+            }
+        }
+        assert_eq!(sent, 30 + 600);
+    }
+
+    #[test]
+    fn a_small_limit_still_has_a_burst_of_one() {
+        let p = pacer(10, 0, 0);
+        p.take(1, 0).unwrap();
+        assert_eq!(p.take(1, 0).unwrap_err().after, Duration::from_secs(6));
+    }
+
+    #[test]
+    fn daily_windows_roll_and_survive_a_restart() {
+        let pacers = Pacers {
+            accounts: [("news".to_string(), Arc::new(pacer(0, 2, 5)))].into(),
+            clock: crate::util::clock::system(),
+            origin: (tokio::time::Instant::now(), 0),
+        };
+        let p = pacers.get("news").unwrap();
+        let t0 = 10 * DAY_SECS * 1000;
+        p.take(3, t0).unwrap();
+        let wait = p.take(3, t0 + 60_000).unwrap_err();
+        assert_eq!(wait.limit, "max_recipients_per_day");
+        p.take(2, t0 + 60_000).unwrap();
+        let wait = p.take(1, t0 + 120_000).unwrap_err();
+        assert_eq!(wait.limit, "max_messages_per_day");
+        // The first message rolls off a day after it was sent.
+        assert_eq!(wait.after, Duration::from_secs(DAY_SECS - 120));
+
+        let restarted = Pacers {
+            accounts: [("news".to_string(), Arc::new(pacer(0, 2, 5)))].into(),
+            clock: crate::util::clock::system(),
+            origin: (tokio::time::Instant::now(), 0),
+        };
+        restarted.restore(&pacers.snapshot());
+        let p = restarted.get("news").unwrap();
+        assert_eq!(p.used_today(t0 + 120_000), (2, 5));
+        assert!(p.take(1, t0 + 120_000).is_err());
+        p.take(1, t0 + DAY_SECS * 1000 + 1000).unwrap();
+    }
+}

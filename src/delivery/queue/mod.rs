@@ -1,0 +1,752 @@
+//! Queue mode: a `250` means the message is on disk and will be delivered or returned to its
+//! sender, whatever the provider is doing at that moment (Postfix's promise).
+//!
+//! - [`spool`]: the files, and the group commit that makes them durable.
+//! - [`transfer`]: one upstream transaction of a queued message, one reply per recipient.
+//! - [`retry`]: backoff, and which replies are throttling rather than failure.
+//! - [`dsn`]: the bounce (RFC 3464) for recipients that failed for good.
+//!
+//! Each account has workers, as many as its `max_upstream_connections`, that take due messages
+//! oldest first, ask the account's [`Pacer`] before each transaction, and send through the shared
+//! pool. A recipient's fate is decided from its reply: `2xx` delivered (never sent again), `5xx`
+//! bounced, `4xx` retried with backoff. Throttling pauses the account without counting against
+//! the message; connection and token trouble holds the account's messages on the same backoff
+//! schedule. A message still pending at `max_queue_age_secs` is bounced.
+
+pub mod dsn;
+pub mod retry;
+pub mod spool;
+pub mod transfer;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use self::retry::{backoff, pause_for, throttle};
+use self::spool::{Envelope, Progress, RcptStatus, Spool, SpoolWriter};
+use self::transfer::Stopped;
+use super::pacing::{Pacer, Pacers};
+use super::pool::Pool;
+use crate::config::{Account, DeliveryConfig};
+use crate::smtp::{Reply, Severity};
+use crate::util::clock::SharedClock;
+
+/// Where the daily pacing windows are kept between runs (in the spool directory).
+const PACING_FILE: &str = "pacing.json";
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Entry {
+    env: Arc<Envelope>,
+    progress: Progress,
+    due: Instant,
+    expires: Instant,
+    /// A worker has it.
+    busy: bool,
+    /// Recipients tried in the current round (a round ends when every pending one has been tried).
+    tried: Vec<bool>,
+}
+
+impl Entry {
+    fn pending(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.env.recipients.len())
+            .filter(|i| self.progress.recipients[*i].status == RcptStatus::Pending)
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    messages: BTreeMap<String, Entry>,
+    /// The account waits until then, and why.
+    paused: Option<(Instant, String)>,
+    /// Consecutive attempts that failed for the account (connection, token): the hold's backoff.
+    trouble: u32,
+}
+
+struct AccountQueue {
+    account: Arc<Account>,
+    inner: Mutex<Inner>,
+    /// A message arrived, a pause was lifted, a retry was asked for.
+    wake: Notify,
+}
+
+/// One queued message as `queue` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageView {
+    pub id: String,
+    pub account: String,
+    pub sender: String,
+    pub size: u64,
+    pub age_secs: u64,
+    pub attempts: u32,
+    pub next_attempt_secs: u64,
+    pub last_reply: Option<String>,
+    pub recipients: Vec<RecipientView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RecipientView {
+    pub address: String,
+    pub state: &'static str,
+    pub last_reply: Option<String>,
+}
+
+/// An account's queue at a glance, for `accounts`.
+pub struct AccountView {
+    pub queued: usize,
+    pub paused: Option<String>,
+    pub oldest_secs: Option<u64>,
+}
+
+/// What `queue retry` applies to.
+pub enum Target {
+    Id(String),
+    Account(String),
+    All,
+}
+
+pub struct Queue {
+    spool: Spool,
+    accounts: HashMap<String, Arc<AccountQueue>>,
+    config: DeliveryConfig,
+    clock: SharedClock,
+    /// Our name, for bounces (Reporting-MTA).
+    hostname: String,
+}
+
+/// One transaction's worth of work for a worker.
+struct Job {
+    env: Arc<Envelope>,
+    /// Indexes into the envelope's recipients.
+    rcpts: Vec<usize>,
+}
+
+impl Queue {
+    /// Opens the spool and indexes what it holds; blocking (start-up or a one-shot command).
+    pub fn open(
+        data_dir: &std::path::Path,
+        config: DeliveryConfig,
+        accounts: &[Arc<Account>],
+        clock: SharedClock,
+        hostname: &str,
+    ) -> std::io::Result<Queue> {
+        let (spool, stored) = Spool::open(data_dir)?;
+        let accounts: HashMap<String, Arc<AccountQueue>> = accounts
+            .iter()
+            .map(|a| {
+                let q = AccountQueue {
+                    account: a.clone(),
+                    inner: Mutex::new(Inner::default()),
+                    wake: Notify::new(),
+                };
+                (a.name.clone(), Arc::new(q))
+            })
+            .collect();
+        let queue = Queue {
+            spool,
+            accounts,
+            config,
+            clock,
+            hostname: hostname.to_string(),
+        };
+        for s in stored {
+            let Some(aq) = queue.accounts.get(&s.envelope.account) else {
+                tracing::warn!(id = %s.envelope.id, account = %s.envelope.account, "queued message for an account that is no longer configured; left in the spool");
+                continue;
+            };
+            let progress = s
+                .progress
+                .unwrap_or_else(|| Progress::fresh(s.envelope.recipients.len()));
+            let entry = queue.entry(Arc::new(s.envelope), progress);
+            lock(&aq.inner).messages.insert(entry.env.id.clone(), entry);
+        }
+        Ok(queue)
+    }
+
+    /// An index entry, its times moved from the wall clock to the monotonic one.
+    fn entry(&self, env: Arc<Envelope>, progress: Progress) -> Entry {
+        let now = self.clock.now();
+        let unix = self.clock.unix();
+        let due = now + Duration::from_secs(progress.next_attempt.saturating_sub(unix));
+        let expires_unix = env.received + self.config.max_queue_age_secs;
+        let expires = now + Duration::from_secs(expires_unix.saturating_sub(unix));
+        Entry {
+            tried: vec![false; env.recipients.len()],
+            env,
+            progress,
+            due,
+            expires,
+            busy: false,
+        }
+    }
+
+    /// A new message id: time-ordered (so the queue is FIFO by id) and unique.
+    pub fn new_id(&self) -> String {
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        format!("{micros:014X}{:04X}", rand::thread_rng().gen::<u16>())
+    }
+
+    pub fn writer(&self, id: &str) -> SpoolWriter {
+        self.spool.writer(id)
+    }
+
+    /// Makes a received message durable and schedules it; the id is the mailer's receipt.
+    pub async fn accept(&self, writer: SpoolWriter, mut env: Envelope) -> std::io::Result<String> {
+        let Some(aq) = self.accounts.get(&env.account) else {
+            return Err(std::io::Error::other(format!(
+                "account `{}` is not configured",
+                env.account
+            )));
+        };
+        env.size = writer.size();
+        env.received = self.clock.unix();
+        self.spool.commit(writer, &env).await?;
+        tracing::info!(id = %env.id, account = %env.account, size = env.size, recipients = env.recipients.len(), bounce = env.bounce, "message queued");
+        let progress = Progress::fresh(env.recipients.len());
+        let id = env.id.clone();
+        let entry = self.entry(Arc::new(env), progress);
+        lock(&aq.inner).messages.insert(id.clone(), entry);
+        aq.wake.notify_one();
+        Ok(id)
+    }
+
+    /// Starts each account's workers; they stop between transactions once `stop` is cancelled.
+    pub fn start(
+        self: &Arc<Self>,
+        pool: Arc<Pool>,
+        pacers: Arc<Pacers>,
+        stop: CancellationToken,
+        tasks: &TaskTracker,
+    ) {
+        for aq in self.accounts.values() {
+            let Some(pacer) = pacers.get(&aq.account.name).cloned() else {
+                continue;
+            };
+            for _ in 0..aq.account.max_upstream_connections.max(1) {
+                let worker = Worker {
+                    queue: self.clone(),
+                    aq: aq.clone(),
+                    pool: pool.clone(),
+                    pacer: pacer.clone(),
+                    pacers: pacers.clone(),
+                };
+                tasks.spawn(worker.run(stop.clone()));
+            }
+        }
+    }
+
+    /// Writes the daily pacing windows where the next run finds them.
+    pub async fn save_pacing(&self, pacers: &Pacers) {
+        if let Err(e) = self.spool.write_file(PACING_FILE, pacers.snapshot()).await {
+            tracing::warn!(error = %e, "cannot save the pacing windows");
+        }
+    }
+
+    /// Reads what [`Queue::save_pacing`] wrote (blocking; at start-up).
+    pub fn load_pacing(&self, pacers: &Pacers) {
+        if let Ok(bytes) = std::fs::read(self.spool.root().join(PACING_FILE)) {
+            pacers.restore(&bytes);
+        }
+    }
+
+    fn view(&self, e: &Entry, now: Instant) -> MessageView {
+        let env = &e.env;
+        MessageView {
+            id: env.id.clone(),
+            account: env.account.clone(),
+            sender: env.sender.clone(),
+            size: env.size,
+            age_secs: self.clock.unix().saturating_sub(env.received),
+            attempts: e.progress.attempts,
+            next_attempt_secs: e.due.saturating_duration_since(now).as_secs(),
+            last_reply: e.progress.last_reply.clone(),
+            recipients: env
+                .recipients
+                .iter()
+                .zip(&e.progress.recipients)
+                .map(|(address, r)| RecipientView {
+                    address: address.clone(),
+                    state: r.status.as_str(),
+                    last_reply: r.last_reply.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Queued messages, oldest first.
+    pub fn list(&self, account: Option<&str>) -> Vec<MessageView> {
+        let now = self.clock.now();
+        let mut out: Vec<MessageView> = self
+            .accounts
+            .values()
+            .filter(|aq| account.is_none_or(|a| a == aq.account.name))
+            .flat_map(|aq| {
+                let inner = lock(&aq.inner);
+                inner
+                    .messages
+                    .values()
+                    .map(|e| self.view(e, now))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// One message and its headers (never the body).
+    pub async fn show(&self, id: &str) -> Option<(MessageView, String)> {
+        let view = self.list(None).into_iter().find(|m| m.id == id)?;
+        let headers = self.headers(id).await;
+        Some((view, String::from_utf8_lossy(&headers).into_owned()))
+    }
+
+    async fn headers(&self, id: &str) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let Ok(file) = tokio::fs::File::open(self.spool.body_path(id)).await else {
+            return Vec::new();
+        };
+        let mut start = Vec::new();
+        let _ = file.take(64 * 1024).read_to_end(&mut start).await;
+        dsn::header_block(&start).to_vec()
+    }
+
+    pub fn account_view(&self, account: &str) -> AccountView {
+        let Some(aq) = self.accounts.get(account) else {
+            return AccountView {
+                queued: 0,
+                paused: None,
+                oldest_secs: None,
+            };
+        };
+        let now = self.clock.now();
+        let unix = self.clock.unix();
+        let inner = lock(&aq.inner);
+        AccountView {
+            queued: inner.messages.len(),
+            paused: inner
+                .paused
+                .as_ref()
+                .filter(|(until, _)| *until > now)
+                .map(|(until, why)| {
+                    format!(
+                        "{why} (until {}s from now)",
+                        until.saturating_duration_since(now).as_secs()
+                    )
+                }),
+            oldest_secs: inner
+                .messages
+                .values()
+                .map(|e| unix.saturating_sub(e.env.received))
+                .max(),
+        }
+    }
+
+    /// Attempt now: lifts the pause and the backoff (pacing still applies). Returns how many
+    /// messages it applies to.
+    pub fn retry(&self, target: &Target) -> usize {
+        let now = self.clock.now();
+        let mut count = 0;
+        for aq in self.accounts.values() {
+            let mut inner = lock(&aq.inner);
+            let mut touched = false;
+            for e in inner.messages.values_mut() {
+                let hit = match target {
+                    Target::All => true,
+                    Target::Account(a) => *a == aq.account.name,
+                    Target::Id(id) => *id == e.env.id,
+                };
+                if hit {
+                    e.due = now;
+                    count += 1;
+                    touched = true;
+                }
+            }
+            if touched || matches!(target, Target::Account(a) if *a == aq.account.name) {
+                inner.paused = None;
+                inner.trouble = 0;
+                drop(inner);
+                aq.wake.notify_waiters();
+            }
+        }
+        count
+    }
+
+    /// The account's grant changed: whatever was held for token trouble may go now.
+    pub fn grant_changed(&self, account: &str) {
+        if let Some(aq) = self.accounts.get(account) {
+            {
+                let mut inner = lock(&aq.inner);
+                inner.paused = None;
+                inner.trouble = 0;
+            }
+            aq.wake.notify_waiters();
+        }
+    }
+
+    /// Deletes a message without a bounce. `false` when there is no such message (or a worker is
+    /// sending it right now).
+    pub async fn delete(&self, id: &str) -> Result<bool, String> {
+        for aq in self.accounts.values() {
+            let removed = {
+                let mut inner = lock(&aq.inner);
+                match inner.messages.get(id) {
+                    Some(e) if e.busy => {
+                        return Err(format!(
+                            "message {id} is being delivered right now; try again in a moment"
+                        ))
+                    }
+                    Some(_) => inner.messages.remove(id),
+                    None => None,
+                }
+            };
+            if let Some(e) = removed {
+                self.spool
+                    .remove(id)
+                    .await
+                    .map_err(|e| format!("message {id}: cannot remove it from the spool: {e}"))?;
+                tracing::info!(id, account = %e.env.account, sender = %e.env.sender, "message deleted from the queue by the operator");
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Queues a bounce for `failed` recipients of `env` to its sender, unless the sender is null
+    /// or the message is itself automatic.
+    async fn bounce(&self, account: &Account, env: &Envelope, failed: Vec<dsn::Failed>) {
+        if failed.is_empty() {
+            return;
+        }
+        let headers = self.headers(&env.id).await;
+        if env.bounce || env.sender.is_empty() || dsn::is_automatic(&headers) {
+            tracing::info!(id = %env.id, "no bounce sent (null sender or an automatic message)");
+            return;
+        }
+        let report = dsn::build(&dsn::Bounce {
+            reporting_mta: &self.hostname,
+            from: &account.mailbox,
+            to: &env.sender,
+            queue_id: &env.id,
+            arrival_unix: env.received,
+            now_unix: self.clock.unix(),
+            headers: &headers,
+            failed: &failed,
+        });
+        let id = self.new_id();
+        let mut writer = self.spool.writer(&id);
+        writer.push(&report).await;
+        let bounce = Envelope {
+            id,
+            account: account.name.clone(),
+            sender: account.mailbox.clone(),
+            recipients: vec![env.sender.clone()],
+            received: 0,
+            size: 0,
+            eight_bit: false,
+            smtputf8: false,
+            bounce: true,
+        };
+        match self.accept(writer, bounce).await {
+            Ok(bid) => {
+                tracing::info!(id = %env.id, bounce = %bid, to = %env.sender, "bounce queued")
+            }
+            Err(e) => {
+                tracing::warn!(id = %env.id, error = %e, "cannot queue the bounce; it is dropped")
+            }
+        }
+    }
+}
+
+struct Worker {
+    queue: Arc<Queue>,
+    aq: Arc<AccountQueue>,
+    pool: Arc<Pool>,
+    pacer: Arc<Pacer>,
+    pacers: Arc<Pacers>,
+}
+
+/// What a worker waits for next.
+enum Next {
+    Job(Job),
+    Expired(Vec<Entry>),
+    Sleep(Option<Instant>),
+}
+
+impl Worker {
+    async fn run(self, stop: CancellationToken) {
+        loop {
+            let job = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                job = self.next_job() => job,
+            };
+            // A transaction in flight finishes, shutdown or not.
+            self.deliver(job).await;
+        }
+    }
+
+    async fn next_job(&self) -> Job {
+        loop {
+            let wake = self.aq.wake.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            match self.pick() {
+                Next::Job(job) => return job,
+                Next::Expired(entries) => {
+                    for e in entries {
+                        self.expire(e).await;
+                    }
+                }
+                Next::Sleep(until) => {
+                    let sleep = async {
+                        match until {
+                            Some(t) => tokio::time::sleep_until(t).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        _ = wake => {}
+                        _ = sleep => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Under the lock: expired messages out, else the oldest due message that pacing allows.
+    fn pick(&self) -> Next {
+        let queue = &self.queue;
+        let now = queue.clock.now();
+        let mut inner = lock(&self.aq.inner);
+        let expired: Vec<String> = inner
+            .messages
+            .values()
+            .filter(|e| !e.busy && e.expires <= now)
+            .map(|e| e.env.id.clone())
+            .collect();
+        if !expired.is_empty() {
+            let entries = expired
+                .iter()
+                .filter_map(|id| inner.messages.remove(id))
+                .collect();
+            return Next::Expired(entries);
+        }
+        let soonest_expiry = inner
+            .messages
+            .values()
+            .filter(|e| !e.busy)
+            .map(|e| e.expires)
+            .min();
+        let wake_by = |t: Option<Instant>| match (t, soonest_expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some((until, _)) = &inner.paused {
+            if *until > now {
+                return Next::Sleep(wake_by(Some(*until)));
+            }
+            inner.paused = None;
+        }
+        let cap = self.pacer.recipients_per_message();
+        let found = inner
+            .messages
+            .values()
+            .find(|e| !e.busy && e.due <= now && e.pending().any(|i| !e.tried[i]))
+            .map(|e| {
+                let untried: Vec<usize> = e.pending().filter(|i| !e.tried[*i]).collect();
+                let take = if cap == 0 { untried.len() } else { cap };
+                (
+                    e.env.id.clone(),
+                    untried.into_iter().take(take).collect::<Vec<_>>(),
+                )
+            });
+        let Some((id, rcpts)) = found else {
+            let next = inner
+                .messages
+                .values()
+                .filter(|e| !e.busy)
+                .map(|e| e.due)
+                .min();
+            return Next::Sleep(wake_by(next));
+        };
+        if let Err(wait) = self.pacer.take(rcpts.len() as u32, self.pacers.now_ms()) {
+            tracing::debug!(account = %self.aq.account.name, "{}", wait.describe(&self.aq.account.name));
+            return Next::Sleep(wake_by(Some(now + wait.after)));
+        }
+        let entry = inner.messages.get_mut(&id).expect("found above");
+        entry.busy = true;
+        Next::Job(Job {
+            env: entry.env.clone(),
+            rcpts,
+        })
+    }
+
+    async fn deliver(&self, job: Job) {
+        let queue = &self.queue;
+        let account = &self.aq.account;
+        let env = &job.env;
+        let addresses: Vec<String> = job
+            .rcpts
+            .iter()
+            .map(|i| env.recipients[*i].clone())
+            .collect();
+        let body = queue.spool.body_path(&env.id);
+        let result = transfer::transfer(&self.pool, account, env, &addresses, &body).await;
+        let now = queue.clock.now();
+        let replies = match result {
+            Ok(replies) => replies,
+            Err(stopped) => {
+                let (pause, why) = match stopped {
+                    Stopped::Busy => (
+                        Duration::from_secs(1),
+                        "all upstream connections busy".to_string(),
+                    ),
+                    Stopped::Throttled(reply) => {
+                        let kind = throttle(&reply).expect("a throttling reply");
+                        let pause = pause_for(&reply, kind, &queue.config);
+                        tracing::warn!(account = %account.name, reply = %reply.summary(), pause_secs = pause.as_secs(), "provider is throttling the account; pausing its queue");
+                        (pause, format!("throttled: {}", reply.summary()))
+                    }
+                    Stopped::Trouble(why) => {
+                        let n = {
+                            let mut inner = lock(&self.aq.inner);
+                            inner.trouble += 1;
+                            inner.trouble
+                        };
+                        let pause = backoff(n, &queue.config);
+                        tracing::warn!(account = %account.name, error = %why, next_attempt_secs = pause.as_secs(), "queued mail held");
+                        (pause, why)
+                    }
+                };
+                let mut inner = lock(&self.aq.inner);
+                inner.paused = Some((now + pause, why));
+                if let Some(e) = inner.messages.get_mut(&env.id) {
+                    e.busy = false;
+                }
+                return;
+            }
+        };
+        self.settle(job, replies).await;
+    }
+
+    /// Records each recipient's fate, bounces the failures, and reschedules or removes the message.
+    async fn settle(&self, job: Job, replies: Vec<Reply>) {
+        let queue = &self.queue;
+        let account = &self.aq.account;
+        let env = job.env.clone();
+        let now = queue.clock.now();
+        let mut failed = Vec::new();
+        let (progress, done, retry_in) = {
+            let mut inner = lock(&self.aq.inner);
+            inner.trouble = 0;
+            let Some(e) = inner.messages.get_mut(&env.id) else {
+                return;
+            };
+            for (i, reply) in job.rcpts.iter().zip(&replies) {
+                let address = &env.recipients[*i];
+                let r = &mut e.progress.recipients[*i];
+                r.last_reply = Some(reply.summary());
+                e.tried[*i] = true;
+                match reply.severity() {
+                    Severity::Positive | Severity::Intermediate => {
+                        r.status = RcptStatus::Delivered;
+                        tracing::info!(id = %env.id, to = %address, reply = %reply.summary(), "delivered");
+                    }
+                    Severity::Permanent => {
+                        r.status = RcptStatus::Bounced;
+                        tracing::info!(id = %env.id, to = %address, reply = %reply.summary(), "bounced");
+                        failed.push(dsn::Failed {
+                            address: address.clone(),
+                            status: reply
+                                .enhanced()
+                                .map(|c| c.to_string())
+                                .unwrap_or_else(|| "5.0.0".into()),
+                            diagnostic: reply.summary(),
+                        });
+                    }
+                    Severity::Transient => {}
+                }
+                e.progress.last_reply = Some(reply.summary());
+            }
+            let pending: Vec<usize> = e.pending().collect();
+            let done = pending.is_empty();
+            let mut retry_in = None;
+            if !done && pending.iter().all(|i| e.tried[*i]) {
+                e.progress.attempts += 1;
+                let wait = backoff(e.progress.attempts, &queue.config);
+                e.due = now + wait;
+                e.progress.next_attempt = queue.clock.unix() + wait.as_secs();
+                e.tried.iter_mut().for_each(|t| *t = false);
+                retry_in = Some(wait);
+            }
+            (e.progress.clone(), done, retry_in)
+        };
+        if let Some(wait) = retry_in {
+            for (i, reply) in job.rcpts.iter().zip(&replies) {
+                if reply.severity() == Severity::Transient {
+                    tracing::info!(id = %env.id, to = %env.recipients[*i], reply = %reply.summary(), next_attempt_secs = wait.as_secs(), "deferred");
+                }
+            }
+        }
+        queue.bounce(account, &env, failed).await;
+        let recorded = if done {
+            queue.spool.remove(&env.id).await
+        } else {
+            queue.spool.record(&env.id, &progress).await
+        };
+        if let Err(e) = recorded {
+            tracing::warn!(id = %env.id, error = %e, "cannot record delivery progress in the spool");
+        }
+        let mut inner = lock(&self.aq.inner);
+        if done {
+            inner.messages.remove(&env.id);
+        } else if let Some(e) = inner.messages.get_mut(&env.id) {
+            e.busy = false;
+        }
+        drop(inner);
+        if !done {
+            // More recipients of it may go at once.
+            self.aq.wake.notify_one();
+        }
+    }
+
+    /// A message past `max_queue_age_secs`: its pending recipients are bounced.
+    async fn expire(&self, e: Entry) {
+        let env = &e.env;
+        let failed: Vec<dsn::Failed> = e
+            .pending()
+            .map(|i| {
+                let last = e.progress.recipients[i].last_reply.clone();
+                tracing::info!(id = %env.id, to = %env.recipients[i], "bounced: still undelivered at max_queue_age_secs");
+                dsn::Failed {
+                    address: env.recipients[i].clone(),
+                    status: "4.4.7".into(),
+                    diagnostic: last.unwrap_or_else(|| {
+                        "delivery time expired before the upstream could be reached".into()
+                    }),
+                }
+            })
+            .collect();
+        self.queue.bounce(&self.aq.account, env, failed).await;
+        if let Err(err) = self.queue.spool.remove(&env.id).await {
+            tracing::warn!(id = %env.id, error = %err, "cannot remove an expired message from the spool");
+        }
+    }
+}
+
+/// The reply a queue-mode mailer gets for its message.
+pub fn queued_reply(id: &str) -> Reply {
+    Reply::new(250, format!("2.0.0 Ok: queued as {id}"))
+}

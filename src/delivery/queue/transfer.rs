@@ -1,0 +1,269 @@
+//! One upstream transaction for a queued message: MAIL, a batch of RCPTs, DATA, the body from the
+//! spool, and one reply per recipient.
+//!
+//! Every recipient of the batch comes back with the reply that decides its fate (its own RCPT
+//! reply, or the DATA / end-of-data reply that applied to it, or a made-up `451` when the
+//! connection broke before an answer), so the queue never has to guess. A throttling reply anywhere
+//! stops the transaction instead, and nothing of it counts.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::io::AsyncReadExt;
+
+use super::retry::throttle;
+use super::spool::Envelope;
+use crate::config::Account;
+use crate::delivery::outcome::UpstreamError;
+use crate::delivery::pool::{Lease, OpenError, Pool};
+use crate::delivery::submission::token_refused_text;
+use crate::smtp::Reply;
+
+const READ_CHUNK: usize = 128 * 1024;
+
+/// Why a transaction did not get as far as deciding recipients.
+#[derive(Debug)]
+pub enum Stopped {
+    /// The provider is throttling the account.
+    Throttled(Reply),
+    /// No connection: the upstream is unreachable, or the token is not accepted or not available.
+    Trouble(String),
+    /// Every connection of the account is in use (by direct-mode sessions).
+    Busy,
+}
+
+fn lost(e: &UpstreamError) -> Reply {
+    Reply::new(451, format!("4.4.1 Upstream connection lost ({e})"))
+}
+
+/// A reply that stops the transaction, if any.
+fn throttled(r: &Result<Reply, UpstreamError>) -> Option<Reply> {
+    match r {
+        Ok(r) if throttle(r).is_some() => Some(r.clone()),
+        _ => None,
+    }
+}
+
+/// Runs one transaction for `rcpts` (addresses) of `env`; the replies are in the order of `rcpts`.
+pub async fn transfer(
+    pool: &Pool,
+    account: &Arc<Account>,
+    env: &Envelope,
+    rcpts: &[String],
+    body: &Path,
+) -> Result<Vec<Reply>, Stopped> {
+    for attempt in 0..2 {
+        let mut lease = pool
+            .lease(account, attempt > 0)
+            .await
+            .map_err(|e| match e {
+                OpenError::Busy { .. } => Stopped::Busy,
+                OpenError::Token(e) => Stopped::Trouble(e.to_string()),
+                OpenError::AuthRejected(r) if throttle(&r).is_some() => Stopped::Throttled(r),
+                OpenError::AuthRejected(r) => Stopped::Trouble(token_refused_text(account, &r)),
+                OpenError::Connect(UpstreamError::Rejected(r)) if throttle(&r).is_some() => {
+                    Stopped::Throttled(r)
+                }
+                OpenError::Connect(e) => Stopped::Trouble(e.to_string()),
+            })?;
+        match run(&mut lease, env, rcpts, body).await {
+            Step::Retry if attempt == 0 => {
+                tracing::debug!(account = %account.name, "pooled upstream connection was closed; opening another");
+                continue;
+            }
+            Step::Retry => return Ok(vec![lost_text("closed"); rcpts.len()]),
+            Step::Done(replies, keep) => {
+                if keep {
+                    lease.give_back();
+                }
+                return Ok(replies);
+            }
+            Step::Throttled(reply, keep) => {
+                if keep {
+                    lease.give_back();
+                }
+                return Err(Stopped::Throttled(reply));
+            }
+        }
+    }
+    unreachable!("the loop returns on its second pass")
+}
+
+fn lost_text(what: &str) -> Reply {
+    Reply::new(451, format!("4.4.1 Upstream connection {what}"))
+}
+
+enum Step {
+    /// The replies, and whether the connection may be reused.
+    Done(Vec<Reply>, bool),
+    Throttled(Reply, bool),
+    /// A pooled connection turned out dead before any reply.
+    Retry,
+}
+
+async fn run(lease: &mut Lease, env: &Envelope, rcpts: &[String], body: &Path) -> Step {
+    let Some(conn) = lease.conn.as_mut() else {
+        return Step::Done(vec![lost_text("lost"); rcpts.len()], false);
+    };
+    let reused = conn.reused;
+    let client = &mut conn.client;
+    let caps = client.caps.clone();
+    let all = |r: Reply, keep| Step::Done(vec![r; rcpts.len()], keep);
+    let mut mail = format!("MAIL FROM:<{}>", env.sender);
+    if caps.size {
+        mail.push_str(&format!(" SIZE={}", env.size));
+    }
+    if env.eight_bit {
+        if !caps.eight_bit {
+            return all(
+                Reply::new(
+                    554,
+                    "5.6.3 The upstream does not accept 8-bit content (no 8BITMIME)",
+                ),
+                true,
+            );
+        }
+        mail.push_str(" BODY=8BITMIME");
+    }
+    if env.smtputf8 {
+        if !caps.smtputf8 {
+            return all(
+                Reply::new(553, "5.6.7 The upstream does not support SMTPUTF8"),
+                true,
+            );
+        }
+        mail.push_str(" SMTPUTF8");
+    }
+    let mut lines = vec![mail];
+    if caps.pipelining {
+        lines.extend(rcpts.iter().map(|to| format!("RCPT TO:<{to}>")));
+        lines.push("DATA".into());
+    }
+    let mut results = client.pipeline(&lines).await.into_iter();
+    let first = results.next().expect("one result per line");
+    let dead = matches!(first, Err(UpstreamError::Connection(_)))
+        || matches!(&first, Ok(r) if r.code == 421);
+    if reused && dead {
+        return Step::Retry;
+    }
+    let pipelined = caps.pipelining;
+    // What was sent ahead and is still owed: a DATA the server opened can only be ended by closing.
+    let mail = match first {
+        Err(e) => return all(lost(&e), false),
+        Ok(r) => r,
+    };
+    if let Some(r) = throttled(&Ok(mail.clone())) {
+        return Step::Throttled(r, !pipelined && mail.code != 421);
+    }
+    if !mail.is_positive() {
+        // Pipelined RCPTs and DATA were refused too (no transaction), unless the server opened DATA.
+        let data_open = results.any(|r| matches!(r, Ok(r) if r.code == 354));
+        return all(mail, !data_open);
+    }
+    let mut replies: Vec<Result<Reply, UpstreamError>> = Vec::with_capacity(rcpts.len());
+    if pipelined {
+        replies.extend(results.by_ref().take(rcpts.len()));
+    } else {
+        for to in rcpts {
+            let r = client.command(&format!("RCPT TO:<{to}>")).await;
+            let broken = r.is_err();
+            replies.push(r);
+            if broken {
+                break;
+            }
+        }
+    }
+    if let Some(e) = replies.iter().find_map(|r| r.as_ref().err()) {
+        let e = e.clone();
+        return Step::Done(vec![lost(&e); rcpts.len()], false);
+    }
+    let mut replies: Vec<Reply> = replies.into_iter().map(|r| r.expect("no errors")).collect();
+    if let Some(r) = replies.iter().find(|r| throttle(r).is_some()).cloned() {
+        // The RCPTs accepted in this transaction are dropped with it.
+        let data = if pipelined { results.next() } else { None };
+        let keep = !matches!(data, Some(Ok(ref d)) if d.code == 354) && r.code != 421;
+        return Step::Throttled(r, keep && reset(client).await);
+    }
+    let accepted: Vec<usize> = (0..replies.len())
+        .filter(|i| replies[*i].is_positive())
+        .collect();
+    let data = if pipelined {
+        results.next().expect("a result for DATA")
+    } else if accepted.is_empty() {
+        return Step::Done(replies, reset(client).await);
+    } else {
+        client.command("DATA").await
+    };
+    let data = match data {
+        Err(e) => {
+            for i in &accepted {
+                replies[*i] = lost(&e);
+            }
+            return Step::Done(replies, false);
+        }
+        Ok(d) => d,
+    };
+    if accepted.is_empty() {
+        // Nothing to send (the server should have refused DATA; if it opened it, only closing ends it).
+        let keep = data.code != 354 && reset(client).await;
+        return Step::Done(replies, keep);
+    }
+    if data.code != 354 {
+        if throttle(&data).is_some() {
+            let keep = data.code != 421 && reset(client).await;
+            return Step::Throttled(data, keep);
+        }
+        for i in &accepted {
+            replies[*i] = data.clone();
+        }
+        let keep = data.code != 421 && reset(client).await;
+        return Step::Done(replies, keep);
+    }
+    if let Err(e) = send_body(client, body).await {
+        for i in &accepted {
+            replies[*i] = e.clone();
+        }
+        return Step::Done(replies, false);
+    }
+    match client.end_data().await {
+        Err(e) => {
+            // The upstream may or may not have taken it; the recipients stay pending.
+            let r = Reply::new(451, format!("4.4.1 No final reply from upstream ({e})"));
+            for i in &accepted {
+                replies[*i] = r.clone();
+            }
+            Step::Done(replies, false)
+        }
+        Ok(f) if throttle(&f).is_some() => Step::Throttled(f.clone(), f.code != 421),
+        Ok(f) => {
+            let keep = f.code != 421;
+            for i in &accepted {
+                replies[*i] = f.clone();
+            }
+            Step::Done(replies, keep)
+        }
+    }
+}
+
+/// Ends a transaction that will not be completed; `false` when the connection is not fit for reuse.
+async fn reset(client: &mut crate::delivery::client::Client) -> bool {
+    matches!(client.command("RSET").await, Ok(r) if r.code == 250)
+}
+
+/// Streams the spooled body to the upstream; the error is the recipients' reply.
+async fn send_body(client: &mut crate::delivery::client::Client, path: &Path) -> Result<(), Reply> {
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| Reply::new(451, format!("4.3.0 Cannot read the spooled message ({e})")))?;
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .await
+            .map_err(|e| Reply::new(451, format!("4.3.0 Cannot read the spooled message ({e})")))?;
+        if n == 0 {
+            return Ok(());
+        }
+        client.body(&buf[..n]).await.map_err(|e| lost(&e))?;
+    }
+}

@@ -1,0 +1,554 @@
+//! Queue mode: what a bulk sender sees (a `250 ... queued as ID` at once) and what the provider
+//! gets (every message, byte for byte, at the pace it accepts), with retries, pauses and bounces.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use xoauth_relay::control::wire::{Request, Response};
+
+/// Options for a relay whose `news` account queues, with `account` and `delivery` keys added.
+fn queued(account: &str, delivery: &str) -> RelayOptions {
+    RelayOptions {
+        extra_accounts_toml: format!("delivery = \"queue\"\n{account}\n\n[delivery]\n{delivery}\n"),
+        ..RelayOptions::default()
+    }
+}
+
+/// Sends one message and returns its queue id, asserting the queue-mode receipt.
+async fn queue_one(c: &mut Client, rcpts: &[&str], body: &[u8]) -> String {
+    let replies = c.send_mail("alice@example.com", rcpts, body).await;
+    assert!(all_ok(&replies), "{replies:?}");
+    let last = replies.last().unwrap();
+    last.strip_prefix("250 2.0.0 Ok: queued as ")
+        .unwrap_or_else(|| panic!("not a queue receipt: {last}"))
+        .to_string()
+}
+
+async fn admin(relay: &Relay, request: Request) -> Response {
+    let config = xoauth_relay::config::Config::load(&relay.config_path).unwrap();
+    xoauth_relay::app::admin(config, request).await.unwrap()
+}
+
+async fn queue_json(relay: &Relay) -> Vec<serde_json::Value> {
+    let r = admin(
+        relay,
+        Request::Queue {
+            account: None,
+            json: true,
+        },
+    )
+    .await;
+    assert!(r.ok, "{}", r.text);
+    serde_json::from_str(&r.text).unwrap()
+}
+
+fn body(n: usize) -> Vec<u8> {
+    format!(
+        "Subject: issue {n}\r\nFrom: alice@example.com\r\n\r\nHello {n}\r\n.leading dot\r\nlast line without end"
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn queued_while_the_upstream_is_down_and_delivered_byte_identical_after_a_restart() {
+    let time = ManualTime::start();
+    let (dir, provider, relay) = setup(queued("", ""), "starttls").await;
+    provider.state().down = true;
+    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(queue_one(&mut c, &["bob@example.org"], &body(n)).await);
+    }
+    assert_eq!(c.cmd("QUIT").await, "221 2.0.0 Bye");
+    // The first attempt finds the upstream down and holds the account's mail.
+    until_paused(&relay).await;
+    let listed = queue_json(&relay).await;
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert_eq!(listed[0]["id"], ids[0]);
+    assert_eq!(listed[0]["recipients"][0]["state"], "pending");
+    let config_path = relay.config_path.clone();
+    relay.stop().await;
+
+    // A new process on the same spool; the upstream is back.
+    provider.state().down = false;
+    let relay = Relay::start_from(dir.path(), config_path).await;
+    time.advance(Duration::from_secs(1)).await;
+    provider.until(|s| s.messages.len() == 3).await;
+    let mut got: Vec<Vec<u8>> = provider
+        .state()
+        .messages
+        .iter()
+        .map(|m| m.body.clone())
+        .collect();
+    got.sort();
+    let mut want: Vec<Vec<u8>> = (0..3).map(body).collect();
+    want.sort();
+    // The fake provider completes an unfinished last line, as every SMTP transfer does.
+    for w in &mut want {
+        w.extend_from_slice(b"\r\n");
+    }
+    assert_eq!(got, want);
+    assert!(provider
+        .state()
+        .messages
+        .iter()
+        .all(|m| m.rcpts == ["bob@example.org"]));
+    wait_for_empty_queue(&relay).await;
+    relay.stop().await;
+}
+
+/// Waits until the queue listing satisfies `done` (the relay's work between two advances of the
+/// test clock must be over before the clock moves, or its upstream timeouts would fire).
+async fn until_queue(relay: &Relay, done: impl Fn(&[serde_json::Value]) -> bool) {
+    loop {
+        if done(&queue_json(relay).await) {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Waits until `accounts` shows the account paused, and returns the table.
+async fn until_paused(relay: &Relay) -> String {
+    loop {
+        let r = admin(relay, Request::Accounts).await;
+        if r.text.contains("paused") {
+            return r.text;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The spool is empty once delivery is recorded.
+async fn wait_for_empty_queue(relay: &Relay) {
+    let msg_dir = relay.dir.join("data/queue/msg");
+    for _ in 0..1000 {
+        if queue_json(relay).await.is_empty() && std::fs::read_dir(&msg_dir).unwrap().count() == 0 {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("the queue did not empty: {:?}", queue_json(relay).await);
+}
+
+#[tokio::test]
+async fn each_recipient_has_its_own_fate_and_only_the_failed_one_is_bounced() {
+    let time = ManualTime::start();
+    let (_dir, provider, relay) = setup(queued("", "retry_min_secs = 60"), "starttls").await;
+    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
+    let id = queue_one(
+        &mut c,
+        &[
+            "reject-me@example.org",
+            "once-busy@example.org",
+            "ok@example.org",
+        ],
+        &body(1),
+    )
+    .await;
+    // First attempt: ok delivered, reject bounced (the bounce goes to the sender), once deferred.
+    provider.until(|s| s.messages.len() == 2).await;
+    let listed = queue_json(&relay).await;
+    let m = listed.iter().find(|m| m["id"] == id).unwrap();
+    let states: Vec<&str> = m["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["bounced", "pending", "delivered"]);
+    assert_eq!(m["attempts"], 1);
+    time.advance(Duration::from_secs(61)).await;
+    provider.until(|s| s.messages.len() == 3).await;
+    wait_for_empty_queue(&relay).await;
+
+    {
+        let s = provider.state();
+        let copies = |addr: &str| {
+            s.messages
+                .iter()
+                .filter(|m| m.rcpts.iter().any(|r| r == addr))
+                .count()
+        };
+        assert_eq!(copies("ok@example.org"), 1);
+        assert_eq!(copies("once-busy@example.org"), 1);
+        assert_eq!(copies("reject-me@example.org"), 0);
+        let bounces: Vec<_> = s
+            .messages
+            .iter()
+            .filter(|m| m.rcpts == ["alice@example.com"])
+            .collect();
+        assert_eq!(bounces.len(), 1);
+        assert!(
+            bounces[0].mail_from.starts_with("<news@example.com>"),
+            "{}",
+            bounces[0].mail_from
+        );
+        use mail_parser::MimeHeaders;
+        let parsed = mail_parser::MessageParser::default()
+            .parse(&bounces[0].body)
+            .unwrap();
+        let ct = parsed.content_type().unwrap();
+        assert_eq!(ct.ctype(), "multipart");
+        assert_eq!(ct.subtype(), Some("report"));
+        assert_eq!(ct.attribute("report-type"), Some("delivery-status"));
+        let text = String::from_utf8_lossy(&bounces[0].body);
+        assert!(
+            text.contains("Final-Recipient: rfc822; reject-me@example.org"),
+            "{text}"
+        );
+        assert!(text.contains("Status: 5.1.1"), "{text}");
+        assert!(text.contains("Diagnostic-Code: smtp; 550 5.1.1"), "{text}");
+        assert!(!text.contains("Final-Recipient: rfc822; ok@"), "{text}");
+        assert!(
+            !text.contains("Final-Recipient: rfc822; once-busy@"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Subject: issue 1"),
+            "the original headers: {text}"
+        );
+        assert!(text.contains("Auto-Submitted: auto-replied"), "{text}");
+    }
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_quota_reply_pauses_the_account_without_a_bounce_and_it_resumes_after_the_window() {
+    let time = ManualTime::start();
+    let (_dir, provider, relay) = setup(queued("", "quota_pause_secs = 600"), "starttls").await;
+    provider.state().mail_reply = Some("550 5.4.5 Daily user sending limit exceeded.".into());
+    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
+    queue_one(&mut c, &["bob@example.org"], &body(1)).await;
+    // The quota reply reaches the relay; the account is paused, nothing bounced, nothing attempted.
+    let table = until_paused(&relay).await;
+    assert!(table.contains("1 (oldest"), "{table}");
+    assert!(table.contains("5.4.5"), "{table}");
+    let listed = queue_json(&relay).await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["attempts"], 0, "{listed:?}");
+    assert!(provider.state().messages.is_empty());
+
+    provider.state().mail_reply = None;
+    time.advance(Duration::from_secs(590)).await;
+    assert!(
+        until_paused(&relay).await.contains("until 10s"),
+        "still paused"
+    );
+    time.advance(Duration::from_secs(11)).await;
+    provider.until(|s| s.messages.len() == 1).await;
+    assert!(provider
+        .state()
+        .messages
+        .iter()
+        .all(|m| m.rcpts != ["alice@example.com"]));
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn pacing_spreads_a_backlog_and_recipients_are_split_at_the_cap() {
+    let time = ManualTime::start();
+    // 60 a minute: a burst of 3, then one a second.
+    let (_dir, provider, relay) = setup(
+        queued(
+            "max_messages_per_minute = 60\nmax_recipients_per_message = 2",
+            "",
+        ),
+        "starttls",
+    )
+    .await;
+    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
+    queue_one(
+        &mut c,
+        &[
+            "a@example.org",
+            "b@example.org",
+            "c@example.org",
+            "d@example.org",
+            "e@example.org",
+        ],
+        &body(0),
+    )
+    .await;
+    for n in 1..4 {
+        queue_one(&mut c, &["x@example.org"], &body(n)).await;
+    }
+    provider.until(|s| s.messages.len() == 3).await;
+    for k in 3..6 {
+        time.advance(Duration::from_secs(1)).await;
+        provider.until(|s| s.messages.len() > k).await;
+        assert_eq!(provider.state().messages.len(), k + 1, "one per second");
+    }
+    // The five recipients went in transactions of at most two, each one a message to pacing.
+    let split: Vec<Vec<String>> = provider
+        .state()
+        .messages
+        .iter()
+        .map(|m| m.rcpts.clone())
+        .filter(|r| r[0] != "x@example.org")
+        .collect();
+    assert_eq!(
+        split,
+        [
+            vec!["a@example.org".to_string(), "b@example.org".into()],
+            vec!["c@example.org".to_string(), "d@example.org".into()],
+            vec!["e@example.org".to_string()],
+        ]
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_still_pending_at_the_maximum_age_is_bounced() {
+    let time = ManualTime::start();
+    let (_dir, provider, relay) = setup(
+        queued("", "retry_min_secs = 60\nmax_queue_age_secs = 150"),
+        "starttls",
+    )
+    .await;
+    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
+    queue_one(&mut c, &["later@example.org"], &body(1)).await;
+    until_queue(&relay, |q| q[0]["attempts"] == 1).await;
+    time.advance(Duration::from_secs(61)).await;
+    // The second retry would come after the maximum age.
+    until_queue(&relay, |q| q[0]["attempts"] == 2).await;
+    time.advance(Duration::from_secs(90)).await;
+    provider.until(|s| s.messages.len() == 1).await;
+    let bounce = provider.state().messages[0].clone();
+    assert_eq!(bounce.rcpts, ["alice@example.com"]);
+    let text = String::from_utf8_lossy(&bounce.body);
+    assert!(
+        text.contains("Final-Recipient: rfc822; later@example.org"),
+        "{text}"
+    );
+    assert!(text.contains("Status: 4.4.7"), "{text}");
+    assert!(text.contains("450 4.2.1"), "the last reply: {text}");
+    wait_for_empty_queue(&relay).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_endpoint_down_at_submission_queues_and_delivers_when_it_returns() {
+    let time = ManualTime::start();
+    let (_dir, provider, relay) = setup(queued("", "retry_min_secs = 60"), "starttls").await;
+    provider.state().token_outage = true;
+    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
+    queue_one(&mut c, &["bob@example.org"], &body(1)).await;
+    let table = until_paused(&relay).await;
+    assert!(table.contains("token"), "held for the token: {table}");
+    provider.state().token_outage = false;
+    time.advance(Duration::from_secs(61)).await;
+    provider.until(|s| s.messages.len() == 1).await;
+    assert_eq!(provider.state().messages[0].rcpts, ["bob@example.org"]);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_revoked_grant_is_refused_at_auth_in_queue_mode_too() {
+    let (_dir, provider, relay) = setup(queued("", ""), "starttls").await;
+    provider.state().refresh_tokens.clear();
+    let mut c = Client::connect(&relay, Conn::StartTls, &provider.pki).await;
+    let reply = c.login_plain(LOGIN, PASSWORD).await;
+    assert!(reply.starts_with("454 4.7.0"), "{reply}");
+    assert!(reply.contains("invalid_grant"), "{reply}");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn queue_retry_and_delete_work_while_serving() {
+    let _time = ManualTime::start();
+    let (_dir, provider, relay) = setup(queued("", ""), "starttls").await;
+    provider.state().down = true;
+    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
+    let first = queue_one(&mut c, &["bob@example.org"], &body(1)).await;
+    let second = queue_one(&mut c, &["carol@example.org"], &body(2)).await;
+    until_paused(&relay).await;
+
+    let shown = admin(&relay, Request::QueueShow { id: first.clone() }).await;
+    assert!(shown.ok, "{}", shown.text);
+    assert!(
+        shown.text.contains("bob@example.org pending"),
+        "{}",
+        shown.text
+    );
+    assert!(shown.text.contains("Subject: issue 1"), "{}", shown.text);
+    assert!(
+        !shown.text.contains("Hello 1"),
+        "never the body: {}",
+        shown.text
+    );
+
+    let deleted = admin(&relay, Request::QueueDelete { id: first.clone() }).await;
+    assert!(deleted.ok, "{}", deleted.text);
+    let listed = queue_json(&relay).await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["id"], second);
+    let missing = admin(&relay, Request::QueueDelete { id: first }).await;
+    assert!(
+        !missing.ok && missing.text.contains("no queued message"),
+        "{}",
+        missing.text
+    );
+
+    // Back up: `queue retry --all` sends now instead of after the backoff.
+    provider.state().down = false;
+    let retried = admin(
+        &relay,
+        Request::QueueRetry {
+            id: None,
+            account: None,
+            all: true,
+        },
+    )
+    .await;
+    assert!(
+        retried.ok && retried.text.starts_with("1 message"),
+        "{}",
+        retried.text
+    );
+    provider.until(|s| s.messages.len() == 1).await;
+    assert_eq!(provider.state().messages[0].rcpts, ["carol@example.org"]);
+    wait_for_empty_queue(&relay).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn direct_mode_refuses_recipients_beyond_the_cap_and_waits_for_the_pace() {
+    let _time = ManualTime::start();
+    let (_dir, provider, relay) = setup(
+        RelayOptions {
+            extra_accounts_toml: "max_recipients_per_message = 2\nmax_messages_per_minute = 20"
+                .into(),
+            extra_limits_toml: "upstream_wait_secs = 1".into(),
+            ..RelayOptions::default()
+        },
+        "starttls",
+    )
+    .await;
+    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
+    let replies = c
+        .send_mail(
+            "alice@example.com",
+            &["a@example.org", "b@example.org", "c@example.org"],
+            b"Subject: x\r\n\r\nhi\r\n",
+        )
+        .await;
+    assert!(replies[3].starts_with("452 4.5.3"), "{replies:?}");
+    assert!(replies.last().unwrap().starts_with("250"), "{replies:?}");
+    assert_eq!(provider.state().messages[0].rcpts.len(), 2);
+    // 20 a minute is one per 3 s with a burst of one: the next waits longer than upstream_wait_secs.
+    let reply = c.cmd("MAIL FROM:<alice@example.com>").await;
+    assert!(
+        reply.starts_with("451 4.7.0 account `news`: max_messages_per_minute (20)"),
+        "{reply}"
+    );
+    relay.stop().await;
+}
+
+/// Kills the relay process with SIGKILL in the middle of a burst; every message that got its `250`
+/// arrives after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_acknowledged_is_lost_when_the_relay_is_killed() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("starttls", None).await;
+    let path = write_config(dir.path(), &provider, &queued("", ""), &password_hash());
+    let bin = env!("CARGO_BIN_EXE_xoauth-relay");
+    let rt = provider.state().add_refresh_token();
+    let mut import = tokio::process::Command::new(bin)
+        .arg("--config")
+        .arg(&path)
+        .args(["import-token", "news"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = import.stdin.take().unwrap();
+        stdin.write_all(rt.as_bytes()).await.unwrap();
+    }
+    assert!(import.wait().await.unwrap().success());
+
+    let serve = |path: std::path::PathBuf| async move {
+        let mut child = tokio::process::Command::new(bin)
+            .arg("--config")
+            .arg(&path)
+            .arg("serve")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut port = None;
+        while port.is_none() {
+            let line = lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("serve exited early");
+            if line.contains("listening") && line.contains("starttls") {
+                port = line
+                    .split(|c: char| c.is_whitespace())
+                    .find_map(|w| w.strip_prefix("addr=127.0.0.1:"))
+                    .and_then(|p| p.parse::<u16>().ok());
+            }
+        }
+        // Keep reading its log so that it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        (child, port.unwrap())
+    };
+    let (mut child, port) = serve(path.clone()).await;
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+
+    // Four mailers send as fast as they can; the relay dies after about 40 receipts.
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+    let enough = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut senders = Vec::new();
+    for s in 0..4 {
+        let pki = provider.pki.clone();
+        let acked = acked.clone();
+        let enough = enough.clone();
+        senders.push(tokio::spawn(async move {
+            let mut c = Client::connect_addr(addr, Conn::StartTls, &pki).await;
+            assert!(c.login_plain(LOGIN, PASSWORD).await.starts_with("235"));
+            for n in 0..1000 {
+                let body = format!("Subject: burst {s}-{n}\r\n\r\nbody {s}-{n}\r\n").into_bytes();
+                let Some(replies) = c
+                    .try_send_mail("alice@example.com", &["bob@example.org"], &body)
+                    .await
+                else {
+                    return;
+                };
+                if replies
+                    .last()
+                    .is_some_and(|r| r.starts_with("250 2.0.0 Ok: queued"))
+                {
+                    let mut acked = acked.lock().unwrap();
+                    acked.push(body);
+                    if acked.len() == 40 {
+                        enough.notify_one();
+                    }
+                }
+            }
+        }));
+    }
+    enough.notified().await;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    for s in senders {
+        s.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 40);
+
+    let (_child, _) = serve(path.clone()).await;
+    provider
+        .until(|s| {
+            acked
+                .iter()
+                .all(|b| s.messages.iter().any(|m| m.body == *b))
+        })
+        .await;
+}
