@@ -585,7 +585,12 @@ mailbox = "{MAILBOX}"
     }
 
     async fn relay(&self, extra_limits: &str) -> RelayProcess {
-        let config = self.config(extra_limits);
+        self.relay_with(extra_limits, "").await
+    }
+
+    /// With more keys for the account.
+    async fn relay_with(&self, extra_limits: &str, account_extra: &str) -> RelayProcess {
+        let config = format!("{}{account_extra}\n", self.config(extra_limits));
         let relay = RelayProcess::start(self.dir.path(), &config).await;
         relay.import(&self.dir.path().join("relay.toml"), "rt-bench");
         relay
@@ -687,6 +692,100 @@ async fn cell(env: &Env, name: &str, load: Load, baseline: bool, extra_limits: &
         rss,
         note: format!(
             "{sent} sent, {delivered} delivered, {corrupt} corrupt, {failed} failed, {logins_failed} logins refused"
+        ),
+    }
+}
+
+/// A queue-mode relay: `load` submits (or exactly `backlog` messages are submitted), then the
+/// cell waits until the upstream has every message. `rate` is the submission rate, the note has
+/// the delivery rate (messages over the time from the first submission to the last delivery).
+async fn queue_cell(
+    env: &Env,
+    name: &str,
+    load: Load,
+    account_extra: &str,
+    backlog: Option<u64>,
+) -> Row {
+    *env.provider.expected.lock().unwrap() =
+        ring::digest::digest(&ring::digest::SHA256, &load.body)
+            .as_ref()
+            .to_vec();
+    let extra = "\n[delivery]\nmode = \"queue\"\n";
+    let relay = env.relay_with(extra, account_extra).await;
+    let pid = relay.child.id();
+    let perf = perf_attach(pid);
+    let delivered0 = env.provider.delivered.load(Ordering::Relaxed);
+    let corrupt0 = env.provider.corrupt.load(Ordering::Relaxed);
+    let cpu0 = cpu_ms(pid);
+    let started = Instant::now();
+    let sent = match backlog {
+        None => {
+            run_load(
+                Target::Relay(relay.addr),
+                &load,
+                &env.client_tls,
+                &env.provider,
+            )
+            .await
+            .sent
+        }
+        Some(n) => {
+            let per = n.div_ceil(load.sessions as u64);
+            let mut tasks = Vec::new();
+            for _ in 0..load.sessions {
+                let (tls, provider, body) = (
+                    env.client_tls.clone(),
+                    env.provider.clone(),
+                    load.body.clone(),
+                );
+                let addr = relay.addr;
+                tasks.push(tokio::spawn(async move {
+                    let (mut m, _) =
+                        Mailer::connect(Target::Relay(addr), &tls, &provider, PASSWORD)
+                            .await
+                            .unwrap();
+                    let mut ok = 0;
+                    for _ in 0..per {
+                        if m.send(&body).await.unwrap_or(false) {
+                            ok += 1;
+                        }
+                    }
+                    ok
+                }));
+            }
+            let mut total = 0;
+            for t in tasks {
+                total += t.await.unwrap_or(0);
+            }
+            total
+        }
+    };
+    let submitted = started.elapsed();
+    while env.provider.delivered.load(Ordering::Relaxed) - delivered0 < sent {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let drained = started.elapsed();
+    let cpu = cpu_ms(pid) - cpu0;
+    if let Some(perf) = perf {
+        let _ = Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status();
+        let _ = perf.wait_with_output();
+    }
+    let rss = peak_rss_mb(pid);
+    let corrupt = env.provider.corrupt.load(Ordering::Relaxed) - corrupt0;
+    relay.stop();
+    Row {
+        cell: name.to_string(),
+        base: None,
+        rate: sent as f64 / submitted.as_secs_f64(),
+        cpu_per_msg: cpu / sent.max(1) as f64,
+        rss,
+        note: format!(
+            "{sent} queued in {:.1} s, all delivered after {:.1} s ({:.0} msg/s delivered), {corrupt} corrupt; CPU per message queued and delivered",
+            submitted.as_secs_f64(),
+            drained.as_secs_f64(),
+            sent as f64 / drained.as_secs_f64()
         ),
     }
 }
@@ -832,6 +931,32 @@ async fn bench(quick: bool) {
         );
         rows.push(row);
         provider.lifetime_secs.store(3600, Ordering::Relaxed);
+    }
+
+    // Queue mode: submission rate, delivery (drain) rate, CPU per message queued and delivered.
+    if selected("queue mode, 10 KiB") {
+        rows.push(
+            queue_cell(
+                &env,
+                "queue mode, 10 KiB, C=10",
+                persistent(10, &kib10, secs(6)),
+                "",
+                None,
+            )
+            .await,
+        );
+    }
+    if selected("queue mode, backlog") {
+        rows.push(
+            queue_cell(
+                &env,
+                "queue mode, backlog of 300 at max_messages_per_minute = 600",
+                persistent(10, &kib10, secs(6)),
+                "max_messages_per_minute = 600",
+                Some(300),
+            )
+            .await,
+        );
     }
 
     println!();

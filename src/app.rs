@@ -279,6 +279,7 @@ impl Relay {
             upstream.pool.clone(),
             upstream.pacers.clone(),
             stop.clone(),
+            self.shared.cut.clone(),
             &sessions,
         );
         // Under systemd (Type=notify): the listeners are bound and accepting now.

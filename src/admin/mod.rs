@@ -64,7 +64,7 @@ pub async fn execute(ctx: &AdminContext, request: Request) -> Response {
                     return Response::fail("say which: a message id, --account NAME or --all")
                 }
             };
-            queue::retry(ctx, target)
+            queue::retry(ctx, target).await
         }
         Request::QueueDelete { id } => queue::delete(ctx, &id).await,
     };

@@ -108,11 +108,11 @@ pub(super) async fn show(ctx: &AdminContext, id: &str) -> Result<String, String>
     Ok(out)
 }
 
-pub(super) fn retry(ctx: &AdminContext, target: Target) -> Result<String, String> {
+pub(super) async fn retry(ctx: &AdminContext, target: Target) -> Result<String, String> {
     if let Target::Account(a) = &target {
         super::account(ctx, a)?;
     }
-    let n = ctx.upstream.queue.retry(&target);
+    let n = ctx.upstream.queue.retry(&target).await;
     match target {
         Target::Id(id) if n == 0 => Err(format!(
             "no queued message {id}; `xoauth-relay queue` lists them"

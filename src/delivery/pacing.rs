@@ -3,8 +3,9 @@
 //! Microsoft 365 takes 30 messages a minute and 10,000 recipients a day from a mailbox, Gmail 2,000
 //! messages a day; going faster earns throttling replies and, repeated, a blocked mailbox. Each
 //! account has one [`Pacer`], asked before every upstream transaction in both delivery modes:
-//! - messages per minute: a token bucket whose burst is a twentieth of the limit (at least 1), so
-//!   a backlog drains evenly instead of in bursts the provider reads as abuse;
+//! - messages per minute: a token bucket whose burst is a twentieth of the limit (at least 1) and
+//!   which refills so that no 60-second window holds more than the limit (burst included), so a
+//!   backlog drains evenly instead of in bursts the provider reads as abuse;
 //! - messages and recipients per day: rolling 24-hour windows (what providers count), kept in
 //!   one-minute buckets and persisted across restarts ([`Pacers::snapshot`]).
 //!
@@ -55,7 +56,7 @@ impl Day {
         while self
             .buckets
             .front()
-            .is_some_and(|(t, _, _)| t + DAY_SECS <= now)
+            .is_some_and(|(t, _, _)| t + BUCKET_SECS + DAY_SECS <= now)
         {
             self.buckets.pop_front();
         }
@@ -82,7 +83,9 @@ impl Day {
             }
             total -= pick(b);
             if total + need <= limit {
-                return Duration::from_secs((b.0 + DAY_SECS).saturating_sub(now).max(1));
+                return Duration::from_secs(
+                    (b.0 + BUCKET_SECS + DAY_SECS).saturating_sub(now).max(1),
+                );
             }
         }
         Duration::from_secs(1)
@@ -106,6 +109,8 @@ struct State {
     tokens: f64,
     /// Unix time in milliseconds of the last refill.
     refilled_ms: u64,
+    /// When the messages of the last minute went (for limits too small for the bucket alone).
+    minute: VecDeque<u64>,
     day: Day,
 }
 
@@ -127,6 +132,7 @@ impl Pacer {
             state: Mutex::new(State {
                 tokens: f64::from(Self::burst_of(limits)),
                 refilled_ms: 0,
+                minute: VecDeque::new(),
                 day: Day::default(),
             }),
         }
@@ -154,15 +160,25 @@ impl Pacer {
         let mut s = lock(&self.state);
         let per_minute = l.max_messages_per_minute;
         if per_minute > 0 {
-            let burst = f64::from(Self::burst_of(l));
-            let rate = f64::from(per_minute) / 60_000.0;
+            let burst = Self::burst_of(l);
+            // Refilling at (limit - burst) a minute keeps any 60 s window within the limit.
+            let refill = per_minute.saturating_sub(burst).max(1);
+            let rate = f64::from(refill) / 60_000.0;
             let elapsed = now_ms.saturating_sub(s.refilled_ms) as f64;
-            s.tokens = (s.tokens + elapsed * rate).min(burst);
+            s.tokens = (s.tokens + elapsed * rate).min(f64::from(burst));
             s.refilled_ms = now_ms;
-            if s.tokens < 1.0 {
-                let ms = ((1.0 - s.tokens) / rate).ceil() as u64;
+            while s.minute.front().is_some_and(|t| t + 60_000 <= now_ms) {
+                s.minute.pop_front();
+            }
+            let full = s.minute.len() >= per_minute as usize;
+            if s.tokens < 1.0 || full {
+                let bucket = ((1.0 - s.tokens).max(0.0) / rate).ceil() as u64;
+                let window = match (full, s.minute.front()) {
+                    (true, Some(t)) => t + 60_000 - now_ms,
+                    _ => 0,
+                };
                 return Err(Wait {
-                    after: Duration::from_millis(ms.max(1)),
+                    after: Duration::from_millis(bucket.max(window).max(1)),
                     limit: "max_messages_per_minute",
                     value: per_minute,
                 });
@@ -192,10 +208,44 @@ impl Pacer {
         if take {
             if per_minute > 0 {
                 s.tokens -= 1.0;
+                s.minute.push_back(now_ms);
             }
             s.day.add(now, 1, recipients);
         }
         Ok(())
+    }
+
+    /// Gives back a turn taken for a transaction that never reached the provider.
+    pub fn refund(&self, recipients: u32, now_ms: u64) {
+        let mut s = lock(&self.state);
+        if self.limits.max_messages_per_minute > 0 {
+            let burst = f64::from(Self::burst_of(self.limits));
+            s.tokens = (s.tokens + 1.0).min(burst);
+            s.minute.pop_back();
+        }
+        s.day.expire(now_ms / 1000);
+        if let Some(b) = s.day.buckets.back_mut() {
+            b.1 = b.1.saturating_sub(1);
+            b.2 = b.2.saturating_sub(recipients);
+        }
+    }
+
+    /// Recipients one transaction may carry now: the per-message cap, and what is left of the
+    /// daily recipient limit (0: no limit).
+    pub fn recipients_now(&self, now_ms: u64) -> usize {
+        let cap = self.limits.max_recipients_per_message as usize;
+        let per_day = u64::from(self.limits.max_recipients_per_day);
+        if per_day == 0 {
+            return cap;
+        }
+        let mut s = lock(&self.state);
+        s.day.expire(now_ms / 1000);
+        let left = per_day.saturating_sub(s.day.totals().1).max(1) as usize;
+        if cap == 0 {
+            left
+        } else {
+            cap.min(left)
+        }
     }
 
     /// Counts recipients added to a transaction already counted as a message (direct mode, where
@@ -294,32 +344,53 @@ mod tests {
     }
 
     #[test]
-    fn the_minute_bucket_allows_a_twentieth_as_burst_then_paces_evenly() {
+    fn the_minute_bucket_allows_a_twentieth_as_burst_and_no_window_holds_more_than_the_limit() {
         let p = pacer(600, 0, 0);
         let t0 = 1_000_000_000;
-        // Burst of 30 at once, then one per 100 ms.
+        // Burst of 30 at once, then 570 a minute.
         for _ in 0..30 {
             p.take(1, t0).unwrap();
         }
         let wait = p.take(1, t0).unwrap_err();
         assert_eq!(wait.limit, "max_messages_per_minute");
-        assert_eq!(wait.after, Duration::from_millis(100));
-        p.take(1, t0 + 100).unwrap();
-        // Over a minute: the burst plus 600.
-        let mut sent = 31;
-        for ms in (200..=60_000).step_by(100) {
+        assert_eq!(wait.after, Duration::from_millis(106));
+        let mut times = vec![t0; 30];
+        for ms in (1..=180_000).step_by(10) {
             if p.take(1, t0 + ms).is_ok() {
-                sent += 1;
+                times.push(t0 + ms);
             }
         }
-        assert_eq!(sent, 30 + 600);
+        for (i, t) in times.iter().enumerate() {
+            let in_window = times[i..].iter().take_while(|u| **u < t + 60_000).count();
+            assert!(in_window <= 600, "{in_window} in the minute from {t}");
+        }
+        // A backlog of 300 goes in about 28 s.
+        assert!(
+            (28_300..28_500).contains(&(times[299] - t0)),
+            "{}",
+            times[299] - t0
+        );
     }
 
     #[test]
-    fn a_small_limit_still_has_a_burst_of_one() {
+    fn a_small_limit_still_has_a_burst_of_one_and_keeps_the_minute() {
+        let p = pacer(1, 0, 0);
+        p.take(1, 0).unwrap();
+        assert_eq!(p.take(1, 0).unwrap_err().after, Duration::from_secs(60));
+        p.take(1, 60_000).unwrap();
         let p = pacer(10, 0, 0);
         p.take(1, 0).unwrap();
-        assert_eq!(p.take(1, 0).unwrap_err().after, Duration::from_secs(6));
+        assert_eq!(p.take(1, 0).unwrap_err().after, Duration::from_millis(6667));
+    }
+
+    #[test]
+    fn a_refund_gives_the_turn_back() {
+        let p = pacer(10, 2, 0);
+        p.take(3, 0).unwrap();
+        assert!(p.take(1, 0).is_err());
+        p.refund(3, 0);
+        assert_eq!(p.used_today(0), (0, 0));
+        p.take(1, 0).unwrap();
     }
 
     #[test]
@@ -337,8 +408,8 @@ mod tests {
         p.take(2, t0 + 60_000).unwrap();
         let wait = p.take(1, t0 + 120_000).unwrap_err();
         assert_eq!(wait.limit, "max_messages_per_day");
-        // The first message rolls off a day after it was sent.
-        assert_eq!(wait.after, Duration::from_secs(DAY_SECS - 120));
+        // The first message rolls off a day after its minute ended.
+        assert_eq!(wait.after, Duration::from_secs(DAY_SECS - 60));
 
         let restarted = Pacers {
             accounts: [("news".to_string(), Arc::new(pacer(0, 2, 5)))].into(),
@@ -349,6 +420,6 @@ mod tests {
         let p = restarted.get("news").unwrap();
         assert_eq!(p.used_today(t0 + 120_000), (2, 5));
         assert!(p.take(1, t0 + 120_000).is_err());
-        p.take(1, t0 + DAY_SECS * 1000 + 1000).unwrap();
+        p.take(1, t0 + (DAY_SECS + 60) * 1000).unwrap();
     }
 }

@@ -284,15 +284,11 @@ impl Submission {
         if self.account.delivery == DeliveryMode::Queue {
             self.spooled = Some(Spooled {
                 env: Envelope {
-                    id: String::new(),
                     account: self.account.name.clone(),
                     sender: from.to_string(),
-                    recipients: Vec::new(),
-                    received: 0,
-                    size: 0,
                     eight_bit: params.eight_bit,
                     smtputf8: params.smtputf8,
-                    bounce: false,
+                    ..Envelope::default()
                 },
                 writer: None,
             });
@@ -419,8 +415,7 @@ impl Submission {
 
     pub async fn data(&mut self) -> Outcome {
         if let Some(spooled) = self.spooled.as_mut() {
-            spooled.env.id = self.ctx.queue.new_id();
-            spooled.writer = Some(self.ctx.queue.writer(&spooled.env.id));
+            spooled.writer = Some(self.ctx.queue.writer(&mut spooled.env));
             return Outcome::from_reply(Reply::new(354, "End data with <CR><LF>.<CR><LF>"));
         }
         let reply = self.step("DATA".to_string()).await;

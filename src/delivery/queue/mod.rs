@@ -38,6 +38,8 @@ use crate::config::{Account, DeliveryConfig};
 use crate::smtp::{Reply, Severity};
 use crate::util::clock::SharedClock;
 
+static ID_SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Where the daily pacing windows are kept between runs (in the spool directory).
 const PACING_FILE: &str = "pacing.json";
 
@@ -63,11 +65,27 @@ impl Entry {
     }
 }
 
+/// Why an account waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// The provider is throttling it (rate, connections, quota).
+    Throttled,
+    /// The upstream is unreachable or the token does not work.
+    Trouble,
+    /// Its connections are all in use.
+    Busy,
+}
+
+struct Pause {
+    until: Instant,
+    why: String,
+    hold: Hold,
+}
+
 #[derive(Default)]
 struct Inner {
     messages: BTreeMap<String, Entry>,
-    /// The account waits until then, and why.
-    paused: Option<(Instant, String)>,
+    paused: Option<Pause>,
     /// Consecutive attempts that failed for the account (connection, token): the hold's backoff.
     trouble: u32,
 }
@@ -195,11 +213,20 @@ impl Queue {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
-        format!("{micros:014X}{:04X}", rand::thread_rng().gen::<u16>())
+        // The sequence makes ids unique within the process; the random part across restarts within
+        // one microsecond (a clock stepping back).
+        let seq = ID_SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & 0xFFFF;
+        format!(
+            "{micros:014X}{seq:04X}{:04X}",
+            rand::thread_rng().gen::<u16>()
+        )
     }
 
-    pub fn writer(&self, id: &str) -> SpoolWriter {
-        self.spool.writer(id)
+    /// Gives `env` its id and arrival time, and a spool file to receive its body into.
+    pub fn writer(&self, env: &mut Envelope) -> SpoolWriter {
+        env.id = self.new_id();
+        env.received = self.clock.unix();
+        self.spool.writer(env)
     }
 
     /// Makes a received message durable and schedules it; the id is the mailer's receipt.
@@ -211,8 +238,7 @@ impl Queue {
             )));
         };
         env.size = writer.size();
-        env.received = self.clock.unix();
-        self.spool.commit(writer, &env).await?;
+        env.body_offset = self.spool.commit(writer, &env.id).await?;
         tracing::info!(id = %env.id, account = %env.account, size = env.size, recipients = env.recipients.len(), bounce = env.bounce, "message queued");
         let progress = Progress::fresh(env.recipients.len());
         let id = env.id.clone();
@@ -228,6 +254,7 @@ impl Queue {
         pool: Arc<Pool>,
         pacers: Arc<Pacers>,
         stop: CancellationToken,
+        cut: CancellationToken,
         tasks: &TaskTracker,
     ) {
         for aq in self.accounts.values() {
@@ -242,7 +269,7 @@ impl Queue {
                     pacer: pacer.clone(),
                     pacers: pacers.clone(),
                 };
-                tasks.spawn(worker.run(stop.clone()));
+                tasks.spawn(worker.run(stop.clone(), cut.clone()));
             }
         }
     }
@@ -261,7 +288,8 @@ impl Queue {
         }
     }
 
-    fn view(&self, e: &Entry, now: Instant) -> MessageView {
+    fn view(&self, e: &Entry, now: Instant, paused: Option<&Pause>) -> MessageView {
+        let next = paused.map_or(e.due, |p| p.until.max(e.due));
         let env = &e.env;
         MessageView {
             id: env.id.clone(),
@@ -270,8 +298,12 @@ impl Queue {
             size: env.size,
             age_secs: self.clock.unix().saturating_sub(env.received),
             attempts: e.progress.attempts,
-            next_attempt_secs: e.due.saturating_duration_since(now).as_secs(),
-            last_reply: e.progress.last_reply.clone(),
+            next_attempt_secs: next.saturating_duration_since(now).as_secs(),
+            last_reply: e
+                .progress
+                .last_reply
+                .clone()
+                .or_else(|| paused.map(|p| p.why.clone())),
             recipients: env
                 .recipients
                 .iter()
@@ -294,10 +326,11 @@ impl Queue {
             .filter(|aq| account.is_none_or(|a| a == aq.account.name))
             .flat_map(|aq| {
                 let inner = lock(&aq.inner);
+                let paused = inner.paused.as_ref().filter(|p| p.until > now);
                 inner
                     .messages
                     .values()
-                    .map(|e| self.view(e, now))
+                    .map(|e| self.view(e, now, paused))
                     .collect::<Vec<_>>()
             })
             .collect();
@@ -308,17 +341,22 @@ impl Queue {
     /// One message and its headers (never the body).
     pub async fn show(&self, id: &str) -> Option<(MessageView, String)> {
         let view = self.list(None).into_iter().find(|m| m.id == id)?;
-        let headers = self.headers(id).await;
+        let env = self
+            .accounts
+            .get(&view.account)
+            .and_then(|aq| lock(&aq.inner).messages.get(id).map(|e| e.env.clone()))?;
+        let headers = self.headers(&env).await;
         Some((view, String::from_utf8_lossy(&headers).into_owned()))
     }
 
-    async fn headers(&self, id: &str) -> Vec<u8> {
-        use tokio::io::AsyncReadExt;
-        let Ok(file) = tokio::fs::File::open(self.spool.body_path(id)).await else {
-            return Vec::new();
-        };
-        let mut start = Vec::new();
-        let _ = file.take(64 * 1024).read_to_end(&mut start).await;
+    async fn headers(&self, env: &Envelope) -> Vec<u8> {
+        let path = self.spool.body_path(&env.id);
+        let offset = env.body_offset;
+        let start = tokio::task::spawn_blocking(move || spool::read_body(&path, offset, 64 * 1024))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
         dsn::header_block(&start).to_vec()
     }
 
@@ -335,16 +373,13 @@ impl Queue {
         let inner = lock(&aq.inner);
         AccountView {
             queued: inner.messages.len(),
-            paused: inner
-                .paused
-                .as_ref()
-                .filter(|(until, _)| *until > now)
-                .map(|(until, why)| {
-                    format!(
-                        "{why} (until {}s from now)",
-                        until.saturating_duration_since(now).as_secs()
-                    )
-                }),
+            paused: inner.paused.as_ref().filter(|p| p.until > now).map(|p| {
+                format!(
+                    "{} (until {}s from now)",
+                    p.why,
+                    p.until.saturating_duration_since(now).as_secs()
+                )
+            }),
             oldest_secs: inner
                 .messages
                 .values()
@@ -353,11 +388,12 @@ impl Queue {
         }
     }
 
-    /// Attempt now: lifts the pause and the backoff (pacing still applies). Returns how many
-    /// messages it applies to.
-    pub fn retry(&self, target: &Target) -> usize {
+    /// Attempt now: lifts the pause and the backoff (pacing still applies), also for a relay
+    /// started later. Returns how many messages it applies to.
+    pub async fn retry(&self, target: &Target) -> usize {
         let now = self.clock.now();
         let mut count = 0;
+        let mut records = Vec::new();
         for aq in self.accounts.values() {
             let mut inner = lock(&aq.inner);
             let mut touched = false;
@@ -369,6 +405,8 @@ impl Queue {
                 };
                 if hit {
                     e.due = now;
+                    e.progress.next_attempt = 0;
+                    records.push((e.env.id.clone(), e.progress.clone()));
                     count += 1;
                     touched = true;
                 }
@@ -380,15 +418,27 @@ impl Queue {
                 aq.wake.notify_waiters();
             }
         }
+        for (id, progress) in records {
+            if let Err(e) = self.spool.record(&id, &progress).await {
+                tracing::warn!(id, error = %e, "cannot record the retry in the spool");
+            }
+        }
         count
     }
 
-    /// The account's grant changed: whatever was held for token trouble may go now.
+    /// The account's grant changed: whatever was held for token trouble may go now (a
+    /// provider's throttling stays).
     pub fn grant_changed(&self, account: &str) {
         if let Some(aq) = self.accounts.get(account) {
             {
                 let mut inner = lock(&aq.inner);
-                inner.paused = None;
+                if inner
+                    .paused
+                    .as_ref()
+                    .is_some_and(|p| p.hold != Hold::Throttled)
+                {
+                    inner.paused = None;
+                }
                 inner.trouble = 0;
             }
             aq.wake.notify_waiters();
@@ -426,13 +476,26 @@ impl Queue {
     /// Queues a bounce for `failed` recipients of `env` to its sender, unless the sender is null
     /// or the message is itself automatic.
     async fn bounce(&self, account: &Account, env: &Envelope, failed: Vec<dsn::Failed>) {
-        if failed.is_empty() {
-            return;
+        if let Some((writer, bounce)) = self.prepare_bounce(account, env, failed).await {
+            self.commit_bounce(env, writer, bounce).await;
         }
-        let headers = self.headers(&env.id).await;
+    }
+
+    /// The bounce for `failed`, written but not yet committed (so that its commit can share a
+    /// sync with the original's progress record).
+    async fn prepare_bounce(
+        &self,
+        account: &Account,
+        env: &Envelope,
+        failed: Vec<dsn::Failed>,
+    ) -> Option<(SpoolWriter, Envelope)> {
+        if failed.is_empty() {
+            return None;
+        }
+        let headers = self.headers(env).await;
         if env.bounce || env.sender.is_empty() || dsn::is_automatic(&headers) {
             tracing::info!(id = %env.id, "no bounce sent (null sender or an automatic message)");
-            return;
+            return None;
         }
         let report = dsn::build(&dsn::Bounce {
             reporting_mta: &self.hostname,
@@ -444,20 +507,19 @@ impl Queue {
             headers: &headers,
             failed: &failed,
         });
-        let id = self.new_id();
-        let mut writer = self.spool.writer(&id);
-        writer.push(&report).await;
-        let bounce = Envelope {
-            id,
+        let mut bounce = Envelope {
             account: account.name.clone(),
             sender: account.mailbox.clone(),
             recipients: vec![env.sender.clone()],
-            received: 0,
-            size: 0,
-            eight_bit: false,
-            smtputf8: false,
             bounce: true,
+            ..Envelope::default()
         };
+        let mut writer = self.writer(&mut bounce);
+        writer.push(&report).await;
+        Some((writer, bounce))
+    }
+
+    async fn commit_bounce(&self, env: &Envelope, writer: SpoolWriter, bounce: Envelope) {
         match self.accept(writer, bounce).await {
             Ok(bid) => {
                 tracing::info!(id = %env.id, bounce = %bid, to = %env.sender, "bounce queued")
@@ -485,30 +547,41 @@ enum Next {
 }
 
 impl Worker {
-    async fn run(self, stop: CancellationToken) {
+    async fn run(self, stop: CancellationToken, cut: CancellationToken) {
         loop {
-            let job = tokio::select! {
+            let work = tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
-                job = self.next_job() => job,
+                work = self.next_work() => work,
             };
-            // A transaction in flight finishes, shutdown or not.
-            self.deliver(job).await;
+            // Work in flight finishes, shutdown or not, unless the grace period runs out (a
+            // message cut short stays queued and is sent again).
+            let done = async {
+                match work {
+                    Next::Job(job) => self.deliver(job).await,
+                    Next::Expired(entries) => {
+                        for e in entries {
+                            self.expire(e).await;
+                        }
+                    }
+                    Next::Sleep(_) => {}
+                }
+            };
+            tokio::select! {
+                _ = done => {}
+                _ = cut.cancelled() => return,
+            }
         }
     }
 
-    async fn next_job(&self) -> Job {
+    /// The next job or expired messages, sleeping until there is one.
+    async fn next_work(&self) -> Next {
         loop {
             let wake = self.aq.wake.notified();
             tokio::pin!(wake);
             wake.as_mut().enable();
             match self.pick() {
-                Next::Job(job) => return job,
-                Next::Expired(entries) => {
-                    for e in entries {
-                        self.expire(e).await;
-                    }
-                }
+                work @ (Next::Job(_) | Next::Expired(_)) => return work,
                 Next::Sleep(until) => {
                     let sleep = async {
                         match until {
@@ -553,13 +626,13 @@ impl Worker {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        if let Some((until, _)) = &inner.paused {
-            if *until > now {
-                return Next::Sleep(wake_by(Some(*until)));
+        if let Some(p) = &inner.paused {
+            if p.until > now {
+                return Next::Sleep(wake_by(Some(p.until)));
             }
             inner.paused = None;
         }
-        let cap = self.pacer.recipients_per_message();
+        let cap = self.pacer.recipients_now(self.pacers.now_ms());
         let found = inner
             .messages
             .values()
@@ -608,30 +681,49 @@ impl Worker {
         let replies = match result {
             Ok(replies) => replies,
             Err(stopped) => {
-                let (pause, why) = match stopped {
+                // Nothing was sent: the turn taken from pacing is given back.
+                self.pacer
+                    .refund(job.rcpts.len() as u32, self.pacers.now_ms());
+                let (pause, why, hold) = match stopped {
                     Stopped::Busy => (
                         Duration::from_secs(1),
                         "all upstream connections busy".to_string(),
+                        Hold::Busy,
                     ),
                     Stopped::Throttled(reply) => {
                         let kind = throttle(&reply).expect("a throttling reply");
                         let pause = pause_for(&reply, kind, &queue.config);
                         tracing::warn!(account = %account.name, reply = %reply.summary(), pause_secs = pause.as_secs(), "provider is throttling the account; pausing its queue");
-                        (pause, format!("throttled: {}", reply.summary()))
+                        (
+                            pause,
+                            format!("throttled: {}", reply.summary()),
+                            Hold::Throttled,
+                        )
                     }
                     Stopped::Trouble(why) => {
                         let n = {
                             let mut inner = lock(&self.aq.inner);
-                            inner.trouble += 1;
-                            inner.trouble
+                            // Workers failing side by side are one failure of the account.
+                            let held = inner
+                                .paused
+                                .as_ref()
+                                .is_some_and(|p| p.hold == Hold::Trouble && p.until > now);
+                            if !held {
+                                inner.trouble += 1;
+                            }
+                            inner.trouble.max(1)
                         };
                         let pause = backoff(n, &queue.config);
                         tracing::warn!(account = %account.name, error = %why, next_attempt_secs = pause.as_secs(), "queued mail held");
-                        (pause, why)
+                        (pause, why, Hold::Trouble)
                     }
                 };
                 let mut inner = lock(&self.aq.inner);
-                inner.paused = Some((now + pause, why));
+                // The longest pause wins: a quota's hour is not cut short by a busy second.
+                let until = now + pause;
+                if inner.paused.as_ref().is_none_or(|p| p.until < until) {
+                    inner.paused = Some(Pause { until, why, hold });
+                }
                 if let Some(e) = inner.messages.get_mut(&env.id) {
                     e.busy = false;
                 }
@@ -676,7 +768,9 @@ impl Worker {
                             diagnostic: reply.summary(),
                         });
                     }
-                    Severity::Transient => {}
+                    Severity::Transient => {
+                        tracing::info!(id = %env.id, to = %address, reply = %reply.summary(), "deferred");
+                    }
                 }
                 e.progress.last_reply = Some(reply.summary());
             }
@@ -694,18 +788,26 @@ impl Worker {
             (e.progress.clone(), done, retry_in)
         };
         if let Some(wait) = retry_in {
-            for (i, reply) in job.rcpts.iter().zip(&replies) {
-                if reply.severity() == Severity::Transient {
-                    tracing::info!(id = %env.id, to = %env.recipients[*i], reply = %reply.summary(), next_attempt_secs = wait.as_secs(), "deferred");
-                }
-            }
+            tracing::info!(id = %env.id, attempts = progress.attempts, next_attempt_secs = wait.as_secs(), "message deferred");
         }
-        queue.bounce(account, &env, failed).await;
-        let recorded = if done {
-            queue.spool.remove(&env.id).await
-        } else {
-            queue.spool.record(&env.id, &progress).await
+        let bounce = queue.prepare_bounce(account, &env, failed).await;
+        let record = async {
+            if done {
+                queue.spool.remove(&env.id).await
+            } else {
+                queue.spool.record(&env.id, &progress).await
+            }
         };
+        // Side by side, so that both land in one commit: a crash between the upstream's replies
+        // and their record is the only window for a second copy.
+        let (_, recorded) = tokio::join!(
+            async {
+                if let Some((writer, b)) = bounce {
+                    queue.commit_bounce(&env, writer, b).await;
+                }
+            },
+            record
+        );
         if let Err(e) = recorded {
             tracing::warn!(id = %env.id, error = %e, "cannot record delivery progress in the spool");
         }

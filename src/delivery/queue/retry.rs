@@ -26,10 +26,14 @@ pub enum Throttle {
 /// Whether `reply` is the provider throttling the account.
 pub fn throttle(reply: &Reply) -> Option<Throttle> {
     let text = reply.lines.join(" ").to_ascii_lowercase();
-    let quota = reply.enhanced() == Some(EnhancedCode(5, 4, 5))
-        || ["submissionquotaexceeded", "sending limit exceeded", "quota"]
-            .iter()
-            .any(|w| text.contains(w));
+    // X.2.2 is the recipient's mailbox being full ("over quota"): that recipient's fate, not the
+    // account's sending quota.
+    let mailbox_full = reply.enhanced().is_some_and(|c| c.1 == 2 && c.2 == 2);
+    let quota = !mailbox_full
+        && (reply.enhanced() == Some(EnhancedCode(5, 4, 5))
+            || ["submissionquotaexceeded", "sending limit exceeded", "quota"]
+                .iter()
+                .any(|w| text.contains(w)));
     if quota {
         return Some(Throttle::Quota);
     }
@@ -100,7 +104,6 @@ mod tests {
                 "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException",
             ),
             Reply::new(550, "5.4.5 Daily user sending limit exceeded."),
-            Reply::new(452, "4.2.2 The email account has exceeded its quota"),
         ];
         for r in &quota {
             assert_eq!(throttle(r), Some(Throttle::Quota), "{r:?}");
@@ -120,6 +123,11 @@ mod tests {
             Reply::new(550, "5.1.1 No such user"),
             Reply::new(450, "4.2.1 Mailbox busy"),
             Reply::new(451, "4.3.0 Local error"),
+            // A full mailbox is the recipient's trouble.
+            Reply::new(
+                452,
+                "4.2.2 The email account that you tried to reach is over quota",
+            ),
         ] {
             assert_eq!(throttle(&r), None, "{r:?}");
         }

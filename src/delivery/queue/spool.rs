@@ -1,18 +1,20 @@
 //! The queue on disk: what makes a queue-mode `250` true after a crash.
 //!
-//! Under `data_dir/queue/` (directories `0700`, files `0600` by the process umask):
-//! - `tmp/ID`: a body being received; whatever is here at start-up was never acknowledged.
-//! - `msg/ID`: the body as the mailer sent it (dot-stuffing undone), never changed again;
-//! - `msg/ID.env`: the envelope (JSON), the commit marker: a message exists when both are there;
+//! Under `data_dir/queue/` (directories `0700`, files `0600`):
+//! - `tmp/ID`: a message being received; whatever is here at start-up was never acknowledged.
+//! - `msg/ID`: a committed message: one line of envelope (JSON), then the body as the mailer sent
+//!   it (dot-stuffing undone); never changed again. Its presence is the commit.
 //! - `msg/ID.state`: per-recipient progress (JSON), replaced atomically after each attempt.
 //!
-//! Every change that must survive a crash goes through one committer thread that takes all
-//! changes waiting at that moment and makes them durable together: one `syncfs` for the data of
-//! the whole batch, the renames, one `fsync` of `msg/` for the names (group commit: ten sessions
-//! queueing at once share two disk syncs instead of needing twenty).
+//! A message is written and `fdatasync`ed by the session that received it (sessions do this side
+//! by side), then handed to one committer thread, which renames every message waiting at that
+//! moment into `msg/` and makes the names durable with one `fsync` of the directory (group commit:
+//! ten sessions queueing at once share one directory sync instead of queueing behind each other).
+//! Progress records and removals go through the same thread and share its syncs.
 
+use std::collections::BTreeSet;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, BufRead, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
@@ -25,7 +27,7 @@ const WRITE_BATCH: usize = 256 * 1024;
 const MAX_BATCH: usize = 512;
 
 /// Who sent a message to whom, fixed at submission.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Envelope {
     pub id: String,
     pub account: String,
@@ -34,7 +36,12 @@ pub struct Envelope {
     pub recipients: Vec<String>,
     /// Unix seconds.
     pub received: u64,
+    /// Bytes of body (not stored: the file's length tells).
+    #[serde(skip)]
     pub size: u64,
+    /// Where the body starts in the file (after the envelope line).
+    #[serde(skip)]
+    pub body_offset: u64,
     #[serde(default)]
     pub eight_bit: bool,
     #[serde(default)]
@@ -98,13 +105,10 @@ impl Progress {
 }
 
 enum Op {
-    /// `tmp/ID` is written and closed; its envelope goes to `msg/ID.env` with it.
-    Commit {
-        body_tmp: PathBuf,
-        body: PathBuf,
-        env_tmp: PathBuf,
-        env: PathBuf,
-        env_bytes: Vec<u8>,
+    /// A written and synced file gets its name in `msg/`.
+    Place {
+        from: PathBuf,
+        to: PathBuf,
     },
     /// Replaces `path` with `bytes` (through `tmp`).
     Write {
@@ -113,6 +117,17 @@ enum Op {
         bytes: Vec<u8>,
     },
     Remove(Vec<PathBuf>),
+}
+
+impl Op {
+    /// The directory whose entries it changes.
+    fn dir(&self) -> Option<&Path> {
+        match self {
+            Op::Place { to, .. } => to.parent(),
+            Op::Write { path, .. } => path.parent(),
+            Op::Remove(paths) => paths.first().and_then(|p| p.parent()),
+        }
+    }
 }
 
 struct Job {
@@ -140,67 +155,60 @@ impl Spool {
         let root = data_dir.join("queue");
         let msg = root.join("msg");
         let tmp = root.join("tmp");
+        let new = !msg.exists();
         for dir in [&root, &msg, &tmp] {
             crate::util::fs::create_private_dir(dir)?;
+        }
+        if new {
+            // The new directories' names must survive a power loss as much as the files in them.
+            for dir in [&root, data_dir] {
+                File::open(dir)?.sync_all()?;
+            }
         }
         for entry in std::fs::read_dir(&tmp)? {
             let _ = std::fs::remove_file(entry?.path());
         }
         let mut stored = Vec::new();
+        let mut ids = BTreeSet::new();
         for entry in std::fs::read_dir(&msg)? {
             let path = entry?.path();
-            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-                continue;
-            };
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             if name.ends_with(".tmp") {
                 let _ = std::fs::remove_file(&path);
-                continue;
+            } else if !name.contains('.') {
+                ids.insert(name.to_string());
             }
-            let Some(id) = name.strip_suffix(".env") else {
-                continue;
-            };
-            let body = msg.join(id);
-            let envelope = std::fs::read(&path)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Envelope>(&b).ok());
-            match envelope {
-                Some(envelope) if body.exists() => {
+        }
+        for entry in std::fs::read_dir(&msg)? {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name
+                .strip_suffix(".state")
+                .is_some_and(|id| !ids.contains(id))
+            {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        for id in ids {
+            match read_envelope(&msg.join(&id)) {
+                Ok(envelope) => {
                     let progress = std::fs::read(msg.join(format!("{id}.state")))
                         .ok()
                         .and_then(|b| serde_json::from_slice::<Progress>(&b).ok())
                         .filter(|p| p.recipients.len() == envelope.recipients.len());
                     stored.push(Stored { envelope, progress });
                 }
-                // Renamed but not made durable before a crash: it was never acknowledged.
-                _ => {
-                    tracing::warn!(
-                        id,
-                        "incomplete message in the spool removed (it was never acknowledged)"
-                    );
-                    let _ = std::fs::remove_file(&path);
-                }
-            }
-        }
-        // Bodies whose envelope never arrived.
-        for entry in std::fs::read_dir(&msg)? {
-            let path = entry?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if !name.contains('.') && !msg.join(format!("{name}.env")).exists() {
-                let _ = std::fs::remove_file(&path);
-            }
-            if let Some(id) = name.strip_suffix(".state") {
-                if !msg.join(format!("{id}.env")).exists() {
-                    let _ = std::fs::remove_file(&path);
+                Err(e) => {
+                    // Committed files are complete (synced before their rename); this one is not ours.
+                    tracing::warn!(id, error = %e, "unreadable file in the spool left alone");
                 }
             }
         }
         stored.sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
         let (jobs, rx) = mpsc::channel();
-        let sync_dir = root.clone();
-        let names_dir = msg.clone();
         std::thread::Builder::new()
             .name("spool-commit".into())
-            .spawn(move || committer(rx, &sync_dir, &names_dir))?;
+            .spawn(move || committer(rx))?;
         Ok((
             Spool {
                 root,
@@ -220,12 +228,15 @@ impl Spool {
         self.msg.join(id)
     }
 
-    /// A file to receive a body into.
-    pub fn writer(&self, id: &str) -> SpoolWriter {
+    /// A file to receive the body of `envelope` into.
+    pub fn writer(&self, envelope: &Envelope) -> SpoolWriter {
+        let mut buf = serde_json::to_vec(envelope).unwrap_or_default();
+        buf.push(b'\n');
         SpoolWriter {
-            path: self.tmp.join(id),
+            path: self.tmp.join(&envelope.id),
             file: None,
-            buf: Vec::new(),
+            header: buf.len() as u64,
+            buf,
             size: 0,
             failed: None,
             committed: false,
@@ -242,21 +253,17 @@ impl Spool {
             .map_err(|_| io::Error::other("the spool committer has stopped"))?
     }
 
-    /// Writes out the rest of the body and makes it and its envelope durable, together with
-    /// whatever else is being committed at that moment.
-    pub async fn commit(&self, mut writer: SpoolWriter, envelope: &Envelope) -> io::Result<()> {
+    /// Writes out the rest of the message, syncs it, and gives it its name in `msg/` together
+    /// with whatever else is being committed at that moment. Returns where the body starts.
+    pub async fn commit(&self, mut writer: SpoolWriter, id: &str) -> io::Result<u64> {
         writer.write_out(true).await?;
-        let id = &envelope.id;
-        let op = Op::Commit {
-            body_tmp: writer.path.clone(),
-            body: self.msg.join(id),
-            env_tmp: self.tmp.join(format!("{id}.env")),
-            env: self.msg.join(format!("{id}.env")),
-            env_bytes: serde_json::to_vec(envelope).map_err(io::Error::other)?,
+        let op = Op::Place {
+            from: writer.path.clone(),
+            to: self.msg.join(id),
         };
         self.run(op).await?;
         writer.committed = true;
-        Ok(())
+        Ok(writer.header)
     }
 
     /// Records a message's progress durably.
@@ -272,11 +279,8 @@ impl Spool {
     /// Removes a message that is done with (delivered, bounced or deleted), durably: a crash
     /// afterwards must not deliver it again.
     pub async fn remove(&self, id: &str) -> io::Result<()> {
-        let paths = vec![
-            self.msg.join(format!("{id}.env")),
-            self.msg.join(format!("{id}.state")),
-            self.msg.join(id),
-        ];
+        // The message first: without it the state file means nothing.
+        let paths = vec![self.msg.join(id), self.msg.join(format!("{id}.state"))];
         self.run(Op::Remove(paths)).await
     }
 
@@ -295,6 +299,8 @@ impl Spool {
 pub struct SpoolWriter {
     path: PathBuf,
     file: Option<File>,
+    /// Length of the envelope line.
+    header: u64,
     buf: Vec<u8>,
     size: u64,
     failed: Option<io::ErrorKind>,
@@ -322,7 +328,7 @@ impl SpoolWriter {
         }
     }
 
-    /// Writes the buffer (and on `last`, closes the file).
+    /// Writes the buffer (and on `last`, syncs and closes the file).
     async fn write_out(&mut self, last: bool) -> io::Result<()> {
         if let Some(kind) = self.failed {
             return Err(kind.into());
@@ -337,6 +343,9 @@ impl SpoolWriter {
                 None => crate::util::fs::create_private(&path)?,
             };
             file.write_all(&buf)?;
+            if last {
+                file.sync_data()?;
+            }
             buf.clear();
             Ok::<_, io::Error>((file, buf))
         })
@@ -353,14 +362,39 @@ impl SpoolWriter {
 
 impl Drop for SpoolWriter {
     fn drop(&mut self) {
-        if !self.committed && (self.file.is_some() || self.size > 0) {
+        if !self.committed {
             let _ = std::fs::remove_file(&self.path);
         }
     }
 }
 
-/// The committer thread: batches, then two syncs per batch.
-fn committer(rx: mpsc::Receiver<Job>, root: &Path, names: &Path) {
+/// Reads a committed message's envelope line; the body follows it.
+pub fn read_envelope(path: &Path) -> io::Result<Envelope> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut reader = io::BufReader::new(file.take(1 << 20));
+    let mut line = Vec::new();
+    reader.read_until(b'\n', &mut line)?;
+    if line.last() != Some(&b'\n') {
+        return Err(io::Error::other("no envelope line"));
+    }
+    let mut envelope: Envelope = serde_json::from_slice(&line).map_err(io::Error::other)?;
+    envelope.body_offset = line.len() as u64;
+    envelope.size = len - envelope.body_offset;
+    Ok(envelope)
+}
+
+/// Reads up to `limit` bytes of a message's body from its start.
+pub fn read_body(path: &Path, offset: u64, limit: u64) -> io::Result<Vec<u8>> {
+    let mut file = File::open(path)?;
+    file.seek(io::SeekFrom::Start(offset))?;
+    let mut out = Vec::new();
+    file.take(limit).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// The committer thread: takes every job waiting, then one sync per directory touched.
+fn committer(rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -369,60 +403,38 @@ fn committer(rx: mpsc::Receiver<Job>, root: &Path, names: &Path) {
                 Err(_) => break,
             }
         }
-        let results = commit_batch(&batch, root, names);
+        let results = commit_batch(&batch);
         for (job, result) in batch.into_iter().zip(results) {
             let _ = job.done.send(result);
         }
     }
 }
 
-fn commit_batch(batch: &[Job], root: &Path, names: &Path) -> Vec<io::Result<()>> {
+fn commit_batch(batch: &[Job]) -> Vec<io::Result<()>> {
     let mut results: Vec<io::Result<()>> = batch
         .iter()
         .map(|job| match &job.op {
-            Op::Commit {
-                env_tmp, env_bytes, ..
-            } => crate::util::fs::write_private(env_tmp, env_bytes),
-            Op::Write { tmp, bytes, .. } => crate::util::fs::write_private(tmp, bytes),
-            Op::Remove(_) => Ok(()),
-        })
-        .collect();
-    // The data of every file in the batch reaches the disk before any of them gets its name.
-    if let Err(e) = File::open(root).and_then(|d| rustix::fs::syncfs(&d).map_err(io::Error::from)) {
-        return batch
-            .iter()
-            .map(|_| Err(io::Error::new(e.kind(), e.to_string())))
-            .collect();
-    }
-    for (job, result) in batch.iter().zip(results.iter_mut()) {
-        if result.is_err() {
-            continue;
-        }
-        *result = match &job.op {
-            Op::Commit {
-                body_tmp,
-                body,
-                env_tmp,
-                env,
-                ..
-            } => std::fs::rename(body_tmp, body).and_then(|()| std::fs::rename(env_tmp, env)),
-            Op::Write { tmp, path, .. } => std::fs::rename(tmp, path),
+            Op::Place { from, to } => std::fs::rename(from, to),
+            Op::Write { tmp, path, bytes } => crate::util::fs::create_private(tmp)
+                .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_data()))
+                .and_then(|()| std::fs::rename(tmp, path)),
             Op::Remove(paths) => paths
                 .iter()
                 .try_for_each(|p| match std::fs::remove_file(p) {
                     Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
                     _ => Ok(()),
                 }),
-        };
-    }
-    let synced = File::open(names)
-        .and_then(|d| d.sync_all())
-        .and_then(|()| File::open(root).and_then(|d| d.sync_all()));
-    if let Err(e) = synced {
-        return batch
-            .iter()
-            .map(|_| Err(io::Error::new(e.kind(), e.to_string())))
-            .collect();
+        })
+        .collect();
+    let dirs: BTreeSet<&Path> = batch.iter().filter_map(|j| j.op.dir()).collect();
+    for dir in dirs {
+        if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+            for (job, result) in batch.iter().zip(results.iter_mut()) {
+                if job.op.dir() == Some(dir) && result.is_ok() {
+                    *result = Err(io::Error::new(e.kind(), e.to_string()));
+                }
+            }
+        }
     }
     results
 }

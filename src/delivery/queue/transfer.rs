@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::retry::throttle;
 use super::spool::Envelope;
@@ -73,20 +73,23 @@ pub async fn transfer(
             }
             Step::Retry => return Ok(vec![lost_text("closed"); rcpts.len()]),
             Step::Done(replies, keep) => {
-                if keep {
-                    lease.give_back();
-                }
+                give_back_if(lease, keep);
                 return Ok(replies);
             }
             Step::Throttled(reply, keep) => {
-                if keep {
-                    lease.give_back();
-                }
+                give_back_if(lease, keep);
                 return Err(Stopped::Throttled(reply));
             }
         }
     }
     unreachable!("the loop returns on its second pass")
+}
+
+/// Back to the pool only a connection whose dialogue is complete; dropping it closes it.
+fn give_back_if(mut lease: Lease, keep: bool) {
+    if keep && lease.client().is_some_and(|c| !c.in_step()) {
+        lease.give_back();
+    }
 }
 
 fn lost_text(what: &str) -> Reply {
@@ -156,34 +159,61 @@ async fn run(lease: &mut Lease, env: &Envelope, rcpts: &[String], body: &Path) -
         return Step::Throttled(r, !pipelined && mail.code != 421);
     }
     if !mail.is_positive() {
-        // Pipelined RCPTs and DATA were refused too (no transaction), unless the server opened DATA.
-        let data_open = results.any(|r| matches!(r, Ok(r) if r.code == 354));
-        return all(mail, !data_open);
+        // Pipelined RCPTs and DATA were refused too (no transaction); the connection is only fit
+        // for reuse when every one of them was answered and none opened DATA.
+        let clean = results.all(|r| matches!(r, Ok(r) if r.code != 354));
+        return all(mail, clean);
     }
-    let mut replies: Vec<Result<Reply, UpstreamError>> = Vec::with_capacity(rcpts.len());
+    let mut results_rcpt: Vec<Result<Reply, UpstreamError>> = Vec::with_capacity(rcpts.len());
     if pipelined {
-        replies.extend(results.by_ref().take(rcpts.len()));
+        results_rcpt.extend(results.by_ref().take(rcpts.len()));
     } else {
         for to in rcpts {
             let r = client.command(&format!("RCPT TO:<{to}>")).await;
-            let broken = r.is_err();
-            replies.push(r);
-            if broken {
+            // After a throttling reply or a broken connection, the rest would only hit a wall.
+            let stop = r.is_err() || throttled(&r).is_some();
+            results_rcpt.push(r);
+            if stop {
                 break;
             }
         }
     }
-    if let Some(e) = replies.iter().find_map(|r| r.as_ref().err()) {
-        let e = e.clone();
-        return Step::Done(vec![lost(&e); rcpts.len()], false);
-    }
-    let mut replies: Vec<Reply> = replies.into_iter().map(|r| r.expect("no errors")).collect();
-    if let Some(r) = replies.iter().find(|r| throttle(r).is_some()).cloned() {
-        // The RCPTs accepted in this transaction are dropped with it.
+    // Throttling first: a provider that says "slow down" and hangs up is throttling, not broken.
+    if let Some(r) = results_rcpt.iter().find_map(throttled) {
         let data = if pipelined { results.next() } else { None };
-        let keep = !matches!(data, Some(Ok(ref d)) if d.code == 354) && r.code != 421;
-        return Step::Throttled(r, keep && reset(client).await);
+        let clean = results_rcpt.iter().all(Result::is_ok)
+            && !matches!(data, Some(Ok(ref d)) if d.code == 354)
+            && !matches!(data, Some(Err(_)))
+            && r.code != 421;
+        return Step::Throttled(r, clean && reset(client).await);
     }
+    if let Some(e) = results_rcpt.iter().find_map(|r| r.as_ref().err()).cloned() {
+        // Recipients that had their answer keep it; the others lost theirs with the connection.
+        let mut replies: Vec<Reply> = results_rcpt
+            .into_iter()
+            .map(|r| match r {
+                Ok(r) if !r.is_positive() => r,
+                _ => lost(&e),
+            })
+            .collect();
+        replies.resize(rcpts.len(), lost(&e));
+        return Step::Done(replies, false);
+    }
+    let mut replies: Vec<Reply> = results_rcpt
+        .into_iter()
+        .map(|r| r.expect("no errors"))
+        .map(|r| {
+            // Only 2xx accepts a recipient; anything else positive is a server out of step.
+            if r.is_positive() && r.code >= 300 {
+                Reply::new(
+                    451,
+                    format!("4.5.0 Unexpected reply to RCPT ({})", r.summary()),
+                )
+            } else {
+                r
+            }
+        })
+        .collect();
     let accepted: Vec<usize> = (0..replies.len())
         .filter(|i| replies[*i].is_positive())
         .collect();
@@ -209,6 +239,17 @@ async fn run(lease: &mut Lease, env: &Envelope, rcpts: &[String], body: &Path) -
         return Step::Done(replies, keep);
     }
     if data.code != 354 {
+        if data.is_positive() {
+            // DATA "accepted" without asking for the body: nothing was sent.
+            let r = Reply::new(
+                451,
+                format!("4.5.0 Unexpected reply to DATA ({})", data.summary()),
+            );
+            for i in &accepted {
+                replies[*i] = r.clone();
+            }
+            return Step::Done(replies, false);
+        }
         if throttle(&data).is_some() {
             let keep = data.code != 421 && reset(client).await;
             return Step::Throttled(data, keep);
@@ -219,7 +260,7 @@ async fn run(lease: &mut Lease, env: &Envelope, rcpts: &[String], body: &Path) -
         let keep = data.code != 421 && reset(client).await;
         return Step::Done(replies, keep);
     }
-    if let Err(e) = send_body(client, body).await {
+    if let Err(e) = send_body(client, body, env).await {
         for i in &accepted {
             replies[*i] = e.clone();
         }
@@ -235,6 +276,19 @@ async fn run(lease: &mut Lease, env: &Envelope, rcpts: &[String], body: &Path) -
             Step::Done(replies, false)
         }
         Ok(f) if throttle(&f).is_some() => Step::Throttled(f.clone(), f.code != 421),
+        Ok(f) if f.code < 400 && f.code >= 300 => {
+            let r = Reply::new(
+                451,
+                format!(
+                    "4.5.0 Unexpected reply to the end of data ({})",
+                    f.summary()
+                ),
+            );
+            for i in &accepted {
+                replies[*i] = r.clone();
+            }
+            Step::Done(replies, false)
+        }
         Ok(f) => {
             let keep = f.code != 421;
             for i in &accepted {
@@ -250,17 +304,33 @@ async fn reset(client: &mut crate::delivery::client::Client) -> bool {
     matches!(client.command("RSET").await, Ok(r) if r.code == 250)
 }
 
-/// Streams the spooled body to the upstream; the error is the recipients' reply.
-async fn send_body(client: &mut crate::delivery::client::Client, path: &Path) -> Result<(), Reply> {
-    let mut file = tokio::fs::File::open(path)
+/// Streams the spooled body to the upstream; the error is the recipients' reply. A small body is
+/// read in one go (one trip to the blocking pool), a large one in chunks.
+async fn send_body(
+    client: &mut crate::delivery::client::Client,
+    path: &Path,
+    env: &Envelope,
+) -> Result<(), Reply> {
+    let unreadable =
+        |e: std::io::Error| Reply::new(451, format!("4.3.0 Cannot read the spooled message ({e})"));
+    if env.size <= READ_CHUNK as u64 {
+        let (path, offset) = (path.to_path_buf(), env.body_offset);
+        let body = tokio::task::spawn_blocking(move || {
+            super::spool::read_body(&path, offset, READ_CHUNK as u64)
+        })
         .await
-        .map_err(|e| Reply::new(451, format!("4.3.0 Cannot read the spooled message ({e})")))?;
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(unreadable)?;
+        return client.body(&body).await.map_err(|e| lost(&e));
+    }
+    let mut file = tokio::fs::File::open(path).await.map_err(unreadable)?;
+    file.seek(std::io::SeekFrom::Start(env.body_offset))
+        .await
+        .map_err(unreadable)?;
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
-        let n = file
-            .read(&mut buf)
-            .await
-            .map_err(|e| Reply::new(451, format!("4.3.0 Cannot read the spooled message ({e})")))?;
+        let n = file.read(&mut buf).await.map_err(unreadable)?;
         if n == 0 {
             return Ok(());
         }
