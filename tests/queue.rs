@@ -44,9 +44,16 @@ async fn queue_json(relay: &Relay) -> Vec<serde_json::Value> {
     serde_json::from_str(&r.text).unwrap()
 }
 
+/// Message `n`; message 2 is larger than what the spool keeps in memory (it gets a file of its own).
 fn body(n: usize) -> Vec<u8> {
+    let filler = if n == 2 {
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789\r\n"
+            .repeat(4000)
+    } else {
+        String::new()
+    };
     format!(
-        "Subject: issue {n}\r\nFrom: alice@example.com\r\n\r\nHello {n}\r\n.leading dot\r\nlast line without end"
+        "Subject: issue {n}\r\nFrom: alice@example.com\r\n\r\nHello {n}\r\n{filler}.leading dot\r\nlast line without end"
     )
     .into_bytes()
 }

@@ -14,6 +14,7 @@
 //! schedule. A message still pending at `max_queue_age_secs` is bounced.
 
 pub mod dsn;
+pub mod log;
 pub mod retry;
 pub mod spool;
 pub mod transfer;
@@ -238,7 +239,7 @@ impl Queue {
             )));
         };
         env.size = writer.size();
-        env.body_offset = self.spool.commit(writer, &env.id).await?;
+        self.spool.commit(writer, &mut env).await?;
         tracing::info!(id = %env.id, account = %env.account, size = env.size, recipients = env.recipients.len(), bounce = env.bounce, "message queued");
         let progress = Progress::fresh(env.recipients.len());
         let id = env.id.clone();
@@ -350,9 +351,8 @@ impl Queue {
     }
 
     async fn headers(&self, env: &Envelope) -> Vec<u8> {
-        let path = self.spool.body_path(&env.id);
-        let offset = env.body_offset;
-        let start = tokio::task::spawn_blocking(move || spool::read_body(&path, offset, 64 * 1024))
+        let source = self.spool.body(env);
+        let start = tokio::task::spawn_blocking(move || source.read(64 * 1024))
             .await
             .ok()
             .and_then(Result::ok)
@@ -406,7 +406,11 @@ impl Queue {
                 if hit {
                     e.due = now;
                     e.progress.next_attempt = 0;
-                    records.push((e.env.id.clone(), e.progress.clone()));
+                    // A logged message has no progress file, and a busy one is recorded by its
+                    // worker; the others need the new time on disk for a relay started later.
+                    if e.env.logged.is_none() && !e.busy {
+                        records.push((e.env.clone(), e.progress.clone()));
+                    }
                     count += 1;
                     touched = true;
                 }
@@ -418,9 +422,10 @@ impl Queue {
                 aq.wake.notify_waiters();
             }
         }
-        for (id, progress) in records {
-            if let Err(e) = self.spool.record(&id, &progress).await {
-                tracing::warn!(id, error = %e, "cannot record the retry in the spool");
+        for (env, progress) in records {
+            let mut env = Envelope::clone(&env);
+            if let Err(e) = self.spool.record(&mut env, &progress).await {
+                tracing::warn!(id = %env.id, error = %e, "cannot record the retry in the spool");
             }
         }
         count
@@ -463,7 +468,7 @@ impl Queue {
             };
             if let Some(e) = removed {
                 self.spool
-                    .remove(id)
+                    .remove(&e.env)
                     .await
                     .map_err(|e| format!("message {id}: cannot remove it from the spool: {e}"))?;
                 tracing::info!(id, account = %e.env.account, sender = %e.env.sender, "message deleted from the queue by the operator");
@@ -675,7 +680,7 @@ impl Worker {
             .iter()
             .map(|i| env.recipients[*i].clone())
             .collect();
-        let body = queue.spool.body_path(&env.id);
+        let body = queue.spool.body(env);
         let result = transfer::transfer(&self.pool, account, env, &addresses, &body).await;
         let now = queue.clock.now();
         let replies = match result {
@@ -791,11 +796,12 @@ impl Worker {
             tracing::info!(id = %env.id, attempts = progress.attempts, next_attempt_secs = wait.as_secs(), "message deferred");
         }
         let bounce = queue.prepare_bounce(account, &env, failed).await;
+        let mut moved = Envelope::clone(&env);
         let record = async {
             if done {
-                queue.spool.remove(&env.id).await
+                queue.spool.remove(&moved).await
             } else {
-                queue.spool.record(&env.id, &progress).await
+                queue.spool.record(&mut moved, &progress).await
             }
         };
         // Side by side, so that both land in one commit: a crash between the upstream's replies
@@ -815,6 +821,9 @@ impl Worker {
         if done {
             inner.messages.remove(&env.id);
         } else if let Some(e) = inner.messages.get_mut(&env.id) {
+            if moved.logged != env.logged {
+                e.env = Arc::new(moved);
+            }
             e.busy = false;
         }
         drop(inner);
@@ -842,7 +851,7 @@ impl Worker {
             })
             .collect();
         self.queue.bounce(&self.aq.account, env, failed).await;
-        if let Err(err) = self.queue.spool.remove(&env.id).await {
+        if let Err(err) = self.queue.spool.remove(env).await {
             tracing::warn!(id = %env.id, error = %err, "cannot remove an expired message from the spool");
         }
     }

@@ -1,18 +1,20 @@
 //! The queue on disk: what makes a queue-mode `250` true after a crash.
 //!
 //! Under `data_dir/queue/` (directories `0700`, files `0600`):
-//! - `tmp/ID`: a message being received; whatever is here at start-up was never acknowledged.
-//! - `msg/ID`: a committed message: one line of envelope (JSON), then the body as the mailer sent
-//!   it (dot-stuffing undone); never changed again. Its presence is the commit.
+//! - `seg/`: small messages (received whole in memory), appended to a segment log ([`super::log`])
+//!   by the committer, many to one `fdatasync`: the fast path, with no file per message.
+//! - `tmp/ID`: a large message being received; whatever is here at start-up was never acknowledged.
+//! - `msg/ID`: a message in a file of its own: one line of envelope (JSON), then the body as the
+//!   mailer sent it (dot-stuffing undone); never changed again. Its presence is the commit. Large
+//!   messages go here directly, logged ones move here when they stay (deferred, held).
 //! - `msg/ID.state`: per-recipient progress (JSON), replaced atomically after each attempt.
 //!
-//! A message is written and `fdatasync`ed by the session that received it (sessions do this side
-//! by side), then handed to one committer thread, which renames every message waiting at that
-//! moment into `msg/` and makes the names durable with one `fsync` of the directory (group commit:
-//! ten sessions queueing at once share one directory sync instead of queueing behind each other).
-//! Progress records and removals go through the same thread and share its syncs.
+//! Every change that must survive a crash goes through one committer thread, which takes all the
+//! changes waiting at that moment and makes them durable together: one `fdatasync` of the log and
+//! one `fsync` per directory touched (group commit: ten sessions queueing at once share one sync
+//! instead of queueing behind each other).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, BufRead, Read, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -20,6 +22,8 @@ use std::sync::mpsc;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
+
+use super::log::{self, LogAt, KIND_DONE, KIND_MESSAGE};
 
 /// Bytes of body gathered in memory before they are written out.
 const WRITE_BATCH: usize = 256 * 1024;
@@ -39,9 +43,12 @@ pub struct Envelope {
     /// Bytes of body (not stored: the file's length tells).
     #[serde(skip)]
     pub size: u64,
-    /// Where the body starts in the file (after the envelope line).
+    /// Where the body starts in its file (after the envelope line).
     #[serde(skip)]
     pub body_offset: u64,
+    /// Where the body is in the log, for a logged message.
+    #[serde(skip)]
+    pub logged: Option<LogAt>,
     #[serde(default)]
     pub eight_bit: bool,
     #[serde(default)]
@@ -117,6 +124,11 @@ enum Op {
         bytes: Vec<u8>,
     },
     Remove(Vec<PathBuf>),
+    /// A record for the log.
+    Append {
+        kind: u8,
+        payload: Vec<u8>,
+    },
 }
 
 impl Op {
@@ -126,20 +138,49 @@ impl Op {
             Op::Place { to, .. } => to.parent(),
             Op::Write { path, .. } => path.parent(),
             Op::Remove(paths) => paths.first().and_then(|p| p.parent()),
+            Op::Append { .. } => None,
         }
     }
 }
 
 struct Job {
     op: Op,
-    done: oneshot::Sender<io::Result<()>>,
+    done: oneshot::Sender<io::Result<Option<LogAt>>>,
+}
+
+/// Where a message's body can be read, off the async runtime.
+#[derive(Debug, Clone)]
+pub enum BodySource {
+    Log {
+        dir: PathBuf,
+        at: LogAt,
+        len: u64,
+    },
+    File {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl BodySource {
+    /// Up to `limit` bytes from the start of the body. Blocking.
+    pub fn read(&self, limit: u64) -> io::Result<Vec<u8>> {
+        match self {
+            BodySource::Log { dir, at, len } => log::read_at(dir, *at, (*len).min(limit)),
+            BodySource::File { path, offset, .. } => read_body(path, *offset, limit),
+        }
+    }
 }
 
 pub struct Spool {
     root: PathBuf,
     msg: PathBuf,
     tmp: PathBuf,
+    seg: PathBuf,
     jobs: mpsc::Sender<Job>,
+    /// The segment being appended to (kept by the committer).
+    active: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A message found at start-up.
@@ -155,8 +196,9 @@ impl Spool {
         let root = data_dir.join("queue");
         let msg = root.join("msg");
         let tmp = root.join("tmp");
-        let new = !msg.exists();
-        for dir in [&root, &msg, &tmp] {
+        let seg = root.join("seg");
+        let new = !seg.exists();
+        for dir in [&root, &msg, &tmp, &seg] {
             crate::util::fs::create_private_dir(dir)?;
         }
         if new {
@@ -204,17 +246,61 @@ impl Spool {
                 }
             }
         }
+        // The log: messages without a done record, unless they moved to a file meanwhile.
+        let mut logged: BTreeMap<String, Envelope> = BTreeMap::new();
+        for found in log::scan(&seg)? {
+            match found.kind {
+                KIND_MESSAGE => match envelope_line(&found.payload) {
+                    Some((mut envelope, header)) => {
+                        envelope.size = (found.payload.len() - header) as u64;
+                        envelope.logged = Some(LogAt {
+                            segment: found.segment,
+                            offset: found.offset + header as u64,
+                        });
+                        logged.insert(envelope.id.clone(), envelope);
+                    }
+                    None => tracing::error!(
+                        segment = found.segment,
+                        "unreadable message record in the spool log skipped"
+                    ),
+                },
+                KIND_DONE => {
+                    // The segment of the message, then its id.
+                    let id = found.payload.get(8..).unwrap_or_default();
+                    logged.remove(String::from_utf8_lossy(id).as_ref());
+                }
+                _ => {}
+            }
+        }
+        let in_files: BTreeSet<String> = stored.iter().map(|s| s.envelope.id.clone()).collect();
+        let mut live: BTreeMap<u64, usize> = BTreeMap::new();
+        for (id, envelope) in logged {
+            if in_files.contains(&id) {
+                continue;
+            }
+            let segment = envelope.logged.expect("set above").segment;
+            *live.entry(segment).or_default() += 1;
+            stored.push(Stored {
+                envelope,
+                progress: None,
+            });
+        }
         stored.sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
+        let log = log::Log::open(&seg, live)?;
+        let active = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(log.active()));
         let (jobs, rx) = mpsc::channel();
+        let shown = active.clone();
         std::thread::Builder::new()
             .name("spool-commit".into())
-            .spawn(move || committer(rx))?;
+            .spawn(move || committer(rx, log, &shown))?;
         Ok((
             Spool {
                 root,
                 msg,
                 tmp,
+                seg,
                 jobs,
+                active,
             },
             stored,
         ))
@@ -226,6 +312,28 @@ impl Spool {
 
     pub fn body_path(&self, id: &str) -> PathBuf {
         self.msg.join(id)
+    }
+
+    /// Where to read `env`'s body from.
+    pub fn body(&self, env: &Envelope) -> BodySource {
+        match env.logged {
+            Some(at) => BodySource::Log {
+                dir: self.seg.clone(),
+                at,
+                len: env.size,
+            },
+            None => BodySource::File {
+                path: self.msg.join(&env.id),
+                offset: env.body_offset,
+                len: env.size,
+            },
+        }
+    }
+
+    /// The segment being appended to: logged messages in segments well before it should move
+    /// to files so that the log can shrink.
+    pub fn active_segment(&self) -> u64 {
+        self.active.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A file to receive the body of `envelope` into.
@@ -243,7 +351,7 @@ impl Spool {
         }
     }
 
-    async fn run(&self, op: Op) -> io::Result<()> {
+    async fn run(&self, op: Op) -> io::Result<Option<LogAt>> {
         let (done, result) = oneshot::channel();
         self.jobs
             .send(Job { op, done })
@@ -253,35 +361,102 @@ impl Spool {
             .map_err(|_| io::Error::other("the spool committer has stopped"))?
     }
 
-    /// Writes out the rest of the message, syncs it, and gives it its name in `msg/` together
-    /// with whatever else is being committed at that moment. Returns where the body starts.
-    pub async fn commit(&self, mut writer: SpoolWriter, id: &str) -> io::Result<u64> {
+    /// Makes a received message durable together with whatever else is being committed at that
+    /// moment: appended to the log if it is all in memory, else its file synced and named in
+    /// `msg/`. Sets where its body is.
+    pub async fn commit(&self, mut writer: SpoolWriter, env: &mut Envelope) -> io::Result<()> {
+        if writer.file.is_none() && writer.failed.is_none() {
+            let payload = std::mem::take(&mut writer.buf);
+            let at = self
+                .run(Op::Append {
+                    kind: KIND_MESSAGE,
+                    payload,
+                })
+                .await?
+                .expect("an append has a place");
+            writer.committed = true;
+            env.logged = Some(LogAt {
+                segment: at.segment,
+                offset: at.offset + writer.header,
+            });
+            return Ok(());
+        }
         writer.write_out(true).await?;
         let op = Op::Place {
             from: writer.path.clone(),
-            to: self.msg.join(id),
+            to: self.msg.join(&env.id),
         };
         self.run(op).await?;
         writer.committed = true;
-        Ok(writer.header)
+        env.body_offset = writer.header;
+        env.logged = None;
+        Ok(())
     }
 
-    /// Records a message's progress durably.
-    pub async fn record(&self, id: &str, progress: &Progress) -> io::Result<()> {
+    /// Records a message's progress durably. A logged message moves to a file of its own first
+    /// (it is staying, and must not keep its segment alive); `env` then says where it is.
+    pub async fn record(&self, env: &mut Envelope, progress: &Progress) -> io::Result<()> {
+        if let Some(at) = env.logged {
+            self.move_to_file(env, at).await?;
+        }
+        let id = &env.id;
         let op = Op::Write {
             tmp: self.msg.join(format!("{id}.state.tmp")),
             path: self.msg.join(format!("{id}.state")),
             bytes: serde_json::to_vec(progress).map_err(io::Error::other)?,
         };
-        self.run(op).await
+        self.run(op).await.map(|_| ())
+    }
+
+    async fn move_to_file(&self, env: &mut Envelope, at: LogAt) -> io::Result<()> {
+        let source = self.body(env);
+        let mut head = serde_json::to_vec(&*env).map_err(io::Error::other)?;
+        head.push(b'\n');
+        let header = head.len() as u64;
+        let tmp = self.tmp.join(&env.id);
+        let to_write = tmp.clone();
+        tokio::task::spawn_blocking(move || {
+            let body = source.read(u64::MAX)?;
+            let mut f = crate::util::fs::create_private(&to_write)?;
+            f.write_all(&head)?;
+            f.write_all(&body)?;
+            f.sync_data()
+        })
+        .await
+        .map_err(io::Error::other)??;
+        self.run(Op::Place {
+            from: tmp,
+            to: self.msg.join(&env.id),
+        })
+        .await?;
+        // Only now the log may forget it: a crash in between finds it twice, and the file wins.
+        self.done_in_log(&env.id, at).await?;
+        env.logged = None;
+        env.body_offset = header;
+        Ok(())
+    }
+
+    async fn done_in_log(&self, id: &str, at: LogAt) -> io::Result<()> {
+        let mut payload = at.segment.to_le_bytes().to_vec();
+        payload.extend_from_slice(id.as_bytes());
+        self.run(Op::Append {
+            kind: KIND_DONE,
+            payload,
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Removes a message that is done with (delivered, bounced or deleted), durably: a crash
     /// afterwards must not deliver it again.
-    pub async fn remove(&self, id: &str) -> io::Result<()> {
+    pub async fn remove(&self, env: &Envelope) -> io::Result<()> {
+        if let Some(at) = env.logged {
+            return self.done_in_log(&env.id, at).await;
+        }
+        let id = &env.id;
         // The message first: without it the state file means nothing.
         let paths = vec![self.msg.join(id), self.msg.join(format!("{id}.state"))];
-        self.run(Op::Remove(paths)).await
+        self.run(Op::Remove(paths)).await.map(|_| ())
     }
 
     /// Writes a small file durably (the pacing windows).
@@ -291,7 +466,7 @@ impl Spool {
             path: self.root.join(name),
             bytes,
         };
-        self.run(op).await
+        self.run(op).await.map(|_| ())
     }
 }
 
@@ -368,6 +543,13 @@ impl Drop for SpoolWriter {
     }
 }
 
+/// The envelope line at the start of `bytes`, and its length with the newline.
+fn envelope_line(bytes: &[u8]) -> Option<(Envelope, usize)> {
+    let end = memchr::memchr(b'\n', bytes)?;
+    let envelope = serde_json::from_slice(&bytes[..end]).ok()?;
+    Some((envelope, end + 1))
+}
+
 /// Reads a committed message's envelope line; the body follows it.
 pub fn read_envelope(path: &Path) -> io::Result<Envelope> {
     let file = File::open(path)?;
@@ -393,8 +575,9 @@ pub fn read_body(path: &Path, offset: u64, limit: u64) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// The committer thread: takes every job waiting, then one sync per directory touched.
-fn committer(rx: mpsc::Receiver<Job>) {
+/// The committer thread: takes every job waiting, then one sync per directory touched and one
+/// append and sync of the log.
+fn committer(rx: mpsc::Receiver<Job>, mut log: log::Log, active: &std::sync::atomic::AtomicU64) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -403,27 +586,31 @@ fn committer(rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let results = commit_batch(&batch);
+        let results = commit_batch(&batch, &mut log);
+        active.store(log.active(), std::sync::atomic::Ordering::Relaxed);
         for (job, result) in batch.into_iter().zip(results) {
             let _ = job.done.send(result);
         }
     }
 }
 
-fn commit_batch(batch: &[Job]) -> Vec<io::Result<()>> {
-    let mut results: Vec<io::Result<()>> = batch
+fn commit_batch(batch: &[Job], log: &mut log::Log) -> Vec<io::Result<Option<LogAt>>> {
+    let mut results: Vec<io::Result<Option<LogAt>>> = batch
         .iter()
         .map(|job| match &job.op {
-            Op::Place { from, to } => std::fs::rename(from, to),
+            Op::Place { from, to } => std::fs::rename(from, to).map(|()| None),
             Op::Write { tmp, path, bytes } => crate::util::fs::create_private(tmp)
                 .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_data()))
-                .and_then(|()| std::fs::rename(tmp, path)),
+                .and_then(|()| std::fs::rename(tmp, path))
+                .map(|()| None),
             Op::Remove(paths) => paths
                 .iter()
                 .try_for_each(|p| match std::fs::remove_file(p) {
                     Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
                     _ => Ok(()),
-                }),
+                })
+                .map(|()| None),
+            Op::Append { .. } => Ok(None),
         })
         .collect();
     let dirs: BTreeSet<&Path> = batch.iter().filter_map(|j| j.op.dir()).collect();
@@ -432,6 +619,34 @@ fn commit_batch(batch: &[Job]) -> Vec<io::Result<()>> {
             for (job, result) in batch.iter().zip(results.iter_mut()) {
                 if job.op.dir() == Some(dir) && result.is_ok() {
                     *result = Err(io::Error::new(e.kind(), e.to_string()));
+                }
+            }
+        }
+    }
+    let records: Vec<(usize, u8, &[u8])> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, job)| match &job.op {
+            Op::Append { kind, payload } => Some((i, *kind, payload.as_slice())),
+            _ => None,
+        })
+        .collect();
+    if !records.is_empty() {
+        let wire: Vec<(u8, &[u8])> = records.iter().map(|(_, k, p)| (*k, *p)).collect();
+        match log.append(&wire) {
+            Ok(places) => {
+                for ((i, kind, payload), at) in records.iter().zip(places) {
+                    results[*i] = Ok(Some(at));
+                    if *kind == KIND_DONE {
+                        if let Some(segment) = payload.get(..8).and_then(|b| b.try_into().ok()) {
+                            log.release(u64::from_le_bytes(segment));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                for (i, _, _) in &records {
+                    results[*i] = Err(io::Error::new(e.kind(), e.to_string()));
                 }
             }
         }

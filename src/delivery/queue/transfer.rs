@@ -6,13 +6,12 @@
 //! connection broke before an answer), so the queue never has to guess. A throttling reply anywhere
 //! stops the transaction instead, and nothing of it counts.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::retry::throttle;
-use super::spool::Envelope;
+use super::spool::{BodySource, Envelope};
 use crate::config::Account;
 use crate::delivery::outcome::UpstreamError;
 use crate::delivery::pool::{Lease, OpenError, Pool};
@@ -50,7 +49,7 @@ pub async fn transfer(
     account: &Arc<Account>,
     env: &Envelope,
     rcpts: &[String],
-    body: &Path,
+    body: &BodySource,
 ) -> Result<Vec<Reply>, Stopped> {
     for attempt in 0..2 {
         let mut lease = pool
@@ -104,7 +103,7 @@ enum Step {
     Retry,
 }
 
-async fn run(lease: &mut Lease, env: &Envelope, rcpts: &[String], body: &Path) -> Step {
+async fn run(lease: &mut Lease, env: &Envelope, rcpts: &[String], body: &BodySource) -> Step {
     let Some(conn) = lease.conn.as_mut() else {
         return Step::Done(vec![lost_text("lost"); rcpts.len()], false);
     };
@@ -260,7 +259,7 @@ async fn run(lease: &mut Lease, env: &Envelope, rcpts: &[String], body: &Path) -
         let keep = data.code != 421 && reset(client).await;
         return Step::Done(replies, keep);
     }
-    if let Err(e) = send_body(client, body, env).await {
+    if let Err(e) = send_body(client, body).await {
         for i in &accepted {
             replies[*i] = e.clone();
         }
@@ -305,27 +304,27 @@ async fn reset(client: &mut crate::delivery::client::Client) -> bool {
 }
 
 /// Streams the spooled body to the upstream; the error is the recipients' reply. A small body is
-/// read in one go (one trip to the blocking pool), a large one in chunks.
+/// read in one go (one trip to the blocking pool), a large one (always in a file) in chunks.
 async fn send_body(
     client: &mut crate::delivery::client::Client,
-    path: &Path,
-    env: &Envelope,
+    body: &BodySource,
 ) -> Result<(), Reply> {
     let unreadable =
         |e: std::io::Error| Reply::new(451, format!("4.3.0 Cannot read the spooled message ({e})"));
-    if env.size <= READ_CHUNK as u64 {
-        let (path, offset) = (path.to_path_buf(), env.body_offset);
-        let body = tokio::task::spawn_blocking(move || {
-            super::spool::read_body(&path, offset, READ_CHUNK as u64)
-        })
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|r| r)
-        .map_err(unreadable)?;
-        return client.body(&body).await.map_err(|e| lost(&e));
-    }
+    let (path, offset) = match body {
+        BodySource::File { path, offset, len } if *len > READ_CHUNK as u64 => (path, *offset),
+        small => {
+            let source = small.clone();
+            let bytes = tokio::task::spawn_blocking(move || source.read(u64::MAX))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r)
+                .map_err(unreadable)?;
+            return client.body(&bytes).await.map_err(|e| lost(&e));
+        }
+    };
     let mut file = tokio::fs::File::open(path).await.map_err(unreadable)?;
-    file.seek(std::io::SeekFrom::Start(env.body_offset))
+    file.seek(std::io::SeekFrom::Start(offset))
         .await
         .map_err(unreadable)?;
     let mut buf = vec![0u8; READ_CHUNK];
