@@ -303,6 +303,7 @@ impl Relay {
         let _ = std::fs::remove_file(self.shared.config.server.control_socket());
         upstream.activity.persist(upstream.tokens.store()).await;
         upstream.queue.save_pacing(&upstream.pacers).await;
+        upstream.queue.flush().await;
         if let Err(e) = upstream.tokens.store().flush().await {
             tracing::warn!(error = %e, "cannot flush the database at shutdown");
         }

@@ -85,10 +85,54 @@ struct Pause {
 
 #[derive(Default)]
 struct Inner {
+    /// By id, which is time-ordered: oldest (and first to expire) first.
     messages: BTreeMap<String, Entry>,
+    /// The messages no worker has, by when they are due: the next job is the first.
+    ready: std::collections::BTreeSet<(Instant, String)>,
     paused: Option<Pause>,
     /// Consecutive attempts that failed for the account (connection, token): the hold's backoff.
     trouble: u32,
+}
+
+impl Inner {
+    fn insert(&mut self, e: Entry) {
+        self.ready.insert((e.due, e.env.id.clone()));
+        self.messages.insert(e.env.id.clone(), e);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Entry> {
+        let e = self.messages.remove(id)?;
+        self.ready.remove(&(e.due, e.env.id.clone()));
+        Some(e)
+    }
+
+    fn set_due(&mut self, id: &str, due: Instant) {
+        if let Some(e) = self.messages.get_mut(id) {
+            if !e.busy {
+                self.ready.remove(&(e.due, e.env.id.clone()));
+                self.ready.insert((due, e.env.id.clone()));
+            }
+            e.due = due;
+        }
+    }
+
+    /// A worker takes it.
+    fn take(&mut self, id: &str) -> Option<&mut Entry> {
+        let e = self.messages.get_mut(id)?;
+        e.busy = true;
+        self.ready.remove(&(e.due, e.env.id.clone()));
+        Some(e)
+    }
+
+    /// Its worker is done with it for now.
+    fn release(&mut self, id: &str) {
+        if let Some(e) = self.messages.get_mut(id) {
+            if e.busy {
+                e.busy = false;
+                self.ready.insert((e.due, e.env.id.clone()));
+            }
+        }
+    }
 }
 
 struct AccountQueue {
@@ -186,7 +230,7 @@ impl Queue {
                 .progress
                 .unwrap_or_else(|| Progress::fresh(s.envelope.recipients.len()));
             let entry = queue.entry(Arc::new(s.envelope), progress);
-            lock(&aq.inner).messages.insert(entry.env.id.clone(), entry);
+            lock(&aq.inner).insert(entry);
         }
         Ok(queue)
     }
@@ -244,7 +288,7 @@ impl Queue {
         let progress = Progress::fresh(env.recipients.len());
         let id = env.id.clone();
         let entry = self.entry(Arc::new(env), progress);
-        lock(&aq.inner).messages.insert(id.clone(), entry);
+        lock(&aq.inner).insert(entry);
         aq.wake.notify_one();
         Ok(id)
     }
@@ -273,6 +317,11 @@ impl Queue {
                 tasks.spawn(worker.run(stop.clone(), cut.clone()));
             }
         }
+    }
+
+    /// Waits until every change handed to the spool is durable.
+    pub async fn flush(&self) {
+        self.spool.flush().await;
     }
 
     /// Writes the daily pacing windows where the next run finds them.
@@ -397,23 +446,27 @@ impl Queue {
         for aq in self.accounts.values() {
             let mut inner = lock(&aq.inner);
             let mut touched = false;
-            for e in inner.messages.values_mut() {
-                let hit = match target {
+            let ids: Vec<String> = inner
+                .messages
+                .keys()
+                .filter(|id| match target {
                     Target::All => true,
                     Target::Account(a) => *a == aq.account.name,
-                    Target::Id(id) => *id == e.env.id,
-                };
-                if hit {
-                    e.due = now;
-                    e.progress.next_attempt = 0;
-                    // A logged message has no progress file, and a busy one is recorded by its
-                    // worker; the others need the new time on disk for a relay started later.
-                    if e.env.logged.is_none() && !e.busy {
-                        records.push((e.env.clone(), e.progress.clone()));
-                    }
-                    count += 1;
-                    touched = true;
+                    Target::Id(wanted) => wanted == *id,
+                })
+                .cloned()
+                .collect();
+            for id in ids {
+                inner.set_due(&id, now);
+                let e = inner.messages.get_mut(&id).expect("listed above");
+                e.progress.next_attempt = 0;
+                // A logged message has no progress file, and a busy one is recorded by its
+                // worker; the others need the new time on disk for a relay started later.
+                if e.env.logged.is_none() && !e.busy {
+                    records.push((e.env.clone(), e.progress.clone()));
                 }
+                count += 1;
+                touched = true;
             }
             if touched || matches!(target, Target::Account(a) if *a == aq.account.name) {
                 inner.paused = None;
@@ -462,7 +515,7 @@ impl Queue {
                             "message {id} is being delivered right now; try again in a moment"
                         ))
                     }
-                    Some(_) => inner.messages.remove(id),
+                    Some(_) => inner.remove(id),
                     None => None,
                 }
             };
@@ -608,25 +661,19 @@ impl Worker {
         let queue = &self.queue;
         let now = queue.clock.now();
         let mut inner = lock(&self.aq.inner);
+        // Ids are time-ordered, so the messages that expire first are at the front.
         let expired: Vec<String> = inner
             .messages
             .values()
-            .filter(|e| !e.busy && e.expires <= now)
+            .take_while(|e| e.expires <= now)
+            .filter(|e| !e.busy)
             .map(|e| e.env.id.clone())
             .collect();
         if !expired.is_empty() {
-            let entries = expired
-                .iter()
-                .filter_map(|id| inner.messages.remove(id))
-                .collect();
+            let entries = expired.iter().filter_map(|id| inner.remove(id)).collect();
             return Next::Expired(entries);
         }
-        let soonest_expiry = inner
-            .messages
-            .values()
-            .filter(|e| !e.busy)
-            .map(|e| e.expires)
-            .min();
+        let soonest_expiry = inner.messages.values().find(|e| !e.busy).map(|e| e.expires);
         let wake_by = |t: Option<Instant>| match (t, soonest_expiry) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -638,10 +685,11 @@ impl Worker {
             inner.paused = None;
         }
         let cap = self.pacer.recipients_now(self.pacers.now_ms());
-        let found = inner
-            .messages
-            .values()
-            .find(|e| !e.busy && e.due <= now && e.pending().any(|i| !e.tried[i]))
+        let first = inner.ready.iter().next().cloned();
+        let found = first
+            .as_ref()
+            .filter(|(due, _)| *due <= now)
+            .and_then(|(_, id)| inner.messages.get(id))
             .map(|e| {
                 let untried: Vec<usize> = e.pending().filter(|i| !e.tried[*i]).collect();
                 let take = if cap == 0 { untried.len() } else { cap };
@@ -651,20 +699,13 @@ impl Worker {
                 )
             });
         let Some((id, rcpts)) = found else {
-            let next = inner
-                .messages
-                .values()
-                .filter(|e| !e.busy)
-                .map(|e| e.due)
-                .min();
-            return Next::Sleep(wake_by(next));
+            return Next::Sleep(wake_by(first.map(|(due, _)| due)));
         };
         if let Err(wait) = self.pacer.take(rcpts.len() as u32, self.pacers.now_ms()) {
             tracing::debug!(account = %self.aq.account.name, "{}", wait.describe(&self.aq.account.name));
             return Next::Sleep(wake_by(Some(now + wait.after)));
         }
-        let entry = inner.messages.get_mut(&id).expect("found above");
-        entry.busy = true;
+        let entry = inner.take(&id).expect("found above");
         Next::Job(Job {
             env: entry.env.clone(),
             rcpts,
@@ -729,9 +770,7 @@ impl Worker {
                 if inner.paused.as_ref().is_none_or(|p| p.until < until) {
                     inner.paused = Some(Pause { until, why, hold });
                 }
-                if let Some(e) = inner.messages.get_mut(&env.id) {
-                    e.busy = false;
-                }
+                inner.release(&env.id);
                 return;
             }
         };
@@ -797,6 +836,19 @@ impl Worker {
         }
         let bounce = queue.prepare_bounce(account, &env, failed).await;
         let mut moved = Envelope::clone(&env);
+        if done && bounce.is_none() {
+            // The common case, delivered: the worker goes on while the removal becomes durable
+            // (shutdown waits for it with the spool's flush).
+            let durable = queue.spool.remove(&moved);
+            lock(&self.aq.inner).remove(&env.id);
+            let id = env.id.clone();
+            tokio::spawn(async move {
+                if let Err(e) = durable.await {
+                    tracing::warn!(id, error = %e, "cannot record delivery progress in the spool");
+                }
+            });
+            return;
+        }
         let record = async {
             if done {
                 queue.spool.remove(&moved).await
@@ -819,12 +871,14 @@ impl Worker {
         }
         let mut inner = lock(&self.aq.inner);
         if done {
-            inner.messages.remove(&env.id);
-        } else if let Some(e) = inner.messages.get_mut(&env.id) {
-            if moved.logged != env.logged {
-                e.env = Arc::new(moved);
+            inner.remove(&env.id);
+        } else {
+            if let Some(e) = inner.messages.get_mut(&env.id) {
+                if moved.logged != env.logged {
+                    e.env = Arc::new(moved);
+                }
             }
-            e.busy = false;
+            inner.release(&env.id);
         }
         drop(inner);
         if !done {

@@ -27,6 +27,8 @@ use super::log::{self, LogAt, KIND_DONE, KIND_MESSAGE};
 
 /// Bytes of body gathered in memory before they are written out.
 const WRITE_BATCH: usize = 256 * 1024;
+/// How long a batch of done records waits for company.
+const DONE_LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 /// Changes made durable together at most.
 const MAX_BATCH: usize = 512;
 
@@ -132,6 +134,10 @@ enum Op {
 }
 
 impl Op {
+    fn is_done_record(&self) -> bool {
+        matches!(self, Op::Append { kind, .. } if *kind == KIND_DONE)
+    }
+
     /// The directory whose entries it changes.
     fn dir(&self) -> Option<&Path> {
         match self {
@@ -351,14 +357,25 @@ impl Spool {
         }
     }
 
-    async fn run(&self, op: Op) -> io::Result<Option<LogAt>> {
+    /// Hands `op` to the committer now; the answer comes when it is durable.
+    fn submit(&self, op: Op) -> impl std::future::Future<Output = io::Result<Option<LogAt>>> {
         let (done, result) = oneshot::channel();
-        self.jobs
-            .send(Job { op, done })
-            .map_err(|_| io::Error::other("the spool committer has stopped"))?;
-        result
-            .await
-            .map_err(|_| io::Error::other("the spool committer has stopped"))?
+        let sent = self.jobs.send(Job { op, done });
+        async move {
+            sent.map_err(|_| io::Error::other("the spool committer has stopped"))?;
+            result
+                .await
+                .map_err(|_| io::Error::other("the spool committer has stopped"))?
+        }
+    }
+
+    async fn run(&self, op: Op) -> io::Result<Option<LogAt>> {
+        self.submit(op).await
+    }
+
+    /// Waits until everything handed to the committer before is durable (at shutdown).
+    pub async fn flush(&self) {
+        let _ = self.run(Op::Remove(Vec::new())).await;
     }
 
     /// Makes a received message durable together with whatever else is being committed at that
@@ -430,33 +447,40 @@ impl Spool {
         })
         .await?;
         // Only now the log may forget it: a crash in between finds it twice, and the file wins.
-        self.done_in_log(&env.id, at).await?;
+        self.remove(&Envelope {
+            logged: Some(at),
+            ..Envelope::clone(env)
+        })
+        .await?;
         env.logged = None;
         env.body_offset = header;
         Ok(())
     }
 
-    async fn done_in_log(&self, id: &str, at: LogAt) -> io::Result<()> {
-        let mut payload = at.segment.to_le_bytes().to_vec();
-        payload.extend_from_slice(id.as_bytes());
-        self.run(Op::Append {
-            kind: KIND_DONE,
-            payload,
-        })
-        .await
-        .map(|_| ())
-    }
-
     /// Removes a message that is done with (delivered, bounced or deleted), durably: a crash
-    /// afterwards must not deliver it again.
-    pub async fn remove(&self, env: &Envelope) -> io::Result<()> {
-        if let Some(at) = env.logged {
-            return self.done_in_log(&env.id, at).await;
-        }
-        let id = &env.id;
-        // The message first: without it the state file means nothing.
-        let paths = vec![self.msg.join(id), self.msg.join(format!("{id}.state"))];
-        self.run(Op::Remove(paths)).await.map(|_| ())
+    /// afterwards must not deliver it again. The removal is handed over at once; the future
+    /// says when it is durable.
+    pub fn remove(&self, env: &Envelope) -> impl std::future::Future<Output = io::Result<()>> {
+        let op = match env.logged {
+            Some(at) => {
+                let mut payload = at.segment.to_le_bytes().to_vec();
+                payload.extend_from_slice(env.id.as_bytes());
+                Op::Append {
+                    kind: KIND_DONE,
+                    payload,
+                }
+            }
+            None => {
+                let id = &env.id;
+                // The message first: without it the state file means nothing.
+                Op::Remove(vec![
+                    self.msg.join(id),
+                    self.msg.join(format!("{id}.state")),
+                ])
+            }
+        };
+        let durable = self.submit(op);
+        async move { durable.await.map(|_| ()) }
     }
 
     /// Writes a small file durably (the pacing windows).
@@ -580,9 +604,19 @@ pub fn read_body(path: &Path, offset: u64, limit: u64) -> io::Result<Vec<u8>> {
 fn committer(rx: mpsc::Receiver<Job>, mut log: log::Log, active: &std::sync::atomic::AtomicU64) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
+        let mut lingered = false;
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(job) => batch.push(job),
+                // Nobody waits on a batch of done records: a moment's patience gathers more of
+                // them into one sync.
+                Err(_) if !lingered && batch.iter().all(|j| j.op.is_done_record()) => {
+                    lingered = true;
+                    match rx.recv_timeout(DONE_LINGER) {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
                 Err(_) => break,
             }
         }
