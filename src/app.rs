@@ -363,7 +363,8 @@ async fn wait_for_sessions(tasks: &TaskTracker, upstream: &UpstreamContext) {
     tasks.wait().await;
 }
 
-/// Periodic upkeep until the relay stops: idle upstream connections closed, last-use times saved.
+/// Periodic upkeep until the relay stops: idle upstream connections closed, last-use times and
+/// pacing windows saved, waiting messages moved out of old log segments.
 async fn housekeeping(upstream: Arc<UpstreamContext>, stop: CancellationToken) {
     let mut reap = tokio::time::interval(Duration::from_secs(1));
     let mut persist = tokio::time::interval(PERSIST_EVERY);
@@ -376,6 +377,7 @@ async fn housekeeping(upstream: Arc<UpstreamContext>, stop: CancellationToken) {
             _ = persist.tick() => {
                 upstream.activity.persist(upstream.tokens.store()).await;
                 upstream.queue.save_pacing(&upstream.pacers).await;
+                upstream.queue.compact().await;
             }
         }
     }

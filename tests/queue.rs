@@ -255,6 +255,39 @@ async fn a_quota_reply_pauses_the_account_without_a_bounce_and_it_resumes_after_
 }
 
 #[tokio::test]
+async fn throttling_at_rcpt_pauses_the_account_and_is_not_the_message_s_attempt() {
+    let time = ManualTime::start();
+    let (_dir, provider, relay) = setup(queued("", ""), "starttls").await;
+    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
+    queue_one(
+        &mut c,
+        &["ok@example.org", "throttle@example.org"],
+        &body(1),
+    )
+    .await;
+    let table = until_paused(&relay).await;
+    assert!(table.contains("4.7.500"), "{table}");
+    let listed = queue_json(&relay).await;
+    assert_eq!(listed[0]["attempts"], 0, "{listed:?}");
+    assert!(listed[0]["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["state"] == "pending"));
+    assert!(
+        provider.state().messages.is_empty(),
+        "the transaction was dropped"
+    );
+    time.advance(Duration::from_secs(61)).await;
+    provider.until(|s| s.messages.len() == 1).await;
+    assert_eq!(
+        provider.state().messages[0].rcpts,
+        ["ok@example.org", "throttle@example.org"]
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn pacing_spreads_a_backlog_and_recipients_are_split_at_the_cap() {
     let time = ManualTime::start();
     // 60 a minute: a burst of 3, then 57 a minute (so that no minute holds more than 60).

@@ -702,6 +702,15 @@ async fn smtp_session(
                     "550 5.1.1 The email account that you tried to reach does not exist: {addr}"
                 ))
                 .await?;
+            } else if addr.starts_with("throttle")
+                && state
+                    .lock()
+                    .unwrap()
+                    .deferred_once
+                    .insert(format!("throttle:{addr}"))
+            {
+                c.send("451 4.7.500 Server busy. Please try again later")
+                    .await?;
             } else if addr.starts_with("once")
                 && state.lock().unwrap().deferred_once.insert(addr.clone())
             {

@@ -319,6 +319,39 @@ impl Queue {
         }
     }
 
+    /// Moves logged messages that have stayed while the log moved on (held, throttled) to files of
+    /// their own, so that one waiting message does not keep every segment after it on disk. Run
+    /// periodically by the app.
+    pub async fn compact(&self) {
+        let active = self.spool.active_segment();
+        for aq in self.accounts.values() {
+            let stale: Vec<(Arc<Envelope>, Progress)> = {
+                let mut inner = lock(&aq.inner);
+                let ids: Vec<String> = inner
+                    .messages
+                    .values()
+                    .filter(|e| !e.busy)
+                    .filter(|e| e.env.logged.is_some_and(|at| at.segment + 1 < active))
+                    .map(|e| e.env.id.clone())
+                    .collect();
+                ids.iter()
+                    .filter_map(|id| inner.take(id).map(|e| (e.env.clone(), e.progress.clone())))
+                    .collect()
+            };
+            for (env, progress) in stale {
+                let mut moved = Envelope::clone(&env);
+                if let Err(e) = self.spool.record(&mut moved, &progress).await {
+                    tracing::warn!(id = %env.id, error = %e, "cannot move a waiting message out of the spool log");
+                }
+                let mut inner = lock(&aq.inner);
+                if let Some(e) = inner.messages.get_mut(&env.id) {
+                    e.env = Arc::new(moved);
+                }
+                inner.release(&env.id);
+            }
+        }
+    }
+
     /// Waits until every change handed to the spool is durable.
     pub async fn flush(&self) {
         self.spool.flush().await;
