@@ -639,6 +639,16 @@ fn perf_attach(pid: u32) -> Option<Child> {
         .ok()
 }
 
+/// Stops a `perf record` started by [`perf_attach`] and lets it write its file.
+fn perf_stop(perf: Option<Child>) {
+    if let Some(perf) = perf {
+        let _ = Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status();
+        let _ = perf.wait_with_output();
+    }
+}
+
 async fn cell(env: &Env, name: &str, load: Load, baseline: bool, extra_limits: &str) -> Row {
     *env.provider.expected.lock().unwrap() =
         ring::digest::digest(&ring::digest::SHA256, &load.body)
@@ -674,12 +684,7 @@ async fn cell(env: &Env, name: &str, load: Load, baseline: bool, extra_limits: &
     )
     .await;
     let cpu = cpu_ms(pid) - cpu0;
-    if let Some(perf) = perf {
-        let _ = Command::new("kill")
-            .args(["-INT", &perf.id().to_string()])
-            .status();
-        let _ = perf.wait_with_output();
-    }
+    perf_stop(perf);
     let rss = peak_rss_mb(pid);
     let delivered = env.provider.delivered.load(Ordering::Relaxed) - delivered_before;
     let corrupt = env.provider.corrupt.load(Ordering::Relaxed) - corrupt_before;
@@ -794,12 +799,7 @@ async fn queue_cell(
     }
     let drained = drain_started.elapsed();
     let cpu = cpu_ms(pid) - cpu0;
-    if let Some(perf) = perf {
-        let _ = Command::new("kill")
-            .args(["-INT", &perf.id().to_string()])
-            .status();
-        let _ = perf.wait_with_output();
-    }
+    perf_stop(perf);
     let rss = peak_rss_mb(pid);
     let corrupt = env.provider.corrupt.load(Ordering::Relaxed) - corrupt0;
     relay.stop();
