@@ -220,6 +220,10 @@ impl Relay {
                 Duration::from_secs(config.limits.auth_cache_secs),
                 core.upstream.tokens.clock().clone(),
             ),
+            lockout: crate::inbound::lockout::Lockout::new(
+                config.limits.auth_failures_per_ip,
+                Duration::from_secs(config.limits.auth_lockout_secs),
+            ),
             config,
             upstream: core.upstream.clone(),
             tls,

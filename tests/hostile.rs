@@ -295,3 +295,63 @@ async fn a_slow_reader_does_not_outlive_the_preauth_deadline() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn an_address_that_failed_ten_logins_is_locked_out_and_another_is_not() {
+    let (_dir, provider, relay) = setup(RelayOptions::default(), "starttls").await;
+    let attacker: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let other: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    // A session that opened before the lockout.
+    let mut early = Client::connect_from(
+        relay.starttls,
+        Some(attacker),
+        Conn::StartTls,
+        &provider.pki,
+    )
+    .await;
+    let mut failures = 0;
+    while failures < 10 {
+        let mut c = Client::connect_from(
+            relay.starttls,
+            Some(attacker),
+            Conn::StartTls,
+            &provider.pki,
+        )
+        .await;
+        // The session itself closes after three failures; the count per address goes on.
+        for _ in 0..3 {
+            if failures == 10 {
+                break;
+            }
+            let reply = c.login_plain(LOGIN, "wrong-password").await;
+            assert!(
+                reply.starts_with("535 5.7.8"),
+                "failure {failures}: {reply}"
+            );
+            failures += 1;
+        }
+    }
+    // From now on: 421 at the greeting.
+    let mut tcp = connect_tcp(relay.starttls, Some(attacker)).await;
+    let mut greeting = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut tcp, &mut greeting)
+        .await
+        .unwrap();
+    assert_eq!(
+        greeting,
+        "421 4.7.0 too many failed logins, try again later\r\n"
+    );
+    // At AUTH too, and the right password does not help.
+    assert_eq!(
+        early.login_plain(LOGIN, PASSWORD).await,
+        "421 4.7.0 too many failed logins, try again later"
+    );
+    // Another address is not affected.
+    let mut c =
+        Client::connect_from(relay.starttls, Some(other), Conn::StartTls, &provider.pki).await;
+    assert_eq!(
+        c.login_plain(LOGIN, PASSWORD).await,
+        "235 2.7.0 Authentication successful"
+    );
+    relay.stop().await;
+}

@@ -143,6 +143,10 @@ pub struct Limits {
     pub max_connections_per_ip: usize,
     /// Error replies in a session before `421 4.7.0` and close (Postfix's hard error limit).
     pub max_errors_per_session: u32,
+    /// Failed logins from one address within 10 minutes before it is locked out (0: never).
+    pub auth_failures_per_ip: usize,
+    /// How long a locked-out address gets `421 4.7.0`.
+    pub auth_lockout_secs: u64,
 }
 
 impl Default for Limits {
@@ -160,6 +164,8 @@ impl Default for Limits {
             preauth_timeout_secs: 60,
             max_connections_per_ip: 50,
             max_errors_per_session: 10,
+            auth_failures_per_ip: 10,
+            auth_lockout_secs: 600,
         }
     }
 }

@@ -248,6 +248,7 @@ pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         ("preauth_timeout_secs", raw.limits.preauth_timeout_secs),
         ("upstream_idle_secs", raw.limits.upstream_idle_secs),
         ("upstream_wait_secs", raw.limits.upstream_wait_secs),
+        ("auth_lockout_secs", raw.limits.auth_lockout_secs),
     ] {
         if value == 0 || value > DAY {
             errors.push(format!(

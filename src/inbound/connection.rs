@@ -28,6 +28,7 @@ pub struct Shared {
     pub authenticator: Authenticator,
     pub upstream: Arc<UpstreamContext>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub lockout: super::lockout::Lockout,
     /// Cancelled when the relay shuts down: sessions between commands are sent away.
     pub stop: CancellationToken,
     /// Cancelled when the shutdown grace period is over: whatever still runs is cut.
@@ -82,6 +83,7 @@ pub async fn handle(
 
 struct Connection {
     shared: Arc<Shared>,
+    peer: SocketAddr,
     stream: BoxStream,
     mode: TlsMode,
     session: Session,
@@ -129,6 +131,7 @@ impl Connection {
         });
         let preauth_deadline = Instant::now() + Duration::from_secs(limits.preauth_timeout_secs);
         Connection {
+            peer,
             stream,
             mode,
             session,
@@ -205,6 +208,15 @@ impl Connection {
         if self.mode == TlsMode::Implicit {
             self.upgrade_tls().await?;
             self.session.tls_started_implicitly();
+        }
+        if self
+            .shared
+            .lockout
+            .is_locked(self.peer.ip(), Instant::now())
+        {
+            Reply::new(421, crate::smtp::session::LOCKED_OUT).write_to(&mut self.out);
+            let _ = self.flush().await;
+            return Ok(());
         }
         self.session.greeting().write_to(&mut self.out);
         let stop = self.shared.stop.clone();
@@ -350,13 +362,30 @@ impl Connection {
     }
 
     async fn authenticate(&mut self, login: String, password: Secret) -> AuthOutcome {
+        let lockout = &self.shared.lockout;
+        let ip = self.peer.ip();
+        if lockout.is_locked(ip, Instant::now()) {
+            tracing::info!(
+                result = "locked_out",
+                "login refused: too many failed logins from this address"
+            );
+            return AuthOutcome::LockedOut;
+        }
         let Some(verified) = self.shared.authenticator.verify(&login, password).await else {
             // Only a configured login is named: an unknown one may be a password typed in the wrong
             // field, or carry line breaks meant to forge log lines.
             if self.shared.authenticator.knows(&login) {
-                tracing::info!(login = %login, "authentication failed: wrong password");
+                tracing::info!(login = %login, result = "bad_credentials", "login failed: wrong password");
             } else {
-                tracing::info!("authentication failed: unknown login");
+                tracing::info!(result = "bad_credentials", "login failed: unknown login");
+            }
+            if lockout.failed(ip, Instant::now()) == super::lockout::Failure::LockedOut {
+                let limits = &self.shared.config.limits;
+                tracing::warn!(
+                    failures = limits.auth_failures_per_ip,
+                    lockout_secs = limits.auth_lockout_secs,
+                    "address locked out after too many failed logins"
+                );
             }
             return AuthOutcome::BadCredentials;
         };
@@ -381,7 +410,7 @@ impl Connection {
             tracing::info!(reply = %reply.summary(), "password accepted, but the upstream refuses the account's token");
             return AuthOutcome::GrantUnavailable(why);
         }
-        tracing::info!(cached = verified.cached, "authenticated");
+        tracing::info!(login = %login, result = "ok", cached = verified.cached, "login succeeded");
         self.delivery = Some(Submission::new(
             self.shared.upstream.clone(),
             account.clone(),

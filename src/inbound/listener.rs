@@ -87,10 +87,7 @@ impl Admission {
     /// Counts a connection from `ip` (IPv4-mapped IPv6 as IPv4, IPv6 per /64, the smallest block a
     /// host is given), or `None` past the limit.
     fn admit_ip(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
-        let ip = match ip.to_canonical() {
-            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-            v4 => v4,
-        };
+        let ip = super::lockout::source_key(ip);
         let mut counts = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         let n = counts.entry(ip).or_insert(0);
         if *n >= self.max_per_ip {

@@ -66,12 +66,17 @@ pub fn sender_allowed(allowed: Option<&[String]>, sender: &str) -> bool {
     })
 }
 
+/// What a locked-out address is told, at the greeting and at AUTH.
+pub const LOCKED_OUT: &str = "4.7.0 too many failed logins, try again later";
+
 #[derive(Debug)]
 pub enum AuthOutcome {
     Ok(Authorized),
     BadCredentials,
     /// Password right, but the account's grant cannot give a token (text says why and what to do).
     GrantUnavailable(String),
+    /// The source address failed too many logins: `421` and close.
+    LockedOut,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -628,6 +633,11 @@ impl Session {
                 }
             }
             AuthOutcome::GrantUnavailable(why) => self.reply(454, format!("4.7.0 {why}")),
+            AuthOutcome::LockedOut => {
+                self.reply(421, LOCKED_OUT);
+                self.out.push_back(Action::Close);
+                self.phase = Phase::Closed;
+            }
         }
     }
 

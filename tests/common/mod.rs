@@ -1028,7 +1028,17 @@ impl Client {
 
     /// Like `connect`, to a relay at `addr` (one running as another process, say).
     pub async fn connect_addr(addr: SocketAddr, mode: Conn, pki: &Pki) -> Client {
-        let tcp = TcpStream::connect(addr).await.unwrap();
+        Client::connect_from(addr, None, mode, pki).await
+    }
+
+    /// From a chosen local address (any of 127.0.0.0/8 works on loopback), to test per-address limits.
+    pub async fn connect_from(
+        addr: SocketAddr,
+        from: Option<std::net::IpAddr>,
+        mode: Conn,
+        pki: &Pki,
+    ) -> Client {
+        let tcp = connect_tcp(addr, from).await;
         let io: BoxIo = if mode == Conn::Implicit {
             Box::new(tls_connect(tcp, pki).await)
         } else {
@@ -1185,6 +1195,16 @@ impl Client {
         }
         replies
     }
+}
+
+/// A TCP connection to `addr`, from `from` when given.
+pub async fn connect_tcp(addr: SocketAddr, from: Option<std::net::IpAddr>) -> TcpStream {
+    let Some(from) = from else {
+        return TcpStream::connect(addr).await.unwrap();
+    };
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    socket.connect(addr).await.unwrap()
 }
 
 /// Dot-stuffs a body and appends the terminator, as a mailer does.
