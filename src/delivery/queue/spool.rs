@@ -280,8 +280,19 @@ impl Spool {
         }
         let in_files: BTreeSet<String> = stored.iter().map(|s| s.envelope.id.clone()).collect();
         let mut live: BTreeMap<u64, usize> = BTreeMap::new();
+        // Moved to a file, but the crash came before the log's done record: the file wins, and
+        // the log is told now (else the message would come back once its file is gone).
+        let mut moved: Vec<Vec<u8>> = Vec::new();
         for (id, envelope) in logged {
             if in_files.contains(&id) {
+                let mut payload = envelope
+                    .logged
+                    .expect("set above")
+                    .segment
+                    .to_le_bytes()
+                    .to_vec();
+                payload.extend_from_slice(id.as_bytes());
+                moved.push(payload);
                 continue;
             }
             let segment = envelope.logged.expect("set above").segment;
@@ -292,7 +303,12 @@ impl Spool {
             });
         }
         stored.sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
-        let log = log::Log::open(&seg, live)?;
+        let mut log = log::Log::open(&seg, live)?;
+        if !moved.is_empty() {
+            let records: Vec<(u8, &[u8])> =
+                moved.iter().map(|p| (KIND_DONE, p.as_slice())).collect();
+            log.append(&records)?;
+        }
         let active = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(log.active()));
         let (jobs, rx) = mpsc::channel();
         let shown = active.clone();
@@ -686,4 +702,45 @@ fn commit_batch(batch: &[Job], log: &mut log::Log) -> Vec<io::Result<Option<LogA
         }
     }
     results
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(id: &str) -> Envelope {
+        Envelope {
+            id: id.into(),
+            account: "news".into(),
+            sender: "a@example.com".into(),
+            recipients: vec!["b@example.org".into()],
+            ..Envelope::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_moved_to_a_file_before_a_crash_never_comes_back_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, stored) = Spool::open(dir.path()).unwrap();
+        assert!(stored.is_empty());
+        let mut env = envelope("A1");
+        let mut writer = spool.writer(&env);
+        writer.push(b"Subject: x\r\n\r\nbody\r\n").await;
+        spool.commit(writer, &mut env).await.unwrap();
+        assert!(env.logged.is_some(), "small messages go to the log");
+        // The move to a file got as far as the file; the crash came before the done record.
+        let mut head = serde_json::to_vec(&env).unwrap();
+        head.push(b'\n');
+        head.extend_from_slice(b"Subject: x\r\n\r\nbody\r\n");
+        std::fs::write(dir.path().join("queue/msg/A1"), head).unwrap();
+        drop(spool);
+
+        let (spool, stored) = Spool::open(dir.path()).unwrap();
+        assert_eq!(stored.len(), 1, "the file wins, once");
+        assert!(stored[0].envelope.logged.is_none());
+        spool.remove(&stored[0].envelope).await.unwrap();
+        drop(spool);
+        let (_spool, stored) = Spool::open(dir.path()).unwrap();
+        assert!(stored.is_empty(), "delivered and gone, also from the log");
+    }
 }
