@@ -52,6 +52,8 @@ pub struct Log {
     size: u64,
     /// Live messages per segment.
     live: BTreeMap<u64, usize>,
+    /// A failed append could not be cut off cleanly: nothing more goes into this segment.
+    damaged: bool,
 }
 
 pub fn segment_path(dir: &Path, number: u64) -> PathBuf {
@@ -148,6 +150,7 @@ impl Log {
             number,
             size,
             live,
+            damaged: false,
         };
         log.drop_dead_prefix();
         Ok(log)
@@ -160,6 +163,10 @@ impl Log {
     /// Appends `records` in one write and one sync; returns each one's payload offset. A message
     /// record counts as live in its segment.
     pub fn append(&mut self, records: &[(u8, &[u8])]) -> io::Result<Vec<LogAt>> {
+        if self.damaged {
+            self.rotate()?;
+            self.damaged = false;
+        }
         let mut out = Vec::new();
         let mut at = Vec::with_capacity(records.len());
         for (kind, payload) in records {
@@ -174,9 +181,22 @@ impl Log {
             .write_all(&out)
             .and_then(|()| self.active.sync_data());
         if let Err(e) = written {
-            // Whatever part reached the file is cut off, so the next append starts clean.
-            let _ = self.active.set_len(self.size);
-            let _ = self.active.seek(SeekFrom::Start(self.size));
+            // Whatever part reached the file is cut off (durably, or a power loss could bring back
+            // records that were refused), so the next append starts clean; if that fails too, the
+            // segment takes nothing more.
+            let cut = self
+                .active
+                .set_len(self.size)
+                .and_then(|()| self.active.sync_data())
+                .and_then(|()| self.active.metadata())
+                .is_ok_and(|m| m.len() == self.size);
+            if !cut {
+                tracing::error!(
+                    segment = self.number,
+                    "cannot cut a failed append off the spool log; starting a new segment"
+                );
+                self.damaged = true;
+            }
             return Err(e);
         }
         self.size += out.len() as u64;
@@ -186,7 +206,10 @@ impl Log {
             }
         }
         if self.size >= SEGMENT_BYTES {
-            self.rotate()?;
+            // The records are durable whatever happens here: a failed rotation keeps this segment.
+            if let Err(e) = self.rotate() {
+                tracing::warn!(error = %e, segment = self.number, "cannot start a new spool log segment; the current one goes on");
+            }
         }
         Ok(at)
     }
@@ -199,12 +222,14 @@ impl Log {
         self.drop_dead_prefix();
     }
 
+    /// Starts the next segment; nothing changes unless all of it worked.
     fn rotate(&mut self) -> io::Result<()> {
         let number = self.number + 1;
-        self.active = open_segment(&segment_path(&self.dir, number))?;
+        let file = open_segment(&segment_path(&self.dir, number))?;
         File::open(&self.dir)?.sync_all()?;
+        self.size = file.metadata()?.len();
+        self.active = file;
         self.number = number;
-        self.size = 0;
         self.drop_dead_prefix();
         Ok(())
     }
@@ -243,6 +268,12 @@ pub fn read_at(dir: &Path, at: LogAt, len: u64) -> io::Result<Vec<u8>> {
     file.seek(SeekFrom::Start(at.offset))?;
     let mut out = Vec::with_capacity(len as usize);
     file.take(len).read_to_end(&mut out)?;
+    if (out.len() as u64) < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "spool log segment shorter than its record",
+        ));
+    }
     Ok(out)
 }
 

@@ -496,7 +496,9 @@ impl Queue {
                 // A logged message has no progress file, and a busy one is recorded by its
                 // worker; the others need the new time on disk for a relay started later.
                 if e.env.logged.is_none() && !e.busy {
-                    records.push((e.env.clone(), e.progress.clone()));
+                    records.push((aq.clone(), e.env.clone(), e.progress.clone()));
+                    // Held while its record is written, so that no worker's newer one is overwritten.
+                    inner.take(&id);
                 }
                 count += 1;
                 touched = true;
@@ -508,11 +510,13 @@ impl Queue {
                 aq.wake.notify_waiters();
             }
         }
-        for (env, progress) in records {
+        for (aq, env, progress) in records {
             let mut env = Envelope::clone(&env);
             if let Err(e) = self.spool.record(&mut env, &progress).await {
                 tracing::warn!(id = %env.id, error = %e, "cannot record the retry in the spool");
             }
+            lock(&aq.inner).release(&env.id);
+            aq.wake.notify_one();
         }
         count
     }
@@ -889,16 +893,11 @@ impl Worker {
                 queue.spool.record(&mut moved, &progress).await
             }
         };
-        // Side by side, so that both land in one commit: a crash between the upstream's replies
-        // and their record is the only window for a second copy.
-        let (_, recorded) = tokio::join!(
-            async {
-                if let Some((writer, b)) = bounce {
-                    queue.commit_bounce(&env, writer, b).await;
-                }
-            },
-            record
-        );
+        // The bounce first: a crash between the two then means a second bounce, never none.
+        if let Some((writer, b)) = bounce {
+            queue.commit_bounce(&env, writer, b).await;
+        }
+        let recorded = record.await;
         if let Err(e) = recorded {
             tracing::warn!(id = %env.id, error = %e, "cannot record delivery progress in the spool");
         }

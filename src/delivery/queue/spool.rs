@@ -457,19 +457,30 @@ impl Spool {
         })
         .await
         .map_err(io::Error::other)??;
-        self.run(Op::Place {
-            from: tmp,
-            to: self.msg.join(&env.id),
-        })
-        .await?;
-        // Only now the log may forget it: a crash in between finds it twice, and the file wins.
-        self.remove(&Envelope {
+        let dest = self.msg.join(&env.id);
+        if let Err(e) = self
+            .run(Op::Place {
+                from: tmp,
+                to: dest.clone(),
+            })
+            .await
+        {
+            // The rename may have happened before the failure: back to the log copy alone.
+            let _ = tokio::fs::remove_file(&dest).await;
+            return Err(e);
+        }
+        let logged = Envelope {
             logged: Some(at),
             ..Envelope::clone(env)
-        })
-        .await?;
+        };
+        // From here the file is the message, whatever happens to the log's done record.
         env.logged = None;
         env.body_offset = header;
+        // Only now the log may forget it: a crash in between finds it twice, the file wins, and
+        // start-up writes the done record that is missing.
+        if let Err(e) = self.remove(&logged).await {
+            tracing::warn!(id = %env.id, error = %e, "cannot mark a moved message in the spool log; the next start-up does");
+        }
         Ok(())
     }
 
