@@ -62,6 +62,45 @@ impl Capabilities {
     }
 }
 
+impl Capabilities {
+    /// The MAIL command for a message from `from` with these properties, or the refusal when this
+    /// upstream cannot take it as it is.
+    pub fn mail_command(
+        &self,
+        from: &str,
+        size: Option<u64>,
+        eight_bit: bool,
+        smtputf8: bool,
+    ) -> Result<String, Reply> {
+        let mut line = format!("MAIL FROM:<{from}>");
+        if let Some(size) = size.filter(|_| self.size) {
+            line.push_str(&format!(" SIZE={size}"));
+        }
+        if eight_bit {
+            if !self.eight_bit {
+                // 8-bit content must not reach a 7-bit server (RFC 6152 §3).
+                return Err(Reply::new(
+                    554,
+                    "5.6.3 The upstream does not accept 8-bit content (no 8BITMIME); send it 7-bit encoded",
+                ));
+            }
+            line.push_str(" BODY=8BITMIME");
+        }
+        if smtputf8 {
+            if !self.smtputf8 {
+                // Passing internationalised addresses to a server that did not offer SMTPUTF8
+                // would be rejected or mangled there (RFC 6531 §3.4).
+                return Err(Reply::new(
+                    553,
+                    "5.6.7 The upstream does not support SMTPUTF8 for this message",
+                ));
+            }
+            line.push_str(" SMTPUTF8");
+        }
+        Ok(line)
+    }
+}
+
 /// One SMTP client connection to a provider.
 pub struct Client {
     stream: BoxStream,

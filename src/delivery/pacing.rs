@@ -150,11 +150,6 @@ impl Pacer {
     /// Takes one message with `recipients` recipients at `now_ms` (unix milliseconds), or says how
     /// long until it would fit. Nothing is taken when it does not fit.
     pub fn take(&self, recipients: u32, now_ms: u64) -> Result<(), Wait> {
-        self.check(recipients, now_ms, true)
-    }
-
-    /// Whether `take` would succeed, without taking.
-    pub fn check(&self, recipients: u32, now_ms: u64, take: bool) -> Result<(), Wait> {
         let l = self.limits;
         let now = now_ms / 1000;
         let mut s = lock(&self.state);
@@ -205,13 +200,11 @@ impl Pacer {
                 value: l.max_recipients_per_day,
             });
         }
-        if take {
-            if per_minute > 0 {
-                s.tokens -= 1.0;
-                s.minute.push_back(now_ms);
-            }
-            s.day.add(now, 1, recipients);
+        if per_minute > 0 {
+            s.tokens -= 1.0;
+            s.minute.push_back(now_ms);
         }
+        s.day.add(now, 1, recipients);
         Ok(())
     }
 

@@ -314,33 +314,14 @@ impl Submission {
                 return Reply::new(451, "4.4.1 Upstream connection lost");
             };
             let caps = conn.client.caps.clone();
-            let mut line = format!("MAIL FROM:<{from}>");
-            if let Some(size) = params.size.filter(|_| caps.size) {
-                line.push_str(&format!(" SIZE={size}"));
-            }
-            if params.eight_bit {
-                if !caps.eight_bit {
-                    // 8-bit content must not reach a 7-bit server (RFC 6152 §3).
+            let size = params.size.map(|s| s as u64);
+            let line = match caps.mail_command(from, size, params.eight_bit, params.smtputf8) {
+                Ok(line) => line,
+                Err(refusal) => {
                     lease.give_back();
-                    return Reply::new(
-                        554,
-                        "5.6.3 The upstream does not accept 8-bit content (no 8BITMIME); send it 7-bit encoded",
-                    );
+                    return refusal;
                 }
-                line.push_str(" BODY=8BITMIME");
-            }
-            if params.smtputf8 {
-                if !caps.smtputf8 {
-                    // Passing internationalised addresses to a server that did not offer SMTPUTF8
-                    // would be rejected or mangled there (RFC 6531 §3.4).
-                    lease.give_back();
-                    return Reply::new(
-                        553,
-                        "5.6.7 The upstream does not support SMTPUTF8 for this message",
-                    );
-                }
-                line.push_str(" SMTPUTF8");
-            }
+            };
             let mut lines = vec![line];
             if caps.pipelining {
                 // Only as many RCPTs as pacing allows go ahead; the rest are answered one by one.

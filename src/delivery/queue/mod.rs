@@ -253,7 +253,7 @@ impl Queue {
     }
 
     /// A new message id: time-ordered (so the queue is FIFO by id) and unique.
-    pub fn new_id(&self) -> String {
+    fn new_id(&self) -> String {
         let micros = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)

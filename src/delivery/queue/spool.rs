@@ -332,10 +332,6 @@ impl Spool {
         &self.root
     }
 
-    pub fn body_path(&self, id: &str) -> PathBuf {
-        self.msg.join(id)
-    }
-
     /// Where to read `env`'s body from.
     pub fn body(&self, env: &Envelope) -> BodySource {
         match env.logged {

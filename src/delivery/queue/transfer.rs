@@ -111,31 +111,10 @@ async fn run(lease: &mut Lease, env: &Envelope, rcpts: &[String], body: &BodySou
     let client = &mut conn.client;
     let caps = client.caps.clone();
     let all = |r: Reply, keep| Step::Done(vec![r; rcpts.len()], keep);
-    let mut mail = format!("MAIL FROM:<{}>", env.sender);
-    if caps.size {
-        mail.push_str(&format!(" SIZE={}", env.size));
-    }
-    if env.eight_bit {
-        if !caps.eight_bit {
-            return all(
-                Reply::new(
-                    554,
-                    "5.6.3 The upstream does not accept 8-bit content (no 8BITMIME)",
-                ),
-                true,
-            );
-        }
-        mail.push_str(" BODY=8BITMIME");
-    }
-    if env.smtputf8 {
-        if !caps.smtputf8 {
-            return all(
-                Reply::new(553, "5.6.7 The upstream does not support SMTPUTF8"),
-                true,
-            );
-        }
-        mail.push_str(" SMTPUTF8");
-    }
+    let mail = match caps.mail_command(&env.sender, Some(env.size), env.eight_bit, env.smtputf8) {
+        Ok(line) => line,
+        Err(refusal) => return all(refusal, true),
+    };
     let mut lines = vec![mail];
     if caps.pipelining {
         lines.extend(rcpts.iter().map(|to| format!("RCPT TO:<{to}>")));
