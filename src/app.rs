@@ -27,6 +27,9 @@ use crate::inbound::listener::{self, Admission, Listener};
 use crate::oauth::http::HttpClients;
 use crate::oauth::issuer::ProviderIssuer;
 use crate::oauth::tokens::TokenManager;
+use crate::observe::http::{Fill, Health};
+use crate::observe::metrics::Gauges;
+use crate::observe::Observer;
 use crate::store::sled_store::SledStore;
 use crate::store::Store;
 use crate::util::clock;
@@ -62,19 +65,23 @@ impl Core {
         }
         let margin = Duration::from_secs(config.server.refresh_margin_secs);
         let issuer = Arc::new(ProviderIssuer { http: http.clone() });
+        let clock = clock::system();
+        let observer = Observer::new(&config.alerts, clock.clone())?;
         let tokens = Arc::new(TokenManager::new(
             Store::new(store),
             issuer,
-            clock::system(),
+            clock.clone(),
             margin,
             &config.accounts,
             tasks.clone(),
+            observer.clone(),
         ));
         let dialer = Dialer {
             tokens: tokens.clone(),
             tls,
             helo_name: config.server.hostname.clone(),
             timeout,
+            observer: observer.clone(),
         };
         let limits = &config.limits;
         let pool = Pool::new(
@@ -84,7 +91,6 @@ impl Core {
             Duration::from_secs(limits.upstream_wait_secs),
             tasks.clone(),
         );
-        let clock = tokens.clock().clone();
         let pacers = Arc::new(Pacers::new(&config.accounts, clock.clone()));
         let queue = Queue::open(
             &config.server.data_dir,
@@ -92,6 +98,7 @@ impl Core {
             &config.accounts,
             clock,
             &config.server.hostname,
+            observer.clone(),
         )
         .map_err(|e| {
             format!(
@@ -107,6 +114,7 @@ impl Core {
             pacers,
             queue: Arc::new(queue),
             pacing_wait: Duration::from_secs(limits.upstream_wait_secs),
+            observer,
         });
         Ok(Core {
             config,
@@ -158,6 +166,9 @@ pub struct Relay {
     shared: Arc<Shared>,
     listeners: Vec<Listener>,
     control: tokio::net::UnixListener,
+    /// `[metrics] address`, bound with the other ports.
+    metrics: Option<tokio::net::TcpListener>,
+    health: Arc<Health>,
 }
 
 impl Relay {
@@ -178,6 +189,12 @@ impl Relay {
         for l in &config.listeners {
             listeners.push(Listener::bind(l.address, l.tls).await?);
         }
+        let metrics = match config.metrics.address {
+            None => None,
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                format!("cannot listen on {addr} for [metrics] address ({e}); change it or stop what uses the port")
+            })?),
+        };
         crate::util::fs::create_private_dir(&config.server.data_dir).map_err(|e| {
             format!(
                 "cannot create data_dir {}: {e}",
@@ -236,6 +253,8 @@ impl Relay {
             shared,
             listeners,
             control,
+            metrics,
+            health: Arc::new(Health::starting()),
         })
     }
 
@@ -244,6 +263,11 @@ impl Relay {
         Probe {
             shared: self.shared.clone(),
         }
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if `[metrics] address` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn local_addrs(&self) -> Vec<(SocketAddr, TlsMode)> {
@@ -279,6 +303,16 @@ impl Relay {
             sessions.clone(),
         ));
         services.spawn(housekeeping(upstream.clone(), stop.clone()));
+        if let Some(listener) = self.metrics {
+            let fill = gauges(self.shared.config.clone(), upstream.clone());
+            services.spawn(crate::observe::http::serve(
+                listener,
+                upstream.observer.metrics.clone(),
+                fill,
+                self.health.clone(),
+                stop.clone(),
+            ));
+        }
         upstream.queue.start(
             upstream.pool.clone(),
             upstream.pacers.clone(),
@@ -288,7 +322,9 @@ impl Relay {
         );
         // Under systemd (Type=notify): the listeners are bound and accepting now.
         notify(sd_notify::NotifyState::Ready);
+        self.health.set(None);
         shutdown.await;
+        self.health.set(Some("shutting down"));
         notify(sd_notify::NotifyState::Stopping);
         tracing::info!("shutting down: no new connections, waiting for sessions to finish");
         stop.cancel();
@@ -312,6 +348,29 @@ impl Relay {
             tracing::warn!(error = %e, "cannot flush the database at shutdown");
         }
     }
+}
+
+/// Fills the state gauges from the pool, the token manager and the queue at scrape time.
+fn gauges(config: Arc<Config>, upstream: Arc<UpstreamContext>) -> Fill {
+    Arc::new(move |g: &Gauges| {
+        for a in &config.accounts {
+            let name = &a.name;
+            let open = upstream.pool.open_connections(name);
+            Gauges::set(&g.upstream_connections, name, open as i64);
+            if let Some(left) = upstream.tokens.cached_for(name) {
+                Gauges::set(&g.token_expiry_seconds, name, left.as_secs() as i64);
+            }
+            Gauges::set(&g.grant_ok, name, upstream.tokens.grant_ok(a) as i64);
+            let q = upstream.queue.account_view(name);
+            Gauges::set(&g.queue_messages, name, q.queued as i64);
+            Gauges::set(
+                &g.queue_oldest_seconds,
+                name,
+                q.oldest_secs.unwrap_or(0) as i64,
+            );
+            Gauges::set(&g.account_paused, name, q.paused.is_some() as i64);
+        }
+    })
 }
 
 /// Raises the soft limit on open files to the hard one: each mailer session holds two descriptors

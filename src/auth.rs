@@ -204,8 +204,9 @@ impl Authenticator {
         }
     }
 
-    pub fn knows(&self, login: &str) -> bool {
-        self.by_login.contains_key(login)
+    /// The account a configured login belongs to.
+    pub fn account_of(&self, login: &str) -> Option<&Arc<Account>> {
+        self.by_login.get(login)
     }
 
     /// Logins answered from the cache so far (for tests and metrics).

@@ -7,6 +7,7 @@
 //! - `admin` operations behind the admin commands · `control` the control socket (wire, server, client)
 //! - `delivery` submission interface, upstream SMTP client, typed outcomes
 //! - `auth` local logins · `oauth` tokens, endpoints, flows
+//! - `observe` metrics, health endpoints, alerts
 //! - `store` the grant-store trait, sled and memory stores, sealing
 //! - `smtp` replies, session state machine, body codec (no IO) · `hints` error codes to fixes
 //! - `config` raw → resolved configuration · `util` secret, clock, fs, tls, logging
@@ -21,6 +22,7 @@ pub mod delivery;
 pub mod hints;
 pub mod inbound;
 pub mod oauth;
+pub mod observe;
 pub mod smtp;
 pub mod store;
 pub mod util;

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use xoauth_relay::control::wire::{Request, Response};
+use xoauth_relay::control::wire::Request;
 
 /// Options for a relay whose `news` account queues, with `account` and `delivery` keys added.
 fn queued(account: &str, delivery: &str) -> RelayOptions {
@@ -24,11 +24,6 @@ async fn queue_one(c: &mut Client, rcpts: &[&str], body: &[u8]) -> String {
     last.strip_prefix("250 2.0.0 Ok: queued as ")
         .unwrap_or_else(|| panic!("not a queue receipt: {last}"))
         .to_string()
-}
-
-async fn admin(relay: &Relay, request: Request) -> Response {
-    let config = xoauth_relay::config::Config::load(&relay.config_path).unwrap();
-    xoauth_relay::app::admin(config, request).await.unwrap()
 }
 
 async fn queue_json(relay: &Relay) -> Vec<serde_json::Value> {
@@ -120,7 +115,14 @@ async fn until_queue(relay: &Relay, done: impl Fn(&[serde_json::Value]) -> bool)
 /// Waits until `accounts` shows the account paused, and returns the table.
 async fn until_paused(relay: &Relay) -> String {
     loop {
-        let r = admin(relay, Request::Accounts).await;
+        let r = admin(
+            relay,
+            Request::Accounts {
+                json: false,
+                usage: false,
+            },
+        )
+        .await;
         if r.text.contains("paused") {
             return r.text;
         }

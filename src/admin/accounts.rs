@@ -1,26 +1,113 @@
-//! `accounts`: each account's grant kind and state, token expiry, last refresh and use, and the
-//! refresh token's age with the provider-specific warnings.
+//! `accounts`: each account's grant kind and state, token expiry, last refresh and use, the
+//! refresh token's age with the provider-specific warnings, and its queue; as a table or, with
+//! `--json`, one array of objects with the same facts for scripts.
+
+use serde::Serialize;
 
 use super::{ago, span_text, AdminContext};
+use crate::config::{Account, Family};
+use crate::oauth::tokens::GrantState;
+use crate::util::clock::rfc3339;
 
-/// "0", "12 (oldest 5m)", "12 (oldest 5m), paused: throttled: 421 ... (until 40s from now)".
-fn queued(ctx: &AdminContext, account: &str) -> String {
-    let v = ctx.upstream.queue.account_view(account);
-    let mut out = v.queued.to_string();
-    if let Some(age) = v.oldest_secs {
-        out.push_str(&format!(" (oldest {})", span_text(age)));
-    }
-    if let Some(why) = v.paused {
-        out.push_str(&format!(", paused: {why}"));
-    }
-    out
+/// One account's facts; the JSON field names are what scripts rely on.
+#[derive(Serialize)]
+struct Row {
+    name: String,
+    login: String,
+    provider: String,
+    mailbox: String,
+    grant: &'static str,
+    state: &'static str,
+    /// Why the state is not `ok`, when there is more to say.
+    state_detail: Option<String>,
+    token_expires_in_secs: Option<i64>,
+    last_refresh: Option<String>,
+    last_use: Option<String>,
+    refresh_token_age_secs: Option<u64>,
+    warning: Option<&'static str>,
+    queued: usize,
+    queue_oldest_secs: Option<u64>,
+    paused: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<crate::observe::usage::Report>,
+    #[serde(skip)]
+    times: (Option<u64>, Option<u64>),
 }
-use crate::config::{Family, GrantKind};
 
-pub(super) fn table(ctx: &AdminContext) -> String {
-    let store = ctx.upstream.tokens.store();
+fn row(ctx: &AdminContext, a: &Account, now: u64, usage: bool) -> Row {
+    let tokens = &ctx.upstream.tokens;
+    let status = tokens.store().status(&a.name);
+    let last_use = ctx.upstream.activity.last_use(&a.name).max(status.last_use);
+    let state = tokens.grant_state(a);
+    let state_detail = match &state {
+        GrantState::Ok => None,
+        GrantState::NeedsAuthorization => Some(format!("run `xoauth-relay authorize {}`", a.name)),
+        GrantState::Revoked => Some(format!(
+            "{}; run `xoauth-relay authorize {}`",
+            status.last_error.as_deref().unwrap_or("invalid_grant"),
+            a.name
+        )),
+        GrantState::Failing(e) => Some(e.clone()),
+        GrantState::Unreadable(e) => Some(format!("unreadable: {e}")),
+    };
+    let g = tokens.store().get(&a.name).ok().flatten();
+    let with_refresh = g.as_ref().filter(|g| g.refresh_token.is_some());
+    let age = with_refresh.map(|g| now.saturating_sub(g.obtained_at));
+    let warning = with_refresh.and_then(|g| {
+        let idle = now.saturating_sub(last_use.or(g.last_refresh).unwrap_or(g.obtained_at));
+        match a.provider.family {
+            Family::Google if age.unwrap_or(0) > 5 * 86400 => {
+                Some("Google apps in Testing status lose grants after 7 days; publish the app")
+            }
+            Family::Microsoft if idle > 80 * 86400 => {
+                Some("Microsoft expires refresh tokens after 90 days without use")
+            }
+            _ => None,
+        }
+    });
+    let q = ctx.upstream.queue.account_view(&a.name);
+    let last_refresh = g.as_ref().and_then(|g| g.last_refresh);
+    Row {
+        name: a.name.clone(),
+        login: a.login.clone(),
+        provider: a.provider.name.clone(),
+        mailbox: a.mailbox.clone(),
+        grant: a.grant.as_str(),
+        state: state.as_str(),
+        state_detail,
+        token_expires_in_secs: g
+            .as_ref()
+            .and_then(|g| g.access_expires_at)
+            .map(|t| t as i64 - now as i64),
+        last_refresh: last_refresh.map(rfc3339),
+        last_use: last_use.map(rfc3339),
+        refresh_token_age_secs: age,
+        warning,
+        queued: q.queued,
+        queue_oldest_secs: q.oldest_secs,
+        paused: q.paused,
+        usage: usage.then(|| ctx.upstream.observer.usage.report(&a.name)),
+        times: (last_refresh, last_use),
+    }
+}
+
+pub(super) fn list(ctx: &AdminContext, json: bool, usage: bool) -> Result<String, String> {
     let now = ctx.upstream.tokens.clock().unix();
-    let mut rows = vec![[
+    let rows: Vec<Row> = ctx
+        .config
+        .accounts
+        .iter()
+        .map(|a| row(ctx, a, now, usage))
+        .collect();
+    if json {
+        let mut text = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
+        text.push('\n');
+        return Ok(text);
+    }
+    if usage {
+        return Ok(usage_table(&rows));
+    }
+    let mut table = vec![[
         "ACCOUNT",
         "LOGIN",
         "PROVIDER",
@@ -35,56 +122,70 @@ pub(super) fn table(ctx: &AdminContext) -> String {
     ]
     .map(String::from)
     .to_vec()];
-    for a in &ctx.config.accounts {
-        let status = store.status(&a.name);
-        let last_use = ctx.upstream.activity.last_use(&a.name).max(status.last_use);
-        let grant = store.get(&a.name);
-        let on_demand = a.grant != GrantKind::RefreshToken;
-        let state = match (&grant, &status) {
-            (Err(e), _) => format!("unreadable: {e}"),
-            (_, s) if s.revoked => format!("revoked: run `xoauth-relay authorize {}`", a.name),
-            (_, s) if s.last_error.is_some() => {
-                format!("failing: {}", s.last_error.as_deref().unwrap_or(""))
-            }
-            (Ok(None), _) if !on_demand => "needs authorization".to_string(),
-            _ => "ok".to_string(),
+    for r in rows {
+        let state = match &r.state_detail {
+            Some(d) => format!("{}: {d}", r.state.replace('_', " ")),
+            None => r.state.to_string(),
         };
-        let g = grant.ok().flatten();
-        let expires = match g.as_ref().and_then(|g| g.access_expires_at) {
-            Some(t) if t > now => format!("in {}", span_text(t - now)),
+        let expires = match r.token_expires_in_secs {
+            Some(t) if t > 0 => format!("in {}", span_text(t as u64)),
             Some(_) => "expired".into(),
             None => "-".into(),
         };
-        let age = match g.as_ref().filter(|g| g.refresh_token.is_some()) {
-            None => "-".to_string(),
-            Some(g) => {
-                let age = now.saturating_sub(g.obtained_at);
-                let idle = now.saturating_sub(last_use.or(g.last_refresh).unwrap_or(g.obtained_at));
-                let warning = match a.provider.family {
-                    Family::Google if age > 5 * 86400 => {
-                        " (warning: Google apps in Testing status lose grants after 7 days; publish the app)"
-                    }
-                    Family::Microsoft if idle > 80 * 86400 => {
-                        " (warning: Microsoft expires refresh tokens after 90 days without use)"
-                    }
-                    _ => "",
-                };
-                format!("{}{warning}", span_text(age))
-            }
+        let age = match (r.refresh_token_age_secs, r.warning) {
+            (None, _) => "-".to_string(),
+            (Some(age), None) => span_text(age),
+            (Some(age), Some(w)) => format!("{} (warning: {w})", span_text(age)),
         };
-        rows.push(vec![
-            a.name.clone(),
-            a.login.clone(),
-            a.provider.name.clone(),
-            a.mailbox.clone(),
-            a.grant.as_str().to_string(),
+        let mut queued = r.queued.to_string();
+        if let Some(age) = r.queue_oldest_secs {
+            queued.push_str(&format!(" (oldest {})", span_text(age)));
+        }
+        if let Some(why) = &r.paused {
+            queued.push_str(&format!(", paused: {why}"));
+        }
+        table.push(vec![
+            r.name,
+            r.login,
+            r.provider,
+            r.mailbox,
+            r.grant.to_string(),
             state,
             expires,
-            ago(g.as_ref().and_then(|g| g.last_refresh), now),
-            ago(last_use, now),
+            ago(r.times.0, now),
+            ago(r.times.1, now),
             age,
-            queued(ctx, &a.name),
+            queued,
         ]);
     }
-    super::columns(rows)
+    Ok(super::columns(table))
+}
+
+/// `accounts --usage`: the rolling 24 h and 7 day figures.
+fn usage_table(rows: &[Row]) -> String {
+    let mut table = vec![[
+        "ACCOUNT",
+        "MESSAGES 24H/7D",
+        "RECIPIENTS 24H/7D",
+        "BYTES 24H/7D",
+        "FAILED LOGINS 24H/7D",
+        "SOURCES 24H/7D",
+        "LAST SOURCE",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for r in rows {
+        let Some(u) = &r.usage else { continue };
+        let pair = |a: u64, b: u64| format!("{a}/{b}");
+        table.push(vec![
+            r.name.clone(),
+            pair(u.last_24h.messages, u.last_7d.messages),
+            pair(u.last_24h.recipients, u.last_7d.recipients),
+            pair(u.last_24h.bytes, u.last_7d.bytes),
+            pair(u.last_24h.failed_logins, u.last_7d.failed_logins),
+            pair(u.last_24h.sources, u.last_7d.sources),
+            u.last_source.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    super::columns(table)
 }

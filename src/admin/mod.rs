@@ -30,7 +30,7 @@ pub struct AdminContext {
 pub async fn execute(ctx: &AdminContext, request: Request) -> Response {
     let tokens = &ctx.upstream.tokens;
     let result = match request {
-        Request::Accounts => Ok(accounts::table(ctx)),
+        Request::Accounts { json, usage } => accounts::list(ctx, json, usage),
         Request::StoreGrant {
             account,
             refresh_token,

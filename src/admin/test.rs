@@ -83,7 +83,7 @@ async fn test_steps(
         let body = format!(
             "From: <{}>\r\nTo: <{to}>\r\nSubject: xoauth-relay test\r\nDate: {}\r\n\r\nThis is a test message sent by `xoauth-relay test {name}`.\r\n",
             acct.mailbox,
-            rfc2822_now()
+            crate::util::clock::rfc2822(crate::util::clock::now_unix())
         );
         client
             .body(body.as_bytes())
@@ -98,31 +98,4 @@ async fn test_steps(
     let _ = tokio::time::timeout(Duration::from_secs(5), client.command("QUIT")).await;
     lines.push("ok".into());
     Ok(())
-}
-
-/// Current time as an RFC 5322 date (UTC), without a date crate.
-fn rfc2822_now() -> String {
-    let secs = crate::util::clock::now_unix();
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days.rem_euclid(7)) as usize];
-    let mon = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ][(month - 1) as usize];
-    format!(
-        "{weekday}, {day:02} {mon} {year} {:02}:{:02}:{:02} +0000",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }

@@ -74,7 +74,14 @@ enum Command {
         device: bool,
     },
     /// List accounts with their grant state.
-    Accounts,
+    Accounts {
+        /// One JSON array with an object per account, for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Rolling 24 h / 7 day usage: messages, recipients, bytes, failed logins, source addresses.
+        #[arg(long)]
+        usage: bool,
+    },
     /// Delete an account's grant (and revoke it at the provider where possible).
     Revoke {
         /// Account name (`name` in [[accounts]]).
@@ -235,7 +242,16 @@ async fn run(cli: Cli) -> Result<(), String> {
             };
             finish(crate::app::admin(config, request).await?)
         }
-        Command::Accounts => finish(crate::app::admin(load(&cli)?, Request::Accounts).await?),
+        Command::Accounts { json, usage } => finish(
+            crate::app::admin(
+                load(&cli)?,
+                Request::Accounts {
+                    json: *json,
+                    usage: *usage,
+                },
+            )
+            .await?,
+        ),
         Command::Queue {
             action,
             account,

@@ -46,6 +46,9 @@ pub struct ServerConfig {
     pub allow_plaintext_loopback: bool,
     /// Refresh an access token this many seconds before it expires.
     pub refresh_margin_secs: u64,
+    /// A refresh-token grant unused this many days is refreshed once in the background, so a quiet
+    /// account never reaches the provider's inactivity expiry (Microsoft: 90 days).
+    pub keepalive_days: u64,
     /// Upstream SMTP through a proxy: `socks5://[user@]host:port` or `http://[user@]host:port`
     /// (HTTP CONNECT); a provider's own `upstream_proxy` wins ("direct" for none).
     pub upstream_proxy: Option<String>,
@@ -64,6 +67,7 @@ impl Default for ServerConfig {
             require_tls_for_auth: true,
             allow_plaintext_loopback: true,
             refresh_margin_secs: 300,
+            keepalive_days: 7,
             upstream_proxy: None,
             upstream_proxy_password_env: None,
             upstream_proxy_password_file: None,
@@ -202,6 +206,41 @@ impl Default for DeliveryConfig {
             retry_max_secs: 3600,
             max_queue_age_secs: 432_000,
             quota_pause_secs: 3600,
+        }
+    }
+}
+
+/// `[metrics]`: the HTTP endpoint for Prometheus and health checks (absent: off).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub address: Option<SocketAddr>,
+}
+
+/// `[alerts]`: where events go and when they fire.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// Run with the event as JSON on stdin.
+    pub command: Option<PathBuf>,
+    /// POSTed the event as JSON; https except on loopback.
+    pub webhook_url: Option<String>,
+    /// One event kind for one account fires at most this often.
+    pub repeat_secs: u64,
+    /// `refresh_failing`: the token endpoint has failed this long for an account.
+    pub alert_after_secs: u64,
+    /// `queue_stuck`: the oldest queued message is older than this.
+    pub alert_queue_age_secs: u64,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            command: None,
+            webhook_url: None,
+            repeat_secs: 3600,
+            alert_after_secs: 600,
+            alert_queue_age_secs: 3600,
         }
     }
 }
@@ -461,6 +500,8 @@ pub struct Config {
     pub tls: TlsConfig,
     pub limits: Limits,
     pub delivery: DeliveryConfig,
+    pub metrics: MetricsConfig,
+    pub alerts: AlertsConfig,
     pub providers: BTreeMap<String, Arc<Provider>>,
     pub accounts: Vec<Arc<Account>>,
 }

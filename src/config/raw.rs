@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::{
-    ConfigError, DeliveryConfig, DeliveryMode, GrantKind, Limits, ListenerConfig, Mechanism,
-    ServerConfig, TlsConfig, TlsMode,
+    AlertsConfig, ConfigError, DeliveryConfig, DeliveryMode, GrantKind, Limits, ListenerConfig,
+    Mechanism, MetricsConfig, ServerConfig, TlsConfig, TlsMode,
 };
 use crate::util::secret::Secret;
 
@@ -28,6 +28,10 @@ pub struct RawConfig {
     pub limits: Limits,
     #[serde(default)]
     pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub alerts: AlertsConfig,
     #[serde(default)]
     pub providers: BTreeMap<String, RawProvider>,
     #[serde(default)]

@@ -270,6 +270,24 @@ pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
     if d.retry_max_secs < d.retry_min_secs {
         errors.push("[delivery]: retry_max_secs must not be smaller than retry_min_secs".into());
     }
+    let a = &raw.alerts;
+    if let Some(url) = &a.webhook_url {
+        if let Err(e) = webhook_allowed(url) {
+            errors.push(format!("[alerts] webhook_url: {e}"));
+        }
+    }
+    for (key, value) in [
+        ("repeat_secs", a.repeat_secs),
+        ("alert_after_secs", a.alert_after_secs),
+        ("alert_queue_age_secs", a.alert_queue_age_secs),
+    ] {
+        if value == 0 {
+            errors.push(format!("[alerts]: {key} must be at least 1"));
+        }
+    }
+    if raw.server.keepalive_days == 0 {
+        errors.push("[server]: keepalive_days must be at least 1".into());
+    }
     if raw.listeners.is_empty() {
         errors.push(format!(
             "{}: no [[listeners]] configured; add one, like address = \"127.0.0.1:587\", tls = \"starttls\"",
@@ -306,9 +324,28 @@ pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         tls: raw.tls,
         limits: raw.limits,
         delivery: raw.delivery,
+        metrics: raw.metrics,
+        alerts: raw.alerts,
         providers,
         accounts,
     })
+}
+
+/// A webhook gets events about grants: https, or plain http only to this machine.
+fn webhook_allowed(text: &str) -> Result<(), String> {
+    let url = url::Url::parse(text).map_err(|e| format!("\"{text}\" is not a URL ({e})"))?;
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => Err("use https (plain http is allowed only to loopback)".into()),
+        other => Err(format!("scheme `{other}` is not supported; use https://")),
+    }
 }
 
 /// A provider's client secret read and its files checked.
@@ -390,6 +427,14 @@ pub fn external(mut config: Config, env: &dyn Env) -> Result<Config, ConfigError
                 resolved.insert(name.clone(), Arc::new(p));
             }
             Err(e) => errors.push(e.0),
+        }
+    }
+    if let Some(command) = &config.alerts.command {
+        if !env.exists(command) {
+            errors.push(format!(
+                "[alerts] command {} does not exist; check the path",
+                command.display()
+            ));
         }
     }
     if !errors.is_empty() {

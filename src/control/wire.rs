@@ -7,7 +7,12 @@ use crate::util::secret::Secret;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    Accounts,
+    Accounts {
+        #[serde(default)]
+        json: bool,
+        #[serde(default)]
+        usage: bool,
+    },
     /// Store a grant obtained by `authorize` or given to `import-token`.
     StoreGrant {
         account: String,

@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::outcome::{ErrorKind, UpstreamError};
 use crate::config::{Mechanism, Provider, TlsMode};
+use crate::observe::{Metrics, Step};
 use crate::smtp::body::BodyEncoder;
 use crate::smtp::Reply;
 use crate::util::secret::Secret;
@@ -115,6 +116,8 @@ pub struct Client {
     owed: usize,
     /// The upstream's name, for error messages.
     host: String,
+    /// Where reply times go (`xoauth_relay_upstream_reply_seconds`), once the relay hands it out.
+    timings: Option<Arc<Metrics>>,
 }
 
 impl Client {
@@ -147,6 +150,7 @@ impl Client {
             out: Vec::new(),
             owed: 0,
             host: host.to_string(),
+            timings: None,
         };
         let greeting = client.read_reply().await?;
         if greeting.code != 220 {
@@ -172,6 +176,17 @@ impl Client {
             client.ehlo(helo_name).await?;
         }
         Ok(client)
+    }
+
+    /// From now on, the time until each MAIL, RCPT, DATA and end-of-data reply is recorded.
+    pub fn time_replies(&mut self, metrics: Arc<Metrics>) {
+        self.timings = Some(metrics);
+    }
+
+    fn timed(&self, step: Option<Step>, since: tokio::time::Instant) {
+        if let (Some(m), Some(step)) = (&self.timings, step) {
+            m.upstream_reply(step, since.elapsed());
+        }
     }
 
     fn err(&self, kind: ErrorKind, what: &str, e: impl std::fmt::Display) -> UpstreamError {
@@ -250,6 +265,7 @@ impl Client {
             out.extend_from_slice(b"\r\n");
         }
         self.owed = lines.len();
+        let sent = tokio::time::Instant::now();
         if let Err(e) = self.write(&out).await {
             return failed(e);
         }
@@ -258,6 +274,7 @@ impl Client {
             match self.read_reply().await {
                 Ok(reply) => {
                     self.owed -= 1;
+                    self.timed(Step::of_command(&lines[replies.len()]), sent);
                     replies.push(Ok(reply));
                 }
                 Err(e) => {
@@ -349,6 +366,7 @@ impl Client {
         let mut out = std::mem::take(&mut self.out);
         out.extend_from_slice(self.body.finish());
         self.owed = 1;
+        let sent = tokio::time::Instant::now();
         let written = self.write(&out).await;
         out.clear();
         self.out = out;
@@ -357,6 +375,7 @@ impl Client {
             .read_reply_within(self.timeout.max(FINAL_REPLY_TIMEOUT))
             .await?;
         self.owed = 0;
+        self.timed(Some(Step::Data), sent);
         Ok(reply)
     }
 }

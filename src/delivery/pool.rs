@@ -23,6 +23,7 @@ use super::client::Client;
 use super::outcome::{ErrorKind, UpstreamError};
 use crate::config::Account;
 use crate::oauth::tokens::{TokenError, TokenManager};
+use crate::observe::{Event, Step};
 use crate::util::clock::SharedClock;
 use crate::util::secret::Secret;
 
@@ -70,6 +71,7 @@ pub struct Dialer {
     pub tls: HashMap<String, Arc<rustls::ClientConfig>>,
     pub helo_name: String,
     pub timeout: Duration,
+    pub observer: crate::observe::Observer,
 }
 
 /// How long an upstream refusal of the account's token is answered from memory.
@@ -325,6 +327,15 @@ impl Pool {
             if reply.code >= 500 && current {
                 let until = self.clock.now() + REFUSAL_MEMORY;
                 *lock(&pool.refused) = Some((until, reply.clone()));
+                let hint = crate::hints::for_smtp_reply(account.provider.family, reply).unwrap_or(
+                    "check that SMTP AUTH is enabled for the mailbox and the grant's scopes",
+                );
+                self.dialer.observer.alerts.raise(
+                    Event::UpstreamAuthRejected,
+                    &account.name,
+                    &reply.summary(),
+                    hint,
+                );
             }
         }
         result
@@ -431,10 +442,15 @@ impl Dialer {
                 format!("no TLS configuration for provider `{}`", provider.name),
             )
         })?;
+        let metrics = &self.observer.metrics;
+        let started = tokio::time::Instant::now();
         let mut client = Client::connect(provider, tls, &self.helo_name, self.timeout).await?;
-        client
-            .authenticate(provider, &account.mailbox, token)
-            .await?;
+        metrics.upstream_reply(Step::Connect, started.elapsed());
+        let started = tokio::time::Instant::now();
+        let authenticated = client.authenticate(provider, &account.mailbox, token).await;
+        metrics.upstream_reply(Step::Auth, started.elapsed());
+        authenticated?;
+        client.time_replies(metrics.clone());
         Ok(client)
     }
 }

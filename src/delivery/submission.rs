@@ -35,6 +35,7 @@ pub struct UpstreamContext {
     pub queue: Arc<Queue>,
     /// How long a direct-mode message waits for its turn under the account's pacing.
     pub pacing_wait: std::time::Duration,
+    pub observer: crate::observe::Observer,
 }
 
 /// Outcome of the upstream half of a message, for the per-message log line.
@@ -121,6 +122,10 @@ impl Submission {
             spooled: None,
             stats: MessageStats::default(),
         }
+    }
+
+    pub fn account(&self) -> &Account {
+        &self.account
     }
 
     /// Direct mode under pacing: waits for the account's turn (up to `upstream_wait_secs`), or
@@ -390,6 +395,9 @@ impl Submission {
         let reply = self.step(line).await;
         if reply.is_positive() {
             self.stats.recipients += 1;
+        } else {
+            let metrics = &self.ctx.observer.metrics;
+            metrics.recipients(&self.account.name, "rejected", 1);
         }
         Outcome::from_reply(reply)
     }

@@ -18,6 +18,7 @@ use crate::auth::Authenticator;
 use crate::config::{Config, DeliveryMode, TlsMode};
 use crate::delivery::client::BoxStream;
 use crate::delivery::{Submission, UpstreamContext};
+use crate::observe::MessageOutcome;
 use crate::smtp::session::{Action, AuthOutcome, Authorized, Session, SessionConfig};
 use crate::smtp::Reply;
 use crate::util::secret::Secret;
@@ -278,6 +279,13 @@ impl Connection {
     async fn execute(&mut self, action: Action) -> Result<bool, End> {
         match action {
             Action::Reply(reply) => {
+                if reply.code == 538 {
+                    self.shared
+                        .upstream
+                        .observer
+                        .metrics
+                        .auth_failure("tls_required");
+                }
                 // Refusals the mailer sees are in the log too (replies carry no secrets), the first
                 // few of a session one by one.
                 if reply.code >= 400 {
@@ -325,15 +333,29 @@ impl Connection {
             Action::EndOfData => {
                 self.flush().await?;
                 let started = self.message_started;
+                let shared = self.shared.clone();
                 let delivery = self.delivery();
                 let outcome = delivery.end_data().await;
                 let reply = outcome.reply();
                 let stats = &delivery.stats;
-                let what = match (&stats.queued_as, outcome.is_accepted()) {
-                    (Some(_), _) => "message accepted into the queue",
-                    (None, true) => "message relayed",
-                    (None, false) => "message not relayed",
+                let (what, counted) = match (&stats.queued_as, outcome.is_accepted()) {
+                    (Some(_), _) => ("message accepted into the queue", MessageOutcome::Queued),
+                    (None, true) => ("message relayed", MessageOutcome::Relayed),
+                    (None, false) if reply.code >= 500 => {
+                        ("message not relayed", MessageOutcome::Rejected)
+                    }
+                    (None, false) => ("message not relayed", MessageOutcome::Failed),
                 };
+                let metrics = &shared.upstream.observer.metrics;
+                let account = &delivery.account().name;
+                metrics.message(account, counted, stats.size);
+                if counted == MessageOutcome::Relayed {
+                    metrics.recipients(account, "accepted", stats.recipients as u64);
+                }
+                if matches!(counted, MessageOutcome::Relayed | MessageOutcome::Queued) {
+                    let usage = &shared.upstream.observer.usage;
+                    usage.message(account, stats.recipients as u64, stats.size as u64);
+                }
                 tracing::info!(
                     sender = %stats.sender,
                     recipients = stats.recipients,
@@ -369,12 +391,22 @@ impl Connection {
                 result = "locked_out",
                 "login refused: too many failed logins from this address"
             );
+            self.shared
+                .upstream
+                .observer
+                .metrics
+                .auth_failure("locked_out");
             return AuthOutcome::LockedOut;
         }
         let Some(verified) = self.shared.authenticator.verify(&login, password).await else {
             // Only a configured login is named: an unknown one may be a password typed in the wrong
             // field, or carry line breaks meant to forge log lines.
-            if self.shared.authenticator.knows(&login) {
+            if let Some(account) = self.shared.authenticator.account_of(&login) {
+                self.shared
+                    .upstream
+                    .observer
+                    .usage
+                    .failed_login(&account.name);
                 tracing::info!(login = %login, result = "bad_credentials", "login failed: wrong password");
             } else {
                 tracing::info!(result = "bad_credentials", "login failed: unknown login");
@@ -387,6 +419,8 @@ impl Connection {
                     "address locked out after too many failed logins"
                 );
             }
+            let metrics = &self.shared.upstream.observer.metrics;
+            metrics.auth_failure("bad_credentials");
             return AuthOutcome::BadCredentials;
         };
         let account = verified.account;
@@ -402,15 +436,29 @@ impl Connection {
             }
             Err(e) => {
                 tracing::info!(error = %e, "password accepted, but the account has no usable grant");
+                self.shared
+                    .upstream
+                    .observer
+                    .metrics
+                    .auth_failure("no_grant");
                 return AuthOutcome::GrantUnavailable(e.to_string());
             }
         }
         if let Some(reply) = self.shared.upstream.pool.remembered_refusal(&account.name) {
             let why = crate::delivery::submission::token_refused_text(&account, &reply);
             tracing::info!(reply = %reply.summary(), "password accepted, but the upstream refuses the account's token");
+            self.shared
+                .upstream
+                .observer
+                .metrics
+                .auth_failure("upstream_refused");
             return AuthOutcome::GrantUnavailable(why);
         }
         tracing::info!(login = %login, result = "ok", cached = verified.cached, "login succeeded");
+        let observer = &self.shared.upstream.observer;
+        observer
+            .usage
+            .login(&account.name, self.peer.ip().to_canonical());
         self.delivery = Some(Submission::new(
             self.shared.upstream.clone(),
             account.clone(),

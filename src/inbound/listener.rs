@@ -123,6 +123,7 @@ pub async fn accept_loop(listener: Listener, shared: Arc<Shared>, admission: Arc
         tracing::info!(%addr, tls = %listener.mode, "listening");
     }
     let stop = shared.stop.clone();
+    let label = listener.configured.to_string();
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -155,8 +156,10 @@ pub async fn accept_loop(listener: Listener, shared: Arc<Shared>, admission: Arc
         };
         let id = admission.ids.fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
+        let active = shared.upstream.observer.metrics.session(&label);
         admission.tracker.spawn(async move {
             connection::handle(shared, Box::new(tcp), peer, mode, id).await;
+            drop(active);
             drop(permit);
             drop(ip_slot);
         });

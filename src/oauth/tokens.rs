@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use super::endpoint::{ProviderError, TokenSet};
 use super::issuer::Issuer;
 use crate::config::{Account, Family, GrantKind};
+use crate::observe::{Event, Observer};
 use crate::store::{Grant, Store};
 use crate::util::clock::SharedClock;
 use crate::util::secret::Secret;
@@ -64,17 +65,11 @@ impl std::fmt::Display for TokenError {
                 f,
                 "account `{a}`: no grant stored yet; run `xoauth-relay authorize {a}` (or `import-token {a}`)"
             ),
-            TokenError::Revoked { account, detail, family } => {
-                write!(
-                    f,
-                    "account `{account}`: grant revoked by the provider ({detail}); run `xoauth-relay authorize {account}`"
-                )?;
-                match family {
-                    Family::Google => f.write_str(" (Google apps in Testing status lose grants after 7 days: publish the app)"),
-                    Family::Microsoft => f.write_str(" (Microsoft drops grants unused for 90 days)"),
-                    Family::Generic => Ok(()),
-                }
-            }
+            TokenError::Revoked { account, detail, family } => write!(
+                f,
+                "account `{account}`: grant revoked by the provider ({detail}); {}",
+                revoked_hint(account, *family)
+            ),
             TokenError::Refused { account, error } => {
                 write!(f, "account `{account}`: the provider refused a token ({error})")?;
                 if let Some(hint) = error.hint() {
@@ -89,6 +84,42 @@ impl std::fmt::Display for TokenError {
             TokenError::Store(e) => f.write_str(e),
         }
     }
+}
+
+/// Where an account's grant stands (`accounts`, `xoauth_relay_grant_ok`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantState {
+    Ok,
+    NeedsAuthorization,
+    Revoked,
+    /// The last token request failed with this.
+    Failing(String),
+    /// The store could not be read.
+    Unreadable(String),
+}
+
+impl GrantState {
+    /// The word scripts read (`accounts --json` `state`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            GrantState::Ok => "ok",
+            GrantState::NeedsAuthorization => "needs_authorization",
+            GrantState::Revoked => "revoked",
+            GrantState::Failing(_) | GrantState::Unreadable(_) => "failing",
+        }
+    }
+}
+
+/// What to do about a revoked grant.
+pub fn revoked_hint(account: &str, family: Family) -> String {
+    let why = match family {
+        Family::Google => {
+            " (Google apps in Testing status lose grants after 7 days: publish the app)"
+        }
+        Family::Microsoft => " (Microsoft drops grants unused for 90 days)",
+        Family::Generic => "",
+    };
+    format!("run `xoauth-relay authorize {account}`{why}")
 }
 
 /// Failures a still-valid cached token may ride out: the provider being down or refusing for now;
@@ -115,6 +146,8 @@ struct Slot {
     account: Arc<Account>,
     cached: Mutex<Option<AccessToken>>,
     failure: Mutex<Option<(Instant, TokenError)>>,
+    /// Since when token requests have been failing (cleared by a success), for `refresh_failing`.
+    failing_since: Mutex<Option<Instant>>,
     /// A grant the store failed to write (disk full, say): a rotated refresh token must not be lost,
     /// so it is used from here and written again with the next refresh.
     unsaved: Mutex<Option<Grant>>,
@@ -133,6 +166,7 @@ pub struct TokenManager {
     slots: HashMap<String, Arc<Slot>>,
     /// Refreshes run here, so shutdown waits for a rotated refresh token to reach the store.
     tasks: TaskTracker,
+    observer: Observer,
 }
 
 impl TokenManager {
@@ -143,6 +177,7 @@ impl TokenManager {
         margin: Duration,
         accounts: &[Arc<Account>],
         tasks: TaskTracker,
+        observer: Observer,
     ) -> TokenManager {
         let slots = accounts
             .iter()
@@ -151,6 +186,7 @@ impl TokenManager {
                     account: a.clone(),
                     cached: Mutex::new(None),
                     failure: Mutex::new(None),
+                    failing_since: Mutex::new(None),
                     unsaved: Mutex::new(None),
                     refresh: tokio::sync::Mutex::new(()),
                 });
@@ -164,6 +200,7 @@ impl TokenManager {
             margin,
             slots,
             tasks,
+            observer,
         }
     }
 
@@ -180,6 +217,39 @@ impl TokenManager {
             .get(account)
             .cloned()
             .ok_or_else(|| TokenError::UnknownAccount(account.to_string()))
+    }
+
+    /// How long the cached access token of `account` still lives, if one is cached and valid.
+    pub fn cached_for(&self, account: &str) -> Option<Duration> {
+        let slot = self.slots.get(account)?;
+        let now = self.clock.now();
+        lock(&slot.cached)
+            .as_ref()
+            .filter(|t| t.expires_at > now)
+            .map(|t| t.expires_at - now)
+    }
+
+    /// Where the account's grant stands, from the store's record and the last token request.
+    pub fn grant_state(&self, account: &Account) -> GrantState {
+        let status = self.store.status(&account.name);
+        match self.store.get(&account.name) {
+            Err(e) => GrantState::Unreadable(e.to_string()),
+            _ if status.revoked => GrantState::Revoked,
+            _ if status.last_error.is_some() => {
+                GrantState::Failing(status.last_error.unwrap_or_default())
+            }
+            Ok(None) if account.grant == GrantKind::RefreshToken => GrantState::NeedsAuthorization,
+            Ok(_) => GrantState::Ok,
+        }
+    }
+
+    /// Whether mail can go now: a usable grant, or a valid cached token while the endpoint fails.
+    pub fn grant_ok(&self, account: &Account) -> bool {
+        match self.grant_state(account) {
+            GrantState::Ok => true,
+            GrantState::Failing(_) => self.cached_for(&account.name).is_some(),
+            _ => false,
+        }
     }
 
     /// The refresh margin for a token of `lifetime`: the configured one, but at most a third of the
@@ -349,17 +419,32 @@ impl TokenManager {
             GrantKind::ClientCredentials | GrantKind::ServiceAccount => None,
         };
         let result = self.issuer.issue(account, refresh_token.as_ref()).await;
+        let metrics = &self.observer.metrics;
         match result {
-            Ok(set) => self.persist(slot, stored, set).await,
+            Ok(set) => {
+                metrics.token_refresh(&name, "ok");
+                *lock(&slot.failing_since) = None;
+                self.persist(slot, stored, set).await
+            }
             Err(error) => {
                 let text = error.to_string();
                 let revoked = matches!(error, ProviderError::InvalidGrant(_))
                     && account.grant == GrantKind::RefreshToken;
+                let hint = error.hint().unwrap_or("");
+                if revoked {
+                    metrics.token_refresh(&name, "invalid_grant");
+                    let fix = revoked_hint(&name, account.provider.family);
+                    self.observer
+                        .alerts
+                        .raise(Event::GrantRevoked, &name, &text, &fix);
+                } else {
+                    metrics.token_refresh(&name, "error");
+                    self.failing(slot, &text, hint);
+                }
                 // One warning per new failure, not one per mailer session that runs into it.
                 if status.last_error.as_deref() == Some(text.as_str()) {
                     tracing::debug!(account = %name, error = %error, "token request failed again");
                 } else {
-                    let hint = error.hint().unwrap_or("");
                     tracing::warn!(account = %name, provider = %account.provider.name, error = %error, hint, "token request failed");
                 }
                 self.store.update_status(&name, |s| {
@@ -385,6 +470,23 @@ impl TokenManager {
                     },
                 })
             }
+        }
+    }
+
+    /// A failed token request that is not a revoked grant: once they have failed for
+    /// `alert_after_secs`, `refresh_failing` fires.
+    fn failing(&self, slot: &Slot, detail: &str, hint: &str) {
+        let now = self.clock.now();
+        let since = *lock(&slot.failing_since).get_or_insert(now);
+        let alerts = &self.observer.alerts;
+        let after = Duration::from_secs(alerts.thresholds().alert_after_secs);
+        if now.saturating_duration_since(since) >= after {
+            let hint = if hint.is_empty() {
+                "check the network path to the provider's token endpoint and the provider's status page"
+            } else {
+                hint
+            };
+            alerts.raise(Event::RefreshFailing, &slot.account.name, detail, hint);
         }
     }
 
@@ -504,6 +606,7 @@ mod tests {
             Duration::from_secs(300),
             &config.accounts,
             TaskTracker::new(),
+            Observer::quiet(clock.clone()),
         ));
         Fixture {
             tokens,

@@ -825,6 +825,8 @@ pub struct Relay {
     pub starttls: SocketAddr,
     pub implicit: SocketAddr,
     pub plain: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`, when `[metrics] address` is set.
+    pub metrics: Option<SocketAddr>,
     pub probe: xoauth_relay::app::Probe,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<()>>,
@@ -941,6 +943,7 @@ impl Relay {
         let config = xoauth_relay::config::Config::load(&config_path).unwrap();
         let server = xoauth_relay::app::Relay::bind(config).await.unwrap();
         let addrs = server.local_addrs();
+        let metrics = server.metrics_addr();
         let probe = server.probe();
         let find = |mode| addrs.iter().find(|(_, m)| *m == mode).unwrap().0;
         use xoauth_relay::config::TlsMode;
@@ -955,6 +958,7 @@ impl Relay {
             implicit: find(TlsMode::Implicit),
             // Clear text on the STARTTLS port, before STARTTLS.
             plain: find(TlsMode::Starttls),
+            metrics,
             probe,
             shutdown: Some(tx),
             handle: Some(handle),
@@ -969,6 +973,7 @@ impl Relay {
             starttls: self.starttls,
             implicit: self.implicit,
             plain: self.plain,
+            metrics: self.metrics,
             probe: self.probe.clone(),
             shutdown: None,
             handle: None,
@@ -1328,6 +1333,31 @@ pub async fn logged_in(relay: &Relay, provider: &FakeProvider, mode: Conn) -> Cl
         "235 2.7.0 Authentication successful"
     );
     c
+}
+
+/// Runs an admin request in the running relay (over its control socket).
+pub async fn admin(
+    relay: &Relay,
+    request: xoauth_relay::control::wire::Request,
+) -> xoauth_relay::control::wire::Response {
+    let config = xoauth_relay::config::Config::load(&relay.config_path).unwrap();
+    xoauth_relay::app::admin(config, request).await.unwrap()
+}
+
+/// `GET path` over plain HTTP/1.1: the status and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tcp.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// Every reply positive (2xx or 354).

@@ -36,6 +36,7 @@ use self::transfer::Stopped;
 use super::pacing::{Pacer, Pacers};
 use super::pool::Pool;
 use crate::config::{Account, DeliveryConfig};
+use crate::observe::{Event, MessageOutcome, Observer};
 use crate::smtp::{Reply, Severity};
 use crate::util::clock::SharedClock;
 
@@ -184,6 +185,7 @@ pub struct Queue {
     clock: SharedClock,
     /// Our name, for bounces (Reporting-MTA).
     hostname: String,
+    observer: Observer,
 }
 
 /// One transaction's worth of work for a worker.
@@ -201,6 +203,7 @@ impl Queue {
         accounts: &[Arc<Account>],
         clock: SharedClock,
         hostname: &str,
+        observer: Observer,
     ) -> std::io::Result<Queue> {
         let (spool, stored) = Spool::open(data_dir)?;
         let accounts: HashMap<String, Arc<AccountQueue>> = accounts
@@ -220,6 +223,7 @@ impl Queue {
             config,
             clock,
             hostname: hostname.to_string(),
+            observer,
         };
         for s in stored {
             let Some(aq) = queue.accounts.get(&s.envelope.account) else {
@@ -587,6 +591,7 @@ impl Queue {
         if failed.is_empty() {
             return None;
         }
+        self.bounced(account, env, &failed);
         let headers = self.headers(env).await;
         if env.bounce || env.sender.is_empty() || dsn::is_automatic(&headers) {
             tracing::info!(id = %env.id, "no bounce sent (null sender or an automatic message)");
@@ -612,6 +617,28 @@ impl Queue {
         let mut writer = self.writer(&mut bounce);
         writer.push(&report).await;
         Some((writer, bounce))
+    }
+
+    /// Counts the failed recipients and raises `message_bounced`.
+    fn bounced(&self, account: &Account, env: &Envelope, failed: &[dsn::Failed]) {
+        let metrics = &self.observer.metrics;
+        metrics.message(&account.name, MessageOutcome::Bounced, env.size as usize);
+        metrics.recipients(&account.name, "bounced", failed.len() as u64);
+        let detail = format!(
+            "message {} from <{}>: {} recipient(s) failed, first {}",
+            env.id,
+            env.sender,
+            failed.len(),
+            failed[0].diagnostic
+        );
+        let hint = if env.sender.is_empty() || env.bounce {
+            "no delivery status notification is sent for a message with a null sender"
+        } else {
+            "the sender gets a delivery status notification naming each failed recipient"
+        };
+        self.observer
+            .alerts
+            .raise(Event::MessageBounced, &account.name, &detail, hint);
     }
 
     async fn commit_bounce(&self, env: &Envelope, writer: SpoolWriter, bounce: Envelope) {
@@ -835,6 +862,10 @@ impl Worker {
                 match reply.severity() {
                     Severity::Positive | Severity::Intermediate => {
                         r.status = RcptStatus::Delivered;
+                        queue
+                            .observer
+                            .metrics
+                            .recipients(&account.name, "accepted", 1);
                         tracing::info!(id = %env.id, to = %address, reply = %reply.summary(), "delivered");
                     }
                     Severity::Permanent => {
@@ -850,6 +881,10 @@ impl Worker {
                         });
                     }
                     Severity::Transient => {
+                        queue
+                            .observer
+                            .metrics
+                            .recipients(&account.name, "deferred", 1);
                         tracing::info!(id = %env.id, to = %address, reply = %reply.summary(), "deferred");
                     }
                 }

@@ -1,0 +1,95 @@
+//! The metrics and health endpoint (`[metrics] address`): plain HTTP on axum.
+//!
+//! `/metrics` is the Prometheus text exposition; `/healthz` answers while the process serves;
+//! `/readyz` answers 200 only between "every listener is bound and the store is open" and the start
+//! of shutdown, with the reason in the body otherwise, so a load balancer or a compose healthcheck
+//! sends mail only to a relay that can take it.
+
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use tokio_util::sync::CancellationToken;
+
+use super::metrics::{Gauges, Metrics};
+
+/// Whether the relay can take mail, and if not, why.
+#[derive(Default)]
+pub struct Health {
+    not_ready: Mutex<Option<&'static str>>,
+}
+
+impl Health {
+    pub fn starting() -> Health {
+        Health {
+            not_ready: Mutex::new(Some("starting")),
+        }
+    }
+
+    pub fn set(&self, not_ready: Option<&'static str>) {
+        *self.not_ready.lock().unwrap_or_else(|e| e.into_inner()) = not_ready;
+    }
+
+    fn reason(&self) -> Option<&'static str> {
+        *self.not_ready.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Fills the state gauges at scrape time; installed by the app, which sees every room.
+pub type Fill = Arc<dyn Fn(&Gauges) + Send + Sync>;
+
+#[derive(Clone)]
+struct Endpoint {
+    metrics: Arc<Metrics>,
+    fill: Fill,
+    health: Arc<Health>,
+}
+
+/// Serves until `stop`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    fill: Fill,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) {
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(Endpoint {
+            metrics,
+            fill,
+            health,
+        });
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+    {
+        tracing::warn!(error = %e, "the metrics endpoint stopped");
+    }
+}
+
+async fn scrape(State(ep): State<Endpoint>) -> impl IntoResponse {
+    let body = ep.metrics.encode(&*ep.fill);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+}
+
+async fn ready(State(ep): State<Endpoint>) -> impl IntoResponse {
+    match ep.health.reason() {
+        None => (StatusCode::OK, "ready\n".to_string()),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}

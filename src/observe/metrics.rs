@@ -1,0 +1,404 @@
+//! The relay's Prometheus metrics, under the names the operator's dashboards and alert rules use.
+//!
+//! Counters and histograms are bumped where things happen (`inbound`, `delivery`, `oauth`); gauges
+//! that describe state (open upstream connections, token expiry, queue depth) are filled in at
+//! scrape time by a [`Gauges`] callback the app installs, so no code path has to keep them in step.
+//! Labels carry configured names and fixed words only: never an address, a token or a body.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AccountLabel {
+    pub account: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AccountOutcome {
+    account: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabel {
+    step: &'static str,
+}
+
+/// What became of a message the mailer handed over (`xoauth_relay_messages_total{outcome}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageOutcome {
+    /// Direct mode: the upstream said 250.
+    Relayed,
+    /// Queue mode: on disk.
+    Queued,
+    /// The upstream refused it for good (5xx), or the relay did.
+    Rejected,
+    /// A temporary failure the mailer has to retry.
+    Failed,
+    /// Queue mode: returned to the sender.
+    Bounced,
+}
+
+impl MessageOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            MessageOutcome::Relayed => "relayed",
+            MessageOutcome::Queued => "queued",
+            MessageOutcome::Rejected => "rejected",
+            MessageOutcome::Failed => "failed",
+            MessageOutcome::Bounced => "bounced",
+        }
+    }
+}
+
+/// A step of the upstream dialogue, for `xoauth_relay_upstream_reply_seconds{step}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Connect,
+    Auth,
+    Mail,
+    Rcpt,
+    Data,
+}
+
+impl Step {
+    fn as_str(self) -> &'static str {
+        match self {
+            Step::Connect => "connect",
+            Step::Auth => "auth",
+            Step::Mail => "mail",
+            Step::Rcpt => "rcpt",
+            Step::Data => "data",
+        }
+    }
+
+    /// The step a command line belongs to, if it is one that is timed (`data` is the reply to the
+    /// end of the body, timed where it is sent).
+    pub fn of_command(line: &str) -> Option<Step> {
+        let verb = line.get(..4)?;
+        if verb.eq_ignore_ascii_case("MAIL") {
+            Some(Step::Mail)
+        } else if verb.eq_ignore_ascii_case("RCPT") {
+            Some(Step::Rcpt)
+        } else {
+            None
+        }
+    }
+}
+
+/// The state-describing gauges, cleared and refilled at each scrape.
+pub struct Gauges {
+    pub upstream_connections: Family<AccountLabel, Gauge>,
+    pub token_expiry_seconds: Family<AccountLabel, Gauge>,
+    pub grant_ok: Family<AccountLabel, Gauge>,
+    pub queue_messages: Family<AccountLabel, Gauge>,
+    pub queue_oldest_seconds: Family<AccountLabel, Gauge>,
+    pub account_paused: Family<AccountLabel, Gauge>,
+}
+
+impl Gauges {
+    fn all(&self) -> [&Family<AccountLabel, Gauge>; 6] {
+        [
+            &self.upstream_connections,
+            &self.token_expiry_seconds,
+            &self.grant_ok,
+            &self.queue_messages,
+            &self.queue_oldest_seconds,
+            &self.account_paused,
+        ]
+    }
+
+    pub fn set(family: &Family<AccountLabel, Gauge>, account: &str, value: i64) {
+        family
+            .get_or_create(&AccountLabel {
+                account: account.to_string(),
+            })
+            .set(value);
+    }
+}
+
+fn reply_histogram() -> Histogram {
+    // 5 ms to about 2.7 minutes: a local fake answers in the first bucket, a slow provider's end of
+    // data in the last ones.
+    Histogram::new(exponential_buckets(0.005, 2.0, 16))
+}
+
+/// Every metric of one relay process.
+pub struct Metrics {
+    registry: Registry,
+    sessions_active: Gauge,
+    sessions: Family<ListenerLabel, Counter>,
+    auth_failures: Family<ReasonLabel, Counter>,
+    messages: Family<AccountOutcome, Counter>,
+    message_bytes: Family<AccountLabel, Counter>,
+    recipients: Family<AccountOutcome, Counter>,
+    upstream_reply: Family<StepLabel, Histogram, fn() -> Histogram>,
+    token_refreshes: Family<AccountOutcome, Counter>,
+    alerts: Family<AccountOutcome, Counter>,
+    pub gauges: Gauges,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let sessions_active = Gauge::default();
+        let sessions = Family::default();
+        let auth_failures = Family::default();
+        let messages = Family::default();
+        let message_bytes = Family::default();
+        let recipients = Family::default();
+        let upstream_reply =
+            Family::<StepLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                reply_histogram,
+            );
+        let token_refreshes = Family::default();
+        let alerts = Family::default();
+        let gauges = Gauges {
+            upstream_connections: Family::default(),
+            token_expiry_seconds: Family::default(),
+            grant_ok: Family::default(),
+            queue_messages: Family::default(),
+            queue_oldest_seconds: Family::default(),
+            account_paused: Family::default(),
+        };
+        // Counters get their `_total` suffix from the encoder.
+        let r = &mut registry;
+        r.register(
+            "xoauth_relay_sessions_active",
+            "Mailer sessions open now",
+            sessions_active.clone(),
+        );
+        r.register(
+            "xoauth_relay_sessions",
+            "Mailer sessions accepted, by listener",
+            sessions.clone(),
+        );
+        r.register(
+            "xoauth_relay_auth_failures",
+            "Refused logins, by reason",
+            auth_failures.clone(),
+        );
+        r.register(
+            "xoauth_relay_messages",
+            "Messages handed over by mailers, by account and outcome",
+            messages.clone(),
+        );
+        r.register(
+            "xoauth_relay_message_bytes",
+            "Bytes of message bodies relayed or queued, by account",
+            message_bytes.clone(),
+        );
+        r.register(
+            "xoauth_relay_recipients",
+            "Recipients, by account and outcome",
+            recipients.clone(),
+        );
+        r.register(
+            "xoauth_relay_upstream_reply_seconds",
+            "Time until the upstream's reply, by step",
+            upstream_reply.clone(),
+        );
+        r.register(
+            "xoauth_relay_token_refreshes",
+            "Requests to the token endpoint, by account and outcome",
+            token_refreshes.clone(),
+        );
+        r.register(
+            "xoauth_relay_alerts",
+            "Alerts fired, by account and event",
+            alerts.clone(),
+        );
+        let g = &gauges;
+        r.register(
+            "xoauth_relay_upstream_connections",
+            "Open upstream connections (idle ones included), by account",
+            g.upstream_connections.clone(),
+        );
+        r.register(
+            "xoauth_relay_token_expiry_seconds",
+            "Seconds until the cached access token expires, by account",
+            g.token_expiry_seconds.clone(),
+        );
+        r.register(
+            "xoauth_relay_grant_ok",
+            "1 when the account's grant is usable, 0 when missing, revoked or failing",
+            g.grant_ok.clone(),
+        );
+        r.register(
+            "xoauth_relay_queue_messages",
+            "Messages waiting in the queue, by account",
+            g.queue_messages.clone(),
+        );
+        r.register(
+            "xoauth_relay_queue_oldest_seconds",
+            "Age of the oldest queued message, by account",
+            g.queue_oldest_seconds.clone(),
+        );
+        r.register(
+            "xoauth_relay_account_paused",
+            "1 while the account's deliveries are paused (throttled or held)",
+            g.account_paused.clone(),
+        );
+        Metrics {
+            registry,
+            sessions_active,
+            sessions,
+            auth_failures,
+            messages,
+            message_bytes,
+            recipients,
+            upstream_reply,
+            token_refreshes,
+            alerts,
+            gauges,
+        }
+    }
+
+    /// A session started on `listener` (its configured address); the guard ends it.
+    pub fn session(&self, listener: &str) -> SessionGuard {
+        self.sessions
+            .get_or_create(&ListenerLabel {
+                listener: listener.to_string(),
+            })
+            .inc();
+        self.sessions_active.inc();
+        SessionGuard(self.sessions_active.clone())
+    }
+
+    /// A refused login; `reason` is `bad_credentials`, `tls_required`, `locked_out`, `no_grant`.
+    pub fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// A message's end; the bytes of those relayed or queued are counted too.
+    pub fn message(&self, account: &str, outcome: MessageOutcome, bytes: usize) {
+        let outcome = outcome.as_str();
+        self.messages
+            .get_or_create(&AccountOutcome {
+                account: account.to_string(),
+                outcome,
+            })
+            .inc();
+        if matches!(outcome, "relayed" | "queued") {
+            self.message_bytes
+                .get_or_create(&AccountLabel {
+                    account: account.to_string(),
+                })
+                .inc_by(bytes as u64);
+        }
+    }
+
+    /// Recipients of `account` with `outcome` (`accepted`, `rejected`, `deferred`, `bounced`, `queued`).
+    pub fn recipients(&self, account: &str, outcome: &'static str, n: u64) {
+        if n > 0 {
+            self.recipients
+                .get_or_create(&AccountOutcome {
+                    account: account.to_string(),
+                    outcome,
+                })
+                .inc_by(n);
+        }
+    }
+
+    pub fn upstream_reply(&self, step: Step, elapsed: std::time::Duration) {
+        self.upstream_reply
+            .get_or_create(&StepLabel {
+                step: step.as_str(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// A token request for `account`: `ok`, `invalid_grant` or `error`.
+    pub fn token_refresh(&self, account: &str, outcome: &'static str) {
+        self.token_refreshes
+            .get_or_create(&AccountOutcome {
+                account: account.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn alert(&self, account: &str, event: &'static str) {
+        self.alerts
+            .get_or_create(&AccountOutcome {
+                account: account.to_string(),
+                outcome: event,
+            })
+            .inc();
+    }
+
+    /// The text exposition, after `fill` has set the gauges afresh.
+    pub fn encode(&self, fill: &dyn Fn(&Gauges)) -> String {
+        for family in self.gauges.all() {
+            family.clear();
+        }
+        fill(&self.gauges);
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Counts a session as active until dropped.
+pub struct SessionGuard(Gauge);
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_the_documented_ones() {
+        let m = Metrics::new();
+        let _s = m.session("127.0.0.1:587");
+        m.auth_failure("bad_credentials");
+        m.message("news", MessageOutcome::Relayed, 100);
+        m.recipients("news", "accepted", 2);
+        m.upstream_reply(Step::Data, std::time::Duration::from_millis(3));
+        m.token_refresh("news", "ok");
+        let text = m.encode(&|g| Gauges::set(&g.grant_ok, "news", 1));
+        for line in [
+            "xoauth_relay_sessions_active 1",
+            "xoauth_relay_sessions_total{listener=\"127.0.0.1:587\"} 1",
+            "xoauth_relay_auth_failures_total{reason=\"bad_credentials\"} 1",
+            "xoauth_relay_messages_total{account=\"news\",outcome=\"relayed\"} 1",
+            "xoauth_relay_message_bytes_total{account=\"news\"} 100",
+            "xoauth_relay_recipients_total{account=\"news\",outcome=\"accepted\"} 2",
+            "xoauth_relay_upstream_reply_seconds_count{step=\"data\"} 1",
+            "xoauth_relay_token_refreshes_total{account=\"news\",outcome=\"ok\"} 1",
+            "xoauth_relay_grant_ok{account=\"news\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        drop(_s);
+        assert!(m.encode(&|_| {}).contains("xoauth_relay_sessions_active 0"));
+    }
+}
