@@ -22,7 +22,7 @@ use crate::delivery::pacing::Pacers;
 use crate::delivery::pool::{Dialer, Pool};
 use crate::delivery::queue::Queue;
 use crate::delivery::UpstreamContext;
-use crate::inbound::connection::Shared;
+use crate::inbound::connection::{Live, Shared};
 use crate::inbound::listener::{self, Admission, Listener};
 use crate::oauth::http::HttpClients;
 use crate::oauth::issuer::ProviderIssuer;
@@ -33,6 +33,10 @@ use crate::observe::Observer;
 use crate::store::sled_store::SledStore;
 use crate::store::Store;
 use crate::util::clock;
+
+mod reload;
+
+use self::reload::Reloader;
 
 /// How long running sessions may take to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -52,17 +56,8 @@ impl Core {
         let store = SledStore::open(&config.server.data_dir, &config.key_file())
             .map_err(|e| e.to_string())?;
         let timeout = Duration::from_secs(config.limits.upstream_timeout_secs);
-        let public = crate::util::tls::client_config(None).map_err(|e| e.to_string())?;
         let http = HttpClients::new(&config)?;
-        let mut tls = HashMap::new();
-        for (name, provider) in &config.providers {
-            let cfg = match &provider.smtp_ca_file {
-                Some(ca) => crate::util::tls::client_config(Some(ca))
-                    .map_err(|e| format!("provider `{name}`: smtp_ca_file: {e}"))?,
-                None => public.clone(),
-            };
-            tls.insert(name.clone(), cfg);
-        }
+        let tls = client_tls(&config)?;
         let margin = Duration::from_secs(config.server.refresh_margin_secs);
         let issuer = Arc::new(ProviderIssuer { http: http.clone() });
         let clock = clock::system();
@@ -78,7 +73,7 @@ impl Core {
         ));
         let dialer = Dialer {
             tokens: tokens.clone(),
-            tls,
+            tls: arc_swap::ArcSwap::from_pointee(tls),
             helo_name: config.server.hostname.clone(),
             timeout,
             observer: observer.clone(),
@@ -125,10 +120,59 @@ impl Core {
 
     fn admin(&self) -> AdminContext {
         AdminContext {
-            config: self.config.clone(),
+            config: arc_swap::ArcSwap::new(self.config.clone()),
             upstream: self.upstream.clone(),
             http: self.http.clone(),
         }
+    }
+}
+
+/// The provider-side TLS configuration: the public roots plus each provider's `smtp_ca_file`.
+fn client_tls(config: &Config) -> Result<HashMap<String, Arc<rustls::ClientConfig>>, String> {
+    let public = crate::util::tls::client_config(None).map_err(|e| e.to_string())?;
+    let mut tls = HashMap::new();
+    for (name, provider) in &config.providers {
+        let cfg = match &provider.smtp_ca_file {
+            Some(ca) => crate::util::tls::client_config(Some(ca))
+                .map_err(|e| format!("provider `{name}`: smtp_ca_file: {e}"))?,
+            None => public.clone(),
+        };
+        tls.insert(name.clone(), cfg);
+    }
+    Ok(tls)
+}
+
+/// The listeners' certificate and key, when a listener uses TLS.
+fn server_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
+    if config.listeners.iter().all(|l| l.tls == TlsMode::None) {
+        return Ok(None);
+    }
+    let cfg = crate::util::tls::server_config(
+        &config.tls.certificate,
+        &config.tls.private_key,
+        &config.server.hostname,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(cfg)))
+}
+
+/// Control requests of the running relay: `reload` here, the rest in the admin room.
+struct Control {
+    admin: Arc<AdminContext>,
+    reloader: Arc<Reloader>,
+}
+
+impl crate::control::server::Handler for Control {
+    fn handle(&self, request: Request) -> crate::util::BoxFuture<'_, Response> {
+        Box::pin(async move {
+            match request {
+                Request::Reload => match self.reloader.reload().await {
+                    Ok(text) => Response::ok(text),
+                    Err(text) => Response::fail(text),
+                },
+                other => crate::admin::execute(&self.admin, other).await,
+            }
+        })
     }
 }
 
@@ -169,6 +213,7 @@ pub struct Relay {
     /// `[metrics] address`, bound with the other ports.
     metrics: Option<tokio::net::TcpListener>,
     health: Arc<Health>,
+    hangup: tokio::signal::unix::Signal,
 }
 
 impl Relay {
@@ -209,17 +254,7 @@ impl Relay {
         let background = tasks.clone();
         let (core, tls) = tokio::task::spawn_blocking(move || {
             let core = Core::open(setup.clone(), background)?;
-            let tls = if setup.listeners.iter().any(|l| l.tls != TlsMode::None) {
-                let cfg = crate::util::tls::server_config(
-                    &setup.tls.certificate,
-                    &setup.tls.private_key,
-                    &setup.server.hostname,
-                )
-                .map_err(|e| e.to_string())?;
-                Some(tokio_rustls::TlsAcceptor::from(cfg))
-            } else {
-                None
-            };
+            let tls = server_tls(&setup)?;
             Ok::<_, String>((core, tls))
         })
         .await
@@ -231,22 +266,28 @@ impl Relay {
                 tracing::warn!(account = %account.name, "no grant stored; run `xoauth-relay authorize {}`", account.name);
             }
         }
-        let shared = Arc::new(Shared {
+        let live = Live {
             authenticator: Authenticator::new(
                 &config.accounts,
                 Duration::from_secs(config.limits.auth_cache_secs),
                 core.upstream.tokens.clock().clone(),
             ),
+            config: config.clone(),
+            tls,
+        };
+        let shared = Arc::new(Shared {
             lockout: crate::inbound::lockout::Lockout::new(
                 config.limits.auth_failures_per_ip,
                 Duration::from_secs(config.limits.auth_lockout_secs),
             ),
-            config,
+            live: arc_swap::ArcSwap::from_pointee(live),
             upstream: core.upstream.clone(),
-            tls,
             stop: CancellationToken::new(),
             cut: CancellationToken::new(),
         });
+        // Installed before the relay reports ready: SIGHUP's default action would end the process.
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| format!("cannot install the SIGHUP handler: {e}"))?;
         Ok(Relay {
             core,
             tasks,
@@ -255,6 +296,7 @@ impl Relay {
             control,
             metrics,
             health: Arc::new(Health::starting()),
+            hangup,
         })
     }
 
@@ -280,7 +322,8 @@ impl Relay {
     /// Serves until `shutdown` completes, then waits (bounded) for running sessions.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         let sessions = self.tasks;
-        let limits = &self.shared.config.limits;
+        let config = self.shared.live.load().config.clone();
+        let limits = &config.limits;
         let admission = Admission::new(
             limits.max_connections,
             limits.max_connections_per_ip,
@@ -296,15 +339,21 @@ impl Relay {
                 admission.clone(),
             ));
         }
+        let admin = Arc::new(self.core.admin());
+        let reloader = Arc::new(Reloader::new(self.shared.clone(), admin.clone(), &config));
         services.spawn(crate::control::server::serve(
             self.control,
-            Arc::new(self.core.admin()),
+            Arc::new(Control {
+                admin,
+                reloader: reloader.clone(),
+            }),
             stop.clone(),
             sessions.clone(),
         ));
+        services.spawn(reload::on_hangup(self.hangup, reloader, stop.clone()));
         services.spawn(housekeeping(upstream.clone(), stop.clone()));
         if let Some(listener) = self.metrics {
-            let fill = gauges(self.shared.config.clone(), upstream.clone());
+            let fill = gauges(self.shared.clone());
             services.spawn(crate::observe::http::serve(
                 listener,
                 upstream.observer.metrics.clone(),
@@ -340,7 +389,7 @@ impl Relay {
             self.shared.cut.cancel();
             wait_for_sessions(&sessions, &upstream).await;
         }
-        let _ = std::fs::remove_file(self.shared.config.server.control_socket());
+        let _ = std::fs::remove_file(config.server.control_socket());
         upstream.activity.persist(upstream.tokens.store()).await;
         upstream.queue.save_pacing(&upstream.pacers).await;
         upstream.queue.flush().await;
@@ -351,9 +400,10 @@ impl Relay {
 }
 
 /// Fills the state gauges from the pool, the token manager and the queue at scrape time.
-fn gauges(config: Arc<Config>, upstream: Arc<UpstreamContext>) -> Fill {
+fn gauges(shared: Arc<Shared>) -> Fill {
     Arc::new(move |g: &Gauges| {
-        for a in &config.accounts {
+        let upstream = &shared.upstream;
+        for a in &shared.live.load().config.accounts {
             let name = &a.name;
             let open = upstream.pool.open_connections(name);
             Gauges::set(&g.upstream_connections, name, open as i64);
@@ -407,7 +457,7 @@ pub struct Probe {
 impl Probe {
     /// Logins answered from the login cache (without argon2).
     pub fn login_cache_hits(&self) -> u64 {
-        self.shared.authenticator.cache_hits()
+        self.shared.live.load().authenticator.cache_hits()
     }
 
     /// Open upstream connections of `account`, idle ones included.

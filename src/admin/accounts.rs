@@ -95,6 +95,7 @@ pub(super) fn list(ctx: &AdminContext, json: bool, usage: bool) -> Result<String
     let now = ctx.upstream.tokens.clock().unix();
     let rows: Vec<Row> = ctx
         .config
+        .load()
         .accounts
         .iter()
         .map(|a| row(ctx, a, now, usage))

@@ -58,7 +58,7 @@ pub(super) async fn revoke(ctx: &AdminContext, name: &str) -> Result<String, Str
     let mut notes = Vec::new();
     if let Some(rt) = grant.as_ref().and_then(|g| g.refresh_token.clone()) {
         if acct.provider.revocation_url.is_some() {
-            match revoke_at_provider(ctx, acct, &rt).await {
+            match revoke_at_provider(ctx, &acct, &rt).await {
                 Ok(()) => notes.push("revoked at the provider".to_string()),
                 Err(e) => notes.push(format!("the provider's revocation endpoint failed ({e}); revoke the app's access in the account's security settings")),
             }

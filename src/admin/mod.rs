@@ -21,7 +21,8 @@ use crate::oauth::http::HttpClients;
 use crate::util::BoxFuture;
 
 pub struct AdminContext {
-    pub config: Arc<Config>,
+    /// Swapped by a reload of the running relay.
+    pub config: arc_swap::ArcSwap<Config>,
     pub upstream: Arc<UpstreamContext>,
     /// For the providers' revocation endpoints.
     pub http: HttpClients,
@@ -67,6 +68,10 @@ pub async fn execute(ctx: &AdminContext, request: Request) -> Response {
             queue::retry(ctx, target).await
         }
         Request::QueueDelete { id } => queue::delete(ctx, &id).await,
+        // Only a running relay can reload; the app answers it before it gets here.
+        Request::Reload => {
+            Err("no relay is running with this config's data_dir; nothing to reload".into())
+        }
     };
     match result {
         Ok(text) => Response::ok(text),
@@ -80,8 +85,12 @@ impl Handler for AdminContext {
     }
 }
 
-fn account<'a>(ctx: &'a AdminContext, name: &str) -> Result<&'a Arc<Account>, String> {
-    ctx.config.account(name).map_err(|e| e.to_string())
+fn account(ctx: &AdminContext, name: &str) -> Result<Arc<Account>, String> {
+    ctx.config
+        .load()
+        .account(name)
+        .cloned()
+        .map_err(|e| e.to_string())
 }
 
 /// Rows as left-aligned columns, the first row the header.

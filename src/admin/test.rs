@@ -28,7 +28,7 @@ async fn test_steps(
     to: Option<&str>,
     lines: &mut Vec<String>,
 ) -> Result<(), String> {
-    let acct = account(ctx, name)?.clone();
+    let acct = account(ctx, name)?;
     let p = &acct.provider;
     let token = ctx
         .upstream
@@ -44,12 +44,17 @@ async fn test_steps(
         span_text(left.as_secs())
     ));
     let dialer = ctx.upstream.pool.dialer();
-    let tls = dialer.tls.get(&p.name).ok_or("no TLS configuration")?;
+    let tls = dialer
+        .tls
+        .load()
+        .get(&p.name)
+        .cloned()
+        .ok_or("no TLS configuration")?;
     let target = format!(
         "connect to {}:{} ({})",
         p.smtp_host, p.smtp_port, p.smtp_tls
     );
-    let mut client = Client::connect(p, tls, &dialer.helo_name, dialer.timeout)
+    let mut client = Client::connect(p, &tls, &dialer.helo_name, dialer.timeout)
         .await
         .map_err(|e| format!("{target}: {e}"))?;
     lines.push(format!("{target}: ok"));

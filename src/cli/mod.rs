@@ -98,6 +98,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make the running relay re-read its config file (what SIGHUP does); fails, and changes
+    /// nothing, when the file is invalid or changes what needs a restart.
+    Reload,
     /// Get a token and authenticate to the upstream; with --to, send a short test message.
     Test {
         /// Account name (`name` in [[accounts]]).
@@ -252,6 +255,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             )
             .await?,
         ),
+        Command::Reload => finish(crate::app::admin(load(&cli)?, Request::Reload).await?),
         Command::Queue {
             action,
             account,

@@ -43,6 +43,8 @@ pub enum Request {
     QueueDelete {
         id: String,
     },
+    /// Re-read the config file (what SIGHUP does); answered once the new config is in force.
+    Reload,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

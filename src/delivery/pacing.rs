@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Account, Pacing};
 use crate::util::clock::SharedClock;
+use crate::util::keyed::Keyed;
 
 const DAY_SECS: u64 = 86_400;
 /// Daily windows are kept in buckets this wide: a day of traffic is at most 1,440 entries.
@@ -117,7 +118,8 @@ struct State {
 /// One account's limits and what it has used of them.
 #[derive(Debug)]
 pub struct Pacer {
-    pub limits: Pacing,
+    /// Swapped by a reload; what has been used stays.
+    limits: arc_swap::ArcSwap<Pacing>,
     state: Mutex<State>,
 }
 
@@ -128,7 +130,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Pacer {
     pub fn new(limits: Pacing) -> Pacer {
         Pacer {
-            limits,
+            limits: arc_swap::ArcSwap::from_pointee(limits),
             state: Mutex::new(State {
                 tokens: f64::from(Self::burst_of(limits)),
                 refilled_ms: 0,
@@ -138,19 +140,23 @@ impl Pacer {
         }
     }
 
+    pub fn limits(&self) -> Pacing {
+        **self.limits.load()
+    }
+
     fn burst_of(limits: Pacing) -> u32 {
         (limits.max_messages_per_minute / 20).max(1)
     }
 
     /// Recipients one upstream transaction may carry (0: no limit).
     pub fn recipients_per_message(&self) -> usize {
-        self.limits.max_recipients_per_message as usize
+        self.limits().max_recipients_per_message as usize
     }
 
     /// Takes one message with `recipients` recipients at `now_ms` (unix milliseconds), or says how
     /// long until it would fit. Nothing is taken when it does not fit.
     pub fn take(&self, recipients: u32, now_ms: u64) -> Result<(), Wait> {
-        let l = self.limits;
+        let l = self.limits();
         let now = now_ms / 1000;
         let mut s = lock(&self.state);
         let per_minute = l.max_messages_per_minute;
@@ -210,9 +216,10 @@ impl Pacer {
 
     /// Gives back a turn taken for a transaction that never reached the provider.
     pub fn refund(&self, recipients: u32, now_ms: u64) {
+        let l = self.limits();
         let mut s = lock(&self.state);
-        if self.limits.max_messages_per_minute > 0 {
-            let burst = f64::from(Self::burst_of(self.limits));
+        if l.max_messages_per_minute > 0 {
+            let burst = f64::from(Self::burst_of(l));
             s.tokens = (s.tokens + 1.0).min(burst);
             s.minute.pop_back();
         }
@@ -226,8 +233,9 @@ impl Pacer {
     /// Recipients one transaction may carry now: the per-message cap, and what is left of the
     /// daily recipient limit (0: no limit).
     pub fn recipients_now(&self, now_ms: u64) -> usize {
-        let cap = self.limits.max_recipients_per_message as usize;
-        let per_day = u64::from(self.limits.max_recipients_per_day);
+        let l = self.limits();
+        let cap = l.max_recipients_per_message as usize;
+        let per_day = u64::from(l.max_recipients_per_day);
         if per_day == 0 {
             return cap;
         }
@@ -244,7 +252,7 @@ impl Pacer {
     /// Counts recipients added to a transaction already counted as a message (direct mode, where
     /// RCPTs arrive one by one); `Err` when the daily recipient limit is reached.
     pub fn take_recipient(&self, now_ms: u64) -> Result<(), Wait> {
-        let limit = self.limits.max_recipients_per_day;
+        let limit = self.limits().max_recipients_per_day;
         let now = now_ms / 1000;
         let mut s = lock(&self.state);
         s.day.expire(now);
@@ -269,7 +277,7 @@ impl Pacer {
 
 /// Every account's pacer, and the daily windows as they are persisted.
 pub struct Pacers {
-    accounts: HashMap<String, Arc<Pacer>>,
+    accounts: Keyed<Pacer>,
     clock: SharedClock,
     /// The monotonic clock at start and the wall clock then: pacing follows the monotonic clock
     /// (which tests can pause), in wall-clock milliseconds (which can be persisted).
@@ -280,10 +288,11 @@ impl Pacers {
     pub fn new(accounts: &[Arc<Account>], clock: SharedClock) -> Pacers {
         let origin = (clock.now(), clock.unix() * 1000);
         Pacers {
-            accounts: accounts
-                .iter()
-                .map(|a| (a.name.clone(), Arc::new(Pacer::new(a.pacing))))
-                .collect(),
+            accounts: Keyed::new(
+                accounts
+                    .iter()
+                    .map(|a| (a.name.clone(), Pacer::new(a.pacing))),
+            ),
             clock,
             origin,
         }
@@ -295,14 +304,27 @@ impl Pacers {
         self.origin.1 + since.as_millis() as u64
     }
 
-    pub fn get(&self, account: &str) -> Option<&Arc<Pacer>> {
+    pub fn get(&self, account: &str) -> Option<Arc<Pacer>> {
         self.accounts.get(account)
+    }
+
+    /// A reloaded config: new accounts get a pacer, changed limits apply from the next turn on,
+    /// with what each account already used kept.
+    pub fn reconfigure(&self, accounts: &[Arc<Account>]) {
+        for a in accounts {
+            let p = self
+                .accounts
+                .insert_missing(&a.name, || Pacer::new(a.pacing));
+            if p.limits() != a.pacing {
+                p.limits.store(Arc::new(a.pacing));
+            }
+        }
     }
 
     /// The daily windows, for the file they are kept in between runs.
     pub fn snapshot(&self) -> Vec<u8> {
-        let days: HashMap<&str, Day> = self
-            .accounts
+        let all = self.accounts.all();
+        let days: HashMap<&str, Day> = all
             .iter()
             .map(|(name, p)| (name.as_str(), lock(&p.state).day.clone()))
             .collect();
@@ -389,7 +411,7 @@ mod tests {
     #[test]
     fn daily_windows_roll_and_survive_a_restart() {
         let pacers = Pacers {
-            accounts: [("news".to_string(), Arc::new(pacer(0, 2, 5)))].into(),
+            accounts: Keyed::new([("news".to_string(), pacer(0, 2, 5))]),
             clock: crate::util::clock::system(),
             origin: (tokio::time::Instant::now(), 0),
         };
@@ -405,7 +427,7 @@ mod tests {
         assert_eq!(wait.after, Duration::from_secs(DAY_SECS - 60));
 
         let restarted = Pacers {
-            accounts: [("news".to_string(), Arc::new(pacer(0, 2, 5)))].into(),
+            accounts: Keyed::new([("news".to_string(), pacer(0, 2, 5))]),
             clock: crate::util::clock::system(),
             origin: (tokio::time::Instant::now(), 0),
         };

@@ -12,6 +12,7 @@
 //! says so (an upstream `421`, a broken dialogue, a mailer gone mid-DATA).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ use crate::config::Account;
 use crate::oauth::tokens::{TokenError, TokenManager};
 use crate::observe::{Event, Step};
 use crate::util::clock::SharedClock;
+use crate::util::keyed::Keyed;
 use crate::util::secret::Secret;
 
 /// How long a QUIT to a retired connection may take.
@@ -55,7 +57,7 @@ pub enum OpenError {
 }
 
 pub struct Pool {
-    accounts: HashMap<String, Arc<AccountPool>>,
+    accounts: Keyed<AccountPool>,
     dialer: Dialer,
     idle_timeout: Duration,
     wait: Duration,
@@ -67,8 +69,9 @@ pub struct Pool {
 /// What opening a connection needs.
 pub struct Dialer {
     pub tokens: Arc<TokenManager>,
-    /// Client TLS config per provider name (public roots plus that provider's `smtp_ca_file`).
-    pub tls: HashMap<String, Arc<rustls::ClientConfig>>,
+    /// Client TLS config per provider name (public roots plus that provider's `smtp_ca_file`);
+    /// a reload swaps it.
+    pub tls: arc_swap::ArcSwap<HashMap<String, Arc<rustls::ClientConfig>>>,
     pub helo_name: String,
     pub timeout: Duration,
     pub observer: crate::observe::Observer,
@@ -78,7 +81,8 @@ pub struct Dialer {
 const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
 
 struct AccountPool {
-    cap: usize,
+    /// `max_upstream_connections`; a reload may change it.
+    cap: AtomicUsize,
     /// The upstream refused the token even after a refresh: the same answer, without asking it
     /// again, until then (Microsoft throttles request loops).
     refused: Mutex<Option<(Instant, crate::smtp::Reply)>>,
@@ -170,18 +174,11 @@ impl Pool {
         tasks: TaskTracker,
     ) -> Arc<Pool> {
         let clock = dialer.tokens.clock().clone();
-        let accounts = accounts
-            .iter()
-            .map(|a| {
-                let pool = AccountPool {
-                    cap: a.max_upstream_connections.max(1),
-                    refused: Mutex::new(None),
-                    state: Mutex::new(State::default()),
-                    freed: Notify::new(),
-                };
-                (a.name.clone(), Arc::new(pool))
-            })
-            .collect();
+        let accounts = Keyed::new(
+            accounts
+                .iter()
+                .map(|a| (a.name.clone(), AccountPool::new(a))),
+        );
         Arc::new(Pool {
             accounts,
             dialer,
@@ -196,27 +193,49 @@ impl Pool {
         &self.dialer
     }
 
+    /// A reloaded config: new accounts get a pool, caps follow the file, and every pooled
+    /// connection is retired (idle ones now, leased ones when they come back), so the next
+    /// message dials with the new provider settings and TLS roots.
+    pub fn reconfigure(
+        &self,
+        accounts: &[Arc<Account>],
+        tls: HashMap<String, Arc<rustls::ClientConfig>>,
+    ) {
+        self.dialer.tls.store(Arc::new(tls));
+        for a in accounts {
+            let pool = self
+                .accounts
+                .insert_missing(&a.name, || AccountPool::new(a));
+            pool.cap
+                .store(a.max_upstream_connections.max(1), Ordering::Relaxed);
+            // Waiters may now fit under a raised cap.
+            pool.freed.notify_waiters();
+            self.retire_account(&a.name);
+        }
+    }
+
     /// Open connections of `account` (idle, leased and being dialled).
     pub fn open_connections(&self, account: &str) -> usize {
         self.accounts
-            .get(account)
-            .map_or(0, |p| lock(&p.state).open)
+            .with(account, |p| lock(&p.state).open)
+            .unwrap_or(0)
     }
 
     /// The upstream's lasting refusal of the account's token, if it came in the last minute.
     pub fn remembered_refusal(&self, account: &str) -> Option<crate::smtp::Reply> {
-        let pool = self.accounts.get(account)?;
         let now = self.clock.now();
-        lock(&pool.refused)
-            .as_ref()
-            .filter(|(until, _)| *until > now)
-            .map(|(_, reply)| reply.clone())
+        self.accounts.with(account, |pool| {
+            lock(&pool.refused)
+                .as_ref()
+                .filter(|(until, _)| *until > now)
+                .map(|(_, reply)| reply.clone())
+        })?
     }
 
     /// A connection for one transaction: an idle one when there is one (unless `fresh`), else a new
     /// one if the cap allows, else the first to come back within `upstream_wait_secs`.
     pub async fn lease(&self, account: &Arc<Account>, fresh: bool) -> Result<Lease, OpenError> {
-        let Some(pool) = self.accounts.get(&account.name).cloned() else {
+        let Some(pool) = self.accounts.get(&account.name) else {
             return Err(OpenError::Token(TokenError::UnknownAccount(
                 account.name.clone(),
             )));
@@ -255,7 +274,7 @@ impl Pool {
                 Take::Wait => {
                     let left = deadline.saturating_duration_since(self.clock.now());
                     if tokio::time::timeout(left, freed).await.is_err() {
-                        return Err(OpenError::Busy { cap: pool.cap });
+                        return Err(OpenError::Busy { cap: pool.cap() });
                     }
                 }
             }
@@ -282,7 +301,7 @@ impl Pool {
                 return (Take::Idle(conn), stale, generation);
             }
         }
-        if state.open < pool.cap {
+        if state.open < pool.cap() {
             state.open += 1;
             return (Take::Dial, stale, generation);
         }
@@ -377,7 +396,7 @@ impl Pool {
     /// Closes idle connections idle longer than `upstream_idle_secs` or past their token; run
     /// periodically by the app.
     pub fn reap(&self) {
-        for pool in self.accounts.values() {
+        for pool in self.accounts.all().values() {
             let stale = self.sweep(&mut lock(&pool.state));
             self.quit_all(pool, stale);
         }
@@ -397,12 +416,12 @@ impl Pool {
             let idle = std::mem::take(&mut state.idle);
             idle.into_iter().map(|(c, _)| c).collect()
         };
-        self.quit_all(pool, stale);
+        self.quit_all(&pool, stale);
     }
 
     /// At shutdown: no more leases come back into the pool; idle connections say QUIT.
     pub fn close(&self) {
-        for pool in self.accounts.values() {
+        for pool in self.accounts.all().values() {
             let stale: Vec<Conn> = {
                 let mut state = lock(&pool.state);
                 state.closed = true;
@@ -427,6 +446,21 @@ impl Pool {
     }
 }
 
+impl AccountPool {
+    fn new(account: &Account) -> AccountPool {
+        AccountPool {
+            cap: AtomicUsize::new(account.max_upstream_connections.max(1)),
+            refused: Mutex::new(None),
+            state: Mutex::new(State::default()),
+            freed: Notify::new(),
+        }
+    }
+
+    fn cap(&self) -> usize {
+        self.cap.load(Ordering::Relaxed)
+    }
+}
+
 impl Dialer {
     pub async fn connect_and_auth(
         &self,
@@ -434,17 +468,22 @@ impl Dialer {
         token: &Secret,
     ) -> Result<Client, UpstreamError> {
         let provider = &account.provider;
-        let tls = self.tls.get(&provider.name).ok_or_else(|| {
-            UpstreamError::new(
-                ErrorKind::Config,
-                &provider.smtp_host,
-                "TLS",
-                format!("no TLS configuration for provider `{}`", provider.name),
-            )
-        })?;
+        let tls = self
+            .tls
+            .load()
+            .get(&provider.name)
+            .cloned()
+            .ok_or_else(|| {
+                UpstreamError::new(
+                    ErrorKind::Config,
+                    &provider.smtp_host,
+                    "TLS",
+                    format!("no TLS configuration for provider `{}`", provider.name),
+                )
+            })?;
         let metrics = &self.observer.metrics;
         let started = tokio::time::Instant::now();
-        let mut client = Client::connect(provider, tls, &self.helo_name, self.timeout).await?;
+        let mut client = Client::connect(provider, &tls, &self.helo_name, self.timeout).await?;
         metrics.upstream_reply(Step::Connect, started.elapsed());
         let started = tokio::time::Instant::now();
         let authenticated = client.authenticate(provider, &account.mailbox, token).await;

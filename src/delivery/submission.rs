@@ -109,7 +109,7 @@ fn closing(result: &Result<Reply, UpstreamError>) -> bool {
 
 impl Submission {
     pub fn new(ctx: Arc<UpstreamContext>, account: Arc<Account>) -> Submission {
-        let pacer = ctx.pacers.get(&account.name).cloned();
+        let pacer = ctx.pacers.get(&account.name);
         Submission {
             ctx,
             account,

@@ -23,12 +23,18 @@ use crate::smtp::session::{Action, AuthOutcome, Authorized, Session, SessionConf
 use crate::smtp::Reply;
 use crate::util::secret::Secret;
 
-/// What every connection shares.
-pub struct Shared {
+/// The part of the configuration a reload replaces. A session reads it once, when it starts, and
+/// finishes on it.
+pub struct Live {
     pub config: Arc<Config>,
     pub authenticator: Authenticator,
-    pub upstream: Arc<UpstreamContext>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// What every connection shares.
+pub struct Shared {
+    pub live: arc_swap::ArcSwap<Live>,
+    pub upstream: Arc<UpstreamContext>,
     pub lockout: super::lockout::Lockout,
     /// Cancelled when the relay shuts down: sessions between commands are sent away.
     pub stop: CancellationToken,
@@ -84,6 +90,8 @@ pub async fn handle(
 
 struct Connection {
     shared: Arc<Shared>,
+    /// The configuration this session started with.
+    live: Arc<Live>,
     peer: SocketAddr,
     stream: BoxStream,
     mode: TlsMode,
@@ -118,12 +126,13 @@ impl std::fmt::Display for End {
 
 impl Connection {
     fn new(shared: Arc<Shared>, stream: BoxStream, peer: SocketAddr, mode: TlsMode) -> Connection {
-        let server = &shared.config.server;
-        let limits = &shared.config.limits;
+        let live = shared.live.load_full();
+        let server = &live.config.server;
+        let limits = &live.config.limits;
         let session = Session::new(SessionConfig {
             hostname: server.hostname.clone(),
             tls_active: false,
-            starttls_available: mode == TlsMode::Starttls && shared.tls.is_some(),
+            starttls_available: mode == TlsMode::Starttls && live.tls.is_some(),
             plaintext_auth_allowed: !server.require_tls_for_auth
                 || (server.allow_plaintext_loopback && peer.ip().to_canonical().is_loopback()),
             max_message_bytes: limits.max_message_bytes,
@@ -142,11 +151,12 @@ impl Connection {
             preauth_deadline,
             refusals: 0,
             shared,
+            live,
         }
     }
 
     fn idle(&self) -> Duration {
-        Duration::from_secs(self.shared.config.limits.idle_timeout_secs)
+        Duration::from_secs(self.live.config.limits.idle_timeout_secs)
     }
 
     /// How long the next wait on the mailer may last: the idle timeout, and before AUTH no longer
@@ -191,12 +201,12 @@ impl Connection {
 
     async fn upgrade_tls(&mut self) -> Result<(), End> {
         let acceptor = self
-            .shared
+            .live
             .tls
             .clone()
             .ok_or_else(|| End::Tls("no certificate configured".into()))?;
         let plain = std::mem::replace(&mut self.stream, Box::new(tokio::io::duplex(1).0));
-        let limit = Duration::from_secs(self.shared.config.limits.tls_handshake_timeout_secs);
+        let limit = Duration::from_secs(self.live.config.limits.tls_handshake_timeout_secs);
         let tls = tokio::time::timeout(limit, acceptor.accept(plain))
             .await
             .map_err(|_| End::Timeout)?
@@ -398,10 +408,10 @@ impl Connection {
                 .auth_failure("locked_out");
             return AuthOutcome::LockedOut;
         }
-        let Some(verified) = self.shared.authenticator.verify(&login, password).await else {
+        let Some(verified) = self.live.authenticator.verify(&login, password).await else {
             // Only a configured login is named: an unknown one may be a password typed in the wrong
             // field, or carry line breaks meant to forge log lines.
-            if let Some(account) = self.shared.authenticator.account_of(&login) {
+            if let Some(account) = self.live.authenticator.account_of(&login) {
                 self.shared
                     .upstream
                     .observer
@@ -412,7 +422,7 @@ impl Connection {
                 tracing::info!(result = "bad_credentials", "login failed: unknown login");
             }
             if lockout.failed(ip, Instant::now()) == super::lockout::Failure::LockedOut {
-                let limits = &self.shared.config.limits;
+                let limits = &self.live.config.limits;
                 tracing::warn!(
                     failures = limits.auth_failures_per_ip,
                     lockout_secs = limits.auth_lockout_secs,

@@ -10,7 +10,6 @@
 //! Time comes from an injected [`Clock`](crate::util::clock::Clock): monotonic for expiry and
 //! backoff, wall-clock seconds for what is persisted; tokens come from an injected [`Issuer`].
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +22,7 @@ use crate::config::{Account, Family, GrantKind};
 use crate::observe::{Event, Observer};
 use crate::store::{Grant, Store};
 use crate::util::clock::SharedClock;
+use crate::util::keyed::Keyed;
 use crate::util::secret::Secret;
 
 /// Used when the provider does not say how long a token lives.
@@ -143,7 +143,8 @@ impl TokenError {
 const FAILURE_BACKOFF: Duration = Duration::from_secs(15);
 
 struct Slot {
-    account: Arc<Account>,
+    /// Swapped by a reload; the cached token stays unless what it was issued for changed.
+    account: arc_swap::ArcSwap<Account>,
     cached: Mutex<Option<AccessToken>>,
     failure: Mutex<Option<(Instant, TokenError)>>,
     /// Since when token requests have been failing (cleared by a success), for `refresh_failing`.
@@ -152,6 +153,32 @@ struct Slot {
     /// so it is used from here and written again with the next refresh.
     unsaved: Mutex<Option<Grant>>,
     refresh: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    fn new(account: &Arc<Account>) -> Slot {
+        Slot {
+            account: arc_swap::ArcSwap::new(account.clone()),
+            cached: Mutex::new(None),
+            failure: Mutex::new(None),
+            failing_since: Mutex::new(None),
+            unsaved: Mutex::new(None),
+            refresh: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+/// What an access token is issued for: when any of it changes, a cached token is not reused.
+fn token_source(a: &Account) -> (&str, &str, &str, &[String], GrantKind, &str) {
+    let p = &a.provider;
+    (
+        &p.name,
+        &p.token_url,
+        &p.client_id,
+        &p.scopes,
+        a.grant,
+        &a.mailbox,
+    )
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -163,7 +190,7 @@ pub struct TokenManager {
     issuer: Arc<dyn Issuer>,
     clock: SharedClock,
     margin: Duration,
-    slots: HashMap<String, Arc<Slot>>,
+    slots: Keyed<Slot>,
     /// Refreshes run here, so shutdown waits for a rotated refresh token to reach the store.
     tasks: TaskTracker,
     observer: Observer,
@@ -179,20 +206,7 @@ impl TokenManager {
         tasks: TaskTracker,
         observer: Observer,
     ) -> TokenManager {
-        let slots = accounts
-            .iter()
-            .map(|a| {
-                let slot = Arc::new(Slot {
-                    account: a.clone(),
-                    cached: Mutex::new(None),
-                    failure: Mutex::new(None),
-                    failing_since: Mutex::new(None),
-                    unsaved: Mutex::new(None),
-                    refresh: tokio::sync::Mutex::new(()),
-                });
-                (a.name.clone(), slot)
-            })
-            .collect();
+        let slots = Keyed::new(accounts.iter().map(|a| (a.name.clone(), Slot::new(a))));
         TokenManager {
             store,
             issuer,
@@ -215,18 +229,31 @@ impl TokenManager {
     fn slot(&self, account: &str) -> Result<Arc<Slot>, TokenError> {
         self.slots
             .get(account)
-            .cloned()
             .ok_or_else(|| TokenError::UnknownAccount(account.to_string()))
+    }
+
+    /// A reloaded config: new accounts get a slot; an account whose token would now come from
+    /// somewhere else (provider, client, scopes, grant kind, mailbox) loses its cached token.
+    pub fn reconfigure(&self, accounts: &[Arc<Account>]) {
+        for a in accounts {
+            let slot = self.slots.insert_missing(&a.name, || Slot::new(a));
+            let old = slot.account.swap(a.clone());
+            if token_source(&old) != token_source(a) {
+                *lock(&slot.cached) = None;
+                *lock(&slot.failure) = None;
+            }
+        }
     }
 
     /// How long the cached access token of `account` still lives, if one is cached and valid.
     pub fn cached_for(&self, account: &str) -> Option<Duration> {
-        let slot = self.slots.get(account)?;
         let now = self.clock.now();
-        lock(&slot.cached)
-            .as_ref()
-            .filter(|t| t.expires_at > now)
-            .map(|t| t.expires_at - now)
+        self.slots.with(account, |slot| {
+            lock(&slot.cached)
+                .as_ref()
+                .filter(|t| t.expires_at > now)
+                .map(|t| t.expires_at - now)
+        })?
     }
 
     /// Where the account's grant stands, from the store's record and the last token request.
@@ -377,7 +404,7 @@ impl TokenManager {
 
     /// Called with the slot's refresh lock held.
     async fn obtain(&self, slot: &Slot, reuse_stored: bool) -> Result<AccessToken, TokenError> {
-        let account = &slot.account;
+        let account = slot.account.load_full();
         let name = account.name.clone();
         let unsaved = lock(&slot.unsaved).clone();
         let stored = match unsaved {
@@ -418,7 +445,7 @@ impl TokenManager {
             }
             GrantKind::ClientCredentials | GrantKind::ServiceAccount => None,
         };
-        let result = self.issuer.issue(account, refresh_token.as_ref()).await;
+        let result = self.issuer.issue(&account, refresh_token.as_ref()).await;
         let metrics = &self.observer.metrics;
         match result {
             Ok(set) => {
@@ -486,7 +513,12 @@ impl TokenManager {
             } else {
                 hint
             };
-            alerts.raise(Event::RefreshFailing, &slot.account.name, detail, hint);
+            alerts.raise(
+                Event::RefreshFailing,
+                &slot.account.load().name,
+                detail,
+                hint,
+            );
         }
     }
 
@@ -496,7 +528,7 @@ impl TokenManager {
         stored: Option<Grant>,
         set: TokenSet,
     ) -> Result<AccessToken, TokenError> {
-        let name = slot.account.name.clone();
+        let name = slot.account.load().name.clone();
         let now = self.clock.unix();
         let lifetime = set.expires_in.unwrap_or(DEFAULT_LIFETIME);
         let mut grant = stored.unwrap_or(Grant {

@@ -1,10 +1,11 @@
 //! Small helpers every room may use; nothing here knows about mail, tokens or the config.
 //!
 //! `secret` (a string that never prints) · `clock` (time that tests can move) · `fs` (private files
-//! and directories) · `tls` (certificate loading and client roots) · `logging` (subscriber setup).
+//! and directories) · `keyed` (per-account state a reload extends) · `tls` (certificate loading and client roots) · `logging` (subscriber setup).
 
 pub mod clock;
 pub mod fs;
+pub mod keyed;
 pub mod logging;
 pub mod secret;
 pub mod tls;

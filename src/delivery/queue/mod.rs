@@ -19,7 +19,7 @@ pub mod retry;
 pub mod spool;
 pub mod transfer;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,6 +39,7 @@ use crate::config::{Account, DeliveryConfig};
 use crate::observe::{Event, MessageOutcome, Observer};
 use crate::smtp::{Reply, Severity};
 use crate::util::clock::SharedClock;
+use crate::util::keyed::Keyed;
 
 static ID_SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -137,7 +138,9 @@ impl Inner {
 }
 
 struct AccountQueue {
-    account: Arc<Account>,
+    name: String,
+    /// Swapped by a reload.
+    account: arc_swap::ArcSwap<Account>,
     inner: Mutex<Inner>,
     /// A message arrived, a pause was lifted, a retry was asked for.
     wake: Notify,
@@ -180,12 +183,34 @@ pub enum Target {
 
 pub struct Queue {
     spool: Spool,
-    accounts: HashMap<String, Arc<AccountQueue>>,
+    accounts: Keyed<AccountQueue>,
     config: DeliveryConfig,
+    /// What workers need, once [`Queue::start`] ran: a reload starts workers for new accounts.
+    workers: Mutex<Option<Workers>>,
     clock: SharedClock,
     /// Our name, for bounces (Reporting-MTA).
     hostname: String,
     observer: Observer,
+}
+
+/// What a worker runs with.
+struct Workers {
+    pool: Arc<Pool>,
+    pacers: Arc<Pacers>,
+    stop: CancellationToken,
+    cut: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl AccountQueue {
+    fn new(account: &Arc<Account>) -> AccountQueue {
+        AccountQueue {
+            name: account.name.clone(),
+            account: arc_swap::ArcSwap::new(account.clone()),
+            inner: Mutex::new(Inner::default()),
+            wake: Notify::new(),
+        }
+    }
 }
 
 /// One transaction's worth of work for a worker.
@@ -206,17 +231,11 @@ impl Queue {
         observer: Observer,
     ) -> std::io::Result<Queue> {
         let (spool, stored) = Spool::open(data_dir)?;
-        let accounts: HashMap<String, Arc<AccountQueue>> = accounts
-            .iter()
-            .map(|a| {
-                let q = AccountQueue {
-                    account: a.clone(),
-                    inner: Mutex::new(Inner::default()),
-                    wake: Notify::new(),
-                };
-                (a.name.clone(), Arc::new(q))
-            })
-            .collect();
+        let accounts = Keyed::new(
+            accounts
+                .iter()
+                .map(|a| (a.name.clone(), AccountQueue::new(a))),
+        );
         let queue = Queue {
             spool,
             accounts,
@@ -224,6 +243,7 @@ impl Queue {
             clock,
             hostname: hostname.to_string(),
             observer,
+            workers: Mutex::new(None),
         };
         for s in stored {
             let Some(aq) = queue.accounts.get(&s.envelope.account) else {
@@ -306,19 +326,47 @@ impl Queue {
         cut: CancellationToken,
         tasks: &TaskTracker,
     ) {
-        for aq in self.accounts.values() {
-            let Some(pacer) = pacers.get(&aq.account.name).cloned() else {
-                continue;
+        let w = Workers {
+            pool,
+            pacers,
+            stop,
+            cut,
+            tasks: tasks.clone(),
+        };
+        for aq in self.accounts.all().values() {
+            self.spawn_workers(&w, aq);
+        }
+        *lock(&self.workers) = Some(w);
+    }
+
+    fn spawn_workers(self: &Arc<Self>, w: &Workers, aq: &Arc<AccountQueue>) {
+        let Some(pacer) = w.pacers.get(&aq.name) else {
+            return;
+        };
+        for _ in 0..aq.account.load().max_upstream_connections.max(1) {
+            let worker = Worker {
+                queue: self.clone(),
+                aq: aq.clone(),
+                pool: w.pool.clone(),
+                pacer: pacer.clone(),
+                pacers: w.pacers.clone(),
             };
-            for _ in 0..aq.account.max_upstream_connections.max(1) {
-                let worker = Worker {
-                    queue: self.clone(),
-                    aq: aq.clone(),
-                    pool: pool.clone(),
-                    pacer: pacer.clone(),
-                    pacers: pacers.clone(),
-                };
-                tasks.spawn(worker.run(stop.clone(), cut.clone()));
+            w.tasks.spawn(worker.run(w.stop.clone(), w.cut.clone()));
+        }
+    }
+
+    /// A reloaded config: new accounts get a queue (and workers, once started); the others
+    /// deliver with their new settings from the next transaction on.
+    pub fn reconfigure(self: &Arc<Self>, accounts: &[Arc<Account>]) {
+        let workers = lock(&self.workers);
+        for a in accounts {
+            let added = !self.accounts.contains(&a.name);
+            let aq = self
+                .accounts
+                .insert_missing(&a.name, || AccountQueue::new(a));
+            aq.account.store(a.clone());
+            if let (true, Some(w)) = (added, workers.as_ref()) {
+                self.spawn_workers(w, &aq);
             }
         }
     }
@@ -328,7 +376,7 @@ impl Queue {
     /// periodically by the app.
     pub async fn compact(&self) {
         let active = self.spool.active_segment();
-        for aq in self.accounts.values() {
+        for aq in self.accounts.all().values() {
             let stale: Vec<(Arc<Envelope>, Progress)> = {
                 let mut inner = lock(&aq.inner);
                 let ids: Vec<String> = inner
@@ -409,8 +457,9 @@ impl Queue {
         let now = self.clock.now();
         let mut out: Vec<MessageView> = self
             .accounts
+            .all()
             .values()
-            .filter(|aq| account.is_none_or(|a| a == aq.account.name))
+            .filter(|aq| account.is_none_or(|a| a == aq.name))
             .flat_map(|aq| {
                 let inner = lock(&aq.inner);
                 let paused = inner.paused.as_ref().filter(|p| p.until > now);
@@ -480,7 +529,7 @@ impl Queue {
         let now = self.clock.now();
         let mut count = 0;
         let mut records = Vec::new();
-        for aq in self.accounts.values() {
+        for aq in self.accounts.all().values() {
             let mut inner = lock(&aq.inner);
             let mut touched = false;
             let ids: Vec<String> = inner
@@ -488,7 +537,7 @@ impl Queue {
                 .keys()
                 .filter(|id| match target {
                     Target::All => true,
-                    Target::Account(a) => *a == aq.account.name,
+                    Target::Account(a) => *a == aq.name,
                     Target::Id(wanted) => wanted == *id,
                 })
                 .cloned()
@@ -507,7 +556,7 @@ impl Queue {
                 count += 1;
                 touched = true;
             }
-            if touched || matches!(target, Target::Account(a) if *a == aq.account.name) {
+            if touched || matches!(target, Target::Account(a) if *a == aq.name) {
                 inner.paused = None;
                 inner.trouble = 0;
                 drop(inner);
@@ -547,7 +596,7 @@ impl Queue {
     /// Deletes a message without a bounce. `false` when there is no such message (or a worker is
     /// sending it right now).
     pub async fn delete(&self, id: &str) -> Result<bool, String> {
-        for aq in self.accounts.values() {
+        for aq in self.accounts.all().values() {
             let removed = {
                 let mut inner = lock(&aq.inner);
                 match inner.messages.get(id) {
@@ -766,7 +815,7 @@ impl Worker {
             return Next::Sleep(wake_by(first.map(|(due, _)| due)));
         };
         if let Err(wait) = self.pacer.take(rcpts.len() as u32, self.pacers.now_ms()) {
-            tracing::debug!(account = %self.aq.account.name, "{}", wait.describe(&self.aq.account.name));
+            tracing::debug!(account = %self.aq.name, "{}", wait.describe(&self.aq.name));
             return Next::Sleep(wake_by(Some(now + wait.after)));
         }
         let entry = inner.take(&id).expect("found above");
@@ -778,7 +827,7 @@ impl Worker {
 
     async fn deliver(&self, job: Job) {
         let queue = &self.queue;
-        let account = &self.aq.account;
+        let account = &self.aq.account.load_full();
         let env = &job.env;
         let addresses: Vec<String> = job
             .rcpts
@@ -844,7 +893,7 @@ impl Worker {
     /// Records each recipient's fate, bounces the failures, and reschedules or removes the message.
     async fn settle(&self, job: Job, replies: Vec<Reply>) {
         let queue = &self.queue;
-        let account = &self.aq.account;
+        let account = &self.aq.account.load_full();
         let env = job.env.clone();
         let now = queue.clock.now();
         let mut failed = Vec::new();
@@ -971,7 +1020,9 @@ impl Worker {
                 }
             })
             .collect();
-        self.queue.bounce(&self.aq.account, env, failed).await;
+        self.queue
+            .bounce(&self.aq.account.load(), env, failed)
+            .await;
         if let Err(err) = self.queue.spool.remove(env).await {
             tracing::warn!(id = %env.id, error = %err, "cannot remove an expired message from the spool");
         }

@@ -1,0 +1,202 @@
+//! Hot reload (`SIGHUP`, `xoauth-relay reload`): the config file read again and put in force for
+//! new sessions and new upstream connections, while sessions in progress finish on what they
+//! started with.
+//!
+//! The candidate is parsed, resolved and its TLS material loaded before anything changes, so an
+//! invalid file is refused whole and the running config stays. What a running process cannot
+//! change (listener addresses, `data_dir`, `key_file`, the control socket, the metrics address)
+//! refuses the file too, saying a restart is needed. One reload runs at a time.
+
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{client_tls, notify, server_tls};
+use crate::admin::AdminContext;
+use crate::config::{Account, Config};
+use crate::inbound::connection::{Live, Shared};
+
+pub struct Reloader {
+    shared: Arc<Shared>,
+    admin: Arc<AdminContext>,
+    /// The certificate and key files as last loaded, to tell whether they changed.
+    tls_files: Mutex<Vec<u8>>,
+    one_at_a_time: tokio::sync::Mutex<()>,
+}
+
+fn tls_files(config: &Config) -> Vec<u8> {
+    let mut bytes = std::fs::read(&config.tls.certificate).unwrap_or_default();
+    bytes.extend(std::fs::read(&config.tls.private_key).unwrap_or_default());
+    bytes
+}
+
+impl Reloader {
+    pub fn new(shared: Arc<Shared>, admin: Arc<AdminContext>, config: &Config) -> Reloader {
+        Reloader {
+            shared,
+            admin,
+            tls_files: Mutex::new(tls_files(config)),
+            one_at_a_time: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Reads the file again and puts it in force; `Ok` says what changed, `Err` why nothing did.
+    pub async fn reload(&self) -> Result<String, String> {
+        let _one = self.one_at_a_time.lock().await;
+        let old = self.shared.live.load_full();
+        let path = old.config.path.clone();
+        let (new, server, client, files) = tokio::task::spawn_blocking(move || {
+            let new = Config::load(&path).map_err(|e| e.to_string())?;
+            let server = server_tls(&new)?;
+            let client = client_tls(&new)?;
+            let files = tls_files(&new);
+            Ok::<_, String>((new, server, client, files))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("config not reloaded, the running one stays: {e}"))?;
+        if let Some(what) = needs_restart(&old.config, &new) {
+            return Err(format!(
+                "config not reloaded, the running one stays: {what} changed, which needs a restart \
+                 (systemctl restart xoauth-relay)"
+            ));
+        }
+        notify(sd_notify::NotifyState::Reloading);
+        let new = Arc::new(new);
+        let upstream = &self.shared.upstream;
+        upstream.tokens.reconfigure(&new.accounts);
+        upstream.pool.reconfigure(&new.accounts, client);
+        upstream.pacers.reconfigure(&new.accounts);
+        upstream.queue.reconfigure(&new.accounts);
+        upstream.activity.reconfigure(&new.accounts);
+        let certificate_changed = {
+            let mut last = self.tls_files.lock().unwrap_or_else(|e| e.into_inner());
+            let changed = *last != files;
+            *last = files;
+            changed
+        };
+        let changes = describe(&old.config, &new, certificate_changed);
+        self.shared.live.store(Arc::new(Live {
+            authenticator: old.authenticator.with_accounts(&new.accounts),
+            config: new.clone(),
+            tls: server,
+        }));
+        self.admin.config.store(new);
+        notify(sd_notify::NotifyState::Ready);
+        tracing::info!(changes = %changes, "config reloaded");
+        Ok(format!("config reloaded: {changes}\n"))
+    }
+}
+
+/// Reloads on every SIGHUP until the relay stops; a refused file is logged and changes nothing.
+pub async fn on_hangup(
+    mut hangup: tokio::signal::unix::Signal,
+    reloader: Arc<Reloader>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            got = hangup.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                tracing::info!("SIGHUP: reloading the config");
+                if let Err(e) = reloader.reload().await {
+                    tracing::error!(error = %e, "reload refused");
+                }
+            }
+        }
+    }
+}
+
+/// The first setting that a running relay cannot take over.
+fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
+    let listeners = |c: &Config| -> Vec<String> {
+        c.listeners
+            .iter()
+            .map(|l| format!("{} {}", l.address, l.tls))
+            .collect()
+    };
+    if listeners(old) != listeners(new) {
+        Some("[[listeners]]")
+    } else if old.server.data_dir != new.server.data_dir {
+        Some("[server] data_dir")
+    } else if old.key_file() != new.key_file() {
+        Some("[server] key_file")
+    } else if old.server.control_socket() != new.server.control_socket() {
+        Some("[server] control_socket")
+    } else if old.metrics != new.metrics {
+        Some("[metrics] address")
+    } else {
+        None
+    }
+}
+
+/// What an account is, as far as a reload is concerned (the password hash included, never shown).
+fn fingerprint(a: &Account) -> String {
+    let p = &a.provider;
+    format!(
+        "{}|{}|{}|{:?}|{}|{:?}|{}|{:?}|{:?}|{}|{}|{}|{:?}|{:?}",
+        a.login,
+        a.password_hash.expose(),
+        a.mailbox,
+        a.allowed_senders,
+        p.name,
+        a.grant,
+        a.max_upstream_connections,
+        a.pacing,
+        a.delivery,
+        p.token_url,
+        p.client_id,
+        p.smtp_host,
+        p.smtp_port,
+        p.scopes,
+    )
+}
+
+/// "accounts added: a; accounts changed: b; certificate" or "nothing".
+fn describe(old: &Config, new: &Config, certificate: bool) -> String {
+    let names = |c: &Config| -> Vec<String> { c.accounts.iter().map(|a| a.name.clone()).collect() };
+    let (before, after) = (names(old), names(new));
+    let added: Vec<&str> = after
+        .iter()
+        .filter(|n| !before.contains(n))
+        .map(String::as_str)
+        .collect();
+    let removed: Vec<&str> = before
+        .iter()
+        .filter(|n| !after.contains(n))
+        .map(String::as_str)
+        .collect();
+    let changed: Vec<&str> = new
+        .accounts
+        .iter()
+        .filter(|a| {
+            old.account(&a.name)
+                .is_ok_and(|o| fingerprint(o) != fingerprint(a))
+        })
+        .map(|a| a.name.as_str())
+        .collect();
+    let mut parts = Vec::new();
+    for (what, list) in [
+        ("accounts added", added),
+        ("accounts removed", removed),
+        ("accounts changed", changed),
+    ] {
+        if !list.is_empty() {
+            parts.push(format!("{what}: {}", list.join(", ")));
+        }
+    }
+    if format!("{:?}", old.limits) != format!("{:?}", new.limits) {
+        parts.push("[limits]".into());
+    }
+    if certificate || old.tls.certificate != new.tls.certificate {
+        parts.push("TLS certificate".into());
+    }
+    if parts.is_empty() {
+        "nothing changed".into()
+    } else {
+        parts.join("; ")
+    }
+}
