@@ -351,7 +351,7 @@ impl Relay {
             sessions.clone(),
         ));
         services.spawn(reload::on_hangup(self.hangup, reloader, stop.clone()));
-        services.spawn(housekeeping(upstream.clone(), stop.clone()));
+        services.spawn(housekeeping(self.shared.clone(), stop.clone()));
         if let Some(listener) = self.metrics {
             let fill = gauges(self.shared.clone());
             services.spawn(crate::observe::http::serve(
@@ -476,22 +476,61 @@ async fn wait_for_sessions(tasks: &TaskTracker, upstream: &UpstreamContext) {
     tasks.wait().await;
 }
 
-/// Periodic upkeep until the relay stops: idle upstream connections closed, last-use times and
-/// pacing windows saved, waiting messages moved out of old log segments.
-async fn housekeeping(upstream: Arc<UpstreamContext>, stop: CancellationToken) {
-    let mut reap = tokio::time::interval(Duration::from_secs(1));
+/// Periodic upkeep until the relay stops: idle upstream connections closed, tokens of busy
+/// accounts refreshed ahead, quiet grants kept alive, last-use times and pacing windows saved,
+/// waiting messages moved out of old log segments, stuck queues reported.
+async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
+    let upstream = &shared.upstream;
+    let every = |secs| {
+        let mut i = tokio::time::interval(Duration::from_secs(secs));
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    };
+    let (mut reap, mut ahead, mut keepalive) = (every(1), every(5), every(3600));
     let mut persist = tokio::time::interval(PERSIST_EVERY);
-    reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     persist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = reap.tick() => upstream.pool.reap(),
+            _ = ahead.tick() => upstream.tokens.refresh_ahead(),
+            _ = keepalive.tick() => {
+                let days = shared.live.load().config.server.keepalive_days;
+                upstream.tokens.keep_alive(Duration::from_secs(days * 86_400)).await;
+            }
             _ = persist.tick() => {
                 upstream.activity.persist(upstream.tokens.store()).await;
                 upstream.queue.save_pacing(&upstream.pacers).await;
                 upstream.queue.compact().await;
+                stuck_queues(&shared);
             }
         }
+    }
+}
+
+/// `queue_stuck` for each account whose oldest queued message is older than
+/// `alert_queue_age_secs`.
+fn stuck_queues(shared: &Shared) {
+    let upstream = &shared.upstream;
+    let alerts = &upstream.observer.alerts;
+    let limit = alerts.thresholds().alert_queue_age_secs;
+    for a in &shared.live.load().config.accounts {
+        let q = upstream.queue.account_view(&a.name);
+        let Some(oldest) = q.oldest_secs.filter(|age| *age >= limit) else {
+            continue;
+        };
+        let detail = format!(
+            "{} message(s) queued, the oldest for {}s{}",
+            q.queued,
+            oldest,
+            q.paused
+                .map(|p| format!("; paused: {p}"))
+                .unwrap_or_default()
+        );
+        let hint = format!(
+            "see `xoauth-relay queue --account {0}` for each message's last reply, and              `xoauth-relay accounts` for the grant; `xoauth-relay queue retry --account {0}` tries again now",
+            a.name
+        );
+        alerts.raise(crate::observe::Event::QueueStuck, &a.name, &detail, &hint);
     }
 }

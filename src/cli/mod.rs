@@ -98,6 +98,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Exit 0 when the running relay is ready (`/readyz` on `[metrics] address`), else 1: for
+    /// container health checks.
+    Health,
     /// Make the running relay re-read its config file (what SIGHUP does); fails, and changes
     /// nothing, when the file is invalid or changes what needs a restart.
     Reload,
@@ -256,6 +259,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             .await?,
         ),
         Command::Reload => finish(crate::app::admin(load(&cli)?, Request::Reload).await?),
+        Command::Health => health(&load(&cli)?).await,
         Command::Queue {
             action,
             account,
@@ -324,6 +328,33 @@ async fn run(cli: Cli) -> Result<(), String> {
             };
             finish(crate::app::admin(config, request).await?)
         }
+    }
+}
+
+/// `GET /readyz` on the configured metrics address.
+async fn health(config: &crate::config::Config) -> Result<(), String> {
+    let Some(mut addr) = config.metrics.address else {
+        return Err("set [metrics] address in the config to serve /readyz".into());
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let response = client
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .map_err(|e| format!("http://{addr}/readyz: {e}"))?;
+    let ok = response.status().is_success();
+    let body = response.text().await.unwrap_or_default();
+    if ok {
+        print!("{body}");
+        Ok(())
+    } else {
+        Err(body.trim_end().to_string())
     }
 }
 

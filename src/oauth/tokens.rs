@@ -138,6 +138,9 @@ impl TokenError {
     }
 }
 
+/// An account that asked for a token this recently is kept refreshed ahead of expiry.
+const RECENT_USE: Duration = Duration::from_secs(3600);
+
 /// After a failed token request, waiters get the same error for this long instead of each asking
 /// the provider again (a dead endpoint would otherwise make a hundred sessions queue for minutes).
 const FAILURE_BACKOFF: Duration = Duration::from_secs(15);
@@ -149,6 +152,9 @@ struct Slot {
     failure: Mutex<Option<(Instant, TokenError)>>,
     /// Since when token requests have been failing (cleared by a success), for `refresh_failing`.
     failing_since: Mutex<Option<Instant>>,
+    /// When a session or a delivery last asked for a token: such an account is kept refreshed
+    /// ahead of expiry.
+    wanted: Mutex<Option<Instant>>,
     /// A grant the store failed to write (disk full, say): a rotated refresh token must not be lost,
     /// so it is used from here and written again with the next refresh.
     unsaved: Mutex<Option<Grant>>,
@@ -162,6 +168,7 @@ impl Slot {
             cached: Mutex::new(None),
             failure: Mutex::new(None),
             failing_since: Mutex::new(None),
+            wanted: Mutex::new(None),
             unsaved: Mutex::new(None),
             refresh: tokio::sync::Mutex::new(()),
         }
@@ -292,13 +299,100 @@ impl TokenManager {
             .cloned()
     }
 
-    /// A token valid for at least the safety margin, refreshing if needed.
+    /// A token valid for at least the safety margin, refreshing if needed. A token inside the
+    /// margin but still valid is handed out while the refresh runs in the background: no mailer
+    /// waits on the token endpoint while there is a token that works.
     pub async fn token(self: &Arc<Self>, account: &str) -> Result<AccessToken, TokenError> {
         let slot = self.slot(account)?;
+        *lock(&slot.wanted) = Some(self.clock.now());
         if let Some(t) = self.fresh(&slot) {
             return Ok(t);
         }
+        if let Some(t) = self.valid(&slot) {
+            self.refresh_behind(slot);
+            return Ok(t);
+        }
         self.refresh(slot, None).await
+    }
+
+    fn valid(&self, slot: &Slot) -> Option<AccessToken> {
+        let now = self.clock.now();
+        lock(&slot.cached)
+            .as_ref()
+            .filter(|t| t.expires_at > now)
+            .cloned()
+    }
+
+    /// Starts a refresh unless one is running; nobody waits for it.
+    fn refresh_behind(self: &Arc<Self>, slot: Arc<Slot>) {
+        if slot.refresh.try_lock().is_err() {
+            return;
+        }
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            let _ = this.refresh(slot, None).await;
+        });
+    }
+
+    /// Waits for a refresh of `account` in progress, if any.
+    #[cfg(test)]
+    async fn settled(&self, account: &str) {
+        let slot = self.slot(account).unwrap();
+        drop(slot.refresh.lock().await);
+    }
+
+    /// Background upkeep, run every few seconds by the app: an account that asked for a token in
+    /// the last hour has it refreshed once it is inside the refresh margin, before any session
+    /// needs it.
+    pub fn refresh_ahead(self: &Arc<Self>) {
+        let now = self.clock.now();
+        for slot in self.slots.all().values() {
+            let recent =
+                lock(&slot.wanted).is_some_and(|at| now.saturating_duration_since(at) < RECENT_USE);
+            if recent && self.fresh(slot).is_none() && self.valid(slot).is_some() {
+                self.refresh_behind(slot.clone());
+            }
+        }
+    }
+
+    /// Refreshes, once, every refresh-token grant whose refresh token has not been used for
+    /// `idle` (Microsoft drops grants unused for 90 days); a failure raises the usual alerts
+    /// while there is time to act. Run hourly by the app.
+    pub async fn keep_alive(self: &Arc<Self>, idle: Duration) {
+        let now = self.clock.unix();
+        for slot in self.slots.all().values() {
+            let account = slot.account.load_full();
+            if account.grant != GrantKind::RefreshToken || self.store.status(&account.name).revoked
+            {
+                continue;
+            }
+            let Ok(Some(grant)) = self.store.get(&account.name) else {
+                continue;
+            };
+            let used = grant.last_refresh.unwrap_or(0).max(grant.obtained_at);
+            let unused = now.saturating_sub(used);
+            if unused < idle.as_secs() {
+                continue;
+            }
+            tracing::info!(account = %account.name, unused_days = unused / 86400, "keep-alive: refreshing a grant that has not been used for a while");
+            let _guard = slot.refresh.lock().await;
+            let result = self.obtain(slot, false).await;
+            *lock(&slot.failure) = result.as_ref().err().map(|e| (self.clock.now(), e.clone()));
+            if account.provider.family == Family::Microsoft
+                && unused >= 80 * 86400
+                && result.is_err()
+            {
+                self.observer.alerts.raise(
+                    Event::GrantExpiring,
+                    &account.name,
+                    &format!(
+                        "refresh token unused for {} days; Microsoft drops it at 90",
+                        unused / 86400
+                    ),
+                    &format!("run `xoauth-relay authorize {}`", account.name),
+                );
+            }
+        }
     }
 
     /// A new token after the upstream rejected `rejected`: unless another session already replaced it,
@@ -679,6 +773,12 @@ mod tests {
         );
         assert_eq!(issuer.calls(), 1);
         f.clock.advance(Duration::from_secs(2));
+        // Inside the margin: the cached token still serves while the refresh runs behind it.
+        assert_eq!(
+            f.tokens.token("news").await.unwrap().secret.expose(),
+            "at-1"
+        );
+        after_refresh(&f, &issuer, 2).await;
         assert_eq!(
             f.tokens.token("news").await.unwrap().secret.expose(),
             "at-2"
@@ -752,6 +852,29 @@ mod tests {
         assert_eq!(issuer.calls(), 2);
     }
 
+    /// Until the background refresh has asked the provider `calls` times in all, and finished.
+    async fn after_refresh(f: &Fixture, issuer: &Scripted, calls: usize) {
+        while issuer.calls() < calls {
+            tokio::task::yield_now().await;
+        }
+        f.tokens.settled("news").await;
+    }
+
+    #[tokio::test]
+    async fn a_quiet_grant_is_refreshed_once_after_keepalive_days() {
+        let issuer = Scripted::new(Ok(3600));
+        let f = fixture(issuer.clone());
+        with_grant(&f).await;
+        let week = Duration::from_secs(7 * 86_400);
+        f.tokens.keep_alive(week).await;
+        assert_eq!(issuer.calls(), 0, "used today");
+        f.clock.advance(Duration::from_secs(8 * 86_400));
+        f.tokens.keep_alive(week).await;
+        assert_eq!(issuer.calls(), 1, "unused for 8 days");
+        f.tokens.keep_alive(week).await;
+        assert_eq!(issuer.calls(), 1, "just refreshed");
+    }
+
     #[tokio::test]
     async fn a_short_lived_token_is_used_for_two_thirds_of_its_life() {
         let issuer = Scripted::new(Ok(5));
@@ -767,6 +890,7 @@ mod tests {
         );
         f.clock.advance(Duration::from_millis(100));
         f.tokens.token("news").await.unwrap();
+        after_refresh(&f, &issuer, 2).await;
         assert_eq!(
             issuer.calls(),
             2,
@@ -791,6 +915,7 @@ mod tests {
                 f.tokens.token("news").await.unwrap().secret.expose(),
                 "at-1"
             );
+            after_refresh(&f, &issuer, 2).await;
         }
         assert_eq!(issuer.calls(), 2, "one failed refresh, then the backoff");
         // Once it has expired, the outage shows.
