@@ -75,7 +75,7 @@ impl Core {
             tokens: tokens.clone(),
             tls: arc_swap::ArcSwap::from_pointee(tls),
             helo_name: config.server.hostname.clone(),
-            timeout,
+            timeout: crate::delivery::pool::millis(timeout),
             observer: observer.clone(),
         };
         let limits = &config.limits;
@@ -108,7 +108,9 @@ impl Core {
             activity: Activity::new(&config.accounts),
             pacers,
             queue: Arc::new(queue),
-            pacing_wait: Duration::from_secs(limits.upstream_wait_secs),
+            pacing_wait: crate::delivery::pool::millis(Duration::from_secs(
+                limits.upstream_wait_secs,
+            )),
             observer,
         });
         Ok(Core {
@@ -275,7 +277,13 @@ impl Relay {
             config: config.clone(),
             tls,
         };
+        let limits = &config.limits;
         let shared = Arc::new(Shared {
+            admission: Admission::new(
+                limits.max_connections,
+                limits.max_connections_per_ip,
+                tasks.clone(),
+            ),
             lockout: crate::inbound::lockout::Lockout::new(
                 config.limits.auth_failures_per_ip,
                 Duration::from_secs(config.limits.auth_lockout_secs),
@@ -323,21 +331,11 @@ impl Relay {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         let sessions = self.tasks;
         let config = self.shared.live.load().config.clone();
-        let limits = &config.limits;
-        let admission = Admission::new(
-            limits.max_connections,
-            limits.max_connections_per_ip,
-            sessions.clone(),
-        );
         let stop = self.shared.stop.clone();
         let upstream = self.core.upstream.clone();
         let mut services = tokio::task::JoinSet::new();
         for l in self.listeners {
-            services.spawn(listener::accept_loop(
-                l,
-                self.shared.clone(),
-                admission.clone(),
-            ));
+            services.spawn(listener::accept_loop(l, self.shared.clone()));
         }
         let admin = Arc::new(self.core.admin());
         let reloader = Arc::new(Reloader::new(self.shared.clone(), admin.clone(), &config));

@@ -76,7 +76,8 @@ struct Cached {
 
 struct LoginCache {
     key: hmac::Key,
-    ttl: Duration,
+    /// `auth_cache_secs` in milliseconds, 0 for off; a reload may change it.
+    ttl_ms: AtomicU64,
     entries: Mutex<HashMap<Vec<u8>, Cached>>,
     hits: AtomicU64,
 }
@@ -90,7 +91,7 @@ impl LoginCache {
         let rng = ring::rand::SystemRandom::new();
         LoginCache {
             key: hmac::Key::generate(hmac::HMAC_SHA256, &rng).expect("system randomness"),
-            ttl,
+            ttl_ms: AtomicU64::new(ttl.as_millis() as u64),
             entries: Mutex::new(HashMap::new()),
             hits: AtomicU64::new(0),
         }
@@ -134,7 +135,7 @@ impl LoginCache {
         let cached = Cached {
             hash_fingerprint: self.fingerprint(&account),
             account,
-            expires: now + self.ttl,
+            expires: now + Duration::from_millis(self.ttl_ms.load(Ordering::Relaxed)),
         };
         entries.insert(tag, cached);
     }
@@ -154,8 +155,7 @@ struct Engine {
     permits: Semaphore,
     /// Argon2 working memory, one buffer per verification that ran at the same time as others.
     buffers: Mutex<Vec<Vec<Block>>>,
-    /// `None` when `auth_cache_secs` is 0.
-    cache: Option<LoginCache>,
+    cache: LoginCache,
     /// Verifications running, by cache key: a burst of sessions logging in with the same login and
     /// password costs one argon2 run, the others wait for it and hit the cache. (Per key, not per
     /// login: wrong passwords do not queue ahead of the right one.)
@@ -175,6 +175,13 @@ fn by_login(accounts: &[Arc<Account>]) -> HashMap<String, Arc<Account>> {
         .collect()
 }
 
+impl Engine {
+    /// The login cache, unless `auth_cache_secs` is 0.
+    fn cache(&self) -> Option<&LoginCache> {
+        (self.cache.ttl_ms.load(Ordering::Relaxed) > 0).then_some(&self.cache)
+    }
+}
+
 impl Authenticator {
     pub fn new(
         accounts: &[Arc<Account>],
@@ -186,7 +193,7 @@ impl Authenticator {
             dummy_hash: DUMMY_HASH.to_string(),
             permits: Semaphore::new(cores),
             buffers: Mutex::new(Vec::new()),
-            cache: (!cache_ttl.is_zero()).then(|| LoginCache::new(cache_ttl)),
+            cache: LoginCache::new(cache_ttl),
             inflight: Mutex::new(HashMap::new()),
             clock,
         };
@@ -196,8 +203,11 @@ impl Authenticator {
         }
     }
 
-    /// The same workers and cache for a new set of accounts (a reloaded config).
-    pub fn with_accounts(&self, accounts: &[Arc<Account>]) -> Authenticator {
+    /// The same workers and cache for a new set of accounts and `auth_cache_secs` (a reloaded
+    /// config).
+    pub fn with_accounts(&self, accounts: &[Arc<Account>], cache_ttl: Duration) -> Authenticator {
+        let ttl = &self.engine.cache.ttl_ms;
+        ttl.store(cache_ttl.as_millis() as u64, Ordering::Relaxed);
         Authenticator {
             by_login: by_login(accounts),
             engine: self.engine.clone(),
@@ -211,17 +221,14 @@ impl Authenticator {
 
     /// Logins answered from the cache so far (for tests and metrics).
     pub fn cache_hits(&self) -> u64 {
-        self.engine
-            .cache
-            .as_ref()
-            .map_or(0, |c| c.hits.load(Ordering::Relaxed))
+        self.engine.cache.hits.load(Ordering::Relaxed)
     }
 
     /// The account whose login and password these are, or `None`.
     pub async fn verify(&self, login: &str, password: Secret) -> Option<Verified> {
         let engine = &self.engine;
         let account = self.by_login.get(login).cloned();
-        let cache = engine.cache.as_ref();
+        let cache = engine.cache();
         let tag = cache.map(|c| c.tag(login, &password));
         let hit = |tag: &Option<Vec<u8>>| match (cache, tag, &account) {
             (Some(cache), Some(tag), Some(current)) => cache.get(tag, current, engine.clock.now()),
@@ -258,7 +265,7 @@ impl Authenticator {
         tag: Option<Vec<u8>>,
     ) -> Option<Verified> {
         let engine = &self.engine;
-        let cache = engine.cache.as_ref();
+        let cache = engine.cache();
         let hash = account
             .as_ref()
             .map(|a| a.password_hash.expose().to_string())
@@ -347,7 +354,7 @@ mod tests {
         assert!(auth.verify("nobody", pw("pw1")).await.is_none());
         assert_eq!(auth.cache_hits(), 1);
         // A changed hash: the old password is refused, the new one verified afresh.
-        let changed = auth.with_accounts(&[account("news", "pw2")]);
+        let changed = auth.with_accounts(&[account("news", "pw2")], Duration::from_secs(300));
         assert!(changed.verify("news", pw("pw1")).await.is_none());
         assert!(!changed.verify("news", pw("pw2")).await.unwrap().cached);
         assert!(changed.verify("news", pw("pw2")).await.unwrap().cached);

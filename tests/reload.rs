@@ -57,7 +57,11 @@ async fn reload_adds_an_account_changes_a_password_and_swaps_the_certificate() {
 
     let new_news = "new-news-PASSWORD";
     let shop_pw = "shop-PASSWORD";
-    let opts = shop_account(&xoauth_relay::auth::hash_password(shop_pw));
+    let opts = RelayOptions {
+        // Limits follow too: two failed logins now lock an address out.
+        extra_limits_toml: "auth_failures_per_ip = 2".into(),
+        ..shop_account(&xoauth_relay::auth::hash_password(shop_pw))
+    };
     rewrite(
         &relay,
         &provider,
@@ -73,6 +77,7 @@ async fn reload_adds_an_account_changes_a_password_and_swaps_the_certificate() {
     assert!(r.text.contains("accounts added: shop"), "{}", r.text);
     assert!(r.text.contains("accounts changed: news"), "{}", r.text);
     assert!(r.text.contains("TLS certificate"), "{}", r.text);
+    assert!(r.text.contains("[limits]"), "{}", r.text);
 
     // The session from before finishes on what it started with.
     assert!(before.cmd("DATA").await.starts_with("354"));
@@ -118,6 +123,18 @@ async fn reload_adds_an_account_changes_a_password_and_swaps_the_certificate() {
     .text;
     assert!(accounts.contains("\"name\": \"shop\""), "{accounts}");
     assert_eq!(provider.state().messages.len(), 2);
+
+    // The old password's 535 was the first failure; the second locks the address out.
+    let mut c = Client::connect(&relay, Conn::Implicit, &new_pki).await;
+    assert!(c.login_plain(LOGIN, "wrong").await.starts_with("535"));
+    let mut greeting = [0u8; 9];
+    let mut tcp = tokio::net::TcpStream::connect(relay.starttls)
+        .await
+        .unwrap();
+    tokio::io::AsyncReadExt::read_exact(&mut tcp, &mut greeting)
+        .await
+        .unwrap();
+    assert_eq!(&greeting, b"421 4.7.0");
     relay.stop().await;
 }
 

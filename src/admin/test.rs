@@ -54,7 +54,7 @@ async fn test_steps(
         "connect to {}:{} ({})",
         p.smtp_host, p.smtp_port, p.smtp_tls
     );
-    let mut client = Client::connect(p, &tls, &dialer.helo_name, dialer.timeout)
+    let mut client = Client::connect(p, &tls, &dialer.helo_name, dialer.timeout())
         .await
         .map_err(|e| format!("{target}: {e}"))?;
     lines.push(format!("{target}: ok"));

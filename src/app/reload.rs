@@ -7,7 +7,9 @@
 //! change (listener addresses, `data_dir`, `key_file`, the control socket, the metrics address)
 //! refuses the file too, saying a restart is needed. One reload runs at a time.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -45,12 +47,13 @@ impl Reloader {
         let _one = self.one_at_a_time.lock().await;
         let old = self.shared.live.load_full();
         let path = old.config.path.clone();
-        let (new, server, client, files) = tokio::task::spawn_blocking(move || {
+        let (new, server, client, webhook, files) = tokio::task::spawn_blocking(move || {
             let new = Config::load(&path).map_err(|e| e.to_string())?;
             let server = server_tls(&new)?;
             let client = client_tls(&new)?;
+            let webhook = crate::observe::alerts::webhook_client(&new.alerts)?;
             let files = tls_files(&new);
-            Ok::<_, String>((new, server, client, files))
+            Ok::<_, String>((new, server, client, webhook, files))
         })
         .await
         .map_err(|e| e.to_string())?
@@ -64,11 +67,26 @@ impl Reloader {
         notify(sd_notify::NotifyState::Reloading);
         let new = Arc::new(new);
         let upstream = &self.shared.upstream;
-        upstream.tokens.reconfigure(&new.accounts);
-        upstream.pool.reconfigure(&new.accounts, client);
+        let limits = &new.limits;
+        let margin = Duration::from_secs(new.server.refresh_margin_secs);
+        upstream.tokens.reconfigure(&new.accounts, margin);
+        upstream.pool.reconfigure(&new.accounts, client, limits);
         upstream.pacers.reconfigure(&new.accounts);
-        upstream.queue.reconfigure(&new.accounts);
+        upstream.queue.reconfigure(&new.accounts, &new.delivery);
         upstream.activity.reconfigure(&new.accounts);
+        let wait = Duration::from_secs(limits.upstream_wait_secs).as_millis() as u64;
+        upstream.pacing_wait.store(wait, Ordering::Relaxed);
+        upstream
+            .observer
+            .alerts
+            .reconfigure(new.alerts.clone(), webhook);
+        self.shared
+            .admission
+            .set_limits(limits.max_connections, limits.max_connections_per_ip);
+        let lockout = Duration::from_secs(limits.auth_lockout_secs);
+        self.shared
+            .lockout
+            .set(limits.auth_failures_per_ip, lockout);
         let certificate_changed = {
             let mut last = self.tls_files.lock().unwrap_or_else(|e| e.into_inner());
             let changed = *last != files;
@@ -77,7 +95,9 @@ impl Reloader {
         };
         let changes = describe(&old.config, &new, certificate_changed);
         self.shared.live.store(Arc::new(Live {
-            authenticator: old.authenticator.with_accounts(&new.accounts),
+            authenticator: old
+                .authenticator
+                .with_accounts(&new.accounts, Duration::from_secs(limits.auth_cache_secs)),
             config: new.clone(),
             tls: server,
         }));
@@ -128,6 +148,8 @@ fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
         Some("[server] control_socket")
     } else if old.metrics != new.metrics {
         Some("[metrics] address")
+    } else if old.server.hostname != new.server.hostname {
+        Some("[server] hostname")
     } else {
         None
     }
@@ -188,8 +210,24 @@ fn describe(old: &Config, new: &Config, certificate: bool) -> String {
             parts.push(format!("{what}: {}", list.join(", ")));
         }
     }
-    if format!("{:?}", old.limits) != format!("{:?}", new.limits) {
-        parts.push("[limits]".into());
+    for (section, changed) in [
+        (
+            "[limits]",
+            format!("{:?}", old.limits) != format!("{:?}", new.limits),
+        ),
+        (
+            "[delivery]",
+            format!("{:?}", old.delivery) != format!("{:?}", new.delivery),
+        ),
+        ("[alerts]", old.alerts != new.alerts),
+        (
+            "[server]",
+            format!("{:?}", old.server) != format!("{:?}", new.server),
+        ),
+    ] {
+        if changed {
+            parts.push(section.into());
+        }
     }
     if certificate || old.tls.certificate != new.tls.certificate {
         parts.push("TLS certificate".into());

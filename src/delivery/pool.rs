@@ -12,7 +12,7 @@
 //! says so (an upstream `421`, a broken dialogue, a mailer gone mid-DATA).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,8 +59,9 @@ pub enum OpenError {
 pub struct Pool {
     accounts: Keyed<AccountPool>,
     dialer: Dialer,
-    idle_timeout: Duration,
-    wait: Duration,
+    /// `upstream_idle_secs` and `upstream_wait_secs`, in milliseconds (a reload may change them).
+    idle_timeout: AtomicU64,
+    wait: AtomicU64,
     clock: SharedClock,
     /// Where QUITs to retired connections run, so shutdown waits for them.
     tasks: TaskTracker,
@@ -73,7 +74,8 @@ pub struct Dialer {
     /// a reload swaps it.
     pub tls: arc_swap::ArcSwap<HashMap<String, Arc<rustls::ClientConfig>>>,
     pub helo_name: String,
-    pub timeout: Duration,
+    /// `upstream_timeout_secs` in milliseconds (a reload may change it); see [`Dialer::timeout`].
+    pub timeout: AtomicU64,
     pub observer: crate::observe::Observer,
 }
 
@@ -182,8 +184,8 @@ impl Pool {
         Arc::new(Pool {
             accounts,
             dialer,
-            idle_timeout,
-            wait,
+            idle_timeout: millis(idle_timeout),
+            wait: millis(wait),
             clock,
             tasks,
         })
@@ -200,8 +202,16 @@ impl Pool {
         &self,
         accounts: &[Arc<Account>],
         tls: HashMap<String, Arc<rustls::ClientConfig>>,
+        limits: &crate::config::Limits,
     ) {
         self.dialer.tls.store(Arc::new(tls));
+        for (at, secs) in [
+            (&self.idle_timeout, limits.upstream_idle_secs),
+            (&self.wait, limits.upstream_wait_secs),
+            (&self.dialer.timeout, limits.upstream_timeout_secs),
+        ] {
+            at.store(secs * 1000, Ordering::Relaxed);
+        }
         for a in accounts {
             let pool = self
                 .accounts
@@ -243,7 +253,7 @@ impl Pool {
         if let Some(reply) = self.remembered_refusal(&account.name) {
             return Err(OpenError::AuthRejected(reply));
         }
-        let deadline = self.clock.now() + self.wait;
+        let deadline = self.clock.now() + from_millis(&self.wait);
         loop {
             let freed = pool.freed.notified();
             tokio::pin!(freed);
@@ -318,6 +328,7 @@ impl Pool {
     /// authenticated under a replaced grant.
     fn sweep(&self, state: &mut State) -> Vec<Conn> {
         let now = self.clock.now();
+        let idle = from_millis(&self.idle_timeout);
         let generation = state.generation;
         let (keep, old): (Vec<_>, Vec<_>) =
             std::mem::take(&mut state.idle)
@@ -325,7 +336,7 @@ impl Pool {
                 .partition(|(c, since)| {
                     c.generation == generation
                         && c.token_expires > now
-                        && now.saturating_duration_since(*since) < self.idle_timeout
+                        && now.saturating_duration_since(*since) < idle
                 });
         state.idle = keep;
         // Still counted in `open` until their QUIT is done: the upstream sees them until then.
@@ -446,6 +457,14 @@ impl Pool {
     }
 }
 
+pub fn millis(d: Duration) -> AtomicU64 {
+    AtomicU64::new(d.as_millis() as u64)
+}
+
+fn from_millis(a: &AtomicU64) -> Duration {
+    Duration::from_millis(a.load(Ordering::Relaxed))
+}
+
 impl AccountPool {
     fn new(account: &Account) -> AccountPool {
         AccountPool {
@@ -462,6 +481,11 @@ impl AccountPool {
 }
 
 impl Dialer {
+    /// The deadline for each step of the upstream dialogue.
+    pub fn timeout(&self) -> Duration {
+        from_millis(&self.timeout)
+    }
+
     pub async fn connect_and_auth(
         &self,
         account: &Account,
@@ -483,7 +507,7 @@ impl Dialer {
             })?;
         let metrics = &self.observer.metrics;
         let started = tokio::time::Instant::now();
-        let mut client = Client::connect(provider, &tls, &self.helo_name, self.timeout).await?;
+        let mut client = Client::connect(provider, &tls, &self.helo_name, self.timeout()).await?;
         metrics.upstream_reply(Step::Connect, started.elapsed());
         let started = tokio::time::Instant::now();
         let authenticated = client.authenticate(provider, &account.mailbox, token).await;

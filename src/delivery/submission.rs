@@ -34,7 +34,8 @@ pub struct UpstreamContext {
     pub pacers: Arc<Pacers>,
     pub queue: Arc<Queue>,
     /// How long a direct-mode message waits for its turn under the account's pacing.
-    pub pacing_wait: std::time::Duration,
+    /// In milliseconds: `upstream_wait_secs`, which a reload may change.
+    pub pacing_wait: std::sync::atomic::AtomicU64,
     pub observer: crate::observe::Observer,
 }
 
@@ -135,7 +136,11 @@ impl Submission {
             return Ok(());
         };
         let clock = self.ctx.tokens.clock();
-        let deadline = clock.now() + self.ctx.pacing_wait;
+        let wait = self
+            .ctx
+            .pacing_wait
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let deadline = clock.now() + std::time::Duration::from_millis(wait);
         loop {
             match pacer.take(0, self.ctx.pacers.now_ms()) {
                 Ok(()) => return Ok(()),

@@ -34,6 +34,8 @@ pub struct Live {
 /// What every connection shares.
 pub struct Shared {
     pub live: arc_swap::ArcSwap<Live>,
+    /// Connection slots: `max_connections`, `max_connections_per_ip`.
+    pub admission: Arc<super::listener::Admission>,
     pub upstream: Arc<UpstreamContext>,
     pub lockout: super::lockout::Lockout,
     /// Cancelled when the relay shuts down: sessions between commands are sent away.

@@ -4,13 +4,12 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use super::connection::{self, Shared};
@@ -44,11 +43,22 @@ impl Listener {
 
 /// What all accept loops share: the connection slots, the per-address counts, session ids.
 pub struct Admission {
-    permits: Arc<Semaphore>,
+    /// Connections open now, and `max_connections` (a reload may change it).
+    open: AtomicUsize,
+    max: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
-    max_per_ip: usize,
+    max_per_ip: AtomicUsize,
     ids: AtomicU64,
     tracker: TaskTracker,
+}
+
+/// One connection counted against `max_connections` until dropped.
+struct Slot(Arc<Admission>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// One connection counted against its address until dropped.
@@ -76,9 +86,10 @@ impl Drop for IpSlot {
 impl Admission {
     pub fn new(max_connections: usize, max_per_ip: usize, tracker: TaskTracker) -> Arc<Admission> {
         Arc::new(Admission {
-            permits: Arc::new(Semaphore::new(max_connections)),
+            open: AtomicUsize::new(0),
+            max: AtomicUsize::new(max_connections),
             per_ip: Mutex::new(HashMap::new()),
-            max_per_ip,
+            max_per_ip: AtomicUsize::new(max_per_ip),
             ids: AtomicU64::new(1),
             tracker,
         })
@@ -90,7 +101,7 @@ impl Admission {
         let ip = super::lockout::source_key(ip);
         let mut counts = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         let n = counts.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
+        if *n >= self.max_per_ip.load(Ordering::Relaxed) {
             return None;
         }
         *n += 1;
@@ -98,6 +109,22 @@ impl Admission {
             admission: self.clone(),
             ip,
         })
+    }
+
+    /// New limits (a reload); connections already open stay.
+    pub fn set_limits(&self, max_connections: usize, max_per_ip: usize) {
+        self.max.store(max_connections, Ordering::Relaxed);
+        self.max_per_ip.store(max_per_ip, Ordering::Relaxed);
+    }
+
+    /// A connection slot under `max_connections`, or `None` at the limit.
+    fn admit(self: &Arc<Self>) -> Option<Slot> {
+        let before = self.open.fetch_add(1, Ordering::AcqRel);
+        if before >= self.max.load(Ordering::Relaxed) {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(self.clone()))
     }
 
     /// Turns a connection away: a `421` on a clear-text port; on an implicit-TLS port only a close,
@@ -118,7 +145,8 @@ impl Admission {
 
 /// Accepts until the relay stops. Accept errors (out of file descriptors and the like) back off
 /// instead of spinning.
-pub async fn accept_loop(listener: Listener, shared: Arc<Shared>, admission: Arc<Admission>) {
+pub async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
+    let admission = shared.admission.clone();
     if let Some(addr) = listener.local_addr() {
         tracing::info!(%addr, tls = %listener.mode, "listening");
     }
@@ -148,7 +176,7 @@ pub async fn accept_loop(listener: Listener, shared: Arc<Shared>, admission: Arc
             tracing::warn!(%peer, "connection refused: max_connections_per_ip reached");
             continue;
         };
-        let Ok(permit) = admission.permits.clone().try_acquire_owned() else {
+        let Some(permit) = admission.admit() else {
             let reply = Reply::new(421, "4.3.2 Too many connections, try again later");
             admission.refuse(tcp, mode, reply);
             tracing::warn!(%peer, "connection refused: max_connections reached");

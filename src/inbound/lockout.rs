@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -35,8 +36,9 @@ struct Source {
 }
 
 pub struct Lockout {
-    limit: usize,
-    lockout: Duration,
+    /// Both follow a reload.
+    limit: AtomicUsize,
+    lockout_ms: AtomicU64,
     sources: Mutex<HashMap<IpAddr, Source>>,
 }
 
@@ -52,10 +54,21 @@ impl Lockout {
     /// `limit` 0 turns it off.
     pub fn new(limit: usize, lockout: Duration) -> Lockout {
         Lockout {
-            limit,
-            lockout,
+            limit: AtomicUsize::new(limit),
+            lockout_ms: AtomicU64::new(lockout.as_millis() as u64),
             sources: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// New thresholds (a reload); addresses already locked out stay so until their time is up.
+    pub fn set(&self, limit: usize, lockout: Duration) {
+        self.limit.store(limit, Ordering::Relaxed);
+        self.lockout_ms
+            .store(lockout.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
     }
 
     fn sources(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Source>> {
@@ -63,7 +76,7 @@ impl Lockout {
     }
 
     pub fn is_locked(&self, ip: IpAddr, now: Instant) -> bool {
-        self.limit > 0
+        self.limit() > 0
             && self
                 .sources()
                 .get(&source_key(ip))
@@ -72,7 +85,7 @@ impl Lockout {
     }
 
     pub fn failed(&self, ip: IpAddr, now: Instant) -> Failure {
-        if self.limit == 0 {
+        if self.limit() == 0 {
             return Failure::Counted;
         }
         let mut sources = self.sources();
@@ -87,8 +100,9 @@ impl Lockout {
             s.failures.pop_front();
         }
         s.failures.push_back(now);
-        if s.failures.len() >= self.limit && s.locked_until.is_none_or(|u| u <= now) {
-            s.locked_until = Some(now + self.lockout);
+        if s.failures.len() >= self.limit() && s.locked_until.is_none_or(|u| u <= now) {
+            let lockout = Duration::from_millis(self.lockout_ms.load(Ordering::Relaxed));
+            s.locked_until = Some(now + lockout);
             s.failures.clear();
             return Failure::LockedOut;
         }

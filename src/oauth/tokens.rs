@@ -10,6 +10,7 @@
 //! Time comes from an injected [`Clock`](crate::util::clock::Clock): monotonic for expiry and
 //! backoff, wall-clock seconds for what is persisted; tokens come from an injected [`Issuer`].
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -196,7 +197,8 @@ pub struct TokenManager {
     store: Store,
     issuer: Arc<dyn Issuer>,
     clock: SharedClock,
-    margin: Duration,
+    /// `refresh_margin_secs` in milliseconds (a reload may change it).
+    margin: AtomicU64,
     slots: Keyed<Slot>,
     /// Refreshes run here, so shutdown waits for a rotated refresh token to reach the store.
     tasks: TaskTracker,
@@ -218,7 +220,7 @@ impl TokenManager {
             store,
             issuer,
             clock,
-            margin,
+            margin: AtomicU64::new(margin.as_millis() as u64),
             slots,
             tasks,
             observer,
@@ -241,7 +243,9 @@ impl TokenManager {
 
     /// A reloaded config: new accounts get a slot; an account whose token would now come from
     /// somewhere else (provider, client, scopes, grant kind, mailbox) loses its cached token.
-    pub fn reconfigure(&self, accounts: &[Arc<Account>]) {
+    pub fn reconfigure(&self, accounts: &[Arc<Account>], margin: Duration) {
+        self.margin
+            .store(margin.as_millis() as u64, Ordering::Relaxed);
         for a in accounts {
             let slot = self.slots.insert_missing(&a.name, || Slot::new(a));
             let old = slot.account.swap(a.clone());
@@ -289,7 +293,7 @@ impl TokenManager {
     /// The refresh margin for a token of `lifetime`: the configured one, but at most a third of the
     /// lifetime, so a 5-minute token is used for 3 minutes 20 instead of never being fresh.
     fn margin_for(&self, lifetime: Duration) -> Duration {
-        self.margin.min(lifetime / 3)
+        Duration::from_millis(self.margin.load(Ordering::Relaxed)).min(lifetime / 3)
     }
 
     fn fresh(&self, slot: &Slot) -> Option<AccessToken> {

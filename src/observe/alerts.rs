@@ -54,8 +54,9 @@ struct Payload<'a> {
 }
 
 pub struct Alerts {
-    config: AlertsConfig,
-    webhook: Option<reqwest::Client>,
+    /// Both swapped by a reload; what fired stays remembered.
+    config: arc_swap::ArcSwap<AlertsConfig>,
+    webhook: arc_swap::ArcSwap<Option<reqwest::Client>>,
     clock: SharedClock,
     metrics: Arc<Metrics>,
     fired: Mutex<HashMap<(Event, String), Instant>>,
@@ -67,23 +68,10 @@ impl Alerts {
         clock: SharedClock,
         metrics: Arc<Metrics>,
     ) -> Result<Alerts, String> {
-        let webhook = match &config.webhook_url {
-            None => None,
-            Some(_) => {
-                let tls = crate::util::tls::client_config(None).map_err(|e| e.to_string())?;
-                let client = reqwest::Client::builder()
-                    .use_preconfigured_tls(rustls::ClientConfig::clone(&tls))
-                    .redirect(reqwest::redirect::Policy::none())
-                    .timeout(CHANNEL_TIMEOUT)
-                    .user_agent(concat!("xoauth-relay/", env!("CARGO_PKG_VERSION")))
-                    .build()
-                    .map_err(|e| format!("[alerts] webhook_url: {e}"))?;
-                Some(client)
-            }
-        };
+        let webhook = webhook_client(&config)?;
         Ok(Alerts {
-            config,
-            webhook,
+            config: arc_swap::ArcSwap::from_pointee(config),
+            webhook: arc_swap::ArcSwap::from_pointee(webhook),
             clock,
             metrics,
             fired: Mutex::new(HashMap::new()),
@@ -91,14 +79,21 @@ impl Alerts {
     }
 
     /// The configured thresholds (`alert_after_secs`, `alert_queue_age_secs`).
-    pub fn thresholds(&self) -> &AlertsConfig {
-        &self.config
+    pub fn thresholds(&self) -> Arc<AlertsConfig> {
+        self.config.load_full()
+    }
+
+    /// A reloaded `[alerts]`, with the webhook client [`webhook_client`] built for it.
+    pub fn reconfigure(&self, config: AlertsConfig, webhook: Option<reqwest::Client>) {
+        self.config.store(Arc::new(config));
+        self.webhook.store(Arc::new(webhook));
     }
 
     /// Raises `event` for `account` unless it fired within `repeat_secs`; returns whether it fired.
     pub fn raise(&self, event: Event, account: &str, detail: &str, hint: &str) -> bool {
         let now = self.clock.now();
-        let repeat = Duration::from_secs(self.config.repeat_secs);
+        let config = self.config.load_full();
+        let repeat = Duration::from_secs(config.repeat_secs);
         {
             let mut fired = self.fired.lock().unwrap_or_else(|e| e.into_inner());
             let key = (event, account.to_string());
@@ -120,7 +115,7 @@ impl Alerts {
             hint,
         };
         let json = serde_json::to_vec(&payload).unwrap_or_default();
-        if let Some(command) = self.config.command.clone() {
+        if let Some(command) = config.command.clone() {
             let json = json.clone();
             let event = event.as_str();
             tokio::spawn(async move {
@@ -129,7 +124,8 @@ impl Alerts {
                 }
             });
         }
-        if let (Some(client), Some(url)) = (&self.webhook, &self.config.webhook_url) {
+        let webhook = self.webhook.load();
+        if let (Some(client), Some(url)) = (webhook.as_ref(), &config.webhook_url) {
             let request = client
                 .post(url)
                 .header("content-type", "application/json")
@@ -153,6 +149,22 @@ impl Alerts {
         }
         true
     }
+}
+
+/// The HTTP client for `webhook_url`, if one is set (public roots, no redirects, 30 s).
+pub fn webhook_client(config: &AlertsConfig) -> Result<Option<reqwest::Client>, String> {
+    if config.webhook_url.is_none() {
+        return Ok(None);
+    }
+    let tls = crate::util::tls::client_config(None).map_err(|e| e.to_string())?;
+    reqwest::Client::builder()
+        .use_preconfigured_tls(rustls::ClientConfig::clone(&tls))
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(CHANNEL_TIMEOUT)
+        .user_agent(concat!("xoauth-relay/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map(Some)
+        .map_err(|e| format!("[alerts] webhook_url: {e}"))
 }
 
 /// Runs `command` with `json` on its stdin, killed after [`CHANNEL_TIMEOUT`].

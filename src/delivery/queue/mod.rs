@@ -184,7 +184,8 @@ pub enum Target {
 pub struct Queue {
     spool: Spool,
     accounts: Keyed<AccountQueue>,
-    config: DeliveryConfig,
+    /// `[delivery]`; a reload swaps it.
+    config: arc_swap::ArcSwap<DeliveryConfig>,
     /// What workers need, once [`Queue::start`] ran: a reload starts workers for new accounts.
     workers: Mutex<Option<Workers>>,
     clock: SharedClock,
@@ -239,7 +240,7 @@ impl Queue {
         let queue = Queue {
             spool,
             accounts,
-            config,
+            config: arc_swap::ArcSwap::from_pointee(config),
             clock,
             hostname: hostname.to_string(),
             observer,
@@ -264,7 +265,7 @@ impl Queue {
         let now = self.clock.now();
         let unix = self.clock.unix();
         let due = now + Duration::from_secs(progress.next_attempt.saturating_sub(unix));
-        let expires_unix = env.received + self.config.max_queue_age_secs;
+        let expires_unix = env.received + self.config.load().max_queue_age_secs;
         let expires = now + Duration::from_secs(expires_unix.saturating_sub(unix));
         Entry {
             tried: vec![false; env.recipients.len()],
@@ -357,7 +358,8 @@ impl Queue {
 
     /// A reloaded config: new accounts get a queue (and workers, once started); the others
     /// deliver with their new settings from the next transaction on.
-    pub fn reconfigure(self: &Arc<Self>, accounts: &[Arc<Account>]) {
+    pub fn reconfigure(self: &Arc<Self>, accounts: &[Arc<Account>], config: &DeliveryConfig) {
+        self.config.store(Arc::new(config.clone()));
         let workers = lock(&self.workers);
         for a in accounts {
             let added = !self.accounts.contains(&a.name);
@@ -851,7 +853,7 @@ impl Worker {
                     ),
                     Stopped::Throttled(reply) => {
                         let kind = throttle(&reply).expect("a throttling reply");
-                        let pause = pause_for(&reply, kind, &queue.config);
+                        let pause = pause_for(&reply, kind, &queue.config.load());
                         tracing::warn!(account = %account.name, reply = %reply.summary(), pause_secs = pause.as_secs(), "provider is throttling the account; pausing its queue");
                         (
                             pause,
@@ -872,7 +874,7 @@ impl Worker {
                             }
                             inner.trouble.max(1)
                         };
-                        let pause = backoff(n, &queue.config);
+                        let pause = backoff(n, &queue.config.load());
                         tracing::warn!(account = %account.name, error = %why, next_attempt_secs = pause.as_secs(), "queued mail held");
                         (pause, why, Hold::Trouble)
                     }
@@ -944,7 +946,7 @@ impl Worker {
             let mut retry_in = None;
             if !done && pending.iter().all(|i| e.tried[*i]) {
                 e.progress.attempts += 1;
-                let wait = backoff(e.progress.attempts, &queue.config);
+                let wait = backoff(e.progress.attempts, &queue.config.load());
                 e.due = now + wait;
                 e.progress.next_attempt = queue.clock.unix() + wait.as_secs();
                 e.tried.iter_mut().for_each(|t| *t = false);
