@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::outcome::{ErrorKind, UpstreamError};
 use crate::config::{Mechanism, Provider, TlsMode};
-use crate::observe::{Metrics, Step};
+use crate::observe::metrics::{Step, StepTimers};
 use crate::smtp::body::BodyEncoder;
 use crate::smtp::Reply;
 use crate::util::secret::Secret;
@@ -117,7 +117,7 @@ pub struct Client {
     /// The upstream's name, for error messages.
     host: String,
     /// Where reply times go (`xoauth_relay_upstream_reply_seconds`), once the relay hands it out.
-    timings: Option<Arc<Metrics>>,
+    timings: Option<StepTimers>,
 }
 
 impl Client {
@@ -179,13 +179,13 @@ impl Client {
     }
 
     /// From now on, the time until each MAIL, RCPT, DATA and end-of-data reply is recorded.
-    pub fn time_replies(&mut self, metrics: Arc<Metrics>) {
-        self.timings = Some(metrics);
+    pub fn time_replies(&mut self, timers: StepTimers) {
+        self.timings = Some(timers);
     }
 
     fn timed(&self, step: Option<Step>, since: tokio::time::Instant) {
-        if let (Some(m), Some(step)) = (&self.timings, step) {
-            m.upstream_reply(step, since.elapsed());
+        if let (Some(t), Some(step)) = (&self.timings, step) {
+            t.observe(step, since.elapsed());
         }
     }
 

@@ -505,15 +505,15 @@ impl Dialer {
                     format!("no TLS configuration for provider `{}`", provider.name),
                 )
             })?;
-        let metrics = &self.observer.metrics;
+        let timers = self.observer.metrics.step_timers();
         let started = tokio::time::Instant::now();
         let mut client = Client::connect(provider, &tls, &self.helo_name, self.timeout()).await?;
-        metrics.upstream_reply(Step::Connect, started.elapsed());
+        timers.observe(Step::Connect, started.elapsed());
         let started = tokio::time::Instant::now();
         let authenticated = client.authenticate(provider, &account.mailbox, token).await;
-        metrics.upstream_reply(Step::Auth, started.elapsed());
+        timers.observe(Step::Auth, started.elapsed());
         authenticated?;
-        client.time_replies(metrics.clone());
+        client.time_replies(timers);
         Ok(client)
     }
 }

@@ -22,6 +22,8 @@ use super::pool::{Lease, OpenError, Pool};
 use super::queue::spool::{Envelope, SpoolWriter};
 use super::queue::Queue;
 use crate::config::{Account, DeliveryMode};
+use crate::observe::metrics::AccountCounters;
+use crate::observe::MessageOutcome;
 use crate::oauth::tokens::TokenManager;
 use crate::smtp::session::{Ahead, MailParams};
 use crate::smtp::Reply;
@@ -64,6 +66,8 @@ pub struct Submission {
     /// RCPTs forwarded in the transaction in progress (for `max_recipients_per_message`).
     rcpts: usize,
     pacer: Option<Arc<Pacer>>,
+    counters: AccountCounters,
+    usage: crate::observe::usage::AccountHandle,
     /// Queue mode: the message being received into the spool.
     spooled: Option<Spooled>,
     pub stats: MessageStats,
@@ -111,6 +115,8 @@ fn closing(result: &Result<Reply, UpstreamError>) -> bool {
 impl Submission {
     pub fn new(ctx: Arc<UpstreamContext>, account: Arc<Account>) -> Submission {
         let pacer = ctx.pacers.get(&account.name);
+        let counters = ctx.observer.metrics.account(&account.name);
+        let usage = ctx.observer.usage.account(&account.name);
         Submission {
             ctx,
             account,
@@ -120,13 +126,25 @@ impl Submission {
             ahead: VecDeque::new(),
             rcpts: 0,
             pacer,
+            counters,
+            usage,
             spooled: None,
             stats: MessageStats::default(),
         }
     }
 
-    pub fn account(&self) -> &Account {
-        &self.account
+    /// Counts the message that just ended (metrics and usage).
+    pub fn record(&self, outcome: MessageOutcome) {
+        let s = &self.stats;
+        self.counters.message(outcome, s.size);
+        match outcome {
+            MessageOutcome::Relayed => {
+                self.counters.accepted(s.recipients as u64);
+                self.usage.message(s.recipients as u64, s.size as u64);
+            }
+            MessageOutcome::Queued => self.usage.message(s.recipients as u64, s.size as u64),
+            _ => {}
+        }
     }
 
     /// Direct mode under pacing: waits for the account's turn (up to `upstream_wait_secs`), or
@@ -401,8 +419,7 @@ impl Submission {
         if reply.is_positive() {
             self.stats.recipients += 1;
         } else {
-            let metrics = &self.ctx.observer.metrics;
-            metrics.recipients(&self.account.name, "rejected", 1);
+            self.counters.rejected();
         }
         Outcome::from_reply(reply)
     }

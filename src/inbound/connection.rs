@@ -345,7 +345,6 @@ impl Connection {
             Action::EndOfData => {
                 self.flush().await?;
                 let started = self.message_started;
-                let shared = self.shared.clone();
                 let delivery = self.delivery();
                 let outcome = delivery.end_data().await;
                 let reply = outcome.reply();
@@ -358,16 +357,7 @@ impl Connection {
                     }
                     (None, false) => ("message not relayed", MessageOutcome::Failed),
                 };
-                let metrics = &shared.upstream.observer.metrics;
-                let account = &delivery.account().name;
-                metrics.message(account, counted, stats.size);
-                if counted == MessageOutcome::Relayed {
-                    metrics.recipients(account, "accepted", stats.recipients as u64);
-                }
-                if matches!(counted, MessageOutcome::Relayed | MessageOutcome::Queued) {
-                    let usage = &shared.upstream.observer.usage;
-                    usage.message(account, stats.recipients as u64, stats.size as u64);
-                }
+                delivery.record(counted);
                 tracing::info!(
                     sender = %stats.sender,
                     recipients = stats.recipients,

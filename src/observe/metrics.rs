@@ -54,6 +54,14 @@ pub enum MessageOutcome {
 }
 
 impl MessageOutcome {
+    const ALL: [MessageOutcome; 5] = [
+        MessageOutcome::Relayed,
+        MessageOutcome::Queued,
+        MessageOutcome::Rejected,
+        MessageOutcome::Failed,
+        MessageOutcome::Bounced,
+    ];
+
     fn as_str(self) -> &'static str {
         match self {
             MessageOutcome::Relayed => "relayed",
@@ -76,6 +84,8 @@ pub enum Step {
 }
 
 impl Step {
+    const ALL: [Step; 5] = [Step::Connect, Step::Auth, Step::Mail, Step::Rcpt, Step::Data];
+
     fn as_str(self) -> &'static str {
         match self {
             Step::Connect => "connect",
@@ -292,22 +302,29 @@ impl Metrics {
             .inc();
     }
 
-    /// A message's end; the bytes of those relayed or queued are counted too.
-    pub fn message(&self, account: &str, outcome: MessageOutcome, bytes: usize) {
-        let outcome = outcome.as_str();
-        self.messages
-            .get_or_create(&AccountOutcome {
+    /// The message counters of `account`, looked up once (a session holds them) so that counting
+    /// a message is an atomic add, not a label lookup.
+    pub fn account(&self, account: &str) -> AccountCounters {
+        let with = |outcome| AccountOutcome {
+            account: account.to_string(),
+            outcome,
+        };
+        AccountCounters {
+            messages: MessageOutcome::ALL.map(|o| self.messages.get_or_create_owned(&with(o.as_str()))),
+            bytes: self.message_bytes.get_or_create_owned(&AccountLabel {
                 account: account.to_string(),
-                outcome,
-            })
-            .inc();
-        if matches!(outcome, "relayed" | "queued") {
-            self.message_bytes
-                .get_or_create(&AccountLabel {
-                    account: account.to_string(),
-                })
-                .inc_by(bytes as u64);
+            }),
+            accepted: self.recipients.get_or_create_owned(&with("accepted")),
+            rejected: self.recipients.get_or_create_owned(&with("rejected")),
         }
+    }
+
+    /// The reply-time histograms, looked up once per upstream connection.
+    pub fn step_timers(&self) -> StepTimers {
+        StepTimers(Step::ALL.map(|s| {
+            self.upstream_reply
+                .get_or_create_owned(&StepLabel { step: s.as_str() })
+        }))
     }
 
     /// Recipients of `account` with `outcome` (`accepted`, `rejected`, `deferred`, `bounced`, `queued`).
@@ -322,13 +339,6 @@ impl Metrics {
         }
     }
 
-    pub fn upstream_reply(&self, step: Step, elapsed: std::time::Duration) {
-        self.upstream_reply
-            .get_or_create(&StepLabel {
-                step: step.as_str(),
-            })
-            .observe(elapsed.as_secs_f64());
-    }
 
     /// A token request for `account`: `ok`, `invalid_grant` or `error`.
     pub fn token_refresh(&self, account: &str, outcome: &'static str) {
@@ -362,6 +372,47 @@ impl Metrics {
     }
 }
 
+/// One account's message and recipient counters (see [`Metrics::account`]).
+#[derive(Clone)]
+pub struct AccountCounters {
+    messages: [Counter; 5],
+    bytes: Counter,
+    accepted: Counter,
+    rejected: Counter,
+}
+
+impl AccountCounters {
+    /// A message's end; the bytes of those relayed or queued are counted too.
+    pub fn message(&self, outcome: MessageOutcome, bytes: usize) {
+        let i = MessageOutcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
+        self.messages[i].inc();
+        if matches!(outcome, MessageOutcome::Relayed | MessageOutcome::Queued) {
+            self.bytes.inc_by(bytes as u64);
+        }
+    }
+
+    /// Recipients the upstream accepted (direct mode: with the message).
+    pub fn accepted(&self, n: u64) {
+        self.accepted.inc_by(n);
+    }
+
+    /// A recipient the upstream refused at RCPT.
+    pub fn rejected(&self) {
+        self.rejected.inc();
+    }
+}
+
+/// `xoauth_relay_upstream_reply_seconds` by step, for one connection.
+#[derive(Clone)]
+pub struct StepTimers([Histogram; 5]);
+
+impl StepTimers {
+    pub fn observe(&self, step: Step, elapsed: std::time::Duration) {
+        let i = Step::ALL.iter().position(|s| *s == step).unwrap_or(0);
+        self.0[i].observe(elapsed.as_secs_f64());
+    }
+}
+
 /// Counts a session as active until dropped.
 pub struct SessionGuard(Gauge);
 
@@ -380,9 +431,11 @@ mod tests {
         let m = Metrics::new();
         let _s = m.session("127.0.0.1:587");
         m.auth_failure("bad_credentials");
-        m.message("news", MessageOutcome::Relayed, 100);
-        m.recipients("news", "accepted", 2);
-        m.upstream_reply(Step::Data, std::time::Duration::from_millis(3));
+        let news = m.account("news");
+        news.message(MessageOutcome::Relayed, 100);
+        news.accepted(2);
+        m.step_timers()
+            .observe(Step::Data, std::time::Duration::from_millis(3));
         m.token_refresh("news", "ok");
         let text = m.encode(&|g| Gauges::set(&g.grant_ok, "news", 1));
         for line in [

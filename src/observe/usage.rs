@@ -85,6 +85,28 @@ pub struct Report {
     pub last_source: Option<String>,
 }
 
+/// One account's usage, held by a session.
+pub struct AccountHandle {
+    entry: Arc<Mutex<AccountUsage>>,
+    clock: SharedClock,
+}
+
+impl AccountHandle {
+    fn with(&self, f: impl FnOnce(&mut AccountUsage, u64)) {
+        let now = self.clock.unix();
+        f(&mut self.entry.lock().unwrap_or_else(|e| e.into_inner()), now);
+    }
+
+    pub fn message(&self, recipients: u64, bytes: u64) {
+        self.with(|u, now| {
+            let c = u.hour(now);
+            c.messages += 1;
+            c.recipients += recipients;
+            c.bytes += bytes;
+        });
+    }
+}
+
 pub struct Usage {
     clock: SharedClock,
     accounts: RwLock<HashMap<String, Arc<Mutex<AccountUsage>>>>,
@@ -99,14 +121,26 @@ impl Usage {
     }
 
     fn with(&self, account: &str, f: impl FnOnce(&mut AccountUsage, u64)) {
-        let now = self.clock.unix();
+        self.account(account).with(f);
+    }
+
+    /// The entry of `account`, for a session to keep: counting its messages then takes only the
+    /// account's own lock.
+    pub fn account(&self, account: &str) -> AccountHandle {
+        AccountHandle {
+            entry: self.entry(account),
+            clock: self.clock.clone(),
+        }
+    }
+
+    fn entry(&self, account: &str) -> Arc<Mutex<AccountUsage>> {
         let known = self
             .accounts
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(account)
             .cloned();
-        let entry = match known {
+        match known {
             Some(e) => e,
             None => self
                 .accounts
@@ -115,8 +149,7 @@ impl Usage {
                 .entry(account.to_string())
                 .or_default()
                 .clone(),
-        };
-        f(&mut entry.lock().unwrap_or_else(|e| e.into_inner()), now);
+        }
     }
 
     pub fn login(&self, account: &str, source: IpAddr) {
@@ -135,14 +168,7 @@ impl Usage {
         self.with(account, |u, now| u.hour(now).failed_logins += 1);
     }
 
-    pub fn message(&self, account: &str, recipients: u64, bytes: u64) {
-        self.with(account, |u, now| {
-            let c = u.hour(now);
-            c.messages += 1;
-            c.recipients += recipients;
-            c.bytes += bytes;
-        });
-    }
+
 
     pub fn report(&self, account: &str) -> Report {
         let mut report = Report::default();
@@ -167,10 +193,10 @@ mod tests {
     fn windows_roll() {
         let clock = ManualClock::new(1_000_000 * HOUR);
         let usage = Usage::new(clock.clone());
-        usage.message("news", 3, 100);
+        usage.account("news").message(3, 100);
         usage.login("news", "192.0.2.1".parse().unwrap());
         clock.advance(std::time::Duration::from_secs(2 * 86400));
-        usage.message("news", 1, 10);
+        usage.account("news").message(1, 10);
         usage.failed_login("news");
         usage.login("news", "192.0.2.2".parse().unwrap());
         let r = usage.report("news");

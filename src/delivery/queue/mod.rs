@@ -36,6 +36,7 @@ use self::transfer::Stopped;
 use super::pacing::{Pacer, Pacers};
 use super::pool::Pool;
 use crate::config::{Account, DeliveryConfig};
+use crate::observe::metrics::AccountCounters;
 use crate::observe::{Event, MessageOutcome, Observer};
 use crate::smtp::{Reply, Severity};
 use crate::util::clock::SharedClock;
@@ -351,6 +352,7 @@ impl Queue {
                 pool: w.pool.clone(),
                 pacer: pacer.clone(),
                 pacers: w.pacers.clone(),
+                counters: self.observer.metrics.account(&aq.name),
             };
             w.tasks.spawn(worker.run(w.stop.clone(), w.cut.clone()));
         }
@@ -673,7 +675,9 @@ impl Queue {
     /// Counts the failed recipients and raises `message_bounced`.
     fn bounced(&self, account: &Account, env: &Envelope, failed: &[dsn::Failed]) {
         let metrics = &self.observer.metrics;
-        metrics.message(&account.name, MessageOutcome::Bounced, env.size as usize);
+        metrics
+            .account(&account.name)
+            .message(MessageOutcome::Bounced, env.size as usize);
         metrics.recipients(&account.name, "bounced", failed.len() as u64);
         let detail = format!(
             "message {} from <{}>: {} recipient(s) failed, first {}",
@@ -710,6 +714,7 @@ struct Worker {
     pool: Arc<Pool>,
     pacer: Arc<Pacer>,
     pacers: Arc<Pacers>,
+    counters: AccountCounters,
 }
 
 /// What a worker waits for next.
@@ -913,10 +918,7 @@ impl Worker {
                 match reply.severity() {
                     Severity::Positive | Severity::Intermediate => {
                         r.status = RcptStatus::Delivered;
-                        queue
-                            .observer
-                            .metrics
-                            .recipients(&account.name, "accepted", 1);
+                        self.counters.accepted(1);
                         tracing::info!(id = %env.id, to = %address, reply = %reply.summary(), "delivered");
                     }
                     Severity::Permanent => {
