@@ -28,6 +28,8 @@ async fn accounts_json(relay: &Relay, usage: bool) -> serde_json::Value {
 #[tokio::test]
 async fn metrics_health_and_account_facts_follow_traffic() {
     let (_dir, provider, relay) = setup(with_metrics(""), "starttls").await;
+    // As Google answers a Testing-status app: the refresh token lives 7 days.
+    provider.state().refresh_lifetime = Some(7 * 86_400);
     let addr = relay.metrics.expect("metrics endpoint");
     assert_eq!(http_get(addr, "/healthz").await.0, 200);
     assert_eq!(http_get(addr, "/readyz").await, (200, "ready\n".into()));
@@ -100,6 +102,8 @@ async fn metrics_health_and_account_facts_follow_traffic() {
     assert!(news_row["last_use"].as_str().unwrap().ends_with('Z'));
     assert!(news_row["token_expires_in_secs"].as_i64().unwrap() > 3000);
     assert!(news_row.get("usage").is_none());
+    let dies = news_row["refresh_token_expires_in_secs"].as_i64().unwrap();
+    assert!(dies > 7 * 86_400 - 60 && dies <= 7 * 86_400, "{news_row}");
 
     let usage = &accounts_json(&relay, true).await[0]["usage"];
     for window in ["last_24h", "last_7d"] {
@@ -197,5 +201,61 @@ async fn an_alert_command_hears_of_a_revoked_grant_once() {
         Some(0.0)
     );
     assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 1);
+    relay.stop().await;
+}
+
+/// A webhook on loopback that takes one POST and hands over its body.
+async fn one_webhook() -> (String, tokio::sync::oneshot::Receiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut data = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let body = loop {
+            let n = tcp.read(&mut chunk).await.unwrap();
+            data.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&data).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                if body.len() >= len {
+                    assert!(head.starts_with("POST /hook "), "{head}");
+                    break body.to_string();
+                }
+            }
+            assert!(n > 0, "connection closed early");
+        };
+        tcp.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let _ = tx.send(body);
+    });
+    (url, rx)
+}
+
+#[tokio::test]
+async fn a_webhook_gets_the_alert_as_json() {
+    let (url, hook) = one_webhook().await;
+    let opts = with_metrics(&format!("\n[alerts]\nwebhook_url = \"{url}\"\n"));
+    let (_dir, provider, relay) = setup(opts, "implicit").await;
+    provider.state().refresh_tokens.clear();
+    let mut c = Client::connect(&relay, Conn::Implicit, &provider.pki).await;
+    assert!(c
+        .login_plain(LOGIN, PASSWORD)
+        .await
+        .starts_with("454 4.7.0"));
+    let event: serde_json::Value = serde_json::from_str(&hook.await.unwrap()).unwrap();
+    assert_eq!(event["event"], "grant_revoked");
+    assert_eq!(event["account"], "news");
+    assert!(event["hint"].as_str().unwrap().contains("authorize news"));
     relay.stop().await;
 }

@@ -30,6 +30,20 @@ async fn sighup_reloads() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    // Given a grant, the account added by SIGHUP sends.
+    let rt = provider.state().add_refresh_token();
+    relay.import("shop", &rt).await;
+    let mut c = Client::connect(&relay, Conn::Implicit, &provider.pki).await;
+    assert!(c.login_plain("shop", shop_pw).await.starts_with("235"));
+    let replies = c
+        .send_mail(
+            "shop@example.com",
+            &["bob@example.net"],
+            b"Subject: s\r\n\r\nhi\r\n",
+        )
+        .await;
+    assert!(all_ok(&replies), "{replies:?}");
+    assert_eq!(provider.state().messages.len(), 1);
     relay.stop().await;
 }
 

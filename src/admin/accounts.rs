@@ -24,6 +24,8 @@ struct Row {
     last_refresh: Option<String>,
     last_use: Option<String>,
     refresh_token_age_secs: Option<u64>,
+    /// When the provider said the refresh token itself dies (Google Testing-status apps).
+    refresh_token_expires_in_secs: Option<i64>,
     warning: Option<&'static str>,
     queued: usize,
     queue_oldest_secs: Option<u64>,
@@ -82,6 +84,10 @@ fn row(ctx: &AdminContext, a: &Account, now: u64, usage: bool) -> Row {
         last_refresh: last_refresh.map(rfc3339),
         last_use: last_use.map(rfc3339),
         refresh_token_age_secs: age,
+        refresh_token_expires_in_secs: g
+            .as_ref()
+            .and_then(|g| g.refresh_expires_at)
+            .map(|t| t as i64 - now as i64),
         warning,
         queued: q.queued,
         queue_oldest_secs: q.oldest_secs,

@@ -10,7 +10,7 @@ pub(super) async fn store_grant(
     name: &str,
     refresh_token: Option<Secret>,
     access_token: Option<Secret>,
-    expires_in: Option<u64>,
+    (expires_in, refresh_expires_in): (Option<u64>, Option<u64>),
 ) -> Result<String, String> {
     account(ctx, name)?;
     if refresh_token
@@ -30,6 +30,7 @@ pub(super) async fn store_grant(
         access_token,
         obtained_at: now,
         last_refresh: None,
+        refresh_expires_at: refresh_expires_in.map(|s| now + s),
     };
     let store = ctx.upstream.tokens.store();
     store.put(name, grant).await.map_err(|e| e.to_string())?;

@@ -37,9 +37,10 @@ pub async fn execute(ctx: &AdminContext, request: Request) -> Response {
             refresh_token,
             access_token,
             expires_in,
+            refresh_expires_in,
         } => {
-            let change =
-                grants::store_grant(ctx, &account, refresh_token, access_token, expires_in);
+            let lifetimes = (expires_in, refresh_expires_in);
+            let change = grants::store_grant(ctx, &account, refresh_token, access_token, lifetimes);
             let result = tokens.replace_grant(&account, change).await;
             // Connections authenticated with the old grant are not used again, and mail held for
             // the old one's trouble may go.

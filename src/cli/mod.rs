@@ -245,6 +245,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 refresh_token: Some(Secret::new(token.trim())),
                 access_token: None,
                 expires_in: None,
+                refresh_expires_in: None,
             };
             finish(crate::app::admin(config, request).await?)
         }
@@ -325,6 +326,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 refresh_token: set.refresh_token,
                 access_token: Some(set.access_token),
                 expires_in: set.expires_in.map(|d| d.as_secs()),
+                refresh_expires_in: set.refresh_expires_in.map(|d| d.as_secs()),
             };
             finish(crate::app::admin(config, request).await?)
         }

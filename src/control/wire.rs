@@ -19,6 +19,9 @@ pub enum Request {
         refresh_token: Option<Secret>,
         access_token: Option<Secret>,
         expires_in: Option<u64>,
+        /// The refresh token's lifetime, when the provider gave one.
+        #[serde(default)]
+        refresh_expires_in: Option<u64>,
     },
     Revoke {
         account: String,

@@ -22,9 +22,9 @@ use super::pool::{Lease, OpenError, Pool};
 use super::queue::spool::{Envelope, SpoolWriter};
 use super::queue::Queue;
 use crate::config::{Account, DeliveryMode};
+use crate::oauth::tokens::TokenManager;
 use crate::observe::metrics::AccountCounters;
 use crate::observe::MessageOutcome;
-use crate::oauth::tokens::TokenManager;
 use crate::smtp::session::{Ahead, MailParams};
 use crate::smtp::Reply;
 

@@ -6,11 +6,15 @@
 
 use std::time::Duration;
 
-use oauth2::basic::{BasicClient, BasicTokenResponse};
+use oauth2::basic::{
+    BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse,
+    BasicTokenType,
+};
 use oauth2::{
     AuthType, AuthUrl, ClientId, ClientSecret, DeviceAuthorizationUrl, EndpointMaybeSet,
-    EndpointNotSet, EndpointSet, ErrorResponseType, RefreshToken, RequestTokenError, RevocationUrl,
-    StandardErrorResponse, TokenResponse, TokenUrl,
+    EndpointNotSet, EndpointSet, ErrorResponseType, ExtraTokenFields, RefreshToken,
+    RequestTokenError, RevocationUrl, StandardErrorResponse, StandardRevocableToken,
+    StandardTokenResponse, TokenResponse, TokenUrl,
 };
 
 use super::http::HttpClient;
@@ -24,6 +28,8 @@ pub struct TokenSet {
     pub expires_in: Option<Duration>,
     /// Present when the provider issued (or rotated) a refresh token.
     pub refresh_token: Option<Secret>,
+    /// How long the refresh token lives, when the provider says (Google, for Testing-status apps).
+    pub refresh_expires_in: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -74,8 +80,30 @@ impl ProviderError {
     }
 }
 
-pub type OAuthClient =
-    BasicClient<EndpointMaybeSet, EndpointMaybeSet, EndpointNotSet, EndpointMaybeSet, EndpointSet>;
+/// What a token response carries beyond RFC 6749: Google's `refresh_token_expires_in`, which a
+/// Testing-status app gets (7 days) and which tells us when the grant dies.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct GrantExtras {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token_expires_in: Option<u64>,
+}
+
+impl ExtraTokenFields for GrantExtras {}
+
+pub type OAuthTokenResponse = StandardTokenResponse<GrantExtras, BasicTokenType>;
+
+pub type OAuthClient = oauth2::Client<
+    BasicErrorResponse,
+    OAuthTokenResponse,
+    BasicTokenIntrospectionResponse,
+    StandardRevocableToken,
+    BasicRevocationErrorResponse,
+    EndpointMaybeSet,
+    EndpointMaybeSet,
+    EndpointNotSet,
+    EndpointMaybeSet,
+    EndpointSet,
+>;
 
 fn bad_url(provider: &Provider, what: &str) -> ProviderError {
     ProviderError::Refused {
@@ -107,7 +135,7 @@ pub fn client(provider: &Provider) -> Result<OAuthClient, ProviderError> {
         .map(RevocationUrl::new)
         .transpose()
         .map_err(|_| bad_url(provider, "revocation_url"))?;
-    let mut c = BasicClient::new(ClientId::new(provider.client_id.clone()))
+    let mut c = oauth2::Client::new(ClientId::new(provider.client_id.clone()))
         .set_auth_uri_option(auth)
         .set_device_authorization_url_option(device)
         .set_revocation_url_option(revoke)
@@ -119,13 +147,17 @@ pub fn client(provider: &Provider) -> Result<OAuthClient, ProviderError> {
     Ok(c)
 }
 
-pub fn token_set(response: &BasicTokenResponse) -> TokenSet {
+pub fn token_set(response: &OAuthTokenResponse) -> TokenSet {
     TokenSet {
         access_token: Secret::new(response.access_token().secret().clone()),
         expires_in: response.expires_in(),
         refresh_token: response
             .refresh_token()
             .map(|r| Secret::new(r.secret().clone())),
+        refresh_expires_in: response
+            .extra_fields()
+            .refresh_token_expires_in
+            .map(Duration::from_secs),
     }
 }
 
@@ -227,6 +259,10 @@ pub async fn post_token_form(
             .and_then(|v| v.as_u64())
             .map(Duration::from_secs),
         refresh_token: field("refresh_token").map(Secret::new),
+        refresh_expires_in: json
+            .get("refresh_token_expires_in")
+            .and_then(|v| v.as_u64())
+            .map(Duration::from_secs),
     })
 }
 

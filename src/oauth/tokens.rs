@@ -139,6 +139,9 @@ impl TokenError {
     }
 }
 
+/// A refresh token that the provider says dies within this raises `grant_expiring`.
+const EXPIRING: u64 = 2 * 86_400;
+
 /// An account that asked for a token this recently is kept refreshed ahead of expiry.
 const RECENT_USE: Duration = Duration::from_secs(3600);
 
@@ -361,7 +364,8 @@ impl TokenManager {
 
     /// Refreshes, once, every refresh-token grant whose refresh token has not been used for
     /// `idle` (Microsoft drops grants unused for 90 days); a failure raises the usual alerts
-    /// while there is time to act. Run hourly by the app.
+    /// while there is time to act. Also raises `grant_expiring` for a refresh token the provider
+    /// said dies within two days (Google, for Testing-status apps). Run hourly by the app.
     pub async fn keep_alive(self: &Arc<Self>, idle: Duration) {
         let now = self.clock.unix();
         for slot in self.slots.all().values() {
@@ -373,6 +377,25 @@ impl TokenManager {
             let Ok(Some(grant)) = self.store.get(&account.name) else {
                 continue;
             };
+            if let Some(at) = grant.refresh_expires_at.filter(|at| *at < now + EXPIRING) {
+                let left = at.saturating_sub(now);
+                let hint = match account.provider.family {
+                    Family::Google => format!(
+                        "a Google app in Testing status gives 7-day grants: publish the app (OAuth consent \
+                         screen), then run `xoauth-relay authorize {}`",
+                        account.name
+                    ),
+                    _ => format!("run `xoauth-relay authorize {}` before then", account.name),
+                };
+                let detail = format!(
+                    "the provider said the refresh token expires in {}h ({})",
+                    left / 3600,
+                    crate::util::clock::rfc3339(at)
+                );
+                self.observer
+                    .alerts
+                    .raise(Event::GrantExpiring, &account.name, &detail, &hint);
+            }
             let used = grant.last_refresh.unwrap_or(0).max(grant.obtained_at);
             let unused = now.saturating_sub(used);
             if unused < idle.as_secs() {
@@ -637,6 +660,10 @@ impl TokenManager {
         if rotated {
             grant.refresh_token = set.refresh_token.clone();
             grant.obtained_at = now;
+            grant.refresh_expires_at = None;
+        }
+        if let Some(left) = set.refresh_expires_in {
+            grant.refresh_expires_at = Some(now + left.as_secs());
         }
         grant.access_token = Some(set.access_token.clone());
         grant.access_expires_at = Some(now + lifetime.as_secs());
@@ -709,6 +736,7 @@ mod tests {
                 answer.map(|lifetime| TokenSet {
                     access_token: Secret::new(format!("at-{n}")),
                     expires_in: Some(Duration::from_secs(lifetime)),
+                    refresh_expires_in: None,
                     refresh_token: self.rotate.then(|| Secret::new(format!("rt-{n}"))),
                 })
             })
@@ -877,6 +905,30 @@ mod tests {
         assert_eq!(issuer.calls(), 1, "unused for 8 days");
         f.tokens.keep_alive(week).await;
         assert_eq!(issuer.calls(), 1, "just refreshed");
+    }
+
+    #[tokio::test]
+    async fn a_refresh_token_the_provider_says_dies_soon_raises_grant_expiring() {
+        let f = fixture(Scripted::new(Ok(3600)));
+        let grant = Grant {
+            refresh_token: Some(Secret::new("rt-0")),
+            obtained_at: f.clock.unix(),
+            refresh_expires_at: Some(f.clock.unix() + 7 * 86_400),
+            ..Grant::default()
+        };
+        f.store.put("news", grant).await.unwrap();
+        let fired = |f: &Fixture| {
+            let text = f.tokens.observer.metrics.encode(&|_| {});
+            text.contains(
+                "xoauth_relay_alerts_total{account=\"news\",outcome=\"grant_expiring\"} 1",
+            )
+        };
+        let week = Duration::from_secs(7 * 86_400);
+        f.tokens.keep_alive(week).await;
+        assert!(!fired(&f), "7 days left");
+        f.clock.advance(Duration::from_secs(5 * 86_400 + 60));
+        f.tokens.keep_alive(week).await;
+        assert!(fired(&f), "under 2 days left");
     }
 
     #[tokio::test]

@@ -84,7 +84,13 @@ pub enum Step {
 }
 
 impl Step {
-    const ALL: [Step; 5] = [Step::Connect, Step::Auth, Step::Mail, Step::Rcpt, Step::Data];
+    const ALL: [Step; 5] = [
+        Step::Connect,
+        Step::Auth,
+        Step::Mail,
+        Step::Rcpt,
+        Step::Data,
+    ];
 
     fn as_str(self) -> &'static str {
         match self {
@@ -310,7 +316,8 @@ impl Metrics {
             outcome,
         };
         AccountCounters {
-            messages: MessageOutcome::ALL.map(|o| self.messages.get_or_create_owned(&with(o.as_str()))),
+            messages: MessageOutcome::ALL
+                .map(|o| self.messages.get_or_create_owned(&with(o.as_str()))),
             bytes: self.message_bytes.get_or_create_owned(&AccountLabel {
                 account: account.to_string(),
             }),
@@ -338,7 +345,6 @@ impl Metrics {
                 .inc_by(n);
         }
     }
-
 
     /// A token request for `account`: `ok`, `invalid_grant` or `error`.
     pub fn token_refresh(&self, account: &str, outcome: &'static str) {
@@ -384,7 +390,10 @@ pub struct AccountCounters {
 impl AccountCounters {
     /// A message's end; the bytes of those relayed or queued are counted too.
     pub fn message(&self, outcome: MessageOutcome, bytes: usize) {
-        let i = MessageOutcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
+        let i = MessageOutcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or(0);
         self.messages[i].inc();
         if matches!(outcome, MessageOutcome::Relayed | MessageOutcome::Queued) {
             self.bytes.inc_by(bytes as u64);

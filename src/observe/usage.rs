@@ -94,7 +94,10 @@ pub struct AccountHandle {
 impl AccountHandle {
     fn with(&self, f: impl FnOnce(&mut AccountUsage, u64)) {
         let now = self.clock.unix();
-        f(&mut self.entry.lock().unwrap_or_else(|e| e.into_inner()), now);
+        f(
+            &mut self.entry.lock().unwrap_or_else(|e| e.into_inner()),
+            now,
+        );
     }
 
     pub fn message(&self, recipients: u64, bytes: u64) {
@@ -167,8 +170,6 @@ impl Usage {
     pub fn failed_login(&self, account: &str) {
         self.with(account, |u, now| u.hour(now).failed_logins += 1);
     }
-
-
 
     pub fn report(&self, account: &str) -> Report {
         let mut report = Report::default();

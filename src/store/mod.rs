@@ -28,6 +28,9 @@ pub struct Grant {
     /// When the current refresh token was obtained (unix seconds).
     pub obtained_at: u64,
     pub last_refresh: Option<u64>,
+    /// When the refresh token itself expires (unix seconds), if the provider said.
+    #[serde(default)]
+    pub refresh_expires_at: Option<u64>,
 }
 
 /// Clear-text bookkeeping per account; nothing secret.

@@ -141,6 +141,8 @@ pub struct State {
     pub deferred_once: HashSet<String>,
     /// Extra flows (authorization code, device code, ...) register here.
     pub extra: HashMap<String, String>,
+    /// Say `refresh_token_expires_in` (what Google tells a Testing-status app).
+    pub refresh_lifetime: Option<u64>,
 }
 
 impl State {
@@ -171,6 +173,9 @@ impl State {
         let mut v = serde_json::json!({"access_token": at, "token_type": "Bearer", "expires_in": self.lifetime});
         if let Some(rt) = refresh {
             v["refresh_token"] = rt.into();
+        }
+        if let Some(secs) = self.refresh_lifetime {
+            v["refresh_token_expires_in"] = secs.into();
         }
         v.to_string()
     }
@@ -252,6 +257,7 @@ impl FakeProvider {
             auth_reply: None,
             token_outage: false,
             extra: HashMap::new(),
+            refresh_lifetime: None,
         }));
         let pki = Arc::new(Pki::new());
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -990,6 +996,7 @@ impl Relay {
                 refresh_token: Some(xoauth_relay::util::secret::Secret::new(refresh_token)),
                 access_token: None,
                 expires_in: None,
+                refresh_expires_in: None,
             },
         )
         .await
