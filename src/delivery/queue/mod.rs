@@ -379,6 +379,8 @@ impl Queue {
     /// their own, so that one waiting message does not keep every segment after it on disk. Run
     /// periodically by the app.
     pub async fn compact(&self) {
+        // Segments deleted since are held open by readers: let their space go.
+        self.spool.close_readers();
         let active = self.spool.active_segment();
         for aq in self.accounts.all().values() {
             let stale: Vec<(Arc<Envelope>, Progress)> = {
@@ -964,14 +966,8 @@ impl Worker {
         if done && bounce.is_none() {
             // The common case, delivered: the worker goes on while the removal becomes durable
             // (shutdown waits for it with the spool's flush).
-            let durable = queue.spool.remove(&moved);
+            queue.spool.remove_detached(&moved);
             lock(&self.aq.inner).remove(&env.id);
-            let id = env.id.clone();
-            tokio::spawn(async move {
-                if let Err(e) = durable.await {
-                    tracing::warn!(id, error = %e, "cannot record delivery progress in the spool");
-                }
-            });
             return;
         }
         let record = async {

@@ -14,7 +14,7 @@
 //! one `fsync` per directory touched (group commit: ten sessions queueing at once share one sync
 //! instead of queueing behind each other).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::File;
 use std::io::{self, BufRead, Read, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -151,7 +151,11 @@ impl Op {
 
 struct Job {
     op: Op,
-    done: oneshot::Sender<io::Result<Option<LogAt>>>,
+    /// Who waits for the result; `None` for a removal nobody waits on (the committer logs a
+    /// failure itself).
+    done: Option<oneshot::Sender<io::Result<Option<LogAt>>>>,
+    /// The message it is about, for that log line.
+    id: Option<String>,
 }
 
 /// Where a message's body can be read, off the async runtime.
@@ -161,6 +165,8 @@ pub enum BodySource {
         dir: PathBuf,
         at: LogAt,
         len: u64,
+        /// The segment, already open.
+        open: Option<std::sync::Arc<File>>,
     },
     File {
         path: PathBuf,
@@ -170,10 +176,36 @@ pub enum BodySource {
 }
 
 impl BodySource {
+    /// The whole body if it can be had without waiting for the disk: a logged body whose pages
+    /// are in the page cache (`preadv2` with `RWF_NOWAIT`), as a just-queued one is. `None`:
+    /// read it on the blocking pool instead.
+    pub fn read_cached(&self) -> Option<Vec<u8>> {
+        let BodySource::Log {
+            at,
+            len,
+            open: Some(file),
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let mut buf = vec![0u8; usize::try_from(*len).ok()?];
+        let mut done = 0;
+        while done < buf.len() {
+            let slice = &mut [std::io::IoSliceMut::new(&mut buf[done..])];
+            let flags = rustix::io::ReadWriteFlags::NOWAIT;
+            match rustix::io::preadv2(file, slice, at.offset + done as u64, flags) {
+                Ok(n) if n > 0 => done += n,
+                _ => return None,
+            }
+        }
+        Some(buf)
+    }
+
     /// Up to `limit` bytes from the start of the body. Blocking.
     pub fn read(&self, limit: u64) -> io::Result<Vec<u8>> {
         match self {
-            BodySource::Log { dir, at, len } => log::read_at(dir, *at, (*len).min(limit)),
+            BodySource::Log { dir, at, len, .. } => log::read_at(dir, *at, (*len).min(limit)),
             BodySource::File { path, offset, .. } => read_body(path, *offset, limit),
         }
     }
@@ -187,7 +219,13 @@ pub struct Spool {
     jobs: mpsc::Sender<Job>,
     /// The segment being appended to (kept by the committer).
     active: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Segments recently read from, kept open: reading a logged body is then one `preadv2`.
+    readers: std::sync::Mutex<VecDeque<(u64, std::sync::Arc<File>)>>,
 }
+
+/// Open segment files kept for reading; a segment deleted while open keeps its space until its
+/// handle goes ([`Spool::close_readers`]).
+const OPEN_READERS: usize = 4;
 
 /// A message found at start-up.
 pub struct Stored {
@@ -323,6 +361,7 @@ impl Spool {
                 seg,
                 jobs,
                 active,
+                readers: std::sync::Mutex::new(VecDeque::new()),
             },
             stored,
         ))
@@ -339,6 +378,7 @@ impl Spool {
                 dir: self.seg.clone(),
                 at,
                 len: env.size,
+                open: self.reader(at.segment),
             },
             None => BodySource::File {
                 path: self.msg.join(&env.id),
@@ -370,9 +410,36 @@ impl Spool {
     }
 
     /// Hands `op` to the committer now; the answer comes when it is durable.
+    /// Closes the segments kept open for reading (run periodically, so that deleted segments give
+    /// their space back).
+    pub fn close_readers(&self) {
+        self.readers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// The segment `number`, open for reading (from the few kept open, or opened now).
+    fn reader(&self, number: u64) -> Option<std::sync::Arc<File>> {
+        let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, f)) = readers.iter().find(|(n, _)| *n == number) {
+            return Some(f.clone());
+        }
+        let file = std::sync::Arc::new(File::open(log::segment_path(&self.seg, number)).ok()?);
+        if readers.len() >= OPEN_READERS {
+            readers.pop_front();
+        }
+        readers.push_back((number, file.clone()));
+        Some(file)
+    }
+
     fn submit(&self, op: Op) -> impl std::future::Future<Output = io::Result<Option<LogAt>>> {
         let (done, result) = oneshot::channel();
-        let sent = self.jobs.send(Job { op, done });
+        let sent = self.jobs.send(Job {
+            op,
+            done: Some(done),
+            id: None,
+        });
         async move {
             sent.map_err(|_| io::Error::other("the spool committer has stopped"))?;
             result
@@ -484,7 +551,13 @@ impl Spool {
     /// afterwards must not deliver it again. The removal is handed over at once; the future
     /// says when it is durable.
     pub fn remove(&self, env: &Envelope) -> impl std::future::Future<Output = io::Result<()>> {
-        let op = match env.logged {
+        let durable = self.submit(self.removal(env));
+        async move { durable.await.map(|_| ()) }
+    }
+
+    /// The change that removes `env`: a done record for a logged message, else its files.
+    fn removal(&self, env: &Envelope) -> Op {
+        match env.logged {
             Some(at) => {
                 let mut payload = at.segment.to_le_bytes().to_vec();
                 payload.extend_from_slice(env.id.as_bytes());
@@ -501,9 +574,17 @@ impl Spool {
                     self.msg.join(format!("{id}.state")),
                 ])
             }
-        };
-        let durable = self.submit(op);
-        async move { durable.await.map(|_| ()) }
+        }
+    }
+
+    /// [`Spool::remove`] for a delivered message, without a waiter: the worker goes on at once, the
+    /// committer logs a failure, and shutdown's [`Spool::flush`] still waits for it.
+    pub fn remove_detached(&self, env: &Envelope) {
+        let _ = self.jobs.send(Job {
+            op: self.removal(env),
+            done: None,
+            id: Some(env.id.clone()),
+        });
     }
 
     /// Writes a small file durably (the pacing windows).
@@ -646,7 +727,17 @@ fn committer(rx: mpsc::Receiver<Job>, mut log: log::Log, active: &std::sync::ato
         let results = commit_batch(&batch, &mut log);
         active.store(log.active(), std::sync::atomic::Ordering::Relaxed);
         for (job, result) in batch.into_iter().zip(results) {
-            let _ = job.done.send(result);
+            match job.done {
+                Some(done) => {
+                    let _ = done.send(result);
+                }
+                None => {
+                    if let Err(e) = result {
+                        let id = job.id.as_deref().unwrap_or("");
+                        tracing::warn!(id, error = %e, "cannot record delivery progress in the spool");
+                    }
+                }
+            }
         }
     }
 }

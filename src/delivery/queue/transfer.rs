@@ -293,6 +293,9 @@ async fn send_body(
     let (path, offset) = match body {
         BodySource::File { path, offset, len } if *len > READ_CHUNK as u64 => (path, *offset),
         small => {
+            if let Some(bytes) = small.read_cached() {
+                return client.body(&bytes).await.map_err(|e| lost(&e));
+            }
             let source = small.clone();
             let bytes = tokio::task::spawn_blocking(move || source.read(u64::MAX))
                 .await
