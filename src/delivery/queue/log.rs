@@ -13,7 +13,7 @@
 //! segments are read in order; a torn tail (a crash mid-append, before its sync) fails its length
 //! or checksum and is cut off.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -52,6 +52,8 @@ pub struct Log {
     size: u64,
     /// Live messages per segment.
     live: BTreeMap<u64, usize>,
+    /// The segments there are, so that freeing one needs no directory listing.
+    on_disk: BTreeSet<u64>,
     /// A failed append could not be cut off cleanly: nothing more goes into this segment.
     damaged: bool,
 }
@@ -136,7 +138,9 @@ impl Log {
     /// Opens the newest segment for appending (or starts the first), with `live` counted by the
     /// caller from [`scan`].
     pub fn open(dir: &Path, live: BTreeMap<u64, usize>) -> io::Result<Log> {
-        let number = numbers(dir)?.last().copied().unwrap_or(0);
+        let mut on_disk: BTreeSet<u64> = numbers(dir)?.into_iter().collect();
+        let number = on_disk.last().copied().unwrap_or(0);
+        on_disk.insert(number);
         let path = segment_path(dir, number);
         let new = !path.exists();
         let active = open_segment(&path)?;
@@ -150,6 +154,7 @@ impl Log {
             number,
             size,
             live,
+            on_disk,
             damaged: false,
         };
         log.drop_dead_prefix();
@@ -216,10 +221,14 @@ impl Log {
 
     /// A message of `segment` is done with (its done record is durable).
     pub fn release(&mut self, segment: u64) {
-        if let Some(n) = self.live.get_mut(&segment) {
-            *n = n.saturating_sub(1);
+        let Some(n) = self.live.get_mut(&segment) else {
+            return;
+        };
+        *n = n.saturating_sub(1);
+        // Only the oldest segment's last message frees anything.
+        if *n == 0 && self.on_disk.first() == Some(&segment) {
+            self.drop_dead_prefix();
         }
-        self.drop_dead_prefix();
     }
 
     /// Starts the next segment; nothing changes unless all of it worked.
@@ -230,6 +239,7 @@ impl Log {
         self.size = file.metadata()?.len();
         self.active = file;
         self.number = number;
+        self.on_disk.insert(number);
         self.drop_dead_prefix();
         Ok(())
     }
@@ -237,13 +247,14 @@ impl Log {
     /// Deletes the oldest segments while none of their messages is live (never the active one).
     fn drop_dead_prefix(&mut self) {
         let mut deleted = false;
-        for number in numbers(&self.dir).unwrap_or_default() {
+        while let Some(&number) = self.on_disk.first() {
             if number >= self.number || self.live.get(&number).is_some_and(|n| *n > 0) {
                 break;
             }
             if std::fs::remove_file(segment_path(&self.dir, number)).is_err() {
                 break;
             }
+            self.on_disk.remove(&number);
             self.live.remove(&number);
             deleted = true;
         }

@@ -27,8 +27,10 @@ use super::log::{self, LogAt, KIND_DONE, KIND_MESSAGE};
 
 /// Bytes of body gathered in memory before they are written out.
 const WRITE_BATCH: usize = 256 * 1024;
-/// How long a batch of done records waits for company.
-const DONE_LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+/// How long a batch of done records waits for company. Nobody waits on them (a message that
+/// arrives ends the wait), and a crash inside the window only means a message delivered again,
+/// so the window is wide enough to make them a few dozen syncs a second under load.
+const DONE_LINGER: std::time::Duration = std::time::Duration::from_millis(20);
 /// Changes made durable together at most.
 const MAX_BATCH: usize = 512;
 
@@ -126,6 +128,8 @@ enum Op {
         bytes: Vec<u8>,
     },
     Remove(Vec<PathBuf>),
+    /// Detached removals are waiting in [`Spool::detached`]: take them into this batch.
+    TakeDetached,
     /// A record for the log.
     Append {
         kind: u8,
@@ -134,17 +138,13 @@ enum Op {
 }
 
 impl Op {
-    fn is_done_record(&self) -> bool {
-        matches!(self, Op::Append { kind, .. } if *kind == KIND_DONE)
-    }
-
     /// The directory whose entries it changes.
     fn dir(&self) -> Option<&Path> {
         match self {
             Op::Place { to, .. } => to.parent(),
             Op::Write { path, .. } => path.parent(),
             Op::Remove(paths) => paths.first().and_then(|p| p.parent()),
-            Op::Append { .. } => None,
+            Op::Append { .. } | Op::TakeDetached => None,
         }
     }
 }
@@ -219,6 +219,9 @@ pub struct Spool {
     jobs: mpsc::Sender<Job>,
     /// The segment being appended to (kept by the committer).
     active: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Removals of delivered messages, gathered here and handed to the committer with one
+    /// wake-up per batch instead of one per message.
+    detached: Detached,
     /// Segments recently read from, kept open: reading a logged body is then one `preadv2`.
     readers: std::sync::Mutex<VecDeque<(u64, std::sync::Arc<File>)>>,
 }
@@ -350,9 +353,11 @@ impl Spool {
         let active = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(log.active()));
         let (jobs, rx) = mpsc::channel();
         let shown = active.clone();
+        let detached = Detached::default();
+        let taken = detached.clone();
         std::thread::Builder::new()
             .name("spool-commit".into())
-            .spawn(move || committer(rx, log, &shown))?;
+            .spawn(move || committer(rx, log, &shown, &taken))?;
         Ok((
             Spool {
                 root,
@@ -361,6 +366,7 @@ impl Spool {
                 seg,
                 jobs,
                 active,
+                detached,
                 readers: std::sync::Mutex::new(VecDeque::new()),
             },
             stored,
@@ -580,11 +586,24 @@ impl Spool {
     /// [`Spool::remove`] for a delivered message, without a waiter: the worker goes on at once, the
     /// committer logs a failure, and shutdown's [`Spool::flush`] still waits for it.
     pub fn remove_detached(&self, env: &Envelope) {
-        let _ = self.jobs.send(Job {
+        let job = Job {
             op: self.removal(env),
             done: None,
             id: Some(env.id.clone()),
-        });
+        };
+        let first = {
+            let mut waiting = lock(&self.detached);
+            waiting.push(job);
+            waiting.len() == 1
+        };
+        // The first one wakes the committer; the others join it until it takes them.
+        if first {
+            let _ = self.jobs.send(Job {
+                op: Op::TakeDetached,
+                done: None,
+                id: None,
+            });
+        }
     }
 
     /// Writes a small file durably (the pacing windows).
@@ -705,24 +724,41 @@ pub fn read_body(path: &Path, offset: u64, limit: u64) -> io::Result<Vec<u8>> {
 
 /// The committer thread: takes every job waiting, then one sync per directory touched and one
 /// append and sync of the log.
-fn committer(rx: mpsc::Receiver<Job>, mut log: log::Log, active: &std::sync::atomic::AtomicU64) {
+type Detached = std::sync::Arc<std::sync::Mutex<Vec<Job>>>;
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn committer(
+    rx: mpsc::Receiver<Job>,
+    mut log: log::Log,
+    active: &std::sync::atomic::AtomicU64,
+    detached: &Detached,
+) {
     while let Ok(first) = rx.recv() {
+        // Nobody waits on a batch of detached done records: until a job someone waits on comes,
+        // or the window closes, more of them join the same sync.
+        let deadline = std::time::Instant::now() + DONE_LINGER;
+        let mut nobody_waits = first.done.is_none();
         let mut batch = vec![first];
-        let mut lingered = false;
         while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                // Nobody waits on a batch of done records: a moment's patience gathers more of
-                // them into one sync.
-                Err(_) if !lingered && batch.iter().all(|j| j.op.is_done_record()) => {
-                    lingered = true;
-                    match rx.recv_timeout(DONE_LINGER) {
-                        Ok(job) => batch.push(job),
+            let job = match rx.try_recv() {
+                Ok(job) => job,
+                Err(_) if nobody_waits => {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    match rx.recv_timeout(left) {
+                        Ok(job) => job,
                         Err(_) => break,
                     }
                 }
                 Err(_) => break,
-            }
+            };
+            nobody_waits &= job.done.is_none();
+            batch.push(job);
+        }
+        if batch.iter().any(|j| matches!(j.op, Op::TakeDetached)) {
+            batch.append(&mut lock(detached));
         }
         let results = commit_batch(&batch, &mut log);
         active.store(log.active(), std::sync::atomic::Ordering::Relaxed);
@@ -758,7 +794,7 @@ fn commit_batch(batch: &[Job], log: &mut log::Log) -> Vec<io::Result<Option<LogA
                     _ => Ok(()),
                 })
                 .map(|()| None),
-            Op::Append { .. } => Ok(None),
+            Op::Append { .. } | Op::TakeDetached => Ok(None),
         })
         .collect();
     let dirs: BTreeSet<&Path> = batch.iter().filter_map(|j| j.op.dir()).collect();
