@@ -13,15 +13,6 @@ fn rewrite(relay: &Relay, provider: &FakeProvider, opts: &RelayOptions, news_has
     assert_eq!(path, relay.config_path);
 }
 
-fn shop_account(hash: &str) -> RelayOptions {
-    RelayOptions {
-        extra_accounts_toml: format!(
-            "\n[[accounts]]\nname = \"shop\"\nlogin = \"shop\"\npassword_hash = \"{hash}\"\nprovider = \"fake\"\nmailbox = \"news@example.com\"\n"
-        ),
-        ..RelayOptions::default()
-    }
-}
-
 /// `reload` straight to the control socket (the command line would stop at the broken file).
 async fn reload(relay: &Relay) -> xoauth_relay::control::wire::Response {
     let socket = relay.dir.join("data/control.sock");
@@ -60,7 +51,7 @@ async fn reload_adds_an_account_changes_a_password_and_swaps_the_certificate() {
     let opts = RelayOptions {
         // Limits follow too: two failed logins now lock an address out.
         extra_limits_toml: "auth_failures_per_ip = 2".into(),
-        ..shop_account(&xoauth_relay::auth::hash_password(shop_pw))
+        ..shop_account(&xoauth_relay::auth::hash_password(shop_pw), &provider, Some(&relay.dir))
     };
     rewrite(
         &relay,

@@ -5,20 +5,11 @@ mod common;
 
 use common::*;
 
-fn shop_account(hash: &str) -> RelayOptions {
-    RelayOptions {
-        extra_accounts_toml: format!(
-            "\n[[accounts]]\nname = \"shop\"\nlogin = \"shop\"\npassword_hash = \"{hash}\"\nprovider = \"fake\"\nmailbox = \"news@example.com\"\n"
-        ),
-        ..RelayOptions::default()
-    }
-}
-
 #[tokio::test]
 async fn sighup_reloads() {
     let (_dir, provider, relay) = setup(RelayOptions::default(), "implicit").await;
     let shop_pw = "shop-PASSWORD";
-    let opts = shop_account(&xoauth_relay::auth::hash_password(shop_pw));
+    let opts = shop_account(&xoauth_relay::auth::hash_password(shop_pw), &provider, None);
     write_config(&relay.dir, &provider, &opts, &password_hash());
     assert_eq!(sighup_to_self(), 0);
     // The reload runs in the relay's task; the login succeeding is what there is to wait for.

@@ -86,7 +86,7 @@ async fn revoke_at_provider(
     rt: &Secret,
 ) -> Result<(), String> {
     let http = ctx.http.get(&acct.provider)?;
-    crate::oauth::endpoint::revoke(&acct.provider, http, rt)
+    crate::oauth::endpoint::revoke(&acct.provider, &http, rt)
         .await
         .map_err(|e| e.to_string())
 }

@@ -47,13 +47,14 @@ impl Reloader {
         let _one = self.one_at_a_time.lock().await;
         let old = self.shared.live.load_full();
         let path = old.config.path.clone();
-        let (new, server, client, webhook, files) = tokio::task::spawn_blocking(move || {
+        let (new, server, client, webhook, http, files) = tokio::task::spawn_blocking(move || {
             let new = Config::load(&path).map_err(|e| e.to_string())?;
             let server = server_tls(&new)?;
             let client = client_tls(&new)?;
             let webhook = crate::observe::alerts::webhook_client(&new.alerts)?;
+            let http = crate::oauth::http::HttpClients::new(&new)?;
             let files = tls_files(&new);
-            Ok::<_, String>((new, server, client, webhook, files))
+            Ok::<_, String>((new, server, client, webhook, http, files))
         })
         .await
         .map_err(|e| e.to_string())?
@@ -69,6 +70,8 @@ impl Reloader {
         let upstream = &self.shared.upstream;
         let limits = &new.limits;
         let margin = Duration::from_secs(new.server.refresh_margin_secs);
+        // The token endpoints first: an added account's first token comes through them.
+        self.admin.http.replace(http);
         upstream.tokens.reconfigure(&new.accounts, margin);
         upstream.pool.reconfigure(&new.accounts, client, limits);
         upstream.pacers.reconfigure(&new.accounts);

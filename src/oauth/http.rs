@@ -121,24 +121,33 @@ impl<'c> oauth2::AsyncHttpClient<'c> for HttpClient {
     }
 }
 
-/// One [`HttpClient`] per provider of a config.
+/// One [`HttpClient`] per provider of a config. Clones share one set, which a reload replaces.
 #[derive(Clone)]
-pub struct HttpClients(HashMap<String, HttpClient>);
+pub struct HttpClients(std::sync::Arc<arc_swap::ArcSwap<HashMap<String, HttpClient>>>);
 
 impl HttpClients {
     pub fn new(config: &Config) -> Result<HttpClients, String> {
         let timeout = Duration::from_secs(config.limits.upstream_timeout_secs);
-        config
+        let map: HashMap<String, HttpClient> = config
             .providers
             .iter()
             .map(|(name, p)| Ok((name.clone(), HttpClient::for_provider(p, timeout)?)))
-            .collect::<Result<_, String>>()
-            .map(HttpClients)
+            .collect::<Result<_, String>>()?;
+        Ok(HttpClients(std::sync::Arc::new(
+            arc_swap::ArcSwap::from_pointee(map),
+        )))
     }
 
-    pub fn get(&self, provider: &Provider) -> Result<&HttpClient, String> {
+    pub fn get(&self, provider: &Provider) -> Result<HttpClient, String> {
         self.0
+            .load()
             .get(&provider.name)
+            .cloned()
             .ok_or_else(|| format!("provider `{}`: no HTTP client", provider.name))
+    }
+
+    /// Puts `other`'s clients in force for every clone of this set (a reloaded config).
+    pub fn replace(&self, other: HttpClients) {
+        self.0.store(other.0.load_full());
     }
 }

@@ -30,7 +30,7 @@ impl Issuer for ProviderIssuer {
     ) -> BoxFuture<'a, Result<TokenSet, ProviderError>> {
         Box::pin(async move {
             let provider = &account.provider;
-            let http = self
+            let http = &self
                 .http
                 .get(provider)
                 .map_err(|e| ProviderError::Refused {

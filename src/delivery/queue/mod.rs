@@ -677,9 +677,6 @@ impl Queue {
     /// Counts the failed recipients and raises `message_bounced`.
     fn bounced(&self, account: &Account, env: &Envelope, failed: &[dsn::Failed]) {
         let metrics = &self.observer.metrics;
-        metrics
-            .account(&account.name)
-            .message(MessageOutcome::Bounced, env.size as usize);
         metrics.recipients(&account.name, "bounced", failed.len() as u64);
         let detail = format!(
             "message {} from <{}>: {} recipient(s) failed, first {}",
@@ -914,25 +911,25 @@ impl Worker {
             };
             for (i, reply) in job.rcpts.iter().zip(&replies) {
                 let address = &env.recipients[*i];
+                let summary = reply.summary();
                 let r = &mut e.progress.recipients[*i];
-                r.last_reply = Some(reply.summary());
                 e.tried[*i] = true;
                 match reply.severity() {
                     Severity::Positive | Severity::Intermediate => {
                         r.status = RcptStatus::Delivered;
                         self.counters.accepted(1);
-                        tracing::info!(id = %env.id, to = %address, reply = %reply.summary(), "delivered");
+                        tracing::info!(id = %env.id, to = %address, reply = %summary, "delivered");
                     }
                     Severity::Permanent => {
                         r.status = RcptStatus::Bounced;
-                        tracing::info!(id = %env.id, to = %address, reply = %reply.summary(), "bounced");
+                        tracing::info!(id = %env.id, to = %address, reply = %summary, "bounced");
                         failed.push(dsn::Failed {
                             address: address.clone(),
                             status: reply
                                 .enhanced()
                                 .map(|c| c.to_string())
                                 .unwrap_or_else(|| "5.0.0".into()),
-                            diagnostic: reply.summary(),
+                            diagnostic: summary.clone(),
                         });
                     }
                     Severity::Transient => {
@@ -940,13 +937,23 @@ impl Worker {
                             .observer
                             .metrics
                             .recipients(&account.name, "deferred", 1);
-                        tracing::info!(id = %env.id, to = %address, reply = %reply.summary(), "deferred");
+                        tracing::info!(id = %env.id, to = %address, reply = %summary, "deferred");
                     }
                 }
-                e.progress.last_reply = Some(reply.summary());
+                r.last_reply = Some(summary.clone());
+                e.progress.last_reply = Some(summary);
             }
             let pending: Vec<usize> = e.pending().collect();
             let done = pending.is_empty();
+            if done
+                && e.progress
+                    .recipients
+                    .iter()
+                    .any(|r| r.status == RcptStatus::Bounced)
+            {
+                // Once per message, when it is finished with: not once per attempt that bounced some.
+                self.counters.message(MessageOutcome::Bounced, env.size as usize);
+            }
             let mut retry_in = None;
             if !done && pending.iter().all(|i| e.tried[*i]) {
                 e.progress.attempts += 1;
@@ -962,14 +969,14 @@ impl Worker {
             tracing::info!(id = %env.id, attempts = progress.attempts, next_attempt_secs = wait.as_secs(), "message deferred");
         }
         let bounce = queue.prepare_bounce(account, &env, failed).await;
-        let mut moved = Envelope::clone(&env);
         if done && bounce.is_none() {
             // The common case, delivered: the worker goes on while the removal becomes durable
             // (shutdown waits for it with the spool's flush).
-            queue.spool.remove_detached(&moved);
+            queue.spool.remove_detached(&env);
             lock(&self.aq.inner).remove(&env.id);
             return;
         }
+        let mut moved = Envelope::clone(&env);
         let record = async {
             if done {
                 queue.spool.remove(&moved).await
@@ -1020,9 +1027,10 @@ impl Worker {
                 }
             })
             .collect();
-        self.queue
-            .bounce(&self.aq.account.load(), env, failed)
-            .await;
+        self.counters
+            .message(MessageOutcome::Bounced, env.size as usize);
+        let account = self.aq.account.load_full();
+        self.queue.bounce(&account, env, failed).await;
         if let Err(err) = self.queue.spool.remove(env).await {
             tracing::warn!(id = %env.id, error = %err, "cannot remove an expired message from the spool");
         }
