@@ -52,7 +52,9 @@ pub struct Core {
 impl Core {
     /// Opens the grant store (blocking: at start-up, or in a one-shot command). Background work
     /// (closing retired upstream connections) runs in `tasks`.
-    pub fn open(config: Arc<Config>, tasks: TaskTracker) -> Result<Core, String> {
+    /// `alerts`: whether alert channels are live (the relay) or not (a one-shot command, which
+    /// must not page anyone about what it happens to see).
+    pub fn open(config: Arc<Config>, tasks: TaskTracker, alerts: bool) -> Result<Core, String> {
         let store = SledStore::open(&config.server.data_dir, &config.key_file())
             .map_err(|e| e.to_string())?;
         let timeout = Duration::from_secs(config.limits.upstream_timeout_secs);
@@ -61,7 +63,11 @@ impl Core {
         let margin = Duration::from_secs(config.server.refresh_margin_secs);
         let issuer = Arc::new(ProviderIssuer { http: http.clone() });
         let clock = clock::system();
-        let observer = Observer::new(&config.alerts, clock.clone())?;
+        let observer = if alerts {
+            Observer::new(&config.alerts, clock.clone())?
+        } else {
+            Observer::quiet(clock.clone())
+        };
         let tokens = Arc::new(TokenManager::new(
             Store::new(store),
             issuer,
@@ -188,7 +194,7 @@ pub async fn admin(config: Config, request: Request) -> Result<Response, String>
     let config = Arc::new(config);
     let tasks = TaskTracker::new();
     let background = tasks.clone();
-    let core = tokio::task::spawn_blocking(move || Core::open(config, background))
+    let core = tokio::task::spawn_blocking(move || Core::open(config, background, false))
         .await
         .map_err(|e| e.to_string())??;
     let response = crate::admin::execute(&core.admin(), request).await;
@@ -255,7 +261,7 @@ impl Relay {
         let tasks = TaskTracker::new();
         let background = tasks.clone();
         let (core, tls) = tokio::task::spawn_blocking(move || {
-            let core = Core::open(setup.clone(), background)?;
+            let core = Core::open(setup.clone(), background, true)?;
             let tls = server_tls(&setup)?;
             Ok::<_, String>((core, tls))
         })
@@ -494,7 +500,7 @@ async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
             _ = ahead.tick() => upstream.tokens.refresh_ahead(),
             _ = keepalive.tick() => {
                 let days = shared.live.load().config.server.keepalive_days;
-                upstream.tokens.keep_alive(Duration::from_secs(days * 86_400)).await;
+                upstream.tokens.keep_alive_behind(Duration::from_secs(days * 86_400));
             }
             _ = persist.tick() => {
                 upstream.activity.persist(upstream.tokens.store()).await;
@@ -526,7 +532,8 @@ fn stuck_queues(shared: &Shared) {
                 .unwrap_or_default()
         );
         let hint = format!(
-            "see `xoauth-relay queue --account {0}` for each message's last reply, and              `xoauth-relay accounts` for the grant; `xoauth-relay queue retry --account {0}` tries again now",
+            "see `xoauth-relay queue --account {0}` for each message's last reply, and \
+             `xoauth-relay accounts` for the grant; `xoauth-relay queue retry --account {0}` tries again now",
             a.name
         );
         alerts.raise(crate::observe::Event::QueueStuck, &a.name, &detail, &hint);

@@ -290,6 +290,28 @@ fn import_token_and_accounts_with_and_without_a_running_relay() {
     let (ok, _, err) = run(&["--config", &path, "serve"], "");
     assert!(!ok);
     assert!(err.contains("already running"), "{err}");
+    // `reload` as systemd's ExecReload runs it: success when taken, non-zero with the reason when
+    // the file is refused (the relay keeps running on the old one).
+    let (ok, out, err) = run(&["--config", &path, "reload"], "");
+    assert!(ok, "{err}");
+    assert!(out.contains("config reloaded"), "{out}");
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        good.replace("[server]", "[server]\nhostname = \"elsewhere\""),
+    )
+    .unwrap();
+    let (ok, _, err) = run(&["--config", &path, "reload"], "");
+    assert!(!ok);
+    assert!(
+        err.contains("[server] hostname changed, which needs a restart"),
+        "{err}"
+    );
+    std::fs::write(&path, "[server\n").unwrap();
+    let (ok, _, err) = run(&["--config", &path, "reload"], "");
+    assert!(!ok);
+    assert!(err.contains("nothing reloaded"), "{err}");
+    std::fs::write(&path, &good).unwrap();
     let sent = std::process::Command::new("kill")
         .args(["-TERM", &serve.0.id().to_string()])
         .status()

@@ -105,7 +105,7 @@ async fn metrics_health_and_account_facts_follow_traffic() {
     let dies = news_row["refresh_token_expires_in_secs"].as_i64().unwrap();
     assert!(dies > 7 * 86_400 - 60 && dies <= 7 * 86_400, "{news_row}");
 
-    let usage = &accounts_json(&relay, true).await[0]["usage"];
+    let usage = &accounts_json(&relay, true).await[0];
     for window in ["last_24h", "last_7d"] {
         let w = &usage[window];
         assert_eq!(w["messages"], 1, "{usage}");
@@ -192,7 +192,7 @@ async fn an_alert_command_hears_of_a_revoked_grant_once() {
     relay.import("news", "another-dead-token").await;
     login().await;
     let text = http_get(relay.metrics.unwrap(), "/metrics").await.1;
-    let fired = "xoauth_relay_alerts_total{account=\"news\",outcome=\"grant_revoked\"}";
+    let fired = "xoauth_relay_alerts_total{account=\"news\",event=\"grant_revoked\"}";
     assert_eq!(sample(&text, fired), Some(1.0), "{text}");
     let refused = "xoauth_relay_token_refreshes_total{account=\"news\",outcome=\"invalid_grant\"}";
     assert_eq!(sample(&text, refused), Some(2.0), "{text}");

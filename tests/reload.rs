@@ -51,7 +51,11 @@ async fn reload_adds_an_account_changes_a_password_and_swaps_the_certificate() {
     let opts = RelayOptions {
         // Limits follow too: two failed logins now lock an address out.
         extra_limits_toml: "auth_failures_per_ip = 2".into(),
-        ..shop_account(&xoauth_relay::auth::hash_password(shop_pw), &provider, Some(&relay.dir))
+        ..shop_account(
+            &xoauth_relay::auth::hash_password(shop_pw),
+            &provider,
+            Some(&relay.dir),
+        )
     };
     rewrite(
         &relay,

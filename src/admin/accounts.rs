@@ -20,7 +20,7 @@ struct Row {
     state: &'static str,
     /// Why the state is not `ok`, when there is more to say.
     state_detail: Option<String>,
-    token_expires_in_secs: Option<i64>,
+    token_expires_in_secs: Option<u64>,
     last_refresh: Option<String>,
     last_use: Option<String>,
     refresh_token_age_secs: Option<u64>,
@@ -30,7 +30,8 @@ struct Row {
     queued: usize,
     queue_oldest_secs: Option<u64>,
     paused: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// `--usage`: `last_24h`, `last_7d`, `last_source`, beside the other fields.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
     usage: Option<crate::observe::usage::Report>,
     #[serde(skip)]
     times: (Option<u64>, Option<u64>),
@@ -77,10 +78,13 @@ fn row(ctx: &AdminContext, a: &Account, now: u64, usage: bool) -> Row {
         grant: a.grant.as_str(),
         state: state.as_str(),
         state_detail,
-        token_expires_in_secs: g
-            .as_ref()
-            .and_then(|g| g.access_expires_at)
-            .map(|t| t as i64 - now as i64),
+        // The cached token if there is one, else the stored one; null once expired.
+        token_expires_in_secs: tokens.cached_for(&a.name).map(|d| d.as_secs()).or_else(|| {
+            g.as_ref()
+                .and_then(|g| g.access_expires_at)
+                .filter(|t| *t > now)
+                .map(|t| t - now)
+        }),
         last_refresh: last_refresh.map(rfc3339),
         last_use: last_use.map(rfc3339),
         refresh_token_age_secs: age,
@@ -135,8 +139,7 @@ pub(super) fn list(ctx: &AdminContext, json: bool, usage: bool) -> Result<String
             None => r.state.to_string(),
         };
         let expires = match r.token_expires_in_secs {
-            Some(t) if t > 0 => format!("in {}", span_text(t as u64)),
-            Some(_) => "expired".into(),
+            Some(t) => format!("in {}", span_text(t)),
             None => "-".into(),
         };
         let age = match (r.refresh_token_age_secs, r.warning) {

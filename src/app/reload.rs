@@ -4,8 +4,8 @@
 //!
 //! The candidate is parsed, resolved and its TLS material loaded before anything changes, so an
 //! invalid file is refused whole and the running config stays. What a running process cannot
-//! change (listener addresses, `data_dir`, `key_file`, the control socket, the metrics address)
-//! refuses the file too, saying a restart is needed. One reload runs at a time.
+//! change (listener addresses, `data_dir`, `key_file`, the control socket, the metrics address,
+//! the hostname) refuses the file too, saying a restart is needed. One reload runs at a time.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -21,15 +21,18 @@ use crate::inbound::connection::{Live, Shared};
 pub struct Reloader {
     shared: Arc<Shared>,
     admin: Arc<AdminContext>,
-    /// The certificate and key files as last loaded, to tell whether they changed.
+    /// A digest of the certificate and key files as last loaded, to tell whether they changed
+    /// (a digest: the key itself is not kept around for this).
     tls_files: Mutex<Vec<u8>>,
     one_at_a_time: tokio::sync::Mutex<()>,
 }
 
 fn tls_files(config: &Config) -> Vec<u8> {
-    let mut bytes = std::fs::read(&config.tls.certificate).unwrap_or_default();
-    bytes.extend(std::fs::read(&config.tls.private_key).unwrap_or_default());
-    bytes
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    for path in [&config.tls.certificate, &config.tls.private_key] {
+        digest.update(&std::fs::read(path).unwrap_or_default());
+    }
+    digest.finish().as_ref().to_vec()
 }
 
 impl Reloader {

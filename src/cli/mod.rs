@@ -259,7 +259,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             )
             .await?,
         ),
-        Command::Reload => finish(crate::app::admin(load(&cli)?, Request::Reload).await?),
+        Command::Reload => reload(&cli).await,
         Command::Health => health(&load(&cli)?).await,
         Command::Queue {
             action,
@@ -333,6 +333,22 @@ async fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
+/// `reload`: only a running relay can; the file is refused here already when it does not load
+/// (the relay then keeps what it runs).
+async fn reload(cli: &Cli) -> Result<(), String> {
+    let config = load(cli)
+        .map_err(|e| format!("{e}\nnothing reloaded: the running relay keeps its config"))?;
+    let socket = config.server.control_socket();
+    match crate::control::client::call(&socket, &Request::Reload).await? {
+        Some(response) => finish(response),
+        None => Err(format!(
+            "no relay answers on {}; nothing to reload (if the file moved control_socket, that needs \
+             a restart)",
+            socket.display()
+        )),
+    }
+}
+
 /// `GET /readyz` on the configured metrics address.
 async fn health(config: &crate::config::Config) -> Result<(), String> {
     let Some(mut addr) = config.metrics.address else {
@@ -342,6 +358,7 @@ async fn health(config: &crate::config::Config) -> Result<(), String> {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
     let client = reqwest::Client::builder()
+        .no_proxy()
         .timeout(std::time::Duration::from_secs(5))
         .build()
         .map_err(|e| e.to_string())?;

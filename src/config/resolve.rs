@@ -285,8 +285,11 @@ pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             errors.push(format!("[alerts]: {key} must be at least 1"));
         }
     }
-    if raw.server.keepalive_days == 0 {
-        errors.push("[server]: keepalive_days must be at least 1".into());
+    if !(1..=60).contains(&raw.server.keepalive_days) {
+        errors.push(
+            "[server]: keepalive_days must be between 1 and 60 (Microsoft drops grants unused for 90 days)"
+                .into(),
+        );
     }
     if raw.listeners.is_empty() {
         errors.push(format!(

@@ -8,8 +8,9 @@
 //!
 //! A connection is retired (never leased again) when it has been idle longer than
 //! `upstream_idle_secs` (QUIT), when the access token it authenticated with has expired, when the
-//! account's grant is replaced or revoked ([`Pool::retire_account`]), and whenever its holder
-//! says so (an upstream `421`, a broken dialogue, a mailer gone mid-DATA).
+//! account's grant is replaced or revoked ([`Pool::retire_account`]), when a reload changes the
+//! account's upstream ([`Pool::reconfigure`]), and whenever its holder says so (an upstream `421`,
+//! a broken dialogue, a mailer gone mid-DATA).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -83,6 +84,8 @@ pub struct Dialer {
 const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
 
 struct AccountPool {
+    /// The account as configured now (a reload swaps it).
+    account: arc_swap::ArcSwap<Account>,
     /// `max_upstream_connections`; a reload may change it.
     cap: AtomicUsize,
     /// The upstream refused the token even after a refresh: the same answer, without asking it
@@ -195,9 +198,9 @@ impl Pool {
         &self.dialer
     }
 
-    /// A reloaded config: new accounts get a pool, caps follow the file, and every pooled
-    /// connection is retired (idle ones now, leased ones when they come back), so the next
-    /// message dials with the new provider settings and TLS roots.
+    /// A reloaded config: new accounts get a pool, caps follow the file, and an account whose
+    /// upstream changed (host, port, TLS, CA, mechanism, proxy, mailbox) has its connections
+    /// retired (idle ones now, leased ones when they come back), so the next message dials anew.
     pub fn reconfigure(
         &self,
         accounts: &[Arc<Account>],
@@ -220,7 +223,10 @@ impl Pool {
                 .store(a.max_upstream_connections.max(1), Ordering::Relaxed);
             // Waiters may now fit under a raised cap.
             pool.freed.notify_waiters();
-            self.retire_account(&a.name);
+            let old = pool.account.swap(a.clone());
+            if upstream_of(&old) != upstream_of(a) {
+                self.retire_account(&a.name);
+            }
         }
     }
 
@@ -272,13 +278,13 @@ impl Pool {
                     let mut lease = self.slot(&pool);
                     let _ = tokio::time::timeout(QUIT_TIMEOUT, old.client.command("QUIT")).await;
                     drop(old);
-                    lease.conn = Some(self.dial_remembering(&pool, account, generation).await?);
+                    lease.conn = Some(self.dial_remembering(&pool, generation).await?);
                     return Ok(lease);
                 }
                 Take::Dial => {
                     // On failure the lease drops here and frees the slot.
                     let mut lease = self.slot(&pool);
-                    lease.conn = Some(self.dial_remembering(&pool, account, generation).await?);
+                    lease.conn = Some(self.dial_remembering(&pool, generation).await?);
                     return Ok(lease);
                 }
                 Take::Wait => {
@@ -347,9 +353,12 @@ impl Pool {
     async fn dial_remembering(
         &self,
         pool: &AccountPool,
-        account: &Account,
         generation: u64,
     ) -> Result<Conn, OpenError> {
+        // The account as the current config has it, not as the session that asked saw it: a
+        // connection opened now may serve sessions that start after a reload.
+        let account = pool.account.load_full();
+        let account = &*account;
         let result = self.dial(account, generation).await;
         if let Err(OpenError::AuthRejected(reply)) = &result {
             // Only a lasting refusal, and not one for a grant replaced meanwhile.
@@ -457,6 +466,22 @@ impl Pool {
     }
 }
 
+/// What a connection was opened and authenticated for.
+fn upstream_of(a: &Account) -> String {
+    let p = &a.provider;
+    format!(
+        "{}|{}|{}|{:?}|{:?}|{:?}|{:?}|{}",
+        p.name,
+        p.smtp_host,
+        p.smtp_port,
+        p.smtp_tls,
+        p.smtp_ca_file,
+        p.mechanism,
+        p.upstream_proxy,
+        a.mailbox
+    )
+}
+
 pub fn millis(d: Duration) -> AtomicU64 {
     AtomicU64::new(d.as_millis() as u64)
 }
@@ -466,8 +491,9 @@ fn from_millis(a: &AtomicU64) -> Duration {
 }
 
 impl AccountPool {
-    fn new(account: &Account) -> AccountPool {
+    fn new(account: &Arc<Account>) -> AccountPool {
         AccountPool {
+            account: arc_swap::ArcSwap::new(account.clone()),
             cap: AtomicUsize::new(account.max_upstream_connections.max(1)),
             refused: Mutex::new(None),
             state: Mutex::new(State::default()),

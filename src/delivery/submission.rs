@@ -26,7 +26,7 @@ use crate::oauth::tokens::TokenManager;
 use crate::observe::metrics::AccountCounters;
 use crate::observe::MessageOutcome;
 use crate::smtp::session::{Ahead, MailParams};
-use crate::smtp::Reply;
+use crate::smtp::{Reply, Severity};
 
 /// Everything delivery needs that is shared by all sessions.
 pub struct UpstreamContext {
@@ -322,10 +322,18 @@ impl Submission {
             });
             return Outcome::from_reply(Reply::new(250, "2.1.0 Ok"));
         }
-        if let Err(reply) = self.paced().await {
-            return Outcome::from_reply(reply);
+        let reply = match self.paced().await {
+            Err(reply) => reply,
+            Ok(()) => self.mail_reply(from, params, ahead).await,
+        };
+        // A message that never got started upstream (unreachable, busy, paced, refused) is
+        // counted here; the others at their end.
+        match reply.severity() {
+            Severity::Transient => self.record(MessageOutcome::Failed),
+            Severity::Permanent => self.record(MessageOutcome::Rejected),
+            _ => {}
         }
-        Outcome::from_reply(self.mail_reply(from, params, ahead).await)
+        Outcome::from_reply(reply)
     }
 
     async fn mail_reply(&mut self, from: &str, params: &MailParams, ahead: &Ahead) -> Reply {

@@ -227,6 +227,7 @@ impl Connection {
             .lockout
             .is_locked(self.peer.ip(), Instant::now())
         {
+            self.auth_failed("locked_out");
             Reply::new(421, crate::smtp::session::LOCKED_OUT).write_to(&mut self.out);
             let _ = self.flush().await;
             return Ok(());
@@ -292,11 +293,7 @@ impl Connection {
         match action {
             Action::Reply(reply) => {
                 if reply.code == 538 {
-                    self.shared
-                        .upstream
-                        .observer
-                        .metrics
-                        .auth_failure("tls_required");
+                    self.auth_failed("tls_required");
                 }
                 // Refusals the mailer sees are in the log too (replies carry no secrets), the first
                 // few of a session one by one.
@@ -378,6 +375,11 @@ impl Connection {
         Ok(true)
     }
 
+    /// Counts a refused login (`xoauth_relay_auth_failures_total{reason}`).
+    fn auth_failed(&self, reason: &'static str) {
+        self.shared.upstream.observer.metrics.auth_failure(reason);
+    }
+
     /// The session asks for upstream work only after a successful AUTH, which creates the delivery.
     fn delivery(&mut self) -> &mut Submission {
         self.delivery
@@ -393,11 +395,7 @@ impl Connection {
                 result = "locked_out",
                 "login refused: too many failed logins from this address"
             );
-            self.shared
-                .upstream
-                .observer
-                .metrics
-                .auth_failure("locked_out");
+            self.auth_failed("locked_out");
             return AuthOutcome::LockedOut;
         }
         let Some(verified) = self.live.authenticator.verify(&login, password).await else {
@@ -421,8 +419,7 @@ impl Connection {
                     "address locked out after too many failed logins"
                 );
             }
-            let metrics = &self.shared.upstream.observer.metrics;
-            metrics.auth_failure("bad_credentials");
+            self.auth_failed("bad_credentials");
             return AuthOutcome::BadCredentials;
         };
         let account = verified.account;
@@ -438,22 +435,14 @@ impl Connection {
             }
             Err(e) => {
                 tracing::info!(error = %e, "password accepted, but the account has no usable grant");
-                self.shared
-                    .upstream
-                    .observer
-                    .metrics
-                    .auth_failure("no_grant");
+                self.auth_failed("no_grant");
                 return AuthOutcome::GrantUnavailable(e.to_string());
             }
         }
         if let Some(reply) = self.shared.upstream.pool.remembered_refusal(&account.name) {
             let why = crate::delivery::submission::token_refused_text(&account, &reply);
             tracing::info!(reply = %reply.summary(), "password accepted, but the upstream refuses the account's token");
-            self.shared
-                .upstream
-                .observer
-                .metrics
-                .auth_failure("upstream_refused");
+            self.auth_failed("upstream_refused");
             return AuthOutcome::GrantUnavailable(why);
         }
         tracing::info!(login = %login, result = "ok", cached = verified.cached, "login succeeded");

@@ -1,8 +1,11 @@
 //! Access tokens per account: cached, refreshed before expiry, one refresh at a time.
 //!
 //! Each account has a slot with the cached token and an async mutex. A caller that finds no fresh
-//! token takes the mutex and looks again before refreshing, so a hundred sessions arriving after
-//! expiry cause one call to the token endpoint. A rotated refresh token is sealed and flushed to the
+//! token but a still-valid one gets that, while one refresh runs behind it; a caller that finds no
+//! valid token takes the mutex and looks again before refreshing, so a hundred sessions arriving
+//! after expiry cause one call to the token endpoint. The app's upkeep refreshes busy accounts ahead
+//! of expiry ([`TokenManager::refresh_ahead`]) and quiet grants once in a while
+//! ([`TokenManager::keep_alive`]), which is also where dying grants raise their alerts. A rotated refresh token is sealed and flushed to the
 //! store before the new access token is handed out. Once the provider says `invalid_grant`, the
 //! account is marked revoked and no further refresh is tried until a new grant is stored; this is what
 //! turns a dead grant into one clear log line instead of a retry loop.
@@ -159,6 +162,8 @@ struct Slot {
     /// When a session or a delivery last asked for a token: such an account is kept refreshed
     /// ahead of expiry.
     wanted: Mutex<Option<Instant>>,
+    /// A refresh behind a still-valid token is running (one is enough).
+    behind: std::sync::atomic::AtomicBool,
     /// A grant the store failed to write (disk full, say): a rotated refresh token must not be lost,
     /// so it is used from here and written again with the next refresh.
     unsaved: Mutex<Option<Grant>>,
@@ -173,6 +178,7 @@ impl Slot {
             failure: Mutex::new(None),
             failing_since: Mutex::new(None),
             wanted: Mutex::new(None),
+            behind: std::sync::atomic::AtomicBool::new(false),
             unsaved: Mutex::new(None),
             refresh: tokio::sync::Mutex::new(()),
         }
@@ -255,6 +261,7 @@ impl TokenManager {
             if token_source(&old) != token_source(a) {
                 *lock(&slot.cached) = None;
                 *lock(&slot.failure) = None;
+                *lock(&slot.failing_since) = None;
             }
         }
     }
@@ -332,13 +339,21 @@ impl TokenManager {
 
     /// Starts a refresh unless one is running; nobody waits for it.
     fn refresh_behind(self: &Arc<Self>, slot: Arc<Slot>) {
-        if slot.refresh.try_lock().is_err() {
+        if slot.behind.swap(true, Ordering::AcqRel) {
             return;
         }
         let this = self.clone();
         self.tasks.spawn(async move {
-            let _ = this.refresh(slot, None).await;
+            let _ = this.refresh(slot.clone(), None).await;
+            slot.behind.store(false, Ordering::Release);
         });
+    }
+
+    /// [`TokenManager::keep_alive`] in the background (the app's hourly upkeep), so that no
+    /// token request holds up the rest of the upkeep or shutdown.
+    pub fn keep_alive_behind(self: &Arc<Self>, idle: Duration) {
+        let this = self.clone();
+        self.tasks.spawn(async move { this.keep_alive(idle).await });
     }
 
     /// Waits for a refresh of `account` in progress, if any.
@@ -405,6 +420,8 @@ impl TokenManager {
             let _guard = slot.refresh.lock().await;
             let result = self.obtain(slot, false).await;
             *lock(&slot.failure) = result.as_ref().err().map(|e| (self.clock.now(), e.clone()));
+            // Microsoft drops a grant unused for 90 days; keep-alive failing on one unused for 80
+            // is the last chance to say so with days to spare.
             if account.provider.family == Family::Microsoft
                 && unused >= 80 * 86400
                 && result.is_err()
@@ -501,6 +518,7 @@ impl TokenManager {
         if let Some(s) = &slot {
             *lock(&s.cached) = None;
             *lock(&s.failure) = None;
+            *lock(&s.failing_since) = None;
             *lock(&s.unsaved) = None;
         }
         out
@@ -625,9 +643,17 @@ impl TokenManager {
     /// `alert_after_secs`, `refresh_failing` fires.
     fn failing(&self, slot: &Slot, detail: &str, hint: &str) {
         let now = self.clock.now();
-        let since = *lock(&slot.failing_since).get_or_insert(now);
         let alerts = &self.observer.alerts;
         let after = Duration::from_secs(alerts.thresholds().alert_after_secs);
+        // Failures far apart (the last one longer ago than the threshold) are not one outage.
+        let previous = lock(&slot.failure).as_ref().map(|(at, _)| *at);
+        let since = {
+            let mut since = lock(&slot.failing_since);
+            if previous.is_some_and(|at| now.saturating_duration_since(at) > after) {
+                *since = None;
+            }
+            *since.get_or_insert(now)
+        };
         if now.saturating_duration_since(since) >= after {
             let hint = if hint.is_empty() {
                 "check the network path to the provider's token endpoint and the provider's status page"
@@ -919,9 +945,7 @@ mod tests {
         f.store.put("news", grant).await.unwrap();
         let fired = |f: &Fixture| {
             let text = f.tokens.observer.metrics.encode(&|_| {});
-            text.contains(
-                "xoauth_relay_alerts_total{account=\"news\",outcome=\"grant_expiring\"} 1",
-            )
+            text.contains("xoauth_relay_alerts_total{account=\"news\",event=\"grant_expiring\"} 1")
         };
         let week = Duration::from_secs(7 * 86_400);
         f.tokens.keep_alive(week).await;

@@ -169,7 +169,13 @@ pub fn webhook_client(config: &AlertsConfig) -> Result<Option<reqwest::Client>, 
 
 /// Runs `command` with `json` on its stdin, killed after [`CHANNEL_TIMEOUT`].
 async fn run_command(command: &std::path::Path, json: &[u8]) -> Result<(), String> {
+    // Not the relay's environment: client secrets may be passed to it in variables.
+    let keep = ["PATH", "LANG", "HOME", "TZ"]
+        .into_iter()
+        .filter_map(|k| std::env::var_os(k).map(|v| (k, v)));
     let mut child = tokio::process::Command::new(command)
+        .env_clear()
+        .envs(keep)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)

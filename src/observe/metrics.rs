@@ -24,6 +24,12 @@ struct AccountOutcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AccountEvent {
+    account: String,
+    event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabel {
     listener: String,
 }
@@ -164,8 +170,10 @@ pub struct Metrics {
     recipients: Family<AccountOutcome, Counter>,
     upstream_reply: Family<StepLabel, Histogram, fn() -> Histogram>,
     token_refreshes: Family<AccountOutcome, Counter>,
-    alerts: Family<AccountOutcome, Counter>,
+    alerts: Family<AccountEvent, Counter>,
     pub gauges: Gauges,
+    /// One scrape at a time: each clears and refills the shared gauges.
+    scraping: std::sync::Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -287,6 +295,7 @@ impl Metrics {
             token_refreshes,
             alerts,
             gauges,
+            scraping: std::sync::Mutex::new(()),
         }
     }
 
@@ -358,15 +367,16 @@ impl Metrics {
 
     pub fn alert(&self, account: &str, event: &'static str) {
         self.alerts
-            .get_or_create(&AccountOutcome {
+            .get_or_create(&AccountEvent {
                 account: account.to_string(),
-                outcome: event,
+                event,
             })
             .inc();
     }
 
     /// The text exposition, after `fill` has set the gauges afresh.
     pub fn encode(&self, fill: &dyn Fn(&Gauges)) -> String {
+        let _one = self.scraping.lock().unwrap_or_else(|e| e.into_inner());
         for family in self.gauges.all() {
             family.clear();
         }

@@ -335,10 +335,12 @@ impl Queue {
             cut,
             tasks: tasks.clone(),
         };
+        // Held throughout: a reload adding an account meanwhile waits, then finds the workers.
+        let mut workers = lock(&self.workers);
         for aq in self.accounts.all().values() {
             self.spawn_workers(&w, aq);
         }
-        *lock(&self.workers) = Some(w);
+        *workers = Some(w);
     }
 
     fn spawn_workers(self: &Arc<Self>, w: &Workers, aq: &Arc<AccountQueue>) {
@@ -678,12 +680,15 @@ impl Queue {
     fn bounced(&self, account: &Account, env: &Envelope, failed: &[dsn::Failed]) {
         let metrics = &self.observer.metrics;
         metrics.recipients(&account.name, "bounced", failed.len() as u64);
+        // Status codes only: the upstream's text often repeats the recipient's address.
+        let mut codes: Vec<&str> = failed.iter().map(|f| f.status.as_str()).collect();
+        codes.sort_unstable();
+        codes.dedup();
         let detail = format!(
-            "message {} from <{}>: {} recipient(s) failed, first {}",
+            "message {}: {} recipient(s) failed for good ({})",
             env.id,
-            env.sender,
             failed.len(),
-            failed[0].diagnostic
+            codes.join(", ")
         );
         let hint = if env.sender.is_empty() || env.bounce {
             "no delivery status notification is sent for a message with a null sender"
@@ -952,7 +957,8 @@ impl Worker {
                     .any(|r| r.status == RcptStatus::Bounced)
             {
                 // Once per message, when it is finished with: not once per attempt that bounced some.
-                self.counters.message(MessageOutcome::Bounced, env.size as usize);
+                self.counters
+                    .message(MessageOutcome::Bounced, env.size as usize);
             }
             let mut retry_in = None;
             if !done && pending.iter().all(|i| e.tried[*i]) {
