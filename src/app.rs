@@ -356,16 +356,17 @@ impl Relay {
         ));
         services.spawn(reload::on_hangup(self.hangup, reloader, stop.clone()));
         services.spawn(housekeeping(self.shared.clone(), stop.clone()));
-        if let Some(listener) = self.metrics {
-            let fill = gauges(self.shared.clone());
-            services.spawn(crate::observe::http::serve(
+        // Served until the very end, so that /readyz says 503 while sessions drain.
+        let endpoint_stop = CancellationToken::new();
+        let endpoint = self.metrics.map(|listener| {
+            tokio::spawn(crate::observe::http::serve(
                 listener,
                 upstream.observer.metrics.clone(),
-                fill,
+                gauges(self.shared.clone()),
                 self.health.clone(),
-                stop.clone(),
-            ));
-        }
+                endpoint_stop.clone(),
+            ))
+        });
         upstream.queue.start(
             upstream.pool.clone(),
             upstream.pacers.clone(),
@@ -399,6 +400,10 @@ impl Relay {
         upstream.queue.flush().await;
         if let Err(e) = upstream.tokens.store().flush().await {
             tracing::warn!(error = %e, "cannot flush the database at shutdown");
+        }
+        endpoint_stop.cancel();
+        if let Some(endpoint) = endpoint {
+            let _ = endpoint.await;
         }
     }
 }
