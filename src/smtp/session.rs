@@ -798,6 +798,8 @@ impl Session {
         if unread.is_empty() {
             return false;
         }
+        // At most what is unread comes out: one allocation, not a chain of regrowths and copies.
+        data.pending.reserve(unread.len());
         let mut iter = unread.iter();
         let done = data.receiver.ingest(&mut iter, &mut data.pending);
         let consumed = unread.len() - iter.as_slice().len();
