@@ -594,3 +594,47 @@ async fn nothing_acknowledged_is_lost_when_the_relay_is_killed() {
         })
         .await;
 }
+
+#[tokio::test]
+async fn a_reload_that_raises_the_connection_cap_gives_the_queue_more_workers() {
+    let one = queued("max_upstream_connections = 1", "");
+    let (_dir, provider, relay) = setup(one, "starttls").await;
+    provider.state().down = true;
+    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
+    for n in 0..8 {
+        queue_one(&mut c, &["bob@example.org"], &body(n + 10)).await;
+    }
+    assert_eq!(c.cmd("QUIT").await, "221 2.0.0 Bye");
+    until_paused(&relay).await;
+
+    let four = queued("max_upstream_connections = 4", "");
+    let path = write_config(&relay.dir, &provider, &four, &password_hash());
+    assert_eq!(path, relay.config_path);
+    let socket = relay.dir.join("data/control.sock");
+    let reloaded = xoauth_relay::control::client::call(&socket, &Request::Reload)
+        .await
+        .unwrap()
+        .expect("the relay answers");
+    assert!(reloaded.ok, "{}", reloaded.text);
+
+    provider.state().down = false;
+    let retried = admin(
+        &relay,
+        Request::QueueRetry {
+            id: None,
+            account: None,
+            all: true,
+        },
+    )
+    .await;
+    assert!(retried.ok, "{}", retried.text);
+    provider.until(|s| s.messages.len() == 8).await;
+    // One worker would have used one connection at a time.
+    let peak = provider.state().authed_peak;
+    assert!(
+        (2..=4).contains(&peak),
+        "{peak} upstream connections at once"
+    );
+    wait_for_empty_queue(&relay).await;
+    relay.stop().await;
+}

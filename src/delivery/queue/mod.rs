@@ -6,9 +6,9 @@
 //! - [`retry`]: backoff, and which replies are throttling rather than failure.
 //! - [`dsn`]: the bounce (RFC 3464) for recipients that failed for good.
 //!
-//! Each account has workers, as many as its `max_upstream_connections`, that take due messages
-//! oldest first, ask the account's [`Pacer`] before each transaction, and send through the shared
-//! pool. A recipient's fate is decided from its reply: `2xx` delivered (never sent again), `5xx`
+//! Each account has workers, as many as its `max_upstream_connections` (a reload adds or retires
+//! some), that take due messages oldest first, ask the account's [`Pacer`] before each
+//! transaction, and send through the shared pool. A recipient's fate is decided from its reply: `2xx` delivered (never sent again), `5xx`
 //! bounced, `4xx` retried with backoff. Throttling pauses the account without counting against
 //! the message; connection and token trouble holds the account's messages on the same backoff
 //! schedule. A message still pending at `max_queue_age_secs` is bounced.
@@ -145,6 +145,9 @@ struct AccountQueue {
     inner: Mutex<Inner>,
     /// A message arrived, a pause was lifted, a retry was asked for.
     wake: Notify,
+    /// The slots (0 .. `max_upstream_connections`) that have a worker: a reload that raises the
+    /// cap starts workers for the empty ones, one that lowers it lets the workers above it go.
+    slots: Mutex<std::collections::BTreeSet<usize>>,
 }
 
 /// One queued message as `queue` shows it.
@@ -211,6 +214,7 @@ impl AccountQueue {
             account: arc_swap::ArcSwap::new(account.clone()),
             inner: Mutex::new(Inner::default()),
             wake: Notify::new(),
+            slots: Mutex::new(Default::default()),
         }
     }
 }
@@ -347,8 +351,13 @@ impl Queue {
         let Some(pacer) = w.pacers.get(&aq.name) else {
             return;
         };
-        for _ in 0..aq.account.load().max_upstream_connections.max(1) {
+        let mut slots = lock(&aq.slots);
+        for slot in 0..worker_count(&aq.account.load()) {
+            if !slots.insert(slot) {
+                continue;
+            }
             let worker = Worker {
+                slot,
                 queue: self.clone(),
                 aq: aq.clone(),
                 pool: w.pool.clone(),
@@ -361,7 +370,8 @@ impl Queue {
     }
 
     /// A reloaded config: new accounts get a queue (and workers, once started); the others
-    /// deliver with their new settings from the next transaction on.
+    /// deliver with their new settings from the next transaction on, with as many workers as
+    /// their connection cap now allows.
     pub fn reconfigure(self: &Arc<Self>, accounts: &[Arc<Account>], config: &DeliveryConfig) {
         self.config.store(Arc::new(config.clone()));
         let workers = lock(&self.workers);
@@ -371,8 +381,12 @@ impl Queue {
                 .accounts
                 .insert_missing(&a.name, || AccountQueue::new(a));
             aq.account.store(a.clone());
-            if let (true, Some(w)) = (added, workers.as_ref()) {
+            if let Some(w) = workers.as_ref() {
                 self.spawn_workers(w, &aq);
+            }
+            if !added {
+                // Idle workers above a lowered cap learn of it now.
+                aq.wake.notify_waiters();
             }
         }
     }
@@ -712,7 +726,14 @@ impl Queue {
     }
 }
 
+/// One worker per upstream connection the account may open.
+fn worker_count(account: &Account) -> usize {
+    account.max_upstream_connections.max(1)
+}
+
 struct Worker {
+    /// Its place among the account's workers; those at or above the cap leave.
+    slot: usize,
     queue: Arc<Queue>,
     aq: Arc<AccountQueue>,
     pool: Arc<Pool>,
@@ -726,6 +747,8 @@ enum Next {
     Job(Job),
     Expired(Vec<Entry>),
     Sleep(Option<Instant>),
+    /// A reload lowered the account's connection cap below this worker's slot.
+    Leave,
 }
 
 impl Worker {
@@ -736,6 +759,9 @@ impl Worker {
                 _ = stop.cancelled() => return,
                 work = self.next_work() => work,
             };
+            if let Next::Leave = work {
+                return;
+            }
             // Work in flight finishes, shutdown or not, unless the grace period runs out (a
             // message cut short stays queued and is sent again).
             let done = async {
@@ -746,7 +772,7 @@ impl Worker {
                             self.expire(e).await;
                         }
                     }
-                    Next::Sleep(_) => {}
+                    Next::Sleep(_) | Next::Leave => {}
                 }
             };
             tokio::select! {
@@ -762,8 +788,11 @@ impl Worker {
             let wake = self.aq.wake.notified();
             tokio::pin!(wake);
             wake.as_mut().enable();
+            if self.leaves() {
+                return Next::Leave;
+            }
             match self.pick() {
-                work @ (Next::Job(_) | Next::Expired(_)) => return work,
+                work @ (Next::Job(_) | Next::Expired(_) | Next::Leave) => return work,
                 Next::Sleep(until) => {
                     let sleep = async {
                         match until {
@@ -778,6 +807,18 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Whether this worker's slot is above the account's cap; if so, its slot is free from now on.
+    /// Decided under the slots' lock, so that a reload raising the cap again either sees the
+    /// worker stay or sees its slot free and fills it.
+    fn leaves(&self) -> bool {
+        let mut slots = lock(&self.aq.slots);
+        if self.slot < worker_count(&self.aq.account.load()) {
+            return false;
+        }
+        slots.remove(&self.slot);
+        true
     }
 
     /// Under the lock: expired messages out, else the oldest due message that pacing allows.
