@@ -125,6 +125,8 @@ pub struct State {
     pub seven_bit: bool,
     /// Answer the next end of data with this (then close, if it is a 421).
     pub after_data_reply: Option<String>,
+    /// Hold every end of data unanswered while set (clear it and notify `changed` to let go).
+    pub hold_data: bool,
     /// Commands that had arrived before the reply to the previous one (the client pipelined).
     pub pipelined: usize,
     /// Notified whenever the SMTP side changes something above.
@@ -250,6 +252,7 @@ impl FakeProvider {
             pipelined: 0,
             seven_bit: false,
             after_data_reply: None,
+            hold_data: false,
             down: false,
             mail_reply: None,
             deferred_once: HashSet::new(),
@@ -300,6 +303,20 @@ impl FakeProvider {
             }
             notified.await;
         }
+    }
+}
+
+/// Returns once `hold_data` is clear.
+async fn held(state: &Shared) {
+    let changed = state.lock().unwrap().changed.clone();
+    loop {
+        let notified = changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !state.lock().unwrap().hold_data {
+            return;
+        }
+        notified.await;
     }
 }
 
@@ -740,6 +757,7 @@ async fn smtp_session(
             }
             c.send("354 Go ahead").await?;
             let body = c.data().await?;
+            held(&state).await;
             let mut m = msg.take().unwrap();
             m.body = body;
             let big = m.body.len() > 30_000_000;
