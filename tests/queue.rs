@@ -26,6 +26,16 @@ async fn queue_one(c: &mut Client, rcpts: &[&str], body: &[u8]) -> String {
         .to_string()
 }
 
+/// `queue retry --all` through the control socket.
+async fn retry_all(relay: &Relay) -> xoauth_relay::control::wire::Response {
+    let all = Request::QueueRetry {
+        id: None,
+        account: None,
+        all: true,
+    };
+    admin(relay, all).await
+}
+
 async fn queue_json(relay: &Relay) -> Vec<serde_json::Value> {
     let r = admin(
         relay,
@@ -436,15 +446,7 @@ async fn queue_retry_and_delete_work_while_serving() {
 
     // Back up: `queue retry --all` sends now instead of after the backoff.
     provider.state().down = false;
-    let retried = admin(
-        &relay,
-        Request::QueueRetry {
-            id: None,
-            account: None,
-            all: true,
-        },
-    )
-    .await;
+    let retried = retry_all(&relay).await;
     assert!(
         retried.ok && retried.text.starts_with("1 message"),
         "{}",
@@ -623,15 +625,7 @@ async fn a_reload_that_raises_the_connection_cap_gives_the_queue_more_workers() 
         s.down = false;
         s.hold_data = true;
     }
-    let retried = admin(
-        &relay,
-        Request::QueueRetry {
-            id: None,
-            account: None,
-            all: true,
-        },
-    )
-    .await;
+    let retried = retry_all(&relay).await;
     assert!(retried.ok, "{}", retried.text);
     let four_at_once = provider.until(|s| s.authed_now == 4);
     tokio::time::timeout(Duration::from_secs(20), four_at_once)
