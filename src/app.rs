@@ -68,6 +68,7 @@ impl Core {
         } else {
             Observer::quiet(clock.clone())
         };
+        observer.prepare(&config);
         let tokens = Arc::new(TokenManager::new(
             Store::new(store),
             issuer,
@@ -191,6 +192,7 @@ pub async fn admin(config: Config, request: Request) -> Result<Response, String>
     if let Some(response) = crate::control::client::call(&socket, &request).await? {
         return Ok(response);
     }
+    local_store_check(&config, &socket, &request)?;
     let config = Arc::new(config);
     let tasks = TaskTracker::new();
     let background = tasks.clone();
@@ -208,6 +210,53 @@ pub async fn admin(config: Config, request: Request) -> Result<Response, String>
         .await
         .map_err(|e| e.to_string())?;
     Ok(response)
+}
+
+/// An admin command that finds no relay opens the store itself: it must not make a new, empty
+/// database or a new key somewhere `serve` never looks (relative paths resolve against the current
+/// directory). Only storing a grant may create them, as on first setup, and says where.
+fn local_store_check(
+    config: &Config,
+    socket: &std::path::Path,
+    request: &Request,
+) -> Result<(), String> {
+    let absolute = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let db = config.server.data_dir.join("grants.db");
+    let key = config.key_file();
+    let where_from = || {
+        let cwd = std::env::current_dir()
+            .map(|d| d.display().to_string())
+            .unwrap_or_else(|_| "?".into());
+        format!(
+            "relative paths in the config are taken from the current directory ({cwd}): run this \
+             where `serve` runs, or make data_dir and key_file absolute"
+        )
+    };
+    match (db.exists(), key.exists()) {
+        (true, true) => Ok(()),
+        (true, false) => Err(format!(
+            "no relay answers on {}, and the database at {} has no key at {} (key_file): a new key \
+             could not read its grants; {}",
+            socket.display(),
+            absolute(&db).display(),
+            absolute(&key).display(),
+            where_from()
+        )),
+        (false, _) if matches!(request, Request::StoreGrant { .. }) => {
+            tracing::warn!(
+                database = %absolute(&db).display(),
+                "no relay answers on {} and there is no database yet: creating one here",
+                socket.display()
+            );
+            Ok(())
+        }
+        (false, _) => Err(format!(
+            "no relay answers on {}, and there is no database at {}: nothing to show or change; {}",
+            socket.display(),
+            absolute(&db).display(),
+            where_from()
+        )),
+    }
 }
 
 /// A relay with its ports bound, ready to [`Relay::run`].
@@ -248,6 +297,9 @@ impl Relay {
                 format!("cannot listen on {addr} for [metrics] address ({e}); change it or stop what uses the port")
             })?),
         };
+        if let Some(addr) = metrics.as_ref().and_then(|l| l.local_addr().ok()) {
+            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        }
         crate::util::fs::create_private_dir(&config.server.data_dir).map_err(|e| {
             format!(
                 "cannot create data_dir {}: {e}",

@@ -232,6 +232,12 @@ fn import_token_and_accounts_with_and_without_a_running_relay() {
         "",
     );
 
+    // A listing with no relay and no database (run from the wrong directory, say) creates none.
+    let (ok, _, err) = run(&["--config", &path, "accounts"], "");
+    assert!(!ok);
+    assert!(err.contains("there is no database at"), "{err}");
+    assert!(!dir.path().join("data").exists());
+
     let (ok, out, err) = run(
         &["--config", &path, "import-token", "news"],
         "rt-imported-SECRET\n",

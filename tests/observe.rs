@@ -33,6 +33,19 @@ async fn metrics_health_and_account_facts_follow_traffic() {
     let addr = relay.metrics.expect("metrics endpoint");
     assert_eq!(http_get(addr, "/healthz").await.0, 200);
     assert_eq!(http_get(addr, "/readyz").await, (200, "ready\n".into()));
+    // Before any traffic, the counters an alert rule watches are there, at 0.
+    let fresh = http_get(addr, "/metrics").await.1;
+    for series in [
+        "xoauth_relay_auth_failures_total{reason=\"bad_credentials\"} 0",
+        "xoauth_relay_token_refreshes_total{account=\"news\",outcome=\"invalid_grant\"} 0",
+        "xoauth_relay_recipients_total{account=\"news\",outcome=\"bounced\"} 0",
+        "xoauth_relay_alerts_total{account=\"news\",event=\"grant_revoked\"} 0",
+        "xoauth_relay_upstream_reply_seconds_count{step=\"connect\"} 0",
+        // The listeners' configured addresses (port 0 here: the tests' relays take any port).
+        "xoauth_relay_sessions_total{listener=\"127.0.0.1:0\"} 0",
+    ] {
+        assert!(fresh.contains(series), "{series} missing from\n{fresh}");
+    }
 
     let mut wrong = Client::connect(&relay, Conn::StartTls, &provider.pki).await;
     assert!(wrong.login_plain(LOGIN, "wrong").await.starts_with("535"));

@@ -92,6 +92,7 @@ proptest! {
             hostname: "relay.test".into(),
             tls_active: tls,
             starttls_available: true,
+            implicit_tls_port: None,
             plaintext_auth_allowed: false,
             max_message_bytes: 1000,
             max_recipients: 3,

@@ -45,9 +45,18 @@ impl Reloader {
         }
     }
 
-    /// Reads the file again and puts it in force; `Ok` says what changed, `Err` why nothing did.
+    /// Reads the file again and puts it in force; `Ok` says what changed, `Err` why nothing did
+    /// (logged here either way, whether SIGHUP or `reload` asked).
     pub async fn reload(&self) -> Result<String, String> {
         let _one = self.one_at_a_time.lock().await;
+        let done = self.reload_now().await;
+        if let Err(e) = &done {
+            tracing::error!(error = %e, "reload refused");
+        }
+        done
+    }
+
+    async fn reload_now(&self) -> Result<String, String> {
         let old = self.shared.live.load_full();
         let path = old.config.path.clone();
         let (new, server, client, webhook, http, files) = tokio::task::spawn_blocking(move || {
@@ -86,6 +95,7 @@ impl Reloader {
             .observer
             .alerts
             .reconfigure(new.alerts.clone(), webhook);
+        upstream.observer.prepare(&new);
         self.shared
             .admission
             .set_limits(limits.max_connections, limits.max_connections_per_ip);
@@ -128,9 +138,7 @@ pub async fn on_hangup(
                     return;
                 }
                 tracing::info!("SIGHUP: reloading the config");
-                if let Err(e) = reloader.reload().await {
-                    tracing::error!(error = %e, "reload refused");
-                }
+                let _ = reloader.reload().await;
             }
         }
     }

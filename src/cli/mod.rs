@@ -342,8 +342,9 @@ async fn reload(cli: &Cli) -> Result<(), String> {
     match crate::control::client::call(&socket, &Request::Reload).await? {
         Some(response) => finish(response),
         None => Err(format!(
-            "no relay answers on {}; nothing to reload (if the file moved control_socket, that needs \
-             a restart)",
+            "no relay answers on {}; nothing reloaded. If a relay runs with another data_dir or \
+             control_socket than this file now names, that change needs a restart (systemctl \
+             restart xoauth-relay)",
             socket.display()
         )),
     }
@@ -366,7 +367,16 @@ async fn health(config: &crate::config::Config) -> Result<(), String> {
         .get(format!("http://{addr}/readyz"))
         .send()
         .await
-        .map_err(|e| format!("http://{addr}/readyz: {e}"))?;
+        .map_err(|e| {
+            let why = if e.is_connect() {
+                "nothing answers there: is the relay running with this config?".to_string()
+            } else if e.is_timeout() {
+                "no answer within 5 s".to_string()
+            } else {
+                e.to_string()
+            };
+            format!("http://{addr}/readyz: {why}")
+        })?;
     let ok = response.status().is_success();
     let body = response.text().await.unwrap_or_default();
     if ok {

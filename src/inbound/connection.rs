@@ -105,6 +105,9 @@ struct Connection {
     preauth_deadline: Instant,
     /// Error replies sent, for the log's bound.
     refusals: u32,
+    /// The login whose names the session's log span carries (a span field recorded again would
+    /// be printed twice).
+    logged_login: Option<String>,
 }
 
 enum End {
@@ -135,6 +138,13 @@ impl Connection {
             hostname: server.hostname.clone(),
             tls_active: false,
             starttls_available: mode == TlsMode::Starttls && live.tls.is_some(),
+            implicit_tls_port: live
+                .config
+                .listeners
+                .iter()
+                .find(|l| l.tls == TlsMode::Implicit)
+                .map(|l| l.address.port())
+                .filter(|&port| port != 0 && live.tls.is_some()),
             plaintext_auth_allowed: !server.require_tls_for_auth
                 || (server.allow_plaintext_loopback && peer.ip().to_canonical().is_loopback()),
             max_message_bytes: limits.max_message_bytes,
@@ -152,6 +162,7 @@ impl Connection {
             message_started: Instant::now(),
             preauth_deadline,
             refusals: 0,
+            logged_login: None,
             shared,
             live,
         }
@@ -423,15 +434,24 @@ impl Connection {
             return AuthOutcome::BadCredentials;
         };
         let account = verified.account;
-        let span = tracing::Span::current();
-        span.record("login", tracing::field::display(&login));
-        span.record("account", tracing::field::display(&account.name));
+        if self.logged_login.as_deref() != Some(login.as_str()) {
+            let span = tracing::Span::current();
+            span.record("login", tracing::field::display(&login));
+            span.record("account", tracing::field::display(&account.name));
+            self.logged_login = Some(login.clone());
+        }
         match self.shared.upstream.tokens.token(&account.name).await {
             Ok(_) => {}
             // Queued mail can wait for the token endpoint to come back; a missing or revoked grant
             // would only pile up mail that cannot go.
             Err(e) if account.delivery == DeliveryMode::Queue && e.is_passing() => {
                 tracing::info!(error = %e, "token endpoint unavailable; accepting mail into the queue");
+            }
+            // The token endpoint is out of reach or failing: not the grant's fault.
+            Err(e) if e.is_passing() => {
+                tracing::info!(error = %e, "password accepted, but no access token can be had now");
+                self.auth_failed("token_unavailable");
+                return AuthOutcome::GrantUnavailable(e.to_string());
             }
             Err(e) => {
                 tracing::info!(error = %e, "password accepted, but the account has no usable grant");

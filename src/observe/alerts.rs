@@ -32,6 +32,15 @@ pub enum Event {
 }
 
 impl Event {
+    pub const ALL: [Event; 6] = [
+        Event::GrantRevoked,
+        Event::RefreshFailing,
+        Event::GrantExpiring,
+        Event::UpstreamAuthRejected,
+        Event::QueueStuck,
+        Event::MessageBounced,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Event::GrantRevoked => "grant_revoked",

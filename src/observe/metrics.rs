@@ -44,6 +44,22 @@ struct StepLabel {
     step: &'static str,
 }
 
+/// Why a login was refused (`xoauth_relay_auth_failures_total{reason}`).
+pub const AUTH_FAILURE_REASONS: [&str; 6] = [
+    "bad_credentials",
+    "tls_required",
+    "locked_out",
+    "no_grant",
+    "token_unavailable",
+    "upstream_refused",
+];
+
+/// `xoauth_relay_recipients_total{outcome}`.
+const RECIPIENT_OUTCOMES: [&str; 4] = ["accepted", "rejected", "deferred", "bounced"];
+
+/// `xoauth_relay_token_refreshes_total{outcome}`.
+const REFRESH_OUTCOMES: [&str; 3] = ["ok", "invalid_grant", "error"];
+
 /// What became of a message the mailer handed over (`xoauth_relay_messages_total{outcome}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MessageOutcome {
@@ -310,7 +326,43 @@ impl Metrics {
         SessionGuard(self.sessions_active.clone())
     }
 
-    /// A refused login; `reason` is `bad_credentials`, `tls_required`, `locked_out`, `no_grant`.
+    /// Every series of these listeners and accounts at 0, so that a rate or `increase()` rule
+    /// has a series to work on before the first event (absent is not zero to Prometheus).
+    pub fn prepare(&self, listeners: &[String], accounts: &[&str], events: &[&'static str]) {
+        for listener in listeners {
+            let label = ListenerLabel {
+                listener: listener.clone(),
+            };
+            self.sessions.get_or_create_owned(&label);
+        }
+        for reason in AUTH_FAILURE_REASONS {
+            self.auth_failures
+                .get_or_create_owned(&ReasonLabel { reason });
+        }
+        self.step_timers();
+        for &account in accounts {
+            self.account(account);
+            let with = |outcome| AccountOutcome {
+                account: account.to_string(),
+                outcome,
+            };
+            for outcome in RECIPIENT_OUTCOMES {
+                self.recipients.get_or_create_owned(&with(outcome));
+            }
+            for outcome in REFRESH_OUTCOMES {
+                self.token_refreshes.get_or_create_owned(&with(outcome));
+            }
+            for &event in events {
+                let label = AccountEvent {
+                    account: account.to_string(),
+                    event,
+                };
+                self.alerts.get_or_create_owned(&label);
+            }
+        }
+    }
+
+    /// A refused login; `reason` is one of [`AUTH_FAILURE_REASONS`].
     pub fn auth_failure(&self, reason: &'static str) {
         self.auth_failures
             .get_or_create(&ReasonLabel { reason })
@@ -343,7 +395,7 @@ impl Metrics {
         }))
     }
 
-    /// Recipients of `account` with `outcome` (`accepted`, `rejected`, `deferred`, `bounced`, `queued`).
+    /// Recipients of `account` with `outcome` (one of `RECIPIENT_OUTCOMES`).
     pub fn recipients(&self, account: &str, outcome: &'static str, n: u64) {
         if n > 0 {
             self.recipients

@@ -38,6 +38,19 @@ impl Observer {
         })
     }
 
+    /// Every counter series of the configured listeners and accounts, at 0 (and on reload, those
+    /// of added ones).
+    pub fn prepare(&self, config: &crate::config::Config) {
+        let listeners: Vec<String> = config
+            .listeners
+            .iter()
+            .map(|l| l.address.to_string())
+            .collect();
+        let accounts: Vec<&str> = config.accounts.iter().map(|a| a.name.as_str()).collect();
+        let events = Event::ALL.map(Event::as_str);
+        self.metrics.prepare(&listeners, &accounts, &events);
+    }
+
     /// Metrics nobody scrapes and no alert channel: for one-shot commands and unit tests.
     pub fn quiet(clock: SharedClock) -> Observer {
         Observer::new(&AlertsConfig::default(), clock).expect("no webhook, nothing can fail")

@@ -28,6 +28,8 @@ pub struct SessionConfig {
     pub tls_active: bool,
     /// STARTTLS can be offered on this listener.
     pub starttls_available: bool,
+    /// The port of an implicit-TLS listener, to point a mailer at when it tries AUTH in the clear.
+    pub implicit_tls_port: Option<u16>,
     /// AUTH may be used without TLS (loopback peer exempted by config, or TLS not required).
     pub plaintext_auth_allowed: bool,
     pub max_message_bytes: usize,
@@ -522,7 +524,19 @@ impl Session {
             return self.reply(503, "5.5.1 AUTH not allowed during a mail transaction");
         }
         if !self.auth_allowed() {
-            return self.reply(538, "5.7.11 Encryption required for requested authentication mechanism; use STARTTLS or port 465");
+            let way = match (
+                self.config.starttls_available,
+                self.config.implicit_tls_port,
+            ) {
+                (true, Some(port)) => format!("; use STARTTLS or port {port}"),
+                (true, None) => "; use STARTTLS".to_string(),
+                (false, Some(port)) => format!("; use port {port} (TLS)"),
+                (false, None) => String::new(),
+            };
+            return self.reply(
+                538,
+                format!("5.7.11 Encryption required for requested authentication mechanism{way}"),
+            );
         }
         match mechanism {
             AUTH_PLAIN if initial.is_empty() => {
@@ -929,6 +943,7 @@ mod tests {
             hostname: "relay.test".into(),
             tls_active: tls,
             starttls_available: true,
+            implicit_tls_port: Some(465),
             plaintext_auth_allowed: false,
             max_message_bytes: 100,
             max_recipients: 2,
@@ -994,6 +1009,7 @@ mod tests {
         );
         assert!(r[0].starts_with("250 "), "{r:?}");
         assert!(r[1].starts_with("538 5.7.11"), "{r:?}");
+        assert!(r[1].ends_with("use STARTTLS or port 465"), "{r:?}");
         assert!(r[2].starts_with("530 5.7.0"), "{r:?}");
     }
 
