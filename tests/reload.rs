@@ -72,7 +72,11 @@ async fn reload_adds_an_account_changes_a_password_and_swaps_the_certificate() {
     assert!(r.text.contains("accounts added: shop"), "{}", r.text);
     assert!(r.text.contains("accounts changed: news"), "{}", r.text);
     assert!(r.text.contains("TLS certificate"), "{}", r.text);
-    assert!(r.text.contains("[limits]"), "{}", r.text);
+    assert!(
+        r.text.contains("[limits] auth_failures_per_ip"),
+        "{}",
+        r.text
+    );
 
     // The session from before finishes on what it started with.
     assert!(before.cmd("DATA").await.starts_with("354"));

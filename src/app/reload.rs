@@ -192,6 +192,33 @@ fn fingerprint(a: &Account) -> String {
 }
 
 /// "accounts added: a; accounts changed: b; certificate" or "nothing".
+/// The names of the top-level fields whose values differ, from the structs' `{:#?}` form: names
+/// only, so that no value (a webhook URL may hold a token) reaches the log.
+fn changed_keys(old: &impl std::fmt::Debug, new: &impl std::fmt::Debug) -> Vec<String> {
+    fn fields(value: &impl std::fmt::Debug) -> Vec<(String, String)> {
+        let text = format!("{value:#?}");
+        let mut out: Vec<(String, String)> = Vec::new();
+        for line in text.lines() {
+            let field = line
+                .strip_prefix("    ")
+                .filter(|rest| !rest.starts_with(' '))
+                .and_then(|rest| rest.split_once(": "));
+            match (field, out.last_mut()) {
+                (Some((name, value)), _) => out.push((name.to_string(), value.to_string())),
+                (None, Some((_, value))) => value.push_str(line),
+                (None, None) => {}
+            }
+        }
+        out
+    }
+    let (before, after) = (fields(old), fields(new));
+    after
+        .iter()
+        .filter(|field| !before.contains(field))
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
 fn describe(old: &Config, new: &Config, certificate: bool) -> String {
     let names = |c: &Config| -> Vec<String> { c.accounts.iter().map(|a| a.name.clone()).collect() };
     let (before, after) = (names(old), names(new));
@@ -224,23 +251,14 @@ fn describe(old: &Config, new: &Config, certificate: bool) -> String {
             parts.push(format!("{what}: {}", list.join(", ")));
         }
     }
-    for (section, changed) in [
-        (
-            "[limits]",
-            format!("{:?}", old.limits) != format!("{:?}", new.limits),
-        ),
-        (
-            "[delivery]",
-            format!("{:?}", old.delivery) != format!("{:?}", new.delivery),
-        ),
-        ("[alerts]", old.alerts != new.alerts),
-        (
-            "[server]",
-            format!("{:?}", old.server) != format!("{:?}", new.server),
-        ),
+    for (section, keys) in [
+        ("[limits]", changed_keys(&old.limits, &new.limits)),
+        ("[delivery]", changed_keys(&old.delivery, &new.delivery)),
+        ("[alerts]", changed_keys(&old.alerts, &new.alerts)),
+        ("[server]", changed_keys(&old.server, &new.server)),
     ] {
-        if changed {
-            parts.push(section.into());
+        if !keys.is_empty() {
+            parts.push(format!("{section} {}", keys.join(", ")));
         }
     }
     if certificate || old.tls.certificate != new.tls.certificate {
@@ -250,5 +268,23 @@ fn describe(old: &Config, new: &Config, certificate: bool) -> String {
         "nothing changed".into()
     } else {
         parts.join("; ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changed_keys_names_the_fields_that_differ_and_no_value() {
+        let old = crate::config::AlertsConfig::default();
+        let new = crate::config::AlertsConfig {
+            webhook_url: Some("https://hooks.example/SECRET".into()),
+            repeat_secs: old.repeat_secs + 1,
+            ..old.clone()
+        };
+        let keys = changed_keys(&old, &new);
+        assert_eq!(keys, ["webhook_url", "repeat_secs"]);
+        assert!(changed_keys(&old, &old).is_empty());
     }
 }
