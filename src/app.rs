@@ -169,6 +169,8 @@ fn server_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, Stri
 struct Control {
     admin: Arc<AdminContext>,
     reloader: Arc<Reloader>,
+    /// The failed-login lockouts live here, in memory.
+    shared: Arc<Shared>,
 }
 
 impl crate::control::server::Handler for Control {
@@ -179,10 +181,31 @@ impl crate::control::server::Handler for Control {
                     Ok(text) => Response::ok(text),
                     Err(text) => Response::fail(text),
                 },
+                Request::Unlock { address } => unlock(&self.shared, address.as_deref()),
                 other => crate::admin::execute(&self.admin, other).await,
             }
         })
     }
+}
+
+/// `unlock [ADDRESS]`: lifts a failed-login lockout (an operator's own monitoring, say).
+fn unlock(shared: &Shared, address: Option<&str>) -> Response {
+    let ip = match address.map(str::parse::<std::net::IpAddr>).transpose() {
+        Ok(ip) => ip,
+        Err(e) => return Response::fail(format!("not an IP address: {e}")),
+    };
+    let lifted = shared.lockout.unlock(ip, tokio::time::Instant::now());
+    let whom = address.unwrap_or("every address");
+    tracing::info!(
+        address = whom,
+        lifted,
+        "failed-login lockout lifted by the operator"
+    );
+    Response::ok(match (address, lifted) {
+        (Some(a), 0) => format!("{a} was not locked out; its failed logins are forgotten\n"),
+        (Some(a), _) => format!("{a} unlocked\n"),
+        (None, n) => format!("{n} address(es) unlocked; every failed-login count is forgotten\n"),
+    })
 }
 
 /// Runs `request` in the running relay if there is one (over its control socket), else against
@@ -402,6 +425,7 @@ impl Relay {
             Arc::new(Control {
                 admin,
                 reloader: reloader.clone(),
+                shared: self.shared.clone(),
             }),
             stop.clone(),
             sessions.clone(),

@@ -353,5 +353,26 @@ async fn an_address_that_failed_ten_logins_is_locked_out_and_another_is_not() {
         c.login_plain(LOGIN, PASSWORD).await,
         "235 2.7.0 Authentication successful"
     );
+    // The operator lifts it (`xoauth-relay unlock 127.0.0.1`): the address logs in again.
+    let unlocked = admin(
+        &relay,
+        xoauth_relay::control::wire::Request::Unlock {
+            address: Some("127.0.0.1".into()),
+        },
+    )
+    .await;
+    assert!(unlocked.ok, "{}", unlocked.text);
+    assert_eq!(unlocked.text, "127.0.0.1 unlocked\n");
+    let mut again = Client::connect_from(
+        relay.starttls,
+        Some(attacker),
+        Conn::StartTls,
+        &provider.pki,
+    )
+    .await;
+    assert_eq!(
+        again.login_plain(LOGIN, PASSWORD).await,
+        "235 2.7.0 Authentication successful"
+    );
     relay.stop().await;
 }

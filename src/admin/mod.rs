@@ -73,6 +73,11 @@ pub async fn execute(ctx: &AdminContext, request: Request) -> Response {
         Request::Reload => {
             Err("no relay is running with this config's data_dir; nothing to reload".into())
         }
+        Request::Unlock { .. } => Err(
+            "no relay is running with this config's data_dir; lockouts live in a running relay's \
+             memory only, so there is nothing to unlock"
+                .into(),
+        ),
     };
     match result {
         Ok(text) => Response::ok(text),

@@ -104,6 +104,14 @@ enum Command {
     /// Make the running relay re-read its config file (what SIGHUP does); fails, and changes
     /// nothing, when the file is invalid or changes what needs a restart.
     Reload,
+    /// Lift the failed-login lockout of an address (or, with --all, of every address).
+    Unlock {
+        /// The locked-out IP address (an IPv6 address stands for its /64).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        address: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
     /// Get a token and authenticate to the upstream; with --to, send a short test message.
     Test {
         /// Account name (`name` in [[accounts]]).
@@ -260,6 +268,15 @@ async fn run(cli: Cli) -> Result<(), String> {
             .await?,
         ),
         Command::Reload => reload(&cli).await,
+        Command::Unlock { address, .. } => finish(
+            crate::app::admin(
+                load(&cli)?,
+                Request::Unlock {
+                    address: address.clone(),
+                },
+            )
+            .await?,
+        ),
         Command::Health => health(&load(&cli)?).await,
         Command::Queue {
             action,

@@ -48,6 +48,10 @@ pub enum Request {
     },
     /// Re-read the config file (what SIGHUP does); answered once the new config is in force.
     Reload,
+    /// Lift the failed-login lockout of one address, or of every address when `None`.
+    Unlock {
+        address: Option<String>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

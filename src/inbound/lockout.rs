@@ -109,6 +109,23 @@ impl Lockout {
         Failure::Counted
     }
 
+    /// Forgets the failures and lockout of `ip` (its source key), or of every address; returns
+    /// how many addresses were locked out.
+    pub fn unlock(&self, ip: Option<IpAddr>, now: Instant) -> usize {
+        let locked = |s: &Source| s.locked_until.is_some_and(|u| u > now);
+        let mut sources = self.sources();
+        match ip {
+            Some(ip) => sources
+                .remove(&source_key(ip))
+                .map_or(0, |s| usize::from(locked(&s))),
+            None => {
+                let n = sources.values().filter(|s| locked(s)).count();
+                sources.clear();
+                n
+            }
+        }
+    }
+
     /// Forgets addresses with nothing left to remember (run periodically).
     pub fn prune(&self, now: Instant) {
         self.sources().retain(|_, s| {
@@ -121,6 +138,20 @@ impl Lockout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unlock_lifts_one_address_or_all() {
+        let lockout = Lockout::new(1, Duration::from_secs(600));
+        let now = Instant::now();
+        let (a, b): (IpAddr, IpAddr) = ("192.0.2.7".parse().unwrap(), "192.0.2.8".parse().unwrap());
+        lockout.failed(a, now);
+        lockout.failed(b, now);
+        assert_eq!(lockout.unlock(Some(a), now), 1);
+        assert!(!lockout.is_locked(a, now) && lockout.is_locked(b, now));
+        assert_eq!(lockout.unlock(Some(a), now), 0);
+        assert_eq!(lockout.unlock(None, now), 1);
+        assert!(!lockout.is_locked(b, now));
+    }
 
     #[test]
     fn the_tenth_failure_locks_the_address_out_and_not_its_neighbours() {
