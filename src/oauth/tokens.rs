@@ -142,6 +142,10 @@ impl TokenError {
     }
 }
 
+/// Failed token requests closer together than this (or than `alert_after_secs`) are one outage
+/// for `refresh_failing`: well above the spacing of retries, so a short threshold can fire.
+const OUTAGE_GAP: Duration = Duration::from_secs(300);
+
 /// A refresh token that the provider says dies within this raises `grant_expiring`.
 const EXPIRING: u64 = 2 * 86_400;
 
@@ -645,11 +649,13 @@ impl TokenManager {
         let now = self.clock.now();
         let alerts = &self.observer.alerts;
         let after = Duration::from_secs(alerts.thresholds().alert_after_secs);
-        // Failures far apart (the last one longer ago than the threshold) are not one outage.
+        // Failures far apart (the last one longer ago than the threshold, and than the retries'
+        // spacing) are not one outage.
+        let apart = after.max(OUTAGE_GAP);
         let previous = lock(&slot.failure).as_ref().map(|(at, _)| *at);
         let since = {
             let mut since = lock(&slot.failing_since);
-            if previous.is_some_and(|at| now.saturating_duration_since(at) > after) {
+            if previous.is_some_and(|at| now.saturating_duration_since(at) > apart) {
                 *since = None;
             }
             *since.get_or_insert(now)
@@ -776,6 +782,11 @@ mod tests {
     }
 
     fn fixture(issuer: Arc<Scripted>) -> Fixture {
+        fixture_alerting(issuer, crate::config::AlertsConfig::default())
+    }
+
+    /// With these alert thresholds (no channel: fired alerts show in the metrics).
+    fn fixture_alerting(issuer: Arc<Scripted>, alerts: crate::config::AlertsConfig) -> Fixture {
         // Any valid PHC string: these tests never verify a password.
         let config = crate::config::one_account(
             "news",
@@ -790,7 +801,7 @@ mod tests {
             Duration::from_secs(300),
             &config.accounts,
             TaskTracker::new(),
-            Observer::quiet(clock.clone()),
+            Observer::new(&alerts, clock.clone()).unwrap(),
         ));
         Fixture {
             tokens,
@@ -865,6 +876,28 @@ mod tests {
             "at-2"
         );
         assert_eq!(f.store.status("news").last_error, None);
+    }
+
+    #[tokio::test]
+    async fn refresh_failing_fires_once_the_endpoint_has_failed_for_alert_after_secs() {
+        let issuer = Scripted::new(Err(ProviderError::Unreachable("down".into())));
+        let alerts = crate::config::AlertsConfig {
+            alert_after_secs: 2,
+            ..Default::default()
+        };
+        let f = fixture_alerting(issuer.clone(), alerts);
+        with_grant(&f).await;
+        let fired = |f: &Fixture| {
+            let text = f.tokens.observer.metrics.encode(&|_| {});
+            text.contains("xoauth_relay_alerts_total{account=\"news\",event=\"refresh_failing\"} 1")
+        };
+        assert!(f.tokens.token("news").await.is_err());
+        assert!(!fired(&f), "one failure is no outage yet");
+        // The next try comes after the backoff, longer than the threshold: still the same outage.
+        f.clock.advance(FAILURE_BACKOFF + Duration::from_secs(1));
+        assert!(f.tokens.token("news").await.is_err());
+        assert_eq!(issuer.calls(), 2);
+        assert!(fired(&f), "failing for longer than alert_after_secs");
     }
 
     #[tokio::test]
