@@ -215,7 +215,15 @@ pub async fn admin(config: Config, request: Request) -> Result<Response, String>
     if let Some(response) = crate::control::client::call(&socket, &request).await? {
         return Ok(response);
     }
-    local_store_check(&config, &socket, &request)?;
+    if let Request::Unlock { .. } = request {
+        return Err(
+            "no relay answers on its control socket; lockouts live in a running relay's memory \
+             only, so there is nothing to unlock"
+                .into(),
+        );
+    }
+    let creates = matches!(request, Request::StoreGrant { .. } | Request::Test { .. });
+    local_store_check(&config, &socket, creates)?;
     let config = Arc::new(config);
     let tasks = TaskTracker::new();
     let background = tasks.clone();
@@ -237,35 +245,41 @@ pub async fn admin(config: Config, request: Request) -> Result<Response, String>
 
 /// An admin command that finds no relay opens the store itself: it must not make a new, empty
 /// database or a new key somewhere `serve` never looks (relative paths resolve against the current
-/// directory). Only storing a grant may create them, as on first setup, and says where.
+/// directory). Storing a grant may create them, as on first setup, and so may `test` (an account
+/// with client credentials or a service account has no grant to store first); both say where.
 fn local_store_check(
     config: &Config,
     socket: &std::path::Path,
-    request: &Request,
+    creates: bool,
 ) -> Result<(), String> {
     let absolute = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let db = config.server.data_dir.join("grants.db");
     let key = config.key_file();
+    let relative = config.server.data_dir.is_relative() || key.is_relative();
     let where_from = || {
+        if !relative {
+            return String::new();
+        }
         let cwd = std::env::current_dir()
             .map(|d| d.display().to_string())
             .unwrap_or_else(|_| "?".into());
         format!(
-            "relative paths in the config are taken from the current directory ({cwd}): run this \
-             where `serve` runs, or make data_dir and key_file absolute"
+            "; relative paths in the config are taken from the current directory ({cwd}): run \
+             this where `serve` runs, or make data_dir and key_file absolute"
         )
     };
     match (db.exists(), key.exists()) {
         (true, true) => Ok(()),
         (true, false) => Err(format!(
             "no relay answers on {}, and the database at {} has no key at {} (key_file): a new key \
-             could not read its grants; {}",
+             could not read its grants. Restore the key from its backup; if it is lost, move the \
+             database away and authorize every account again{}",
             socket.display(),
             absolute(&db).display(),
             absolute(&key).display(),
             where_from()
         )),
-        (false, _) if matches!(request, Request::StoreGrant { .. }) => {
+        (false, _) if creates => {
             tracing::warn!(
                 database = %absolute(&db).display(),
                 "no relay answers on {} and there is no database yet: creating one here",
@@ -274,12 +288,24 @@ fn local_store_check(
             Ok(())
         }
         (false, _) => Err(format!(
-            "no relay answers on {}, and there is no database at {}: nothing to show or change; {}",
+            "no relay answers on {}, and there is no database at {} yet: nothing to show or change. \
+             On a new install, run `xoauth-relay serve` or store a grant first (`authorize NAME`, \
+             `import-token NAME`){}",
             socket.display(),
             absolute(&db).display(),
             where_from()
         )),
     }
+}
+
+/// Before `authorize` or `import-token` asks for anything: would the grant have a store to go to?
+/// (Refusing after a finished consent flow would throw the new token away.)
+pub async fn grant_store_preflight(config: &Config) -> Result<(), String> {
+    let socket = config.server.control_socket();
+    if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+        return Ok(());
+    }
+    local_store_check(config, &socket, true)
 }
 
 /// A relay with its ports bound, ready to [`Relay::run`].

@@ -386,3 +386,22 @@ fn serve_tells_systemd_when_it_is_ready_and_when_it_stops() {
     let n = socket.recv(&mut buf).expect("STOPPING=1 after SIGTERM");
     assert_eq!(&buf[..n], b"STOPPING=1\n");
 }
+
+#[test]
+fn a_database_without_its_key_is_refused_before_anything_is_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), &account("news", "news", &hash()), "");
+    let (ok, _, err) = run(&["--config", &path, "import-token", "news"], "rt-1\n");
+    assert!(ok, "{err}");
+    let key = dir.path().join("master.key");
+    std::fs::remove_file(&key).unwrap();
+
+    let (ok, _, err) = run(&["--config", &path, "accounts"], "");
+    assert!(!ok);
+    assert!(err.contains("has no key at"), "{err}");
+    // Refused before the token is read: nothing asked for is thrown away, and no new key is made.
+    let (ok, _, err) = run(&["--config", &path, "import-token", "news"], "rt-2\n");
+    assert!(!ok);
+    assert!(err.contains("Restore the key from its backup"), "{err}");
+    assert!(!key.exists());
+}

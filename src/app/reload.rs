@@ -191,7 +191,6 @@ fn fingerprint(a: &Account) -> String {
     )
 }
 
-/// "accounts added: a; accounts changed: b; certificate" or "nothing".
 /// The names of the top-level fields whose values differ, from the structs' `{:#?}` form: names
 /// only, so that no value (a webhook URL may hold a token) reaches the log.
 fn changed_keys(old: &impl std::fmt::Debug, new: &impl std::fmt::Debug) -> Vec<String> {
@@ -219,6 +218,7 @@ fn changed_keys(old: &impl std::fmt::Debug, new: &impl std::fmt::Debug) -> Vec<S
         .collect()
 }
 
+/// "accounts added: a; accounts changed: b; certificate" or "nothing".
 fn describe(old: &Config, new: &Config, certificate: bool) -> String {
     let names = |c: &Config| -> Vec<String> { c.accounts.iter().map(|a| a.name.clone()).collect() };
     let (before, after) = (names(old), names(new));

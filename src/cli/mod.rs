@@ -242,6 +242,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::ImportToken { account } => {
             let config = load(&cli)?;
             config.account(account).map_err(|e| e.to_string())?;
+            crate::app::grant_store_preflight(&config).await?;
             let token = read_secret("Refresh token: ")?;
             if token.trim().is_empty() {
                 return Err(format!(
@@ -337,6 +338,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                     open_browser: !no_browser,
                 }
             };
+            crate::app::grant_store_preflight(&config).await?;
             let set = authorize::run(&config, account, mode).await?;
             let request = Request::StoreGrant {
                 account: account.clone(),

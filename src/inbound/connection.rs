@@ -447,8 +447,8 @@ impl Connection {
             Err(e) if account.delivery == DeliveryMode::Queue && e.is_passing() => {
                 tracing::info!(error = %e, "token endpoint unavailable; accepting mail into the queue");
             }
-            // The token endpoint is out of reach or failing: not the grant's fault.
-            Err(e) if e.is_passing() => {
+            // The token endpoint is out of reach: not the grant's fault.
+            Err(e @ crate::oauth::tokens::TokenError::Unreachable { .. }) => {
                 tracing::info!(error = %e, "password accepted, but no access token can be had now");
                 self.auth_failed("token_unavailable");
                 return AuthOutcome::GrantUnavailable(e.to_string());
