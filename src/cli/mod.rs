@@ -109,6 +109,7 @@ enum Command {
         /// The locked-out IP address (an IPv6 address stands for its /64).
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         address: Option<String>,
+        /// Every address that is locked out (and every failed-login count).
         #[arg(long)]
         all: bool,
     },
