@@ -215,12 +215,8 @@ pub async fn admin(config: Config, request: Request) -> Result<Response, String>
     if let Some(response) = crate::control::client::call(&socket, &request).await? {
         return Ok(response);
     }
-    if let Request::Unlock { .. } = request {
-        return Err(
-            "no relay answers on its control socket; lockouts live in a running relay's memory \
-             only, so there is nothing to unlock"
-                .into(),
-        );
+    if matches!(request, Request::Reload | Request::Unlock { .. }) {
+        return Err(crate::admin::RELAY_ONLY.into());
     }
     let creates = matches!(request, Request::StoreGrant { .. } | Request::Test { .. });
     local_store_check(&config, &socket, creates)?;
@@ -253,7 +249,7 @@ fn local_store_check(
     creates: bool,
 ) -> Result<(), String> {
     let absolute = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let db = config.server.data_dir.join("grants.db");
+    let db = SledStore::database_path(&config.server.data_dir);
     let key = config.key_file();
     let relative = config.server.data_dir.is_relative() || key.is_relative();
     let where_from = || {

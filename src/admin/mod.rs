@@ -28,6 +28,11 @@ pub struct AdminContext {
     pub http: HttpClients,
 }
 
+/// The answer to `reload` and `unlock` when no relay runs: the config in force and the lockouts
+/// live in a running relay's memory only.
+pub const RELAY_ONLY: &str = "no relay is running with this config's data_dir (its control socket \
+                              does not answer): only a running relay can reload or unlock";
+
 pub async fn execute(ctx: &AdminContext, request: Request) -> Response {
     let tokens = &ctx.upstream.tokens;
     let result = match request {
@@ -69,15 +74,8 @@ pub async fn execute(ctx: &AdminContext, request: Request) -> Response {
             queue::retry(ctx, target).await
         }
         Request::QueueDelete { id } => queue::delete(ctx, &id).await,
-        // Only a running relay can reload; the app answers it before it gets here.
-        Request::Reload => {
-            Err("no relay is running with this config's data_dir; nothing to reload".into())
-        }
-        Request::Unlock { .. } => Err(
-            "no relay is running with this config's data_dir; lockouts live in a running relay's \
-             memory only, so there is nothing to unlock"
-                .into(),
-        ),
+        // The running relay's control handler answers these before they get here.
+        Request::Reload | Request::Unlock { .. } => Err(RELAY_ONLY.into()),
     };
     match result {
         Ok(text) => Response::ok(text),

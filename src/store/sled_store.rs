@@ -23,6 +23,11 @@ fn db_err(e: sled::Error) -> StoreError {
 }
 
 impl SledStore {
+    /// Where the database of `data_dir` lives.
+    pub fn database_path(data_dir: &Path) -> std::path::PathBuf {
+        data_dir.join("grants.db")
+    }
+
     /// Opens (creating if needed) the database in `data_dir` and the key in `key_file`. Blocking:
     /// call at start-up.
     pub fn open(data_dir: &Path, key_file: &Path) -> Result<SledStore, StoreError> {
@@ -33,7 +38,7 @@ impl SledStore {
             ))
         })?;
         let sealer = Sealer::from_key_file(key_file)?;
-        let path = data_dir.join("grants.db");
+        let path = SledStore::database_path(data_dir);
         // A handful of grants: a few MiB of page cache is plenty (sled's default is 1 GiB).
         let db = sled::Config::new()
             .path(&path)
