@@ -663,10 +663,17 @@ async fn cell(env: &Env, name: &str, load: Load, baseline: bool, extra_limits: &
         )
     };
     let rate = |c: Counts| c.sent as f64 / load.duration.as_secs_f64();
+    // This process's CPU per message (load generator and fake provider): beside the relay's, it
+    // tells whether the machine's two cores were the limit.
+    let me = std::process::id();
+    let mut base_cpu = (0.0, 0u64);
     // The baseline runs before and after the relay: the machine is shared, so its mean is the
     // fairer ceiling.
     let before = if baseline {
-        Some(rate(direct().await))
+        let cpu0 = cpu_ms(me);
+        let c = direct().await;
+        base_cpu = (cpu_ms(me) - cpu0, c.sent);
+        Some(rate(c))
     } else {
         None
     };
@@ -676,6 +683,7 @@ async fn cell(env: &Env, name: &str, load: Load, baseline: bool, extra_limits: &
     let corrupt_before = env.provider.corrupt.load(Ordering::Relaxed);
     let perf = perf_attach(pid);
     let cpu0 = cpu_ms(pid);
+    let own0 = cpu_ms(me);
     let c = run_load(
         Target::Relay(relay.addr),
         &load,
@@ -684,6 +692,7 @@ async fn cell(env: &Env, name: &str, load: Load, baseline: bool, extra_limits: &
     )
     .await;
     let cpu = cpu_ms(pid) - cpu0;
+    let own = cpu_ms(me) - own0;
     perf_stop(perf);
     let rss = peak_rss_mb(pid);
     let delivered = env.provider.delivered.load(Ordering::Relaxed) - delivered_before;
@@ -694,8 +703,21 @@ async fn cell(env: &Env, name: &str, load: Load, baseline: bool, extra_limits: &
     let (failed, logins_failed) = (c.failed, c.logins_failed);
     let relay_rate = rate(c);
     let base = match before {
-        Some(b) => Some((b + rate(direct().await)) / 2.0),
+        Some(b) => {
+            let cpu0 = cpu_ms(me);
+            let c = direct().await;
+            base_cpu = (base_cpu.0 + cpu_ms(me) - cpu0, base_cpu.1 + c.sent);
+            Some((b + rate(c)) / 2.0)
+        }
         None => None,
+    };
+    let load_cpu = match base_cpu {
+        (ms, sent) if sent > 0 => format!(
+            "; load side {:.3} ms/msg (baseline {:.3})",
+            own / messages,
+            ms / sent as f64
+        ),
+        _ => format!("; load side {:.3} ms/msg", own / messages),
     };
     Row {
         cell: name.to_string(),
@@ -704,7 +726,7 @@ async fn cell(env: &Env, name: &str, load: Load, baseline: bool, extra_limits: &
         cpu_per_msg: cpu / messages,
         rss,
         note: format!(
-            "{sent} sent, {delivered} delivered, {corrupt} corrupt, {failed} failed, {logins_failed} logins refused"
+            "{sent} sent, {delivered} delivered, {corrupt} corrupt, {failed} failed, {logins_failed} logins refused{load_cpu}"
         ),
     }
 }

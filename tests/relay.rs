@@ -59,6 +59,15 @@ async fn bodies_arrive_byte_identical() {
         );
         i += 1;
     }
+    // Mostly plain lines (passed on as they came, in writes larger than a batch) with a dotted one
+    // now and then (through the decoder).
+    let mut mixed = Vec::new();
+    let mut i = 0u32;
+    while mixed.len() < 3 * 1024 * 1024 {
+        let dot = if i % 997 == 0 { "." } else { "" };
+        mixed.extend_from_slice(format!("{dot}plain line {i} of a large message\r\n").as_bytes());
+        i += 1;
+    }
     let bodies: Vec<Vec<u8>> = vec![
         b".leading dot\r\n..two dots\r\n.\r\nend\r\n".to_vec(),
         "Subject: 8bit\r\n\r\nGr\u{fc}\u{df}e aus K\u{f6}ln, \u{65e5}\u{672c}\r\n"
@@ -68,6 +77,7 @@ async fn bodies_arrive_byte_identical() {
         b"ends without a blank line\r\n".to_vec(),
         Vec::new(),
         big,
+        mixed,
     ];
     let mut c = logged_in(&relay, &provider, Conn::Implicit).await;
     for body in &bodies {

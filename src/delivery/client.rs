@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::outcome::{ErrorKind, UpstreamError};
 use crate::config::{Mechanism, Provider, TlsMode};
 use crate::observe::metrics::{Step, StepTimers};
-use crate::smtp::body::BodyEncoder;
+use crate::smtp::body::{BodyChunk, BodyEncoder};
 use crate::smtp::Reply;
 use crate::util::secret::Secret;
 
@@ -351,13 +351,36 @@ impl Client {
     pub async fn body(&mut self, chunk: &[u8]) -> Result<(), UpstreamError> {
         self.body.encode(chunk, &mut self.out);
         if self.out.len() >= BODY_BATCH {
-            let out = std::mem::take(&mut self.out);
-            let written = self.write(&out).await;
-            self.out = out;
-            self.out.clear();
-            written?;
+            self.write_out().await?;
         }
         Ok(())
+    }
+
+    /// Like [`Client::body`]; a large chunk already in wire form is written from where it lies
+    /// instead of being copied into the batch.
+    pub async fn body_chunk(&mut self, chunk: &BodyChunk) -> Result<(), UpstreamError> {
+        match self.body.as_is(chunk) {
+            Some(wire) if self.out.len() + wire.len() >= BODY_BATCH => {
+                if !self.out.is_empty() {
+                    self.write_out().await?;
+                }
+                self.write(wire).await
+            }
+            Some(wire) => {
+                self.out.extend_from_slice(wire);
+                Ok(())
+            }
+            None => self.body(chunk.bytes()).await,
+        }
+    }
+
+    /// Writes the gathered body bytes, keeping the buffer for the next batch.
+    async fn write_out(&mut self) -> Result<(), UpstreamError> {
+        let out = std::mem::take(&mut self.out);
+        let written = self.write(&out).await;
+        self.out = out;
+        self.out.clear();
+        written
     }
 
     /// Ends the body and reads the final reply, allowing the upstream the 10 minutes RFC 5321

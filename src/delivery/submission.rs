@@ -25,6 +25,7 @@ use crate::config::{Account, DeliveryMode};
 use crate::oauth::tokens::TokenManager;
 use crate::observe::metrics::AccountCounters;
 use crate::observe::MessageOutcome;
+use crate::smtp::body::BodyChunk;
 use crate::smtp::session::{Ahead, MailParams};
 use crate::smtp::{Reply, Severity};
 
@@ -443,14 +444,14 @@ impl Submission {
     }
 
     /// Streams part of the body. A failure drops the connection; `end_data` then reports it.
-    pub async fn body(&mut self, chunk: &[u8]) {
+    pub async fn body(&mut self, chunk: &BodyChunk) {
         self.stats.size += chunk.len();
         if let Some(writer) = self.spooled.as_mut().and_then(|s| s.writer.as_mut()) {
-            writer.push(chunk).await;
+            writer.push(chunk.bytes()).await;
             return;
         }
         if let Some(client) = self.lease.as_mut().and_then(Lease::client) {
-            if let Err(e) = client.body(chunk).await {
+            if let Err(e) = client.body_chunk(chunk).await {
                 tracing::warn!(account = %self.account.name, error = %e, "upstream connection failed during DATA");
                 self.drop_connection();
             }

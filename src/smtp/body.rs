@@ -1,7 +1,53 @@
 //! The message body on the wire: DATA's dot-stuffing and line endings.
 //!
 //! Inbound, smtp-proto's `DataReceiver` undoes the stuffing (see the session); outbound,
-//! [`BodyEncoder`] redoes it, chunk by chunk, so a body is never held whole.
+//! [`BodyEncoder`] redoes it, chunk by chunk, so a body is never held whole. Most mail is already
+//! in wire form both ways (CRLF lines, none starting with "."): the session hands such lines on as a
+//! [`BodyChunk`] that shares the read buffer, and the encoder passes them through untouched, so a
+//! relayed body is checked once and copied only into the TLS record.
+
+use bytes::Bytes;
+
+/// Part of a message body, dot-stuffing undone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyChunk {
+    bytes: Bytes,
+    /// Whole lines, starting at a line start, that DATA carries unchanged: the wire form and the
+    /// body are the same bytes.
+    wire_form: bool,
+}
+
+impl BodyChunk {
+    /// Body bytes as they came out of a decoder.
+    pub fn decoded(bytes: impl Into<Bytes>) -> BodyChunk {
+        BodyChunk {
+            bytes: bytes.into(),
+            wire_form: false,
+        }
+    }
+
+    /// Lines that [`verbatim_lines`] found to be in wire form (and so their own decoding), starting
+    /// at a line start.
+    pub(crate) fn wire_lines(bytes: Bytes) -> BodyChunk {
+        debug_assert_eq!(verbatim_lines(&bytes, false), bytes.len());
+        BodyChunk {
+            bytes,
+            wire_form: true,
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
 
 /// Turns a message body into DATA wire form. CR and LF that are not a CRLF pair become CRLF: RFC 5321
 /// §2.3.8 allows an SMTP client to send them only as CRLF, and passing a bare LF on would let a mailer
@@ -25,6 +71,12 @@ impl BodyEncoder {
             self.mid_line = false;
         }
         n
+    }
+
+    /// The chunk's bytes when they go out exactly as they are (wire-form lines, and the encoder at a
+    /// line start), counted as sent; `None` when they need [`BodyEncoder::encode`].
+    pub fn as_is<'a>(&mut self, chunk: &'a BodyChunk) -> Option<&'a [u8]> {
+        (chunk.wire_form && !self.pending_cr && !self.mid_line).then_some(chunk.bytes())
     }
 
     pub fn encode(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
@@ -98,7 +150,7 @@ impl BodyEncoder {
 /// unchanged (no bare CR or LF, no line starting with "."), given whether `s` starts mid-line.
 /// Byte pairs are checked in fixed blocks with no early exit inside one, which the compiler turns
 /// into vector code: this is the per-byte cost of relaying a body.
-fn verbatim_lines(s: &[u8], mid_line: bool) -> usize {
+pub(crate) fn verbatim_lines(s: &[u8], mid_line: bool) -> usize {
     const BLOCK: usize = 256;
     match s.first() {
         None | Some(b'\n') => return 0,

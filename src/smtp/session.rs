@@ -11,13 +11,18 @@
 use std::collections::VecDeque;
 
 use base64::Engine;
+use bytes::{Buf, BytesMut};
 use smtp_proto::{Request, AUTH_LOGIN, AUTH_PLAIN, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8};
 
+use super::body::BodyChunk;
 use super::reply::Reply;
 use crate::util::secret::Secret;
 
 /// Longest command line accepted (RFC 4954 asks for 12288 to fit AUTH initial responses).
 pub const MAX_LINE: usize = 12288;
+/// A body line may wait this long in the buffer for its line end, so that whole lines can go on as
+/// they came (see [`Session::step_data`]); a longer one goes through the decoder in pieces.
+const BODY_LINE_WAIT: usize = 16 * 1024;
 /// Failed AUTH attempts before the session is closed.
 const MAX_AUTH_FAILURES: u32 = 3;
 
@@ -50,6 +55,22 @@ impl Authorized {
     pub fn sender_allowed(&self, sender: &str) -> bool {
         sender_allowed(self.allowed_senders.as_deref(), sender)
     }
+}
+
+/// At a line start whose first line is not in wire form as it is (a leading dot, a bare CR or LF, the
+/// end of data): that line and the ones after it that are not either, which go through the DATA
+/// receiver together; `None` while the first line has not fully arrived.
+fn decoder_run(input: &[u8]) -> Option<usize> {
+    let mut end = 0;
+    while let Some(lf) = memchr::memchr(b'\n', &input[end..]) {
+        end += lf + 1;
+        let next = &input[end..];
+        match memchr::memchr(b'\n', next) {
+            Some(lf) if super::body::verbatim_lines(&next[..=lf], false) == 0 => {}
+            _ => break,
+        }
+    }
+    (end > 0).then_some(end)
 }
 
 /// Whether MAIL FROM `sender` matches `allowed` (exact addresses or `*@domain`, case-insensitive);
@@ -119,7 +140,7 @@ pub enum Action {
     Data,
     EndOfData,
     /// Part of the message body, dot-stuffing already undone.
-    BodyChunk(Vec<u8>),
+    BodyChunk(BodyChunk),
     /// Drop the upstream transaction without completing it (message too large).
     AbortTransaction,
     /// The mailer abandoned its transaction (RSET, EHLO, HELO, STARTTLS): reset it upstream.
@@ -152,6 +173,9 @@ struct DataPhase {
     /// Output of the receiver not yet handed out; a trailing CR is held back because it may be the
     /// start of the terminating CRLF.CRLF and get taken back by the receiver.
     pending: Vec<u8>,
+    /// The last two bytes of the body's wire form taken from the input: right after a CRLF the
+    /// receiver is at a line start, where whole well-formed lines may bypass it.
+    last_two: [u8; 2],
     size: usize,
     too_big: bool,
 }
@@ -166,6 +190,7 @@ impl DataPhase {
         DataPhase {
             receiver,
             pending: Vec::new(),
+            last_two: *b"\r\n",
             size: 0,
             too_big: false,
         }
@@ -174,10 +199,9 @@ impl DataPhase {
 
 pub struct Session {
     config: SessionConfig,
-    /// Received bytes; those before `start` are consumed. Compacted once per read, so a read
-    /// holding thousands of lines costs linear time, not a shift per line.
-    input: Vec<u8>,
-    start: usize,
+    /// Received bytes not yet consumed. Consuming moves a cursor (no shift per line), and body
+    /// lines leave as shares of this buffer, not copies.
+    input: BytesMut,
     /// Error replies since the last delivered message.
     errors: u32,
     /// A line longer than MAX_LINE is being skipped up to its LF.
@@ -199,8 +223,7 @@ impl Session {
     pub fn new(config: SessionConfig) -> Session {
         Session {
             config,
-            input: Vec::new(),
-            start: 0,
+            input: BytesMut::new(),
             errors: 0,
             discarding: false,
             out: VecDeque::new(),
@@ -237,44 +260,32 @@ impl Session {
     }
 
     pub fn push_input(&mut self, bytes: &[u8]) {
-        self.compact();
         self.input.extend_from_slice(bytes);
     }
 
     /// The buffer the IO layer appends what it reads from the mailer to, with at least `room` bytes
-    /// of spare capacity (saves copying every read through a second buffer).
-    pub fn input_for_read(&mut self, room: usize) -> &mut Vec<u8> {
-        self.compact();
+    /// of spare capacity (saves copying every read through a second buffer). Space of consumed
+    /// bytes is reused once no body chunk shares it any more.
+    pub fn input_for_read(&mut self, room: usize) -> &mut BytesMut {
         self.input.reserve(room);
         &mut self.input
     }
 
     /// Bytes received and not yet consumed.
     pub fn buffered(&self) -> usize {
-        self.input.len() - self.start
+        self.input.len()
     }
 
     fn unread(&self) -> &[u8] {
-        &self.input[self.start..]
+        &self.input
     }
 
     fn consume(&mut self, n: usize) {
-        self.start += n;
-        if self.start == self.input.len() {
-            self.clear_input();
-        }
+        self.input.advance(n);
     }
 
     fn clear_input(&mut self) {
         self.input.clear();
-        self.start = 0;
-    }
-
-    fn compact(&mut self) {
-        if self.start > 0 {
-            self.input.drain(..self.start);
-            self.start = 0;
-        }
     }
 
     /// The next thing to do, or `None` when the session needs more input or an answer.
@@ -804,40 +815,60 @@ impl Session {
     }
 
     /// Feeds buffered input to the DATA receiver; returns false when more input is needed.
+    ///
+    /// At a line start, the whole well-formed lines at hand (CRLF endings, none starting with ".")
+    /// are their own decoding: they go on as one chunk sharing the input buffer, and the receiver's
+    /// state is unchanged by them (it has just seen a CRLF either way). Everything else, and the
+    /// end of data, goes through the receiver.
     fn step_data(&mut self) -> bool {
         let Phase::Data(data) = &mut self.phase else {
             return false;
         };
-        let unread = &self.input[self.start..];
-        if unread.is_empty() {
+        if self.input.is_empty() {
             return false;
         }
-        // At most what is unread comes out: one allocation, not a chain of regrowths and copies.
-        data.pending.reserve(unread.len());
-        let mut iter = unread.iter();
+        let at_line_start = data.last_two == *b"\r\n" && data.pending.is_empty();
+        let take = if at_line_start {
+            let lines = super::body::verbatim_lines(&self.input, false);
+            if lines > 0 {
+                let chunk = BodyChunk::wire_lines(self.input.split_to(lines).freeze());
+                self.body_chunk(chunk);
+                return true;
+            }
+            match decoder_run(&self.input) {
+                Some(run) => run,
+                None if self.input.len() < BODY_LINE_WAIT => return false,
+                None => self.input.len(),
+            }
+        } else {
+            self.input.len()
+        };
+        let Phase::Data(data) = &mut self.phase else {
+            return false;
+        };
+        data.pending.reserve(take);
+        let mut iter = self.input[..take].iter();
         let done = data.receiver.ingest(&mut iter, &mut data.pending);
-        let consumed = unread.len() - iter.as_slice().len();
+        let consumed = take - iter.as_slice().len();
+        data.last_two = match &self.input[..consumed] {
+            [] => data.last_two,
+            [b] => [data.last_two[1], *b],
+            [.., a, b] => [*a, *b],
+        };
         self.consume(consumed);
         let Phase::Data(data) = &mut self.phase else {
             return false;
         };
-
         let keep = usize::from(!done && data.pending.last() == Some(&b'\r'));
         let ready = data.pending.len() - keep;
         if ready > 0 {
-            data.size += ready;
-            if data.size > self.config.max_message_bytes {
-                if !data.too_big {
-                    data.too_big = true;
-                    self.out.push_back(Action::AbortTransaction);
-                }
-                data.pending.drain(..ready);
-            } else {
-                let tail = data.pending.split_off(ready);
-                let chunk = std::mem::replace(&mut data.pending, tail);
-                self.out.push_back(Action::BodyChunk(chunk));
-            }
+            let tail = data.pending.split_off(ready);
+            let chunk = std::mem::replace(&mut data.pending, tail);
+            self.body_chunk(BodyChunk::decoded(chunk));
         }
+        let Phase::Data(data) = &mut self.phase else {
+            return false;
+        };
         if done {
             let too_big = data.too_big;
             if too_big {
@@ -855,6 +886,20 @@ impl Session {
             }
         }
         true
+    }
+
+    /// Hands a body chunk on, or drops it once the message is over the size limit.
+    fn body_chunk(&mut self, chunk: BodyChunk) {
+        let Phase::Data(data) = &mut self.phase else {
+            return;
+        };
+        data.size += chunk.len();
+        if data.size <= self.config.max_message_bytes {
+            self.out.push_back(Action::BodyChunk(chunk));
+        } else if !data.too_big {
+            data.too_big = true;
+            self.out.push_back(Action::AbortTransaction);
+        }
     }
 }
 
@@ -937,6 +982,7 @@ fn unsupported_mail_param(from: &smtp_proto::MailFrom<String>) -> Option<&'stati
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::smtp::body::BodyEncoder;
 
     fn session(tls: bool) -> Session {
         Session::new(SessionConfig {
@@ -973,7 +1019,14 @@ mod tests {
                         AuthOutcome::BadCredentials
                     });
                 }
-                Action::BodyChunk(c) => seen.push(format!("chunk:{}", String::from_utf8_lossy(c))),
+                // Chunk boundaries are the session's business: the body is what counts.
+                Action::BodyChunk(c) => {
+                    let text = String::from_utf8_lossy(c.bytes());
+                    match seen.last_mut() {
+                        Some(last) if last.starts_with("chunk:") => last.push_str(&text),
+                        _ => seen.push(format!("chunk:{text}")),
+                    }
+                }
                 Action::StartTls => {
                     seen.push("starttls".into());
                     s.tls_started();
@@ -1076,6 +1129,75 @@ mod tests {
             }
             assert!(end, "split {split}");
             assert_eq!(got, "a\r\n.b\r\nc\n.d\r\n\r\n", "split {split}");
+        }
+    }
+
+    /// What smtp-proto's receiver makes of a whole DATA stream at once: the body, and whether the
+    /// end of data was in it.
+    fn receiver_decoding(wire: &[u8]) -> (Vec<u8>, bool) {
+        let mut receiver = smtp_proto::request::receiver::DataReceiver::new();
+        receiver.ingest(&mut b"\r\n".iter(), &mut Vec::new());
+        let mut body = Vec::new();
+        let done = receiver.ingest(&mut wire.iter(), &mut body);
+        (body, done)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+        /// Whole lines bypass the receiver and reach the upstream as they came: whatever the
+        /// reads, the body is the receiver's decoding and the upstream gets its encoding.
+        #[test]
+        fn body_lines_passed_on_as_they_came_decode_and_encode_as_the_receiver_does(
+            wire in proptest::collection::vec(
+                proptest::prop_oneof![
+                    6 => proptest::prelude::Just(b'a'),
+                    3 => proptest::prelude::Just(b'\r'),
+                    3 => proptest::prelude::Just(b'\n'),
+                    2 => proptest::prelude::Just(b'.'),
+                    1 => proptest::prelude::any::<u8>(),
+                ],
+                0..600,
+            ),
+            reads in proptest::collection::vec(1usize..300, 1..8),
+        ) {
+            let mut wire = wire;
+            wire.extend_from_slice(b"\r\n.\r\n");
+            let mut s = Session::new(SessionConfig { max_message_bytes: 1 << 20, ..session(true).config });
+            run(&mut s, "EHLO x\r\nAUTH PLAIN AG5ld3MAcHc=\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@x>\r\nDATA\r\n", &mut accept_all);
+            let (mut body, mut sent, mut ended) = (Vec::new(), Vec::new(), false);
+            let mut encoder = BodyEncoder::default();
+            let mut rest = wire.as_slice();
+            let mut sizes = reads.iter().cycle();
+            while !rest.is_empty() && !ended {
+                let n = (*sizes.next().unwrap()).min(rest.len());
+                s.push_input(&rest[..n]);
+                rest = &rest[n..];
+                while let Some(action) = s.next_action() {
+                    match action {
+                        Action::BodyChunk(c) => {
+                            body.extend_from_slice(c.bytes());
+                            match encoder.as_is(&c) {
+                                Some(bytes) => sent.extend_from_slice(bytes),
+                                None => encoder.encode(c.bytes(), &mut sent),
+                            }
+                        }
+                        Action::EndOfData => {
+                            ended = true;
+                            s.upstream_reply(Reply::new(250, "ok"));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            sent.extend_from_slice(encoder.finish());
+            let (expected, done) = receiver_decoding(&wire);
+            proptest::prop_assert!(done && ended);
+            let mut once = BodyEncoder::default();
+            let mut encoded = Vec::new();
+            once.encode(&expected, &mut encoded);
+            encoded.extend_from_slice(once.finish());
+            proptest::prop_assert_eq!(&body, &expected);
+            proptest::prop_assert_eq!(&sent, &encoded);
         }
     }
 
