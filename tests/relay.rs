@@ -64,7 +64,7 @@ async fn bodies_arrive_byte_identical() {
     let mut mixed = Vec::new();
     let mut i = 0u32;
     while mixed.len() < 3 * 1024 * 1024 {
-        let dot = if i % 997 == 0 { "." } else { "" };
+        let dot = if i.is_multiple_of(997) { "." } else { "" };
         mixed.extend_from_slice(format!("{dot}plain line {i} of a large message\r\n").as_bytes());
         i += 1;
     }
