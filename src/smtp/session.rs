@@ -263,11 +263,14 @@ impl Session {
         self.input.extend_from_slice(bytes);
     }
 
-    /// The buffer the IO layer appends what it reads from the mailer to, with at least `room` bytes
-    /// of spare capacity (saves copying every read through a second buffer). Space of consumed
-    /// bytes is reused once no body chunk shares it any more.
+    /// The buffer the IO layer appends what it reads from the mailer to (saves copying every read
+    /// through a second buffer), with room for `room` bytes in all (at least a little more than is
+    /// buffered). Asking for no more than that lets the buffer move its few unconsumed bytes to the
+    /// front of the space it has, once no body chunk shares that space any more, instead of growing.
     pub fn input_for_read(&mut self, room: usize) -> &mut BytesMut {
-        self.input.reserve(room);
+        const MIN_READ: usize = 4096;
+        self.input
+            .reserve(room.saturating_sub(self.input.len()).max(MIN_READ));
         &mut self.input
     }
 
