@@ -1205,6 +1205,27 @@ mod tests {
     }
 
     #[test]
+    fn a_body_line_without_end_is_not_held_beyond_the_wait_limit() {
+        let mut s = Session::new(SessionConfig {
+            max_message_bytes: 1 << 20,
+            ..session(true).config
+        });
+        run(&mut s, "EHLO x\r\nAUTH PLAIN AG5ld3MAcHc=\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@x>\r\nDATA\r\n", &mut accept_all);
+        let line = "z".repeat(100_000);
+        let mut body = String::new();
+        for piece in line.as_bytes().chunks(4096) {
+            for item in run(&mut s, std::str::from_utf8(piece).unwrap(), &mut accept_all) {
+                body.push_str(item.strip_prefix("chunk:").unwrap_or(""));
+            }
+            assert!(s.buffered() < BODY_LINE_WAIT, "{}", s.buffered());
+        }
+        let r = run(&mut s, "\r\n.\r\n", &mut accept_all);
+        body.push_str(r[0].strip_prefix("chunk:").unwrap_or(""));
+        assert_eq!(r.last().unwrap(), "250 2.0.0 queued");
+        assert_eq!(body, format!("{line}\r\n"));
+    }
+
+    #[test]
     fn quoted_addresses_and_unsupported_parameters_are_refused() {
         let mut s = session(true);
         let r = run(
