@@ -9,7 +9,7 @@
 use bytes::Bytes;
 
 /// Part of a message body, dot-stuffing undone.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct BodyChunk {
     bytes: Bytes,
     /// Whole lines, starting at a line start, that DATA carries unchanged: the wire form and the

@@ -846,9 +846,6 @@ impl Session {
         } else {
             self.input.len()
         };
-        let Phase::Data(data) = &mut self.phase else {
-            return false;
-        };
         data.pending.reserve(take);
         let mut iter = self.input[..take].iter();
         let done = data.receiver.ingest(&mut iter, &mut data.pending);
@@ -858,10 +855,7 @@ impl Session {
             [b] => [data.last_two[1], *b],
             [.., a, b] => [*a, *b],
         };
-        self.consume(consumed);
-        let Phase::Data(data) = &mut self.phase else {
-            return false;
-        };
+        self.input.advance(consumed);
         let keep = usize::from(!done && data.pending.last() == Some(&b'\r'));
         let ready = data.pending.len() - keep;
         if ready > 0 {
@@ -869,12 +863,8 @@ impl Session {
             let chunk = std::mem::replace(&mut data.pending, tail);
             self.body_chunk(BodyChunk::decoded(chunk));
         }
-        let Phase::Data(data) = &mut self.phase else {
-            return false;
-        };
         if done {
-            let too_big = data.too_big;
-            if too_big {
+            if matches!(&self.phase, Phase::Data(data) if data.too_big) {
                 self.phase = Phase::Command;
                 self.reset_transaction();
                 self.reply(
@@ -1138,8 +1128,7 @@ mod tests {
     /// What smtp-proto's receiver makes of a whole DATA stream at once: the body, and whether the
     /// end of data was in it.
     fn receiver_decoding(wire: &[u8]) -> (Vec<u8>, bool) {
-        let mut receiver = smtp_proto::request::receiver::DataReceiver::new();
-        receiver.ingest(&mut b"\r\n".iter(), &mut Vec::new());
+        let mut receiver = DataPhase::new().receiver;
         let mut body = Vec::new();
         let done = receiver.ingest(&mut wire.iter(), &mut body);
         (body, done)
