@@ -376,3 +376,160 @@ async fn an_address_that_failed_ten_logins_is_locked_out_and_another_is_not() {
     );
     relay.stop().await;
 }
+
+/// What the upstream must end up with for a DATA stream, written from RFC 5321 alone: the body
+/// ends at the first exact CRLF.CRLF, a line-start dot is unstuffed, and every CR or LF that is not
+/// part of a CRLF pair reaches the upstream as CRLF.
+fn upstream_body(wire: &[u8]) -> Vec<u8> {
+    let mut stream = b"\r\n".to_vec();
+    stream.extend_from_slice(wire);
+    let end = stream.windows(5).position(|w| w == b"\r\n.\r\n").unwrap();
+    let content = &stream[2..end + 2];
+    let mut body = Vec::new();
+    for (i, &b) in content.iter().enumerate() {
+        let line_start = i == 0 || (i >= 2 && &content[i - 2..i] == b"\r\n");
+        if !(line_start && b == b'.') {
+            body.push(b);
+        }
+    }
+    let mut out = Vec::new();
+    for (i, &b) in body.iter().enumerate() {
+        match b {
+            b'\r' if body.get(i + 1) == Some(&b'\n') => out.push(b'\r'),
+            b'\n' if i > 0 && body[i - 1] == b'\r' => out.push(b'\n'),
+            b'\r' | b'\n' => out.extend_from_slice(b"\r\n"),
+            _ => out.push(b),
+        }
+    }
+    out
+}
+
+/// The line ends that smuggled a second message through other relays: none of them ends DATA
+/// here, in direct or queue mode; the upstream gets one transaction with all of it, and with
+/// `bare_line_endings = "reject"` the message is refused and the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_crlf_dot_crlf_ends_a_message_so_nothing_is_smuggled() {
+    let variants: [&[u8]; 7] = [
+        b"\r\n.\r\r\n",
+        b"\r\n.\n",
+        b"\n.\r\n",
+        b"\n.\n",
+        b"\r.\r",
+        b"\r\n.\rX",
+        b"\r.\r\n",
+    ];
+    for (mode, extra) in [("direct", ""), ("queue", "delivery = \"queue\"")] {
+        let opts = RelayOptions {
+            extra_accounts_toml: extra.into(),
+            ..RelayOptions::default()
+        };
+        let (_dir, provider, relay) = setup(opts, "implicit").await;
+        let mut c = Client::connect(&relay, Conn::Implicit, &provider.pki).await;
+        assert!(c.login_plain(LOGIN, PASSWORD).await.starts_with("235"));
+        for (n, variant) in variants.iter().enumerate() {
+            let mut wire = b"hello".to_vec();
+            wire.extend_from_slice(variant);
+            wire.extend_from_slice(
+                b"MAIL FROM:<d@example.com>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\nsmuggled\r\n.\r\n",
+            );
+            assert!(c.cmd("MAIL FROM:<news@example.com>").await.starts_with("250"));
+            assert!(c.cmd("RCPT TO:<a@x.org>").await.starts_with("250"));
+            assert!(c.cmd("DATA").await.starts_with("354"));
+            c.send_raw(&wire).await;
+            c.send_raw(b"NOOP\r\n").await;
+            let end = c.reply().await;
+            assert!(end.starts_with("250 2.0.0"), "{mode} {variant:?}: {end}");
+            assert_eq!(c.reply().await, "250 2.0.0 OK", "{mode} {variant:?}");
+            provider.until(|s| s.messages.len() > n).await;
+            let s = provider.state();
+            assert_eq!(s.messages.len(), n + 1, "{mode} {variant:?}: one transaction");
+            let m = s.messages.last().unwrap();
+            assert_eq!(m.rcpts, ["a@x.org"], "{mode} {variant:?}");
+            assert_eq!(
+                String::from_utf8_lossy(&m.body),
+                String::from_utf8_lossy(&upstream_body(&wire)),
+                "{mode} {variant:?}"
+            );
+        }
+        assert!(!provider
+            .state()
+            .messages
+            .iter()
+            .any(|m| m.rcpts.iter().any(|r| r.contains("victim"))));
+        relay.stop().await;
+    }
+
+    // Refused instead, with the session open for the next message.
+    for extra in ["", "delivery = \"queue\""] {
+        let opts = RelayOptions {
+            extra_accounts_toml: extra.into(),
+            extra_limits_toml: "bare_line_endings = \"reject\"".into(),
+            ..RelayOptions::default()
+        };
+        let (_dir, provider, relay) = setup(opts, "implicit").await;
+        let mut c = Client::connect(&relay, Conn::Implicit, &provider.pki).await;
+        assert!(c.login_plain(LOGIN, PASSWORD).await.starts_with("235"));
+        for variant in variants {
+            assert!(c.cmd("MAIL FROM:<news@example.com>").await.starts_with("250"));
+            assert!(c.cmd("RCPT TO:<a@x.org>").await.starts_with("250"));
+            assert!(c.cmd("DATA").await.starts_with("354"));
+            let mut wire = b"hello".to_vec();
+            wire.extend_from_slice(variant);
+            wire.extend_from_slice(b"more\r\n.\r\n");
+            c.send_raw(&wire).await;
+            assert_eq!(
+                c.reply().await,
+                "554 5.5.2 Bare CR or LF in the message; lines must end with CRLF",
+                "{extra} {variant:?}"
+            );
+        }
+        let replies = c
+            .send_mail("news@example.com", &["a@x.org"], b"clean\r\n")
+            .await;
+        assert!(all_ok(&replies), "{replies:?}");
+        provider.until(|s| !s.messages.is_empty()).await;
+        assert_eq!(provider.state().messages.len(), 1, "only the clean one");
+        relay.stop().await;
+    }
+}
+
+/// `<postmaster>` is an address (RFC 5321 §4.5.1), never the null sender: it reaches the upstream
+/// as written, as sender and as recipient, in both modes; only `<>` is the null sender.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postmaster_reaches_the_upstream_as_postmaster_and_only_angle_brackets_are_null() {
+    for extra in ["", "delivery = \"queue\""] {
+        let opts = RelayOptions {
+            extra_accounts_toml: extra.into(),
+            ..RelayOptions::default()
+        };
+        let (_dir, provider, relay) = setup(opts, "implicit").await;
+        let mut c = Client::connect(&relay, Conn::Implicit, &provider.pki).await;
+        assert!(c.login_plain(LOGIN, PASSWORD).await.starts_with("235"));
+        for (from, rcpt) in [("postmaster", "Postmaster"), ("", "a@x.org")] {
+            let replies = c.send_mail(from, &[rcpt], b"hi\r\n").await;
+            assert!(all_ok(&replies), "{extra}: {replies:?}");
+        }
+        provider.until(|s| s.messages.len() == 2).await;
+        let s = provider.state();
+        let mut seen: Vec<(String, Vec<String>)> = s
+            .messages
+            .iter()
+            .map(|m| {
+                // Queue mode adds SIZE=.
+                let from = m.mail_from.split(' ').next().unwrap().to_string();
+                (from, m.rcpts.clone())
+            })
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("<>".to_string(), vec!["a@x.org".to_string()]),
+                ("<postmaster>".to_string(), vec!["Postmaster".to_string()]),
+            ],
+            "{extra}"
+        );
+        drop(s);
+        relay.stop().await;
+    }
+}

@@ -97,6 +97,7 @@ proptest! {
             max_message_bytes: 1000,
             max_recipients: 3,
             max_errors: 10,
+            reject_bare_line_endings: tls,
         });
         let stream: Vec<u8> = pieces.concat();
         let mut answer = answers.iter().cycle();

@@ -13,10 +13,12 @@ fuzz_target!(|data: &[u8]| {
         hostname: "fuzz".into(),
         tls_active: true,
         starttls_available: true,
+        implicit_tls_port: None,
         plaintext_auth_allowed: false,
         max_message_bytes: 4096,
         max_recipients: 5,
         max_errors: 50,
+        reject_bare_line_endings: data.first().is_some_and(|b| b & 0x80 != 0),
     });
     // The first byte sets the piece size, so the fuzzer explores splits too.
     let Some((&size, rest)) = data.split_first() else {

@@ -151,6 +151,21 @@ pub struct Limits {
     pub auth_failures_per_ip: usize,
     /// How long a locked-out address gets `421 4.7.0`.
     pub auth_lockout_secs: u64,
+    /// A bare CR or LF in a message body: made CRLF on the way upstream, or the message refused.
+    pub bare_line_endings: BareLineEndings,
+}
+
+/// `[limits] bare_line_endings`: what a CR or LF outside a CRLF pair in a body comes to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareLineEndings {
+    /// Passed on as CRLF (RFC 5321 §2.3.8 asks it of an SMTP client), so it cannot end the
+    /// message at the upstream.
+    #[default]
+    #[serde(alias = "normalise")]
+    Normalize,
+    /// `554 5.5.2` at the end of such a message (Postfix's `smtpd_forbid_bare_newline`).
+    Reject,
 }
 
 impl Default for Limits {
@@ -170,6 +185,7 @@ impl Default for Limits {
             max_errors_per_session: 10,
             auth_failures_per_ip: 10,
             auth_lockout_secs: 600,
+            bare_line_endings: BareLineEndings::Normalize,
         }
     }
 }

@@ -150,6 +150,8 @@ impl Connection {
             max_message_bytes: limits.max_message_bytes,
             max_recipients: limits.max_recipients,
             max_errors: limits.max_errors_per_session,
+            reject_bare_line_endings: limits.bare_line_endings
+                == crate::config::BareLineEndings::Reject,
         });
         let preauth_deadline = Instant::now() + Duration::from_secs(limits.preauth_timeout_secs);
         Connection {

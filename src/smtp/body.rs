@@ -1,6 +1,6 @@
 //! The message body on the wire: DATA's dot-stuffing and line endings.
 //!
-//! Inbound, smtp-proto's `DataReceiver` undoes the stuffing (see the session); outbound,
+//! Inbound, [`super::data::DataDecoder`] undoes the stuffing (see the session); outbound,
 //! [`BodyEncoder`] redoes it, chunk by chunk, so a body is never held whole. Most mail is already
 //! in wire form both ways (CRLF lines, none starting with "."): the session hands such lines on as a
 //! [`BodyChunk`] that shares the read buffer, and the encoder passes them through untouched, so a

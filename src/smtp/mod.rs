@@ -5,6 +5,7 @@
 //! what lets every protocol rule be tested without a network.
 
 pub mod body;
+pub mod data;
 pub mod reply;
 pub mod session;
 

@@ -42,6 +42,9 @@ pub struct SessionConfig {
     /// Error replies of the relay's own (not the upstream's) after which the session is closed, like
     /// Postfix's hard error limit; a delivered message starts the count again. 0: no limit.
     pub max_errors: u32,
+    /// A message with a bare CR or LF is refused (`554 5.5.2`) instead of passed on with CRLF
+    /// (Postfix's `smtpd_forbid_bare_newline`).
+    pub reject_bare_line_endings: bool,
 }
 
 /// What the session knows about the mailer's account once authenticated: no secrets.
@@ -59,7 +62,7 @@ impl Authorized {
 
 /// At a line start whose first line is not in wire form as it is (a leading dot, a bare CR or LF, the
 /// end of data): that line and the ones after it that are not either, which go through the DATA
-/// receiver together; `None` while the first line has not fully arrived.
+/// decoder together; `None` while the first line has not fully arrived.
 fn decoder_run(input: &[u8]) -> Option<usize> {
     let mut end = 0;
     while let Some(lf) = memchr::memchr(b'\n', &input[end..]) {
@@ -169,30 +172,28 @@ enum Phase {
 }
 
 struct DataPhase {
-    receiver: smtp_proto::request::receiver::DataReceiver,
-    /// Output of the receiver not yet handed out; a trailing CR is held back because it may be the
-    /// start of the terminating CRLF.CRLF and get taken back by the receiver.
-    pending: Vec<u8>,
-    /// The last two bytes of the body's wire form taken from the input: right after a CRLF the
-    /// receiver is at a line start, where whole well-formed lines may bypass it.
-    last_two: [u8; 2],
+    decoder: super::data::DataDecoder,
+    /// Decoded body not yet handed out (reused between reads).
+    decoded: Vec<u8>,
     size: usize,
-    too_big: bool,
+    /// Why the message will be refused at its end (what comes meanwhile is drained).
+    refused: Option<Refusal>,
+}
+
+/// Why a message being received is refused at its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    TooBig,
+    BareLineEnding,
 }
 
 impl DataPhase {
     fn new() -> DataPhase {
-        let mut receiver = smtp_proto::request::receiver::DataReceiver::new();
-        // The receiver recognises "." only after a CRLF it has seen: prime it so that an empty body or
-        // a first line starting with "." is handled like any other line.
-        let mut primed = Vec::new();
-        receiver.ingest(&mut b"\r\n".iter(), &mut primed);
         DataPhase {
-            receiver,
-            pending: Vec::new(),
-            last_two: *b"\r\n",
+            decoder: super::data::DataDecoder::new(),
+            decoded: Vec::new(),
             size: 0,
-            too_big: false,
+            refused: None,
         }
     }
 }
@@ -401,8 +402,11 @@ impl Session {
             return self.reply(501, "5.5.2 Control characters are not allowed in commands");
         }
         line.extend_from_slice(b"\r\n");
-        let request = match Request::parse(&mut line.iter()) {
-            Ok(r) => postmaster(r.into_owned(), &line),
+        let request = match Request::parse(&mut line.iter()).map(Request::into_owned) {
+            Ok(r) => match written_address(r, &line) {
+                Ok(r) => r,
+                Err(refusal) => return self.refuse_or_reply(refusal),
+            },
             Err(e) => return self.parse_error(e),
         };
         match request {
@@ -817,12 +821,12 @@ impl Session {
         self.accepted_rcpts = 0;
     }
 
-    /// Feeds buffered input to the DATA receiver; returns false when more input is needed.
+    /// Feeds buffered input to the DATA decoder; returns false when more input is needed.
     ///
     /// At a line start, the whole well-formed lines at hand (CRLF endings, none starting with ".")
-    /// are their own decoding: they go on as one chunk sharing the input buffer, and the receiver's
+    /// are their own decoding: they go on as one chunk sharing the input buffer, and the decoder's
     /// state is unchanged by them (it has just seen a CRLF either way). Everything else, and the
-    /// end of data, goes through the receiver.
+    /// end of data, goes through the decoder.
     fn step_data(&mut self) -> bool {
         let Phase::Data(data) = &mut self.phase else {
             return false;
@@ -830,8 +834,7 @@ impl Session {
         if self.input.is_empty() {
             return false;
         }
-        let at_line_start = data.last_two == *b"\r\n" && data.pending.is_empty();
-        let take = if at_line_start {
+        let take = if data.decoder.at_line_start() {
             let lines = super::body::verbatim_lines(&self.input, false);
             if lines > 0 {
                 let chunk = BodyChunk::wire_lines(self.input.split_to(lines).freeze());
@@ -846,73 +849,100 @@ impl Session {
         } else {
             self.input.len()
         };
-        data.pending.reserve(take);
-        let mut iter = self.input[..take].iter();
-        let done = data.receiver.ingest(&mut iter, &mut data.pending);
-        let consumed = take - iter.as_slice().len();
-        data.last_two = match &self.input[..consumed] {
-            [] => data.last_two,
-            [b] => [data.last_two[1], *b],
-            [.., a, b] => [*a, *b],
-        };
+        data.decoded.reserve(take);
+        let (consumed, done) = data.decoder.decode(&self.input[..take], &mut data.decoded);
         self.input.advance(consumed);
-        let keep = usize::from(!done && data.pending.last() == Some(&b'\r'));
-        let ready = data.pending.len() - keep;
-        if ready > 0 {
-            let tail = data.pending.split_off(ready);
-            let chunk = std::mem::replace(&mut data.pending, tail);
-            self.body_chunk(BodyChunk::decoded(chunk));
+        if self.config.reject_bare_line_endings
+            && data.decoder.saw_bare_line_ending()
+            && data.refused.is_none()
+        {
+            data.refused = Some(Refusal::BareLineEnding);
+            self.out.push_back(Action::AbortTransaction);
+        }
+        if !data.decoded.is_empty() {
+            let chunk = BodyChunk::decoded(std::mem::take(&mut data.decoded));
+            self.body_chunk(chunk);
         }
         if done {
-            if matches!(&self.phase, Phase::Data(data) if data.too_big) {
-                self.phase = Phase::Command;
-                self.reset_transaction();
-                self.reply(
-                    552,
-                    format!(
-                        "5.3.4 Message size exceeds the limit of {} bytes",
-                        self.config.max_message_bytes
-                    ),
-                );
-            } else {
-                self.wait(Action::EndOfData, Waiting::EndOfData);
+            let refused = match &self.phase {
+                Phase::Data(data) => data.refused,
+                _ => None,
+            };
+            match refused {
+                None => self.wait(Action::EndOfData, Waiting::EndOfData),
+                Some(why) => {
+                    self.phase = Phase::Command;
+                    self.reset_transaction();
+                    match why {
+                        Refusal::TooBig => self.reply(
+                            552,
+                            format!(
+                                "5.3.4 Message size exceeds the limit of {} bytes",
+                                self.config.max_message_bytes
+                            ),
+                        ),
+                        Refusal::BareLineEnding => self.reply(
+                            554,
+                            "5.5.2 Bare CR or LF in the message; lines must end with CRLF",
+                        ),
+                    }
+                }
             }
         }
         true
     }
 
-    /// Hands a body chunk on, or drops it once the message is over the size limit.
+    /// Hands a body chunk on, or drops it once the message is refused (over the size limit, say).
     fn body_chunk(&mut self, chunk: BodyChunk) {
         let Phase::Data(data) = &mut self.phase else {
             return;
         };
         data.size += chunk.len();
+        if data.refused.is_some() {
+            return;
+        }
         if data.size <= self.config.max_message_bytes {
             self.out.push_back(Action::BodyChunk(chunk));
-        } else if !data.too_big {
-            data.too_big = true;
+        } else {
+            data.refused = Some(Refusal::TooBig);
             self.out.push_back(Action::AbortTransaction);
         }
     }
 }
 
-/// `RCPT TO:<postmaster>` (RFC 5321 §4.5.1) is a recipient, which smtp-proto parses as an empty
-/// address; give it back its name, as the mailer wrote it.
-fn postmaster(request: Request<String>, line: &[u8]) -> Request<String> {
-    match request {
-        Request::Rcpt { mut to } if to.address.is_empty() => {
-            let text = String::from_utf8_lossy(line);
-            if let Some(inner) = text
-                .split_once('<')
-                .and_then(|(_, rest)| rest.split_once('>'))
-                .map(|(inner, _)| inner)
-                .filter(|inner| inner.eq_ignore_ascii_case("postmaster"))
-            {
-                to.address = inner.to_string();
-            }
-            Request::Rcpt { to }
+/// smtp-proto hands back an empty address for `<postmaster>` (RFC 5321 §4.5.1), as for the null
+/// sender `<>`. Only the literal `<>` is the null sender: `postmaster` gets its name back, as the
+/// mailer wrote it, and any other written address that came back empty is refused rather than
+/// turned into `<>` upstream.
+fn written_address(request: Request<String>, line: &[u8]) -> Result<Request<String>, Reply> {
+    let written = || {
+        let text = String::from_utf8_lossy(line);
+        text.split_once('<')
+            .and_then(|(_, rest)| rest.split_once('>'))
+            .map(|(inner, _)| inner.to_string())
+            .unwrap_or_default()
+    };
+    let restore = |address: &mut String, code: &str| {
+        let inner = written();
+        if inner.eq_ignore_ascii_case("postmaster") {
+            *address = inner;
+            Ok(())
+        } else if inner.is_empty() {
+            Ok(())
+        } else {
+            Err(Reply::new(553, format!("{code} Address syntax not understood")))
         }
-        other => other,
+    };
+    match request {
+        Request::Mail { mut from } if from.address.is_empty() => {
+            restore(&mut from.address, "5.1.7")?;
+            Ok(Request::Mail { from })
+        }
+        Request::Rcpt { mut to } if to.address.is_empty() => {
+            restore(&mut to.address, "5.1.3")?;
+            Ok(Request::Rcpt { to })
+        }
+        other => Ok(other),
     }
 }
 
@@ -987,6 +1017,7 @@ mod tests {
             max_message_bytes: 100,
             max_recipients: 2,
             max_errors: 10,
+            reject_bare_line_endings: false,
         })
     }
 
@@ -1125,42 +1156,35 @@ mod tests {
         }
     }
 
-    /// What smtp-proto's receiver makes of a whole DATA stream at once: the body, and whether the
-    /// end of data was in it.
-    fn receiver_decoding(wire: &[u8]) -> (Vec<u8>, bool) {
-        let mut receiver = DataPhase::new().receiver;
-        let mut body = Vec::new();
-        let done = receiver.ingest(&mut wire.iter(), &mut body);
-        (body, done)
-    }
-
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
-        /// Whole lines bypass the receiver and reach the upstream as they came: whatever the
-        /// reads, the body is the receiver's decoding and the upstream gets its encoding.
+        /// Whatever the reads, the body handed on is RFC 5321's decoding (a reference written from
+        /// the RFC, not the decoder under test), one end of data ends it, the upstream gets the
+        /// encoding of that body, and with `reject_bare_line_endings` a body with a bare CR or LF
+        /// is refused instead.
         #[test]
-        fn body_lines_passed_on_as_they_came_decode_and_encode_as_the_receiver_does(
-            wire in proptest::collection::vec(
-                proptest::prop_oneof![
-                    6 => proptest::prelude::Just(b'a'),
-                    3 => proptest::prelude::Just(b'\r'),
-                    3 => proptest::prelude::Just(b'\n'),
-                    2 => proptest::prelude::Just(b'.'),
-                    1 => proptest::prelude::any::<u8>(),
-                ],
-                0..600,
-            ),
+        fn the_session_decodes_as_rfc_5321_says_and_the_upstream_gets_the_encoding(
+            wire in crate::smtp::data::tests::wire_strategy(),
             reads in proptest::collection::vec(1usize..300, 1..8),
+            reject in proptest::prelude::any::<bool>(),
         ) {
+            // What follows the first end of data is commands (junk ones, mostly).
             let mut wire = wire;
-            wire.extend_from_slice(b"\r\n.\r\n");
-            let mut s = Session::new(SessionConfig { max_message_bytes: 1 << 20, ..session(true).config });
+            wire.extend_from_slice(b"\r\n.\r\nNOOP\r\n");
+            let (expected, _, taken) = crate::smtp::data::tests::reference(&wire);
+            let bare = crate::smtp::data::tests::has_bare_line_ending(&wire[..taken - 3]);
+            let mut s = Session::new(SessionConfig {
+                max_message_bytes: 1 << 20,
+                reject_bare_line_endings: reject,
+                ..session(true).config
+            });
             run(&mut s, "EHLO x\r\nAUTH PLAIN AG5ld3MAcHc=\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@x>\r\nDATA\r\n", &mut accept_all);
-            let (mut body, mut sent, mut ended) = (Vec::new(), Vec::new(), false);
+            let (mut body, mut sent, mut ends, mut aborted) = (Vec::new(), Vec::new(), 0, false);
+            let mut replies = Vec::new();
             let mut encoder = BodyEncoder::default();
             let mut rest = wire.as_slice();
             let mut sizes = reads.iter().cycle();
-            while !rest.is_empty() && !ended {
+            while !rest.is_empty() {
                 let n = (*sizes.next().unwrap()).min(rest.len());
                 s.push_input(&rest[..n]);
                 rest = &rest[n..];
@@ -1174,22 +1198,34 @@ mod tests {
                             }
                         }
                         Action::EndOfData => {
-                            ended = true;
-                            s.upstream_reply(Reply::new(250, "ok"));
+                            ends += 1;
+                            s.upstream_reply(Reply::new(250, "2.0.0 ok"));
                         }
+                        Action::AbortTransaction => aborted = true,
+                        Action::Reply(r) => replies.push(r.summary()),
                         _ => {}
                     }
                 }
             }
             sent.extend_from_slice(encoder.finish());
-            let (expected, done) = receiver_decoding(&wire);
-            proptest::prop_assert!(done && ended);
-            let mut once = BodyEncoder::default();
-            let mut encoded = Vec::new();
-            once.encode(&expected, &mut encoded);
-            encoded.extend_from_slice(once.finish());
-            proptest::prop_assert_eq!(&body, &expected);
-            proptest::prop_assert_eq!(&sent, &encoded);
+            if reject && bare {
+                proptest::prop_assert_eq!(ends, 0);
+                proptest::prop_assert!(aborted);
+                proptest::prop_assert_eq!(
+                    &replies[0],
+                    "554 5.5.2 Bare CR or LF in the message; lines must end with CRLF"
+                );
+            } else {
+                proptest::prop_assert_eq!(ends, 1);
+                proptest::prop_assert!(!aborted);
+                let mut once = BodyEncoder::default();
+                let mut encoded = Vec::new();
+                once.encode(&expected, &mut encoded);
+                encoded.extend_from_slice(once.finish());
+                proptest::prop_assert_eq!(&body, &expected);
+                proptest::prop_assert_eq!(&sent, &encoded);
+                proptest::prop_assert_eq!(&replies[0], "250 2.0.0 ok");
+            }
         }
     }
 
@@ -1317,10 +1353,15 @@ mod tests {
         assert_eq!(r[3], "250 2.1.5 postmaster", "{r:?}");
         assert_eq!(r[4], "250 2.1.5 Postmaster", "{r:?}");
         let mut s = session(true);
+        s.auth = Some(Authorized {
+            account: "news".into(),
+            allowed_senders: None,
+        });
         let mut senders = Vec::new();
         run(
             &mut s,
-            "EHLO x\r\nAUTH PLAIN AG5ld3MAcHc=\r\nMAIL FROM:<postmaster@example.com>\r\n",
+            "EHLO x\r\nMAIL FROM:<postmaster@example.com>\r\nRSET\r\nMAIL FROM:<postmaster>\r\nRSET\r\n\
+             MAIL FROM:<PostMaster>\r\nRSET\r\nMAIL FROM:<>\r\n",
             &mut |a| {
                 if let Action::Mail { from, .. } = a {
                     senders.push(from.clone());
@@ -1328,7 +1369,11 @@ mod tests {
                 accept_all(a)
             },
         );
-        assert_eq!(senders, ["postmaster@example.com"]);
+        // Only the literal <> is the null sender.
+        assert_eq!(
+            senders,
+            ["postmaster@example.com", "postmaster", "PostMaster", ""]
+        );
     }
 
     #[test]
