@@ -15,12 +15,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::AdminContext;
 use crate::auth::Authenticator;
-use crate::config::{Config, GrantKind, TlsMode};
+use crate::config::{Account, Config, GrantKind, TlsMode};
 use crate::control::wire::{Request, Response};
 use crate::delivery::activity::{Activity, PERSIST_EVERY};
 use crate::delivery::pacing::Pacers;
 use crate::delivery::pool::{Dialer, Pool};
-use crate::delivery::queue::Queue;
+use crate::delivery::queue::{Queue, Setup as QueueSetup};
 use crate::delivery::UpstreamContext;
 use crate::inbound::connection::{Live, Shared};
 use crate::inbound::listener::{self, Admission, Listener};
@@ -55,6 +55,16 @@ impl Core {
     /// `alerts`: whether alert channels are live (the relay) or not (a one-shot command, which
     /// must not page anyone about what it happens to see).
     pub fn open(config: Arc<Config>, tasks: TaskTracker, alerts: bool) -> Result<Core, String> {
+        Core::open_on(config, tasks, alerts, Arc::new(crate::delivery::queue::disk::Os))
+    }
+
+    /// [`Core::open`] with the spool on `disk` (tests hand in one that fails on request).
+    pub fn open_on(
+        config: Arc<Config>,
+        tasks: TaskTracker,
+        alerts: bool,
+        disk: Arc<dyn crate::delivery::queue::disk::Disk>,
+    ) -> Result<Core, String> {
         let store = SledStore::open(&config.server.data_dir, &config.key_file())
             .map_err(|e| e.to_string())?;
         let timeout = Duration::from_secs(config.limits.upstream_timeout_secs);
@@ -69,12 +79,33 @@ impl Core {
             Observer::quiet(clock.clone())
         };
         observer.prepare(&config);
+        // The queue first: mail queued by accounts no longer configured brings those accounts
+        // back (without a login) for the token manager, the pool and pacing.
+        let (queue, retired) = Queue::open(
+            &config.server.data_dir,
+            QueueSetup {
+                config: config.delivery.clone(),
+                accounts: &config.accounts,
+                providers: &config.providers,
+                clock: clock.clone(),
+                hostname: &config.server.hostname,
+                observer: observer.clone(),
+                disk,
+            },
+        )
+        .map_err(|e| {
+            format!(
+                "cannot open the queue in {}: {e}",
+                config.server.data_dir.join("queue").display()
+            )
+        })?;
+        let accounts: Vec<Arc<Account>> = config.accounts.iter().chain(&retired).cloned().collect();
         let tokens = Arc::new(TokenManager::new(
             Store::new(store),
             issuer,
             clock.clone(),
             margin,
-            &config.accounts,
+            &accounts,
             tasks.clone(),
             observer.clone(),
         ));
@@ -87,27 +118,13 @@ impl Core {
         };
         let limits = &config.limits;
         let pool = Pool::new(
-            &config.accounts,
+            &accounts,
             dialer,
             Duration::from_secs(limits.upstream_idle_secs),
             Duration::from_secs(limits.upstream_wait_secs),
             tasks.clone(),
         );
-        let pacers = Arc::new(Pacers::new(&config.accounts, clock.clone()));
-        let queue = Queue::open(
-            &config.server.data_dir,
-            config.delivery.clone(),
-            &config.accounts,
-            clock,
-            &config.server.hostname,
-            observer.clone(),
-        )
-        .map_err(|e| {
-            format!(
-                "cannot open the queue in {}: {e}",
-                config.server.data_dir.join("queue").display()
-            )
-        })?;
+        let pacers = Arc::new(Pacers::new(&accounts, clock));
         queue.load_pacing(&pacers);
         let upstream = Arc::new(UpstreamContext {
             tokens,
@@ -621,8 +638,9 @@ fn stuck_queues(shared: &Shared) {
     let upstream = &shared.upstream;
     let alerts = &upstream.observer.alerts;
     let limit = alerts.thresholds().alert_queue_age_secs;
-    for a in &shared.live.load().config.accounts {
-        let q = upstream.queue.account_view(&a.name);
+    // Every account with a queue: one removed from the config may still have mail held.
+    for name in upstream.queue.account_names() {
+        let q = upstream.queue.account_view(&name);
         let Some(oldest) = q.oldest_secs.filter(|age| *age >= limit) else {
             continue;
         };
@@ -635,10 +653,9 @@ fn stuck_queues(shared: &Shared) {
                 .unwrap_or_default()
         );
         let hint = format!(
-            "see `xoauth-relay queue --account {0}` for each message's last reply, and \
-             `xoauth-relay accounts` for the grant; `xoauth-relay queue retry --account {0}` tries again now",
-            a.name
+            "see `xoauth-relay queue --account {name}` for each message's last reply, and \
+             `xoauth-relay accounts` for the grant; `xoauth-relay queue retry --account {name}` tries again now"
         );
-        alerts.raise(crate::observe::Event::QueueStuck, &a.name, &detail, &hint);
+        alerts.raise(crate::observe::Event::QueueStuck, &name, &detail, &hint);
     }
 }

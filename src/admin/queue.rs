@@ -21,8 +21,18 @@ pub(super) fn list(
             })
             .map_err(|e| e.to_string());
     }
+    let quarantine = ctx.upstream.queue.quarantine();
+    let kept = match quarantine.files {
+        0 => String::new(),
+        n => format!(
+            "quarantined: {n} file(s), {} bytes of damaged spool data kept in {} (see the error log and the \
+             queue_corrupt alert; what could be identified is listed above as held)\n",
+            quarantine.bytes,
+            quarantine.dir.display()
+        ),
+    };
     if messages.is_empty() {
-        return Ok("queue is empty\n".into());
+        return Ok(format!("queue is empty\n{kept}"));
     }
     let mut rows = vec![[
         "ID",
@@ -52,16 +62,22 @@ pub(super) fn list(
             m.size.to_string(),
             span_text(m.age_secs),
             m.attempts.to_string(),
-            if m.next_attempt_secs == 0 {
+            if m.held.is_some() {
+                "held".into()
+            } else if m.next_attempt_secs == 0 {
                 "now".into()
             } else {
                 format!("in {}", span_text(m.next_attempt_secs))
             },
-            m.last_reply.clone().unwrap_or_else(|| "-".into()),
+            m.held
+                .clone()
+                .or_else(|| m.last_reply.clone())
+                .unwrap_or_else(|| "-".into()),
         ]);
     }
     let mut out = super::columns(rows);
     out.push_str(&format!("{} message(s)\n", messages.len()));
+    out.push_str(&kept);
     Ok(out)
 }
 
@@ -91,6 +107,9 @@ pub(super) async fn show(ctx: &AdminContext, id: &str) -> Result<String, String>
         span_text(m.next_attempt_secs),
         m.last_reply.as_deref().unwrap_or("-"),
     );
+    if let Some(held) = &m.held {
+        out.push_str(&format!("held: {held}\n"));
+    }
     for r in &m.recipients {
         out.push_str(&format!(
             "  {} {} {}\n",

@@ -212,6 +212,10 @@ pub struct DeliveryConfig {
     pub max_queue_age_secs: u64,
     /// An account that got a provider quota reply waits this long (unless the reply names a time).
     pub quota_pause_secs: u64,
+    /// Queue mode answers `452 4.3.1` at MAIL while the filesystem of `data_dir` has less free
+    /// space than this (Postfix's `queue_minfree`), so that a rotated refresh token always finds
+    /// room. Default: 5% of the filesystem, at most 1 GiB.
+    pub min_free_bytes: Option<u64>,
 }
 
 impl Default for DeliveryConfig {
@@ -222,6 +226,7 @@ impl Default for DeliveryConfig {
             retry_max_secs: 3600,
             max_queue_age_secs: 432_000,
             quota_pause_secs: 3600,
+            min_free_bytes: None,
         }
     }
 }
@@ -462,6 +467,63 @@ pub struct Account {
     pub pacing: Pacing,
     /// `delivery` of the account, else `[delivery] mode`.
     pub delivery: DeliveryMode,
+}
+
+impl Account {
+    /// An account that is no longer configured but still has queued mail: it delivers that mail
+    /// through `provider` as `mailbox`, with the grant stored under `name`. Nobody can log in as
+    /// it (no login, no password).
+    pub fn retired(
+        name: &str,
+        provider: Arc<Provider>,
+        mailbox: &str,
+        grant: Option<GrantKind>,
+    ) -> Account {
+        Account {
+            name: name.to_string(),
+            login: String::new(),
+            password_hash: Secret::default(),
+            grant: grant.unwrap_or(provider.grant),
+            max_upstream_connections: provider.max_upstream_connections,
+            pacing: provider.pacing,
+            provider,
+            mailbox: mailbox.to_string(),
+            allowed_senders: None,
+            delivery: DeliveryMode::Queue,
+        }
+    }
+}
+
+impl Provider {
+    /// Stands in for a provider that is no longer configured (nothing can be sent through it).
+    pub fn missing(name: &str) -> Provider {
+        Provider {
+            name: name.to_string(),
+            family: Family::Generic,
+            token_url: String::new(),
+            authorize_url: None,
+            device_authorization_url: None,
+            revocation_url: None,
+            scopes: Vec::new(),
+            client_id: String::new(),
+            secret_source: None,
+            client_secret: None,
+            smtp_host: String::new(),
+            smtp_port: 0,
+            smtp_tls: TlsMode::Implicit,
+            smtp_ca_file: None,
+            http_ca_file: None,
+            mechanism: Mechanism::Xoauth2,
+            redirect_port: None,
+            grant: GrantKind::RefreshToken,
+            service_account_key_file: None,
+            client_certificate_file: None,
+            client_private_key_file: None,
+            max_upstream_connections: 1,
+            upstream_proxy: None,
+            pacing: Pacing::default(),
+        }
+    }
 }
 
 /// Where a provider's client secret is read from.

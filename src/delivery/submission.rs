@@ -19,7 +19,8 @@ use super::activity::Activity;
 use super::outcome::{Outcome, UpstreamError};
 use super::pacing::{Pacer, Pacers};
 use super::pool::{Lease, OpenError, Pool};
-use super::queue::spool::{Envelope, SpoolWriter};
+use super::queue::model::Envelope;
+use super::queue::spool::SpoolWriter;
 use super::queue::Queue;
 use crate::config::{Account, DeliveryMode};
 use crate::oauth::tokens::TokenManager;
@@ -311,6 +312,13 @@ impl Submission {
         }
         self.rcpts = 0;
         if self.account.delivery == DeliveryMode::Queue {
+            if !self.ctx.queue.has_room() {
+                self.record(MessageOutcome::Failed);
+                return Outcome::from_reply(Reply::new(
+                    452,
+                    "4.3.1 Insufficient system storage; try again later",
+                ));
+            }
             self.spooled = Some(Spooled {
                 env: Envelope {
                     account: self.account.name.clone(),

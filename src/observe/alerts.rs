@@ -29,16 +29,22 @@ pub enum Event {
     UpstreamAuthRejected,
     QueueStuck,
     MessageBounced,
+    /// Spool data was found damaged (kept aside in `queue/corrupt/`).
+    QueueCorrupt,
+    /// A new grant (a rotated refresh token) could not be written to the database.
+    GrantSaveFailed,
 }
 
 impl Event {
-    pub const ALL: [Event; 6] = [
+    pub const ALL: [Event; 8] = [
         Event::GrantRevoked,
         Event::RefreshFailing,
         Event::GrantExpiring,
         Event::UpstreamAuthRejected,
         Event::QueueStuck,
         Event::MessageBounced,
+        Event::QueueCorrupt,
+        Event::GrantSaveFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +55,8 @@ impl Event {
             Event::UpstreamAuthRejected => "upstream_auth_rejected",
             Event::QueueStuck => "queue_stuck",
             Event::MessageBounced => "message_bounced",
+            Event::QueueCorrupt => "queue_corrupt",
+            Event::GrantSaveFailed => "grant_save_failed",
         }
     }
 }

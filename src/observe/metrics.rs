@@ -187,6 +187,7 @@ pub struct Metrics {
     upstream_reply: Family<StepLabel, Histogram, fn() -> Histogram>,
     token_refreshes: Family<AccountOutcome, Counter>,
     alerts: Family<AccountEvent, Counter>,
+    queue_corrupt: Counter,
     pub gauges: Gauges,
     /// One scrape at a time: each clears and refills the shared gauges.
     scraping: std::sync::Mutex<()>,
@@ -213,6 +214,7 @@ impl Metrics {
             );
         let token_refreshes = Family::default();
         let alerts = Family::default();
+        let queue_corrupt = Counter::default();
         let gauges = Gauges {
             upstream_connections: Family::default(),
             token_expiry_seconds: Family::default(),
@@ -268,6 +270,11 @@ impl Metrics {
             "Alerts fired, by account and event",
             alerts.clone(),
         );
+        r.register(
+            "xoauth_relay_queue_corrupt",
+            "Damaged spool records found (their bytes kept in queue/corrupt/)",
+            queue_corrupt.clone(),
+        );
         let g = &gauges;
         r.register(
             "xoauth_relay_upstream_connections",
@@ -310,9 +317,15 @@ impl Metrics {
             upstream_reply,
             token_refreshes,
             alerts,
+            queue_corrupt,
             gauges,
             scraping: std::sync::Mutex::new(()),
         }
+    }
+
+    /// A damaged spool record was found.
+    pub fn queue_corrupt(&self) {
+        self.queue_corrupt.inc();
     }
 
     /// A session started on `listener` (its configured address); the guard ends it.

@@ -16,104 +16,32 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::File;
-use std::io::{self, BufRead, Read, Seek, Write};
+use std::io::{self, BufRead, Read, Seek};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use super::log::{self, LogAt, KIND_DONE, KIND_MESSAGE};
+use super::disk::Disk;
+use super::log::{self, LogAt, Rec, Record};
+pub use super::model::{Envelope, Progress, RcptState, RcptStatus};
+use super::model::valid_id;
 
 /// Bytes of body gathered in memory before they are written out.
 const WRITE_BATCH: usize = 256 * 1024;
 /// How long a batch of done records waits for company. Nobody waits on them (a message that
 /// arrives ends the wait), and a crash inside the window only means a message delivered again,
 /// so the window is wide enough to make them a few dozen syncs a second under load.
-const DONE_LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+const DONE_LINGER: Duration = Duration::from_millis(20);
 /// Changes made durable together at most.
 const MAX_BATCH: usize = 512;
-
-/// Who sent a message to whom, fixed at submission.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Envelope {
-    pub id: String,
-    pub account: String,
-    /// The envelope sender; empty for a null sender.
-    pub sender: String,
-    pub recipients: Vec<String>,
-    /// Unix seconds.
-    pub received: u64,
-    /// Bytes of body (not stored: the file's length tells).
-    #[serde(skip)]
-    pub size: u64,
-    /// Where the body starts in its file (after the envelope line).
-    #[serde(skip)]
-    pub body_offset: u64,
-    /// Where the body is in the log, for a logged message.
-    #[serde(skip)]
-    pub logged: Option<LogAt>,
-    #[serde(default)]
-    pub eight_bit: bool,
-    #[serde(default)]
-    pub smtputf8: bool,
-    /// A delivery status notification made by the relay: never bounced itself.
-    #[serde(default)]
-    pub bounce: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RcptStatus {
-    Pending,
-    Delivered,
-    Bounced,
-}
-
-impl RcptStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RcptStatus::Pending => "pending",
-            RcptStatus::Delivered => "delivered",
-            RcptStatus::Bounced => "bounced",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RcptState {
-    pub status: RcptStatus,
-    pub last_reply: Option<String>,
-}
-
-/// What has happened to a message so far.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Progress {
-    /// Delivery attempts that ended in a temporary failure.
-    pub attempts: u32,
-    /// Unix seconds of the next attempt.
-    pub next_attempt: u64,
-    pub last_reply: Option<String>,
-    /// One per envelope recipient, in order.
-    pub recipients: Vec<RcptState>,
-}
-
-impl Progress {
-    pub fn fresh(recipients: usize) -> Progress {
-        Progress {
-            attempts: 0,
-            next_attempt: 0,
-            last_reply: None,
-            recipients: vec![
-                RcptState {
-                    status: RcptStatus::Pending,
-                    last_reply: None,
-                };
-                recipients
-            ],
-        }
-    }
-}
+/// A change that must not be lost (a done record, a progress record) and failed is tried again
+/// after this, doubling up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// At shutdown, changes still failing are waited for this long at most.
+const FLUSH_PATIENCE: Duration = Duration::from_secs(10);
 
 enum Op {
     /// A written and synced file gets its name in `msg/`.
@@ -130,11 +58,18 @@ enum Op {
     Remove(Vec<PathBuf>),
     /// Detached removals are waiting in [`Spool::detached`]: take them into this batch.
     TakeDetached,
-    /// A record for the log.
-    Append {
-        kind: u8,
-        payload: Vec<u8>,
+    /// A message for the log: its envelope line is the first `header` bytes.
+    Message { bytes: Vec<u8>, header: usize },
+    /// A logged message is done with; `release`: it counted as live in its segment (a damaged
+    /// one, kept aside, did not).
+    Done {
+        segment: u64,
+        id: String,
+        release: bool,
     },
+    /// Answered once every change before it is durable (or, for those that keep failing, after
+    /// [`FLUSH_PATIENCE`]).
+    Flush,
 }
 
 impl Op {
@@ -144,16 +79,25 @@ impl Op {
             Op::Place { to, .. } => to.parent(),
             Op::Write { path, .. } => path.parent(),
             Op::Remove(paths) => paths.first().and_then(|p| p.parent()),
-            Op::Append { .. } | Op::TakeDetached => None,
+            _ => None,
         }
+    }
+
+    /// A change whose loss would bring a message back or undo its progress after a restart: tried
+    /// again until it is durable. (A new message's own commit fails at once instead: its mailer
+    /// gets a `451` and sends it again.)
+    fn must_last(&self) -> bool {
+        matches!(self, Op::Write { .. } | Op::Remove(_) | Op::Done { .. })
     }
 }
 
+type Answer = oneshot::Sender<io::Result<Option<LogAt>>>;
+
 struct Job {
     op: Op,
-    /// Who waits for the result; `None` for a removal nobody waits on (the committer logs a
+    /// Who waits for the result; none for a removal nobody waits on (the committer logs a
     /// failure itself).
-    done: Option<oneshot::Sender<io::Result<Option<LogAt>>>>,
+    done: Vec<Answer>,
     /// The message it is about, for that log line.
     id: Option<String>,
 }
@@ -216,14 +160,16 @@ pub struct Spool {
     msg: PathBuf,
     tmp: PathBuf,
     seg: PathBuf,
+    corrupt: PathBuf,
+    disk: Arc<dyn Disk>,
     jobs: mpsc::Sender<Job>,
     /// The segment being appended to (kept by the committer).
-    active: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    active: Arc<std::sync::atomic::AtomicU64>,
     /// Removals of delivered messages, gathered here and handed to the committer with one
     /// wake-up per batch instead of one per message.
     detached: Detached,
     /// Segments recently read from, kept open: reading a logged body is then one `preadv2`.
-    readers: std::sync::Mutex<VecDeque<(u64, std::sync::Arc<File>)>>,
+    readers: std::sync::Mutex<VecDeque<(u64, Arc<File>)>>,
 }
 
 /// Open segment files kept for reading; a segment deleted while open keeps its space until its
@@ -236,14 +182,31 @@ pub struct Stored {
     pub progress: Option<Progress>,
 }
 
+/// What opening the spool found besides the messages.
+#[derive(Default)]
+pub struct Opened {
+    pub stored: Vec<Stored>,
+    /// Spool log bytes that could not be read (copied to `queue/corrupt/`).
+    pub damage: Vec<log::Damage>,
+}
+
+/// Damaged spool data kept aside, for `queue`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Quarantine {
+    pub dir: PathBuf,
+    pub files: usize,
+    pub bytes: u64,
+}
+
 impl Spool {
     /// Creates the directories, throws away what was never committed, and returns the messages
     /// that were. Blocking: run at start-up.
-    pub fn open(data_dir: &Path) -> io::Result<(Spool, Vec<Stored>)> {
+    pub fn open(data_dir: &Path, disk: Arc<dyn Disk>) -> io::Result<(Spool, Opened)> {
         let root = data_dir.join("queue");
         let msg = root.join("msg");
         let tmp = root.join("tmp");
         let seg = root.join("seg");
+        let corrupt = root.join("corrupt");
         let new = !seg.exists();
         for dir in [&root, &msg, &tmp, &seg] {
             crate::util::fs::create_private_dir(dir)?;
@@ -251,20 +214,20 @@ impl Spool {
         if new {
             // The new directories' names must survive a power loss as much as the files in them.
             for dir in [&root, data_dir] {
-                File::open(dir)?.sync_all()?;
+                disk.sync_dir(dir)?;
             }
         }
         for entry in std::fs::read_dir(&tmp)? {
             let _ = std::fs::remove_file(entry?.path());
         }
-        let mut stored = Vec::new();
+        let mut opened = Opened::default();
         let mut ids = BTreeSet::new();
         for entry in std::fs::read_dir(&msg)? {
             let path = entry?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             if name.ends_with(".tmp") {
                 let _ = std::fs::remove_file(&path);
-            } else if !name.contains('.') {
+            } else if valid_id(name) {
                 ids.insert(name.to_string());
             }
         }
@@ -280,12 +243,17 @@ impl Spool {
         }
         for id in ids {
             match read_envelope(&msg.join(&id)) {
-                Ok(envelope) => {
+                Ok(mut envelope) => {
+                    if envelope.id != id {
+                        tracing::warn!(id, inside = %envelope.id, "spool file whose envelope names another id: its file name is used");
+                    }
+                    // The name is what every path is built from, never the text inside.
+                    envelope.id = id.clone();
                     let progress = std::fs::read(msg.join(format!("{id}.state")))
                         .ok()
                         .and_then(|b| serde_json::from_slice::<Progress>(&b).ok())
                         .filter(|p| p.recipients.len() == envelope.recipients.len());
-                    stored.push(Stored { envelope, progress });
+                    opened.stored.push(Stored { envelope, progress });
                 }
                 Err(e) => {
                     // Committed files are complete (synced before their rename); this one is not ours.
@@ -294,87 +262,145 @@ impl Spool {
             }
         }
         // The log: messages without a done record, unless they moved to a file meanwhile.
+        let scan = log::scan(&seg, &corrupt, &*disk)?;
+        let mut pinned = scan.pinned;
         let mut logged: BTreeMap<String, Envelope> = BTreeMap::new();
-        for found in log::scan(&seg)? {
-            match found.kind {
-                KIND_MESSAGE => match envelope_line(&found.payload) {
-                    Some((mut envelope, header)) => {
-                        envelope.size = (found.payload.len() - header) as u64;
-                        envelope.logged = Some(LogAt {
-                            segment: found.segment,
-                            offset: found.offset + header as u64,
-                        });
-                        logged.insert(envelope.id.clone(), envelope);
+        for found in scan.found {
+            match found.record {
+                Record::Message {
+                    envelope,
+                    body,
+                    len,
+                } => match parse_envelope(&envelope) {
+                    Some(mut env) => {
+                        env.size = len;
+                        env.logged = Some(body);
+                        logged.insert(env.id.clone(), env);
                     }
-                    None => tracing::error!(
-                        segment = found.segment,
-                        "unreadable message record in the spool log skipped"
-                    ),
+                    None => {
+                        // It checks out, so it was written whole: by a release that wrote
+                        // something this one cannot read. Kept, never deleted unread.
+                        tracing::error!(
+                            segment = found.segment,
+                            "spool log record with an envelope this release cannot read; its segment is kept"
+                        );
+                        pinned.insert(found.segment);
+                    }
                 },
-                KIND_DONE => {
-                    // The segment of the message, then its id.
-                    let id = found.payload.get(8..).unwrap_or_default();
-                    logged.remove(String::from_utf8_lossy(id).as_ref());
+                Record::Done { id, .. } => {
+                    logged.remove(&id);
                 }
-                _ => {}
             }
         }
-        let in_files: BTreeSet<String> = stored.iter().map(|s| s.envelope.id.clone()).collect();
+        // Damaged bodies whose envelope survived are messages the queue lists (and never sends).
+        for d in &scan.damage {
+            let Some(mut env) = d.envelope.as_deref().and_then(parse_envelope) else {
+                continue;
+            };
+            env.logged = Some(LogAt {
+                segment: d.segment,
+                offset: d.offset,
+            });
+            env.size = d.len;
+            env.damaged = Some(format!(
+                "its body in the spool was found damaged (segment {}, offset {}, {} bytes){}: it cannot \
+                 be delivered as received; nothing of it was sent",
+                d.segment,
+                d.offset,
+                d.len,
+                d.kept
+                    .as_ref()
+                    .map(|p| format!("; the bytes are kept in {}", p.display()))
+                    .unwrap_or_default()
+            ));
+            logged.entry(env.id.clone()).or_insert(env);
+        }
+        opened.damage = scan.damage;
+        let in_files: BTreeSet<String> = opened
+            .stored
+            .iter()
+            .map(|s| s.envelope.id.clone())
+            .collect();
         let mut live: BTreeMap<u64, usize> = BTreeMap::new();
         // Moved to a file, but the crash came before the log's done record: the file wins, and
         // the log is told now (else the message would come back once its file is gone).
-        let mut moved: Vec<Vec<u8>> = Vec::new();
+        let mut moved: Vec<(u64, String)> = Vec::new();
         for (id, envelope) in logged {
+            let segment = envelope.logged.expect("set above").segment;
             if in_files.contains(&id) {
-                let mut payload = envelope
-                    .logged
-                    .expect("set above")
-                    .segment
-                    .to_le_bytes()
-                    .to_vec();
-                payload.extend_from_slice(id.as_bytes());
-                moved.push(payload);
+                moved.push((segment, id));
                 continue;
             }
-            let segment = envelope.logged.expect("set above").segment;
-            *live.entry(segment).or_default() += 1;
-            stored.push(Stored {
+            // A damaged message's bytes are kept aside: it needs nothing of its segment.
+            if envelope.damaged.is_none() {
+                *live.entry(segment).or_default() += 1;
+            }
+            opened.stored.push(Stored {
                 envelope,
                 progress: None,
             });
         }
-        stored.sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
-        let mut log = log::Log::open(&seg, live)?;
+        opened
+            .stored
+            .sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
+        let mut log = log::Log::open(&seg, disk.clone(), live, pinned)?;
         if !moved.is_empty() {
-            let records: Vec<(u8, &[u8])> =
-                moved.iter().map(|p| (KIND_DONE, p.as_slice())).collect();
+            let records: Vec<Rec<'_>> = moved
+                .iter()
+                .map(|(segment, id)| Rec::Done {
+                    segment: *segment,
+                    id,
+                })
+                .collect();
             log.append(&records)?;
         }
-        let active = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(log.active()));
+        let active = Arc::new(std::sync::atomic::AtomicU64::new(log.active()));
         let (jobs, rx) = mpsc::channel();
         let shown = active.clone();
         let detached = Detached::default();
         let taken = detached.clone();
+        let committing = disk.clone();
         std::thread::Builder::new()
             .name("spool-commit".into())
-            .spawn(move || committer(rx, log, &shown, &taken))?;
+            .spawn(move || Committer::new(log, committing).run(rx, &shown, &taken))?;
         Ok((
             Spool {
                 root,
                 msg,
                 tmp,
                 seg,
+                corrupt,
+                disk,
                 jobs,
                 active,
                 detached,
                 readers: std::sync::Mutex::new(VecDeque::new()),
             },
-            stored,
+            opened,
         ))
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// What `queue/corrupt/` holds.
+    pub fn quarantine(&self) -> Quarantine {
+        let mut q = Quarantine {
+            dir: self.corrupt.clone(),
+            ..Quarantine::default()
+        };
+        if let Ok(entries) = std::fs::read_dir(&self.corrupt) {
+            for e in entries.flatten() {
+                if let Ok(m) = e.metadata() {
+                    if m.is_file() && !e.file_name().to_string_lossy().ends_with(".tmp") {
+                        q.files += 1;
+                        q.bytes += m.len();
+                    }
+                }
+            }
+        }
+        q
     }
 
     /// Where to read `env`'s body from.
@@ -406,6 +432,7 @@ impl Spool {
         buf.push(b'\n');
         SpoolWriter {
             path: self.tmp.join(&envelope.id),
+            disk: self.disk.clone(),
             file: None,
             header: buf.len() as u64,
             buf,
@@ -415,7 +442,6 @@ impl Spool {
         }
     }
 
-    /// Hands `op` to the committer now; the answer comes when it is durable.
     /// Closes the segments kept open for reading (run periodically, so that deleted segments give
     /// their space back).
     pub fn close_readers(&self) {
@@ -426,12 +452,12 @@ impl Spool {
     }
 
     /// The segment `number`, open for reading (from the few kept open, or opened now).
-    fn reader(&self, number: u64) -> Option<std::sync::Arc<File>> {
+    fn reader(&self, number: u64) -> Option<Arc<File>> {
         let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, f)) = readers.iter().find(|(n, _)| *n == number) {
             return Some(f.clone());
         }
-        let file = std::sync::Arc::new(File::open(log::segment_path(&self.seg, number)).ok()?);
+        let file = Arc::new(File::open(log::segment_path(&self.seg, number)).ok()?);
         if readers.len() >= OPEN_READERS {
             readers.pop_front();
         }
@@ -439,11 +465,12 @@ impl Spool {
         Some(file)
     }
 
+    /// Hands `op` to the committer now; the answer comes when it is durable.
     fn submit(&self, op: Op) -> impl std::future::Future<Output = io::Result<Option<LogAt>>> {
         let (done, result) = oneshot::channel();
         let sent = self.jobs.send(Job {
             op,
-            done: Some(done),
+            done: vec![done],
             id: None,
         });
         async move {
@@ -458,9 +485,10 @@ impl Spool {
         self.submit(op).await
     }
 
-    /// Waits until everything handed to the committer before is durable (at shutdown).
+    /// Waits until everything handed to the committer before is durable (at shutdown); what still
+    /// fails after [`FLUSH_PATIENCE`] is logged by name.
     pub async fn flush(&self) {
-        let _ = self.run(Op::Remove(Vec::new())).await;
+        let _ = self.run(Op::Flush).await;
     }
 
     /// Makes a received message durable together with whatever else is being committed at that
@@ -468,37 +496,48 @@ impl Spool {
     /// `msg/`. Sets where its body is.
     pub async fn commit(&self, mut writer: SpoolWriter, env: &mut Envelope) -> io::Result<()> {
         if writer.file.is_none() && writer.failed.is_none() {
-            let payload = std::mem::take(&mut writer.buf);
+            let bytes = std::mem::take(&mut writer.buf);
+            let header = writer.header as usize;
             let at = self
-                .run(Op::Append {
-                    kind: KIND_MESSAGE,
-                    payload,
-                })
+                .run(Op::Message { bytes, header })
                 .await?
                 .expect("an append has a place");
             writer.committed = true;
-            env.logged = Some(LogAt {
-                segment: at.segment,
-                offset: at.offset + writer.header,
-            });
+            env.logged = Some(at);
             return Ok(());
         }
         writer.write_out(true).await?;
-        let op = Op::Place {
-            from: writer.path.clone(),
-            to: self.msg.join(&env.id),
-        };
-        self.run(op).await?;
+        let dest = self.msg.join(&env.id);
+        self.place(&writer.path, &dest).await?;
         writer.committed = true;
         env.body_offset = writer.header;
         env.logged = None;
         Ok(())
     }
 
+    /// Renames a synced file into `msg/`, durably. On failure nothing is left there: the rename
+    /// may have happened before the directory sync failed, and a file left in `msg/` would be
+    /// delivered at the next start although its mailer was told to send it again.
+    async fn place(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let placed = self
+            .run(Op::Place {
+                from: from.to_path_buf(),
+                to: to.to_path_buf(),
+            })
+            .await;
+        if let Err(e) = placed {
+            if std::fs::remove_file(to).is_ok() {
+                let _ = self.disk.sync_dir(&self.msg);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Records a message's progress durably. A logged message moves to a file of its own first
     /// (it is staying, and must not keep its segment alive); `env` then says where it is.
     pub async fn record(&self, env: &mut Envelope, progress: &Progress) -> io::Result<()> {
-        if let Some(at) = env.logged {
+        if let Some(at) = env.logged.filter(|_| env.damaged.is_none()) {
             self.move_to_file(env, at).await?;
         }
         let id = &env.id;
@@ -517,25 +556,19 @@ impl Spool {
         let header = head.len() as u64;
         let tmp = self.tmp.join(&env.id);
         let to_write = tmp.clone();
+        let disk = self.disk.clone();
         tokio::task::spawn_blocking(move || {
             let body = source.read(u64::MAX)?;
             let mut f = crate::util::fs::create_private(&to_write)?;
-            f.write_all(&head)?;
-            f.write_all(&body)?;
-            f.sync_data()
+            disk.write(&to_write, &mut f, &head)?;
+            disk.write(&to_write, &mut f, &body)?;
+            disk.sync(&to_write, &f)
         })
         .await
         .map_err(io::Error::other)??;
-        let dest = self.msg.join(&env.id);
-        if let Err(e) = self
-            .run(Op::Place {
-                from: tmp,
-                to: dest.clone(),
-            })
-            .await
-        {
-            // The rename may have happened before the failure: back to the log copy alone.
-            let _ = tokio::fs::remove_file(&dest).await;
+        if let Err(e) = self.place(&tmp, &self.msg.join(&env.id)).await {
+            // Back to the log copy alone.
+            let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
         let logged = Envelope {
@@ -547,15 +580,13 @@ impl Spool {
         env.body_offset = header;
         // Only now the log may forget it: a crash in between finds it twice, the file wins, and
         // start-up writes the done record that is missing.
-        if let Err(e) = self.remove(&logged).await {
-            tracing::warn!(id = %env.id, error = %e, "cannot mark a moved message in the spool log; the next start-up does");
-        }
+        self.remove_detached(&logged);
         Ok(())
     }
 
     /// Removes a message that is done with (delivered, bounced or deleted), durably: a crash
-    /// afterwards must not deliver it again. The removal is handed over at once; the future
-    /// says when it is durable.
+    /// afterwards must not deliver it again. The removal is handed over at once and tried until
+    /// it is durable; the future says when it is.
     pub fn remove(&self, env: &Envelope) -> impl std::future::Future<Output = io::Result<()>> {
         let durable = self.submit(self.removal(env));
         async move { durable.await.map(|_| ()) }
@@ -564,14 +595,11 @@ impl Spool {
     /// The change that removes `env`: a done record for a logged message, else its files.
     fn removal(&self, env: &Envelope) -> Op {
         match env.logged {
-            Some(at) => {
-                let mut payload = at.segment.to_le_bytes().to_vec();
-                payload.extend_from_slice(env.id.as_bytes());
-                Op::Append {
-                    kind: KIND_DONE,
-                    payload,
-                }
-            }
+            Some(at) => Op::Done {
+                segment: at.segment,
+                id: env.id.clone(),
+                release: env.damaged.is_none(),
+            },
             None => {
                 let id = &env.id;
                 // The message first: without it the state file means nothing.
@@ -583,12 +611,13 @@ impl Spool {
         }
     }
 
-    /// [`Spool::remove`] for a delivered message, without a waiter: the worker goes on at once, the
-    /// committer logs a failure, and shutdown's [`Spool::flush`] still waits for it.
+    /// [`Spool::remove`] for a delivered message, without a waiter: the worker goes on at once,
+    /// the committer tries until the removal is durable, and shutdown's [`Spool::flush`] waits
+    /// for it.
     pub fn remove_detached(&self, env: &Envelope) {
         let job = Job {
             op: self.removal(env),
-            done: None,
+            done: Vec::new(),
             id: Some(env.id.clone()),
         };
         let first = {
@@ -600,7 +629,7 @@ impl Spool {
         if first {
             let _ = self.jobs.send(Job {
                 op: Op::TakeDetached,
-                done: None,
+                done: Vec::new(),
                 id: None,
             });
         }
@@ -617,9 +646,16 @@ impl Spool {
     }
 }
 
+/// An envelope from the spool log, if it is one this release can use.
+fn parse_envelope(bytes: &[u8]) -> Option<Envelope> {
+    let env: Envelope = serde_json::from_slice(bytes).ok()?;
+    valid_id(&env.id).then_some(env)
+}
+
 /// Receives a body into `tmp/`; dropped without a commit, it removes what it wrote.
 pub struct SpoolWriter {
     path: PathBuf,
+    disk: Arc<dyn Disk>,
     file: Option<File>,
     /// Length of the envelope line.
     header: u64,
@@ -658,15 +694,16 @@ impl SpoolWriter {
         let path = self.path.clone();
         let file = self.file.take();
         let buf = std::mem::take(&mut self.buf);
+        let disk = self.disk.clone();
         let (file, mut buf) = tokio::task::spawn_blocking(move || {
             let mut buf = buf;
             let mut file = match file {
                 Some(f) => f,
                 None => crate::util::fs::create_private(&path)?,
             };
-            file.write_all(&buf)?;
+            disk.write(&path, &mut file, &buf)?;
             if last {
-                file.sync_data()?;
+                disk.sync(&path, &file)?;
             }
             buf.clear();
             Ok::<_, io::Error>((file, buf))
@@ -688,13 +725,6 @@ impl Drop for SpoolWriter {
             let _ = std::fs::remove_file(&self.path);
         }
     }
-}
-
-/// The envelope line at the start of `bytes`, and its length with the newline.
-fn envelope_line(bytes: &[u8]) -> Option<(Envelope, usize)> {
-    let end = memchr::memchr(b'\n', bytes)?;
-    let envelope = serde_json::from_slice(&bytes[..end]).ok()?;
-    Some((envelope, end + 1))
 }
 
 /// Reads a committed message's envelope line; the body follows it.
@@ -722,125 +752,258 @@ pub fn read_body(path: &Path, offset: u64, limit: u64) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// The committer thread: takes every job waiting, then one sync per directory touched and one
-/// append and sync of the log.
-type Detached = std::sync::Arc<std::sync::Mutex<Vec<Job>>>;
+type Detached = Arc<std::sync::Mutex<Vec<Job>>>;
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn committer(
-    rx: mpsc::Receiver<Job>,
-    mut log: log::Log,
-    active: &std::sync::atomic::AtomicU64,
-    detached: &Detached,
-) {
-    while let Ok(first) = rx.recv() {
-        // Nobody waits on a batch of detached done records: until a job someone waits on comes,
-        // or the window closes, more of them join the same sync.
-        let deadline = std::time::Instant::now() + DONE_LINGER;
-        let mut nobody_waits = first.done.is_none();
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            let job = match rx.try_recv() {
-                Ok(job) => job,
-                Err(_) if nobody_waits => {
-                    let left = deadline.saturating_duration_since(std::time::Instant::now());
-                    match rx.recv_timeout(left) {
-                        Ok(job) => job,
-                        Err(_) => break,
-                    }
-                }
-                Err(_) => break,
-            };
-            nobody_waits &= job.done.is_none();
-            batch.push(job);
-        }
-        if batch.iter().any(|j| matches!(j.op, Op::TakeDetached)) {
-            batch.append(&mut lock(detached));
-        }
-        let results = commit_batch(&batch, &mut log);
-        active.store(log.active(), std::sync::atomic::Ordering::Relaxed);
-        for (job, result) in batch.into_iter().zip(results) {
-            match job.done {
-                Some(done) => {
-                    let _ = done.send(result);
-                }
-                None => {
-                    if let Err(e) = result {
-                        let id = job.id.as_deref().unwrap_or("");
-                        tracing::warn!(id, error = %e, "cannot record delivery progress in the spool");
-                    }
-                }
-            }
-        }
-    }
+/// The committer thread: takes every job waiting, then one sync per directory touched and one
+/// append and sync of the log. A change that must last and failed (a full disk, an IO error) is
+/// kept and tried again, with its waiters, until it is durable.
+struct Committer {
+    log: log::Log,
+    disk: Arc<dyn Disk>,
+    retry: Vec<Job>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// Flushes waiting for the retries to succeed, with their deadline.
+    flushes: Vec<(Instant, Answer)>,
 }
 
-fn commit_batch(batch: &[Job], log: &mut log::Log) -> Vec<io::Result<Option<LogAt>>> {
-    let mut results: Vec<io::Result<Option<LogAt>>> = batch
-        .iter()
-        .map(|job| match &job.op {
-            Op::Place { from, to } => std::fs::rename(from, to).map(|()| None),
-            Op::Write { tmp, path, bytes } => crate::util::fs::create_private(tmp)
-                .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_data()))
-                .and_then(|()| std::fs::rename(tmp, path))
-                .map(|()| None),
-            Op::Remove(paths) => paths
-                .iter()
-                .try_for_each(|p| match std::fs::remove_file(p) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-                    _ => Ok(()),
-                })
-                .map(|()| None),
-            Op::Append { .. } | Op::TakeDetached => Ok(None),
-        })
-        .collect();
-    let dirs: BTreeSet<&Path> = batch.iter().filter_map(|j| j.op.dir()).collect();
-    for dir in dirs {
-        if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
-            for (job, result) in batch.iter().zip(results.iter_mut()) {
-                if job.op.dir() == Some(dir) && result.is_ok() {
-                    *result = Err(io::Error::new(e.kind(), e.to_string()));
+impl Committer {
+    fn new(log: log::Log, disk: Arc<dyn Disk>) -> Committer {
+        Committer {
+            log,
+            disk,
+            retry: Vec::new(),
+            retry_at: None,
+            backoff: RETRY_FIRST,
+            flushes: Vec::new(),
+        }
+    }
+
+    /// When the loop must wake without a new job: a retry, or a flush's deadline.
+    fn wake_at(&self) -> Option<Instant> {
+        let flush = self.flushes.iter().map(|(at, _)| *at).min();
+        match (self.retry_at, flush) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn run(
+        mut self,
+        rx: mpsc::Receiver<Job>,
+        active: &std::sync::atomic::AtomicU64,
+        detached: &Detached,
+    ) {
+        loop {
+            let first = match self.wake_at() {
+                None => match rx.recv() {
+                    Ok(job) => Some(job),
+                    Err(_) => break,
+                },
+                Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                    Ok(job) => Some(job),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                },
+            };
+            let mut batch = first.map(|job| gather(job, &rx)).unwrap_or_default();
+            if batch.iter().any(|j| matches!(j.op, Op::TakeDetached)) {
+                batch.append(&mut lock(detached));
+            }
+            self.supersede(&mut batch);
+            if self.retry_at.is_some_and(|at| at <= Instant::now()) {
+                batch.append(&mut self.retry);
+                self.retry_at = None;
+            }
+            let results = self.commit(&batch);
+            active.store(self.log.active(), std::sync::atomic::Ordering::Relaxed);
+            let mut failed = false;
+            for (job, result) in batch.into_iter().zip(results) {
+                match result {
+                    Err(e) if job.op.must_last() => {
+                        failed = true;
+                        let id = job.id.as_deref().unwrap_or("");
+                        tracing::warn!(id, error = %e, "cannot make a change to the spool durable; trying again (until then a restart could deliver the message again)");
+                        self.retry.push(job);
+                    }
+                    _ if matches!(job.op, Op::Flush) => {
+                        let until = Instant::now() + FLUSH_PATIENCE;
+                        self.flushes
+                            .extend(job.done.into_iter().map(|answer| (until, answer)));
+                    }
+                    result => answer(job.done, result),
+                }
+            }
+            if failed {
+                self.retry_at = Some(Instant::now() + self.backoff);
+                self.backoff = (self.backoff * 2).min(RETRY_MAX);
+            } else if self.retry.is_empty() {
+                self.backoff = RETRY_FIRST;
+            }
+            self.settle_flushes();
+        }
+        for job in &self.retry {
+            tracing::error!(id = job.id.as_deref().unwrap_or(""), "a change to the spool never became durable; the message may be delivered again");
+        }
+    }
+
+    /// A new write of a file replaces a failed older one waiting to be tried again (which must
+    /// never land after it); the older one's waiters wait for the new one.
+    fn supersede(&mut self, batch: &mut [Job]) {
+        for job in batch.iter_mut() {
+            let Op::Write { path, .. } = &job.op else {
+                continue;
+            };
+            let (old, keep): (Vec<Job>, Vec<Job>) = std::mem::take(&mut self.retry)
+                .into_iter()
+                .partition(|r| matches!(&r.op, Op::Write { path: p, .. } if p == path));
+            self.retry = keep;
+            for old in old {
+                job.done.extend(old.done);
+            }
+        }
+        if self.retry.is_empty() {
+            self.retry_at = None;
+        }
+    }
+
+    /// Flushes are answered once nothing waits to be tried again, or at their deadline.
+    fn settle_flushes(&mut self) {
+        let now = Instant::now();
+        let clear = self.retry.is_empty();
+        let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.flushes)
+            .into_iter()
+            .partition(|(until, _)| clear || *until <= now);
+        self.flushes = wait;
+        if !due.is_empty() && !clear {
+            for job in &self.retry {
+                tracing::error!(id = job.id.as_deref().unwrap_or(""), "a change to the spool is still not durable at shutdown; the message may be delivered again after the restart");
+            }
+        }
+        for (_, answer) in due {
+            let _ = answer.send(Ok(None));
+        }
+    }
+
+    fn commit(&mut self, batch: &[Job]) -> Vec<io::Result<Option<LogAt>>> {
+        let disk = &*self.disk;
+        let mut results: Vec<io::Result<Option<LogAt>>> = batch
+            .iter()
+            .map(|job| match &job.op {
+                Op::Place { from, to } => disk.rename(from, to).map(|()| None),
+                Op::Write { tmp, path, bytes } => crate::util::fs::create_private(tmp)
+                    .and_then(|mut f| disk.write(tmp, &mut f, bytes).and_then(|()| disk.sync(tmp, &f)))
+                    .and_then(|()| disk.rename(tmp, path))
+                    .map(|()| None),
+                Op::Remove(paths) => paths
+                    .iter()
+                    .try_for_each(|p| match std::fs::remove_file(p) {
+                        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                        _ => Ok(()),
+                    })
+                    .map(|()| None),
+                _ => Ok(None),
+            })
+            .collect();
+        let dirs: BTreeSet<&Path> = batch.iter().filter_map(|j| j.op.dir()).collect();
+        for dir in dirs {
+            if let Err(e) = disk.sync_dir(dir) {
+                for (job, result) in batch.iter().zip(results.iter_mut()) {
+                    if job.op.dir() == Some(dir) && result.is_ok() {
+                        *result = Err(io::Error::new(e.kind(), e.to_string()));
+                    }
                 }
             }
         }
-    }
-    let records: Vec<(usize, u8, &[u8])> = batch
-        .iter()
-        .enumerate()
-        .filter_map(|(i, job)| match &job.op {
-            Op::Append { kind, payload } => Some((i, *kind, payload.as_slice())),
-            _ => None,
-        })
-        .collect();
-    if !records.is_empty() {
-        let wire: Vec<(u8, &[u8])> = records.iter().map(|(_, k, p)| (*k, *p)).collect();
-        match log.append(&wire) {
-            Ok(places) => {
-                for ((i, kind, payload), at) in records.iter().zip(places) {
-                    results[*i] = Ok(Some(at));
-                    if *kind == KIND_DONE {
-                        if let Some(segment) = payload.get(..8).and_then(|b| b.try_into().ok()) {
-                            log.release(u64::from_le_bytes(segment));
+        let records: Vec<(usize, Rec<'_>)> = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(i, job)| match &job.op {
+                Op::Message { bytes, header } => Some((
+                    i,
+                    Rec::Message {
+                        envelope: &bytes[..*header],
+                        body: &bytes[*header..],
+                    },
+                )),
+                Op::Done { segment, id, .. } => Some((
+                    i,
+                    Rec::Done {
+                        segment: *segment,
+                        id,
+                    },
+                )),
+                _ => None,
+            })
+            .collect();
+        if !records.is_empty() {
+            let wire: Vec<Rec<'_>> = records.iter().map(|(_, r)| r.clone()).collect();
+            match self.log.append(&wire) {
+                Ok(places) => {
+                    for ((i, _), at) in records.iter().zip(places) {
+                        results[*i] = Ok(Some(at));
+                        if let Op::Done {
+                            segment,
+                            release: true,
+                            ..
+                        } = &batch[*i].op
+                        {
+                            self.log.release(*segment);
                         }
                     }
                 }
-            }
-            Err(e) => {
-                for (i, _, _) in &records {
-                    results[*i] = Err(io::Error::new(e.kind(), e.to_string()));
+                Err(e) => {
+                    for (i, _) in &records {
+                        results[*i] = Err(io::Error::new(e.kind(), e.to_string()));
+                    }
                 }
             }
         }
+        results
     }
-    results
+}
+
+/// `first` and the jobs waiting behind it. Nobody waits on a batch of detached done records:
+/// until a job someone waits on comes, or the window closes, more of them join the same sync.
+fn gather(first: Job, rx: &mpsc::Receiver<Job>) -> Vec<Job> {
+    let deadline = Instant::now() + DONE_LINGER;
+    let mut nobody_waits = first.done.is_empty();
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        let job = match rx.try_recv() {
+            Ok(job) => job,
+            Err(_) if nobody_waits => {
+                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            }
+            Err(_) => break,
+        };
+        nobody_waits &= job.done.is_empty();
+        batch.push(job);
+    }
+    batch
+}
+
+fn answer(waiters: Vec<Answer>, result: io::Result<Option<LogAt>>) {
+    for waiter in waiters {
+        let copy = match &result {
+            Ok(v) => Ok(*v),
+            Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+        };
+        let _ = waiter.send(copy);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delivery::queue::disk::Os;
 
     fn envelope(id: &str) -> Envelope {
         Envelope {
@@ -855,8 +1018,8 @@ mod tests {
     #[tokio::test]
     async fn a_message_moved_to_a_file_before_a_crash_never_comes_back_from_the_log() {
         let dir = tempfile::tempdir().unwrap();
-        let (spool, stored) = Spool::open(dir.path()).unwrap();
-        assert!(stored.is_empty());
+        let (spool, opened) = Spool::open(dir.path(), Arc::new(Os)).unwrap();
+        assert!(opened.stored.is_empty());
         let mut env = envelope("A1");
         let mut writer = spool.writer(&env);
         writer.push(b"Subject: x\r\n\r\nbody\r\n").await;
@@ -869,12 +1032,13 @@ mod tests {
         std::fs::write(dir.path().join("queue/msg/A1"), head).unwrap();
         drop(spool);
 
-        let (spool, stored) = Spool::open(dir.path()).unwrap();
+        let (spool, opened) = Spool::open(dir.path(), Arc::new(Os)).unwrap();
+        let stored = opened.stored;
         assert_eq!(stored.len(), 1, "the file wins, once");
         assert!(stored[0].envelope.logged.is_none());
         spool.remove(&stored[0].envelope).await.unwrap();
         drop(spool);
-        let (_spool, stored) = Spool::open(dir.path()).unwrap();
-        assert!(stored.is_empty(), "delivered and gone, also from the log");
+        let (_spool, opened) = Spool::open(dir.path(), Arc::new(Os)).unwrap();
+        assert!(opened.stored.is_empty(), "delivered and gone, also from the log");
     }
 }

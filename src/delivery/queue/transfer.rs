@@ -11,7 +11,8 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::retry::throttle;
-use super::spool::{BodySource, Envelope};
+use super::model::Envelope;
+use super::spool::BodySource;
 use crate::config::Account;
 use crate::delivery::outcome::UpstreamError;
 use crate::delivery::pool::{Lease, OpenError, Pool};
@@ -23,8 +24,12 @@ const READ_CHUNK: usize = 128 * 1024;
 /// Why a transaction did not get as far as deciding recipients.
 #[derive(Debug)]
 pub enum Stopped {
-    /// The provider is throttling the account.
-    Throttled(Reply),
+    /// The provider is throttling the account; `recipient`: the reply came to that one's RCPT
+    /// (its index in the batch), not to the connection or the message.
+    Throttled {
+        reply: Reply,
+        recipient: Option<usize>,
+    },
     /// No connection: the upstream is unreachable, or the token is not accepted or not available.
     Trouble(String),
     /// Every connection of the account is in use (by direct-mode sessions).
@@ -58,10 +63,16 @@ pub async fn transfer(
             .map_err(|e| match e {
                 OpenError::Busy { .. } => Stopped::Busy,
                 OpenError::Token(e) => Stopped::Trouble(e.to_string()),
-                OpenError::AuthRejected(r) if throttle(&r).is_some() => Stopped::Throttled(r),
+                OpenError::AuthRejected(r) if throttle(&r).is_some() => Stopped::Throttled {
+                    reply: r,
+                    recipient: None,
+                },
                 OpenError::AuthRejected(r) => Stopped::Trouble(token_refused_text(account, &r)),
                 OpenError::Connect(UpstreamError::Rejected(r)) if throttle(&r).is_some() => {
-                    Stopped::Throttled(r)
+                    Stopped::Throttled {
+                        reply: r,
+                        recipient: None,
+                    }
                 }
                 OpenError::Connect(e) => Stopped::Trouble(e.to_string()),
             })?;
@@ -75,9 +86,9 @@ pub async fn transfer(
                 give_back_if(lease, keep);
                 return Ok(replies);
             }
-            Step::Throttled(reply, keep) => {
+            Step::Throttled(reply, keep, recipient) => {
                 give_back_if(lease, keep);
-                return Err(Stopped::Throttled(reply));
+                return Err(Stopped::Throttled { reply, recipient });
             }
         }
     }
@@ -98,7 +109,8 @@ fn lost_text(what: &str) -> Reply {
 enum Step {
     /// The replies, and whether the connection may be reused.
     Done(Vec<Reply>, bool),
-    Throttled(Reply, bool),
+    /// The reply, whether the connection may be reused, and the recipient whose RCPT drew it.
+    Throttled(Reply, bool, Option<usize>),
     /// A pooled connection turned out dead before any reply.
     Retry,
 }
@@ -134,7 +146,7 @@ async fn run(lease: &mut Lease, env: &Envelope, rcpts: &[String], body: &BodySou
         Ok(r) => r,
     };
     if let Some(r) = throttled(&Ok(mail.clone())) {
-        return Step::Throttled(r, !pipelined && mail.code != 421);
+        return Step::Throttled(r, !pipelined && mail.code != 421, None);
     }
     if !mail.is_positive() {
         // Pipelined RCPTs and DATA were refused too (no transaction); the connection is only fit
@@ -157,13 +169,17 @@ async fn run(lease: &mut Lease, env: &Envelope, rcpts: &[String], body: &BodySou
         }
     }
     // Throttling first: a provider that says "slow down" and hangs up is throttling, not broken.
-    if let Some(r) = results_rcpt.iter().find_map(throttled) {
+    if let Some((at, r)) = results_rcpt
+        .iter()
+        .enumerate()
+        .find_map(|(i, r)| throttled(r).map(|r| (i, r)))
+    {
         let data = if pipelined { results.next() } else { None };
         let clean = results_rcpt.iter().all(Result::is_ok)
             && !matches!(data, Some(Ok(ref d)) if d.code == 354)
             && !matches!(data, Some(Err(_)))
             && r.code != 421;
-        return Step::Throttled(r, clean && reset(client).await);
+        return Step::Throttled(r, clean && reset(client).await, Some(at));
     }
     if let Some(e) = results_rcpt.iter().find_map(|r| r.as_ref().err()).cloned() {
         // Recipients that had their answer keep it; the others lost theirs with the connection.
@@ -230,7 +246,7 @@ async fn run(lease: &mut Lease, env: &Envelope, rcpts: &[String], body: &BodySou
         }
         if throttle(&data).is_some() {
             let keep = data.code != 421 && reset(client).await;
-            return Step::Throttled(data, keep);
+            return Step::Throttled(data, keep, None);
         }
         for i in &accepted {
             replies[*i] = data.clone();
@@ -253,7 +269,7 @@ async fn run(lease: &mut Lease, env: &Envelope, rcpts: &[String], body: &BodySou
             }
             Step::Done(replies, false)
         }
-        Ok(f) if throttle(&f).is_some() => Step::Throttled(f.clone(), f.code != 421),
+        Ok(f) if throttle(&f).is_some() => Step::Throttled(f.clone(), f.code != 421, None),
         Ok(f) if f.code < 400 && f.code >= 300 => {
             let r = Reply::new(
                 451,

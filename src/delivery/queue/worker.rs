@@ -1,0 +1,470 @@
+//! The workers: each takes its account's oldest due message, asks pacing for a turn, sends it
+//! through the shared pool, and decides each recipient's fate from its reply: `2xx` delivered
+//! (never sent again), `5xx` bounced, `4xx` retried with backoff. Throttling pauses the account
+//! without counting against the message; connection and token trouble holds the account's
+//! messages on the same backoff schedule. A message still pending at `max_queue_age_secs` is
+//! bounced. A message leaves the queue only once every bounce it owes is queued too.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::dsn;
+use super::index::{worker_count, AccountQueue, Hold, Pause};
+use super::lock;
+use super::model::{Envelope, RcptStatus};
+use super::retry::{backoff, pause_for, throttle};
+use super::transfer::{self, Stopped};
+use super::Queue;
+use crate::delivery::pacing::{Pacer, Pacers};
+use crate::delivery::pool::Pool;
+use crate::observe::metrics::AccountCounters;
+use crate::observe::MessageOutcome;
+use crate::smtp::{Reply, Severity};
+
+/// Attempts in a row on which one recipient of a message drew a throttling reply before that is
+/// taken as the recipient's trouble (a deferral with backoff) rather than the account's.
+const STRIKES: u32 = 2;
+
+/// A throttled message waits this long after the pause ends, so the others go first.
+const BEHIND: Duration = Duration::from_secs(1);
+
+pub(super) struct Worker {
+    /// Its place among the account's workers; those at or above the cap leave.
+    pub slot: usize,
+    pub queue: Arc<Queue>,
+    pub aq: Arc<AccountQueue>,
+    pub pool: Arc<Pool>,
+    pub pacer: Arc<Pacer>,
+    pub pacers: Arc<Pacers>,
+    pub counters: AccountCounters,
+}
+
+/// One transaction's worth of work for a worker.
+struct Job {
+    env: Arc<Envelope>,
+    /// Indexes into the envelope's recipients; none: only bounces are left to queue.
+    rcpts: Vec<usize>,
+}
+
+/// What a worker does next.
+enum Next {
+    Job(Job),
+    /// Messages past `max_queue_age_secs`, taken from the index.
+    Expired(Vec<String>),
+    Sleep(Option<Instant>),
+    /// A reload lowered the account's connection cap below this worker's slot.
+    Leave,
+}
+
+impl Worker {
+    pub async fn run(self, stop: CancellationToken, cut: CancellationToken) {
+        loop {
+            let work = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                work = self.next_work() => work,
+            };
+            if let Next::Leave = work {
+                return;
+            }
+            // Work in flight finishes, shutdown or not, unless the grace period runs out (a
+            // message cut short stays queued and is sent again).
+            let done = async {
+                match work {
+                    Next::Job(job) => self.deliver(job).await,
+                    Next::Expired(ids) => {
+                        for id in ids {
+                            self.expire(&id).await;
+                        }
+                    }
+                    Next::Sleep(_) | Next::Leave => {}
+                }
+            };
+            tokio::select! {
+                _ = done => {}
+                _ = cut.cancelled() => return,
+            }
+        }
+    }
+
+    /// The next job or expired messages, sleeping until there is one.
+    async fn next_work(&self) -> Next {
+        loop {
+            let wake = self.aq.wake.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            if self.leaves() {
+                return Next::Leave;
+            }
+            match self.pick() {
+                work @ (Next::Job(_) | Next::Expired(_) | Next::Leave) => return work,
+                Next::Sleep(until) => {
+                    let sleep = async {
+                        match until {
+                            Some(t) => tokio::time::sleep_until(t).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        _ = wake => {}
+                        _ = sleep => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether this worker's slot is above the account's cap; if so, its slot is free from now on.
+    /// Decided under the slots' lock, so that a reload raising the cap again either sees the
+    /// worker stay or sees its slot free and fills it.
+    fn leaves(&self) -> bool {
+        let mut slots = lock(&self.aq.slots);
+        if self.slot < worker_count(&self.aq.account.load()) {
+            return false;
+        }
+        slots.remove(&self.slot);
+        true
+    }
+
+    /// Under the lock: expired messages out, else the oldest due message that pacing allows.
+    fn pick(&self) -> Next {
+        let queue = &self.queue;
+        let now = queue.clock.now();
+        let mut inner = lock(&self.aq.inner);
+        // Ids are time-ordered, so the messages that expire first are at the front.
+        let expired: Vec<String> = inner
+            .messages
+            .values()
+            .take_while(|e| e.expires <= now)
+            .filter(|e| !e.busy && e.pending().next().is_some())
+            .map(|e| e.env.id.clone())
+            .collect();
+        if !expired.is_empty() {
+            for id in &expired {
+                inner.take(id);
+            }
+            return Next::Expired(expired);
+        }
+        let soonest_expiry = inner
+            .messages
+            .values()
+            .find(|e| !e.busy && e.pending().next().is_some())
+            .map(|e| e.expires);
+        let wake_by = |t: Option<Instant>| match (t, soonest_expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(p) = &inner.paused {
+            if p.until > now {
+                return Next::Sleep(wake_by(Some(p.until)));
+            }
+            inner.paused = None;
+        }
+        let first = inner.ready.iter().next().cloned();
+        let Some((_, id)) = first.clone().filter(|(due, _)| *due <= now) else {
+            return Next::Sleep(wake_by(first.map(|(due, _)| due)));
+        };
+        let e = inner.messages.get(&id).expect("ready messages are indexed");
+        let untried: Vec<usize> = e.pending().filter(|i| !e.tried[*i]).collect();
+        if untried.is_empty() {
+            // Only bounces are owed: no transaction, no turn from pacing.
+            let env = inner.take(&id).expect("found above").env.clone();
+            return Next::Job(Job {
+                env,
+                rcpts: Vec::new(),
+            });
+        }
+        let cap = self.pacer.recipients_now(self.pacers.now_ms());
+        let take = if cap == 0 { untried.len() } else { cap };
+        let rcpts: Vec<usize> = untried.into_iter().take(take).collect();
+        if let Err(wait) = self.pacer.take(rcpts.len() as u32, self.pacers.now_ms()) {
+            tracing::debug!(account = %self.aq.name, "{}", wait.describe(&self.aq.name));
+            return Next::Sleep(wake_by(Some(now + wait.after)));
+        }
+        let entry = inner.take(&id).expect("found above");
+        Next::Job(Job {
+            env: entry.env.clone(),
+            rcpts,
+        })
+    }
+
+    async fn deliver(&self, job: Job) {
+        if job.rcpts.is_empty() {
+            return self.conclude(&job.env.id).await;
+        }
+        let account = self.aq.account.load_full();
+        let env = &job.env;
+        let addresses: Vec<String> = job
+            .rcpts
+            .iter()
+            .map(|i| env.recipients[*i].clone())
+            .collect();
+        let body = self.queue.spool.body(env);
+        match transfer::transfer(&self.pool, &account, env, &addresses, &body).await {
+            Ok(replies) => self.settle(job, replies).await,
+            Err(stopped) => self.stopped(job, stopped).await,
+        }
+    }
+
+    /// Nothing was decided: the account pauses (throttling, trouble, busy connections), and the
+    /// message keeps its place, unless it was the one drawing the throttling.
+    async fn stopped(&self, job: Job, stopped: Stopped) {
+        let queue = &self.queue;
+        let name = &self.aq.name;
+        let now = queue.clock.now();
+        // Nothing was sent: the turn taken from pacing is given back.
+        self.pacer
+            .refund(job.rcpts.len() as u32, self.pacers.now_ms());
+        let (pause, why, hold, behind) = match stopped {
+            Stopped::Busy => (
+                Duration::from_secs(1),
+                "all upstream connections busy".to_string(),
+                Hold::Busy,
+                false,
+            ),
+            Stopped::Throttled { reply, recipient } => {
+                let struck = recipient.is_some() && {
+                    let mut inner = lock(&self.aq.inner);
+                    inner.messages.get_mut(&job.env.id).is_some_and(|e| {
+                        e.strikes += 1;
+                        e.strikes >= STRIKES
+                    })
+                };
+                if struck {
+                    // The account works for the others; this recipient keeps drawing it.
+                    tracing::warn!(id = %job.env.id, account = %name, reply = %reply.summary(), "a recipient keeps drawing a throttling reply; deferring the message instead of pausing the account");
+                    let deferred = if reply.severity() == Severity::Transient {
+                        reply
+                    } else {
+                        Reply::new(
+                            451,
+                            format!("4.7.0 deferred after repeated throttling ({})", reply.summary()),
+                        )
+                    };
+                    let replies = vec![deferred; job.rcpts.len()];
+                    return self.settle(job, replies).await;
+                }
+                let kind = throttle(&reply).expect("a throttling reply");
+                let pause = pause_for(&reply, kind, &queue.config.load());
+                tracing::warn!(account = %name, reply = %reply.summary(), pause_secs = pause.as_secs(), "provider is throttling the account; pausing its queue");
+                (
+                    pause,
+                    format!("throttled: {}", reply.summary()),
+                    Hold::Throttled,
+                    recipient.is_some(),
+                )
+            }
+            Stopped::Trouble(why) => {
+                let n = {
+                    let mut inner = lock(&self.aq.inner);
+                    // Workers failing side by side are one failure of the account.
+                    let held = inner
+                        .paused
+                        .as_ref()
+                        .is_some_and(|p| p.hold == Hold::Trouble && p.until > now);
+                    if !held {
+                        inner.trouble += 1;
+                    }
+                    inner.trouble.max(1)
+                };
+                let pause = backoff(n, &queue.config.load());
+                tracing::warn!(account = %name, error = %why, next_attempt_secs = pause.as_secs(), "queued mail held");
+                (pause, why, Hold::Trouble, false)
+            }
+        };
+        let mut inner = lock(&self.aq.inner);
+        // The longest pause wins: a quota's hour is not cut short by a busy second.
+        let until = now + pause;
+        if inner.paused.as_ref().is_none_or(|p| p.until < until) {
+            inner.paused = Some(Pause { until, why, hold });
+        }
+        if behind {
+            // Behind the others when the pause ends, so that one recipient's throttling does not
+            // make the whole queue wait on it.
+            let later = inner.paused.as_ref().map_or(until, |p| p.until) + BEHIND;
+            inner.set_due(&job.env.id, later);
+        }
+        inner.release(&job.env.id);
+    }
+
+    /// Records each recipient's fate, then what is owed for the message as a whole.
+    async fn settle(&self, job: Job, replies: Vec<Reply>) {
+        let queue = &self.queue;
+        let account = self.aq.account.load_full();
+        let env = job.env.clone();
+        let now = queue.clock.now();
+        let mut failed = Vec::new();
+        let retry_in = {
+            let mut inner = lock(&self.aq.inner);
+            inner.trouble = 0;
+            let Some(e) = inner.messages.get_mut(&env.id) else {
+                return;
+            };
+            e.strikes = 0;
+            for (i, reply) in job.rcpts.iter().zip(&replies) {
+                let address = &env.recipients[*i];
+                let summary = reply.summary();
+                let r = &mut e.progress.recipients[*i];
+                e.tried[*i] = true;
+                match reply.severity() {
+                    Severity::Positive | Severity::Intermediate => {
+                        r.status = RcptStatus::Delivered;
+                        self.counters.accepted(1);
+                        tracing::info!(id = %env.id, to = %address, reply = %summary, "delivered");
+                    }
+                    Severity::Permanent => {
+                        r.status = RcptStatus::Bounced;
+                        r.notified = false;
+                        let code = reply.enhanced().map(|c| c.to_string());
+                        r.dsn_status = Some(code.unwrap_or_else(|| "5.0.0".into()));
+                        tracing::info!(id = %env.id, to = %address, reply = %summary, "bounced");
+                        failed.push(r.dsn_status.clone().unwrap_or_default());
+                    }
+                    Severity::Transient => {
+                        queue.observer.metrics.recipients(&account.name, "deferred", 1);
+                        tracing::info!(id = %env.id, to = %address, reply = %summary, "deferred");
+                    }
+                }
+                r.last_reply = Some(summary.clone());
+                e.progress.last_reply = Some(summary);
+            }
+            let pending: Vec<usize> = e.pending().collect();
+            let mut retry_in = None;
+            if !pending.is_empty() && pending.iter().all(|i| e.tried[*i]) {
+                e.progress.attempts += 1;
+                let wait = backoff(e.progress.attempts, &queue.config.load());
+                e.due = now + wait;
+                e.progress.next_attempt = queue.clock.unix() + wait.as_secs();
+                e.tried.iter_mut().for_each(|t| *t = false);
+                retry_in = Some((e.progress.attempts, wait));
+            }
+            retry_in
+        };
+        if let Some((attempts, wait)) = retry_in {
+            tracing::info!(id = %env.id, attempts, next_attempt_secs = wait.as_secs(), "message deferred");
+        }
+        queue.bounced(&account.name, &env, &failed);
+        self.conclude(&env.id).await;
+    }
+
+    /// A message past `max_queue_age_secs`: its pending recipients are bounced.
+    async fn expire(&self, id: &str) {
+        let mut failed = Vec::new();
+        let env = {
+            let mut inner = lock(&self.aq.inner);
+            let Some(e) = inner.messages.get_mut(id) else {
+                return;
+            };
+            let damaged = e.env.damaged.clone();
+            for i in e.pending().collect::<Vec<_>>() {
+                tracing::info!(id = %e.env.id, to = %e.env.recipients[i], "bounced: still undelivered at max_queue_age_secs");
+                let r = &mut e.progress.recipients[i];
+                r.status = RcptStatus::Bounced;
+                r.notified = false;
+                r.dsn_status = Some("4.4.7".into());
+                if let Some(what) = &damaged {
+                    r.last_reply = Some(format!("the relay's queued copy could not be read: {what}"));
+                } else if r.last_reply.is_none() {
+                    r.last_reply =
+                        Some("delivery time expired before the upstream could be reached".into());
+                }
+                failed.push("4.4.7".to_string());
+            }
+            e.env.clone()
+        };
+        self.queue.bounced(&self.aq.name, &env, &failed);
+        self.conclude(id).await;
+    }
+
+    /// What is owed once recipients are decided: the bounce for those that failed (a bounce that
+    /// cannot be queued keeps the message, and is tried again), then the message removed when
+    /// nothing is left, or its progress recorded.
+    async fn conclude(&self, id: &str) {
+        let queue = &self.queue;
+        let account = self.aq.account.load_full();
+        let Some((env, progress)) = lock(&self.aq.inner)
+            .messages
+            .get(id)
+            .map(|e| (e.env.clone(), e.progress.clone()))
+        else {
+            return;
+        };
+        let failed: Vec<dsn::Failed> = progress
+            .unnotified()
+            .map(|i| {
+                let r = &progress.recipients[i];
+                dsn::Failed {
+                    address: env.recipients[i].clone(),
+                    status: r.dsn_status.clone().unwrap_or_else(|| "5.0.0".into()),
+                    diagnostic: r.last_reply.clone().unwrap_or_default(),
+                }
+            })
+            .collect();
+        let owed = !failed.is_empty();
+        let notified = match queue.prepare_bounce(&account, &env, &failed).await {
+            None => true,
+            // The bounce first: a crash before the original's record then means a second bounce,
+            // never none.
+            Some((writer, bounce)) => queue.commit_bounce(&env, writer, bounce).await,
+        };
+        let now = queue.clock.now();
+        let (finished, progress) = {
+            let mut inner = lock(&self.aq.inner);
+            let Some(e) = inner.messages.get_mut(id) else {
+                return;
+            };
+            if notified {
+                e.progress
+                    .recipients
+                    .iter_mut()
+                    .for_each(|r| r.notified = true);
+            } else {
+                // Tried again on the backoff schedule, by whichever worker picks it then.
+                let wait = backoff(e.progress.attempts.max(1), &queue.config.load());
+                e.due = e.due.max(now + wait);
+                e.progress.next_attempt = queue.clock.unix() + wait.as_secs();
+            }
+            (e.finished(), e.progress.clone())
+        };
+        if finished {
+            if progress
+                .recipients
+                .iter()
+                .any(|r| r.status == RcptStatus::Bounced)
+            {
+                // Once per message, when it is finished with: not once per attempt that bounced some.
+                self.counters
+                    .message(MessageOutcome::Bounced, env.size as usize);
+            }
+            if owed {
+                // Its bounce is queued: removed durably before the worker goes on.
+                if let Err(e) = queue.spool.remove(&env).await {
+                    tracing::warn!(id = %env.id, error = %e, "cannot remove a finished message from the spool");
+                }
+            } else {
+                // The common case, delivered: the worker goes on while the removal becomes
+                // durable (the spool tries until it is; shutdown waits for it).
+                queue.spool.remove_detached(&env);
+            }
+            lock(&self.aq.inner).remove(id);
+            return;
+        }
+        let mut moved = Envelope::clone(&env);
+        if let Err(e) = queue.spool.record(&mut moved, &progress).await {
+            tracing::warn!(id = %env.id, error = %e, "cannot record delivery progress in the spool");
+        }
+        let mut inner = lock(&self.aq.inner);
+        if let Some(e) = inner.messages.get_mut(id) {
+            if moved.logged != env.logged {
+                e.env = Arc::new(moved);
+            }
+        }
+        inner.release(id);
+        drop(inner);
+        // More recipients of it may go at once.
+        self.aq.wake.notify_one();
+    }
+}
