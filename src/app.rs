@@ -55,7 +55,12 @@ impl Core {
     /// `alerts`: whether alert channels are live (the relay) or not (a one-shot command, which
     /// must not page anyone about what it happens to see).
     pub fn open(config: Arc<Config>, tasks: TaskTracker, alerts: bool) -> Result<Core, String> {
-        Core::open_on(config, tasks, alerts, Arc::new(crate::delivery::queue::disk::Os))
+        Core::open_on(
+            config,
+            tasks,
+            alerts,
+            Arc::new(crate::delivery::queue::disk::Os),
+        )
     }
 
     /// [`Core::open`] with the spool on `disk` (tests hand in one that fails on request).
@@ -338,6 +343,14 @@ pub struct Relay {
 impl Relay {
     /// Binds every listener and the control socket; fails with an operator-readable message.
     pub async fn bind(config: Config) -> Result<Relay, String> {
+        Relay::bind_on(config, Arc::new(crate::delivery::queue::disk::Os)).await
+    }
+
+    /// [`Relay::bind`] with the spool on `disk` (tests hand in one that fails on request).
+    pub async fn bind_on(
+        config: Config,
+        disk: Arc<dyn crate::delivery::queue::disk::Disk>,
+    ) -> Result<Relay, String> {
         let config = Arc::new(config);
         raise_file_limit(config.limits.max_connections)?;
         let published = config.example_password_accounts();
@@ -375,7 +388,7 @@ impl Relay {
         let tasks = TaskTracker::new();
         let background = tasks.clone();
         let (core, tls) = tokio::task::spawn_blocking(move || {
-            let core = Core::open(setup.clone(), background, true)?;
+            let core = Core::open_on(setup.clone(), background, true, disk)?;
             let tls = server_tls(&setup)?;
             Ok::<_, String>((core, tls))
         })

@@ -432,7 +432,10 @@ async fn only_crlf_dot_crlf_ends_a_message_so_nothing_is_smuggled() {
             wire.extend_from_slice(
                 b"MAIL FROM:<d@example.com>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\nsmuggled\r\n.\r\n",
             );
-            assert!(c.cmd("MAIL FROM:<news@example.com>").await.starts_with("250"));
+            assert!(c
+                .cmd("MAIL FROM:<news@example.com>")
+                .await
+                .starts_with("250"));
             assert!(c.cmd("RCPT TO:<a@x.org>").await.starts_with("250"));
             assert!(c.cmd("DATA").await.starts_with("354"));
             c.send_raw(&wire).await;
@@ -442,7 +445,11 @@ async fn only_crlf_dot_crlf_ends_a_message_so_nothing_is_smuggled() {
             assert_eq!(c.reply().await, "250 2.0.0 OK", "{mode} {variant:?}");
             provider.until(|s| s.messages.len() > n).await;
             let s = provider.state();
-            assert_eq!(s.messages.len(), n + 1, "{mode} {variant:?}: one transaction");
+            assert_eq!(
+                s.messages.len(),
+                n + 1,
+                "{mode} {variant:?}: one transaction"
+            );
             let m = s.messages.last().unwrap();
             assert_eq!(m.rcpts, ["a@x.org"], "{mode} {variant:?}");
             assert_eq!(
@@ -470,7 +477,10 @@ async fn only_crlf_dot_crlf_ends_a_message_so_nothing_is_smuggled() {
         let mut c = Client::connect(&relay, Conn::Implicit, &provider.pki).await;
         assert!(c.login_plain(LOGIN, PASSWORD).await.starts_with("235"));
         for variant in variants {
-            assert!(c.cmd("MAIL FROM:<news@example.com>").await.starts_with("250"));
+            assert!(c
+                .cmd("MAIL FROM:<news@example.com>")
+                .await
+                .starts_with("250"));
             assert!(c.cmd("RCPT TO:<a@x.org>").await.starts_with("250"));
             assert!(c.cmd("DATA").await.starts_with("354"));
             let mut wire = b"hello".to_vec();

@@ -113,7 +113,7 @@ async fn queued_while_the_upstream_is_down_and_delivered_byte_identical_after_a_
 
 /// Waits until the queue listing satisfies `done` (the relay's work between two advances of the
 /// test clock must be over before the clock moves, or its upstream timeouts would fire).
-async fn until_queue(relay: &Relay, done: impl Fn(&[serde_json::Value]) -> bool) {
+async fn until_queue(relay: &Relay, mut done: impl FnMut(&[serde_json::Value]) -> bool) {
     loop {
         if done(&queue_json(relay).await) {
             return;
@@ -491,10 +491,12 @@ async fn direct_mode_refuses_recipients_beyond_the_cap_and_waits_for_the_pace() 
     relay.stop().await;
 }
 
-/// Kills the relay process with SIGKILL in the middle of a burst; every message that got its `250`
-/// arrives after the restart.
+/// Kills the relay process with SIGKILL at a random point of a burst, restarts it on the same
+/// spool, and again, several times, while it queues and delivers: every message that got its
+/// `250` arrives, and a second copy only of one whose first copy the upstream took just before a
+/// kill (the documented window between the upstream's `250` and its recording).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nothing_acknowledged_is_lost_when_the_relay_is_killed() {
+async fn nothing_acknowledged_is_lost_when_the_relay_is_killed_again_and_again() {
     use tokio::io::AsyncBufReadExt;
     let dir = tempfile::tempdir().unwrap();
     let provider = FakeProvider::start("starttls", None).await;
@@ -543,50 +545,59 @@ async fn nothing_acknowledged_is_lost_when_the_relay_is_killed() {
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         (child, port.unwrap())
     };
-    let (mut child, port) = serve(path.clone()).await;
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
 
-    // Four mailers send as fast as they can; the relay dies after about 40 receipts.
-    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
-    let enough = std::sync::Arc::new(tokio::sync::Notify::new());
-    let mut senders = Vec::new();
-    for s in 0..4 {
-        let pki = provider.pki.clone();
-        let acked = acked.clone();
-        let enough = enough.clone();
-        senders.push(tokio::spawn(async move {
-            let mut c = Client::connect_addr(addr, Conn::StartTls, &pki).await;
-            assert!(c.login_plain(LOGIN, PASSWORD).await.starts_with("235"));
-            for n in 0..1000 {
-                let body = format!("Subject: burst {s}-{n}\r\n\r\nbody {s}-{n}\r\n").into_bytes();
-                let Some(replies) = c
-                    .try_send_mail("alice@example.com", &["bob@example.org"], &body)
-                    .await
-                else {
-                    return;
-                };
-                if replies
-                    .last()
-                    .is_some_and(|r| r.starts_with("250 2.0.0 Ok: queued"))
-                {
-                    let mut acked = acked.lock().unwrap();
-                    acked.push(body);
-                    if acked.len() == 40 {
-                        enough.notify_one();
+    let acked = Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+    let mut kills = Vec::new();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for round in 0..5 {
+        let (mut child, port) = serve(path.clone()).await;
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        // Killed after 5 to 44 more receipts, while earlier ones are being delivered.
+        let target = acked.lock().unwrap().len() + 5 + (seed % 40) as usize;
+        let enough = Arc::new(tokio::sync::Notify::new());
+        let mut senders = Vec::new();
+        for s in 0..4 {
+            let pki = provider.pki.clone();
+            let acked = acked.clone();
+            let enough = enough.clone();
+            senders.push(tokio::spawn(async move {
+                let mut c = Client::connect_addr(addr, Conn::StartTls, &pki).await;
+                assert!(c.login_plain(LOGIN, PASSWORD).await.starts_with("235"));
+                for n in 0..1000 {
+                    let body =
+                        format!("Subject: burst {round}-{s}-{n}\r\n\r\nbody {round}-{s}-{n}\r\n")
+                            .into_bytes();
+                    let Some(replies) = c
+                        .try_send_mail("alice@example.com", &["bob@example.org"], &body)
+                        .await
+                    else {
+                        return;
+                    };
+                    if replies
+                        .last()
+                        .is_some_and(|r| r.starts_with("250 2.0.0 Ok: queued"))
+                    {
+                        let mut acked = acked.lock().unwrap();
+                        acked.push(body);
+                        if acked.len() == target {
+                            enough.notify_one();
+                        }
                     }
                 }
-            }
-        }));
-    }
-    enough.notified().await;
-    child.start_kill().unwrap();
-    child.wait().await.unwrap();
-    for s in senders {
-        s.await.unwrap();
+            }));
+        }
+        enough.notified().await;
+        child.start_kill().unwrap();
+        kills.push(std::time::Instant::now());
+        child.wait().await.unwrap();
+        for s in senders {
+            s.await.unwrap();
+        }
     }
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() >= 40);
-
     let (_child, _) = serve(path.clone()).await;
     provider
         .until(|s| {
@@ -595,6 +606,26 @@ async fn nothing_acknowledged_is_lost_when_the_relay_is_killed() {
                 .all(|b| s.messages.iter().any(|m| m.body == *b))
         })
         .await;
+    // A second copy only of a message whose first copy was taken just before a kill.
+    let window = Duration::from_secs(2);
+    let s = provider.state();
+    for b in &acked {
+        let copies: Vec<std::time::Instant> = s
+            .messages
+            .iter()
+            .filter(|m| m.body == *b)
+            .filter_map(|m| m.at)
+            .collect();
+        if copies.len() > 1 {
+            let first = copies[0];
+            assert!(
+                kills.iter().any(|k| *k >= first && *k - first < window),
+                "{} copies of {}, the first not just before a kill",
+                copies.len(),
+                String::from_utf8_lossy(b)
+            );
+        }
+    }
 }
 
 #[tokio::test]
@@ -639,5 +670,505 @@ async fn a_reload_that_raises_the_connection_cap_gives_the_queue_more_workers() 
     provider.until(|s| s.messages.len() == 8).await;
     assert_eq!(provider.state().authed_peak, 4, "the cap still holds");
     wait_for_empty_queue(&relay).await;
+    relay.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// What a 250 promises when the disk misbehaves, a record is damaged, or the config moves on.
+
+use std::sync::Arc;
+use xoauth_relay::delivery::queue::disk::{Faulty, Op};
+
+/// A queue-mode relay in `dir` whose spool is on `disk`, with a grant for `news`.
+async fn start_on(
+    dir: &std::path::Path,
+    provider: &FakeProvider,
+    opts: RelayOptions,
+    disk: Arc<Faulty>,
+) -> Relay {
+    let path = write_config(dir, provider, &opts, &password_hash());
+    let relay = Relay::start_from_on(dir, path, disk).await;
+    let rt = provider.state().add_refresh_token();
+    relay.import("news", &rt).await;
+    relay
+}
+
+#[tokio::test]
+async fn a_done_record_that_cannot_be_written_is_retried_and_the_message_never_comes_back() {
+    let _time = ManualTime::start();
+    let dir = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("starttls", None).await;
+    let disk = Arc::new(Faulty::default());
+    let relay = start_on(dir.path(), &provider, queued("", ""), disk.clone()).await;
+    provider.state().down = true;
+    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
+    queue_one(&mut c, &["bob@example.org"], &body(1)).await;
+    until_paused(&relay).await;
+    // The disk refuses the next three syncs of the log: the done record after delivery.
+    disk.fail(Op::Sync, "seg/", 0, 3);
+    provider.state().down = false;
+    assert!(retry_all(&relay).await.ok);
+    provider.until(|s| s.messages.len() == 1).await;
+    // Tried until it took (after 0.2 + 0.4 + 0.8 s).
+    while disk.failed(Op::Sync) < 3 || !queue_json(&relay).await.is_empty() {
+        tokio::task::yield_now().await;
+    }
+    let synced = disk.done(Op::Sync);
+    while disk.done(Op::Sync) == synced {
+        tokio::task::yield_now().await;
+    }
+    let path = relay.config_path.clone();
+    relay.stop().await;
+    let relay = Relay::start_from(dir.path(), path).await;
+    assert!(
+        queue_json(&relay).await.is_empty(),
+        "recorded as done, not delivered again"
+    );
+    assert_eq!(provider.state().messages.len(), 1);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_bounce_that_cannot_be_queued_keeps_the_original_until_it_can() {
+    let time = ManualTime::start();
+    let dir = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("starttls", None).await;
+    let disk = Arc::new(Faulty::default());
+    let relay = start_on(
+        dir.path(),
+        &provider,
+        queued("", "retry_min_secs = 60"),
+        disk.clone(),
+    )
+    .await;
+    provider.state().down = true;
+    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
+    let id = queue_one(&mut c, &["reject-me@example.org"], &body(1)).await;
+    until_paused(&relay).await;
+    // The next append to the log is the bounce: it fails.
+    disk.fail(Op::Write, "seg/", 0, 1);
+    provider.state().down = false;
+    assert!(retry_all(&relay).await.ok);
+    until_queue(&relay, |q| {
+        q.len() == 1 && q[0]["recipients"][0]["state"] == "bounced"
+    })
+    .await;
+    assert_eq!(disk.failed(Op::Write), 1);
+    let listed = queue_json(&relay).await;
+    assert_eq!(
+        listed[0]["id"],
+        id.as_str(),
+        "the original stays: {listed:?}"
+    );
+    assert!(provider.state().messages.is_empty(), "no bounce went out");
+    // Its bounce is tried again after the backoff, and the original then goes.
+    time.advance(Duration::from_secs(61)).await;
+    provider.until(|s| s.messages.len() == 1).await;
+    wait_for_empty_queue(&relay).await;
+    let bounce = provider.state().messages[0].clone();
+    assert_eq!(bounce.rcpts, ["alice@example.com"]);
+    assert!(String::from_utf8_lossy(&bounce.body).contains("reject-me@example.org"));
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_large_message_that_cannot_be_placed_is_refused_and_never_delivered_later() {
+    let _time = ManualTime::start();
+    let dir = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("starttls", None).await;
+    let disk = Arc::new(Faulty::default());
+    let relay = start_on(dir.path(), &provider, queued("", ""), disk.clone()).await;
+    provider.state().down = true;
+    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
+    // Renamed into msg/, but the directory sync fails; then the rename itself fails.
+    for op in [Op::SyncDir, Op::Rename] {
+        disk.fail(op, "msg/", 0, 1);
+        let replies = c
+            .send_mail("alice@example.com", &["bob@example.org"], &body(2))
+            .await;
+        assert!(
+            replies.last().unwrap().starts_with("451 4.3.0"),
+            "{op:?}: {replies:?}"
+        );
+        let left = std::fs::read_dir(dir.path().join("data/queue/msg"))
+            .unwrap()
+            .count();
+        assert_eq!(left, 0, "{op:?}: nothing left behind in msg/");
+        assert!(queue_json(&relay).await.is_empty());
+    }
+    let path = relay.config_path.clone();
+    relay.stop().await;
+    provider.state().down = false;
+    let relay = Relay::start_from(dir.path(), path).await;
+    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
+    // The mailer sends it again; that one copy is all the upstream gets.
+    queue_one(&mut c, &["bob@example.org"], &body(2)).await;
+    provider.until(|s| s.messages.len() == 1).await;
+    wait_for_empty_queue(&relay).await;
+    assert_eq!(provider.state().messages.len(), 1);
+    relay.stop().await;
+}
+
+/// The octets of the oldest spool log segment.
+fn oldest_segment(dir: &std::path::Path) -> std::path::PathBuf {
+    let seg = dir.join("data/queue/seg");
+    let mut all: Vec<_> = std::fs::read_dir(&seg)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    all.sort();
+    all.into_iter()
+        .find(|p| std::fs::metadata(p).unwrap().len() > 16)
+        .expect("a segment with records")
+}
+
+#[tokio::test]
+async fn a_damaged_byte_costs_at_most_its_own_record_and_is_reported() {
+    let _time = ManualTime::start();
+    // Offsets into the segment, spread over its records (a fixed seed: the same run every time).
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for round in 0..6 {
+        let (dir, provider, relay) = setup(queued("", ""), "starttls").await;
+        provider.state().down = true;
+        let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
+        let mut bodies = Vec::new();
+        for n in 0..5 {
+            let b =
+                format!("Subject: record {n}\r\n\r\nbody {n} of round {round}\r\n").into_bytes();
+            queue_one(&mut c, &["bob@example.org"], &b).await;
+            bodies.push(b);
+        }
+        let path = relay.config_path.clone();
+        relay.stop().await;
+        let segment = oldest_segment(dir.path());
+        let mut bytes = std::fs::read(&segment).unwrap();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let at = 16 + (seed as usize) % (bytes.len() - 16);
+        bytes[at] ^= 0x20;
+        std::fs::write(&segment, &bytes).unwrap();
+
+        provider.state().down = false;
+        let relay = Relay::start_from(dir.path(), path).await;
+        provider.until(|s| s.messages.len() >= 4).await;
+        let listed = until_settled(&relay).await;
+        let delivered: Vec<Vec<u8>> = provider
+            .state()
+            .messages
+            .iter()
+            .map(|m| m.body.clone())
+            .collect();
+        assert_eq!(delivered.len(), 4, "offset {at}: all but one, once each");
+        for b in &delivered {
+            assert_eq!(
+                delivered.iter().filter(|d| *d == b).count(),
+                1,
+                "offset {at}: once"
+            );
+            assert!(bodies.contains(b), "offset {at}");
+        }
+        // What could not be read is kept aside and reported.
+        let corrupt = dir.path().join("data/queue/corrupt");
+        assert_eq!(
+            std::fs::read_dir(&corrupt).unwrap().count(),
+            1,
+            "offset {at}"
+        );
+        let text = admin(
+            &relay,
+            Request::Queue {
+                account: None,
+                json: false,
+            },
+        )
+        .await
+        .text;
+        assert!(
+            text.contains("quarantined: 1 file(s)"),
+            "offset {at}: {text}"
+        );
+        // A damaged body whose envelope survived is listed, held, and says what is lost.
+        if let Some(m) = listed.first() {
+            assert!(
+                m["held"].as_str().unwrap().contains("damaged"),
+                "offset {at}: {m}"
+            );
+            let id = m["id"].as_str().unwrap().to_string();
+            let shown = admin(&relay, Request::QueueShow { id }).await;
+            assert!(
+                shown
+                    .text
+                    .contains("held: its body in the spool was found damaged"),
+                "{}",
+                shown.text
+            );
+        }
+        relay.stop().await;
+    }
+}
+
+/// The queue listing once the delivered messages are recorded (what is left is held).
+async fn until_settled(relay: &Relay) -> Vec<serde_json::Value> {
+    loop {
+        let q = queue_json(relay).await;
+        if q.iter().all(|m| !m["held"].is_null()) {
+            return q;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn a_spool_written_by_the_first_release_still_loads_and_delivers() {
+    let _time = ManualTime::start();
+    let dir = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("starttls", None).await;
+    // The first release's spool: a logged message (no segment header, records `len | crc | kind |
+    // envelope line \n body`), and one in a file of its own with its progress.
+    let queue = dir.path().join("data/queue");
+    for sub in ["seg", "msg", "tmp"] {
+        std::fs::create_dir_all(queue.join(sub)).unwrap();
+    }
+    let envelope = |id: &str, to: &str| {
+        format!(
+            r#"{{"id":"{id}","account":"news","sender":"alice@example.com","recipients":["{to}"],"received":{},"eight_bit":false,"smtputf8":false,"bounce":false}}"#,
+            xoauth_relay::util::clock::now_unix()
+        )
+    };
+    let mut payload = vec![1u8];
+    payload.extend_from_slice(envelope("00061A2B3C4D5E00010001", "logged@example.org").as_bytes());
+    payload.extend_from_slice(b"\nSubject: old log\r\n\r\nfrom the log\r\n");
+    let mut record = (payload.len() as u32).to_le_bytes().to_vec();
+    record.extend_from_slice(&crc32fast_hash(&payload).to_le_bytes());
+    record.extend_from_slice(&payload);
+    std::fs::write(queue.join("seg/0000000000"), &record).unwrap();
+    let id = "00061A2B3C4D5E00020002";
+    std::fs::write(
+        queue.join("msg").join(id),
+        format!(
+            "{}\nSubject: old file\r\n\r\nfrom a file\r\n",
+            envelope(id, "filed@example.org")
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        queue.join("msg").join(format!("{id}.state")),
+        r#"{"attempts":1,"next_attempt":0,"last_reply":"451 4.4.1 down","recipients":[{"status":"pending","last_reply":"451 4.4.1 down"}]}"#,
+    )
+    .unwrap();
+    let relay = start_with_grant(dir.path(), &provider, queued("", "")).await;
+    assert!(retry_all(&relay).await.ok);
+    provider.until(|s| s.messages.len() == 2).await;
+    wait_for_empty_queue(&relay).await;
+    let mut got: Vec<(Vec<String>, String)> = provider
+        .state()
+        .messages
+        .iter()
+        .map(|m| {
+            (
+                m.rcpts.clone(),
+                String::from_utf8_lossy(&m.body).into_owned(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (
+                vec!["filed@example.org".to_string()],
+                "Subject: old file\r\n\r\nfrom a file\r\n".to_string()
+            ),
+            (
+                vec!["logged@example.org".to_string()],
+                "Subject: old log\r\n\r\nfrom the log\r\n".to_string()
+            ),
+        ]
+    );
+    relay.stop().await;
+}
+
+/// CRC-32 (IEEE), as the spool log uses it; written out so the test does not lean on the crate.
+fn crc32fast_hash(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// `news` queues; `shop` (login `newsletter-shop`) queues through its own provider table `fake2`,
+/// which `with_provider` keeps in the file.
+fn with_shop(
+    dir: &std::path::Path,
+    provider: &FakeProvider,
+    shop: bool,
+    fake2: bool,
+) -> RelayOptions {
+    let mut extra = String::from("delivery = \"queue\"\n");
+    if shop {
+        extra.push_str(&format!(
+            "\n[[accounts]]\nname = \"shop\"\nlogin = \"newsletter-shop\"\npassword_hash = \"{}\"\n\
+             provider = \"fake2\"\nmailbox = \"news@example.com\"\ndelivery = \"queue\"\n",
+            password_hash()
+        ));
+    }
+    if fake2 {
+        extra.push_str(&format!(
+            "\n[providers.fake2]\ntoken_url = \"{base}/token\"\nscopes = [\"https://mail.google.com/\"]\n\
+             client_id = \"test-client\"\nclient_secret = \"test-client-SECRET\"\nsmtp_host = \"localhost\"\n\
+             smtp_port = {port}\nsmtp_tls = \"{tls}\"\nsmtp_ca_file = \"{ca}\"\n",
+            base = provider.base_url(),
+            port = provider.smtp_addr.port(),
+            tls = provider.smtp_mode,
+            ca = dir.join("certs/upstream-ca.pem").display(),
+        ));
+    }
+    RelayOptions {
+        extra_accounts_toml: extra,
+        ..RelayOptions::default()
+    }
+}
+
+/// Queues one message as `shop` while the upstream is down, then stops the relay.
+async fn queue_as_shop(dir: &std::path::Path, provider: &FakeProvider) -> String {
+    provider.state().down = true;
+    let relay = start_with_grant(dir, provider, with_shop(dir, provider, true, true)).await;
+    let rt = provider.state().add_refresh_token();
+    relay.import("shop", &rt).await;
+    let mut c = Client::connect(&relay, Conn::StartTls, &provider.pki).await;
+    assert!(c
+        .login_plain("newsletter-shop", PASSWORD)
+        .await
+        .starts_with("235"));
+    let id = queue_one(&mut c, &["bob@example.org"], &body(7)).await;
+    relay.stop().await;
+    id
+}
+
+#[tokio::test]
+async fn mail_of_an_account_removed_from_the_config_is_still_delivered_or_held_in_view() {
+    let _time = ManualTime::start();
+    let dir = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("starttls", None).await;
+    // The account is gone, its provider is not: delivered through it, with the stored grant.
+    queue_as_shop(dir.path(), &provider).await;
+    provider.state().down = false;
+    let path = write_config(
+        dir.path(),
+        &provider,
+        &with_shop(dir.path(), &provider, false, true),
+        &password_hash(),
+    );
+    let relay = Relay::start_from(dir.path(), path).await;
+    assert!(retry_all(&relay).await.ok);
+    provider.until(|s| s.messages.len() == 1).await;
+    wait_for_empty_queue(&relay).await;
+    let mut c = Client::connect(&relay, Conn::StartTls, &provider.pki).await;
+    assert!(
+        c.login_plain("newsletter-shop", PASSWORD)
+            .await
+            .starts_with("535"),
+        "nobody logs in as a removed account"
+    );
+    relay.stop().await;
+
+    // Its provider is gone too: held, listed with the reason, until deleted.
+    let id = queue_as_shop(dir.path(), &provider).await;
+    provider.state().down = false;
+    let path = write_config(
+        dir.path(),
+        &provider,
+        &with_shop(dir.path(), &provider, false, false),
+        &password_hash(),
+    );
+    let relay = Relay::start_from(dir.path(), path).await;
+    let listed = queue_json(&relay).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let held = listed[0]["held"].as_str().unwrap();
+    assert!(
+        held.contains("account `shop` and its provider `fake2` are no longer configured"),
+        "{held}"
+    );
+    let deleted = admin(&relay, Request::QueueDelete { id: id.clone() }).await;
+    assert!(deleted.ok, "{}", deleted.text);
+    assert!(queue_json(&relay).await.is_empty());
+    let path = relay.config_path.clone();
+    relay.stop().await;
+    let relay = Relay::start_from(dir.path(), path).await;
+    assert!(queue_json(&relay).await.is_empty(), "deleted for good");
+    assert_eq!(provider.state().messages.len(), 1);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn one_recipient_that_is_always_throttled_does_not_hold_the_others() {
+    let time = ManualTime::start();
+    // One connection, so that the messages go one after the other.
+    let one = queued("max_upstream_connections = 1", "retry_min_secs = 300");
+    let (_dir, provider, relay) = setup(one, "starttls").await;
+    provider.state().down = true;
+    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
+    let stuck = queue_one(&mut c, &["stuck@example.org"], &body(1)).await;
+    queue_one(&mut c, &["b@example.org"], &body(3)).await;
+    queue_one(&mut c, &["c@example.org"], &body(4)).await;
+    until_paused(&relay).await;
+    provider.state().down = false;
+    assert!(retry_all(&relay).await.ok);
+    // The oldest draws the throttling: the account pauses, and that message goes behind.
+    until_queue(&relay, |q| {
+        q.len() == 3
+            && q[0]["last_reply"]
+                .as_str()
+                .is_some_and(|r| r.contains("4.7.500"))
+    })
+    .await;
+    time.advance(Duration::from_secs(61)).await;
+    provider.until(|s| s.messages.len() == 2).await;
+    // Throttled again: that is the recipient's trouble now, deferred with backoff, no pause.
+    time.advance(Duration::from_secs(2)).await;
+    until_queue(&relay, |q| q.len() == 1 && q[0]["attempts"] == 1).await;
+    let listed = queue_json(&relay).await;
+    assert_eq!(listed[0]["id"], stuck.as_str());
+    assert!(
+        !until_paused_or_not(&relay).await,
+        "the account is not paused for it"
+    );
+    relay.stop().await;
+}
+
+/// Whether `accounts` shows the account paused right now.
+async fn until_paused_or_not(relay: &Relay) -> bool {
+    let r = admin(
+        relay,
+        Request::Accounts {
+            json: false,
+            usage: false,
+        },
+    )
+    .await;
+    r.text.contains("paused")
+}
+
+#[tokio::test]
+async fn a_nearly_full_disk_refuses_new_mail_at_mail_with_452() {
+    let (_dir, provider, relay) = setup(
+        queued("", "min_free_bytes = 4611686018427387904"),
+        "starttls",
+    )
+    .await;
+    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
+    assert_eq!(
+        c.cmd("MAIL FROM:<alice@example.com>").await,
+        "452 4.3.1 Insufficient system storage; try again later"
+    );
     relay.stop().await;
 }

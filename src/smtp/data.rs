@@ -17,9 +17,9 @@ enum Dot {
     /// Not at a dot.
     No,
     /// A dot at a line start (removed: stuffing, or the start of the end).
-    Dot,
+    Seen,
     /// A dot at a line start and a CR: the end if LF comes next.
-    DotCr,
+    ThenCr,
 }
 
 /// Decodes a DATA body from its wire form; state carries across reads, which may split anywhere.
@@ -64,11 +64,11 @@ impl DataDecoder {
         let mut i = 0;
         while i < input.len() {
             match self.dot {
-                Dot::Dot => {
+                Dot::Seen => {
                     let b = input[i];
                     i += 1;
                     if b == b'\r' {
-                        self.dot = Dot::DotCr;
+                        self.dot = Dot::ThenCr;
                         continue;
                     }
                     // The dot was stuffing; `b` is the line's first octet.
@@ -76,7 +76,7 @@ impl DataDecoder {
                     self.last = *b"\n.";
                     self.push(b, out);
                 }
-                Dot::DotCr => {
+                Dot::ThenCr => {
                     let b = input[i];
                     i += 1;
                     self.dot = Dot::No;
@@ -90,7 +90,7 @@ impl DataDecoder {
                     self.push(b, out);
                 }
                 Dot::No if self.last == *b"\r\n" && input[i] == b'.' => {
-                    self.dot = Dot::Dot;
+                    self.dot = Dot::Seen;
                     i += 1;
                 }
                 Dot::No => {
@@ -192,7 +192,10 @@ pub(crate) mod tests {
             assert!(bare, "{tail:?} has a bare line ending");
         }
         let (body, done, taken, bare) = decode_in(&[b"a\r\n..b\r\n.\r\nQUIT\r\n"]);
-        assert_eq!((body.as_slice(), done, taken, bare), (&b"a\r\n.b\r\n"[..], true, 11, false));
+        assert_eq!(
+            (body.as_slice(), done, taken, bare),
+            (&b"a\r\n.b\r\n"[..], true, 11, false)
+        );
         // The CRLF that ended DATA counts: an empty body.
         assert_eq!(decode_in(&[b".\r\n"]), (Vec::new(), true, 3, false));
     }

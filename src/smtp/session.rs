@@ -930,7 +930,10 @@ fn written_address(request: Request<String>, line: &[u8]) -> Result<Request<Stri
         } else if inner.is_empty() {
             Ok(())
         } else {
-            Err(Reply::new(553, format!("{code} Address syntax not understood")))
+            Err(Reply::new(
+                553,
+                format!("{code} Address syntax not understood"),
+            ))
         }
     };
     match request {

@@ -87,6 +87,8 @@ pub struct Message {
     pub mail_from: String,
     pub rcpts: Vec<String>,
     pub body: Vec<u8>,
+    /// When the end of data was answered `250`.
+    pub at: Option<std::time::Instant>,
 }
 
 /// Everything the fake provider knows and counts.
@@ -734,6 +736,10 @@ async fn smtp_session(
             {
                 c.send("451 4.7.500 Server busy. Please try again later")
                     .await?;
+            } else if addr.starts_with("stuck") {
+                // Throttled every time: one recipient the provider never takes right now.
+                c.send("451 4.7.500 Server busy. Please try again later")
+                    .await?;
             } else if addr.starts_with("once")
                 && state.lock().unwrap().deferred_once.insert(addr.clone())
             {
@@ -760,6 +766,7 @@ async fn smtp_session(
             held(&state).await;
             let mut m = msg.take().unwrap();
             m.body = body;
+            m.at = Some(std::time::Instant::now());
             let big = m.body.len() > 30_000_000;
             let close = {
                 let mut s = state.lock().unwrap();
@@ -964,8 +971,20 @@ impl Relay {
     }
 
     pub async fn start_from(dir: &Path, config_path: PathBuf) -> Relay {
+        let disk = std::sync::Arc::new(xoauth_relay::delivery::queue::disk::Os);
+        Relay::start_from_on(dir, config_path, disk).await
+    }
+
+    /// A relay whose spool is on `disk` (one that fails on request, say).
+    pub async fn start_from_on(
+        dir: &Path,
+        config_path: PathBuf,
+        disk: std::sync::Arc<dyn xoauth_relay::delivery::queue::disk::Disk>,
+    ) -> Relay {
         let config = xoauth_relay::config::Config::load(&config_path).unwrap();
-        let server = xoauth_relay::app::Relay::bind(config).await.unwrap();
+        let server = xoauth_relay::app::Relay::bind_on(config, disk)
+            .await
+            .unwrap();
         let addrs = server.local_addrs();
         let metrics = server.metrics_addr();
         let probe = server.probe();

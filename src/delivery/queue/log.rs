@@ -159,7 +159,10 @@ pub fn scan(dir: &Path, corrupt: &Path, disk: &dyn Disk) -> io::Result<Scan> {
 enum At {
     Record(Record, u64),
     /// A record whose header checks out but whose payload does not: its extent is known.
-    Damaged { end: u64, envelope: Option<Vec<u8>> },
+    Damaged {
+        end: u64,
+        envelope: Option<Vec<u8>>,
+    },
     /// No record starts here.
     Bad,
 }
@@ -381,8 +384,7 @@ impl Reader {
 
     fn v1_at(&mut self, pos: u64) -> io::Result<At> {
         let mut head = [0u8; V1_HEADER];
-        if pos + V1_HEADER as u64 > self.size
-            || read_up_to(&self.file, pos, &mut head)? < V1_HEADER
+        if pos + V1_HEADER as u64 > self.size || read_up_to(&self.file, pos, &mut head)? < V1_HEADER
         {
             return Ok(At::Bad);
         }
@@ -759,7 +761,11 @@ mod tests {
             .found
             .iter()
             .map(|f| match &f.record {
-                Record::Message { envelope, body, len } => (
+                Record::Message {
+                    envelope,
+                    body,
+                    len,
+                } => (
                     "M".to_string(),
                     String::from_utf8_lossy(envelope).into_owned(),
                     String::from_utf8_lossy(&read_at(dir, *body, *len).unwrap()).into_owned(),

@@ -149,7 +149,9 @@ impl Queue {
         providers: &BTreeMap<String, Arc<Provider>>,
     ) -> (Arc<AccountQueue>, Option<Arc<Account>>) {
         let name = &env.account;
-        let provider = providers.get(&env.provider).filter(|_| !env.mailbox.is_empty());
+        let provider = providers
+            .get(&env.provider)
+            .filter(|_| !env.mailbox.is_empty());
         let (account, why) = match provider {
             Some(p) => (
                 Arc::new(Account::retired(name, p.clone(), &env.mailbox, env.grant)),

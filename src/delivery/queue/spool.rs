@@ -25,8 +25,8 @@ use tokio::sync::oneshot;
 
 use super::disk::Disk;
 use super::log::{self, LogAt, Rec, Record};
-pub use super::model::{Envelope, Progress, RcptState, RcptStatus};
 use super::model::valid_id;
+pub use super::model::{Envelope, Progress, RcptState, RcptStatus};
 
 /// Bytes of body gathered in memory before they are written out.
 const WRITE_BATCH: usize = 256 * 1024;
@@ -59,7 +59,10 @@ enum Op {
     /// Detached removals are waiting in [`Spool::detached`]: take them into this batch.
     TakeDetached,
     /// A message for the log: its envelope line is the first `header` bytes.
-    Message { bytes: Vec<u8>, header: usize },
+    Message {
+        bytes: Vec<u8>,
+        header: usize,
+    },
     /// A logged message is done with; `release`: it counted as live in its segment (a damaged
     /// one, kept aside, did not).
     Done {
@@ -847,7 +850,10 @@ impl Committer {
             self.settle_flushes();
         }
         for job in &self.retry {
-            tracing::error!(id = job.id.as_deref().unwrap_or(""), "a change to the spool never became durable; the message may be delivered again");
+            tracing::error!(
+                id = job.id.as_deref().unwrap_or(""),
+                "a change to the spool never became durable; the message may be delivered again"
+            );
         }
     }
 
@@ -896,7 +902,10 @@ impl Committer {
             .map(|job| match &job.op {
                 Op::Place { from, to } => disk.rename(from, to).map(|()| None),
                 Op::Write { tmp, path, bytes } => crate::util::fs::create_private(tmp)
-                    .and_then(|mut f| disk.write(tmp, &mut f, bytes).and_then(|()| disk.sync(tmp, &f)))
+                    .and_then(|mut f| {
+                        disk.write(tmp, &mut f, bytes)
+                            .and_then(|()| disk.sync(tmp, &f))
+                    })
                     .and_then(|()| disk.rename(tmp, path))
                     .map(|()| None),
                 Op::Remove(paths) => paths
@@ -941,7 +950,7 @@ impl Committer {
             })
             .collect();
         if !records.is_empty() {
-            let wire: Vec<Rec<'_>> = records.iter().map(|(_, r)| r.clone()).collect();
+            let wire: Vec<Rec<'_>> = records.iter().map(|(_, r)| *r).collect();
             match self.log.append(&wire) {
                 Ok(places) => {
                     for ((i, _), at) in records.iter().zip(places) {
@@ -1039,6 +1048,9 @@ mod tests {
         spool.remove(&stored[0].envelope).await.unwrap();
         drop(spool);
         let (_spool, opened) = Spool::open(dir.path(), Arc::new(Os)).unwrap();
-        assert!(opened.stored.is_empty(), "delivered and gone, also from the log");
+        assert!(
+            opened.stored.is_empty(),
+            "delivered and gone, also from the log"
+        );
     }
 }

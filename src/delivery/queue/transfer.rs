@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use super::retry::throttle;
 use super::model::Envelope;
+use super::retry::throttle;
 use super::spool::BodySource;
 use crate::config::Account;
 use crate::delivery::outcome::UpstreamError;

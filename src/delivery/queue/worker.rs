@@ -241,7 +241,10 @@ impl Worker {
                     } else {
                         Reply::new(
                             451,
-                            format!("4.7.0 deferred after repeated throttling ({})", reply.summary()),
+                            format!(
+                                "4.7.0 deferred after repeated throttling ({})",
+                                reply.summary()
+                            ),
                         )
                     };
                     let replies = vec![deferred; job.rcpts.len()];
@@ -324,7 +327,10 @@ impl Worker {
                         failed.push(r.dsn_status.clone().unwrap_or_default());
                     }
                     Severity::Transient => {
-                        queue.observer.metrics.recipients(&account.name, "deferred", 1);
+                        queue
+                            .observer
+                            .metrics
+                            .recipients(&account.name, "deferred", 1);
                         tracing::info!(id = %env.id, to = %address, reply = %summary, "deferred");
                     }
                 }
@@ -366,7 +372,8 @@ impl Worker {
                 r.notified = false;
                 r.dsn_status = Some("4.4.7".into());
                 if let Some(what) = &damaged {
-                    r.last_reply = Some(format!("the relay's queued copy could not be read: {what}"));
+                    r.last_reply =
+                        Some(format!("the relay's queued copy could not be read: {what}"));
                 } else if r.last_reply.is_none() {
                     r.last_reply =
                         Some("delivery time expired before the upstream could be reached".into());
