@@ -520,8 +520,8 @@ async fn postmaster_reaches_the_upstream_as_postmaster_and_only_angle_brackets_a
             assert!(all_ok(&replies), "{extra}: {replies:?}");
         }
         provider.until(|s| s.messages.len() == 2).await;
-        let s = provider.state();
-        let mut seen: Vec<(String, Vec<String>)> = s
+        let mut seen: Vec<(String, Vec<String>)> = provider
+            .state()
             .messages
             .iter()
             .map(|m| {
@@ -539,7 +539,6 @@ async fn postmaster_reaches_the_upstream_as_postmaster_and_only_angle_brackets_a
             ],
             "{extra}"
         );
-        drop(s);
         relay.stop().await;
     }
 }
