@@ -484,6 +484,7 @@ impl Relay {
         ));
         services.spawn(reload::on_hangup(self.hangup, reloader, stop.clone()));
         services.spawn(housekeeping(self.shared.clone(), stop.clone()));
+        services.spawn(upstream.tokens.clone().run_upkeep(stop.clone()));
         // Served until the very end, so that /readyz says 503 while sessions drain.
         let endpoint_stop = CancellationToken::new();
         let endpoint = self.metrics.map(|listener| {
@@ -613,8 +614,8 @@ async fn wait_for_sessions(tasks: &TaskTracker, upstream: &UpstreamContext) {
     tasks.wait().await;
 }
 
-/// Periodic upkeep until the relay stops: idle upstream connections closed, tokens of busy
-/// accounts refreshed ahead, quiet grants kept alive, last-use times and pacing windows saved,
+/// Periodic upkeep until the relay stops (tokens have their own, `TokenManager::run_upkeep`):
+/// idle upstream connections closed, quiet grants kept alive, grants that could not be saved saved, last-use times and pacing windows saved,
 /// waiting messages moved out of old log segments, stuck queues reported.
 async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
     let upstream = &shared.upstream;
@@ -623,19 +624,19 @@ async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         i
     };
-    let (mut reap, mut ahead, mut keepalive) = (every(1), every(5), every(3600));
+    let (mut reap, mut keepalive) = (every(1), every(3600));
     let mut persist = tokio::time::interval(PERSIST_EVERY);
     persist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = reap.tick() => upstream.pool.reap(),
-            _ = ahead.tick() => upstream.tokens.refresh_ahead(),
             _ = keepalive.tick() => {
                 let days = shared.live.load().config.server.keepalive_days;
                 upstream.tokens.keep_alive_behind(Duration::from_secs(days * 86_400));
             }
             _ = persist.tick() => {
+                upstream.tokens.save_unsaved().await;
                 upstream.activity.persist(upstream.tokens.store()).await;
                 upstream.queue.save_pacing(&upstream.pacers).await;
                 upstream.queue.compact().await;

@@ -3,8 +3,8 @@
 //! Each account has a slot with the cached token and an async mutex. A caller that finds no fresh
 //! token but a still-valid one gets that, while one refresh runs behind it; a caller that finds no
 //! valid token takes the mutex and looks again before refreshing, so a hundred sessions arriving
-//! after expiry cause one call to the token endpoint. The app's upkeep refreshes busy accounts ahead
-//! of expiry ([`TokenManager::refresh_ahead`]) and quiet grants once in a while
+//! after expiry cause one call to the token endpoint. The upkeep refreshes busy accounts ahead
+//! of expiry ([`TokenManager::upkeep`]) and quiet grants once in a while
 //! ([`TokenManager::keep_alive`]), which is also where dying grants raise their alerts. A rotated refresh token is sealed and flushed to the
 //! store before the new access token is handed out. Once the provider says `invalid_grant`, the
 //! account is marked revoked and no further refresh is tried until a new grant is stored; this is what
@@ -152,6 +152,9 @@ const EXPIRING: u64 = 2 * 86_400;
 /// An account that asked for a token this recently is kept refreshed ahead of expiry.
 const RECENT_USE: Duration = Duration::from_secs(3600);
 
+/// The upkeep looks at least this often (an account's last use ages out of [`RECENT_USE`]).
+const UPKEEP_AT_LEAST: Duration = Duration::from_secs(5);
+
 /// After a failed token request, waiters get the same error for this long instead of each asking
 /// the provider again (a dead endpoint would otherwise make a hundred sessions queue for minutes).
 const FAILURE_BACKOFF: Duration = Duration::from_secs(15);
@@ -216,6 +219,8 @@ pub struct TokenManager {
     /// Refreshes run here, so shutdown waits for a rotated refresh token to reach the store.
     tasks: TaskTracker,
     observer: Observer,
+    /// A token was cached or a failure remembered: the upkeep's next wake-up may be sooner.
+    changed: tokio::sync::Notify,
 }
 
 impl TokenManager {
@@ -237,6 +242,7 @@ impl TokenManager {
             slots,
             tasks,
             observer,
+            changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -327,7 +333,7 @@ impl TokenManager {
             return Ok(t);
         }
         if let Some(t) = self.valid(&slot) {
-            self.refresh_behind(slot);
+            self.refresh_behind(slot, false);
             return Ok(t);
         }
         self.refresh(slot, None).await
@@ -341,14 +347,15 @@ impl TokenManager {
             .cloned()
     }
 
-    /// Starts a refresh unless one is running; nobody waits for it.
-    fn refresh_behind(self: &Arc<Self>, slot: Arc<Slot>) {
+    /// Starts a refresh unless one is running; nobody waits for it. `ask`: a new request even
+    /// if the last one failed only moments ago.
+    fn refresh_behind(self: &Arc<Self>, slot: Arc<Slot>, ask: bool) {
         if slot.behind.swap(true, Ordering::AcqRel) {
             return;
         }
         let this = self.clone();
         self.tasks.spawn(async move {
-            let _ = this.refresh(slot.clone(), None).await;
+            let _ = this.run_refresh(slot.clone(), None, ask).await;
             slot.behind.store(false, Ordering::Release);
         });
     }
@@ -367,16 +374,112 @@ impl TokenManager {
         drop(slot.refresh.lock().await);
     }
 
-    /// Background upkeep, run every few seconds by the app: an account that asked for a token in
-    /// the last hour has it refreshed once it is inside the refresh margin, before any session
-    /// needs it.
-    pub fn refresh_ahead(self: &Arc<Self>) {
+    /// Background upkeep, run by [`TokenManager::run_upkeep`] when [`TokenManager::next_upkeep`]
+    /// says: an account that asked for a token in the last hour has it refreshed as soon as it
+    /// leaves its margin (before any session needs it, and so that a revoked grant raises
+    /// `grant_revoked` within the token's lifetime even when no mailer connects); a failing one
+    /// is asked again every [`FAILURE_BACKOFF`], and once more when it has failed for
+    /// `alert_after_secs`, so that `refresh_failing` fires however sessions space their tries.
+    pub fn upkeep(self: &Arc<Self>) {
         let now = self.clock.now();
         for slot in self.slots.all().values() {
-            let recent =
-                lock(&slot.wanted).is_some_and(|at| now.saturating_duration_since(at) < RECENT_USE);
-            if recent && self.fresh(slot).is_none() && self.valid(slot).is_some() {
-                self.refresh_behind(slot.clone());
+            let recent = self.recently_wanted(slot, now);
+            let last = lock(&slot.failure).as_ref().map(|(at, _)| *at);
+            let threshold = self
+                .alert_due(slot)
+                .is_some_and(|t| t <= now && last.is_some_and(|l| l < t));
+            let retry = recent && last.is_some_and(|l| now.saturating_duration_since(l) >= FAILURE_BACKOFF);
+            let margin =
+                recent && last.is_none() && self.fresh(slot).is_none() && self.valid(slot).is_some();
+            if threshold || retry {
+                self.refresh_behind(slot.clone(), true);
+            } else if margin {
+                self.refresh_behind(slot.clone(), false);
+            }
+        }
+    }
+
+    /// When [`TokenManager::upkeep`] has something to do next, if anything (a slot being
+    /// refreshed in the background says so itself when it is done).
+    pub fn next_upkeep(&self) -> Option<Instant> {
+        let now = self.clock.now();
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
+        for slot in self.slots.all().values() {
+            if slot.behind.load(Ordering::Acquire) {
+                continue;
+            }
+            let last = lock(&slot.failure).as_ref().map(|(at, _)| *at);
+            if self.recently_wanted(slot, now) {
+                match last {
+                    Some(l) => consider(l + FAILURE_BACKOFF),
+                    None => {
+                        if let Some(t) = self.valid(slot) {
+                            consider((t.expires_at - self.margin_for(t.lifetime)).max(now));
+                        }
+                    }
+                }
+            }
+            if let (Some(l), Some(t)) = (last, self.alert_due(slot)) {
+                if l < t {
+                    consider(t);
+                }
+            }
+        }
+        next
+    }
+
+    /// Runs [`TokenManager::upkeep`] whenever it has something to do, until `stop`.
+    pub async fn run_upkeep(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let now = self.clock.now();
+            // Also once in a while: an account's wanted time ages out of the hour unannounced.
+            let next = self
+                .next_upkeep()
+                .map_or(now + UPKEEP_AT_LEAST, |t| t.min(now + UPKEEP_AT_LEAST));
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = changed => continue,
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            self.upkeep();
+        }
+    }
+
+    fn recently_wanted(&self, slot: &Slot, now: Instant) -> bool {
+        lock(&slot.wanted).is_some_and(|at| now.saturating_duration_since(at) < RECENT_USE)
+    }
+
+    /// When the failures of the outage in progress reach `alert_after_secs`.
+    fn alert_due(&self, slot: &Slot) -> Option<Instant> {
+        let after = Duration::from_secs(self.observer.alerts.thresholds().alert_after_secs);
+        lock(&slot.failing_since).map(|since| since + after)
+    }
+
+    /// Writes grants that could not be saved when they came (a full disk), so that a rotated
+    /// refresh token is not lost with the process. Run periodically by the app.
+    pub async fn save_unsaved(&self) {
+        for slot in self.slots.all().values() {
+            let Some(grant) = lock(&slot.unsaved).clone() else {
+                continue;
+            };
+            let _guard = slot.refresh.lock().await;
+            let name = slot.account.load().name.clone();
+            // A refresh meanwhile may have saved a newer one.
+            if lock(&slot.unsaved).is_none() {
+                continue;
+            }
+            match self.store.put(&name, grant).await {
+                Ok(()) => {
+                    *lock(&slot.unsaved) = None;
+                    tracing::info!(account = %name, "the grant that could not be saved earlier is saved now");
+                }
+                Err(e) => {
+                    tracing::warn!(account = %name, error = %e, "still cannot save the grant to the database");
+                }
             }
         }
     }
@@ -462,6 +565,16 @@ impl TokenManager {
         slot: Arc<Slot>,
         rejected: Option<Secret>,
     ) -> Result<AccessToken, TokenError> {
+        self.run_refresh(slot, rejected, false).await
+    }
+
+    /// [`TokenManager::refresh`]; `ask`: a new request even if the last one failed only moments ago.
+    async fn run_refresh(
+        self: &Arc<Self>,
+        slot: Arc<Slot>,
+        rejected: Option<Secret>,
+        ask: bool,
+    ) -> Result<AccessToken, TokenError> {
         let this = self.clone();
         let task = self.tasks.spawn(async move {
             let _guard = slot.refresh.lock().await;
@@ -480,7 +593,7 @@ impl TokenManager {
                     .filter(|t| rejected.as_ref() != Some(&t.secret))
                     .cloned()
             };
-            if let Some((at, error)) = lock(&slot.failure).clone() {
+            if let Some((at, error)) = lock(&slot.failure).clone().filter(|_| !ask) {
                 if this.clock.now().saturating_duration_since(at) < FAILURE_BACKOFF {
                     return match still_valid().filter(|_| passing(&error)) {
                         Some(t) => Ok(t),
@@ -494,6 +607,7 @@ impl TokenManager {
             let result = this.obtain(&slot, first_use).await;
             let now = this.clock.now();
             *lock(&slot.failure) = result.as_ref().err().map(|e| (now, e.clone()));
+            this.changed.notify_one();
             match result {
                 Err(e) => match still_valid().filter(|_| passing(&e)) {
                     Some(t) => Ok(t),
@@ -542,6 +656,7 @@ impl TokenManager {
             lifetime,
         };
         *lock(&slot.cached) = Some(token.clone());
+        self.changed.notify_one();
         token
     }
 
@@ -713,10 +828,19 @@ impl TokenManager {
                 tracing::error!(
                     account = %name,
                     error = %e,
-                    "cannot save the new grant to the database; keeping it in memory and retrying with the next \
-                     refresh (if the relay stops first, run `xoauth-relay authorize {name}`)"
+                    "cannot save the new grant to the database; keeping it in memory and retrying every 30 s \
+                     (if the relay stops first, run `xoauth-relay authorize {name}`)"
                 );
                 *lock(&slot.unsaved) = Some(grant);
+                self.observer.alerts.raise(
+                    Event::GrantSaveFailed,
+                    &name,
+                    &format!("the new grant could not be written to the database ({e})"),
+                    &format!(
+                        "free space on the disk that holds data_dir (and check its health); the relay keeps the \
+                         grant in memory and retries; if it stops before it succeeds, run `xoauth-relay authorize {name}`"
+                    ),
+                );
             }
         }
         tracing::info!(account = %name, rotated, expires_in_secs = lifetime.as_secs(), "access token refreshed");
@@ -730,6 +854,7 @@ mod tests {
 
     use super::*;
     use crate::store::memory::MemoryStore;
+    use crate::store::GrantStore;
     use crate::util::clock::{Clock, ManualClock};
     use crate::util::BoxFuture;
 
@@ -1046,5 +1171,173 @@ mod tests {
         let e = f.tokens.token("news").await.unwrap_err();
         assert!(matches!(e, TokenError::NeedsAuthorization(_)), "{e}");
         assert_eq!(issuer.calls(), 0);
+    }
+
+    /// The endpoint fails from the start; sessions come 3.5 s apart, the second answered from the
+    /// remembered failure: the upkeep still asks at the threshold, and `refresh_failing` fires.
+    #[tokio::test]
+    async fn refresh_failing_fires_at_the_threshold_however_sessions_space_their_tries() {
+        let issuer = Scripted::new(Err(ProviderError::Unreachable("down".into())));
+        let alerts = crate::config::AlertsConfig {
+            alert_after_secs: 3,
+            ..Default::default()
+        };
+        let f = fixture_alerting(issuer.clone(), alerts);
+        with_grant(&f).await;
+        let fired = |f: &Fixture| {
+            let text = f.tokens.observer.metrics.encode(&|_| {});
+            text.contains("xoauth_relay_alerts_total{account=\"news\",event=\"refresh_failing\"} 1")
+        };
+        let account = f.tokens.slot("news").unwrap().account.load_full();
+        assert!(f.tokens.token("news").await.is_err());
+        f.clock.advance(Duration::from_millis(3500));
+        assert!(f.tokens.token("news").await.is_err());
+        assert_eq!(issuer.calls(), 1, "answered from the remembered failure");
+        assert!(!fired(&f));
+        assert!(
+            f.tokens.next_upkeep().is_some_and(|t| t <= f.clock.now()),
+            "the upkeep has the threshold due"
+        );
+        f.tokens.upkeep();
+        after_refresh(&f, &issuer, 2).await;
+        assert!(fired(&f), "failing for longer than alert_after_secs");
+        assert!(!f.tokens.grant_ok(&account), "grant_ok says 0 meanwhile");
+    }
+
+    /// A fixture on tokio's clock (paused by the test), and the upkeep running as in the relay.
+    fn paused_fixture(issuer: Arc<Scripted>) -> (Arc<TokenManager>, Store) {
+        let config = crate::config::one_account(
+            "news",
+            "$argon2id$v=19$m=19456,t=2,p=1$8uLpBtLr7xHax5eifcWBXA$QKTwp/o3Eg0VHq7aeAVpq5nU6VsxKM0bSk9xdcSnc0U",
+        );
+        let store = Store::new(MemoryStore::default());
+        let clock = crate::util::clock::system();
+        let tokens = Arc::new(TokenManager::new(
+            store.clone(),
+            issuer,
+            clock.clone(),
+            Duration::from_secs(300),
+            &config.accounts,
+            TaskTracker::new(),
+            Observer::quiet(clock),
+        ));
+        tokio::spawn(
+            tokens
+                .clone()
+                .run_upkeep(tokio_util::sync::CancellationToken::new()),
+        );
+        (tokens, store)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_in_use_is_refreshed_before_it_expires_whatever_its_lifetime() {
+        for lifetime in [4u64, 12, 3600] {
+            let issuer = Scripted::new(Ok(lifetime));
+            let (tokens, store) = paused_fixture(issuer.clone());
+            let grant = Grant {
+                refresh_token: Some(Secret::new("rt-0")),
+                obtained_at: crate::util::clock::now_unix(),
+                ..Grant::default()
+            };
+            store.put("news", grant).await.unwrap();
+            // Used once, then no mailer at all.
+            assert_eq!(tokens.token("news").await.unwrap().secret.expose(), "at-1");
+            tokio::time::sleep(Duration::from_millis(lifetime * 1000 - 10)).await;
+            assert_eq!(issuer.calls(), 2, "{lifetime} s token: refreshed before expiry");
+            let left = tokens.cached_for("news").unwrap();
+            assert!(left > Duration::from_millis(lifetime * 1000 / 2), "{lifetime} s: {left:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_grant_revoked_while_nobody_sends_is_reported_within_the_token_lifetime() {
+        let issuer = Scripted::new(Ok(12));
+        let (tokens, store) = paused_fixture(issuer.clone());
+        let grant = Grant {
+            refresh_token: Some(Secret::new("rt-0")),
+            obtained_at: crate::util::clock::now_unix(),
+            ..Grant::default()
+        };
+        store.put("news", grant).await.unwrap();
+        tokens.token("news").await.unwrap();
+        *lock(&issuer.answer) = Err(ProviderError::InvalidGrant("revoked".into()));
+        tokio::time::sleep(Duration::from_millis(11_900)).await;
+        let text = tokens.observer.metrics.encode(&|_| {});
+        assert!(
+            text.contains("xoauth_relay_alerts_total{account=\"news\",event=\"grant_revoked\"} 1"),
+            "{text}"
+        );
+        assert!(store.status("news").revoked);
+    }
+
+    #[tokio::test]
+    async fn a_rotated_refresh_token_that_cannot_be_saved_raises_an_alert_and_is_saved_later() {
+        let issuer = Arc::new(Scripted {
+            rotate: true,
+            ..Arc::try_unwrap(Scripted::new(Ok(3600))).ok().unwrap()
+        });
+        let memory = Arc::new(MemoryStore::default());
+        let store = Store::new(SharedMemory(memory.clone()));
+        let config = crate::config::one_account(
+            "news",
+            "$argon2id$v=19$m=19456,t=2,p=1$8uLpBtLr7xHax5eifcWBXA$QKTwp/o3Eg0VHq7aeAVpq5nU6VsxKM0bSk9xdcSnc0U",
+        );
+        let clock = ManualClock::new(1_000_000);
+        let tokens = Arc::new(TokenManager::new(
+            store.clone(),
+            issuer.clone(),
+            clock.clone(),
+            Duration::from_secs(300),
+            &config.accounts,
+            TaskTracker::new(),
+            Observer::quiet(clock.clone()),
+        ));
+        let grant = Grant {
+            refresh_token: Some(Secret::new("rt-0")),
+            obtained_at: clock.unix(),
+            ..Grant::default()
+        };
+        store.put("news", grant).await.unwrap();
+        memory.full.store(true, Ordering::SeqCst);
+        assert_eq!(tokens.token("news").await.unwrap().secret.expose(), "at-1");
+        let text = tokens.observer.metrics.encode(&|_| {});
+        assert!(
+            text.contains("xoauth_relay_alerts_total{account=\"news\",event=\"grant_save_failed\"} 1"),
+            "{text}"
+        );
+        assert_eq!(store.get("news").unwrap().unwrap().refresh_token.unwrap().expose(), "rt-0");
+        tokens.save_unsaved().await;
+        assert_eq!(store.get("news").unwrap().unwrap().refresh_token.unwrap().expose(), "rt-0", "still full");
+        memory.full.store(false, Ordering::SeqCst);
+        tokens.save_unsaved().await;
+        assert_eq!(
+            store.get("news").unwrap().unwrap().refresh_token.unwrap().expose(),
+            "rt-1",
+            "the rotated refresh token reached the store"
+        );
+    }
+
+    /// A [`MemoryStore`] the test keeps a handle on.
+    struct SharedMemory(Arc<MemoryStore>);
+
+    impl crate::store::GrantStore for SharedMemory {
+        fn get(&self, account: &str) -> Result<Option<Grant>, crate::store::StoreError> {
+            self.0.get(account)
+        }
+        fn put(&self, account: &str, grant: &Grant) -> Result<(), crate::store::StoreError> {
+            self.0.put(account, grant)
+        }
+        fn remove(&self, account: &str) -> Result<bool, crate::store::StoreError> {
+            self.0.remove(account)
+        }
+        fn status(&self, account: &str) -> crate::store::Status {
+            self.0.status(account)
+        }
+        fn update_status(&self, account: &str, f: &dyn Fn(&mut crate::store::Status)) {
+            self.0.update_status(account, f)
+        }
+        fn flush(&self) -> Result<(), crate::store::StoreError> {
+            self.0.flush()
+        }
     }
 }

@@ -9,6 +9,8 @@ use super::{Grant, GrantStore, Status, StoreError};
 pub struct MemoryStore {
     grants: Mutex<HashMap<String, Grant>>,
     status: Mutex<HashMap<String, Status>>,
+    /// Writes of grants fail while set (a full disk).
+    pub full: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -21,6 +23,9 @@ impl GrantStore for MemoryStore {
     }
 
     fn put(&self, account: &str, grant: &Grant) -> Result<(), StoreError> {
+        if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError("No space left on device".into()));
+        }
         lock(&self.grants).insert(account.to_string(), grant.clone());
         Ok(())
     }
