@@ -12,7 +12,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
 COPY --from=build /src/target/release/xoauth-relay /usr/local/bin/xoauth-relay
 WORKDIR /var/lib/xoauth-relay
 # config/, certs/, data/ and keys/ are volumes (see docker-compose.yml).
-RUN mkdir -p config certs data keys && chown -R relay:relay /var/lib/xoauth-relay
+# data/ and keys/ hold sealed grants, mail and the key: owner only (serve tightens them anyway).
+RUN mkdir -p config certs data keys && chmod 0700 data keys && chown -R relay:relay /var/lib/xoauth-relay
 USER relay
 ENV XOAUTH_RELAY_CONFIG=/var/lib/xoauth-relay/config/relay.toml
 EXPOSE 587 465

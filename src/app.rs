@@ -381,6 +381,7 @@ impl Relay {
                 config.server.data_dir.display()
             )
         })?;
+        tighten_data_dir(&config.server.data_dir)?;
         // Before the database, so that a second relay on the same data_dir is told so instead of a
         // lock error.
         let control = crate::control::server::bind(&config.server.control_socket())?;
@@ -559,6 +560,27 @@ fn gauges(shared: Arc<Shared>) -> Fill {
             Gauges::set(&g.account_paused, name, q.paused.is_some() as i64);
         }
     })
+}
+
+/// `data_dir` holds sealed grants and queued mail: an existing one that others may read (a 0755
+/// made by a container image, say) is tightened to 0700, or `serve` refuses.
+fn tighten_data_dir(dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    if !crate::util::fs::readable_by_others(dir) {
+        return Ok(());
+    }
+    let mode = std::fs::metadata(dir)
+        .map(|m| m.permissions().mode() & 0o777)
+        .unwrap_or(0);
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+        format!(
+            "data_dir {} is open to other users (mode {mode:o}) and cannot be tightened ({e}); run `chmod 700 {}`",
+            dir.display(),
+            dir.display()
+        )
+    })?;
+    tracing::warn!(data_dir = %dir.display(), mode = %format!("{mode:o}"), "data_dir was open to other users; tightened to 0700");
+    Ok(())
 }
 
 /// Raises the soft limit on open files to the hard one: each mailer session holds two descriptors

@@ -329,7 +329,14 @@ async fn a_token_endpoint_outage_costs_one_request_not_one_per_session() {
     for t in tasks {
         let reply = t.await.unwrap();
         assert!(
-            reply.starts_with("454 4.7.0 account `news`: cannot get a token"),
+            reply.starts_with(
+                "454 4.7.0 account `news`: the provider's token endpoint cannot be reached right now"
+            ),
+            "{reply}"
+        );
+        // The endpoint's address and the transport error are for the log, not the mailer.
+        assert!(
+            !reply.contains("127.0.0.1") && !reply.contains("http") && !reply.contains("503"),
             "{reply}"
         );
     }
@@ -763,4 +770,25 @@ print("sent")
         s.messages[0].body,
         b"Subject: smtplib\r\n\r\n.dot first\r\nhello\r\n"
     );
+}
+
+#[tokio::test]
+async fn a_data_dir_open_to_others_is_tightened_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("implicit", None).await;
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = write_config(dir.path(), &provider, &RelayOptions::default(), &password_hash());
+    let config = xoauth_relay::config::Config::load(&path).unwrap();
+    assert!(
+        config.warnings().iter().any(|w| w.contains("open to other users")),
+        "check reports it: {:?}",
+        config.warnings()
+    );
+    let relay = Relay::start_from(dir.path(), path).await;
+    let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    relay.stop().await;
 }

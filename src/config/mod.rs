@@ -679,6 +679,15 @@ impl Config {
                 self.path.with_file_name("master.key").display()
             ));
         }
+        let data = &self.server.data_dir;
+        if crate::util::fs::readable_by_others(data) {
+            out.push(format!(
+                "[server] data_dir {} is open to other users; it holds sealed grants and queued mail: `serve` \
+                 tightens it to 0700 (or run `chmod 700 {}`)",
+                data.display(),
+                data.display()
+            ));
+        }
         if crate::util::fs::readable_by_others(&key) {
             out.push(format!(
                 "[server] key_file {} is readable by other users; run `chmod 600 {}`",

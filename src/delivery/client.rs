@@ -295,6 +295,7 @@ impl Client {
         token: &Secret,
     ) -> Result<(), UpstreamError> {
         let b64 = &base64::engine::general_purpose::STANDARD;
+        // The token is in these strings: overwritten when they go.
         let (name, bit, initial, cancel) = match provider.mechanism {
             Mechanism::Xoauth2 => (
                 "XOAUTH2",
@@ -325,7 +326,14 @@ impl Client {
                 ),
             ));
         }
-        let line = format!("AUTH {name} {}\r\n", b64.encode(initial));
+        let initial = zeroize::Zeroizing::new(initial);
+        let encoded = zeroize::Zeroizing::new(b64.encode(initial.as_bytes()));
+        let mut line = zeroize::Zeroizing::new(String::with_capacity(encoded.len() + 16));
+        line.push_str("AUTH ");
+        line.push_str(name);
+        line.push(' ');
+        line.push_str(&encoded);
+        line.push_str("\r\n");
         self.write(line.as_bytes()).await?;
         let mut reply = self.read_reply().await?;
         if reply.code == 334 {

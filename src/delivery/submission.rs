@@ -216,7 +216,10 @@ impl Submission {
                         ),
                     )
                 }
-                OpenError::Token(e) => Reply::new(454, format!("4.7.0 {e}")),
+                OpenError::Token(e) => {
+                    tracing::warn!(account = %name, error = %e, "no access token for the upstream");
+                    Reply::new(454, format!("4.7.0 {}", e.for_mailer()))
+                }
                 OpenError::AuthRejected(reply) => {
                     let text = token_refused_text(&self.account, &reply);
                     tracing::warn!(account = %name, reply = %reply.summary(), "{text}");

@@ -453,12 +453,12 @@ impl Connection {
             Err(e @ crate::oauth::tokens::TokenError::Unreachable { .. }) => {
                 tracing::info!(error = %e, "password accepted, but no access token can be had now");
                 self.auth_failed("token_unavailable");
-                return AuthOutcome::GrantUnavailable(e.to_string());
+                return AuthOutcome::GrantUnavailable(e.for_mailer());
             }
             Err(e) => {
                 tracing::info!(error = %e, "password accepted, but the account has no usable grant");
                 self.auth_failed("no_grant");
-                return AuthOutcome::GrantUnavailable(e.to_string());
+                return AuthOutcome::GrantUnavailable(e.for_mailer());
             }
         }
         if let Some(reply) = self.shared.upstream.pool.remembered_refusal(&account.name) {

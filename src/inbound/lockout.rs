@@ -6,7 +6,7 @@
 //! `auth_lockout_secs`. A successful login does not wipe the count: a guesser who also knows one
 //! password must not reset it. Loopback is not exempt (a local web app can be the attacker's proxy).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -16,8 +16,8 @@ use tokio::time::Instant;
 
 /// Failures older than this no longer count.
 pub const WINDOW: Duration = Duration::from_secs(600);
-/// Addresses tracked at most; beyond, the quietest are forgotten (a flood of sources must not
-/// grow memory without bound).
+/// Addresses tracked at most; beyond, the one with the least left to remember is forgotten (a
+/// flood of sources must not grow memory without bound).
 const MAX_TRACKED: usize = 100_000;
 
 /// The address a limit applies to: IPv4-mapped IPv6 as IPv4, IPv6 per /64 (the smallest block a
@@ -29,17 +29,66 @@ pub fn source_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-#[derive(Default)]
 struct Source {
     failures: VecDeque<Instant>,
     locked_until: Option<Instant>,
+    /// When there is nothing left to remember of it: its key in [`Table::by_expiry`].
+    expires: Instant,
+}
+
+impl Source {
+    fn expiry(&self) -> Instant {
+        let window = self.failures.back().map(|t| *t + WINDOW);
+        match (window, self.locked_until) {
+            (Some(a), Some(b)) => a.max(b),
+            (a, b) => a.or(b).unwrap_or(self.expires),
+        }
+    }
+}
+
+/// The sources, and the same keys ordered by when they expire: every update is O(log n), and
+/// the bound evicts the source with the least left to remember.
+struct Table {
+    sources: HashMap<IpAddr, Source>,
+    by_expiry: BTreeSet<(Instant, IpAddr)>,
+    capacity: usize,
+}
+
+impl Table {
+    /// Drops what has expired by `now`, oldest first.
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(at, key)) = self.by_expiry.first() {
+            if at > now {
+                break;
+            }
+            self.by_expiry.pop_first();
+            self.sources.remove(&key);
+        }
+    }
+
+    /// Re-files `key` after its source changed.
+    fn refile(&mut self, key: IpAddr) {
+        let Some(s) = self.sources.get_mut(&key) else {
+            return;
+        };
+        let expires = s.expiry();
+        self.by_expiry.remove(&(s.expires, key));
+        s.expires = expires;
+        self.by_expiry.insert((expires, key));
+    }
+
+    fn remove(&mut self, key: IpAddr) -> Option<Source> {
+        let s = self.sources.remove(&key)?;
+        self.by_expiry.remove(&(s.expires, key));
+        Some(s)
+    }
 }
 
 pub struct Lockout {
     /// Both follow a reload.
     limit: AtomicUsize,
     lockout_ms: AtomicU64,
-    sources: Mutex<HashMap<IpAddr, Source>>,
+    table: Mutex<Table>,
 }
 
 /// What a failed login led to.
@@ -53,10 +102,18 @@ pub enum Failure {
 impl Lockout {
     /// `limit` 0 turns it off.
     pub fn new(limit: usize, lockout: Duration) -> Lockout {
+        Lockout::bounded(limit, lockout, MAX_TRACKED)
+    }
+
+    fn bounded(limit: usize, lockout: Duration, capacity: usize) -> Lockout {
         Lockout {
             limit: AtomicUsize::new(limit),
             lockout_ms: AtomicU64::new(lockout.as_millis() as u64),
-            sources: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table {
+                sources: HashMap::new(),
+                by_expiry: BTreeSet::new(),
+                capacity,
+            }),
         }
     }
 
@@ -71,14 +128,15 @@ impl Lockout {
         self.limit.load(Ordering::Relaxed)
     }
 
-    fn sources(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Source>> {
-        self.sources.lock().unwrap_or_else(|e| e.into_inner())
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn is_locked(&self, ip: IpAddr, now: Instant) -> bool {
         self.limit() > 0
             && self
-                .sources()
+                .table()
+                .sources
                 .get(&source_key(ip))
                 .and_then(|s| s.locked_until)
                 .is_some_and(|until| until > now)
@@ -88,39 +146,48 @@ impl Lockout {
         if self.limit() == 0 {
             return Failure::Counted;
         }
-        let mut sources = self.sources();
-        if sources.len() >= MAX_TRACKED {
-            sources.retain(|_, s| {
-                s.locked_until.is_some_and(|u| u > now)
-                    || s.failures.back().is_some_and(|t| *t + WINDOW > now)
-            });
-        }
-        let s = sources.entry(source_key(ip)).or_default();
+        let lockout = Duration::from_millis(self.lockout_ms.load(Ordering::Relaxed));
+        let mut table = self.table();
+        table.expire(now);
+        let key = source_key(ip);
+        let s = table.sources.entry(key).or_insert(Source {
+            failures: VecDeque::new(),
+            locked_until: None,
+            expires: now,
+        });
         while s.failures.front().is_some_and(|t| *t + WINDOW <= now) {
             s.failures.pop_front();
         }
         s.failures.push_back(now);
+        let mut outcome = Failure::Counted;
         if s.failures.len() >= self.limit() && s.locked_until.is_none_or(|u| u <= now) {
-            let lockout = Duration::from_millis(self.lockout_ms.load(Ordering::Relaxed));
             s.locked_until = Some(now + lockout);
             s.failures.clear();
-            return Failure::LockedOut;
+            outcome = Failure::LockedOut;
         }
-        Failure::Counted
+        table.refile(key);
+        while table.sources.len() > table.capacity {
+            let Some((_, oldest)) = table.by_expiry.pop_first() else {
+                break;
+            };
+            table.sources.remove(&oldest);
+        }
+        outcome
     }
 
     /// Forgets the failures and lockout of `ip` (its source key), or of every address; returns
     /// how many addresses were locked out.
     pub fn unlock(&self, ip: Option<IpAddr>, now: Instant) -> usize {
         let locked = |s: &Source| s.locked_until.is_some_and(|u| u > now);
-        let mut sources = self.sources();
+        let mut table = self.table();
         match ip {
-            Some(ip) => sources
-                .remove(&source_key(ip))
+            Some(ip) => table
+                .remove(source_key(ip))
                 .map_or(0, |s| usize::from(locked(&s))),
             None => {
-                let n = sources.values().filter(|s| locked(s)).count();
-                sources.clear();
+                let n = table.sources.values().filter(|s| locked(s)).count();
+                table.sources.clear();
+                table.by_expiry.clear();
                 n
             }
         }
@@ -128,10 +195,7 @@ impl Lockout {
 
     /// Forgets addresses with nothing left to remember (run periodically).
     pub fn prune(&self, now: Instant) {
-        self.sources().retain(|_, s| {
-            s.locked_until.is_some_and(|u| u > now)
-                || s.failures.back().is_some_and(|t| *t + WINDOW > now)
-        });
+        self.table().expire(now);
     }
 }
 
@@ -190,6 +254,24 @@ mod tests {
             Failure::LockedOut
         );
         lockout.prune(t0 + WINDOW * 3);
-        assert!(lockout.sources().is_empty());
+        assert!(lockout.table().sources.is_empty());
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_a_flood_evicts_what_expires_first() {
+        let lockout = Lockout::bounded(2, Duration::from_secs(600), 100);
+        let t0 = Instant::now();
+        let attacker: IpAddr = "198.51.100.1".parse().unwrap();
+        lockout.failed(attacker, t0);
+        assert_eq!(lockout.failed(attacker, t0), Failure::LockedOut);
+        // A flood of sources, one failure each, a minute later.
+        for i in 0..1000u32 {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            lockout.failed(ip, t0 + Duration::from_secs(60));
+            assert!(lockout.table().sources.len() <= 100);
+        }
+        let table = lockout.table();
+        assert_eq!(table.sources.len(), 100);
+        assert_eq!(table.by_expiry.len(), 100);
     }
 }

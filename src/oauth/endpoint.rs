@@ -289,12 +289,18 @@ pub async fn revoke(
     if response.status().is_success() {
         return Ok(());
     }
+    // The OAuth error code when the body is an RFC 6749 error object; never the body itself, which
+    // may echo the token back.
+    let code = serde_json::from_slice::<serde_json::Value>(response.body())
+        .ok()
+        .and_then(|v| v.get("error")?.as_str().map(str::to_string))
+        .filter(|c| c.len() <= 64 && c.bytes().all(|b| b.is_ascii_graphic()));
     Err(ProviderError::Refused {
-        code: format!("HTTP {}", response.status().as_u16()),
-        description: String::from_utf8_lossy(response.body())
-            .chars()
-            .take(200)
-            .collect(),
+        code: match code {
+            Some(code) => format!("HTTP {} {code}", response.status().as_u16()),
+            None => format!("HTTP {}", response.status().as_u16()),
+        },
+        description: String::new(),
     })
 }
 

@@ -90,6 +90,39 @@ impl std::fmt::Display for TokenError {
     }
 }
 
+impl TokenError {
+    /// What a mailer is told (`454 4.7.0 ...`): the account's state and the fix, never an
+    /// endpoint's URL, a transport error or a provider's free text (those go to the log, where
+    /// [`std::fmt::Display`] has them).
+    pub fn for_mailer(&self) -> String {
+        match self {
+            TokenError::Revoked {
+                account, family, ..
+            } => format!(
+                "account `{account}`: grant revoked by the provider (invalid_grant); {}",
+                revoked_hint(account, *family)
+            ),
+            TokenError::Refused { account, error } => {
+                let hint = error.hint().map(|h| format!("; {h}")).unwrap_or_default();
+                format!(
+                    "account `{account}`: the provider refused a token ({}){hint}",
+                    error.code()
+                )
+            }
+            TokenError::Unreachable { account, .. } => format!(
+                "account `{account}`: the provider's token endpoint cannot be reached right now; try \
+                 again later (the relay's log has the details)"
+            ),
+            TokenError::Store(_) => {
+                "the relay cannot read its grant store right now; try again later (the relay's log \
+                 has the details)"
+                    .into()
+            }
+            TokenError::UnknownAccount(_) | TokenError::NeedsAuthorization(_) => self.to_string(),
+        }
+    }
+}
+
 /// Where an account's grant stands (`accounts`, `xoauth_relay_grant_ok`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GrantState {

@@ -355,6 +355,9 @@ impl Session {
             match memchr::memchr(b'\n', self.unread()) {
                 Some(nl) => {
                     let mut line = self.unread()[..=nl].to_vec();
+                    // A command line may carry a password (AUTH PLAIN, a SASL response): it does not
+                    // stay behind in the buffer's memory.
+                    zeroize::Zeroize::zeroize(&mut self.input[..=nl]);
                     self.consume(nl + 1);
                     if self.discarding || line.len() > MAX_LINE + 2 {
                         self.discarding = false;
@@ -387,20 +390,23 @@ impl Session {
     }
 
     fn handle_line(&mut self, line: Vec<u8>) {
+        let line = zeroize::Zeroizing::new(line);
         match std::mem::replace(&mut self.phase, Phase::Command) {
             Phase::AuthPlain => self.auth_plain_response(&line),
             Phase::AuthLoginUser => self.auth_login_user(&line),
             Phase::AuthLoginPass { login } => self.auth_login_pass(login, &line),
-            _ => self.command(line),
+            _ => self.command(&line),
         }
     }
 
-    fn command(&mut self, mut line: Vec<u8>) {
+    fn command(&mut self, text: &[u8]) {
         // NUL, a bare CR and other control bytes have no place in a command, and must never be
         // echoed back (EHLO repeats its argument).
-        if has_control(&line) {
+        if has_control(text) {
             return self.reply(501, "5.5.2 Control characters are not allowed in commands");
         }
+        let mut line = zeroize::Zeroizing::new(Vec::with_capacity(text.len() + 2));
+        line.extend_from_slice(text);
         line.extend_from_slice(b"\r\n");
         let request = match Request::parse(&mut line.iter()).map(Request::into_owned) {
             Ok(r) => match written_address(r, &line) {
@@ -532,6 +538,7 @@ impl Session {
     }
 
     fn auth(&mut self, mechanism: u64, initial: String) {
+        let initial = zeroize::Zeroizing::new(initial);
         if self.auth.is_some() {
             return self.reply(503, "5.5.1 Already authenticated");
         }
@@ -575,16 +582,16 @@ impl Session {
     }
 
     /// Decodes a SASL response line; `None` after replying when it was `*` or not base64.
-    fn sasl_decode(&mut self, line: &[u8]) -> Option<Vec<u8>> {
+    fn sasl_decode(&mut self, line: &[u8]) -> Option<zeroize::Zeroizing<Vec<u8>>> {
         if line == b"*" {
             self.reply(501, "5.0.0 Authentication cancelled");
             return None;
         }
         if line == b"=" {
-            return Some(Vec::new());
+            return Some(Vec::new().into());
         }
         match b64().decode(line) {
-            Ok(v) => Some(v),
+            Ok(v) => Some(v.into()),
             Err(_) => {
                 self.reply(501, "5.5.2 Invalid base64 data");
                 None
@@ -620,7 +627,7 @@ impl Session {
         let Some(decoded) = self.sasl_decode(line) else {
             return;
         };
-        match String::from_utf8(decoded) {
+        match String::from_utf8(decoded.to_vec()) {
             Ok(login) => {
                 self.reply(334, "UGFzc3dvcmQ6");
                 self.phase = Phase::AuthLoginPass { login };
@@ -633,7 +640,7 @@ impl Session {
         let Some(decoded) = self.sasl_decode(line) else {
             return;
         };
-        match String::from_utf8(decoded) {
+        match std::str::from_utf8(&decoded) {
             Ok(password) => self.authenticate(login, Secret::new(password)),
             Err(_) => self.reply(501, "5.5.2 Password must be UTF-8"),
         }

@@ -28,7 +28,7 @@ impl Sealer {
     pub fn from_key_file(path: &Path) -> Result<Sealer, StoreError> {
         let key = load_or_create_key(path)?;
         Ok(Sealer {
-            cipher: XChaCha20Poly1305::new((&key).into()),
+            cipher: XChaCha20Poly1305::new((&*key).into()),
         })
     }
 
@@ -74,15 +74,18 @@ impl Sealer {
     }
 }
 
-fn load_or_create_key(path: &Path) -> Result<[u8; 32], StoreError> {
-    match std::fs::read_to_string(path) {
+/// The key and every copy made on the way are overwritten when they go (the cipher zeroizes its
+/// own copy).
+fn load_or_create_key(path: &Path) -> Result<zeroize::Zeroizing<[u8; 32]>, StoreError> {
+    match std::fs::read_to_string(path).map(zeroize::Zeroizing::new) {
         Ok(text) => {
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(text.trim())
+                .map(zeroize::Zeroizing::new)
                 .map_err(|_| {
                     StoreError(format!("key_file {} is not a base64 key", path.display()))
                 })?;
-            let key: [u8; 32] = bytes.try_into().map_err(|_| {
+            let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
                 StoreError(format!(
                     "key_file {} does not hold a 32-byte key",
                     path.display()
@@ -94,14 +97,16 @@ fn load_or_create_key(path: &Path) -> Result<[u8; 32], StoreError> {
                     "key file is readable by other users; run `chmod 600` on it"
                 );
             }
-            Ok(key)
+            Ok(zeroize::Zeroizing::new(key))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                 create_private_dir(parent)
                     .map_err(|e| StoreError(format!("cannot create {}: {e}", parent.display())))?;
             }
-            let key = XChaCha20Poly1305::generate_key(&mut OsRng);
+            let key = zeroize::Zeroizing::new(<[u8; 32]>::from(XChaCha20Poly1305::generate_key(
+                &mut OsRng,
+            )));
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -110,14 +115,14 @@ fn load_or_create_key(path: &Path) -> Result<[u8; 32], StoreError> {
                 .map_err(|e| {
                     StoreError(format!("cannot create key_file {}: {e}", path.display()))
                 })?;
-            let text = base64::engine::general_purpose::STANDARD.encode(key);
-            writeln!(file, "{text}")
+            let text = zeroize::Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(key.as_slice()));
+            writeln!(file, "{}", text.as_str())
                 .and_then(|_| file.sync_all())
                 .map_err(|e| {
                     StoreError(format!("cannot write key_file {}: {e}", path.display()))
                 })?;
             tracing::info!(key_file = %path.display(), "created a new encryption key; back it up: without it the stored grants cannot be read");
-            Ok(key.into())
+            Ok(key)
         }
         Err(e) => Err(StoreError(format!(
             "cannot read key_file {}: {e}; check the path and permissions",

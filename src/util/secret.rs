@@ -1,7 +1,8 @@
 //! A string that must never be printed: passwords, tokens, client secrets.
 //!
 //! `Debug` and `Display` show `[redacted]`, so a stray `{:?}` in a log line cannot leak it; the
-//! value is reachable only through [`Secret::expose`], which makes every use easy to find.
+//! value is reachable only through [`Secret::expose`], which makes every use easy to find. Its
+//! memory is overwritten when it is dropped, so a freed token does not linger in the heap.
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +17,12 @@ impl Secret {
 
     pub fn expose(&self) -> &str {
         &self.0
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
     }
 }
 
