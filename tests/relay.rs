@@ -780,10 +780,18 @@ async fn a_data_dir_open_to_others_is_tightened_at_start() {
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let path = write_config(dir.path(), &provider, &RelayOptions::default(), &password_hash());
+    let path = write_config(
+        dir.path(),
+        &provider,
+        &RelayOptions::default(),
+        &password_hash(),
+    );
     let config = xoauth_relay::config::Config::load(&path).unwrap();
     assert!(
-        config.warnings().iter().any(|w| w.contains("open to other users")),
+        config
+            .warnings()
+            .iter()
+            .any(|w| w.contains("open to other users")),
         "check reports it: {:?}",
         config.warnings()
     );

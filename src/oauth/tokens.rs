@@ -421,9 +421,12 @@ impl TokenManager {
             let threshold = self
                 .alert_due(slot)
                 .is_some_and(|t| t <= now && last.is_some_and(|l| l < t));
-            let retry = recent && last.is_some_and(|l| now.saturating_duration_since(l) >= FAILURE_BACKOFF);
-            let margin =
-                recent && last.is_none() && self.fresh(slot).is_none() && self.valid(slot).is_some();
+            let retry =
+                recent && last.is_some_and(|l| now.saturating_duration_since(l) >= FAILURE_BACKOFF);
+            let margin = recent
+                && last.is_none()
+                && self.fresh(slot).is_none()
+                && self.valid(slot).is_some();
             if threshold || retry {
                 self.refresh_behind(slot.clone(), true);
             } else if margin {
@@ -1276,9 +1279,16 @@ mod tests {
             // Used once, then no mailer at all.
             assert_eq!(tokens.token("news").await.unwrap().secret.expose(), "at-1");
             tokio::time::sleep(Duration::from_millis(lifetime * 1000 - 10)).await;
-            assert_eq!(issuer.calls(), 2, "{lifetime} s token: refreshed before expiry");
+            assert_eq!(
+                issuer.calls(),
+                2,
+                "{lifetime} s token: refreshed before expiry"
+            );
             let left = tokens.cached_for("news").unwrap();
-            assert!(left > Duration::from_millis(lifetime * 1000 / 2), "{lifetime} s: {left:?}");
+            assert!(
+                left > Duration::from_millis(lifetime * 1000 / 2),
+                "{lifetime} s: {left:?}"
+            );
         }
     }
 
@@ -1335,16 +1345,43 @@ mod tests {
         assert_eq!(tokens.token("news").await.unwrap().secret.expose(), "at-1");
         let text = tokens.observer.metrics.encode(&|_| {});
         assert!(
-            text.contains("xoauth_relay_alerts_total{account=\"news\",event=\"grant_save_failed\"} 1"),
+            text.contains(
+                "xoauth_relay_alerts_total{account=\"news\",event=\"grant_save_failed\"} 1"
+            ),
             "{text}"
         );
-        assert_eq!(store.get("news").unwrap().unwrap().refresh_token.unwrap().expose(), "rt-0");
+        assert_eq!(
+            store
+                .get("news")
+                .unwrap()
+                .unwrap()
+                .refresh_token
+                .unwrap()
+                .expose(),
+            "rt-0"
+        );
         tokens.save_unsaved().await;
-        assert_eq!(store.get("news").unwrap().unwrap().refresh_token.unwrap().expose(), "rt-0", "still full");
+        assert_eq!(
+            store
+                .get("news")
+                .unwrap()
+                .unwrap()
+                .refresh_token
+                .unwrap()
+                .expose(),
+            "rt-0",
+            "still full"
+        );
         memory.full.store(false, Ordering::SeqCst);
         tokens.save_unsaved().await;
         assert_eq!(
-            store.get("news").unwrap().unwrap().refresh_token.unwrap().expose(),
+            store
+                .get("news")
+                .unwrap()
+                .unwrap()
+                .refresh_token
+                .unwrap()
+                .expose(),
             "rt-1",
             "the rotated refresh token reached the store"
         );

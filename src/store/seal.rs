@@ -115,7 +115,9 @@ fn load_or_create_key(path: &Path) -> Result<zeroize::Zeroizing<[u8; 32]>, Store
                 .map_err(|e| {
                     StoreError(format!("cannot create key_file {}: {e}", path.display()))
                 })?;
-            let text = zeroize::Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(key.as_slice()));
+            let text = zeroize::Zeroizing::new(
+                base64::engine::general_purpose::STANDARD.encode(key.as_slice()),
+            );
             writeln!(file, "{}", text.as_str())
                 .and_then(|_| file.sync_all())
                 .map_err(|e| {
