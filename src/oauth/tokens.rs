@@ -890,7 +890,6 @@ mod tests {
 
     use super::*;
     use crate::store::memory::MemoryStore;
-    use crate::store::GrantStore;
     use crate::util::clock::{Clock, ManualClock};
     use crate::util::BoxFuture;
 
