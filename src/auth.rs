@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use crate::config::Account;
 use crate::util::clock::SharedClock;
 use crate::util::secret::Secret;
+use crate::util::sync::lock;
 
 /// What an unknown login is verified against: the default parameters (so it costs what a real one
 /// does) and a password nobody knows. A constant, because hashing one at start-up would cost a start
@@ -80,10 +81,6 @@ struct LoginCache {
     ttl_ms: AtomicU64,
     entries: Mutex<HashMap<Vec<u8>, Cached>>,
     hits: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl LoginCache {

@@ -17,6 +17,7 @@ use super::{client_tls, notify, server_tls};
 use crate::admin::AdminContext;
 use crate::config::{Account, Config};
 use crate::inbound::connection::{Live, Shared};
+use crate::util::sync::lock;
 
 pub struct Reloader {
     shared: Arc<Shared>,
@@ -104,7 +105,7 @@ impl Reloader {
             .lockout
             .set(limits.auth_failures_per_ip, lockout);
         let certificate_changed = {
-            let mut last = self.tls_files.lock().unwrap_or_else(|e| e.into_inner());
+            let mut last = lock(&self.tls_files);
             let changed = *last != files;
             *last = files;
             changed

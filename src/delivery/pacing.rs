@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Account, Pacing};
 use crate::util::clock::SharedClock;
 use crate::util::keyed::Keyed;
+use crate::util::sync::lock;
 
 const DAY_SECS: u64 = 86_400;
 /// Daily windows are kept in buckets this wide: a day of traffic is at most 1,440 entries.
@@ -121,10 +122,6 @@ pub struct Pacer {
     /// Swapped by a reload; what has been used stays.
     limits: arc_swap::ArcSwap<Pacing>,
     state: Mutex<State>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Pacer {

@@ -29,6 +29,7 @@ use crate::observe::{Event, Step};
 use crate::util::clock::SharedClock;
 use crate::util::keyed::Keyed;
 use crate::util::secret::Secret;
+use crate::util::sync::lock;
 
 /// How long a QUIT to a retired connection may take.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -114,10 +115,6 @@ enum Take {
     Replace(Conn),
     /// At the cap with nothing idle.
     Wait,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A connection slot held by one session for one transaction. Dropping it without

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use super::connection::{self, Shared};
 use crate::config::TlsMode;
 use crate::smtp::Reply;
+use crate::util::sync::lock;
 
 /// A bound listener and the TLS mode of its port.
 pub struct Listener {
@@ -69,11 +70,7 @@ struct IpSlot {
 
 impl Drop for IpSlot {
     fn drop(&mut self) {
-        let mut counts = self
-            .admission
-            .per_ip
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut counts = lock(&self.admission.per_ip);
         if let Some(n) = counts.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -99,7 +96,7 @@ impl Admission {
     /// host is given), or `None` past the limit.
     fn admit_ip(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
         let ip = super::lockout::source_key(ip);
-        let mut counts = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = lock(&self.per_ip);
         let n = counts.entry(ip).or_insert(0);
         if *n >= self.max_per_ip.load(Ordering::Relaxed) {
             return None;

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::util::sync::lock;
 use tokio::time::Instant;
 
 /// Failures older than this no longer count.
@@ -129,7 +130,7 @@ impl Lockout {
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.table)
     }
 
     pub fn is_locked(&self, ip: IpAddr, now: Instant) -> bool {

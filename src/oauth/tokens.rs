@@ -28,6 +28,7 @@ use crate::store::{Grant, Store};
 use crate::util::clock::SharedClock;
 use crate::util::keyed::Keyed;
 use crate::util::secret::Secret;
+use crate::util::sync::lock;
 
 /// Used when the provider does not say how long a token lives.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
@@ -236,10 +237,6 @@ fn token_source(a: &Account) -> (&str, &str, &str, &[String], GrantKind, &str) {
         a.grant,
         &a.mailbox,
     )
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub struct TokenManager {

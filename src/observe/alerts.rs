@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use super::metrics::Metrics;
 use crate::config::AlertsConfig;
 use crate::util::clock::SharedClock;
+use crate::util::sync::lock;
 
 /// A command or webhook gets this long.
 const CHANNEL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -112,7 +113,7 @@ impl Alerts {
         let config = self.config.load_full();
         let repeat = Duration::from_secs(config.repeat_secs);
         {
-            let mut fired = self.fired.lock().unwrap_or_else(|e| e.into_inner());
+            let mut fired = lock(&self.fired);
             let key = (event, account.to_string());
             if fired
                 .get(&key)

@@ -15,6 +15,7 @@ use axum::Router;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::{Gauges, Metrics};
+use crate::util::sync::lock;
 
 /// Whether the relay can take mail, and if not, why.
 #[derive(Default)]
@@ -30,11 +31,11 @@ impl Health {
     }
 
     pub fn set(&self, not_ready: Option<&'static str>) {
-        *self.not_ready.lock().unwrap_or_else(|e| e.into_inner()) = not_ready;
+        *lock(&self.not_ready) = not_ready;
     }
 
     fn reason(&self) -> Option<&'static str> {
-        *self.not_ready.lock().unwrap_or_else(|e| e.into_inner())
+        *lock(&self.not_ready)
     }
 }
 

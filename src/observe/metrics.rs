@@ -5,6 +5,7 @@
 //! scrape time by a [`Gauges`] callback the app installs, so no code path has to keep them in step.
 //! Labels carry configured names and fixed words only: never an address, a token or a body.
 
+use crate::util::sync::lock;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -441,7 +442,7 @@ impl Metrics {
 
     /// The text exposition, after `fill` has set the gauges afresh.
     pub fn encode(&self, fill: &dyn Fn(&Gauges)) -> String {
-        let _one = self.scraping.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = lock(&self.scraping);
         for family in self.gauges.all() {
             family.clear();
         }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::Serialize;
 
 use crate::util::clock::SharedClock;
+use crate::util::sync::lock;
 
 const HOUR: u64 = 3600;
 const WEEK_HOURS: u64 = 7 * 24;
@@ -94,10 +95,7 @@ pub struct AccountHandle {
 impl AccountHandle {
     fn with(&self, f: impl FnOnce(&mut AccountUsage, u64)) {
         let now = self.clock.unix();
-        f(
-            &mut self.entry.lock().unwrap_or_else(|e| e.into_inner()),
-            now,
-        );
+        f(&mut lock(&self.entry), now);
     }
 
     pub fn message(&self, recipients: u64, bytes: u64) {

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use super::{Grant, GrantStore, Status, StoreError};
+use crate::util::sync::lock;
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -11,10 +12,6 @@ pub struct MemoryStore {
     status: Mutex<HashMap<String, Status>>,
     /// Writes of grants fail while set (a full disk).
     pub full: std::sync::atomic::AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl GrantStore for MemoryStore {

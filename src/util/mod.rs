@@ -1,13 +1,14 @@
 //! Small helpers every room may use; nothing here knows about mail, tokens or the config.
 //!
 //! `secret` (a string that never prints) · `clock` (time that tests can move) · `fs` (private files
-//! and directories) · `keyed` (per-account state a reload extends) · `tls` (certificate loading and client roots) · `logging` (subscriber setup).
+//! and directories) · `keyed` (per-account state a reload extends) · `tls` (certificate loading and client roots) · `logging` (subscriber setup) · `sync` (the poison-tolerant lock).
 
 pub mod clock;
 pub mod fs;
 pub mod keyed;
 pub mod logging;
 pub mod secret;
+pub mod sync;
 pub mod tls;
 
 /// A boxed future, for the few traits whose implementations are async (`dyn`-compatible).

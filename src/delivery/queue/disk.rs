@@ -2,6 +2,7 @@
 //! test double that fails the Nth write, sync or rename, so that tests can watch what a full disk
 //! or an IO error does to a done record, a bounce or a message being placed.
 
+use crate::util::sync::lock;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::Path;
@@ -149,10 +150,6 @@ impl Disk for Faulty {
 
 fn index(op: Op) -> usize {
     OPS.iter().position(|o| *o == op).unwrap_or(0)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -47,6 +47,7 @@ use crate::observe::{Event, Observer};
 use crate::smtp::Reply;
 use crate::util::clock::SharedClock;
 use crate::util::keyed::Keyed;
+use crate::util::sync::lock;
 
 static ID_SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -55,10 +56,6 @@ const PACING_FILE: &str = "pacing.json";
 
 /// How long a free-space reading serves before the filesystem is asked again.
 const FREE_SPACE_TTL: Duration = Duration::from_secs(1);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 pub struct Queue {
     spool: Spool,

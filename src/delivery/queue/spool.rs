@@ -27,6 +27,7 @@ use super::disk::Disk;
 use super::log::{self, LogAt, Rec, Record};
 use super::model::valid_id;
 pub use super::model::{Envelope, Progress, RcptState, RcptStatus};
+use crate::util::sync::lock;
 
 /// Bytes of body gathered in memory before they are written out.
 const WRITE_BATCH: usize = 256 * 1024;
@@ -448,15 +449,12 @@ impl Spool {
     /// Closes the segments kept open for reading (run periodically, so that deleted segments give
     /// their space back).
     pub fn close_readers(&self) {
-        self.readers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        lock(&self.readers).clear();
     }
 
     /// The segment `number`, open for reading (from the few kept open, or opened now).
     fn reader(&self, number: u64) -> Option<Arc<File>> {
-        let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut readers = lock(&self.readers);
         if let Some((_, f)) = readers.iter().find(|(n, _)| *n == number) {
             return Some(f.clone());
         }
@@ -756,10 +754,6 @@ pub fn read_body(path: &Path, offset: u64, limit: u64) -> io::Result<Vec<u8>> {
 }
 
 type Detached = Arc<std::sync::Mutex<Vec<Job>>>;
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The committer thread: takes every job waiting, then one sync per directory touched and one
 /// append and sync of the log. A change that must last and failed (a full disk, an IO error) is
