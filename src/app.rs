@@ -21,9 +21,13 @@ use crate::delivery::activity::{Activity, PERSIST_EVERY};
 use crate::delivery::pacing::Pacers;
 use crate::delivery::pool::{Dialer, Pool};
 use crate::delivery::queue::{Queue, Setup as QueueSetup};
-use crate::delivery::UpstreamContext;
-use crate::inbound::connection::{Live, Shared};
-use crate::inbound::listener::{self, Admission, Listener};
+use crate::delivery::smtp::SmtpTransport;
+use crate::delivery::submission::Services as DeliveryServices;
+use crate::delivery::transport::Transport;
+use crate::delivery::Delivery;
+use crate::inbound::admission::Admission;
+use crate::inbound::listener::{self, Listener};
+use crate::inbound::shared::{Live, Shared};
 use crate::oauth::http::HttpClients;
 use crate::oauth::issuer::ProviderIssuer;
 use crate::oauth::tokens::TokenManager;
@@ -32,7 +36,7 @@ use crate::observe::metrics::Gauges;
 use crate::observe::Observer;
 use crate::store::sled_store::SledStore;
 use crate::store::Store;
-use crate::util::clock;
+use crate::util::clock::{self, SharedClock};
 
 mod reload;
 
@@ -41,11 +45,25 @@ use self::reload::Reloader;
 /// How long running sessions may take to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
-/// What delivery and administration share: the store, the token manager, the upstream TLS
-/// configurations, the HTTP client for provider endpoints.
+/// Every service of the relay, built once here; each room is handed the ones it uses.
+pub struct Services {
+    pub tokens: Arc<TokenManager>,
+    pub pool: Arc<Pool>,
+    pub transport: Arc<dyn Transport>,
+    pub pacers: Arc<Pacers>,
+    pub queue: Arc<Queue>,
+    pub activity: Arc<Activity>,
+    /// The inbound side's way in.
+    pub delivery: Arc<Delivery>,
+    pub observer: Observer,
+    pub clock: SharedClock,
+}
+
+/// What delivery and administration share: the services, the config they were built from, the
+/// HTTP client for provider endpoints.
 pub struct Core {
     pub config: Arc<Config>,
-    pub upstream: Arc<UpstreamContext>,
+    pub services: Arc<Services>,
     pub http: HttpClients,
 }
 
@@ -128,31 +146,50 @@ impl Core {
             Duration::from_secs(limits.upstream_idle_secs),
             Duration::from_secs(limits.upstream_wait_secs),
             tasks.clone(),
+            clock.clone(),
         );
-        let pacers = Arc::new(Pacers::new(&accounts, clock));
+        let pacers = Arc::new(Pacers::new(&accounts, clock.clone()));
         queue.load_pacing(&pacers);
-        let upstream = Arc::new(UpstreamContext {
-            tokens,
-            pool,
-            activity: Activity::new(&config.accounts),
-            pacers,
-            queue: Arc::new(queue),
-            pacing_wait: crate::delivery::pool::millis(Duration::from_secs(
-                limits.upstream_wait_secs,
-            )),
-            observer,
-        });
+        let queue = Arc::new(queue);
+        let transport: Arc<dyn Transport> = Arc::new(SmtpTransport::new(pool.clone()));
+        let activity = Arc::new(Activity::new(&config.accounts));
+        let delivery = Arc::new(Delivery::new(DeliveryServices {
+            transport: transport.clone(),
+            queue: queue.clone(),
+            pacers: pacers.clone(),
+            activity: activity.clone(),
+            tokens: tokens.clone(),
+            observer: observer.clone(),
+            clock: clock.clone(),
+            pacing_wait: Duration::from_secs(limits.upstream_wait_secs),
+        }));
         Ok(Core {
             config,
-            upstream,
+            services: Arc::new(Services {
+                tokens,
+                pool,
+                transport,
+                pacers,
+                queue,
+                activity,
+                delivery,
+                observer,
+                clock,
+            }),
             http,
         })
     }
 
     fn admin(&self) -> AdminContext {
+        let s = &self.services;
         AdminContext {
             config: arc_swap::ArcSwap::new(self.config.clone()),
-            upstream: self.upstream.clone(),
+            tokens: s.tokens.clone(),
+            pool: s.pool.clone(),
+            queue: s.queue.clone(),
+            activity: s.activity.clone(),
+            observer: s.observer.clone(),
+            clock: s.clock.clone(),
             http: self.http.clone(),
         }
     }
@@ -249,10 +286,10 @@ pub async fn admin(config: Config, request: Request) -> Result<Response, String>
         .await
         .map_err(|e| e.to_string())??;
     let response = crate::admin::execute(&core.admin(), request).await;
-    core.upstream.pool.close();
+    core.services.pool.close();
     tasks.close();
     tasks.wait().await;
-    core.upstream
+    core.services
         .tokens
         .store()
         .flush()
@@ -397,7 +434,7 @@ impl Relay {
         .map_err(|e| e.to_string())??;
         for account in &config.accounts {
             if account.grant == GrantKind::RefreshToken
-                && matches!(core.upstream.tokens.store().get(&account.name), Ok(None))
+                && matches!(core.services.tokens.stored_grant(&account.name), Ok(None))
             {
                 tracing::warn!(account = %account.name, "no grant stored; run `xoauth-relay authorize {}`", account.name);
             }
@@ -406,7 +443,7 @@ impl Relay {
             authenticator: Authenticator::new(
                 &config.accounts,
                 Duration::from_secs(config.limits.auth_cache_secs),
-                core.upstream.tokens.clock().clone(),
+                core.services.clock.clone(),
             ),
             config: config.clone(),
             tls,
@@ -423,7 +460,8 @@ impl Relay {
                 Duration::from_secs(config.limits.auth_lockout_secs),
             ),
             live: arc_swap::ArcSwap::from_pointee(live),
-            upstream: core.upstream.clone(),
+            delivery: core.services.delivery.clone(),
+            observer: core.services.observer.clone(),
             stop: CancellationToken::new(),
             cut: CancellationToken::new(),
         });
@@ -446,6 +484,7 @@ impl Relay {
     pub fn probe(&self) -> Probe {
         Probe {
             shared: self.shared.clone(),
+            services: self.core.services.clone(),
         }
     }
 
@@ -466,13 +505,18 @@ impl Relay {
         let sessions = self.tasks;
         let config = self.shared.live.load().config.clone();
         let stop = self.shared.stop.clone();
-        let upstream = self.core.upstream.clone();
+        let upstream = self.core.services.clone();
         let mut services = tokio::task::JoinSet::new();
         for l in self.listeners {
             services.spawn(listener::accept_loop(l, self.shared.clone()));
         }
         let admin = Arc::new(self.core.admin());
-        let reloader = Arc::new(Reloader::new(self.shared.clone(), admin.clone(), &config));
+        let reloader = Arc::new(Reloader::new(
+            self.shared.clone(),
+            admin.clone(),
+            upstream.clone(),
+            &config,
+        ));
         services.spawn(crate::control::server::serve(
             self.control,
             Arc::new(Control {
@@ -484,7 +528,11 @@ impl Relay {
             sessions.clone(),
         ));
         services.spawn(reload::on_hangup(self.hangup, reloader, stop.clone()));
-        services.spawn(housekeeping(self.shared.clone(), stop.clone()));
+        services.spawn(housekeeping(
+            self.shared.clone(),
+            upstream.clone(),
+            stop.clone(),
+        ));
         services.spawn(upstream.tokens.clone().run_upkeep(stop.clone()));
         // Served until the very end, so that /readyz says 503 while sessions drain.
         let endpoint_stop = CancellationToken::new();
@@ -492,13 +540,13 @@ impl Relay {
             tokio::spawn(crate::observe::http::serve(
                 listener,
                 upstream.observer.metrics.clone(),
-                gauges(self.shared.clone()),
+                gauges(self.shared.clone(), upstream.clone()),
                 self.health.clone(),
                 endpoint_stop.clone(),
             ))
         });
         upstream.queue.start(
-            upstream.pool.clone(),
+            upstream.transport.clone(),
             upstream.pacers.clone(),
             stop.clone(),
             self.shared.cut.clone(),
@@ -539,9 +587,8 @@ impl Relay {
 }
 
 /// Fills the state gauges from the pool, the token manager and the queue at scrape time.
-fn gauges(shared: Arc<Shared>) -> Fill {
+fn gauges(shared: Arc<Shared>, upstream: Arc<Services>) -> Fill {
     Arc::new(move |g: &Gauges| {
-        let upstream = &shared.upstream;
         for a in &shared.live.load().config.accounts {
             let name = &a.name;
             let open = upstream.pool.open_connections(name);
@@ -612,6 +659,7 @@ fn notify(state: sd_notify::NotifyState) {
 #[derive(Clone)]
 pub struct Probe {
     shared: Arc<Shared>,
+    services: Arc<Services>,
 }
 
 impl Probe {
@@ -622,12 +670,12 @@ impl Probe {
 
     /// Open upstream connections of `account`, idle ones included.
     pub fn upstream_connections(&self, account: &str) -> usize {
-        self.shared.upstream.pool.open_connections(account)
+        self.services.pool.open_connections(account)
     }
 }
 
 /// Sessions end, then the pool says QUIT to what they left idle, and the tracker drains.
-async fn wait_for_sessions(tasks: &TaskTracker, upstream: &UpstreamContext) {
+async fn wait_for_sessions(tasks: &TaskTracker, upstream: &Services) {
     tasks.close();
     tasks.wait().await;
     // Sessions hand connections back while they finish; only then close the pool, and wait for
@@ -639,8 +687,7 @@ async fn wait_for_sessions(tasks: &TaskTracker, upstream: &UpstreamContext) {
 /// Periodic upkeep until the relay stops (tokens have their own, `TokenManager::run_upkeep`):
 /// idle upstream connections closed, quiet grants kept alive, grants that could not be saved saved, last-use times and pacing windows saved,
 /// waiting messages moved out of old log segments, stuck queues reported.
-async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
-    let upstream = &shared.upstream;
+async fn housekeeping(shared: Arc<Shared>, upstream: Arc<Services>, stop: CancellationToken) {
     let every = |secs| {
         let mut i = tokio::time::interval(Duration::from_secs(secs));
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -662,7 +709,7 @@ async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
                 upstream.activity.persist(upstream.tokens.store()).await;
                 upstream.queue.save_pacing(&upstream.pacers).await;
                 upstream.queue.compact().await;
-                stuck_queues(&shared);
+                stuck_queues(&upstream);
             }
         }
     }
@@ -670,8 +717,7 @@ async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
 
 /// `queue_stuck` for each account whose oldest queued message is older than
 /// `alert_queue_age_secs`.
-fn stuck_queues(shared: &Shared) {
-    let upstream = &shared.upstream;
+fn stuck_queues(upstream: &Services) {
     let alerts = &upstream.observer.alerts;
     let limit = alerts.thresholds().alert_queue_age_secs;
     // Every account with a queue: one removed from the config may still have mail held.

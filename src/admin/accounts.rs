@@ -38,9 +38,9 @@ struct Row {
 }
 
 fn row(ctx: &AdminContext, a: &Account, now: u64, usage: bool) -> Row {
-    let tokens = &ctx.upstream.tokens;
-    let status = tokens.store().status(&a.name);
-    let last_use = ctx.upstream.activity.last_use(&a.name).max(status.last_use);
+    let tokens = &ctx.tokens;
+    let status = tokens.status(&a.name);
+    let last_use = ctx.activity.last_use(&a.name).max(status.last_use);
     let state = tokens.grant_state(a);
     let state_detail = match &state {
         GrantState::Ok => None,
@@ -53,7 +53,7 @@ fn row(ctx: &AdminContext, a: &Account, now: u64, usage: bool) -> Row {
         GrantState::Failing(e) => Some(e.clone()),
         GrantState::Unreadable(e) => Some(format!("unreadable: {e}")),
     };
-    let g = tokens.store().get(&a.name).ok().flatten();
+    let g = tokens.stored_grant(&a.name).ok().flatten();
     let with_refresh = g.as_ref().filter(|g| g.refresh_token.is_some());
     let age = with_refresh.map(|g| now.saturating_sub(g.obtained_at));
     let warning = with_refresh.and_then(|g| {
@@ -68,7 +68,7 @@ fn row(ctx: &AdminContext, a: &Account, now: u64, usage: bool) -> Row {
             _ => None,
         }
     });
-    let q = ctx.upstream.queue.account_view(&a.name);
+    let q = ctx.queue.account_view(&a.name);
     let last_refresh = g.as_ref().and_then(|g| g.last_refresh);
     Row {
         name: a.name.clone(),
@@ -96,13 +96,13 @@ fn row(ctx: &AdminContext, a: &Account, now: u64, usage: bool) -> Row {
         queued: q.queued,
         queue_oldest_secs: q.oldest_secs,
         paused: q.paused,
-        usage: usage.then(|| ctx.upstream.observer.usage.report(&a.name)),
+        usage: usage.then(|| ctx.observer.usage.report(&a.name)),
         times: (last_refresh, last_use),
     }
 }
 
 pub(super) fn list(ctx: &AdminContext, json: bool, usage: bool) -> Result<String, String> {
-    let now = ctx.upstream.tokens.clock().unix();
+    let now = ctx.clock.unix();
     let rows: Vec<Row> = ctx
         .config
         .load()

@@ -2,7 +2,7 @@
 //! (`revoke`, which also revokes it at the provider where there is an endpoint).
 
 use super::{account, AdminContext};
-use crate::store::{Grant, Store};
+use crate::store::Grant;
 use crate::util::secret::Secret;
 
 pub(super) async fn store_grant(
@@ -21,7 +21,7 @@ pub(super) async fn store_grant(
             "account `{name}`: the provider returned no refresh token; nothing stored"
         ));
     }
-    let now = ctx.upstream.tokens.clock().unix();
+    let now = ctx.clock.unix();
     let grant = Grant {
         refresh_token,
         access_expires_at: access_token
@@ -32,30 +32,16 @@ pub(super) async fn store_grant(
         last_refresh: None,
         refresh_expires_at: refresh_expires_in.map(|s| now + s),
     };
-    let store = ctx.upstream.tokens.store();
-    store.put(name, grant).await.map_err(|e| e.to_string())?;
-    clear_status(store, name).await;
+    ctx.tokens.save_grant(name, grant).await?;
     tracing::info!(account = %name, "grant stored");
     Ok(format!(
         "account `{name}`: grant stored; the next session uses it"
     ))
 }
 
-/// A new or deleted grant starts with a clean record: no revoked flag, no old provider error.
-async fn clear_status(store: &Store, name: &str) {
-    store.update_status(name, |s| {
-        s.revoked = false;
-        s.last_error = None;
-    });
-    if let Err(e) = store.flush().await {
-        tracing::warn!(account = %name, error = %e, "cannot write the account's status");
-    }
-}
-
 pub(super) async fn revoke(ctx: &AdminContext, name: &str) -> Result<String, String> {
     let acct = account(ctx, name)?;
-    let store = ctx.upstream.tokens.store();
-    let grant = store.get(name).map_err(|e| e.to_string())?;
+    let grant = ctx.tokens.stored_grant(name)?;
     let mut notes = Vec::new();
     if let Some(rt) = grant.as_ref().and_then(|g| g.refresh_token.clone()) {
         if acct.provider.revocation_url.is_some() {
@@ -70,8 +56,7 @@ pub(super) async fn revoke(ctx: &AdminContext, name: &str) -> Result<String, Str
             ));
         }
     }
-    let existed = store.remove(name).await.map_err(|e| e.to_string())?;
-    clear_status(store, name).await;
+    let existed = ctx.tokens.delete_grant(name).await?;
     if !existed {
         return Ok(format!("account `{name}`: no grant was stored"));
     }

@@ -15,15 +15,26 @@ use std::sync::Arc;
 use crate::config::{Account, Config};
 use crate::control::server::Handler;
 use crate::control::wire::{Request, Response};
-use crate::delivery::queue::Target;
-use crate::delivery::UpstreamContext;
+use crate::delivery::activity::Activity;
+use crate::delivery::pool::Pool;
+use crate::delivery::queue::{Queue, Target};
 use crate::oauth::http::HttpClients;
+use crate::oauth::tokens::TokenManager;
+use crate::observe::Observer;
+use crate::util::clock::SharedClock;
 use crate::util::BoxFuture;
 
+/// What administration works with: grants through the token manager, the queue, the pool (to
+/// retire connections of a replaced grant, and `test`'s dialer), last use and usage.
 pub struct AdminContext {
     /// Swapped by a reload of the running relay.
     pub config: arc_swap::ArcSwap<Config>,
-    pub upstream: Arc<UpstreamContext>,
+    pub tokens: Arc<TokenManager>,
+    pub pool: Arc<Pool>,
+    pub queue: Arc<Queue>,
+    pub activity: Arc<Activity>,
+    pub observer: Observer,
+    pub clock: SharedClock,
     /// For the providers' revocation endpoints.
     pub http: HttpClients,
 }
@@ -34,7 +45,7 @@ pub const RELAY_ONLY: &str = "no relay is running with this config's data_dir (i
                               does not answer): only a running relay can reload or unlock";
 
 pub async fn execute(ctx: &AdminContext, request: Request) -> Response {
-    let tokens = &ctx.upstream.tokens;
+    let tokens = &ctx.tokens;
     let result = match request {
         Request::Accounts { json, usage } => accounts::list(ctx, json, usage),
         Request::StoreGrant {
@@ -49,14 +60,14 @@ pub async fn execute(ctx: &AdminContext, request: Request) -> Response {
             let result = tokens.replace_grant(&account, change).await;
             // Connections authenticated with the old grant are not used again, and mail held for
             // the old one's trouble may go.
-            ctx.upstream.pool.retire_account(&account);
-            ctx.upstream.queue.grant_changed(&account);
+            ctx.pool.retire_account(&account);
+            ctx.queue.grant_changed(&account);
             result
         }
         Request::Revoke { account } => {
             let change = grants::revoke(ctx, &account);
             let result = tokens.replace_grant(&account, change).await;
-            ctx.upstream.pool.retire_account(&account);
+            ctx.pool.retire_account(&account);
             result
         }
         Request::Test { account, to } => return test::test(ctx, &account, to.as_deref()).await,

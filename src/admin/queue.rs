@@ -12,7 +12,7 @@ pub(super) fn list(
     if let Some(a) = account {
         super::account(ctx, a)?;
     }
-    let messages = ctx.upstream.queue.list(account);
+    let messages = ctx.queue.list(account);
     if json {
         return serde_json::to_string_pretty(&messages)
             .map(|mut s| {
@@ -21,7 +21,7 @@ pub(super) fn list(
             })
             .map_err(|e| e.to_string());
     }
-    let quarantine = ctx.upstream.queue.quarantine();
+    let quarantine = ctx.queue.quarantine();
     let kept = match quarantine.files {
         0 => String::new(),
         n => format!(
@@ -91,7 +91,7 @@ fn sender(m: &MessageView) -> String {
 
 /// Envelope, each recipient's state and last reply, and the headers (never the body).
 pub(super) async fn show(ctx: &AdminContext, id: &str) -> Result<String, String> {
-    let Some((m, headers)) = ctx.upstream.queue.show(id).await else {
+    let Some((m, headers)) = ctx.queue.show(id).await else {
         return Err(format!(
             "no queued message {id}; `xoauth-relay queue` lists them"
         ));
@@ -131,7 +131,7 @@ pub(super) async fn retry(ctx: &AdminContext, target: Target) -> Result<String, 
     if let Target::Account(a) = &target {
         super::account(ctx, a)?;
     }
-    let n = ctx.upstream.queue.retry(&target).await;
+    let n = ctx.queue.retry(&target).await;
     match target {
         Target::Id(id) if n == 0 => Err(format!(
             "no queued message {id}; `xoauth-relay queue` lists them"
@@ -143,7 +143,7 @@ pub(super) async fn retry(ctx: &AdminContext, target: Target) -> Result<String, 
 }
 
 pub(super) async fn delete(ctx: &AdminContext, id: &str) -> Result<String, String> {
-    if ctx.upstream.queue.delete(id).await? {
+    if ctx.queue.delete(id).await? {
         Ok(format!("message {id} deleted (no bounce sent)\n"))
     } else {
         Err(format!(

@@ -31,19 +31,16 @@ async fn test_steps(
     let acct = account(ctx, name)?;
     let p = &acct.provider;
     let token = ctx
-        .upstream
         .tokens
         .token(name)
         .await
         .map_err(|e| format!("token: {e}"))?;
-    let left = token
-        .expires_at
-        .saturating_duration_since(ctx.upstream.tokens.clock().now());
+    let left = token.expires_at.saturating_duration_since(ctx.clock.now());
     lines.push(format!(
         "token: ok (expires in {})",
         span_text(left.as_secs())
     ));
-    let dialer = ctx.upstream.pool.dialer();
+    let dialer = ctx.pool.dialer();
     let tls = dialer
         .tls
         .load()

@@ -7,21 +7,21 @@
 //! change (listener addresses, `data_dir`, `key_file`, the control socket, the metrics address,
 //! the hostname) refuses the file too, saying a restart is needed. One reload runs at a time.
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{client_tls, notify, server_tls};
+use super::{client_tls, notify, server_tls, Services};
 use crate::admin::AdminContext;
 use crate::config::{Account, Config};
-use crate::inbound::connection::{Live, Shared};
+use crate::inbound::shared::{Live, Shared};
 use crate::util::sync::lock;
 
 pub struct Reloader {
     shared: Arc<Shared>,
     admin: Arc<AdminContext>,
+    services: Arc<Services>,
     /// A digest of the certificate and key files as last loaded, to tell whether they changed
     /// (a digest: the key itself is not kept around for this).
     tls_files: Mutex<Vec<u8>>,
@@ -37,10 +37,16 @@ fn tls_files(config: &Config) -> Vec<u8> {
 }
 
 impl Reloader {
-    pub fn new(shared: Arc<Shared>, admin: Arc<AdminContext>, config: &Config) -> Reloader {
+    pub fn new(
+        shared: Arc<Shared>,
+        admin: Arc<AdminContext>,
+        services: Arc<Services>,
+        config: &Config,
+    ) -> Reloader {
         Reloader {
             shared,
             admin,
+            services,
             tls_files: Mutex::new(tls_files(config)),
             one_at_a_time: tokio::sync::Mutex::new(()),
         }
@@ -80,7 +86,7 @@ impl Reloader {
         }
         notify(sd_notify::NotifyState::Reloading);
         let new = Arc::new(new);
-        let upstream = &self.shared.upstream;
+        let upstream = &self.services;
         let limits = &new.limits;
         let margin = Duration::from_secs(new.server.refresh_margin_secs);
         // The token endpoints first: an added account's first token comes through them.
@@ -90,8 +96,9 @@ impl Reloader {
         upstream.pacers.reconfigure(&new.accounts);
         upstream.queue.reconfigure(&new.accounts, &new.delivery);
         upstream.activity.reconfigure(&new.accounts);
-        let wait = Duration::from_secs(limits.upstream_wait_secs).as_millis() as u64;
-        upstream.pacing_wait.store(wait, Ordering::Relaxed);
+        upstream
+            .delivery
+            .set_pacing_wait(Duration::from_secs(limits.upstream_wait_secs));
         upstream
             .observer
             .alerts

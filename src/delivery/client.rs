@@ -16,7 +16,7 @@ use smtp_proto::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::outcome::{ErrorKind, UpstreamError};
+use super::error::{ErrorKind, UpstreamError};
 use crate::config::{Mechanism, Provider, TlsMode};
 use crate::observe::metrics::{Step, StepTimers};
 use crate::smtp::body::{BodyChunk, BodyEncoder};

@@ -11,7 +11,7 @@ use base64::Engine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::outcome::{ErrorKind, UpstreamError};
+use super::error::{ErrorKind, UpstreamError};
 use crate::config::{ProxyKind, UpstreamProxy};
 
 /// RFC 8305's "connection attempt delay".

@@ -1,18 +1,27 @@
-//! What happens to a message after the mailer hands it over: the interface the inbound side calls
-//! ([`submission::Submission`]), the per-account upstream connection pool ([`pool`]), the SMTP
-//! client towards the provider ([`client`]) and how it reaches it ([`connect`]: Happy Eyeballs,
-//! SOCKS5 and HTTP CONNECT proxies), the typed outcomes of each step ([`outcome`]), last-use
-//! bookkeeping ([`activity`]), each account's sending limits ([`pacing`], asked in both modes) and
-//! the durable queue with its retries and bounces ([`queue`]).
+//! What happens to a message after the mailer hands it over.
+//!
+//! - [`submission`]: the way in the inbound side calls ([`Delivery`]: admission at AUTH, and a
+//!   [`Submission`] per session: direct, or into the queue).
+//! - [`transport`]: the seam between a message and the way it goes upstream; [`smtp`] is today's
+//!   transport (one SMTP transaction on a pooled connection), over [`pool`] (per-account upstream
+//!   connections, capped), [`client`] (the SMTP client) and [`connect`] (Happy Eyeballs, SOCKS5
+//!   and HTTP CONNECT proxies).
+//! - [`status`]: what each step came to, typed once; [`error`]: connection failures.
+//! - [`pacing`]: each account's sending limits, asked in both modes; [`activity`]: last use.
+//! - [`queue`]: the durable queue with its retries and bounces.
 
 pub mod activity;
 pub mod client;
 pub mod connect;
-pub mod outcome;
+pub mod error;
 pub mod pacing;
 pub mod pool;
 pub mod queue;
+pub mod smtp;
+pub mod status;
 pub mod submission;
+pub mod transport;
 
-pub use outcome::{ErrorKind, Outcome, UpstreamError};
-pub use submission::{Submission, UpstreamContext};
+pub use error::{ErrorKind, UpstreamError};
+pub use status::{Cause, Status};
+pub use submission::{Delivery, Submission};

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use super::client::Client;
-use super::outcome::{ErrorKind, UpstreamError};
+use super::error::{ErrorKind, UpstreamError};
 use crate::config::Account;
 use crate::oauth::tokens::{TokenError, TokenManager};
 use crate::observe::{Event, Step};
@@ -174,8 +174,8 @@ impl Pool {
         idle_timeout: Duration,
         wait: Duration,
         tasks: TaskTracker,
+        clock: SharedClock,
     ) -> Arc<Pool> {
-        let clock = dialer.tokens.clock().clone();
         let accounts = Keyed::new(
             accounts
                 .iter()

@@ -11,38 +11,16 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::auth::Authenticator;
-use crate::config::{Config, DeliveryMode, TlsMode};
+use super::shared::{Live, Shared};
+use crate::config::TlsMode;
 use crate::delivery::client::BoxStream;
-use crate::delivery::{Submission, UpstreamContext};
+use crate::delivery::Submission;
 use crate::observe::MessageOutcome;
 use crate::smtp::session::{Action, AuthOutcome, Authorized, Session, SessionConfig};
 use crate::smtp::Reply;
 use crate::util::secret::Secret;
-
-/// The part of the configuration a reload replaces. A session reads it once, when it starts, and
-/// finishes on it.
-pub struct Live {
-    pub config: Arc<Config>,
-    pub authenticator: Authenticator,
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
-}
-
-/// What every connection shares.
-pub struct Shared {
-    pub live: arc_swap::ArcSwap<Live>,
-    /// Connection slots: `max_connections`, `max_connections_per_ip`.
-    pub admission: Arc<super::listener::Admission>,
-    pub upstream: Arc<UpstreamContext>,
-    pub lockout: super::lockout::Lockout,
-    /// Cancelled when the relay shuts down: sessions between commands are sent away.
-    pub stop: CancellationToken,
-    /// Cancelled when the shutdown grace period is over: whatever still runs is cut.
-    pub cut: CancellationToken,
-}
 
 const READ_CHUNK: usize = 64 * 1024;
 /// Replies are written out once this much is waiting, so a client that pipelines thousands of
@@ -358,7 +336,7 @@ impl Connection {
                 let delivery = self.delivery();
                 let outcome = delivery.end_data().await;
                 let reply = outcome.reply();
-                let stats = &delivery.stats;
+                let stats = delivery.stats();
                 let (what, counted) = match (&stats.queued_as, outcome.is_accepted()) {
                     (Some(_), _) => ("message accepted into the queue", MessageOutcome::Queued),
                     (None, true) => ("message relayed", MessageOutcome::Relayed),
@@ -390,7 +368,7 @@ impl Connection {
 
     /// Counts a refused login (`xoauth_relay_auth_failures_total{reason}`).
     fn auth_failed(&self, reason: &'static str) {
-        self.shared.upstream.observer.metrics.auth_failure(reason);
+        self.shared.observer.metrics.auth_failure(reason);
     }
 
     /// The session asks for upstream work only after a successful AUTH, which creates the delivery.
@@ -415,11 +393,7 @@ impl Connection {
             // Only a configured login is named: an unknown one may be a password typed in the wrong
             // field, or carry line breaks meant to forge log lines.
             if let Some(account) = self.live.authenticator.account_of(&login) {
-                self.shared
-                    .upstream
-                    .observer
-                    .usage
-                    .failed_login(&account.name);
+                self.shared.observer.usage.failed_login(&account.name);
                 tracing::info!(login = %login, result = "bad_credentials", "login failed: wrong password");
             } else {
                 tracing::info!(result = "bad_credentials", "login failed: unknown login");
@@ -442,40 +416,16 @@ impl Connection {
             span.record("account", tracing::field::display(&account.name));
             self.logged_login = Some(login.clone());
         }
-        match self.shared.upstream.tokens.token(&account.name).await {
-            Ok(_) => {}
-            // Queued mail can wait for the token endpoint to come back; a missing or revoked grant
-            // would only pile up mail that cannot go.
-            Err(e) if account.delivery == DeliveryMode::Queue && e.is_passing() => {
-                tracing::info!(error = %e, "token endpoint unavailable; accepting mail into the queue");
-            }
-            // The token endpoint is out of reach: not the grant's fault.
-            Err(e @ crate::oauth::tokens::TokenError::Unreachable { .. }) => {
-                tracing::info!(error = %e, "password accepted, but no access token can be had now");
-                self.auth_failed("token_unavailable");
-                return AuthOutcome::GrantUnavailable(e.for_mailer());
-            }
-            Err(e) => {
-                tracing::info!(error = %e, "password accepted, but the account has no usable grant");
-                self.auth_failed("no_grant");
-                return AuthOutcome::GrantUnavailable(e.for_mailer());
-            }
-        }
-        if let Some(reply) = self.shared.upstream.pool.remembered_refusal(&account.name) {
-            let why = crate::delivery::submission::token_refused_text(&account, &reply);
-            tracing::info!(reply = %reply.summary(), "password accepted, but the upstream refuses the account's token");
-            self.auth_failed("upstream_refused");
-            return AuthOutcome::GrantUnavailable(why);
+        if let Err(refusal) = self.shared.delivery.admit(&account).await {
+            self.auth_failed(refusal.reason);
+            return AuthOutcome::GrantUnavailable(refusal.text);
         }
         tracing::info!(login = %login, result = "ok", cached = verified.cached, "login succeeded");
-        let observer = &self.shared.upstream.observer;
-        observer
+        self.shared
+            .observer
             .usage
             .login(&account.name, self.peer.ip().to_canonical());
-        self.delivery = Some(Submission::new(
-            self.shared.upstream.clone(),
-            account.clone(),
-        ));
+        self.delivery = Some(self.shared.delivery.submission(account.clone()));
         AuthOutcome::Ok(Authorized {
             account: account.name.clone(),
             allowed_senders: account.allowed_senders.clone(),

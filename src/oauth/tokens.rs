@@ -276,12 +276,53 @@ impl TokenManager {
         }
     }
 
+    /// The store, for the app's own bookkeeping (last use, shutdown's flush); grants are
+    /// changed through [`TokenManager::save_grant`] and [`TokenManager::delete_grant`].
     pub fn store(&self) -> &Store {
         &self.store
     }
 
-    pub fn clock(&self) -> &SharedClock {
-        &self.clock
+    /// The stored grant of `account` (never handed to delivery: it holds the refresh token).
+    pub fn stored_grant(&self, account: &str) -> Result<Option<Grant>, String> {
+        self.store.get(account).map_err(|e| e.to_string())
+    }
+
+    /// What the store records of `account` (last error, revoked, last use).
+    pub fn status(&self, account: &str) -> crate::store::Status {
+        self.store.status(account)
+    }
+
+    /// Stores a new grant for `account` (`authorize`, `import-token`), with a clean record. Run it
+    /// inside [`TokenManager::replace_grant`], so no refresh is in flight meanwhile.
+    pub async fn save_grant(&self, account: &str, grant: Grant) -> Result<(), String> {
+        self.store
+            .put(account, grant)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.clear_status(account).await;
+        Ok(())
+    }
+
+    /// Deletes `account`'s grant (`revoke`); whether there was one. Inside `replace_grant` too.
+    pub async fn delete_grant(&self, account: &str) -> Result<bool, String> {
+        let existed = self
+            .store
+            .remove(account)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.clear_status(account).await;
+        Ok(existed)
+    }
+
+    /// A new or deleted grant starts with a clean record: no revoked flag, no old provider error.
+    async fn clear_status(&self, account: &str) {
+        self.store.update_status(account, |s| {
+            s.revoked = false;
+            s.last_error = None;
+        });
+        if let Err(e) = self.store.flush().await {
+            tracing::warn!(account, error = %e, "cannot write the account's status");
+        }
     }
 
     fn slot(&self, account: &str) -> Result<Arc<Slot>, TokenError> {

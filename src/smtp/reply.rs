@@ -51,7 +51,7 @@ impl std::fmt::Display for EnhancedCode {
     }
 }
 
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Reply {
     pub code: u16,
     /// Text of each line, without the code; the enhanced status code, when present, leads the text.

@@ -41,7 +41,7 @@ use self::model::{Envelope, Progress};
 use self::spool::{Spool, SpoolWriter};
 pub use self::view::{AccountView, MessageView, RecipientView, Target};
 use super::pacing::Pacers;
-use super::pool::Pool;
+use super::transport::Transport;
 use crate::config::{Account, DeliveryConfig, Provider};
 use crate::observe::{Event, Observer};
 use crate::smtp::Reply;
@@ -74,7 +74,7 @@ pub struct Queue {
 
 /// What a worker runs with.
 struct Workers {
-    pool: Arc<Pool>,
+    transport: Arc<dyn Transport>,
     pacers: Arc<Pacers>,
     stop: CancellationToken,
     cut: CancellationToken,
@@ -325,14 +325,14 @@ impl Queue {
     /// Starts each account's workers; they stop between transactions once `stop` is cancelled.
     pub fn start(
         self: &Arc<Self>,
-        pool: Arc<Pool>,
+        transport: Arc<dyn Transport>,
         pacers: Arc<Pacers>,
         stop: CancellationToken,
         cut: CancellationToken,
         tasks: &TaskTracker,
     ) {
         let w = Workers {
-            pool,
+            transport,
             pacers,
             stop,
             cut,
@@ -362,7 +362,7 @@ impl Queue {
                 slot,
                 queue: self.clone(),
                 aq: aq.clone(),
-                pool: w.pool.clone(),
+                transport: w.transport.clone(),
                 pacer: pacer.clone(),
                 pacers: w.pacers.clone(),
                 counters: self.observer.metrics.account(&aq.name),

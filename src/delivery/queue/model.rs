@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::log::LogAt;
 use crate::config::GrantKind;
+use crate::delivery::status::Status;
 
 /// Who sent a message to whom, fixed at submission.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -77,7 +78,12 @@ fn yes() -> bool {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RcptState {
     pub status: RcptStatus,
-    pub last_reply: Option<String>,
+    /// What the last attempt came to for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<Status>,
+    /// A progress file of the first release has the reply's text instead.
+    #[serde(default, rename = "last_reply", skip_serializing)]
+    legacy: Option<String>,
     /// A bounced recipient's delivery status notification has been queued (or none is due). A
     /// bounce that could not be queued leaves this false, and is tried again.
     #[serde(default = "yes")]
@@ -87,6 +93,16 @@ pub struct RcptState {
     pub dsn_status: Option<String>,
 }
 
+impl RcptState {
+    /// The last reply's text, for the operator and the bounce.
+    pub fn last_reply(&self) -> Option<String> {
+        self.last
+            .as_ref()
+            .map(|s| s.reply().summary())
+            .or_else(|| self.legacy.clone())
+    }
+}
+
 /// What has happened to a message so far.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Progress {
@@ -94,7 +110,11 @@ pub struct Progress {
     pub attempts: u32,
     /// Unix seconds of the next attempt.
     pub next_attempt: u64,
-    pub last_reply: Option<String>,
+    /// What the last attempt came to (for any of its recipients).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<Status>,
+    #[serde(default, rename = "last_reply", skip_serializing)]
+    legacy: Option<String>,
     /// One per envelope recipient, in order.
     pub recipients: Vec<RcptState>,
 }
@@ -104,17 +124,27 @@ impl Progress {
         Progress {
             attempts: 0,
             next_attempt: 0,
-            last_reply: None,
+            last: None,
+            legacy: None,
             recipients: vec![
                 RcptState {
                     status: RcptStatus::Pending,
-                    last_reply: None,
+                    last: None,
+                    legacy: None,
                     notified: true,
                     dsn_status: None,
                 };
                 recipients
             ],
         }
+    }
+
+    /// The last reply's text, for the operator.
+    pub fn last_reply(&self) -> Option<String> {
+        self.last
+            .as_ref()
+            .map(|s| s.reply().summary())
+            .or_else(|| self.legacy.clone())
     }
 
     /// Bounced recipients whose notification is still to be queued.

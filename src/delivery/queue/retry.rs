@@ -1,57 +1,23 @@
-//! When to try again: the backoff schedule, and which replies are throttling rather than failure.
-//!
-//! A provider that says "slow down" (`421`, `432 4.3.2`, `451 4.7.x`) or "quota used up" is not
-//! saying anything about the message: the account pauses and the message keeps its place and its
-//! attempt count. A quota reply is usually a 5xx (Microsoft `554 5.2.0 ... SubmissionQuotaExceeded`,
-//! Gmail `550 5.4.5 Daily user sending limit exceeded`) and must never become a bounce.
+//! When to try again: the backoff schedule, and how long a throttled account pauses (which
+//! replies are throttling is decided once, in [`crate::delivery::status`]).
 
 use std::time::Duration;
 
 use rand::Rng;
 
 use crate::config::DeliveryConfig;
-use crate::smtp::{EnhancedCode, Reply};
+use crate::delivery::status::Cause;
+use crate::smtp::Reply;
 
 /// How long an account pauses after a rate or connection limit reply that names no time.
 pub const RATE_PAUSE: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Throttle {
-    /// Too fast or too many connections: a minute.
-    Rate,
-    /// A sending quota: `quota_pause_secs`.
-    Quota,
-}
-
-/// Whether `reply` is the provider throttling the account.
-pub fn throttle(reply: &Reply) -> Option<Throttle> {
-    let text = reply.lines.join(" ").to_ascii_lowercase();
-    // X.2.2 is the recipient's mailbox being full ("over quota"): that recipient's fate, not the
-    // account's sending quota.
-    let mailbox_full = reply.enhanced().is_some_and(|c| c.1 == 2 && c.2 == 2);
-    let quota = !mailbox_full
-        && (reply.enhanced() == Some(EnhancedCode(5, 4, 5))
-            || ["submissionquotaexceeded", "sending limit exceeded", "quota"]
-                .iter()
-                .any(|w| text.contains(w)));
-    if quota {
-        return Some(Throttle::Quota);
-    }
-    let rate = match reply.code {
-        421 => true,
-        432 => reply.mentions(EnhancedCode(4, 3, 2)),
-        451 => reply.enhanced().is_some_and(|c| c.0 == 4 && c.1 == 7),
-        _ => false,
-    };
-    rate.then_some(Throttle::Rate)
-}
-
-/// How long the account pauses for a throttling reply: the time the reply names, else the
-/// default for its kind.
-pub fn pause_for(reply: &Reply, kind: Throttle, config: &DeliveryConfig) -> Duration {
-    named_wait(reply).unwrap_or(match kind {
-        Throttle::Rate => RATE_PAUSE,
-        Throttle::Quota => Duration::from_secs(config.quota_pause_secs),
+/// How long the account pauses for a throttling status: the time the reply names, else the
+/// default for its kind (a quota: `quota_pause_secs`).
+pub fn pause_for(reply: &Reply, cause: Cause, config: &DeliveryConfig) -> Duration {
+    named_wait(reply).unwrap_or(match cause {
+        Cause::Quota => Duration::from_secs(config.quota_pause_secs),
+        _ => RATE_PAUSE,
     })
 }
 
@@ -97,57 +63,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn provider_throttling_and_quota_replies_are_recognised() {
-        let quota = [
-            Reply::new(
-                554,
-                "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException",
-            ),
-            Reply::new(550, "5.4.5 Daily user sending limit exceeded."),
-        ];
-        for r in &quota {
-            assert_eq!(throttle(r), Some(Throttle::Quota), "{r:?}");
-        }
-        let rate = [
-            Reply::new(421, "4.7.0 Try again later, closing connection."),
-            Reply::new(
-                432,
-                "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded",
-            ),
-            Reply::new(451, "4.7.500 Server busy. Please try again later"),
-        ];
-        for r in &rate {
-            assert_eq!(throttle(r), Some(Throttle::Rate), "{r:?}");
-        }
-        for r in [
-            Reply::new(550, "5.1.1 No such user"),
-            Reply::new(450, "4.2.1 Mailbox busy"),
-            Reply::new(451, "4.3.0 Local error"),
-            // A full mailbox is the recipient's trouble.
-            Reply::new(
-                452,
-                "4.2.2 The email account that you tried to reach is over quota",
-            ),
-        ] {
-            assert_eq!(throttle(&r), None, "{r:?}");
-        }
-    }
-
-    #[test]
     fn a_named_time_wins_over_the_default_pause() {
         let config = DeliveryConfig::default();
         let r = Reply::new(451, "4.7.0 Too many messages, try again in 5 minutes");
         assert_eq!(
-            pause_for(&r, Throttle::Rate, &config),
+            pause_for(&r, Cause::Throttled, &config),
             Duration::from_secs(300)
         );
         let r = Reply::new(550, "5.4.5 Daily user sending limit exceeded");
         assert_eq!(
-            pause_for(&r, Throttle::Quota, &config),
+            pause_for(&r, Cause::Quota, &config),
             Duration::from_secs(3600)
         );
         assert_eq!(
-            pause_for(&Reply::new(421, "4.7.0 busy"), Throttle::Rate, &config),
+            pause_for(&Reply::new(421, "4.7.0 busy"), Cause::Throttled, &config),
             RATE_PAUSE
         );
     }

@@ -159,6 +159,16 @@ impl BodySource {
     }
 }
 
+/// A queued message's body, as a transfer reads it: whole when it is small (or already in the
+/// page cache), else a stream.
+pub enum Body {
+    Bytes(Vec<u8>),
+    Stream(Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+}
+
+/// Bodies at most this long are read whole (one trip to the blocking pool).
+const READ_WHOLE: u64 = 128 * 1024;
+
 pub struct Spool {
     root: PathBuf,
     msg: PathBuf,
@@ -422,6 +432,27 @@ impl Spool {
                 len: env.size,
             },
         }
+    }
+
+    /// `env`'s body, to send: a small one read whole (without waiting for the disk when its pages
+    /// are cached, as a just-queued one's are), a large one (always in a file) streamed.
+    pub async fn open_body(&self, env: &Envelope) -> io::Result<Body> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let source = self.body(env);
+        if let BodySource::File { path, offset, len } = &source {
+            if *len > READ_WHOLE {
+                let mut file = tokio::fs::File::open(path).await?;
+                file.seek(io::SeekFrom::Start(*offset)).await?;
+                return Ok(Body::Stream(Box::new(file.take(*len))));
+            }
+        }
+        if let Some(bytes) = source.read_cached() {
+            return Ok(Body::Bytes(bytes));
+        }
+        tokio::task::spawn_blocking(move || source.read(u64::MAX))
+            .await
+            .map_err(io::Error::other)?
+            .map(Body::Bytes)
     }
 
     /// The segment being appended to: logged messages in segments well before it should move

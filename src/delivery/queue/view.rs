@@ -7,10 +7,10 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::index::{AccountQueue, Entry, Pause};
-use super::lock;
 use super::model::Envelope;
 use super::spool::Quarantine;
 use super::Queue;
+use crate::util::sync::lock;
 
 /// One queued message as `queue` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -71,8 +71,7 @@ impl Queue {
             next_attempt_secs: next.saturating_duration_since(now).as_secs(),
             last_reply: e
                 .progress
-                .last_reply
-                .clone()
+                .last_reply()
                 .or_else(|| paused.map(|p| p.why.clone()))
                 .or_else(|| held.clone()),
             held,
@@ -83,7 +82,7 @@ impl Queue {
                 .map(|(address, r)| RecipientView {
                     address: address.clone(),
                     state: r.status.as_str(),
-                    last_reply: r.last_reply.clone(),
+                    last_reply: r.last_reply(),
                 })
                 .collect(),
         }

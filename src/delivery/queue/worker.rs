@@ -13,16 +13,17 @@ use tokio_util::sync::CancellationToken;
 
 use super::dsn;
 use super::index::{worker_count, AccountQueue, Hold, Pause};
-use super::lock;
 use super::model::{Envelope, RcptStatus};
-use super::retry::{backoff, pause_for, throttle};
-use super::transfer::{self, Stopped};
+use super::retry::{backoff, pause_for};
+use super::transfer::{self, Transfer};
 use super::Queue;
 use crate::delivery::pacing::{Pacer, Pacers};
-use crate::delivery::pool::Pool;
+use crate::delivery::status::{Cause, Status};
+use crate::delivery::transport::Transport;
 use crate::observe::metrics::AccountCounters;
 use crate::observe::MessageOutcome;
 use crate::smtp::{Reply, Severity};
+use crate::util::sync::lock;
 
 /// Attempts in a row on which one recipient of a message drew a throttling reply before that is
 /// taken as the recipient's trouble (a deferral with backoff) rather than the account's.
@@ -36,7 +37,7 @@ pub(super) struct Worker {
     pub slot: usize,
     pub queue: Arc<Queue>,
     pub aq: Arc<AccountQueue>,
-    pub pool: Arc<Pool>,
+    pub transport: Arc<dyn Transport>,
     pub pacer: Arc<Pacer>,
     pub pacers: Arc<Pacers>,
     pub counters: AccountCounters,
@@ -202,30 +203,32 @@ impl Worker {
             .iter()
             .map(|i| env.recipients[*i].clone())
             .collect();
-        let body = self.queue.spool.body(env);
-        match transfer::transfer(&self.pool, &account, env, &addresses, &body).await {
-            Ok(replies) => self.settle(job, replies).await,
-            Err(stopped) => self.stopped(job, stopped).await,
+        let body = self.queue.spool.open_body(env).await;
+        match transfer::transfer(&*self.transport, &account, env, &addresses, body).await {
+            Transfer::Decided(statuses) => self.settle(job, statuses).await,
+            Transfer::Stopped { status, recipient } => self.stopped(job, status, recipient).await,
         }
     }
 
     /// Nothing was decided: the account pauses (throttling, trouble, busy connections), and the
     /// message keeps its place, unless it was the one drawing the throttling.
-    async fn stopped(&self, job: Job, stopped: Stopped) {
+    async fn stopped(&self, job: Job, status: Status, recipient: Option<usize>) {
         let queue = &self.queue;
         let name = &self.aq.name;
         let now = queue.clock.now();
         // Nothing was sent: the turn taken from pacing is given back.
         self.pacer
             .refund(job.rcpts.len() as u32, self.pacers.now_ms());
-        let (pause, why, hold, behind) = match stopped {
-            Stopped::Busy => (
+        let cause = status.cause().unwrap_or(Cause::Connection);
+        let reply = status.into_reply();
+        let (pause, why, hold, behind) = match cause {
+            Cause::Busy => (
                 Duration::from_secs(1),
                 "all upstream connections busy".to_string(),
                 Hold::Busy,
                 false,
             ),
-            Stopped::Throttled { reply, recipient } => {
+            Cause::Throttled | Cause::Quota => {
                 let struck = recipient.is_some() && {
                     let mut inner = lock(&self.aq.inner);
                     inner.messages.get_mut(&job.env.id).is_some_and(|e| {
@@ -236,7 +239,7 @@ impl Worker {
                 if struck {
                     // The account works for the others; this recipient keeps drawing it.
                     tracing::warn!(id = %job.env.id, account = %name, reply = %reply.summary(), "a recipient keeps drawing a throttling reply; deferring the message instead of pausing the account");
-                    let deferred = if reply.severity() == Severity::Transient {
+                    let reply = if reply.severity() == Severity::Transient {
                         reply
                     } else {
                         Reply::new(
@@ -247,11 +250,11 @@ impl Worker {
                             ),
                         )
                     };
-                    let replies = vec![deferred; job.rcpts.len()];
-                    return self.settle(job, replies).await;
+                    let deferred = Status::temporary(Cause::Deferred, reply);
+                    let statuses = vec![deferred; job.rcpts.len()];
+                    return self.settle(job, statuses).await;
                 }
-                let kind = throttle(&reply).expect("a throttling reply");
-                let pause = pause_for(&reply, kind, &queue.config.load());
+                let pause = pause_for(&reply, cause, &queue.config.load());
                 tracing::warn!(account = %name, reply = %reply.summary(), pause_secs = pause.as_secs(), "provider is throttling the account; pausing its queue");
                 (
                     pause,
@@ -260,7 +263,7 @@ impl Worker {
                     recipient.is_some(),
                 )
             }
-            Stopped::Trouble(why) => {
+            Cause::Connection | Cause::Token | Cause::Deferred => {
                 let n = {
                     let mut inner = lock(&self.aq.inner);
                     // Workers failing side by side are one failure of the account.
@@ -274,6 +277,7 @@ impl Worker {
                     inner.trouble.max(1)
                 };
                 let pause = backoff(n, &queue.config.load());
+                let why = reply.summary();
                 tracing::warn!(account = %name, error = %why, next_attempt_secs = pause.as_secs(), "queued mail held");
                 (pause, why, Hold::Trouble, false)
             }
@@ -293,8 +297,8 @@ impl Worker {
         inner.release(&job.env.id);
     }
 
-    /// Records each recipient's fate, then what is owed for the message as a whole.
-    async fn settle(&self, job: Job, replies: Vec<Reply>) {
+    /// Records each recipient's fate from its status, then what is owed for the message.
+    async fn settle(&self, job: Job, statuses: Vec<Status>) {
         let queue = &self.queue;
         let account = self.aq.account.load_full();
         let env = job.env.clone();
@@ -307,18 +311,18 @@ impl Worker {
                 return;
             };
             e.strikes = 0;
-            for (i, reply) in job.rcpts.iter().zip(&replies) {
+            for (i, status) in job.rcpts.iter().zip(statuses) {
                 let address = &env.recipients[*i];
-                let summary = reply.summary();
+                let summary = status.reply().summary();
                 let r = &mut e.progress.recipients[*i];
                 e.tried[*i] = true;
-                match reply.severity() {
-                    Severity::Positive | Severity::Intermediate => {
+                match &status {
+                    Status::Accepted { .. } => {
                         r.status = RcptStatus::Delivered;
                         self.counters.accepted(1);
                         tracing::info!(id = %env.id, to = %address, reply = %summary, "delivered");
                     }
-                    Severity::Permanent => {
+                    Status::Permanent { reply } => {
                         r.status = RcptStatus::Bounced;
                         r.notified = false;
                         let code = reply.enhanced().map(|c| c.to_string());
@@ -326,7 +330,7 @@ impl Worker {
                         tracing::info!(id = %env.id, to = %address, reply = %summary, "bounced");
                         failed.push(r.dsn_status.clone().unwrap_or_default());
                     }
-                    Severity::Transient => {
+                    Status::Temporary { .. } => {
                         queue
                             .observer
                             .metrics
@@ -334,8 +338,8 @@ impl Worker {
                         tracing::info!(id = %env.id, to = %address, reply = %summary, "deferred");
                     }
                 }
-                r.last_reply = Some(summary.clone());
-                e.progress.last_reply = Some(summary);
+                r.last = Some(status.clone());
+                e.progress.last = Some(status);
             }
             let pending: Vec<usize> = e.pending().collect();
             let mut retry_in = None;
@@ -364,20 +368,12 @@ impl Worker {
             let Some(e) = inner.messages.get_mut(id) else {
                 return;
             };
-            let damaged = e.env.damaged.clone();
             for i in e.pending().collect::<Vec<_>>() {
                 tracing::info!(id = %e.env.id, to = %e.env.recipients[i], "bounced: still undelivered at max_queue_age_secs");
                 let r = &mut e.progress.recipients[i];
                 r.status = RcptStatus::Bounced;
                 r.notified = false;
                 r.dsn_status = Some("4.4.7".into());
-                if let Some(what) = &damaged {
-                    r.last_reply =
-                        Some(format!("the relay's queued copy could not be read: {what}"));
-                } else if r.last_reply.is_none() {
-                    r.last_reply =
-                        Some("delivery time expired before the upstream could be reached".into());
-                }
                 failed.push("4.4.7".to_string());
             }
             e.env.clone()
@@ -403,10 +399,16 @@ impl Worker {
             .unnotified()
             .map(|i| {
                 let r = &progress.recipients[i];
+                let diagnostic = match &env.damaged {
+                    Some(what) => format!("the relay's queued copy could not be read: {what}"),
+                    None => r.last_reply().unwrap_or_else(|| {
+                        "delivery time expired before the upstream could be reached".into()
+                    }),
+                };
                 dsn::Failed {
                     address: env.recipients[i].clone(),
                     status: r.dsn_status.clone().unwrap_or_else(|| "5.0.0".into()),
-                    diagnostic: r.last_reply.clone().unwrap_or_default(),
+                    diagnostic,
                 }
             })
             .collect();

@@ -1,46 +1,7 @@
-//! What an upstream step came to, as types: decided where the reply arrives, from its severity.
-//!
-//! The mailer-facing session only needs the reply to pass on; the queue (a later room) decides
-//! retry-or-bounce from these types alone, without reading any text.
+//! A failed connection or exchange with the upstream, worded for the operator, with its kind:
+//! what [`super::status::Status`] is made from when no reply came.
 
-use crate::smtp::{Reply, Severity};
-
-/// The result of one step of a transaction (MAIL, RCPT, DATA, end of data).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// The upstream took it (2xx, or 354 after DATA).
-    Accepted(Reply),
-    /// Try again later: an upstream 4xx, or a connection failure reported as one.
-    Temporary(Reply),
-    /// Do not repeat as it is: an upstream 5xx.
-    Permanent(Reply),
-}
-
-impl Outcome {
-    pub fn from_reply(reply: Reply) -> Outcome {
-        match reply.severity() {
-            Severity::Positive | Severity::Intermediate => Outcome::Accepted(reply),
-            Severity::Transient => Outcome::Temporary(reply),
-            Severity::Permanent => Outcome::Permanent(reply),
-        }
-    }
-
-    pub fn reply(&self) -> &Reply {
-        match self {
-            Outcome::Accepted(r) | Outcome::Temporary(r) | Outcome::Permanent(r) => r,
-        }
-    }
-
-    pub fn into_reply(self) -> Reply {
-        match self {
-            Outcome::Accepted(r) | Outcome::Temporary(r) | Outcome::Permanent(r) => r,
-        }
-    }
-
-    pub fn is_accepted(&self) -> bool {
-        matches!(self, Outcome::Accepted(_))
-    }
-}
+use crate::smtp::Reply;
 
 /// What went wrong with a connection, kept as a kind so callers can decide without parsing text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +45,12 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Whether the connection broke under us (reset, closed, a failed write): a pooled one that
+    /// breaks at once was closed by the upstream while idle, and is worth replacing once.
+    pub fn closed(&self) -> bool {
+        matches!(self, UpstreamError::Connection(e) if e.kind == ErrorKind::Closed)
+    }
+
     pub fn new(
         kind: ErrorKind,
         host: &str,
@@ -104,24 +71,5 @@ impl std::fmt::Display for UpstreamError {
             UpstreamError::AuthRejected(r) => write!(f, "authentication rejected: {}", r.summary()),
             UpstreamError::Rejected(r) => write!(f, "rejected: {}", r.summary()),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn outcome_follows_the_reply_code() {
-        assert!(Outcome::from_reply(Reply::new(250, "2.0.0 OK")).is_accepted());
-        assert!(Outcome::from_reply(Reply::new(354, "go")).is_accepted());
-        assert!(matches!(
-            Outcome::from_reply(Reply::new(451, "4.7.500 Server busy")),
-            Outcome::Temporary(_)
-        ));
-        assert!(matches!(
-            Outcome::from_reply(Reply::new(550, "5.1.1 No such user")),
-            Outcome::Permanent(_)
-        ));
     }
 }

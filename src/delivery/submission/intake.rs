@@ -1,0 +1,120 @@
+//! Queue mode's way in: MAIL, RCPT and DATA are answered by the relay itself and the body goes
+//! into the spool; the mailer's `250` comes once the message is durable (`250 ... queued as ID`).
+
+use std::sync::Arc;
+
+use super::{Common, Delivery, MessageStats};
+use crate::config::Account;
+use crate::delivery::queue::model::Envelope;
+use crate::delivery::queue::spool::SpoolWriter;
+use crate::delivery::status::{Cause, Status};
+use crate::observe::MessageOutcome;
+use crate::smtp::body::BodyChunk;
+use crate::smtp::session::MailParams;
+use crate::smtp::Reply;
+
+pub struct Intake {
+    delivery: Arc<Delivery>,
+    account: Arc<Account>,
+    /// The message being received into the spool (boxed: most sessions hold none).
+    spooled: Option<Box<Spooled>>,
+    pub(super) common: Common,
+}
+
+struct Spooled {
+    env: Envelope,
+    writer: Option<SpoolWriter>,
+}
+
+impl Intake {
+    pub(super) fn new(delivery: Arc<Delivery>, account: Arc<Account>, common: Common) -> Intake {
+        Intake {
+            delivery,
+            account,
+            spooled: None,
+            common,
+        }
+    }
+
+    pub fn mail(&mut self, from: &str, params: &MailParams) -> Status {
+        self.common.stats = MessageStats {
+            sender: from.to_string(),
+            ..MessageStats::default()
+        };
+        if !self.delivery.queue.has_room() {
+            self.common.record(MessageOutcome::Failed);
+            return Status::temporary(
+                Cause::Deferred,
+                Reply::new(452, "4.3.1 Insufficient system storage; try again later"),
+            );
+        }
+        self.spooled = Some(Box::new(Spooled {
+            env: Envelope {
+                account: self.account.name.clone(),
+                sender: from.to_string(),
+                eight_bit: params.eight_bit,
+                smtputf8: params.smtputf8,
+                ..Envelope::default()
+            },
+            writer: None,
+        }));
+        Status::from_reply(Reply::new(250, "2.1.0 Ok"))
+    }
+
+    pub fn rcpt(&mut self, to: &str) -> Status {
+        if let Some(spooled) = self.spooled.as_mut() {
+            spooled.env.recipients.push(to.to_string());
+            self.common.stats.recipients += 1;
+        }
+        Status::from_reply(Reply::new(250, "2.1.5 Ok"))
+    }
+
+    pub fn data(&mut self) -> Status {
+        if let Some(spooled) = self.spooled.as_mut() {
+            spooled.writer = Some(self.delivery.queue.writer(&mut spooled.env));
+        }
+        Status::from_reply(Reply::new(354, "End data with <CR><LF>.<CR><LF>"))
+    }
+
+    pub async fn body(&mut self, chunk: &BodyChunk) {
+        self.common.stats.size += chunk.len();
+        if let Some(writer) = self.spooled.as_mut().and_then(|s| s.writer.as_mut()) {
+            writer.push(chunk.bytes()).await;
+        }
+    }
+
+    pub async fn end_data(&mut self) -> Status {
+        let Some(Spooled {
+            env,
+            writer: Some(writer),
+        }) = self.spooled.take().map(|s| *s)
+        else {
+            return Status::temporary(
+                Cause::Deferred,
+                Reply::new(451, "4.3.0 No message to queue; try again"),
+            );
+        };
+        match self.delivery.queue.accept(writer, env).await {
+            Ok(id) => {
+                let reply = crate::delivery::queue::queued_reply(&id);
+                self.common.stats.queued_as = Some(id);
+                Status::from_reply(reply)
+            }
+            Err(e) => {
+                tracing::warn!(account = %self.account.name, error = %e, "cannot queue a message");
+                Status::temporary(
+                    Cause::Deferred,
+                    Reply::new(
+                        451,
+                        "4.3.0 Cannot queue the message right now; try again later",
+                    ),
+                )
+            }
+        }
+    }
+
+    /// A half-received message is thrown away with its spool file.
+    pub fn reset(&mut self) {
+        self.spooled = None;
+    }
+}
