@@ -20,6 +20,7 @@ use crate::control::wire::{Request, Response};
 use crate::delivery::activity::{Activity, PERSIST_EVERY};
 use crate::delivery::pacing::Pacers;
 use crate::delivery::pool::{Dialer, Pool};
+use crate::delivery::queue::local::LocalSpool;
 use crate::delivery::queue::{Queue, Setup as QueueSetup};
 use crate::delivery::smtp::SmtpTransport;
 use crate::delivery::submission::Services as DeliveryServices;
@@ -104,24 +105,22 @@ impl Core {
         observer.prepare(&config);
         // The queue first: mail queued by accounts no longer configured brings those accounts
         // back (without a login) for the token manager, the pool and pacing.
-        let (queue, retired) = Queue::open(
-            &config.server.data_dir,
-            QueueSetup {
-                config: config.delivery.clone(),
-                accounts: &config.accounts,
-                providers: &config.providers,
-                clock: clock.clone(),
-                hostname: &config.server.hostname,
-                observer: observer.clone(),
-                disk,
-            },
-        )
-        .map_err(|e| {
+        let (spool, opened) = LocalSpool::open(&config.server.data_dir, disk).map_err(|e| {
             format!(
                 "cannot open the queue in {}: {e}",
                 config.server.data_dir.join("queue").display()
             )
         })?;
+        let (queue, retired) = Queue::open(QueueSetup {
+            spool: Arc::new(spool),
+            opened,
+            config: config.delivery.clone(),
+            accounts: &config.accounts,
+            providers: &config.providers,
+            clock: clock.clone(),
+            hostname: &config.server.hostname,
+            observer: observer.clone(),
+        });
         let accounts: Vec<Arc<Account>> = config.accounts.iter().chain(&retired).cloned().collect();
         let tokens = Arc::new(TokenManager::new(
             Store::new(store),

@@ -3,7 +3,7 @@
 
 use super::dsn;
 use super::model::Envelope;
-use super::spool::SpoolWriter;
+use super::spool::Incoming;
 use super::Queue;
 use crate::config::Account;
 use crate::observe::Event;
@@ -16,7 +16,7 @@ impl Queue {
         account: &Account,
         env: &Envelope,
         failed: &[dsn::Failed],
-    ) -> Option<(SpoolWriter, Envelope)> {
+    ) -> Option<(Box<dyn Incoming>, Envelope)> {
         if failed.is_empty() {
             return None;
         }
@@ -56,7 +56,7 @@ impl Queue {
     pub(super) async fn commit_bounce(
         &self,
         env: &Envelope,
-        writer: SpoolWriter,
+        writer: Box<dyn Incoming>,
         bounce: Envelope,
     ) -> bool {
         match self.accept(writer, bounce).await {
@@ -101,12 +101,7 @@ impl Queue {
 
     /// The header section of a queued message (never the body).
     pub(super) async fn headers(&self, env: &Envelope) -> Vec<u8> {
-        let source = self.spool.body(env);
-        let start = tokio::task::spawn_blocking(move || source.read(64 * 1024))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
+        let start = self.spool.read_head(env, 64 * 1024).await;
         dsn::header_block(&start).to_vec()
     }
 }

@@ -16,10 +16,9 @@
 //! transaction, and send through the shared pool.
 
 mod bounce;
-pub mod disk;
 pub mod dsn;
 mod index;
-pub mod log;
+pub mod local;
 pub mod model;
 pub mod retry;
 pub mod spool;
@@ -37,8 +36,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::index::{worker_count, AccountQueue, Entry};
+pub use self::local::disk;
 use self::model::{Envelope, Progress};
-use self::spool::{Spool, SpoolWriter};
+use self::spool::{Damage, Incoming, Opened, Spool};
 pub use self::view::{AccountView, MessageView, RecipientView, Target};
 use super::pacing::Pacers;
 use super::transport::Transport;
@@ -58,7 +58,7 @@ const PACING_FILE: &str = "pacing.json";
 const FREE_SPACE_TTL: Duration = Duration::from_secs(1);
 
 pub struct Queue {
-    spool: Spool,
+    spool: Arc<dyn Spool>,
     accounts: Keyed<AccountQueue>,
     /// `[delivery]`; a reload swaps it.
     config: arc_swap::ArcSwap<DeliveryConfig>,
@@ -81,26 +81,23 @@ struct Workers {
     tasks: TaskTracker,
 }
 
-/// What [`Queue::open`] needs besides the data directory.
+/// What [`Queue::open`] needs: the spool and what opening it found, and the rest.
 pub struct Setup<'a> {
+    pub spool: Arc<dyn Spool>,
+    pub opened: Opened,
     pub config: DeliveryConfig,
     pub accounts: &'a [Arc<Account>],
     pub providers: &'a BTreeMap<String, Arc<Provider>>,
     pub clock: SharedClock,
     pub hostname: &'a str,
     pub observer: Observer,
-    pub disk: Arc<dyn disk::Disk>,
 }
 
 impl Queue {
-    /// Opens the spool and indexes what it holds; blocking (start-up or a one-shot command).
-    /// Returns the queue and the accounts it made for queued mail whose account is no longer
-    /// configured (the token manager, pool and pacers need them too).
-    pub fn open(
-        data_dir: &std::path::Path,
-        setup: Setup<'_>,
-    ) -> std::io::Result<(Queue, Vec<Arc<Account>>)> {
-        let (spool, opened) = Spool::open(data_dir, setup.disk.clone())?;
+    /// Indexes what the spool holds. Returns the queue and the accounts it made for queued mail
+    /// whose account is no longer configured (the token manager, pool and pacers need them too).
+    pub fn open(setup: Setup<'_>) -> (Queue, Vec<Arc<Account>>) {
+        let (spool, opened) = (setup.spool, setup.opened);
         let accounts = Keyed::new(
             setup
                 .accounts
@@ -134,7 +131,7 @@ impl Queue {
             let entry = queue.entry(Arc::new(s.envelope), progress);
             lock(&aq.inner).insert(entry);
         }
-        Ok((queue, retired))
+        (queue, retired)
     }
 
     /// The queue of an account that is no longer configured, for its queued mail: delivered
@@ -191,7 +188,7 @@ impl Queue {
     }
 
     /// Logs, counts and alerts spool data found damaged at start-up.
-    fn report_damage(&self, damage: &[log::Damage]) {
+    fn report_damage(&self, damage: &[Damage]) {
         for d in damage {
             let kept = d
                 .kept
@@ -269,10 +266,8 @@ impl Queue {
                 return enough;
             }
         }
-        let enough = match rustix::fs::statvfs(self.spool.root()) {
-            Ok(st) => {
-                let free = st.f_bavail.saturating_mul(st.f_frsize);
-                let total = st.f_blocks.saturating_mul(st.f_frsize);
+        let enough = match self.spool.space() {
+            Some((free, total)) => {
                 let need = self
                     .config
                     .load()
@@ -284,14 +279,14 @@ impl Queue {
                 free >= need
             }
             // Unknown: the spool's own writes will say.
-            Err(_) => true,
+            None => true,
         };
         *room = Some((now, enough));
         enough
     }
 
-    /// Gives `env` its id and arrival time, and a spool file to receive its body into.
-    pub fn writer(&self, env: &mut Envelope) -> SpoolWriter {
+    /// Gives `env` its id and arrival time, and somewhere to receive its body into.
+    pub fn writer(&self, env: &mut Envelope) -> Box<dyn Incoming> {
         env.id = self.new_id();
         env.received = self.clock.unix();
         if let Some(aq) = self.accounts.get(&env.account) {
@@ -300,11 +295,15 @@ impl Queue {
             env.mailbox = account.mailbox.clone();
             env.grant = Some(account.grant);
         }
-        self.spool.writer(env)
+        self.spool.incoming(env)
     }
 
     /// Makes a received message durable and schedules it; the id is the mailer's receipt.
-    pub async fn accept(&self, writer: SpoolWriter, mut env: Envelope) -> std::io::Result<String> {
+    pub async fn accept(
+        &self,
+        writer: Box<dyn Incoming>,
+        mut env: Envelope,
+    ) -> std::io::Result<String> {
         let Some(aq) = self.accounts.get(&env.account) else {
             return Err(std::io::Error::other(format!(
                 "account `{}` is not configured",
@@ -312,7 +311,7 @@ impl Queue {
             )));
         };
         env.size = writer.size();
-        self.spool.commit(writer, &mut env).await?;
+        writer.commit(&mut env).await?;
         tracing::info!(id = %env.id, account = %env.account, size = env.size, recipients = env.recipients.len(), bounce = env.bounce, "message queued");
         let progress = Progress::fresh(env.recipients.len());
         let id = env.id.clone();
@@ -398,17 +397,14 @@ impl Queue {
     /// their own, so that one waiting message does not keep every segment after it on disk. Run
     /// periodically by the app.
     pub async fn compact(&self) {
-        // Segments deleted since are held open by readers: let their space go.
-        self.spool.close_readers();
-        let active = self.spool.active_segment();
+        self.spool.upkeep();
         for aq in self.accounts.all().values() {
             let stale: Vec<(Arc<Envelope>, Progress)> = {
                 let mut inner = lock(&aq.inner);
                 let ids: Vec<String> = inner
                     .messages
                     .values()
-                    .filter(|e| !e.busy && e.env.damaged.is_none())
-                    .filter(|e| e.env.logged.is_some_and(|at| at.segment + 1 < active))
+                    .filter(|e| !e.busy && self.spool.pins_storage(&e.env))
                     .map(|e| e.env.id.clone())
                     .collect();
                 ids.iter()
@@ -436,14 +432,14 @@ impl Queue {
 
     /// Writes the daily pacing windows where the next run finds them.
     pub async fn save_pacing(&self, pacers: &Pacers) {
-        if let Err(e) = self.spool.write_file(PACING_FILE, pacers.snapshot()).await {
+        if let Err(e) = self.spool.write_state(PACING_FILE, pacers.snapshot()).await {
             tracing::warn!(error = %e, "cannot save the pacing windows");
         }
     }
 
     /// Reads what [`Queue::save_pacing`] wrote (blocking; at start-up).
     pub fn load_pacing(&self, pacers: &Pacers) {
-        if let Ok(bytes) = std::fs::read(self.spool.root().join(PACING_FILE)) {
+        if let Some(bytes) = self.spool.read_state(PACING_FILE) {
             pacers.restore(&bytes);
         }
     }

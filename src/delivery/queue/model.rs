@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::log::LogAt;
+use super::local::log::LogAt;
 use crate::config::GrantKind;
 use crate::delivery::status::Status;
 

@@ -1,210 +1,52 @@
-//! The queue on disk: what makes a queue-mode `250` true after a crash.
+//! The seam between the queue and where its messages are kept.
 //!
-//! Under `data_dir/queue/` (directories `0700`, files `0600`):
-//! - `seg/`: small messages (received whole in memory), appended to a segment log ([`super::log`])
-//!   by the committer, many to one `fdatasync`: the fast path, with no file per message.
-//! - `tmp/ID`: a large message being received; whatever is here at start-up was never acknowledged.
-//! - `msg/ID`: a message in a file of its own: one line of envelope (JSON), then the body as the
-//!   mailer sent it (dot-stuffing undone); never changed again. Its presence is the commit. Large
-//!   messages go here directly, logged ones move here when they stay (deferred, held).
-//! - `msg/ID.state`: per-recipient progress (JSON), replaced atomically after each attempt.
-//!
-//! Every change that must survive a crash goes through one committer thread, which takes all the
-//! changes waiting at that moment and makes them durable together: one `fdatasync` of the log and
-//! one `fsync` per directory touched (group commit: ten sessions queueing at once share one sync
-//! instead of queueing behind each other).
+//! The index, the workers and pacing talk to a [`Spool`], never to files. Today's one
+//! implementation is the local disk ([`super::local::LocalSpool`]: a segment log plus a file per
+//! staying message, with group commit); a database shared by several relays plugs in here, and
+//! then its claims keep two relays from sending the same message ([`Spool::claim`]).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::fs::File;
-use std::io::{self, BufRead, Read, Seek};
-use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::io;
+use std::path::PathBuf;
 
-use tokio::sync::oneshot;
+use super::model::{Envelope, Progress};
+use crate::util::BoxFuture;
 
-use super::disk::Disk;
-use super::log::{self, LogAt, Rec, Record};
-use super::model::valid_id;
-pub use super::model::{Envelope, Progress, RcptState, RcptStatus};
-use crate::util::sync::lock;
-
-/// Bytes of body gathered in memory before they are written out.
-const WRITE_BATCH: usize = 256 * 1024;
-/// How long a batch of done records waits for company. Nobody waits on them (a message that
-/// arrives ends the wait), and a crash inside the window only means a message delivered again,
-/// so the window is wide enough to make them a few dozen syncs a second under load.
-const DONE_LINGER: Duration = Duration::from_millis(20);
-/// Changes made durable together at most.
-const MAX_BATCH: usize = 512;
-/// A change that must not be lost (a done record, a progress record) and failed is tried again
-/// after this, doubling up to [`RETRY_MAX`].
-const RETRY_FIRST: Duration = Duration::from_millis(200);
-const RETRY_MAX: Duration = Duration::from_secs(30);
-/// At shutdown, changes still failing are waited for this long at most.
-const FLUSH_PATIENCE: Duration = Duration::from_secs(10);
-
-enum Op {
-    /// A written and synced file gets its name in `msg/`.
-    Place {
-        from: PathBuf,
-        to: PathBuf,
-    },
-    /// Replaces `path` with `bytes` (through `tmp`).
-    Write {
-        tmp: PathBuf,
-        path: PathBuf,
-        bytes: Vec<u8>,
-    },
-    Remove(Vec<PathBuf>),
-    /// Detached removals are waiting in [`Spool::detached`]: take them into this batch.
-    TakeDetached,
-    /// A message for the log: its envelope line is the first `header` bytes.
-    Message {
-        bytes: Vec<u8>,
-        header: usize,
-    },
-    /// A logged message is done with; `release`: it counted as live in its segment (a damaged
-    /// one, kept aside, did not).
-    Done {
-        segment: u64,
-        id: String,
-        release: bool,
-    },
-    /// Answered once every change before it is durable (or, for those that keep failing, after
-    /// [`FLUSH_PATIENCE`]).
-    Flush,
-}
-
-impl Op {
-    /// The directory whose entries it changes.
-    fn dir(&self) -> Option<&Path> {
-        match self {
-            Op::Place { to, .. } => to.parent(),
-            Op::Write { path, .. } => path.parent(),
-            Op::Remove(paths) => paths.first().and_then(|p| p.parent()),
-            _ => None,
-        }
-    }
-
-    /// A change whose loss would bring a message back or undo its progress after a restart: tried
-    /// again until it is durable. (A new message's own commit fails at once instead: its mailer
-    /// gets a `451` and sends it again.)
-    fn must_last(&self) -> bool {
-        matches!(self, Op::Write { .. } | Op::Remove(_) | Op::Done { .. })
-    }
-}
-
-type Answer = oneshot::Sender<io::Result<Option<LogAt>>>;
-
-struct Job {
-    op: Op,
-    /// Who waits for the result; none for a removal nobody waits on (the committer logs a
-    /// failure itself).
-    done: Vec<Answer>,
-    /// The message it is about, for that log line.
-    id: Option<String>,
-}
-
-/// Where a message's body can be read, off the async runtime.
-#[derive(Debug, Clone)]
-pub enum BodySource {
-    Log {
-        dir: PathBuf,
-        at: LogAt,
-        len: u64,
-        /// The segment, already open.
-        open: Option<std::sync::Arc<File>>,
-    },
-    File {
-        path: PathBuf,
-        offset: u64,
-        len: u64,
-    },
-}
-
-impl BodySource {
-    /// The whole body if it can be had without waiting for the disk: a logged body whose pages
-    /// are in the page cache (`preadv2` with `RWF_NOWAIT`), as a just-queued one is. `None`:
-    /// read it on the blocking pool instead.
-    pub fn read_cached(&self) -> Option<Vec<u8>> {
-        let BodySource::Log {
-            at,
-            len,
-            open: Some(file),
-            ..
-        } = self
-        else {
-            return None;
-        };
-        let mut buf = vec![0u8; usize::try_from(*len).ok()?];
-        let mut done = 0;
-        while done < buf.len() {
-            let slice = &mut [std::io::IoSliceMut::new(&mut buf[done..])];
-            let flags = rustix::io::ReadWriteFlags::NOWAIT;
-            match rustix::io::preadv2(file, slice, at.offset + done as u64, flags) {
-                Ok(n) if n > 0 => done += n,
-                _ => return None,
-            }
-        }
-        Some(buf)
-    }
-
-    /// Up to `limit` bytes from the start of the body. Blocking.
-    pub fn read(&self, limit: u64) -> io::Result<Vec<u8>> {
-        match self {
-            BodySource::Log { dir, at, len, .. } => log::read_at(dir, *at, (*len).min(limit)),
-            BodySource::File { path, offset, .. } => read_body(path, *offset, limit),
-        }
-    }
-}
-
-/// A queued message's body, as a transfer reads it: whole when it is small (or already in the
-/// page cache), else a stream.
+/// A queued message's body, as a transfer reads it: whole when it is small (or already in
+/// memory), else a stream.
 pub enum Body {
     Bytes(Vec<u8>),
     Stream(Box<dyn tokio::io::AsyncRead + Send + Unpin>),
 }
 
-/// Bodies at most this long are read whole (one trip to the blocking pool).
-const READ_WHOLE: u64 = 128 * 1024;
-
-pub struct Spool {
-    root: PathBuf,
-    msg: PathBuf,
-    tmp: PathBuf,
-    seg: PathBuf,
-    corrupt: PathBuf,
-    disk: Arc<dyn Disk>,
-    jobs: mpsc::Sender<Job>,
-    /// The segment being appended to (kept by the committer).
-    active: Arc<std::sync::atomic::AtomicU64>,
-    /// Removals of delivered messages, gathered here and handed to the committer with one
-    /// wake-up per batch instead of one per message.
-    detached: Detached,
-    /// Segments recently read from, kept open: reading a logged body is then one `preadv2`.
-    readers: std::sync::Mutex<VecDeque<(u64, Arc<File>)>>,
-}
-
-/// Open segment files kept for reading; a segment deleted while open keeps its space until its
-/// handle goes ([`Spool::close_readers`]).
-const OPEN_READERS: usize = 4;
-
-/// A message found at start-up.
+/// A message found when the spool was opened.
 pub struct Stored {
     pub envelope: Envelope,
     pub progress: Option<Progress>,
 }
 
-/// What opening the spool found besides the messages.
+/// Stored bytes that could not be read as records.
+#[derive(Debug, Clone)]
+pub struct Damage {
+    /// Where they were: a segment and an offset in it.
+    pub segment: u64,
+    pub offset: u64,
+    pub len: u64,
+    /// Where the bytes were copied to (`None`: they could not be, and their place is kept).
+    pub kept: Option<PathBuf>,
+    /// The envelope of the message whose body was damaged, when it survived.
+    pub envelope: Option<Vec<u8>>,
+    /// Found when the spool was opened before (reported then).
+    pub known: bool,
+}
+
+/// What opening a spool found.
 #[derive(Default)]
 pub struct Opened {
     pub stored: Vec<Stored>,
-    /// Spool log bytes that could not be read (copied to `queue/corrupt/`).
-    pub damage: Vec<log::Damage>,
+    pub damage: Vec<Damage>,
 }
 
-/// Damaged spool data kept aside, for `queue`.
+/// Damaged data kept aside, for `queue`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Quarantine {
     pub dir: PathBuf,
@@ -212,870 +54,67 @@ pub struct Quarantine {
     pub bytes: u64,
 }
 
-impl Spool {
-    /// Creates the directories, throws away what was never committed, and returns the messages
-    /// that were. Blocking: run at start-up.
-    pub fn open(data_dir: &Path, disk: Arc<dyn Disk>) -> io::Result<(Spool, Opened)> {
-        let root = data_dir.join("queue");
-        let msg = root.join("msg");
-        let tmp = root.join("tmp");
-        let seg = root.join("seg");
-        let corrupt = root.join("corrupt");
-        let new = !seg.exists();
-        for dir in [&root, &msg, &tmp, &seg] {
-            crate::util::fs::create_private_dir(dir)?;
-        }
-        if new {
-            // The new directories' names must survive a power loss as much as the files in them.
-            for dir in [&root, data_dir] {
-                disk.sync_dir(dir)?;
-            }
-        }
-        for entry in std::fs::read_dir(&tmp)? {
-            let _ = std::fs::remove_file(entry?.path());
-        }
-        let mut opened = Opened::default();
-        let mut ids = BTreeSet::new();
-        for entry in std::fs::read_dir(&msg)? {
-            let path = entry?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if name.ends_with(".tmp") {
-                let _ = std::fs::remove_file(&path);
-            } else if valid_id(name) {
-                ids.insert(name.to_string());
-            }
-        }
-        for entry in std::fs::read_dir(&msg)? {
-            let path = entry?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if name
-                .strip_suffix(".state")
-                .is_some_and(|id| !ids.contains(id))
-            {
-                let _ = std::fs::remove_file(&path);
-            }
-        }
-        for id in ids {
-            match read_envelope(&msg.join(&id)) {
-                Ok(mut envelope) => {
-                    if envelope.id != id {
-                        tracing::warn!(id, inside = %envelope.id, "spool file whose envelope names another id: its file name is used");
-                    }
-                    // The name is what every path is built from, never the text inside.
-                    envelope.id = id.clone();
-                    let progress = std::fs::read(msg.join(format!("{id}.state")))
-                        .ok()
-                        .and_then(|b| serde_json::from_slice::<Progress>(&b).ok())
-                        .filter(|p| p.recipients.len() == envelope.recipients.len());
-                    opened.stored.push(Stored { envelope, progress });
-                }
-                Err(e) => {
-                    // Committed files are complete (synced before their rename); this one is not ours.
-                    tracing::warn!(id, error = %e, "unreadable file in the spool left alone");
-                }
-            }
-        }
-        // The log: messages without a done record, unless they moved to a file meanwhile.
-        let scan = log::scan(&seg, &corrupt, &*disk)?;
-        let mut pinned = scan.pinned;
-        let mut logged: BTreeMap<String, Envelope> = BTreeMap::new();
-        for found in scan.found {
-            match found.record {
-                Record::Message {
-                    envelope,
-                    body,
-                    len,
-                } => match parse_envelope(&envelope) {
-                    Some(mut env) => {
-                        env.size = len;
-                        env.logged = Some(body);
-                        logged.insert(env.id.clone(), env);
-                    }
-                    None => {
-                        // It checks out, so it was written whole: by a release that wrote
-                        // something this one cannot read. Kept, never deleted unread.
-                        tracing::error!(
-                            segment = found.segment,
-                            "spool log record with an envelope this release cannot read; its segment is kept"
-                        );
-                        pinned.insert(found.segment);
-                    }
-                },
-                Record::Done { id, .. } => {
-                    logged.remove(&id);
-                }
-            }
-        }
-        // Damaged bodies whose envelope survived are messages the queue lists (and never sends).
-        for d in &scan.damage {
-            let Some(mut env) = d.envelope.as_deref().and_then(parse_envelope) else {
-                continue;
-            };
-            env.logged = Some(LogAt {
-                segment: d.segment,
-                offset: d.offset,
-            });
-            env.size = d.len;
-            env.damaged = Some(format!(
-                "its body in the spool was found damaged (segment {}, offset {}, {} bytes){}: it cannot \
-                 be delivered as received; nothing of it was sent",
-                d.segment,
-                d.offset,
-                d.len,
-                d.kept
-                    .as_ref()
-                    .map(|p| format!("; the bytes are kept in {}", p.display()))
-                    .unwrap_or_default()
-            ));
-            logged.entry(env.id.clone()).or_insert(env);
-        }
-        opened.damage = scan.damage;
-        let in_files: BTreeSet<String> = opened
-            .stored
-            .iter()
-            .map(|s| s.envelope.id.clone())
-            .collect();
-        let mut live: BTreeMap<u64, usize> = BTreeMap::new();
-        // Moved to a file, but the crash came before the log's done record: the file wins, and
-        // the log is told now (else the message would come back once its file is gone).
-        let mut moved: Vec<(u64, String)> = Vec::new();
-        for (id, envelope) in logged {
-            let segment = envelope.logged.expect("set above").segment;
-            if in_files.contains(&id) {
-                moved.push((segment, id));
-                continue;
-            }
-            // A damaged message's bytes are kept aside: it needs nothing of its segment.
-            if envelope.damaged.is_none() {
-                *live.entry(segment).or_default() += 1;
-            }
-            opened.stored.push(Stored {
-                envelope,
-                progress: None,
-            });
-        }
-        opened
-            .stored
-            .sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
-        let mut log = log::Log::open(&seg, disk.clone(), live, pinned)?;
-        if !moved.is_empty() {
-            let records: Vec<Rec<'_>> = moved
-                .iter()
-                .map(|(segment, id)| Rec::Done {
-                    segment: *segment,
-                    id,
-                })
-                .collect();
-            log.append(&records)?;
-        }
-        let active = Arc::new(std::sync::atomic::AtomicU64::new(log.active()));
-        let (jobs, rx) = mpsc::channel();
-        let shown = active.clone();
-        let detached = Detached::default();
-        let taken = detached.clone();
-        let committing = disk.clone();
-        std::thread::Builder::new()
-            .name("spool-commit".into())
-            .spawn(move || Committer::new(log, committing).run(rx, &shown, &taken))?;
-        Ok((
-            Spool {
-                root,
-                msg,
-                tmp,
-                seg,
-                corrupt,
-                disk,
-                jobs,
-                active,
-                detached,
-                readers: std::sync::Mutex::new(VecDeque::new()),
-            },
-            opened,
-        ))
-    }
+/// A body being received; committed by [`Incoming::commit`], thrown away when dropped.
+pub trait Incoming: Send + Sync {
+    /// Body bytes so far.
+    fn size(&self) -> u64;
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
+    /// Adds body bytes (a failure shows at commit).
+    fn push<'a>(&'a mut self, chunk: &'a [u8]) -> BoxFuture<'a, ()>;
 
-    /// What `queue/corrupt/` holds.
-    pub fn quarantine(&self) -> Quarantine {
-        let mut q = Quarantine {
-            dir: self.corrupt.clone(),
-            ..Quarantine::default()
-        };
-        if let Ok(entries) = std::fs::read_dir(&self.corrupt) {
-            for e in entries.flatten() {
-                if let Ok(m) = e.metadata() {
-                    if m.is_file() && !e.file_name().to_string_lossy().ends_with(".tmp") {
-                        q.files += 1;
-                        q.bytes += m.len();
-                    }
-                }
-            }
-        }
-        q
-    }
+    /// Makes the message durable (envelope and body) and says in `env` where its body is.
+    fn commit<'a>(self: Box<Self>, env: &'a mut Envelope) -> BoxFuture<'a, io::Result<()>>;
+}
 
-    /// Where to read `env`'s body from.
-    pub fn body(&self, env: &Envelope) -> BodySource {
-        match env.logged {
-            Some(at) => BodySource::Log {
-                dir: self.seg.clone(),
-                at,
-                len: env.size,
-                open: self.reader(at.segment),
-            },
-            None => BodySource::File {
-                path: self.msg.join(&env.id),
-                offset: env.body_offset,
-                len: env.size,
-            },
-        }
-    }
+pub trait Spool: Send + Sync + 'static {
+    /// Somewhere to receive the body of `env` (its id and arrival already set).
+    fn incoming(&self, env: &Envelope) -> Box<dyn Incoming>;
 
-    /// `env`'s body, to send: a small one read whole (without waiting for the disk when its pages
-    /// are cached, as a just-queued one's are), a large one (always in a file) streamed.
-    pub async fn open_body(&self, env: &Envelope) -> io::Result<Body> {
-        use tokio::io::{AsyncReadExt, AsyncSeekExt};
-        let source = self.body(env);
-        if let BodySource::File { path, offset, len } = &source {
-            if *len > READ_WHOLE {
-                let mut file = tokio::fs::File::open(path).await?;
-                file.seek(io::SeekFrom::Start(*offset)).await?;
-                return Ok(Body::Stream(Box::new(file.take(*len))));
-            }
-        }
-        if let Some(bytes) = source.read_cached() {
-            return Ok(Body::Bytes(bytes));
-        }
-        tokio::task::spawn_blocking(move || source.read(u64::MAX))
-            .await
-            .map_err(io::Error::other)?
-            .map(Body::Bytes)
-    }
-
-    /// The segment being appended to: logged messages in segments well before it should move
-    /// to files so that the log can shrink.
-    pub fn active_segment(&self) -> u64 {
-        self.active.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// A file to receive the body of `envelope` into.
-    pub fn writer(&self, envelope: &Envelope) -> SpoolWriter {
-        let mut buf = serde_json::to_vec(envelope).unwrap_or_default();
-        buf.push(b'\n');
-        SpoolWriter {
-            path: self.tmp.join(&envelope.id),
-            disk: self.disk.clone(),
-            file: None,
-            header: buf.len() as u64,
-            buf,
-            size: 0,
-            failed: None,
-            committed: false,
-        }
-    }
-
-    /// Closes the segments kept open for reading (run periodically, so that deleted segments give
-    /// their space back).
-    pub fn close_readers(&self) {
-        lock(&self.readers).clear();
-    }
-
-    /// The segment `number`, open for reading (from the few kept open, or opened now).
-    fn reader(&self, number: u64) -> Option<Arc<File>> {
-        let mut readers = lock(&self.readers);
-        if let Some((_, f)) = readers.iter().find(|(n, _)| *n == number) {
-            return Some(f.clone());
-        }
-        let file = Arc::new(File::open(log::segment_path(&self.seg, number)).ok()?);
-        if readers.len() >= OPEN_READERS {
-            readers.pop_front();
-        }
-        readers.push_back((number, file.clone()));
-        Some(file)
-    }
-
-    /// Hands `op` to the committer now; the answer comes when it is durable.
-    fn submit(&self, op: Op) -> impl std::future::Future<Output = io::Result<Option<LogAt>>> {
-        let (done, result) = oneshot::channel();
-        let sent = self.jobs.send(Job {
-            op,
-            done: vec![done],
-            id: None,
-        });
-        async move {
-            sent.map_err(|_| io::Error::other("the spool committer has stopped"))?;
-            result
-                .await
-                .map_err(|_| io::Error::other("the spool committer has stopped"))?
-        }
-    }
-
-    async fn run(&self, op: Op) -> io::Result<Option<LogAt>> {
-        self.submit(op).await
-    }
-
-    /// Waits until everything handed to the committer before is durable (at shutdown); what still
-    /// fails after [`FLUSH_PATIENCE`] is logged by name.
-    pub async fn flush(&self) {
-        let _ = self.run(Op::Flush).await;
-    }
-
-    /// Makes a received message durable together with whatever else is being committed at that
-    /// moment: appended to the log if it is all in memory, else its file synced and named in
-    /// `msg/`. Sets where its body is.
-    pub async fn commit(&self, mut writer: SpoolWriter, env: &mut Envelope) -> io::Result<()> {
-        if writer.file.is_none() && writer.failed.is_none() {
-            let bytes = std::mem::take(&mut writer.buf);
-            let header = writer.header as usize;
-            let at = self
-                .run(Op::Message { bytes, header })
-                .await?
-                .expect("an append has a place");
-            writer.committed = true;
-            env.logged = Some(at);
-            return Ok(());
-        }
-        writer.write_out(true).await?;
-        let dest = self.msg.join(&env.id);
-        self.place(&writer.path, &dest).await?;
-        writer.committed = true;
-        env.body_offset = writer.header;
-        env.logged = None;
-        Ok(())
-    }
-
-    /// Renames a synced file into `msg/`, durably. On failure nothing is left there: the rename
-    /// may have happened before the directory sync failed, and a file left in `msg/` would be
-    /// delivered at the next start although its mailer was told to send it again.
-    async fn place(&self, from: &Path, to: &Path) -> io::Result<()> {
-        let placed = self
-            .run(Op::Place {
-                from: from.to_path_buf(),
-                to: to.to_path_buf(),
-            })
-            .await;
-        if let Err(e) = placed {
-            if std::fs::remove_file(to).is_ok() {
-                let _ = self.disk.sync_dir(&self.msg);
-            }
-            return Err(e);
-        }
-        Ok(())
-    }
-
-    /// Records a message's progress durably. A logged message moves to a file of its own first
-    /// (it is staying, and must not keep its segment alive); `env` then says where it is.
-    pub async fn record(&self, env: &mut Envelope, progress: &Progress) -> io::Result<()> {
-        if let Some(at) = env.logged.filter(|_| env.damaged.is_none()) {
-            self.move_to_file(env, at).await?;
-        }
-        let id = &env.id;
-        let op = Op::Write {
-            tmp: self.msg.join(format!("{id}.state.tmp")),
-            path: self.msg.join(format!("{id}.state")),
-            bytes: serde_json::to_vec(progress).map_err(io::Error::other)?,
-        };
-        self.run(op).await.map(|_| ())
-    }
-
-    async fn move_to_file(&self, env: &mut Envelope, at: LogAt) -> io::Result<()> {
-        let source = self.body(env);
-        let mut head = serde_json::to_vec(&*env).map_err(io::Error::other)?;
-        head.push(b'\n');
-        let header = head.len() as u64;
-        let tmp = self.tmp.join(&env.id);
-        let to_write = tmp.clone();
-        let disk = self.disk.clone();
-        tokio::task::spawn_blocking(move || {
-            let body = source.read(u64::MAX)?;
-            let mut f = crate::util::fs::create_private(&to_write)?;
-            disk.write(&to_write, &mut f, &head)?;
-            disk.write(&to_write, &mut f, &body)?;
-            disk.sync(&to_write, &f)
-        })
-        .await
-        .map_err(io::Error::other)??;
-        if let Err(e) = self.place(&tmp, &self.msg.join(&env.id)).await {
-            // Back to the log copy alone.
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        let logged = Envelope {
-            logged: Some(at),
-            ..Envelope::clone(env)
-        };
-        // From here the file is the message, whatever happens to the log's done record.
-        env.logged = None;
-        env.body_offset = header;
-        // Only now the log may forget it: a crash in between finds it twice, the file wins, and
-        // start-up writes the done record that is missing.
-        self.remove_detached(&logged);
-        Ok(())
-    }
+    /// Records a message's progress durably; `env` says afterwards where its body is.
+    fn record<'a>(
+        &'a self,
+        env: &'a mut Envelope,
+        progress: &'a Progress,
+    ) -> BoxFuture<'a, io::Result<()>>;
 
     /// Removes a message that is done with (delivered, bounced or deleted), durably: a crash
-    /// afterwards must not deliver it again. The removal is handed over at once and tried until
-    /// it is durable; the future says when it is.
-    pub fn remove(&self, env: &Envelope) -> impl std::future::Future<Output = io::Result<()>> {
-        let durable = self.submit(self.removal(env));
-        async move { durable.await.map(|_| ()) }
-    }
+    /// afterwards must not deliver it again. Tried until it is durable; the future says when.
+    fn remove(&self, env: &Envelope) -> BoxFuture<'static, io::Result<()>>;
 
-    /// The change that removes `env`: a done record for a logged message, else its files.
-    fn removal(&self, env: &Envelope) -> Op {
-        match env.logged {
-            Some(at) => Op::Done {
-                segment: at.segment,
-                id: env.id.clone(),
-                release: env.damaged.is_none(),
-            },
-            None => {
-                let id = &env.id;
-                // The message first: without it the state file means nothing.
-                Op::Remove(vec![
-                    self.msg.join(id),
-                    self.msg.join(format!("{id}.state")),
-                ])
-            }
-        }
-    }
+    /// [`Spool::remove`] without waiting (the common delivered case); shutdown's
+    /// [`Spool::flush`] still waits for it.
+    fn remove_detached(&self, env: &Envelope);
 
-    /// [`Spool::remove`] for a delivered message, without a waiter: the worker goes on at once,
-    /// the committer tries until the removal is durable, and shutdown's [`Spool::flush`] waits
-    /// for it.
-    pub fn remove_detached(&self, env: &Envelope) {
-        let job = Job {
-            op: self.removal(env),
-            done: Vec::new(),
-            id: Some(env.id.clone()),
-        };
-        let first = {
-            let mut waiting = lock(&self.detached);
-            waiting.push(job);
-            waiting.len() == 1
-        };
-        // The first one wakes the committer; the others join it until it takes them.
-        if first {
-            let _ = self.jobs.send(Job {
-                op: Op::TakeDetached,
-                done: Vec::new(),
-                id: None,
-            });
-        }
-    }
+    /// The body, to send.
+    fn open_body<'a>(&'a self, env: &'a Envelope) -> BoxFuture<'a, io::Result<Body>>;
 
-    /// Writes a small file durably (the pacing windows).
-    pub async fn write_file(&self, name: &str, bytes: Vec<u8>) -> io::Result<()> {
-        let op = Op::Write {
-            tmp: self.tmp.join(format!("{name}.tmp")),
-            path: self.root.join(name),
-            bytes,
-        };
-        self.run(op).await.map(|_| ())
-    }
-}
+    /// Up to `limit` bytes from the start of the body (its headers, for a bounce or `queue show`).
+    fn read_head<'a>(&'a self, env: &'a Envelope, limit: u64) -> BoxFuture<'a, Vec<u8>>;
 
-/// An envelope from the spool log, if it is one this release can use.
-fn parse_envelope(bytes: &[u8]) -> Option<Envelope> {
-    let env: Envelope = serde_json::from_slice(bytes).ok()?;
-    valid_id(&env.id).then_some(env)
-}
+    /// Whether a message waiting this long keeps storage from being reclaimed (recording its
+    /// progress frees it).
+    fn pins_storage(&self, env: &Envelope) -> bool;
 
-/// Receives a body into `tmp/`; dropped without a commit, it removes what it wrote.
-pub struct SpoolWriter {
-    path: PathBuf,
-    disk: Arc<dyn Disk>,
-    file: Option<File>,
-    /// Length of the envelope line.
-    header: u64,
-    buf: Vec<u8>,
-    size: u64,
-    failed: Option<io::ErrorKind>,
-    committed: bool,
-}
+    /// Periodic upkeep (storage freed since gives its space back).
+    fn upkeep(&self);
 
-impl SpoolWriter {
-    pub fn size(&self) -> u64 {
-        self.size
-    }
+    /// Waits until everything handed over before is durable (shutdown).
+    fn flush(&self) -> BoxFuture<'_, ()>;
 
-    /// Adds body bytes; they reach the disk in batches, off the async runtime.
-    pub async fn push(&mut self, chunk: &[u8]) {
-        self.size += chunk.len() as u64;
-        if self.failed.is_some() {
-            return;
-        }
-        self.buf.extend_from_slice(chunk);
-        if self.buf.len() >= WRITE_BATCH {
-            if let Err(e) = self.write_out(false).await {
-                tracing::warn!(error = %e, "cannot write a message to the spool");
-                self.failed = Some(e.kind());
-                self.buf = Vec::new();
-            }
-        }
-    }
+    /// Damaged data kept aside.
+    fn quarantine(&self) -> Quarantine;
 
-    /// Writes the buffer (and on `last`, syncs and closes the file).
-    async fn write_out(&mut self, last: bool) -> io::Result<()> {
-        if let Some(kind) = self.failed {
-            return Err(kind.into());
-        }
-        let path = self.path.clone();
-        let file = self.file.take();
-        let buf = std::mem::take(&mut self.buf);
-        let disk = self.disk.clone();
-        let (file, mut buf) = tokio::task::spawn_blocking(move || {
-            let mut buf = buf;
-            let mut file = match file {
-                Some(f) => f,
-                None => crate::util::fs::create_private(&path)?,
-            };
-            disk.write(&path, &mut file, &buf)?;
-            if last {
-                disk.sync(&path, &file)?;
-            }
-            buf.clear();
-            Ok::<_, io::Error>((file, buf))
-        })
-        .await
-        .map_err(io::Error::other)??;
-        if !last {
-            buf.reserve(WRITE_BATCH);
-            self.buf = buf;
-            self.file = Some(file);
-        }
-        Ok(())
-    }
-}
+    /// Free and total bytes of the storage, where that is known.
+    fn space(&self) -> Option<(u64, u64)>;
 
-impl Drop for SpoolWriter {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
+    /// Small state kept beside the queue (the pacing windows), durably.
+    fn write_state<'a>(&'a self, name: &'a str, bytes: Vec<u8>) -> BoxFuture<'a, io::Result<()>>;
+    fn read_state(&self, name: &str) -> Option<Vec<u8>>;
 
-/// Reads a committed message's envelope line; the body follows it.
-pub fn read_envelope(path: &Path) -> io::Result<Envelope> {
-    let file = File::open(path)?;
-    let len = file.metadata()?.len();
-    let mut reader = io::BufReader::new(file.take(1 << 20));
-    let mut line = Vec::new();
-    reader.read_until(b'\n', &mut line)?;
-    if line.last() != Some(&b'\n') {
-        return Err(io::Error::other("no envelope line"));
-    }
-    let mut envelope: Envelope = serde_json::from_slice(&line).map_err(io::Error::other)?;
-    envelope.body_offset = line.len() as u64;
-    envelope.size = len - envelope.body_offset;
-    Ok(envelope)
-}
-
-/// Reads up to `limit` bytes of a message's body from its start.
-pub fn read_body(path: &Path, offset: u64, limit: u64) -> io::Result<Vec<u8>> {
-    let mut file = File::open(path)?;
-    file.seek(io::SeekFrom::Start(offset))?;
-    let mut out = Vec::new();
-    file.take(limit).read_to_end(&mut out)?;
-    Ok(out)
-}
-
-type Detached = Arc<std::sync::Mutex<Vec<Job>>>;
-
-/// The committer thread: takes every job waiting, then one sync per directory touched and one
-/// append and sync of the log. A change that must last and failed (a full disk, an IO error) is
-/// kept and tried again, with its waiters, until it is durable.
-struct Committer {
-    log: log::Log,
-    disk: Arc<dyn Disk>,
-    retry: Vec<Job>,
-    retry_at: Option<Instant>,
-    backoff: Duration,
-    /// Flushes waiting for the retries to succeed, with their deadline.
-    flushes: Vec<(Instant, Answer)>,
-}
-
-impl Committer {
-    fn new(log: log::Log, disk: Arc<dyn Disk>) -> Committer {
-        Committer {
-            log,
-            disk,
-            retry: Vec::new(),
-            retry_at: None,
-            backoff: RETRY_FIRST,
-            flushes: Vec::new(),
-        }
-    }
-
-    /// When the loop must wake without a new job: a retry, or a flush's deadline.
-    fn wake_at(&self) -> Option<Instant> {
-        let flush = self.flushes.iter().map(|(at, _)| *at).min();
-        match (self.retry_at, flush) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
-    fn run(
-        mut self,
-        rx: mpsc::Receiver<Job>,
-        active: &std::sync::atomic::AtomicU64,
-        detached: &Detached,
-    ) {
-        loop {
-            let first = match self.wake_at() {
-                None => match rx.recv() {
-                    Ok(job) => Some(job),
-                    Err(_) => break,
-                },
-                Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                    Ok(job) => Some(job),
-                    Err(mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                },
-            };
-            let mut batch = first.map(|job| gather(job, &rx)).unwrap_or_default();
-            if batch.iter().any(|j| matches!(j.op, Op::TakeDetached)) {
-                batch.append(&mut lock(detached));
-            }
-            self.supersede(&mut batch);
-            if self.retry_at.is_some_and(|at| at <= Instant::now()) {
-                batch.append(&mut self.retry);
-                self.retry_at = None;
-            }
-            let results = self.commit(&batch);
-            active.store(self.log.active(), std::sync::atomic::Ordering::Relaxed);
-            let mut failed = false;
-            for (job, result) in batch.into_iter().zip(results) {
-                match result {
-                    Err(e) if job.op.must_last() => {
-                        failed = true;
-                        let id = job.id.as_deref().unwrap_or("");
-                        tracing::warn!(id, error = %e, "cannot make a change to the spool durable; trying again (until then a restart could deliver the message again)");
-                        self.retry.push(job);
-                    }
-                    _ if matches!(job.op, Op::Flush) => {
-                        let until = Instant::now() + FLUSH_PATIENCE;
-                        self.flushes
-                            .extend(job.done.into_iter().map(|answer| (until, answer)));
-                    }
-                    result => answer(job.done, result),
-                }
-            }
-            if failed {
-                self.retry_at = Some(Instant::now() + self.backoff);
-                self.backoff = (self.backoff * 2).min(RETRY_MAX);
-            } else if self.retry.is_empty() {
-                self.backoff = RETRY_FIRST;
-            }
-            self.settle_flushes();
-        }
-        for job in &self.retry {
-            tracing::error!(
-                id = job.id.as_deref().unwrap_or(""),
-                "a change to the spool never became durable; the message may be delivered again"
-            );
-        }
-    }
-
-    /// A new write of a file replaces a failed older one waiting to be tried again (which must
-    /// never land after it); the older one's waiters wait for the new one.
-    fn supersede(&mut self, batch: &mut [Job]) {
-        for job in batch.iter_mut() {
-            let Op::Write { path, .. } = &job.op else {
-                continue;
-            };
-            let (old, keep): (Vec<Job>, Vec<Job>) = std::mem::take(&mut self.retry)
-                .into_iter()
-                .partition(|r| matches!(&r.op, Op::Write { path: p, .. } if p == path));
-            self.retry = keep;
-            for old in old {
-                job.done.extend(old.done);
-            }
-        }
-        if self.retry.is_empty() {
-            self.retry_at = None;
-        }
-    }
-
-    /// Flushes are answered once nothing waits to be tried again, or at their deadline.
-    fn settle_flushes(&mut self) {
-        let now = Instant::now();
-        let clear = self.retry.is_empty();
-        let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.flushes)
-            .into_iter()
-            .partition(|(until, _)| clear || *until <= now);
-        self.flushes = wait;
-        if !due.is_empty() && !clear {
-            for job in &self.retry {
-                tracing::error!(id = job.id.as_deref().unwrap_or(""), "a change to the spool is still not durable at shutdown; the message may be delivered again after the restart");
-            }
-        }
-        for (_, answer) in due {
-            let _ = answer.send(Ok(None));
-        }
-    }
-
-    fn commit(&mut self, batch: &[Job]) -> Vec<io::Result<Option<LogAt>>> {
-        let disk = &*self.disk;
-        let mut results: Vec<io::Result<Option<LogAt>>> = batch
-            .iter()
-            .map(|job| match &job.op {
-                Op::Place { from, to } => disk.rename(from, to).map(|()| None),
-                Op::Write { tmp, path, bytes } => crate::util::fs::create_private(tmp)
-                    .and_then(|mut f| {
-                        disk.write(tmp, &mut f, bytes)
-                            .and_then(|()| disk.sync(tmp, &f))
-                    })
-                    .and_then(|()| disk.rename(tmp, path))
-                    .map(|()| None),
-                Op::Remove(paths) => paths
-                    .iter()
-                    .try_for_each(|p| match std::fs::remove_file(p) {
-                        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-                        _ => Ok(()),
-                    })
-                    .map(|()| None),
-                _ => Ok(None),
-            })
-            .collect();
-        let dirs: BTreeSet<&Path> = batch.iter().filter_map(|j| j.op.dir()).collect();
-        for dir in dirs {
-            if let Err(e) = disk.sync_dir(dir) {
-                for (job, result) in batch.iter().zip(results.iter_mut()) {
-                    if job.op.dir() == Some(dir) && result.is_ok() {
-                        *result = Err(io::Error::new(e.kind(), e.to_string()));
-                    }
-                }
-            }
-        }
-        let records: Vec<(usize, Rec<'_>)> = batch
-            .iter()
-            .enumerate()
-            .filter_map(|(i, job)| match &job.op {
-                Op::Message { bytes, header } => Some((
-                    i,
-                    Rec::Message {
-                        envelope: &bytes[..*header],
-                        body: &bytes[*header..],
-                    },
-                )),
-                Op::Done { segment, id, .. } => Some((
-                    i,
-                    Rec::Done {
-                        segment: *segment,
-                        id,
-                    },
-                )),
-                _ => None,
-            })
-            .collect();
-        if !records.is_empty() {
-            let wire: Vec<Rec<'_>> = records.iter().map(|(_, r)| *r).collect();
-            match self.log.append(&wire) {
-                Ok(places) => {
-                    for ((i, _), at) in records.iter().zip(places) {
-                        results[*i] = Ok(Some(at));
-                        if let Op::Done {
-                            segment,
-                            release: true,
-                            ..
-                        } = &batch[*i].op
-                        {
-                            self.log.release(*segment);
-                        }
-                    }
-                }
-                Err(e) => {
-                    for (i, _) in &records {
-                        results[*i] = Err(io::Error::new(e.kind(), e.to_string()));
-                    }
-                }
-            }
-        }
-        results
-    }
-}
-
-/// `first` and the jobs waiting behind it. Nobody waits on a batch of detached done records:
-/// until a job someone waits on comes, or the window closes, more of them join the same sync.
-fn gather(first: Job, rx: &mpsc::Receiver<Job>) -> Vec<Job> {
-    let deadline = Instant::now() + DONE_LINGER;
-    let mut nobody_waits = first.done.is_empty();
-    let mut batch = vec![first];
-    while batch.len() < MAX_BATCH {
-        let job = match rx.try_recv() {
-            Ok(job) => job,
-            Err(_) if nobody_waits => {
-                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                    Ok(job) => job,
-                    Err(_) => break,
-                }
-            }
-            Err(_) => break,
-        };
-        nobody_waits &= job.done.is_empty();
-        batch.push(job);
-    }
-    batch
-}
-
-fn answer(waiters: Vec<Answer>, result: io::Result<Option<LogAt>>) {
-    for waiter in waiters {
-        let copy = match &result {
-            Ok(v) => Ok(*v),
-            Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
-        };
-        let _ = waiter.send(copy);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::delivery::queue::disk::Os;
-
-    fn envelope(id: &str) -> Envelope {
-        Envelope {
-            id: id.into(),
-            account: "news".into(),
-            sender: "a@example.com".into(),
-            recipients: vec!["b@example.org".into()],
-            ..Envelope::default()
-        }
-    }
-
-    #[tokio::test]
-    async fn a_message_moved_to_a_file_before_a_crash_never_comes_back_from_the_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let (spool, opened) = Spool::open(dir.path(), Arc::new(Os)).unwrap();
-        assert!(opened.stored.is_empty());
-        let mut env = envelope("A1");
-        let mut writer = spool.writer(&env);
-        writer.push(b"Subject: x\r\n\r\nbody\r\n").await;
-        spool.commit(writer, &mut env).await.unwrap();
-        assert!(env.logged.is_some(), "small messages go to the log");
-        // The move to a file got as far as the file; the crash came before the done record.
-        let mut head = serde_json::to_vec(&env).unwrap();
-        head.push(b'\n');
-        head.extend_from_slice(b"Subject: x\r\n\r\nbody\r\n");
-        std::fs::write(dir.path().join("queue/msg/A1"), head).unwrap();
-        drop(spool);
-
-        let (spool, opened) = Spool::open(dir.path(), Arc::new(Os)).unwrap();
-        let stored = opened.stored;
-        assert_eq!(stored.len(), 1, "the file wins, once");
-        assert!(stored[0].envelope.logged.is_none());
-        spool.remove(&stored[0].envelope).await.unwrap();
-        drop(spool);
-        let (_spool, opened) = Spool::open(dir.path(), Arc::new(Os)).unwrap();
-        assert!(
-            opened.stored.is_empty(),
-            "delivered and gone, also from the log"
-        );
-    }
+    /// This relay works on message `id` now: `false` when another relay has it. Renewed while a
+    /// transfer lasts ([`Spool::renew`]) and given back with [`Spool::release`]. One relay on a
+    /// local spool always has every claim.
+    fn claim<'a>(&'a self, id: &'a str) -> BoxFuture<'a, io::Result<bool>>;
+    fn renew<'a>(&'a self, id: &'a str) -> BoxFuture<'a, io::Result<()>>;
+    fn release(&self, id: &str);
 }

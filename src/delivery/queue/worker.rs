@@ -193,6 +193,18 @@ impl Worker {
     }
 
     async fn deliver(&self, job: Job) {
+        let spool = &self.queue.spool;
+        let id = job.env.id.clone();
+        // Another relay sharing the spool may be sending it: then it is theirs for now.
+        if !spool.claim(&id).await.unwrap_or(false) {
+            lock(&self.aq.inner).release(&id);
+            return;
+        }
+        self.attempt(job).await;
+        spool.release(&id);
+    }
+
+    async fn attempt(&self, job: Job) {
         if job.rcpts.is_empty() {
             return self.conclude(&job.env.id).await;
         }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::{Common, Delivery, MessageStats};
 use crate::config::Account;
 use crate::delivery::queue::model::Envelope;
-use crate::delivery::queue::spool::SpoolWriter;
+use crate::delivery::queue::spool::Incoming;
 use crate::delivery::status::{Cause, Status};
 use crate::observe::MessageOutcome;
 use crate::smtp::body::BodyChunk;
@@ -23,7 +23,7 @@ pub struct Intake {
 
 struct Spooled {
     env: Envelope,
-    writer: Option<SpoolWriter>,
+    writer: Option<Box<dyn Incoming>>,
 }
 
 impl Intake {

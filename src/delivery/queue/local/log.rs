@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::disk::Disk;
+use crate::delivery::queue::spool::Damage;
 
 /// A segment is closed and a new one begun beyond this size.
 const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -88,20 +89,6 @@ pub enum Record {
 pub struct Found {
     pub segment: u64,
     pub record: Record,
-}
-
-/// Bytes of a segment that could not be read as records.
-#[derive(Debug, Clone)]
-pub struct Damage {
-    pub segment: u64,
-    pub offset: u64,
-    pub len: u64,
-    /// Where the bytes were copied to (`None`: they could not be, and the segment is kept).
-    pub kept: Option<PathBuf>,
-    /// The envelope of the message whose body was damaged, when it survived.
-    pub envelope: Option<Vec<u8>>,
-    /// Found at an earlier start already (its copy exists): reported then.
-    pub known: bool,
 }
 
 /// What reading the segments found.
