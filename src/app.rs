@@ -19,7 +19,7 @@ use crate::config::{Account, Config, GrantKind, TlsMode};
 use crate::control::wire::{Request, Response};
 use crate::delivery::activity::{Activity, PERSIST_EVERY};
 use crate::delivery::pacing::Pacers;
-use crate::delivery::pool::{Dialer, Pool};
+use crate::delivery::pool::{Dialer, LocalSlots, Pool};
 use crate::delivery::queue::local::LocalSpool;
 use crate::delivery::queue::{Queue, Setup as QueueSetup};
 use crate::delivery::smtp::SmtpTransport;
@@ -146,6 +146,7 @@ impl Core {
             Duration::from_secs(limits.upstream_wait_secs),
             tasks.clone(),
             clock.clone(),
+            Arc::new(LocalSlots::default()),
         );
         let pacers = Arc::new(Pacers::new(&accounts, clock.clone()));
         queue.load_pacing(&pacers);

@@ -116,7 +116,25 @@ struct State {
     day: Day,
 }
 
-/// One account's limits and what it has used of them.
+/// An account's sending limits as the message paths ask them (direct submission, queue
+/// workers). [`Pacer`] keeps the counts in this relay's memory; a store shared by several relays
+/// implements it over their common counts, without the callers changing.
+pub trait Pace: Send + Sync {
+    /// Recipients one upstream transaction may carry (0: no limit).
+    fn recipients_per_message(&self) -> usize;
+    /// Takes one message with `recipients` recipients at `now_ms` (unix milliseconds), or says
+    /// how long until it would fit. Nothing is taken when it does not fit.
+    fn take(&self, recipients: u32, now_ms: u64) -> Result<(), Wait>;
+    /// Gives back a turn taken for a transaction that never reached the provider.
+    fn refund(&self, recipients: u32, now_ms: u64);
+    /// Recipients one transaction may carry now (the per-message cap and what is left of the
+    /// day's; 0: no limit).
+    fn recipients_now(&self, now_ms: u64) -> usize;
+    /// Counts one more recipient of a transaction already counted (direct mode's RCPTs).
+    fn take_recipient(&self, now_ms: u64) -> Result<(), Wait>;
+}
+
+/// One account's limits and what it has used of them, in memory.
 #[derive(Debug)]
 pub struct Pacer {
     /// Swapped by a reload; what has been used stays.
@@ -145,14 +163,11 @@ impl Pacer {
         (limits.max_messages_per_minute / 20).max(1)
     }
 
-    /// Recipients one upstream transaction may carry (0: no limit).
-    pub fn recipients_per_message(&self) -> usize {
+    fn per_message(&self) -> usize {
         self.limits().max_recipients_per_message as usize
     }
 
-    /// Takes one message with `recipients` recipients at `now_ms` (unix milliseconds), or says how
-    /// long until it would fit. Nothing is taken when it does not fit.
-    pub fn take(&self, recipients: u32, now_ms: u64) -> Result<(), Wait> {
+    fn take_message(&self, recipients: u32, now_ms: u64) -> Result<(), Wait> {
         let l = self.limits();
         let now = now_ms / 1000;
         let mut s = lock(&self.state);
@@ -211,8 +226,7 @@ impl Pacer {
         Ok(())
     }
 
-    /// Gives back a turn taken for a transaction that never reached the provider.
-    pub fn refund(&self, recipients: u32, now_ms: u64) {
+    fn give_back(&self, recipients: u32, now_ms: u64) {
         let l = self.limits();
         let mut s = lock(&self.state);
         if l.max_messages_per_minute > 0 {
@@ -227,9 +241,7 @@ impl Pacer {
         }
     }
 
-    /// Recipients one transaction may carry now: the per-message cap, and what is left of the
-    /// daily recipient limit (0: no limit).
-    pub fn recipients_now(&self, now_ms: u64) -> usize {
+    fn recipients_left(&self, now_ms: u64) -> usize {
         let l = self.limits();
         let cap = l.max_recipients_per_message as usize;
         let per_day = u64::from(l.max_recipients_per_day);
@@ -246,9 +258,7 @@ impl Pacer {
         }
     }
 
-    /// Counts recipients added to a transaction already counted as a message (direct mode, where
-    /// RCPTs arrive one by one); `Err` when the daily recipient limit is reached.
-    pub fn take_recipient(&self, now_ms: u64) -> Result<(), Wait> {
+    fn add_recipient(&self, now_ms: u64) -> Result<(), Wait> {
         let limit = self.limits().max_recipients_per_day;
         let now = now_ms / 1000;
         let mut s = lock(&self.state);
@@ -265,10 +275,33 @@ impl Pacer {
     }
 
     /// Messages and recipients of the last 24 hours.
-    pub fn used_today(&self, now_ms: u64) -> (u64, u64) {
+    #[cfg(test)]
+    fn used_today(&self, now_ms: u64) -> (u64, u64) {
         let mut s = lock(&self.state);
         s.day.expire(now_ms / 1000);
         s.day.totals()
+    }
+}
+
+impl Pace for Pacer {
+    fn recipients_per_message(&self) -> usize {
+        self.per_message()
+    }
+
+    fn take(&self, recipients: u32, now_ms: u64) -> Result<(), Wait> {
+        self.take_message(recipients, now_ms)
+    }
+
+    fn refund(&self, recipients: u32, now_ms: u64) {
+        self.give_back(recipients, now_ms)
+    }
+
+    fn recipients_now(&self, now_ms: u64) -> usize {
+        self.recipients_left(now_ms)
+    }
+
+    fn take_recipient(&self, now_ms: u64) -> Result<(), Wait> {
+        self.add_recipient(now_ms)
     }
 }
 
@@ -301,8 +334,8 @@ impl Pacers {
         self.origin.1 + since.as_millis() as u64
     }
 
-    pub fn get(&self, account: &str) -> Option<Arc<Pacer>> {
-        self.accounts.get(account)
+    pub fn get(&self, account: &str) -> Option<Arc<dyn Pace>> {
+        self.accounts.get(account).map(|p| p as Arc<dyn Pace>)
     }
 
     /// A reloaded config: new accounts get a pacer, changed limits apply from the next turn on,
@@ -429,7 +462,7 @@ mod tests {
             origin: (tokio::time::Instant::now(), 0),
         };
         restarted.restore(&pacers.snapshot());
-        let p = restarted.get("news").unwrap();
+        let p = restarted.accounts.get("news").unwrap();
         assert_eq!(p.used_today(t0 + 120_000), (2, 5));
         assert!(p.take(1, t0 + 120_000).is_err());
         p.take(1, t0 + (DAY_SECS + 60) * 1000).unwrap();

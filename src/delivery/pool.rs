@@ -60,6 +60,8 @@ pub enum OpenError {
 
 pub struct Pool {
     accounts: Keyed<AccountPool>,
+    /// Each account's connections against its cap.
+    slots: Arc<dyn Slots>,
     dialer: Dialer,
     /// `upstream_idle_secs` and `upstream_wait_secs`, in milliseconds (a reload may change them).
     idle_timeout: AtomicU64,
@@ -85,6 +87,8 @@ pub struct Dialer {
 const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
 
 struct AccountPool {
+    name: String,
+    slots: Arc<dyn Slots>,
     /// The account as configured now (a reload swaps it).
     account: arc_swap::ArcSwap<Account>,
     /// `max_upstream_connections`; a reload may change it.
@@ -101,10 +105,46 @@ struct AccountPool {
 struct State {
     /// Most recently returned last.
     idle: Vec<(Conn, Instant)>,
-    /// Open connections: idle, leased, and being dialled.
-    open: usize,
     generation: u64,
     closed: bool,
+}
+
+/// The connection slots of each account: how many upstream connections it holds (idle, leased,
+/// and being dialled), against its cap. In this relay's memory today; a store shared by several
+/// relays holds them as leases, so that the cap is the account's across relays.
+pub trait Slots: Send + Sync {
+    /// Takes a slot for `account` if it holds fewer than `cap`.
+    fn acquire(&self, account: &str, cap: usize) -> bool;
+    /// Gives a slot back (its connection is closed).
+    fn release(&self, account: &str);
+    /// Slots `account` holds now.
+    fn held(&self, account: &str) -> usize;
+}
+
+/// Connection slots counted in memory.
+#[derive(Default)]
+pub struct LocalSlots(Mutex<HashMap<String, usize>>);
+
+impl Slots for LocalSlots {
+    fn acquire(&self, account: &str, cap: usize) -> bool {
+        let mut held = lock(&self.0);
+        let n = held.entry(account.to_string()).or_default();
+        if *n >= cap {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn release(&self, account: &str) {
+        if let Some(n) = lock(&self.0).get_mut(account) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    fn held(&self, account: &str) -> usize {
+        lock(&self.0).get(account).copied().unwrap_or(0)
+    }
 }
 
 enum Take {
@@ -142,7 +182,7 @@ impl Lease {
         let now = self.clock.now();
         let mut state = lock(&self.pool.state);
         if state.closed || conn.generation != state.generation || conn.token_expires <= now {
-            state.open -= 1;
+            self.pool.slots.release(&self.pool.name);
         } else {
             conn.reused = true;
             state.idle.push((conn, now));
@@ -154,7 +194,7 @@ impl Lease {
     fn release(&mut self) {
         self.done = true;
         self.conn = None;
-        lock(&self.pool.state).open -= 1;
+        self.pool.slots.release(&self.pool.name);
         self.pool.freed.notify_one();
     }
 }
@@ -175,14 +215,16 @@ impl Pool {
         wait: Duration,
         tasks: TaskTracker,
         clock: SharedClock,
+        slots: Arc<dyn Slots>,
     ) -> Arc<Pool> {
         let accounts = Keyed::new(
             accounts
                 .iter()
-                .map(|a| (a.name.clone(), AccountPool::new(a))),
+                .map(|a| (a.name.clone(), AccountPool::new(a, slots.clone()))),
         );
         Arc::new(Pool {
             accounts,
+            slots,
             dialer,
             idle_timeout: millis(idle_timeout),
             wait: millis(wait),
@@ -215,7 +257,7 @@ impl Pool {
         for a in accounts {
             let pool = self
                 .accounts
-                .insert_missing(&a.name, || AccountPool::new(a));
+                .insert_missing(&a.name, || AccountPool::new(a, self.slots.clone()));
             pool.cap
                 .store(a.max_upstream_connections.max(1), Ordering::Relaxed);
             // Waiters may now fit under a raised cap.
@@ -230,7 +272,7 @@ impl Pool {
     /// Open connections of `account` (idle, leased and being dialled).
     pub fn open_connections(&self, account: &str) -> usize {
         self.accounts
-            .with(account, |p| lock(&p.state).open)
+            .with(account, |p| p.slots.held(account))
             .unwrap_or(0)
     }
 
@@ -314,8 +356,7 @@ impl Pool {
                 return (Take::Idle(conn), stale, generation);
             }
         }
-        if state.open < pool.cap() {
-            state.open += 1;
+        if pool.slots.acquire(&pool.name, pool.cap()) {
             return (Take::Dial, stale, generation);
         }
         if fresh {
@@ -342,7 +383,7 @@ impl Pool {
                         && now.saturating_duration_since(*since) < idle
                 });
         state.idle = keep;
-        // Still counted in `open` until their QUIT is done: the upstream sees them until then.
+        // Their slots stay taken until their QUIT is done: the upstream sees them until then.
         old.into_iter().map(|(c, _)| c).collect()
     }
 
@@ -456,7 +497,7 @@ impl Pool {
             self.tasks.spawn(async move {
                 let _ = tokio::time::timeout(QUIT_TIMEOUT, conn.client.command("QUIT")).await;
                 drop(conn);
-                lock(&pool.state).open -= 1;
+                pool.slots.release(&pool.name);
                 pool.freed.notify_one();
             });
         }
@@ -488,8 +529,10 @@ fn from_millis(a: &AtomicU64) -> Duration {
 }
 
 impl AccountPool {
-    fn new(account: &Arc<Account>) -> AccountPool {
+    fn new(account: &Arc<Account>, slots: Arc<dyn Slots>) -> AccountPool {
         AccountPool {
+            name: account.name.clone(),
+            slots,
             account: arc_swap::ArcSwap::new(account.clone()),
             cap: AtomicUsize::new(account.max_upstream_connections.max(1)),
             refused: Mutex::new(None),

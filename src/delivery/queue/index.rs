@@ -35,23 +35,6 @@ impl Entry {
     }
 }
 
-/// Why an account waits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Hold {
-    /// The provider is throttling it (rate, connections, quota).
-    Throttled,
-    /// The upstream is unreachable or the token does not work.
-    Trouble,
-    /// Its connections are all in use.
-    Busy,
-}
-
-pub(super) struct Pause {
-    pub until: Instant,
-    pub why: String,
-    pub hold: Hold,
-}
-
 #[derive(Default)]
 pub(super) struct Inner {
     /// By id, which is time-ordered: oldest (and first to expire) first.
@@ -59,9 +42,6 @@ pub(super) struct Inner {
     /// The messages no worker has and that can be sent, by when they are due: the next job is
     /// the first.
     pub ready: BTreeSet<(Instant, String)>,
-    pub paused: Option<Pause>,
-    /// Consecutive attempts that failed for the account (connection, token): the hold's backoff.
-    pub trouble: u32,
 }
 
 impl Inner {

@@ -12,7 +12,7 @@
 //! - [`view`]: what `queue`, `queue show`, `retry` and `delete` see and do.
 //!
 //! Each account has workers, as many as its `max_upstream_connections` (a reload adds or retires
-//! some), that take due messages oldest first, ask the account's [`Pacer`] before each
+//! some), that take due messages oldest first, ask the account's pacing ([`super::pacing::Pace`]) before each
 //! transaction, and send through the shared pool.
 
 mod bounce;
@@ -20,6 +20,7 @@ pub mod dsn;
 mod index;
 pub mod local;
 pub mod model;
+pub mod pauses;
 pub mod retry;
 pub mod spool;
 pub mod transfer;
@@ -59,6 +60,7 @@ const FREE_SPACE_TTL: Duration = Duration::from_secs(1);
 
 pub struct Queue {
     spool: Arc<dyn Spool>,
+    pauses: Arc<dyn pauses::Pauses>,
     accounts: Keyed<AccountQueue>,
     /// `[delivery]`; a reload swaps it.
     config: arc_swap::ArcSwap<DeliveryConfig>,
@@ -106,6 +108,7 @@ impl Queue {
         );
         let queue = Queue {
             spool,
+            pauses: Arc::new(pauses::LocalPauses::default()),
             accounts,
             config: arc_swap::ArcSwap::from_pointee(setup.config),
             clock: setup.clock,
@@ -448,17 +451,7 @@ impl Queue {
     /// provider's throttling stays).
     pub fn grant_changed(&self, account: &str) {
         if let Some(aq) = self.accounts.get(account) {
-            {
-                let mut inner = lock(&aq.inner);
-                if inner
-                    .paused
-                    .as_ref()
-                    .is_some_and(|p| p.hold != index::Hold::Throttled)
-                {
-                    inner.paused = None;
-                }
-                inner.trouble = 0;
-            }
+            self.pauses.lift(account, true);
             aq.wake.notify_waiters();
         }
     }

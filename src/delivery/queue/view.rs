@@ -6,8 +6,9 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::index::{AccountQueue, Entry, Pause};
+use super::index::{AccountQueue, Entry};
 use super::model::Envelope;
+use super::pauses::Pause;
 use super::spool::Quarantine;
 use super::Queue;
 use crate::util::sync::lock;
@@ -98,12 +99,14 @@ impl Queue {
             .filter(|aq| account.is_none_or(|a| a == aq.name))
             .flat_map(|aq| {
                 let held = aq.held.load_full();
+                let paused = self.pauses.current(&aq.name, now);
                 let inner = lock(&aq.inner);
-                let paused = inner.paused.as_ref().filter(|p| p.until > now);
                 inner
                     .messages
                     .values()
-                    .map(|e| self.view(e, now, paused, held.as_deref().map(String::as_str)))
+                    .map(|e| {
+                        self.view(e, now, paused.as_ref(), held.as_deref().map(String::as_str))
+                    })
                     .collect::<Vec<_>>()
             })
             .collect();
@@ -141,12 +144,13 @@ impl Queue {
         let now = self.clock.now();
         let unix = self.clock.unix();
         let held = aq.held.load_full();
+        let paused = self.pauses.current(account, now);
         let inner = lock(&aq.inner);
         AccountView {
             queued: inner.messages.len(),
             paused: match held {
                 Some(why) => Some(why.to_string()),
-                None => inner.paused.as_ref().filter(|p| p.until > now).map(|p| {
+                None => paused.map(|p| {
                     format!(
                         "{} (until {}s from now)",
                         p.why,
@@ -197,9 +201,8 @@ impl Queue {
                 touched = true;
             }
             if touched || matches!(target, Target::Account(a) if *a == aq.name) {
-                inner.paused = None;
-                inner.trouble = 0;
                 drop(inner);
+                self.pauses.lift(&aq.name, false);
                 aq.wake.notify_waiters();
             }
         }

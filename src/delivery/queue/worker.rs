@@ -12,12 +12,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::dsn;
-use super::index::{worker_count, AccountQueue, Hold, Pause};
+use super::index::{worker_count, AccountQueue};
 use super::model::{Envelope, RcptStatus};
+use super::pauses::{Hold, Pause};
 use super::retry::{backoff, pause_for};
 use super::transfer::{self, Transfer};
 use super::Queue;
-use crate::delivery::pacing::{Pacer, Pacers};
+use crate::delivery::pacing::{Pace, Pacers};
 use crate::delivery::status::{Cause, Status};
 use crate::delivery::transport::Transport;
 use crate::observe::metrics::AccountCounters;
@@ -38,7 +39,7 @@ pub(super) struct Worker {
     pub queue: Arc<Queue>,
     pub aq: Arc<AccountQueue>,
     pub transport: Arc<dyn Transport>,
-    pub pacer: Arc<Pacer>,
+    pub pacer: Arc<dyn Pace>,
     pub pacers: Arc<Pacers>,
     pub counters: AccountCounters,
 }
@@ -158,11 +159,8 @@ impl Worker {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        if let Some(p) = &inner.paused {
-            if p.until > now {
-                return Next::Sleep(wake_by(Some(p.until)));
-            }
-            inner.paused = None;
+        if let Some(p) = queue.pauses.current(&self.aq.name, now) {
+            return Next::Sleep(wake_by(Some(p.until)));
         }
         let first = inner.ready.iter().next().cloned();
         let Some((_, id)) = first.clone().filter(|(due, _)| *due <= now) else {
@@ -276,35 +274,20 @@ impl Worker {
                 )
             }
             Cause::Connection | Cause::Token | Cause::Deferred => {
-                let n = {
-                    let mut inner = lock(&self.aq.inner);
-                    // Workers failing side by side are one failure of the account.
-                    let held = inner
-                        .paused
-                        .as_ref()
-                        .is_some_and(|p| p.hold == Hold::Trouble && p.until > now);
-                    if !held {
-                        inner.trouble += 1;
-                    }
-                    inner.trouble.max(1)
-                };
+                let n = queue.pauses.trouble(name, now);
                 let pause = backoff(n, &queue.config.load());
                 let why = reply.summary();
                 tracing::warn!(account = %name, error = %why, next_attempt_secs = pause.as_secs(), "queued mail held");
                 (pause, why, Hold::Trouble, false)
             }
         };
-        let mut inner = lock(&self.aq.inner);
-        // The longest pause wins: a quota's hour is not cut short by a busy second.
         let until = now + pause;
-        if inner.paused.as_ref().is_none_or(|p| p.until < until) {
-            inner.paused = Some(Pause { until, why, hold });
-        }
+        let pause = queue.pauses.pause(name, Pause { until, why, hold });
+        let mut inner = lock(&self.aq.inner);
         if behind {
             // Behind the others when the pause ends, so that one recipient's throttling does not
             // make the whole queue wait on it.
-            let later = inner.paused.as_ref().map_or(until, |p| p.until) + BEHIND;
-            inner.set_due(&job.env.id, later);
+            inner.set_due(&job.env.id, pause.until + BEHIND);
         }
         inner.release(&job.env.id);
     }
@@ -316,9 +299,9 @@ impl Worker {
         let env = job.env.clone();
         let now = queue.clock.now();
         let mut failed = Vec::new();
+        queue.pauses.recovered(&self.aq.name);
         let retry_in = {
             let mut inner = lock(&self.aq.inner);
-            inner.trouble = 0;
             let Some(e) = inner.messages.get_mut(&env.id) else {
                 return;
             };

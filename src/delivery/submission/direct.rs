@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::{Common, Delivery, MessageStats};
 use crate::config::Account;
-use crate::delivery::pacing::Pacer;
+use crate::delivery::pacing::Pace;
 use crate::delivery::status::{Cause, Status};
 use crate::delivery::transport::{MailStart, Transaction};
 use crate::observe::MessageOutcome;
@@ -24,7 +24,7 @@ pub struct Direct {
     /// RCPTs sent ahead with MAIL, already counted against pacing; the session asks for them
     /// next, in order.
     prepaid: usize,
-    pacer: Option<Arc<Pacer>>,
+    pacer: Option<Arc<dyn Pace>>,
     pub(super) common: Common,
 }
 
