@@ -200,7 +200,7 @@ fn client_tls(config: &Config) -> Result<HashMap<String, Arc<rustls::ClientConfi
     let public = crate::util::tls::client_config(None).map_err(|e| e.to_string())?;
     let mut tls = HashMap::new();
     for (name, provider) in &config.providers {
-        let cfg = match &provider.smtp_ca_file {
+        let cfg = match &provider.smtp.ca_file {
             Some(ca) => crate::util::tls::client_config(Some(ca))
                 .map_err(|e| format!("provider `{name}`: smtp_ca_file: {e}"))?,
             None => public.clone(),

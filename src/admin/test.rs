@@ -49,13 +49,13 @@ async fn test_steps(
         .ok_or("no TLS configuration")?;
     let target = format!(
         "connect to {}:{} ({})",
-        p.smtp_host, p.smtp_port, p.smtp_tls
+        p.smtp.host, p.smtp.port, p.smtp.tls
     );
     let mut client = Client::connect(p, &tls, &dialer.helo_name, dialer.timeout())
         .await
         .map_err(|e| format!("{target}: {e}"))?;
     lines.push(format!("{target}: ok"));
-    let mechanism = format!("{:?}", p.mechanism).to_uppercase();
+    let mechanism = format!("{:?}", p.smtp.mechanism).to_uppercase();
     match client.authenticate(p, &acct.mailbox, &token.secret).await {
         Ok(()) => lines.push(format!("authenticate {mechanism} as {}: ok", acct.mailbox)),
         Err(UpstreamError::AuthRejected(r) | UpstreamError::Rejected(r)) => {

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{client_tls, notify, server_tls, Services};
 use crate::admin::AdminContext;
-use crate::config::{Account, Config};
+use crate::config::Config;
 use crate::inbound::shared::{Live, Shared};
 use crate::util::sync::lock;
 
@@ -177,53 +177,18 @@ fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
     }
 }
 
-/// What an account is, as far as a reload is concerned (the password hash included, never shown).
-fn fingerprint(a: &Account) -> String {
-    let p = &a.provider;
-    format!(
-        "{}|{}|{}|{:?}|{}|{:?}|{}|{:?}|{:?}|{}|{}|{}|{:?}|{:?}",
-        a.login,
-        a.password_hash.expose(),
-        a.mailbox,
-        a.allowed_senders,
-        p.name,
-        a.grant,
-        a.max_upstream_connections,
-        a.pacing,
-        a.delivery,
-        p.token_url,
-        p.client_id,
-        p.smtp_host,
-        p.smtp_port,
-        p.scopes,
-    )
-}
-
-/// The names of the top-level fields whose values differ, from the structs' `{:#?}` form: names
-/// only, so that no value (a webhook URL may hold a token) reaches the log.
-fn changed_keys(old: &impl std::fmt::Debug, new: &impl std::fmt::Debug) -> Vec<String> {
-    fn fields(value: &impl std::fmt::Debug) -> Vec<(String, String)> {
-        let text = format!("{value:#?}");
-        let mut out: Vec<(String, String)> = Vec::new();
-        for line in text.lines() {
-            let field = line
-                .strip_prefix("    ")
-                .filter(|rest| !rest.starts_with(' '))
-                .and_then(|rest| rest.split_once(": "));
-            match (field, out.last_mut()) {
-                (Some((name, value)), _) => out.push((name.to_string(), value.to_string())),
-                (None, Some((_, value))) => value.push_str(line),
-                (None, None) => {}
-            }
-        }
-        out
+/// The names of the fields whose values differ, compared by value through their serialized form:
+/// names only, so that no value (a webhook URL may hold a token) reaches the log, and a field
+/// added to a section is compared without anyone listing it here.
+fn changed_keys<T: serde::Serialize>(old: &T, new: &T) -> Vec<String> {
+    match (serde_json::to_value(old), serde_json::to_value(new)) {
+        (Ok(serde_json::Value::Object(before)), Ok(serde_json::Value::Object(after))) => after
+            .iter()
+            .filter(|(key, value)| before.get(*key) != Some(*value))
+            .map(|(key, _)| key.clone())
+            .collect(),
+        _ => Vec::new(),
     }
-    let (before, after) = (fields(old), fields(new));
-    after
-        .iter()
-        .filter(|field| !before.contains(field))
-        .map(|(name, _)| name.clone())
-        .collect()
 }
 
 /// "accounts added: a; accounts changed: b; certificate" or "nothing".
@@ -243,10 +208,7 @@ fn describe(old: &Config, new: &Config, certificate: bool) -> String {
     let changed: Vec<&str> = new
         .accounts
         .iter()
-        .filter(|a| {
-            old.account(&a.name)
-                .is_ok_and(|o| fingerprint(o) != fingerprint(a))
-        })
+        .filter(|a| old.account(&a.name).is_ok_and(|o| o != *a))
         .map(|a| a.name.as_str())
         .collect();
     let mut parts = Vec::new();
@@ -292,7 +254,7 @@ mod tests {
             ..old.clone()
         };
         let keys = changed_keys(&old, &new);
-        assert_eq!(keys, ["webhook_url", "repeat_secs"]);
+        assert_eq!(keys, ["repeat_secs", "webhook_url"]);
         assert!(changed_keys(&old, &old).is_empty());
     }
 }

@@ -35,7 +35,7 @@ pub(crate) fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub hostname: String,
@@ -124,7 +124,7 @@ impl Default for TlsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     pub max_message_bytes: usize,
@@ -156,7 +156,7 @@ pub struct Limits {
 }
 
 /// `[limits] bare_line_endings`: what a CR or LF outside a CRLF pair in a body comes to.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BareLineEndings {
     /// Passed on as CRLF (RFC 5321 §2.3.8 asks it of an SMTP client), so it cannot end the
@@ -201,7 +201,7 @@ pub enum DeliveryMode {
 }
 
 /// `[delivery]`: the default mode and the queue's schedule.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
     pub mode: DeliveryMode,
@@ -239,7 +239,7 @@ pub struct MetricsConfig {
 }
 
 /// `[alerts]`: where events go and when they fire.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlertsConfig {
     /// Run with the event as JSON on stdin.
@@ -341,8 +341,22 @@ pub enum Family {
     Generic,
 }
 
+/// Where and how a provider's SMTP server is reached; pooled connections are not reused once
+/// any of it changes (compared by value: a field added here is compared too).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpUpstream {
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    /// Extra CA (PEM) trusted for the SMTP server, besides the public roots.
+    pub ca_file: Option<PathBuf>,
+    pub mechanism: Mechanism,
+    /// The proxy its connections go through, if any.
+    pub proxy: Option<UpstreamProxy>,
+}
+
 /// A provider with every preset and override applied and its client secret read.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct Provider {
     pub name: String,
     pub family: Family,
@@ -355,13 +369,9 @@ pub struct Provider {
     /// Where the client secret comes from; [`Config::resolve`] reads it into `client_secret`.
     pub secret_source: Option<SecretSource>,
     pub client_secret: Option<Secret>,
-    pub smtp_host: String,
-    pub smtp_port: u16,
-    pub smtp_tls: TlsMode,
-    pub smtp_ca_file: Option<PathBuf>,
+    pub smtp: SmtpUpstream,
     /// Extra CA (PEM) trusted for the provider's token, device and revocation endpoints.
     pub http_ca_file: Option<PathBuf>,
-    pub mechanism: Mechanism,
     pub redirect_port: Option<u16>,
     pub grant: GrantKind,
     pub service_account_key_file: Option<PathBuf>,
@@ -369,8 +379,6 @@ pub struct Provider {
     pub client_private_key_file: Option<PathBuf>,
     /// Upstream connections open at once per account (Exchange Online refuses a fourth per mailbox).
     pub max_upstream_connections: usize,
-    /// The proxy its SMTP connections go through, if any.
-    pub upstream_proxy: Option<UpstreamProxy>,
     pub pacing: Pacing,
 }
 
@@ -444,14 +452,15 @@ impl std::fmt::Debug for Provider {
             .field("token_url", &self.token_url)
             .field(
                 "smtp",
-                &format_args!("{}:{}", self.smtp_host, self.smtp_port),
+                &format_args!("{}:{}", self.smtp.host, self.smtp.port),
             )
             .finish_non_exhaustive()
     }
 }
 
-/// One mailer identity mapped to one provider grant.
-#[derive(Debug, Clone)]
+/// One mailer identity mapped to one provider grant (compared by value: a reload that changes
+/// any of it, the password hash included, changes the account).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Account {
     pub name: String,
     pub login: String,
@@ -508,19 +517,21 @@ impl Provider {
             client_id: String::new(),
             secret_source: None,
             client_secret: None,
-            smtp_host: String::new(),
-            smtp_port: 0,
-            smtp_tls: TlsMode::Implicit,
-            smtp_ca_file: None,
+            smtp: SmtpUpstream {
+                host: String::new(),
+                port: 0,
+                tls: TlsMode::Implicit,
+                ca_file: None,
+                mechanism: Mechanism::Xoauth2,
+                proxy: None,
+            },
             http_ca_file: None,
-            mechanism: Mechanism::Xoauth2,
             redirect_port: None,
             grant: GrantKind::RefreshToken,
             service_account_key_file: None,
             client_certificate_file: None,
             client_private_key_file: None,
             max_upstream_connections: 1,
-            upstream_proxy: None,
             pacing: Pacing::default(),
         }
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use super::raw::{RawAccount, RawConfig, RawProvider};
 use super::{
     err, Account, Config, ConfigError, DeliveryMode, Env, Family, GrantKind, Mechanism, Pacing,
-    Provider, SecretSource, TlsMode, UpstreamProxy,
+    Provider, SecretSource, SmtpUpstream, TlsMode, UpstreamProxy,
 };
 use crate::util::secret::Secret;
 
@@ -374,7 +374,7 @@ fn provider_externals(name: &str, p: &Provider, env: &dyn Env) -> Result<Provide
         None => None,
     };
     for (key, file) in [
-        ("smtp_ca_file", &p.smtp_ca_file),
+        ("smtp_ca_file", &p.smtp.ca_file),
         ("http_ca_file", &p.http_ca_file),
         ("service_account_key_file", &p.service_account_key_file),
         ("client_certificate_file", &p.client_certificate_file),
@@ -424,7 +424,7 @@ pub fn external(mut config: Config, env: &dyn Env) -> Result<Config, ConfigError
     for (name, p) in &config.providers {
         match provider_externals(name, p, env) {
             Ok(mut p) => {
-                if let Some(proxy) = p.upstream_proxy.as_mut().filter(|x| x.user.is_some()) {
+                if let Some(proxy) = p.smtp.proxy.as_mut().filter(|x| x.user.is_some()) {
                     proxy.password = proxy_password.clone();
                 }
                 resolved.insert(name.clone(), Arc::new(p));
@@ -626,32 +626,34 @@ fn provider(
         client_id,
         secret_source,
         client_secret,
-        smtp_host,
-        smtp_port: raw.smtp_port.or(port).unwrap_or(587),
-        smtp_tls,
-        smtp_ca_file: raw.smtp_ca_file,
+        smtp: SmtpUpstream {
+            host: smtp_host,
+            port: raw.smtp_port.or(port).unwrap_or(587),
+            tls: smtp_tls,
+            ca_file: raw.smtp_ca_file,
+            mechanism: raw.mechanism.unwrap_or(Mechanism::Xoauth2),
+            proxy: match raw.upstream_proxy.as_deref() {
+                Some("direct") => None,
+                Some(text) => {
+                    let proxy = UpstreamProxy::parse(text)
+                        .map_err(|e| ConfigError(format!("{what}: upstream_proxy: {e}")))?;
+                    if proxy.user.is_some() {
+                        return err(format!(
+                            "{what}: upstream_proxy: a proxy with a user belongs in [server] upstream_proxy (its \
+                             password comes from upstream_proxy_password_env / _file there)"
+                        ));
+                    }
+                    Some(proxy)
+                }
+                None => default_proxy.cloned(),
+            },
+        },
         http_ca_file: raw.http_ca_file,
-        mechanism: raw.mechanism.unwrap_or(Mechanism::Xoauth2),
         redirect_port: raw.redirect_port,
         grant: raw.grant.unwrap_or(GrantKind::RefreshToken),
         service_account_key_file: raw.service_account_key_file,
         client_certificate_file: raw.client_certificate_file,
         client_private_key_file: raw.client_private_key_file,
-        upstream_proxy: match raw.upstream_proxy.as_deref() {
-            Some("direct") => None,
-            Some(text) => {
-                let proxy = UpstreamProxy::parse(text)
-                    .map_err(|e| ConfigError(format!("{what}: upstream_proxy: {e}")))?;
-                if proxy.user.is_some() {
-                    return err(format!(
-                        "{what}: upstream_proxy: a proxy with a user belongs in [server] upstream_proxy (its \
-                         password comes from upstream_proxy_password_env / _file there)"
-                    ));
-                }
-                Some(proxy)
-            }
-            None => default_proxy.cloned(),
-        },
         pacing,
         max_upstream_connections: raw.max_upstream_connections.unwrap_or(match family {
             Family::Microsoft => 3,

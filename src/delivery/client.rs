@@ -128,15 +128,15 @@ impl Client {
         helo_name: &str,
         timeout: Duration,
     ) -> Result<Client, UpstreamError> {
-        let host = provider.smtp_host.as_str();
+        let host = provider.smtp.host.as_str();
         let tcp = super::connect::connect(
             host,
-            provider.smtp_port,
-            provider.upstream_proxy.as_ref(),
+            provider.smtp.port,
+            provider.smtp.proxy.as_ref(),
             timeout,
         )
         .await?;
-        let stream: BoxStream = if provider.smtp_tls == TlsMode::Implicit {
+        let stream: BoxStream = if provider.smtp.tls == TlsMode::Implicit {
             Box::new(tls_handshake(tcp, host, tls, timeout).await?)
         } else {
             Box::new(tcp)
@@ -157,7 +157,7 @@ impl Client {
             return Err(UpstreamError::Rejected(greeting));
         }
         client.ehlo(helo_name).await?;
-        if provider.smtp_tls == TlsMode::Starttls {
+        if provider.smtp.tls == TlsMode::Starttls {
             if !client.caps.starttls {
                 return Err(UpstreamError::new(
                     ErrorKind::Protocol,
@@ -296,7 +296,7 @@ impl Client {
     ) -> Result<(), UpstreamError> {
         let b64 = &base64::engine::general_purpose::STANDARD;
         // The token is in these strings: overwritten when they go.
-        let (name, bit, initial, cancel) = match provider.mechanism {
+        let (name, bit, initial, cancel) = match provider.smtp.mechanism {
             Mechanism::Xoauth2 => (
                 "XOAUTH2",
                 AUTH_XOAUTH2,
@@ -309,8 +309,8 @@ impl Client {
                 format!(
                     "n,a={},\x01host={}\x01port={}\x01auth=Bearer {}\x01\x01",
                     mailbox.replace('=', "=3D").replace(',', "=2C"),
-                    provider.smtp_host,
-                    provider.smtp_port,
+                    provider.smtp.host,
+                    provider.smtp.port,
                     token.expose()
                 ),
                 "AQ==",

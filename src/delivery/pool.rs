@@ -263,7 +263,11 @@ impl Pool {
             // Waiters may now fit under a raised cap.
             pool.freed.notify_waiters();
             let old = pool.account.swap(a.clone());
-            if upstream_of(&old) != upstream_of(a) {
+            // What a connection was opened and authenticated for, compared by value.
+            let same = old.provider.name == a.provider.name
+                && old.provider.smtp == a.provider.smtp
+                && old.mailbox == a.mailbox;
+            if !same {
                 self.retire_account(&a.name);
             }
         }
@@ -504,22 +508,6 @@ impl Pool {
     }
 }
 
-/// What a connection was opened and authenticated for.
-fn upstream_of(a: &Account) -> String {
-    let p = &a.provider;
-    format!(
-        "{}|{}|{}|{:?}|{:?}|{:?}|{:?}|{}",
-        p.name,
-        p.smtp_host,
-        p.smtp_port,
-        p.smtp_tls,
-        p.smtp_ca_file,
-        p.mechanism,
-        p.upstream_proxy,
-        a.mailbox
-    )
-}
-
 pub fn millis(d: Duration) -> AtomicU64 {
     AtomicU64::new(d.as_millis() as u64)
 }
@@ -566,7 +554,7 @@ impl Dialer {
             .ok_or_else(|| {
                 UpstreamError::new(
                     ErrorKind::Config,
-                    &provider.smtp_host,
+                    &provider.smtp.host,
                     "TLS",
                     format!("no TLS configuration for provider `{}`", provider.name),
                 )

@@ -226,17 +226,11 @@ impl Slot {
     }
 }
 
-/// What an access token is issued for: when any of it changes, a cached token is not reused.
-fn token_source(a: &Account) -> (&str, &str, &str, &[String], GrantKind, &str) {
-    let p = &a.provider;
-    (
-        &p.name,
-        &p.token_url,
-        &p.client_id,
-        &p.scopes,
-        a.grant,
-        &a.mailbox,
-    )
+/// Whether a cached token of `old` may serve `new`: the same provider (compared by value, so a
+/// field added to it is compared too; a change of its limits costs one refresh, never a token
+/// from the wrong client), grant kind and mailbox.
+fn same_token_source(old: &Account, new: &Account) -> bool {
+    old.provider == new.provider && old.grant == new.grant && old.mailbox == new.mailbox
 }
 
 pub struct TokenManager {
@@ -339,7 +333,7 @@ impl TokenManager {
         for a in accounts {
             let slot = self.slots.insert_missing(&a.name, || Slot::new(a));
             let old = slot.account.swap(a.clone());
-            if token_source(&old) != token_source(a) {
+            if !same_token_source(&old, a) {
                 *lock(&slot.cached) = None;
                 *lock(&slot.failure) = None;
                 *lock(&slot.failing_since) = None;
