@@ -21,6 +21,7 @@ mod index;
 pub mod local;
 pub mod model;
 pub mod pauses;
+mod recover;
 pub mod retry;
 pub mod spool;
 pub mod transfer;
@@ -39,12 +40,12 @@ use tokio_util::task::TaskTracker;
 use self::index::{worker_count, AccountQueue, Entry};
 pub use self::local::disk;
 use self::model::{Envelope, Progress};
-use self::spool::{Damage, Incoming, Opened, Spool};
+use self::spool::{Incoming, Opened, Spool};
 pub use self::view::{AccountView, MessageView, RecipientView, Target};
 use super::pacing::Pacers;
 use super::transport::Transport;
 use crate::config::{Account, DeliveryConfig, Provider};
-use crate::observe::{Event, Observer};
+use crate::observe::Observer;
 use crate::smtp::Reply;
 use crate::util::clock::SharedClock;
 use crate::util::keyed::Keyed;
@@ -135,96 +136,6 @@ impl Queue {
             lock(&aq.inner).insert(entry);
         }
         (queue, retired)
-    }
-
-    /// The queue of an account that is no longer configured, for its queued mail: delivered
-    /// through the provider and mailbox the message recorded, if that provider is still there;
-    /// otherwise held (listed, alerted as `queue_stuck`) until `queue delete`.
-    fn retired(
-        &self,
-        env: &Envelope,
-        providers: &BTreeMap<String, Arc<Provider>>,
-    ) -> (Arc<AccountQueue>, Option<Arc<Account>>) {
-        let name = &env.account;
-        let provider = providers
-            .get(&env.provider)
-            .filter(|_| !env.mailbox.is_empty());
-        let (account, why) = match provider {
-            Some(p) => (
-                Arc::new(Account::retired(name, p.clone(), &env.mailbox, env.grant)),
-                None,
-            ),
-            None => {
-                let missing = Arc::new(Provider::missing(&env.provider));
-                let why = if env.provider.is_empty() {
-                    format!(
-                        "held: account `{name}` is no longer configured, and the message does not say \
-                         through which provider it was to go (queued by an older release); add the account \
-                         back to the config, or `xoauth-relay queue delete ID`"
-                    )
-                } else {
-                    format!(
-                        "held: account `{name}` and its provider `{}` are no longer configured; add them back \
-                         to the config, or `xoauth-relay queue delete ID`",
-                        env.provider
-                    )
-                };
-                (
-                    Arc::new(Account::retired(name, missing, &env.mailbox, env.grant)),
-                    Some(why),
-                )
-            }
-        };
-        let mut made = None;
-        let aq = self.accounts.insert_missing(name, || {
-            made = Some(account.clone());
-            AccountQueue::new(&account)
-        });
-        if let Some(why) = &why {
-            tracing::warn!(account = %name, "{why}");
-            aq.held.store(Some(Arc::new(why.clone())));
-        } else if made.is_some() {
-            tracing::info!(account = %name, provider = %env.provider, "queued mail of an account that is no longer configured is delivered through its provider");
-        }
-        let deliverable = why.is_none();
-        (aq, made.filter(|_| deliverable))
-    }
-
-    /// Logs, counts and alerts spool data found damaged at start-up.
-    fn report_damage(&self, damage: &[Damage]) {
-        for d in damage {
-            let kept = d
-                .kept
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "nowhere (the segment is kept instead)".into());
-            let whose = d
-                .envelope
-                .as_deref()
-                .and_then(|e| serde_json::from_slice::<Envelope>(e).ok());
-            if d.known {
-                tracing::warn!(segment = d.segment, offset = d.offset, bytes = d.len, kept = %kept, "damaged spool log record (found before)");
-                continue;
-            }
-            self.observer.metrics.queue_corrupt();
-            let message = whose
-                .as_ref()
-                .map(|e| format!("message {} of account `{}`", e.id, e.account))
-                .unwrap_or_else(|| "records of unknown messages".into());
-            tracing::error!(segment = d.segment, offset = d.offset, bytes = d.len, kept = %kept, "damaged spool log record: {message} cannot be delivered; the records after it are read as usual");
-            let detail = format!(
-                "spool log segment {} offset {}: {} damaged bytes ({message}), kept in {kept}",
-                d.segment, d.offset, d.len
-            );
-            let account = whose.as_ref().map(|e| e.account.as_str()).unwrap_or("");
-            self.observer.alerts.raise(
-                Event::QueueCorrupt,
-                account,
-                &detail,
-                "check the disk (dmesg, SMART); `xoauth-relay queue` lists what is damaged; a damaged \
-                 message is returned to its sender at max_queue_age_secs, or `queue delete ID` removes it",
-            );
-        }
     }
 
     /// An index entry, its times moved from the wall clock to the monotonic one.

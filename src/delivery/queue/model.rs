@@ -3,9 +3,15 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::local::log::LogAt;
 use crate::config::GrantKind;
 use crate::delivery::status::Status;
+
+/// Where a message's body is in the local spool's log (a segment, and the body's offset in it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogAt {
+    pub segment: u64,
+    pub offset: u64,
+}
 
 /// Who sent a message to whom, fixed at submission.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
