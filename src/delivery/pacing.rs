@@ -106,7 +106,7 @@ impl Day {
 }
 
 #[derive(Debug)]
-struct State {
+struct Usage {
     /// Messages the per-minute bucket holds now (fractional: it refills continuously).
     tokens: f64,
     /// Unix time in milliseconds of the last refill.
@@ -139,14 +139,14 @@ pub trait Pace: Send + Sync {
 pub struct Pacer {
     /// Swapped by a reload; what has been used stays.
     limits: arc_swap::ArcSwap<Pacing>,
-    state: Mutex<State>,
+    state: Mutex<Usage>,
 }
 
 impl Pacer {
     pub fn new(limits: Pacing) -> Pacer {
         Pacer {
             limits: arc_swap::ArcSwap::from_pointee(limits),
-            state: Mutex::new(State {
+            state: Mutex::new(Usage {
                 tokens: f64::from(Self::burst_of(limits)),
                 refilled_ms: 0,
                 minute: VecDeque::new(),

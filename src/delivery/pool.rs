@@ -96,13 +96,13 @@ struct AccountPool {
     /// The upstream refused the token even after a refresh: the same answer, without asking it
     /// again, until then (Microsoft throttles request loops).
     refused: Mutex<Option<(Instant, crate::smtp::Reply)>>,
-    state: Mutex<State>,
+    state: Mutex<Connections>,
     /// A connection came back or a slot was freed.
     freed: Notify,
 }
 
 #[derive(Default)]
-struct State {
+struct Connections {
     /// Most recently returned last.
     idle: Vec<(Conn, Instant)>,
     generation: u64,
@@ -374,7 +374,7 @@ impl Pool {
 
     /// Takes out the idle connections that must not be used again: idle too long, token expired,
     /// authenticated under a replaced grant.
-    fn sweep(&self, state: &mut State) -> Vec<Conn> {
+    fn sweep(&self, state: &mut Connections) -> Vec<Conn> {
         let now = self.clock.now();
         let idle = from_millis(&self.idle_timeout);
         let generation = state.generation;
@@ -524,7 +524,7 @@ impl AccountPool {
             account: arc_swap::ArcSwap::new(account.clone()),
             cap: AtomicUsize::new(account.max_upstream_connections.max(1)),
             refused: Mutex::new(None),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(Connections::default()),
             freed: Notify::new(),
         }
     }

@@ -167,7 +167,7 @@ impl Transport for SmtpTransport {
                     ahead: lines.into_iter().skip(1).zip(results).collect(),
                     in_data: false,
                 };
-                let status = tx.settle(first);
+                let status = tx.status_of(first);
                 if status.is_accepted() {
                     let tx: Box<dyn Transaction> = Box::new(tx);
                     return (status, Some(tx));
@@ -234,7 +234,7 @@ impl SmtpTransaction {
     }
 
     /// The status of a step's answer; a broken or closing connection is retired.
-    fn settle(&mut self, result: Result<Reply, UpstreamError>) -> Status {
+    fn status_of(&mut self, result: Result<Reply, UpstreamError>) -> Status {
         match result {
             Ok(reply) if reply.code == 421 => {
                 // The upstream is closing the connection; only our session with it ends, not
@@ -267,7 +267,7 @@ impl SmtpTransaction {
         if let Some((sent, _)) = self.ahead.front() {
             if *sent == line {
                 let (_, result) = self.ahead.pop_front().expect("front exists");
-                return self.settle(result);
+                return self.status_of(result);
             }
             // The caller asks for what it let us send ahead, in order; anything else means the
             // dialogue is out of step.
@@ -278,7 +278,7 @@ impl SmtpTransaction {
             return lost();
         };
         let result = client.command(&line).await;
-        self.settle(result)
+        self.status_of(result)
     }
 
     async fn end(mut self: Box<Self>) -> Status {

@@ -26,21 +26,21 @@ pub struct Admission {
 }
 
 /// One connection counted against `max_connections` until dropped.
-pub(super) struct Slot(Arc<Admission>);
+pub(super) struct Permit(Arc<Admission>);
 
-impl Drop for Slot {
+impl Drop for Permit {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 /// One connection counted against its address until dropped.
-pub(super) struct IpSlot {
+pub(super) struct IpPermit {
     admission: Arc<Admission>,
     ip: IpAddr,
 }
 
-impl Drop for IpSlot {
+impl Drop for IpPermit {
     fn drop(&mut self) {
         let mut counts = lock(&self.admission.per_ip);
         if let Some(n) = counts.get_mut(&self.ip) {
@@ -66,7 +66,7 @@ impl Admission {
 
     /// Counts a connection from `ip` (IPv4-mapped IPv6 as IPv4, IPv6 per /64, the smallest block a
     /// host is given), or `None` past the limit.
-    pub(super) fn admit_ip(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+    pub(super) fn admit_ip(self: &Arc<Self>, ip: IpAddr) -> Option<IpPermit> {
         let ip = super::lockout::source_key(ip);
         let mut counts = lock(&self.per_ip);
         let n = counts.entry(ip).or_insert(0);
@@ -74,7 +74,7 @@ impl Admission {
             return None;
         }
         *n += 1;
-        Some(IpSlot {
+        Some(IpPermit {
             admission: self.clone(),
             ip,
         })
@@ -87,13 +87,13 @@ impl Admission {
     }
 
     /// A connection slot under `max_connections`, or `None` at the limit.
-    pub(super) fn admit(self: &Arc<Self>) -> Option<Slot> {
+    pub(super) fn admit(self: &Arc<Self>) -> Option<Permit> {
         let before = self.open.fetch_add(1, Ordering::AcqRel);
         if before >= self.max.load(Ordering::Relaxed) {
             self.open.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        Some(Slot(self.clone()))
+        Some(Permit(self.clone()))
     }
 
     /// Turns a connection away: a `421` on a clear-text port; on an implicit-TLS port only a close,

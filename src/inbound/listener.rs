@@ -63,7 +63,7 @@ pub async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         };
         let _ = tcp.set_nodelay(true);
         let mode = listener.mode;
-        let Some(ip_slot) = admission.admit_ip(peer.ip()) else {
+        let Some(ip_permit) = admission.admit_ip(peer.ip()) else {
             let reply = Reply::new(
                 421,
                 "4.7.0 Too many connections from your address, try again later",
@@ -85,7 +85,7 @@ pub async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             connection::handle(shared, Box::new(tcp), peer, mode, id).await;
             drop(active);
             drop(permit);
-            drop(ip_slot);
+            drop(ip_permit);
         });
     }
 }

@@ -99,9 +99,9 @@ pub(super) struct AccountQueue {
     pub inner: Mutex<Inner>,
     /// A message arrived, a pause was lifted, a retry was asked for.
     pub wake: Notify,
-    /// The slots (0 .. `max_upstream_connections`) that have a worker: a reload that raises the
+    /// The lanes (0 .. `max_upstream_connections`) that have a worker: a reload that raises the
     /// cap starts workers for the empty ones, one that lowers it lets the workers above it go.
-    pub slots: Mutex<BTreeSet<usize>>,
+    pub lanes: Mutex<BTreeSet<usize>>,
 }
 
 impl AccountQueue {
@@ -112,7 +112,7 @@ impl AccountQueue {
             held: arc_swap::ArcSwapOption::empty(),
             inner: Mutex::new(Inner::default()),
             wake: Notify::new(),
-            slots: Mutex::new(Default::default()),
+            lanes: Mutex::new(Default::default()),
         }
     }
 }

@@ -266,13 +266,13 @@ impl Queue {
         let Some(pacer) = w.pacers.get(&aq.name) else {
             return;
         };
-        let mut slots = lock(&aq.slots);
-        for slot in 0..worker_count(&aq.account.load()) {
-            if !slots.insert(slot) {
+        let mut lanes = lock(&aq.lanes);
+        for lane in 0..worker_count(&aq.account.load()) {
+            if !lanes.insert(lane) {
                 continue;
             }
             let worker = worker::Worker {
-                slot,
+                lane,
                 queue: self.clone(),
                 aq: aq.clone(),
                 transport: w.transport.clone(),

@@ -35,7 +35,7 @@ const BEHIND: Duration = Duration::from_secs(1);
 
 pub(super) struct Worker {
     /// Its place among the account's workers; those at or above the cap leave.
-    pub slot: usize,
+    pub lane: usize,
     pub queue: Arc<Queue>,
     pub aq: Arc<AccountQueue>,
     pub transport: Arc<dyn Transport>,
@@ -57,7 +57,7 @@ enum Next {
     /// Messages past `max_queue_age_secs`, taken from the index.
     Expired(Vec<String>),
     Sleep(Option<Instant>),
-    /// A reload lowered the account's connection cap below this worker's slot.
+    /// A reload lowered the account's connection cap below this worker's lane.
     Leave,
 }
 
@@ -119,15 +119,15 @@ impl Worker {
         }
     }
 
-    /// Whether this worker's slot is above the account's cap; if so, its slot is free from now on.
-    /// Decided under the slots' lock, so that a reload raising the cap again either sees the
-    /// worker stay or sees its slot free and fills it.
+    /// Whether this worker's lane is above the account's cap; if so, its lane is free from now on.
+    /// Decided under the lanes' lock, so that a reload raising the cap again either sees the
+    /// worker stay or sees its lane free and fills it.
     fn leaves(&self) -> bool {
-        let mut slots = lock(&self.aq.slots);
-        if self.slot < worker_count(&self.aq.account.load()) {
+        let mut lanes = lock(&self.aq.lanes);
+        if self.lane < worker_count(&self.aq.account.load()) {
             return false;
         }
-        slots.remove(&self.slot);
+        lanes.remove(&self.lane);
         true
     }
 

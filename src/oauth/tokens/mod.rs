@@ -66,7 +66,7 @@ const UPKEEP_AT_LEAST: Duration = Duration::from_secs(5);
 /// the provider again (a dead endpoint would otherwise make a hundred sessions queue for minutes).
 const FAILURE_BACKOFF: Duration = Duration::from_secs(15);
 
-struct Slot {
+struct AccountTokens {
     /// Swapped by a reload; the cached token stays unless what it was issued for changed.
     account: arc_swap::ArcSwap<Account>,
     cached: Mutex<Option<AccessToken>>,
@@ -84,9 +84,9 @@ struct Slot {
     refresh: tokio::sync::Mutex<()>,
 }
 
-impl Slot {
-    fn new(account: &Arc<Account>) -> Slot {
-        Slot {
+impl AccountTokens {
+    fn new(account: &Arc<Account>) -> AccountTokens {
+        AccountTokens {
             account: arc_swap::ArcSwap::new(account.clone()),
             cached: Mutex::new(None),
             failure: Mutex::new(None),
@@ -112,7 +112,7 @@ pub struct TokenManager {
     clock: SharedClock,
     /// `refresh_margin_secs` in milliseconds (a reload may change it).
     margin: AtomicU64,
-    slots: Keyed<Slot>,
+    slots: Keyed<AccountTokens>,
     /// Refreshes run here, so shutdown waits for a rotated refresh token to reach the store.
     tasks: TaskTracker,
     observer: Observer,
@@ -130,7 +130,11 @@ impl TokenManager {
         tasks: TaskTracker,
         observer: Observer,
     ) -> TokenManager {
-        let slots = Keyed::new(accounts.iter().map(|a| (a.name.clone(), Slot::new(a))));
+        let slots = Keyed::new(
+            accounts
+                .iter()
+                .map(|a| (a.name.clone(), AccountTokens::new(a))),
+        );
         TokenManager {
             store,
             issuer,
@@ -192,7 +196,7 @@ impl TokenManager {
         }
     }
 
-    fn slot(&self, account: &str) -> Result<Arc<Slot>, TokenError> {
+    fn slot(&self, account: &str) -> Result<Arc<AccountTokens>, TokenError> {
         self.slots
             .get(account)
             .ok_or_else(|| TokenError::UnknownAccount(account.to_string()))
@@ -204,7 +208,7 @@ impl TokenManager {
         self.margin
             .store(margin.as_millis() as u64, Ordering::Relaxed);
         for a in accounts {
-            let slot = self.slots.insert_missing(&a.name, || Slot::new(a));
+            let slot = self.slots.insert_missing(&a.name, || AccountTokens::new(a));
             let old = slot.account.swap(a.clone());
             if !same_token_source(&old, a) {
                 *lock(&slot.cached) = None;
@@ -254,7 +258,7 @@ impl TokenManager {
         Duration::from_millis(self.margin.load(Ordering::Relaxed)).min(lifetime / 3)
     }
 
-    fn fresh(&self, slot: &Slot) -> Option<AccessToken> {
+    fn fresh(&self, slot: &AccountTokens) -> Option<AccessToken> {
         lock(&slot.cached)
             .as_ref()
             .filter(|t| t.expires_at > self.clock.now() + self.margin_for(t.lifetime))
@@ -277,7 +281,7 @@ impl TokenManager {
         self.refresh(slot, None).await
     }
 
-    fn valid(&self, slot: &Slot) -> Option<AccessToken> {
+    fn valid(&self, slot: &AccountTokens) -> Option<AccessToken> {
         let now = self.clock.now();
         lock(&slot.cached)
             .as_ref()
@@ -287,7 +291,7 @@ impl TokenManager {
 
     /// Starts a refresh unless one is running; nobody waits for it. `ask`: a new request even
     /// if the last one failed only moments ago.
-    fn refresh_behind(self: &Arc<Self>, slot: Arc<Slot>, ask: bool) {
+    fn refresh_behind(self: &Arc<Self>, slot: Arc<AccountTokens>, ask: bool) {
         if slot.behind.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -321,7 +325,7 @@ impl TokenManager {
     /// must not cancel it between the provider rotating the refresh token and the new one reaching disk.
     async fn refresh(
         self: &Arc<Self>,
-        slot: Arc<Slot>,
+        slot: Arc<AccountTokens>,
         rejected: Option<Secret>,
     ) -> Result<AccessToken, TokenError> {
         self.run_refresh(slot, rejected, false).await
@@ -330,7 +334,7 @@ impl TokenManager {
     /// [`TokenManager::refresh`]; `ask`: a new request even if the last one failed only moments ago.
     async fn run_refresh(
         self: &Arc<Self>,
-        slot: Arc<Slot>,
+        slot: Arc<AccountTokens>,
         rejected: Option<Secret>,
         ask: bool,
     ) -> Result<AccessToken, TokenError> {
@@ -404,7 +408,7 @@ impl TokenManager {
     /// Caches a token that expires in `left` and was issued for `lifetime`.
     fn cache(
         &self,
-        slot: &Slot,
+        slot: &AccountTokens,
         secret: Secret,
         left: Duration,
         lifetime: Duration,
@@ -420,7 +424,11 @@ impl TokenManager {
     }
 
     /// Called with the slot's refresh lock held.
-    async fn obtain(&self, slot: &Slot, reuse_stored: bool) -> Result<AccessToken, TokenError> {
+    async fn obtain(
+        &self,
+        slot: &AccountTokens,
+        reuse_stored: bool,
+    ) -> Result<AccessToken, TokenError> {
         let account = slot.account.load_full();
         let name = account.name.clone();
         let unsaved = lock(&slot.unsaved).clone();
@@ -519,7 +527,7 @@ impl TokenManager {
 
     /// A failed token request that is not a revoked grant: once they have failed for
     /// `alert_after_secs`, `refresh_failing` fires.
-    fn failing(&self, slot: &Slot, detail: &str, hint: &str) {
+    fn failing(&self, slot: &AccountTokens, detail: &str, hint: &str) {
         let now = self.clock.now();
         let alerts = &self.observer.alerts;
         let after = Duration::from_secs(alerts.thresholds().alert_after_secs);
@@ -551,7 +559,7 @@ impl TokenManager {
 
     async fn persist(
         &self,
-        slot: &Slot,
+        slot: &AccountTokens,
         stored: Option<Grant>,
         set: TokenSet,
     ) -> Result<AccessToken, TokenError> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Slot, TokenManager, EXPIRING, FAILURE_BACKOFF, RECENT_USE, UPKEEP_AT_LEAST};
+use super::{AccountTokens, TokenManager, EXPIRING, FAILURE_BACKOFF, RECENT_USE, UPKEEP_AT_LEAST};
 use crate::config::{Family, GrantKind};
 use crate::observe::Event;
 use crate::util::sync::lock;
@@ -99,12 +99,12 @@ impl TokenManager {
         }
     }
 
-    fn recently_wanted(&self, slot: &Slot, now: Instant) -> bool {
+    fn recently_wanted(&self, slot: &AccountTokens, now: Instant) -> bool {
         lock(&slot.wanted).is_some_and(|at| now.saturating_duration_since(at) < RECENT_USE)
     }
 
     /// When the failures of the outage in progress reach `alert_after_secs`.
-    fn alert_due(&self, slot: &Slot) -> Option<Instant> {
+    fn alert_due(&self, slot: &AccountTokens) -> Option<Instant> {
         let after = Duration::from_secs(self.observer.alerts.thresholds().alert_after_secs);
         lock(&slot.failing_since).map(|since| since + after)
     }
