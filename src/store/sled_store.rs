@@ -22,6 +22,9 @@ fn db_err(e: sled::Error) -> StoreError {
     StoreError(format!("database error: {e}"))
 }
 
+/// How many times (100 ms apart) opening a locked database is tried again.
+const LOCK_PATIENCE_STEPS: u32 = 30;
+
 impl SledStore {
     /// Where the database of `data_dir` lives.
     pub fn database_path(data_dir: &Path) -> std::path::PathBuf {
@@ -40,13 +43,33 @@ impl SledStore {
         let sealer = Sealer::from_key_file(key_file)?;
         let path = SledStore::database_path(data_dir);
         // A handful of grants: a few MiB of page cache is plenty (sled's default is 1 GiB).
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(CACHE_BYTES)
-            .open()
-            .map_err(|e| {
+        let open = || {
+            sled::Config::new()
+                .path(&path)
+                .cache_capacity(CACHE_BYTES)
+                .open()
+        };
+        let locked = |e: &sled::Error| {
             let detail = e.to_string();
-            if detail.contains("lock") || detail.contains("WouldBlock") || detail.contains("temporarily unavailable") {
+            detail.contains("lock")
+                || detail.contains("WouldBlock")
+                || detail.contains("temporarily unavailable")
+        };
+        // A relay that just stopped (a restart) lets go of the database's lock a moment after
+        // it is gone: wait a little for it before calling it another process.
+        let mut attempt = open();
+        for _ in 0..LOCK_PATIENCE_STEPS {
+            match &attempt {
+                Err(e) if locked(e) => {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    attempt = open();
+                }
+                _ => break,
+            }
+        }
+        let db = attempt.map_err(|e| {
+            let detail = e.to_string();
+            if locked(&e) {
                 StoreError(format!(
                     "database {} is in use by another process (is `xoauth-relay serve` running with this data_dir \
                      but its control socket missing?); stop that process or run the command against it",
