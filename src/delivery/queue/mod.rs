@@ -2,18 +2,20 @@
 //! sender, whatever the provider is doing at that moment (Postfix's promise).
 //!
 //! - [`model`]: the envelope and per-recipient progress, as kept on disk.
-//! - [`spool`] (with [`log`] and [`disk`]): the files, and the group commit that makes them
-//!   durable.
-//! - [`index`]: each account's messages in memory, and why the account waits.
+//! - [`spool`]: the seam to the queue's storage; [`local`] is today's (segment log, files, group
+//!   commit).
+//! - [`index`]: each account's messages in memory; [`pauses`]: why an account waits.
 //! - [`worker`]: the workers that take due messages and decide each recipient's fate.
-//! - [`transfer`]: one upstream transaction of a queued message, one reply per recipient.
-//! - [`retry`]: backoff, and which replies are throttling rather than failure.
+//! - [`transfer`]: one transaction of a queued message through the account's transport, one
+//!   status per recipient.
+//! - [`retry`]: backoff, and how long a throttled account pauses.
 //! - [`bounce`] and [`dsn`]: the bounce (RFC 3464) for recipients that failed for good.
 //! - [`view`]: what `queue`, `queue show`, `retry` and `delete` see and do.
+//! - [`recover`]: what the spool held at start-up, put back in order.
 //!
 //! Each account has workers, as many as its `max_upstream_connections` (a reload adds or retires
-//! some), that take due messages oldest first, ask the account's pacing ([`super::pacing::Pace`]) before each
-//! transaction, and send through the shared pool.
+//! some), that take due messages oldest first, ask the account's pacing
+//! ([`super::pacing::Pace`]) before each transaction, and send through the account's transport.
 
 mod bounce;
 pub mod dsn;
