@@ -679,27 +679,28 @@ async fn a_reload_that_raises_the_connection_cap_gives_the_queue_more_workers() 
 use std::sync::Arc;
 use xoauth_relay::delivery::queue::disk::{Faulty, Op};
 
-/// A queue-mode relay in `dir` whose spool is on `disk`, with a grant for `news`.
-async fn start_on(
-    dir: &std::path::Path,
-    provider: &FakeProvider,
-    opts: RelayOptions,
-    disk: Arc<Faulty>,
-) -> Relay {
-    let path = write_config(dir, provider, &opts, &password_hash());
-    let relay = Relay::start_from_on(dir, path, disk).await;
+/// A fake provider and a queue-mode relay whose spool is on a disk that fails on request, with a
+/// grant for `news`.
+async fn on_faulty_disk(delivery: &str) -> (tempfile::TempDir, FakeProvider, Arc<Faulty>, Relay) {
+    let dir = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("starttls", None).await;
+    let disk = Arc::new(Faulty::default());
+    let path = write_config(
+        dir.path(),
+        &provider,
+        &queued("", delivery),
+        &password_hash(),
+    );
+    let relay = Relay::start_from_on(dir.path(), path, disk.clone()).await;
     let rt = provider.state().add_refresh_token();
     relay.import("news", &rt).await;
-    relay
+    (dir, provider, disk, relay)
 }
 
 #[tokio::test]
 async fn a_done_record_that_cannot_be_written_is_retried_and_the_message_never_comes_back() {
     let _time = ManualTime::start();
-    let dir = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start("starttls", None).await;
-    let disk = Arc::new(Faulty::default());
-    let relay = start_on(dir.path(), &provider, queued("", ""), disk.clone()).await;
+    let (dir, provider, disk, relay) = on_faulty_disk("").await;
     provider.state().down = true;
     let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
     queue_one(&mut c, &["bob@example.org"], &body(1)).await;
@@ -731,16 +732,7 @@ async fn a_done_record_that_cannot_be_written_is_retried_and_the_message_never_c
 #[tokio::test]
 async fn a_bounce_that_cannot_be_queued_keeps_the_original_until_it_can() {
     let time = ManualTime::start();
-    let dir = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start("starttls", None).await;
-    let disk = Arc::new(Faulty::default());
-    let relay = start_on(
-        dir.path(),
-        &provider,
-        queued("", "retry_min_secs = 60"),
-        disk.clone(),
-    )
-    .await;
+    let (_dir, provider, disk, relay) = on_faulty_disk("retry_min_secs = 60").await;
     provider.state().down = true;
     let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
     let id = queue_one(&mut c, &["reject-me@example.org"], &body(1)).await;
@@ -773,10 +765,7 @@ async fn a_bounce_that_cannot_be_queued_keeps_the_original_until_it_can() {
 #[tokio::test]
 async fn a_large_message_that_cannot_be_placed_is_refused_and_never_delivered_later() {
     let _time = ManualTime::start();
-    let dir = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start("starttls", None).await;
-    let disk = Arc::new(Faulty::default());
-    let relay = start_on(dir.path(), &provider, queued("", ""), disk.clone()).await;
+    let (dir, provider, disk, relay) = on_faulty_disk("").await;
     provider.state().down = true;
     let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
     // Renamed into msg/, but the directory sync fails; then the rename itself fails.
@@ -1021,15 +1010,7 @@ fn with_shop(
         ));
     }
     if fake2 {
-        extra.push_str(&format!(
-            "\n[providers.fake2]\ntoken_url = \"{base}/token\"\nscopes = [\"https://mail.google.com/\"]\n\
-             client_id = \"test-client\"\nclient_secret = \"test-client-SECRET\"\nsmtp_host = \"localhost\"\n\
-             smtp_port = {port}\nsmtp_tls = \"{tls}\"\nsmtp_ca_file = \"{ca}\"\n",
-            base = provider.base_url(),
-            port = provider.smtp_addr.port(),
-            tls = provider.smtp_mode,
-            ca = dir.join("certs/upstream-ca.pem").display(),
-        ));
+        extra.push_str(&fake2_table(provider, dir));
     }
     RelayOptions {
         extra_accounts_toml: extra,

@@ -37,20 +37,25 @@ pub async fn logged_in(relay: &Relay, provider: &FakeProvider, mode: Conn) -> Cl
     c
 }
 
+/// A provider table `fake2`: the same fake endpoints under another name (the relay's directory
+/// `dir` holds its CA).
+pub fn fake2_table(provider: &FakeProvider, dir: &Path) -> String {
+    format!(
+        "\n[providers.fake2]\ntoken_url = \"{base}/token\"\nscopes = [\"https://mail.google.com/\"]\n\
+         client_id = \"test-client\"\nclient_secret = \"test-client-SECRET\"\nsmtp_host = \"localhost\"\n\
+         smtp_port = {port}\nsmtp_tls = \"{tls}\"\nsmtp_ca_file = \"{ca}\"\n",
+        base = provider.base_url(),
+        port = provider.smtp_addr.port(),
+        tls = provider.smtp_mode,
+        ca = dir.join("certs/upstream-ca.pem").display(),
+    )
+}
+
 /// Options adding an account `shop` (login `shop`, password hash `hash`). With the relay's
 /// directory, it uses a provider `fake2` of its own (the same fake endpoints under another name).
 pub fn shop_account(hash: &str, provider: &FakeProvider, fake2: Option<&Path>) -> RelayOptions {
     let (name, table) = if let Some(dir) = fake2 {
-        let table = format!(
-            "\n[providers.fake2]\ntoken_url = \"{base}/token\"\nscopes = [\"https://mail.google.com/\"]\n\
-             client_id = \"test-client\"\nclient_secret = \"test-client-SECRET\"\nsmtp_host = \"localhost\"\n\
-             smtp_port = {port}\nsmtp_tls = \"{tls}\"\nsmtp_ca_file = \"{ca}\"\n",
-            base = provider.base_url(),
-            port = provider.smtp_addr.port(),
-            tls = provider.smtp_mode,
-            ca = dir.join("certs/upstream-ca.pem").display(),
-        );
-        ("fake2", table)
+        ("fake2", fake2_table(provider, dir))
     } else {
         ("fake", String::new())
     };

@@ -47,6 +47,14 @@ impl Issuer for Scripted {
     }
 }
 
+/// Whether `event` fired once for `news` (no channel configured: the metric tells).
+fn fired(tokens: &TokenManager, event: &str) -> bool {
+    let text = tokens.observer.metrics.encode(&|_| {});
+    text.contains(&format!(
+        "xoauth_relay_alerts_total{{account=\"news\",event=\"{event}\"}} 1"
+    ))
+}
+
 struct Fixture {
     tokens: Arc<TokenManager>,
     clock: Arc<ManualClock>,
@@ -159,10 +167,7 @@ async fn refresh_failing_fires_once_the_endpoint_has_failed_for_alert_after_secs
     };
     let f = fixture_alerting(issuer.clone(), alerts);
     with_grant(&f).await;
-    let fired = |f: &Fixture| {
-        let text = f.tokens.observer.metrics.encode(&|_| {});
-        text.contains("xoauth_relay_alerts_total{account=\"news\",event=\"refresh_failing\"} 1")
-    };
+    let fired = |f: &Fixture| fired(&f.tokens, "refresh_failing");
     assert!(f.tokens.token("news").await.is_err());
     assert!(!fired(&f), "one failure is no outage yet");
     // The next try comes after the backoff, longer than the threshold: still the same outage.
@@ -248,10 +253,7 @@ async fn a_refresh_token_the_provider_says_dies_soon_raises_grant_expiring() {
         ..Grant::default()
     };
     f.store.put("news", grant).await.unwrap();
-    let fired = |f: &Fixture| {
-        let text = f.tokens.observer.metrics.encode(&|_| {});
-        text.contains("xoauth_relay_alerts_total{account=\"news\",event=\"grant_expiring\"} 1")
-    };
+    let fired = |f: &Fixture| fired(&f.tokens, "grant_expiring");
     let week = Duration::from_secs(7 * 86_400);
     f.tokens.keep_alive(week).await;
     assert!(!fired(&f), "7 days left");
@@ -331,10 +333,7 @@ async fn refresh_failing_fires_at_the_threshold_however_sessions_space_their_tri
     };
     let f = fixture_alerting(issuer.clone(), alerts);
     with_grant(&f).await;
-    let fired = |f: &Fixture| {
-        let text = f.tokens.observer.metrics.encode(&|_| {});
-        text.contains("xoauth_relay_alerts_total{account=\"news\",event=\"refresh_failing\"} 1")
-    };
+    let fired = |f: &Fixture| fired(&f.tokens, "refresh_failing");
     let account = f.tokens.slot("news").unwrap().account.load_full();
     assert!(f.tokens.token("news").await.is_err());
     f.clock.advance(Duration::from_millis(3500));
@@ -416,11 +415,7 @@ async fn a_grant_revoked_while_nobody_sends_is_reported_within_the_token_lifetim
     tokens.token("news").await.unwrap();
     *lock(&issuer.answer) = Err(ProviderError::InvalidGrant("revoked".into()));
     tokio::time::sleep(Duration::from_millis(11_900)).await;
-    let text = tokens.observer.metrics.encode(&|_| {});
-    assert!(
-        text.contains("xoauth_relay_alerts_total{account=\"news\",event=\"grant_revoked\"} 1"),
-        "{text}"
-    );
+    assert!(fired(&tokens, "grant_revoked"));
     assert!(store.status("news").revoked);
 }
 
