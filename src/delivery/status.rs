@@ -125,6 +125,10 @@ impl Status {
 
 /// Whether `reply` is the provider throttling the account, and how.
 fn throttling(reply: &Reply) -> Option<Cause> {
+    // Every reply passes here: an accepting one costs nothing more.
+    if reply.code < 400 {
+        return None;
+    }
     let text = reply.lines.join(" ").to_ascii_lowercase();
     // X.2.2 is the recipient's mailbox being full ("over quota"): that recipient's fate, not the
     // account's sending quota.

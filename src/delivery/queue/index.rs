@@ -93,6 +93,8 @@ pub(super) struct AccountQueue {
     pub name: String,
     /// Swapped by a reload.
     pub account: arc_swap::ArcSwap<Account>,
+    /// The provider and mailbox every message it queues records (shared, not copied per message).
+    pub origin: arc_swap::ArcSwap<(Arc<str>, Arc<str>)>,
     /// Why nothing of it can be sent at all (its account and provider are gone from the config):
     /// listed and alerted, never attempted, until deleted.
     pub held: arc_swap::ArcSwapOption<String>,
@@ -109,12 +111,21 @@ impl AccountQueue {
         AccountQueue {
             name: account.name.clone(),
             account: arc_swap::ArcSwap::new(account.clone()),
+            origin: arc_swap::ArcSwap::from_pointee(origin(account)),
             held: arc_swap::ArcSwapOption::empty(),
             inner: Mutex::new(Inner::default()),
             wake: Notify::new(),
             lanes: Mutex::new(Default::default()),
         }
     }
+}
+
+/// What a queued message records of its account's provider and mailbox.
+pub(super) fn origin(account: &Account) -> (Arc<str>, Arc<str>) {
+    (
+        Arc::from(account.provider.name.as_str()),
+        Arc::from(account.mailbox.as_str()),
+    )
 }
 
 /// One worker per upstream connection the account may open.

@@ -206,10 +206,10 @@ impl Queue {
         env.id = self.new_id();
         env.received = self.clock.unix();
         if let Some(aq) = self.accounts.get(&env.account) {
-            let account = aq.account.load();
-            env.provider = account.provider.name.clone();
-            env.mailbox = account.mailbox.clone();
-            env.grant = Some(account.grant);
+            let origin = aq.origin.load();
+            env.provider = origin.0.clone();
+            env.mailbox = origin.1.clone();
+            env.grant = Some(aq.account.load().grant);
         }
         self.spool.incoming(env)
     }
@@ -298,6 +298,7 @@ impl Queue {
                 .accounts
                 .insert_missing(&a.name, || AccountQueue::new(a));
             aq.account.store(a.clone());
+            aq.origin.store(Arc::new(index::origin(a)));
             aq.held.store(None);
             if let Some(w) = workers.as_ref() {
                 self.spawn_workers(w, &aq);

@@ -1,6 +1,8 @@
 //! The queue's own data: a message's envelope (fixed at submission) and its progress (each
 //! recipient's state, replaced after every attempt), as they are kept on disk (JSON).
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::config::GrantKind;
@@ -21,10 +23,11 @@ pub struct Envelope {
     /// The provider and mailbox the account had when the message was queued, and its grant kind:
     /// enough to deliver it after a restart that no longer configures the account (its grant
     /// stays in the store under the account's name).
+    /// Shared by every message of the account (a queue may hold many thousands).
     #[serde(default)]
-    pub provider: String,
+    pub provider: Arc<str>,
     #[serde(default)]
-    pub mailbox: String,
+    pub mailbox: Arc<str>,
     #[serde(default)]
     pub grant: Option<GrantKind>,
     /// The envelope sender; empty for a null sender.
@@ -50,7 +53,7 @@ pub struct Envelope {
     pub bounce: bool,
     /// The spool's copy of the body was found damaged: what was lost (never delivered).
     #[serde(skip)]
-    pub damaged: Option<String>,
+    pub damaged: Option<Box<str>>,
 }
 
 /// Ids are made by the queue (hex); anything else in a spool file is not ours, and is never used
@@ -81,48 +84,101 @@ fn yes() -> bool {
     true
 }
 
+/// One recipient's fate so far. Kept small (a queue may hold many thousands): the last status is
+/// boxed, and what an older release wrote is read into the same fields.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(from = "RcptWire")]
 pub struct RcptState {
     pub status: RcptStatus,
-    /// What the last attempt came to for it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last: Option<Status>,
-    /// A progress file of the first release has the reply's text instead.
-    #[serde(default, rename = "last_reply", skip_serializing)]
-    legacy: Option<String>,
     /// A bounced recipient's delivery status notification has been queued (or none is due). A
     /// bounce that could not be queued leaves this false, and is tried again.
-    #[serde(default = "yes")]
     pub notified: bool,
+    /// What the last attempt came to for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last: Option<Box<Status>>,
     /// A bounced recipient's status code for its notification (RFC 3464 `Status:`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dsn_status: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dsn_status: Option<Box<str>>,
+}
+
+/// A recipient as a progress file has it (the first release wrote `last_reply` text).
+#[derive(Deserialize)]
+struct RcptWire {
+    status: RcptStatus,
+    #[serde(default = "yes")]
+    notified: bool,
+    #[serde(default)]
+    last: Option<Box<Status>>,
+    #[serde(default)]
+    last_reply: Option<String>,
+    #[serde(default)]
+    dsn_status: Option<Box<str>>,
+}
+
+impl From<RcptWire> for RcptState {
+    fn from(w: RcptWire) -> RcptState {
+        RcptState {
+            status: w.status,
+            notified: w.notified,
+            last: w
+                .last
+                .or_else(|| w.last_reply.as_deref().map(legacy_status)),
+            dsn_status: w.dsn_status,
+        }
+    }
+}
+
+/// The status a first-release progress file's reply text stands for ("451 4.4.1 ...").
+fn legacy_status(text: &str) -> Box<Status> {
+    let (code, rest) = text.split_once(' ').unwrap_or((text, ""));
+    let code = code.parse().unwrap_or(451);
+    Box::new(Status::from_reply(crate::smtp::Reply::new(code, rest)))
 }
 
 impl RcptState {
     /// The last reply's text, for the operator and the bounce.
     pub fn last_reply(&self) -> Option<String> {
-        self.last
-            .as_ref()
-            .map(|s| s.reply().summary())
-            .or_else(|| self.legacy.clone())
+        self.last.as_ref().map(|s| s.reply().summary())
     }
 }
 
 /// What has happened to a message so far.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(from = "ProgressWire")]
 pub struct Progress {
     /// Delivery attempts that ended in a temporary failure.
     pub attempts: u32,
     /// Unix seconds of the next attempt.
     pub next_attempt: u64,
     /// What the last attempt came to (for any of its recipients).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last: Option<Status>,
-    #[serde(default, rename = "last_reply", skip_serializing)]
-    legacy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last: Option<Box<Status>>,
     /// One per envelope recipient, in order.
     pub recipients: Vec<RcptState>,
+}
+
+#[derive(Deserialize)]
+struct ProgressWire {
+    attempts: u32,
+    next_attempt: u64,
+    #[serde(default)]
+    last: Option<Box<Status>>,
+    #[serde(default)]
+    last_reply: Option<String>,
+    recipients: Vec<RcptState>,
+}
+
+impl From<ProgressWire> for Progress {
+    fn from(w: ProgressWire) -> Progress {
+        Progress {
+            attempts: w.attempts,
+            next_attempt: w.next_attempt,
+            last: w
+                .last
+                .or_else(|| w.last_reply.as_deref().map(legacy_status)),
+            recipients: w.recipients,
+        }
+    }
 }
 
 impl Progress {
@@ -131,13 +187,11 @@ impl Progress {
             attempts: 0,
             next_attempt: 0,
             last: None,
-            legacy: None,
             recipients: vec![
                 RcptState {
                     status: RcptStatus::Pending,
-                    last: None,
-                    legacy: None,
                     notified: true,
+                    last: None,
                     dsn_status: None,
                 };
                 recipients
@@ -147,10 +201,7 @@ impl Progress {
 
     /// The last reply's text, for the operator.
     pub fn last_reply(&self) -> Option<String> {
-        self.last
-            .as_ref()
-            .map(|s| s.reply().summary())
-            .or_else(|| self.legacy.clone())
+        self.last.as_ref().map(|s| s.reply().summary())
     }
 
     /// Bounced recipients whose notification is still to be queued.

@@ -22,7 +22,7 @@ impl Queue {
     ) -> (Arc<AccountQueue>, Option<Arc<Account>>) {
         let name = &env.account;
         let provider = providers
-            .get(&env.provider)
+            .get(&*env.provider)
             .filter(|_| !env.mailbox.is_empty());
         let (account, why) = match provider {
             Some(p) => (

@@ -321,9 +321,10 @@ impl Worker {
                         r.status = RcptStatus::Bounced;
                         r.notified = false;
                         let code = reply.enhanced().map(|c| c.to_string());
-                        r.dsn_status = Some(code.unwrap_or_else(|| "5.0.0".into()));
+                        let code = code.unwrap_or_else(|| "5.0.0".into());
                         tracing::info!(id = %env.id, to = %address, reply = %summary, "bounced");
-                        failed.push(r.dsn_status.clone().unwrap_or_default());
+                        failed.push(code.clone());
+                        r.dsn_status = Some(code.into());
                     }
                     Status::Temporary { .. } => {
                         queue
@@ -333,8 +334,11 @@ impl Worker {
                         tracing::info!(id = %env.id, to = %address, reply = %summary, "deferred");
                     }
                 }
-                r.last = Some(status.clone());
-                e.progress.last = Some(status);
+                r.last = Some(Box::new(status));
+            }
+            // The message's last word: its batch's last recipient's.
+            if let Some(last) = job.rcpts.last() {
+                e.progress.last = e.progress.recipients[*last].last.clone();
             }
             let pending: Vec<usize> = e.pending().collect();
             let mut retry_in = None;
@@ -383,30 +387,33 @@ impl Worker {
     async fn conclude(&self, id: &str) {
         let queue = &self.queue;
         let account = self.aq.account.load_full();
-        let Some((env, progress)) = lock(&self.aq.inner)
+        let failed = |e: &super::index::Entry| -> Vec<dsn::Failed> {
+            let env = &e.env;
+            e.progress
+                .unnotified()
+                .map(|i| {
+                    let r = &e.progress.recipients[i];
+                    let diagnostic = match &env.damaged {
+                        Some(what) => format!("the relay's queued copy could not be read: {what}"),
+                        None => r.last_reply().unwrap_or_else(|| {
+                            "delivery time expired before the upstream could be reached".into()
+                        }),
+                    };
+                    dsn::Failed {
+                        address: env.recipients[i].clone(),
+                        status: r.dsn_status.as_deref().unwrap_or("5.0.0").to_string(),
+                        diagnostic,
+                    }
+                })
+                .collect()
+        };
+        let Some((env, failed)) = lock(&self.aq.inner)
             .messages
             .get(id)
-            .map(|e| (e.env.clone(), e.progress.clone()))
+            .map(|e| (e.env.clone(), failed(e)))
         else {
             return;
         };
-        let failed: Vec<dsn::Failed> = progress
-            .unnotified()
-            .map(|i| {
-                let r = &progress.recipients[i];
-                let diagnostic = match &env.damaged {
-                    Some(what) => format!("the relay's queued copy could not be read: {what}"),
-                    None => r.last_reply().unwrap_or_else(|| {
-                        "delivery time expired before the upstream could be reached".into()
-                    }),
-                };
-                dsn::Failed {
-                    address: env.recipients[i].clone(),
-                    status: r.dsn_status.clone().unwrap_or_else(|| "5.0.0".into()),
-                    diagnostic,
-                }
-            })
-            .collect();
         let owed = !failed.is_empty();
         let notified = match queue.prepare_bounce(&account, &env, &failed).await {
             None => true,
@@ -415,7 +422,7 @@ impl Worker {
             Some((writer, bounce)) => queue.commit_bounce(&env, writer, bounce).await,
         };
         let now = queue.clock.now();
-        let (finished, progress) = {
+        let (bounced, progress) = {
             let mut inner = lock(&self.aq.inner);
             let Some(e) = inner.messages.get_mut(id) else {
                 return;
@@ -431,14 +438,17 @@ impl Worker {
                 e.due = e.due.max(now + wait);
                 e.progress.next_attempt = queue.clock.unix() + wait.as_secs();
             }
-            (e.finished(), e.progress.clone())
-        };
-        if finished {
-            if progress
+            let finished = e.finished();
+            let bounced = e
+                .progress
                 .recipients
                 .iter()
-                .any(|r| r.status == RcptStatus::Bounced)
-            {
+                .any(|r| r.status == RcptStatus::Bounced);
+            // What is recorded, for a message that stays.
+            (bounced, (!finished).then(|| e.progress.clone()))
+        };
+        let Some(progress) = progress else {
+            if bounced {
                 // Once per message, when it is finished with: not once per attempt that bounced some.
                 self.counters
                     .message(MessageOutcome::Bounced, env.size as usize);
@@ -455,7 +465,7 @@ impl Worker {
             }
             lock(&self.aq.inner).remove(id);
             return;
-        }
+        };
         let mut moved = Envelope::clone(&env);
         if let Err(e) = queue.spool.record(&mut moved, &progress).await {
             tracing::warn!(id = %env.id, error = %e, "cannot record delivery progress in the spool");

@@ -363,26 +363,25 @@ impl Session {
     }
 
     fn handle_line(&mut self, line: Vec<u8>) {
-        let line = zeroize::Zeroizing::new(line);
+        let mut line = zeroize::Zeroizing::new(line);
         match std::mem::replace(&mut self.phase, Phase::Command) {
             Phase::AuthPlain => self.auth_plain_response(&line),
             Phase::AuthLoginUser => self.auth_login_user(&line),
             Phase::AuthLoginPass { login } => self.auth_login_pass(login, &line),
-            _ => self.command(&line),
+            _ => self.command(&mut line),
         }
     }
 
-    fn command(&mut self, text: &[u8]) {
+    /// `line` without its line end (it has the room for it: it came with one).
+    fn command(&mut self, line: &mut Vec<u8>) {
         // NUL, a bare CR and other control bytes have no place in a command, and must never be
         // echoed back (EHLO repeats its argument).
-        if has_control(text) {
+        if has_control(line) {
             return self.reply(501, "5.5.2 Control characters are not allowed in commands");
         }
-        let mut line = zeroize::Zeroizing::new(Vec::with_capacity(text.len() + 2));
-        line.extend_from_slice(text);
         line.extend_from_slice(b"\r\n");
         let request = match Request::parse(&mut line.iter()).map(Request::into_owned) {
-            Ok(r) => match written_address(r, &line) {
+            Ok(r) => match written_address(r, line) {
                 Ok(r) => r,
                 Err(refusal) => return self.refuse_or_reply(refusal),
             },

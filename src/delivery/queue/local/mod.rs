@@ -221,7 +221,8 @@ impl LocalSpool {
                 offset: d.offset,
             });
             env.size = d.len;
-            env.damaged = Some(format!(
+            env.damaged = Some(
+                format!(
                 "its body in the spool was found damaged (segment {}, offset {}, {} bytes){}: it cannot \
                  be delivered as received; nothing of it was sent",
                 d.segment,
@@ -231,7 +232,9 @@ impl LocalSpool {
                     .as_ref()
                     .map(|p| format!("; the bytes are kept in {}", p.display()))
                     .unwrap_or_default()
-            ));
+                )
+                .into(),
+            );
             logged.entry(env.id.clone()).or_insert(env);
         }
         opened.damage = scan.damage;
