@@ -90,6 +90,18 @@ fn fixture_alerting(issuer: Arc<Scripted>, alerts: crate::config::AlertsConfig) 
     }
 }
 
+/// An account with a grant whose token endpoint is unreachable, alerting after `secs`.
+async fn endpoint_down_alerting_after(secs: u64) -> (Arc<Scripted>, Fixture) {
+    let issuer = Scripted::new(Err(ProviderError::Unreachable("down".into())));
+    let alerts = crate::config::AlertsConfig {
+        alert_after_secs: secs,
+        ..Default::default()
+    };
+    let f = fixture_alerting(issuer.clone(), alerts);
+    with_grant(&f).await;
+    (issuer, f)
+}
+
 async fn with_grant(f: &Fixture) {
     let grant = Grant {
         refresh_token: Some(Secret::new("rt-0")),
@@ -160,13 +172,7 @@ async fn a_failure_is_remembered_for_the_backoff_then_retried() {
 
 #[tokio::test]
 async fn refresh_failing_fires_once_the_endpoint_has_failed_for_alert_after_secs() {
-    let issuer = Scripted::new(Err(ProviderError::Unreachable("down".into())));
-    let alerts = crate::config::AlertsConfig {
-        alert_after_secs: 2,
-        ..Default::default()
-    };
-    let f = fixture_alerting(issuer.clone(), alerts);
-    with_grant(&f).await;
+    let (issuer, f) = endpoint_down_alerting_after(2).await;
     let fired = |f: &Fixture| fired(&f.tokens, "refresh_failing");
     assert!(f.tokens.token("news").await.is_err());
     assert!(!fired(&f), "one failure is no outage yet");
@@ -326,13 +332,7 @@ async fn no_grant_means_authorize() {
 /// remembered failure: the upkeep still asks at the threshold, and `refresh_failing` fires.
 #[tokio::test]
 async fn refresh_failing_fires_at_the_threshold_however_sessions_space_their_tries() {
-    let issuer = Scripted::new(Err(ProviderError::Unreachable("down".into())));
-    let alerts = crate::config::AlertsConfig {
-        alert_after_secs: 3,
-        ..Default::default()
-    };
-    let f = fixture_alerting(issuer.clone(), alerts);
-    with_grant(&f).await;
+    let (issuer, f) = endpoint_down_alerting_after(3).await;
     let fired = |f: &Fixture| fired(&f.tokens, "refresh_failing");
     let account = f.tokens.slot("news").unwrap().account.load_full();
     assert!(f.tokens.token("news").await.is_err());
