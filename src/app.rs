@@ -18,13 +18,14 @@ use crate::auth::Authenticator;
 use crate::config::{Account, Config, GrantKind, TlsMode};
 use crate::control::wire::{Request, Response};
 use crate::delivery::activity::{Activity, PERSIST_EVERY};
+use crate::delivery::api::{ApiTransport, Settings as ApiSettings};
 use crate::delivery::pacing::Pacers;
 use crate::delivery::pool::{Dialer, LocalSlots, Pool};
 use crate::delivery::queue::local::LocalSpool;
 use crate::delivery::queue::{Queue, Setup as QueueSetup};
 use crate::delivery::smtp::SmtpTransport;
 use crate::delivery::submission::Services as DeliveryServices;
-use crate::delivery::transport::Transport;
+use crate::delivery::transport::{Routes, Transport};
 use crate::delivery::Delivery;
 use crate::inbound::admission::Admission;
 use crate::inbound::listener::{self, Listener};
@@ -50,6 +51,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub struct Services {
     pub tokens: Arc<TokenManager>,
     pub pool: Arc<Pool>,
+    /// The HTTP API transports (their limits follow a reload).
+    pub api: Arc<ApiTransport>,
     pub transport: Arc<dyn Transport>,
     pub pacers: Arc<Pacers>,
     pub queue: Arc<Queue>,
@@ -151,7 +154,16 @@ impl Core {
         let pacers = Arc::new(Pacers::new(&accounts, clock.clone()));
         queue.load_pacing(&pacers);
         let queue = Arc::new(queue);
-        let transport: Arc<dyn Transport> = Arc::new(SmtpTransport::new(pool.clone()));
+        let api = Arc::new(ApiTransport::new(
+            tokens.clone(),
+            observer.clone(),
+            &config.server.data_dir,
+            ApiSettings::of(limits),
+        )?);
+        let transport: Arc<dyn Transport> = Arc::new(Routes {
+            smtp: Arc::new(SmtpTransport::new(pool.clone())),
+            api: api.clone(),
+        });
         let activity = Arc::new(Activity::new(&config.accounts));
         let delivery = Arc::new(Delivery::new(DeliveryServices {
             transport: transport.clone(),
@@ -168,6 +180,7 @@ impl Core {
             services: Arc::new(Services {
                 tokens,
                 pool,
+                api,
                 transport,
                 pacers,
                 queue,
@@ -186,6 +199,7 @@ impl Core {
             config: arc_swap::ArcSwap::new(self.config.clone()),
             tokens: s.tokens.clone(),
             pool: s.pool.clone(),
+            transport: s.transport.clone(),
             queue: s.queue.clone(),
             activity: s.activity.clone(),
             observer: s.observer.clone(),

@@ -15,6 +15,9 @@ struct Row {
     name: String,
     login: String,
     provider: String,
+    /// `smtp`, `graph` or `gmail_api`, and where it sends.
+    transport: &'static str,
+    endpoint: String,
     mailbox: String,
     grant: &'static str,
     state: &'static str,
@@ -54,6 +57,15 @@ fn row(ctx: &AdminContext, a: &Account, now: u64, usage: bool) -> Row {
         GrantState::Unreadable(e) => Some(format!("unreadable: {e}")),
     };
     let g = tokens.stored_grant(&a.name).ok().flatten();
+    // A grant that works but cannot do what the transport needs is not ok.
+    let scope_problem = g
+        .as_ref()
+        .and_then(|g| g.scope.as_deref())
+        .and_then(|granted| crate::delivery::api::scope_problem(a, granted));
+    let (state_name, state_detail) = match (state.as_str(), scope_problem) {
+        ("ok", Some(problem)) => ("scope_missing", Some(problem)),
+        (name, _) => (name, state_detail),
+    };
     let with_refresh = g.as_ref().filter(|g| g.refresh_token.is_some());
     let age = with_refresh.map(|g| now.saturating_sub(g.obtained_at));
     let warning = with_refresh.and_then(|g| {
@@ -74,9 +86,11 @@ fn row(ctx: &AdminContext, a: &Account, now: u64, usage: bool) -> Row {
         name: a.name.clone(),
         login: a.login.clone(),
         provider: a.provider.name.clone(),
+        transport: a.provider.transport.as_str(),
+        endpoint: a.endpoint(),
         mailbox: a.mailbox.clone(),
         grant: a.grant.as_str(),
-        state: state.as_str(),
+        state: state_name,
         state_detail,
         // The cached token if there is one, else the stored one; null once expired.
         token_expires_in_secs: tokens.cached_for(&a.name).map(|d| d.as_secs()).or_else(|| {
@@ -154,10 +168,14 @@ pub(super) fn list(ctx: &AdminContext, json: bool, usage: bool) -> Result<String
         if let Some(why) = &r.paused {
             queued.push_str(&format!(", paused: {why}"));
         }
+        let provider = match r.transport {
+            "smtp" => r.provider,
+            t => format!("{} ({t})", r.provider),
+        };
         table.push(vec![
             r.name,
             r.login,
-            r.provider,
+            provider,
             r.mailbox,
             r.grant.to_string(),
             state,

@@ -5,12 +5,19 @@ use super::{account, AdminContext};
 use crate::store::Grant;
 use crate::util::secret::Secret;
 
+/// What the provider said of a grant it issued, beside the tokens.
+pub(super) struct Issued {
+    pub expires_in: Option<u64>,
+    pub refresh_expires_in: Option<u64>,
+    pub scope: Option<String>,
+}
+
 pub(super) async fn store_grant(
     ctx: &AdminContext,
     name: &str,
     refresh_token: Option<Secret>,
     access_token: Option<Secret>,
-    (expires_in, refresh_expires_in): (Option<u64>, Option<u64>),
+    issued: Issued,
 ) -> Result<String, String> {
     account(ctx, name)?;
     if refresh_token
@@ -26,11 +33,12 @@ pub(super) async fn store_grant(
         refresh_token,
         access_expires_at: access_token
             .as_ref()
-            .map(|_| now + expires_in.unwrap_or(3600)),
+            .map(|_| now + issued.expires_in.unwrap_or(3600)),
         access_token,
         obtained_at: now,
         last_refresh: None,
-        refresh_expires_at: refresh_expires_in.map(|s| now + s),
+        refresh_expires_at: issued.refresh_expires_in.map(|s| now + s),
+        scope: issued.scope,
     };
     ctx.tokens.save_grant(name, grant).await?;
     tracing::info!(account = %name, "grant stored");

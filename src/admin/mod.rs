@@ -31,6 +31,8 @@ pub struct AdminContext {
     pub config: arc_swap::ArcSwap<Config>,
     pub tokens: Arc<TokenManager>,
     pub pool: Arc<Pool>,
+    /// Where `test --to` sends through an HTTP API (the same path as the relay's messages).
+    pub transport: Arc<dyn crate::delivery::transport::Transport>,
     pub queue: Arc<Queue>,
     pub activity: Arc<Activity>,
     pub observer: Observer,
@@ -54,9 +56,14 @@ pub async fn execute(ctx: &AdminContext, request: Request) -> Response {
             access_token,
             expires_in,
             refresh_expires_in,
+            scope,
         } => {
-            let lifetimes = (expires_in, refresh_expires_in);
-            let change = grants::store_grant(ctx, &account, refresh_token, access_token, lifetimes);
+            let issued = grants::Issued {
+                expires_in,
+                refresh_expires_in,
+                scope,
+            };
+            let change = grants::store_grant(ctx, &account, refresh_token, access_token, issued);
             let result = tokens.replace_grant(&account, change).await;
             // Connections authenticated with the old grant are not used again, and mail held for
             // the old one's trouble may go.

@@ -93,6 +93,9 @@ impl Reloader {
         self.admin.http.replace(http);
         upstream.tokens.reconfigure(&new.accounts, margin);
         upstream.pool.reconfigure(&new.accounts, client, limits);
+        upstream
+            .api
+            .reconfigure(crate::delivery::api::Settings::of(limits));
         upstream.pacers.reconfigure(&new.accounts);
         upstream.queue.reconfigure(&new.accounts, &new.delivery);
         upstream.activity.reconfigure(&new.accounts);

@@ -204,10 +204,18 @@ async fn run(cli: Cli) -> Result<(), String> {
             let config = load(&cli)?;
             if *verbose {
                 for a in &config.accounts {
+                    let api = a.provider.transport.is_api();
                     println!(
-                        "account `{}`: provider {}, delivery {}, max_upstream_connections {}, limits: {}",
+                        "account `{}`: provider {}, transport {} at {}{}, delivery {}, max_upstream_connections {}, limits: {}",
                         a.name,
                         a.provider.name,
+                        a.provider.transport.as_str(),
+                        a.endpoint(),
+                        if api {
+                            format!(", header_recipients {}", a.header_recipients.as_str())
+                        } else {
+                            String::new()
+                        },
                         match a.delivery {
                             crate::config::DeliveryMode::Direct => "direct",
                             crate::config::DeliveryMode::Queue => "queue",
@@ -256,6 +264,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 access_token: None,
                 expires_in: None,
                 refresh_expires_in: None,
+                scope: None,
             };
             finish(crate::app::admin(config, request).await?)
         }
@@ -347,6 +356,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 access_token: Some(set.access_token),
                 expires_in: set.expires_in.map(|d| d.as_secs()),
                 refresh_expires_in: set.refresh_expires_in.map(|d| d.as_secs()),
+                scope: set.scope,
             };
             finish(crate::app::admin(config, request).await?)
         }

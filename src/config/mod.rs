@@ -341,6 +341,63 @@ pub enum Family {
     Generic,
 }
 
+/// How a provider's messages go upstream (`transport`): SMTP with XOAUTH2 / OAUTHBEARER, or an
+/// HTTP API for tenants where SMTP AUTH is off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportKind {
+    #[default]
+    Smtp,
+    /// Microsoft Graph `sendMail` (and drafts with upload sessions for large messages).
+    Graph,
+    /// The Gmail API's `messages.send` (media upload of the raw message).
+    GmailApi,
+}
+
+impl TransportKind {
+    pub fn is_api(self) -> bool {
+        self != TransportKind::Smtp
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::Smtp => "smtp",
+            TransportKind::Graph => "graph",
+            TransportKind::GmailApi => "gmail_api",
+        }
+    }
+
+    /// Where the API is when `api_url` is not set.
+    pub fn default_api_url(self) -> &'static str {
+        match self {
+            TransportKind::Smtp => "",
+            TransportKind::Graph => "https://graph.microsoft.com/v1.0",
+            TransportKind::GmailApi => "https://gmail.googleapis.com",
+        }
+    }
+}
+
+/// `header_recipients`: what an API transport does with an address in `To`/`Cc`/`Bcc` that the
+/// mailer did not give in `RCPT` (the APIs deliver to the header addresses, not to an envelope).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeaderRecipients {
+    /// The message is refused (`554 5.7.0`): it cannot be delivered exactly as the envelope says.
+    #[default]
+    Refuse,
+    /// Those addresses are taken out of the submitted copy's headers.
+    Strip,
+}
+
+impl HeaderRecipients {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HeaderRecipients::Refuse => "refuse",
+            HeaderRecipients::Strip => "strip",
+        }
+    }
+}
+
 /// Where and how a provider's SMTP server is reached; pooled connections are not reused once
 /// any of it changes (compared by value: a field added here is compared too).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -370,7 +427,13 @@ pub struct Provider {
     pub secret_source: Option<SecretSource>,
     pub client_secret: Option<Secret>,
     pub smtp: SmtpUpstream,
-    /// Extra CA (PEM) trusted for the provider's token, device and revocation endpoints.
+    /// SMTP, or an HTTP API (`api_url` then says where).
+    pub transport: TransportKind,
+    /// The API's base URL (empty for SMTP).
+    pub api_url: String,
+    /// The provider's default for its accounts.
+    pub header_recipients: HeaderRecipients,
+    /// Extra CA (PEM) trusted for the provider's token, device and revocation endpoints (and its API).
     pub http_ca_file: Option<PathBuf>,
     pub redirect_port: Option<u16>,
     pub grant: GrantKind,
@@ -454,6 +517,7 @@ impl std::fmt::Debug for Provider {
                 "smtp",
                 &format_args!("{}:{}", self.smtp.host, self.smtp.port),
             )
+            .field("transport", &self.transport)
             .finish_non_exhaustive()
     }
 }
@@ -476,6 +540,19 @@ pub struct Account {
     pub pacing: Pacing,
     /// `delivery` of the account, else `[delivery] mode`.
     pub delivery: DeliveryMode,
+    /// The account's `header_recipients`, else its provider's.
+    pub header_recipients: HeaderRecipients,
+}
+
+impl Account {
+    /// Where the account's messages go: "smtp.office365.com:587" or the API's URL.
+    pub fn endpoint(&self) -> String {
+        let p = &self.provider;
+        match p.transport {
+            TransportKind::Smtp => format!("{}:{}", p.smtp.host, p.smtp.port),
+            _ => p.api_url.clone(),
+        }
+    }
 }
 
 impl Account {
@@ -495,6 +572,7 @@ impl Account {
             grant: grant.unwrap_or(provider.grant),
             max_upstream_connections: provider.max_upstream_connections,
             pacing: provider.pacing,
+            header_recipients: provider.header_recipients,
             provider,
             mailbox: mailbox.to_string(),
             allowed_senders: None,
@@ -525,6 +603,9 @@ impl Provider {
                 mechanism: Mechanism::Xoauth2,
                 proxy: None,
             },
+            transport: TransportKind::Smtp,
+            api_url: String::new(),
+            header_recipients: HeaderRecipients::Refuse,
             http_ca_file: None,
             redirect_port: None,
             grant: GrantKind::RefreshToken,

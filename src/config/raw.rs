@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::{
-    AlertsConfig, ConfigError, DeliveryConfig, DeliveryMode, GrantKind, Limits, ListenerConfig,
-    Mechanism, MetricsConfig, ServerConfig, TlsConfig, TlsMode,
+    AlertsConfig, ConfigError, DeliveryConfig, DeliveryMode, GrantKind, HeaderRecipients, Limits,
+    ListenerConfig, Mechanism, MetricsConfig, ServerConfig, TlsConfig, TlsMode, TransportKind,
 };
 use crate::util::secret::Secret;
 
@@ -41,6 +41,11 @@ pub struct RawConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProvider {
+    /// `google` or `microsoft`: the family's endpoints, hints and limits for a table of any name.
+    pub preset: Option<String>,
+    pub transport: Option<TransportKind>,
+    pub api_url: Option<String>,
+    pub header_recipients: Option<HeaderRecipients>,
     pub token_url: Option<String>,
     pub authorize_url: Option<String>,
     pub device_authorization_url: Option<String>,
@@ -94,6 +99,7 @@ pub struct RawAccount {
     pub grant: Option<GrantKind>,
     pub max_upstream_connections: Option<usize>,
     pub delivery: Option<DeliveryMode>,
+    pub header_recipients: Option<HeaderRecipients>,
     pub max_messages_per_minute: Option<u32>,
     pub max_recipients_per_message: Option<u32>,
     pub max_messages_per_day: Option<u32>,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use super::raw::{RawAccount, RawConfig, RawProvider};
 use super::{
     err, Account, Config, ConfigError, DeliveryMode, Env, Family, GrantKind, Mechanism, Pacing,
-    Provider, SecretSource, SmtpUpstream, TlsMode, UpstreamProxy,
+    Provider, SecretSource, SmtpUpstream, TlsMode, TransportKind, UpstreamProxy,
 };
 use crate::util::secret::Secret;
 
@@ -79,8 +79,10 @@ fn account(
         && provider.family == Family::Microsoft
     {
         return err(format!(
-            "{what}: grant = \"client_credentials\" must be set on [providers.microsoft] (it changes the scope \
-             to https://outlook.office365.com/.default); use a separate provider table for app-only accounts"
+            "{what}: grant = \"client_credentials\" must be set on [providers.{}] (it changes the scope \
+             to {}); use a separate provider table for app-only accounts",
+            provider.name,
+            app_only_scope(provider.transport)
         ));
     }
     if grant == GrantKind::ClientCredentials
@@ -130,6 +132,7 @@ fn account(
         .unwrap_or(provider.max_upstream_connections);
     let pacing = provider.pacing.with(pacing_overrides);
     let delivery = a.delivery.unwrap_or(default_delivery);
+    let header_recipients = a.header_recipients.unwrap_or(provider.header_recipients);
     Ok(Arc::new(Account {
         name: a.name,
         login,
@@ -141,7 +144,39 @@ fn account(
         max_upstream_connections,
         pacing,
         delivery,
+        header_recipients,
     }))
+}
+
+/// The app-only (client credentials) scope of a Microsoft transport.
+fn app_only_scope(transport: TransportKind) -> &'static str {
+    match transport {
+        TransportKind::Graph => "https://graph.microsoft.com/.default",
+        _ => "https://outlook.office365.com/.default",
+    }
+}
+
+/// The scopes a provider asks for when it lists none: what its transport needs.
+fn preset_scopes(
+    family: Family,
+    transport: TransportKind,
+    grant: Option<GrantKind>,
+) -> Option<Vec<String>> {
+    let app_only = grant == Some(GrantKind::ClientCredentials);
+    let list = |s: &[&str]| Some(s.iter().map(|s| s.to_string()).collect());
+    match (transport, family) {
+        (TransportKind::Graph, _) if app_only => list(&[app_only_scope(transport)]),
+        (TransportKind::Graph, _) => {
+            list(&["https://graph.microsoft.com/Mail.Send", "offline_access"])
+        }
+        (TransportKind::GmailApi, _) => list(&["https://www.googleapis.com/auth/gmail.send"]),
+        (TransportKind::Smtp, Family::Google) => list(&["https://mail.google.com/"]),
+        (TransportKind::Smtp, Family::Microsoft) if app_only => list(&[app_only_scope(transport)]),
+        (TransportKind::Smtp, Family::Microsoft) => {
+            list(&["https://outlook.office.com/SMTP.Send", "offline_access"])
+        }
+        (TransportKind::Smtp, Family::Generic) => None,
+    }
 }
 
 /// Applies presets and validates; reads nothing outside `raw`.
@@ -492,27 +527,44 @@ fn check_url(provider: &str, key: &str, value: &str) -> Result<(), ConfigError> 
     }
 }
 
+/// The Gmail API preset: Google Workspace's sending limits (support.google.com/a/answer/166852:
+/// 2,000 messages and 10,000 recipients a day, 100 recipients per message "via SMTP or the Gmail
+/// API") and the API's rate (developers.google.com/gmail/api/reference/quota: 15,000 quota units
+/// a minute per user, 100 per `messages.send`: 150 messages a minute).
+const GMAIL_API_PACING: Pacing = Pacing {
+    max_messages_per_minute: 150,
+    max_recipients_per_message: 100,
+    max_messages_per_day: 2_000,
+    max_recipients_per_day: 10_000,
+};
+
 fn provider(
     name: &str,
     raw: RawProvider,
     default_proxy: Option<&UpstreamProxy>,
 ) -> Result<Provider, ConfigError> {
     let what = format!("provider `{name}`");
-    let family = match name {
+    let family = match raw.preset.as_deref().unwrap_or(name) {
         "google" => Family::Google,
         "microsoft" => Family::Microsoft,
+        _ if raw.preset.is_some() => {
+            return err(format!(
+                "{what}: preset = \"{}\" is not known; use \"google\" or \"microsoft\" (or leave it out)",
+                raw.preset.as_deref().unwrap_or_default()
+            ))
+        }
         _ => Family::Generic,
     };
+    let transport = raw.transport.unwrap_or_default();
     let tenant = raw.tenant.clone().unwrap_or_else(|| "common".into());
     let ms = |path: &str| format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/{path}");
     // Preset values; fields the operator sets win.
-    let (token, authorize, device, revoke, scopes, host, port, tls) = match family {
+    let (token, authorize, device, revoke, host, port, tls) = match family {
         Family::Google => (
             Some("https://oauth2.googleapis.com/token".to_string()),
             Some("https://accounts.google.com/o/oauth2/v2/auth".to_string()),
             Some("https://oauth2.googleapis.com/device/code".to_string()),
             Some("https://oauth2.googleapis.com/revoke".to_string()),
-            Some(vec!["https://mail.google.com/".to_string()]),
             Some("smtp.gmail.com".to_string()),
             Some(465),
             Some(TlsMode::Implicit),
@@ -522,39 +574,35 @@ fn provider(
             Some(ms("authorize")),
             Some(ms("devicecode")),
             None,
-            Some(if raw.grant == Some(GrantKind::ClientCredentials) {
-                vec!["https://outlook.office365.com/.default".to_string()]
-            } else {
-                vec![
-                    "https://outlook.office.com/SMTP.Send".to_string(),
-                    "offline_access".to_string(),
-                ]
-            }),
             Some("smtp.office365.com".to_string()),
             Some(587),
             Some(TlsMode::Starttls),
         ),
-        Family::Generic => (None, None, None, None, None, None, None, None),
+        Family::Generic => (None, None, None, None, None, None, None),
     };
+    let scopes = preset_scopes(family, transport, raw.grant);
     if raw.max_upstream_connections == Some(0) {
         return err(format!(
             "{what}: max_upstream_connections must be at least 1"
         ));
     }
-    let presets = match family {
-        Family::Microsoft => Pacing {
+    let presets = match (transport, family) {
+        // The Gmail API's own per-user limits (see README, "Microsoft Graph and the Gmail API").
+        (TransportKind::GmailApi, _) => GMAIL_API_PACING,
+        // Graph sends through the same Exchange Online mailbox limits as SMTP.
+        (TransportKind::Graph, _) | (_, Family::Microsoft) => Pacing {
             max_messages_per_minute: 30,
             max_recipients_per_message: 500,
             max_messages_per_day: 0,
             max_recipients_per_day: 10_000,
         },
-        Family::Google => Pacing {
+        (_, Family::Google) => Pacing {
             max_messages_per_minute: 0,
             max_recipients_per_message: 100,
             max_messages_per_day: 2_000,
             max_recipients_per_day: 10_000,
         },
-        Family::Generic => Pacing::default(),
+        (_, Family::Generic) => Pacing::default(),
     };
     let pacing = presets.with(raw.pacing());
     let Some(token_url) = raw.token_url.or(token) else {
@@ -562,9 +610,28 @@ fn provider(
             "{what}: `token_url` is missing (required for providers other than google / microsoft)"
         ));
     };
-    let Some(smtp_host) = raw.smtp_host.or(host) else {
-        return err(format!("{what}: `smtp_host` is missing"));
+    // An API account never opens an SMTP connection: the SMTP keys are allowed and unused.
+    let Some(smtp_host) = raw
+        .smtp_host
+        .or(host)
+        .or_else(|| transport.is_api().then(String::new))
+    else {
+        return err(format!(
+            "{what}: `smtp_host` is missing (or set transport = \"graph\" / \"gmail_api\" for an HTTP API)"
+        ));
     };
+    let api_url = match transport {
+        TransportKind::Smtp => String::new(),
+        t => raw
+            .api_url
+            .clone()
+            .unwrap_or_else(|| t.default_api_url().to_string())
+            .trim_end_matches('/')
+            .to_string(),
+    };
+    if transport.is_api() {
+        check_url(name, "api_url", &api_url)?;
+    }
     let Some(client_id) = raw.client_id else {
         return err(format!(
             "{what}: `client_id` is missing; register an OAuth app with the provider and put its client id here"
@@ -584,7 +651,7 @@ fn provider(
         }
     }
     let smtp_tls = raw.smtp_tls.or(tls).unwrap_or(TlsMode::Starttls);
-    if smtp_tls == TlsMode::None && !is_loopback_host(&smtp_host) {
+    if smtp_tls == TlsMode::None && !is_loopback_host(&smtp_host) && !transport.is_api() {
         return err(format!(
             "{what}: smtp_tls = \"none\" is allowed only for a loopback smtp_host; use \"starttls\" or \"implicit\""
         ));
@@ -648,6 +715,9 @@ fn provider(
                 None => default_proxy.cloned(),
             },
         },
+        transport,
+        api_url,
+        header_recipients: raw.header_recipients.unwrap_or_default(),
         http_ca_file: raw.http_ca_file,
         redirect_port: raw.redirect_port,
         grant: raw.grant.unwrap_or(GrantKind::RefreshToken),
@@ -655,9 +725,15 @@ fn provider(
         client_certificate_file: raw.client_certificate_file,
         client_private_key_file: raw.client_private_key_file,
         pacing,
-        max_upstream_connections: raw.max_upstream_connections.unwrap_or(match family {
-            Family::Microsoft => 3,
-            Family::Google | Family::Generic => 10,
-        }),
+        max_upstream_connections: raw.max_upstream_connections.unwrap_or(
+            match (transport, family) {
+                // Outlook allows 4 concurrent requests per mailbox and app.
+                (TransportKind::Graph, _) => 4,
+                (TransportKind::GmailApi, _) => 10,
+                // Exchange Online refuses a fourth authenticated SMTP connection per mailbox.
+                (_, Family::Microsoft) => 3,
+                (_, Family::Google | Family::Generic) => 10,
+            },
+        ),
     })
 }

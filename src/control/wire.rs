@@ -22,6 +22,9 @@ pub enum Request {
         /// The refresh token's lifetime, when the provider gave one.
         #[serde(default)]
         refresh_expires_in: Option<u64>,
+        /// The scopes the provider granted, when its answer listed them.
+        #[serde(default)]
+        scope: Option<String>,
     },
     Revoke {
         account: String,

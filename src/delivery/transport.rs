@@ -65,3 +65,33 @@ pub trait Transaction: Send + Sync {
     /// The answer to the next `recipient` or `data` is already at hand (it came with MAIL's).
     fn answer_ready(&self) -> bool;
 }
+
+/// Each account's messages go the way its provider's `transport` says: SMTP, or an HTTP API.
+pub struct Routes {
+    pub smtp: Arc<dyn Transport>,
+    pub api: Arc<dyn Transport>,
+}
+
+impl Routes {
+    fn of(&self, account: &Account) -> &dyn Transport {
+        if account.provider.transport.is_api() {
+            &*self.api
+        } else {
+            &*self.smtp
+        }
+    }
+}
+
+impl Transport for Routes {
+    fn begin<'a>(
+        &'a self,
+        account: &'a Arc<Account>,
+        start: MailStart<'a>,
+    ) -> BoxFuture<'a, Begun> {
+        self.of(account).begin(account, start)
+    }
+
+    fn known_refusal(&self, account: &Account) -> Option<String> {
+        self.of(account).known_refusal(account)
+    }
+}

@@ -30,6 +30,8 @@ pub struct TokenSet {
     pub refresh_token: Option<Secret>,
     /// How long the refresh token lives, when the provider says (Google, for Testing-status apps).
     pub refresh_expires_in: Option<Duration>,
+    /// The scopes granted (space-separated), when the answer lists them.
+    pub scope: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -158,6 +160,13 @@ pub fn token_set(response: &OAuthTokenResponse) -> TokenSet {
             .extra_fields()
             .refresh_token_expires_in
             .map(Duration::from_secs),
+        scope: response.scopes().map(|scopes| {
+            scopes
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        }),
     }
 }
 
@@ -263,6 +272,7 @@ pub async fn post_token_form(
             .get("refresh_token_expires_in")
             .and_then(|v| v.as_u64())
             .map(Duration::from_secs),
+        scope: field("scope"),
     })
 }
 

@@ -32,7 +32,7 @@ pub struct HttpClient {
 }
 
 /// reqwest's error with its causes ("error sending request" alone says nothing); never a body.
-fn describe(e: reqwest::Error) -> HttpError {
+pub fn describe(e: reqwest::Error) -> HttpError {
     // The URL without its query: a device or token request never carries secrets there, but an
     // authorize URL might carry state.
     let url = e

@@ -104,15 +104,18 @@ pub enum Step {
     Mail,
     Rcpt,
     Data,
+    /// One HTTP API request (Graph, the Gmail API).
+    Api,
 }
 
 impl Step {
-    const ALL: [Step; 5] = [
+    const ALL: [Step; 6] = [
         Step::Connect,
         Step::Auth,
         Step::Mail,
         Step::Rcpt,
         Step::Data,
+        Step::Api,
     ];
 
     fn as_str(self) -> &'static str {
@@ -122,6 +125,7 @@ impl Step {
             Step::Mail => "mail",
             Step::Rcpt => "rcpt",
             Step::Data => "data",
+            Step::Api => "api",
         }
     }
 
@@ -189,6 +193,7 @@ pub struct Metrics {
     token_refreshes: Family<AccountOutcome, Counter>,
     alerts: Family<AccountEvent, Counter>,
     queue_corrupt: Counter,
+    header_refused: Family<AccountLabel, Counter>,
     pub gauges: Gauges,
     /// One scrape at a time: each clears and refills the shared gauges.
     scraping: std::sync::Mutex<()>,
@@ -216,6 +221,7 @@ impl Metrics {
         let token_refreshes = Family::default();
         let alerts = Family::default();
         let queue_corrupt = Counter::default();
+        let header_refused = Family::default();
         let gauges = Gauges {
             upstream_connections: Family::default(),
             token_expiry_seconds: Family::default(),
@@ -276,6 +282,12 @@ impl Metrics {
             "Damaged spool records found (their bytes kept in queue/corrupt/)",
             queue_corrupt.clone(),
         );
+        r.register(
+            "xoauth_relay_header_recipients_refused",
+            "Messages refused for an API transport because To/Cc/Bcc name an address the envelope does not \
+             (header_recipients = \"refuse\"), by account",
+            header_refused.clone(),
+        );
         let g = &gauges;
         r.register(
             "xoauth_relay_upstream_connections",
@@ -319,6 +331,7 @@ impl Metrics {
             token_refreshes,
             alerts,
             queue_corrupt,
+            header_refused,
             gauges,
             scraping: std::sync::Mutex::new(()),
         }
@@ -327,6 +340,15 @@ impl Metrics {
     /// A damaged spool record was found.
     pub fn queue_corrupt(&self) {
         self.queue_corrupt.inc();
+    }
+
+    /// A message for an API transport was refused for its header recipients.
+    pub fn header_recipients_refused(&self, account: &str) {
+        self.header_refused
+            .get_or_create(&AccountLabel {
+                account: account.to_string(),
+            })
+            .inc();
     }
 
     /// A session started on `listener` (its configured address); the guard ends it.
@@ -356,6 +378,9 @@ impl Metrics {
         self.step_timers();
         for &account in accounts {
             self.account(account);
+            self.header_refused.get_or_create_owned(&AccountLabel {
+                account: account.to_string(),
+            });
             let with = |outcome| AccountOutcome {
                 account: account.to_string(),
                 outcome,
@@ -489,7 +514,7 @@ impl AccountCounters {
 
 /// `xoauth_relay_upstream_reply_seconds` by step, for one connection.
 #[derive(Clone)]
-pub struct StepTimers([Histogram; 5]);
+pub struct StepTimers([Histogram; 6]);
 
 impl StepTimers {
     pub fn observe(&self, step: Step, elapsed: std::time::Duration) {

@@ -57,9 +57,32 @@ impl BodyChunk {
 pub struct BodyEncoder {
     pending_cr: bool,
     mid_line: bool,
+    /// Line endings only, no dot-stuffing: the message as a file (an HTTP API's body).
+    unstuffed: bool,
 }
 
 impl BodyEncoder {
+    /// An encoder that makes bare CR and LF into CRLF but leaves leading dots alone: the message
+    /// itself rather than its DATA wire form (what an HTTP API takes). No end-of-data sequence
+    /// either: [`BodyEncoder::finish_unstuffed`] completes a pending CR only.
+    pub fn unstuffed() -> BodyEncoder {
+        BodyEncoder {
+            unstuffed: true,
+            ..BodyEncoder::default()
+        }
+    }
+
+    /// The end of an unstuffed message: a CR left pending becomes CRLF.
+    pub fn finish_unstuffed(&mut self) -> &'static [u8] {
+        let pending = std::mem::take(&mut self.pending_cr);
+        self.mid_line = false;
+        if pending {
+            b"\r\n"
+        } else {
+            b""
+        }
+    }
+
     /// How many leading bytes of `chunk` are already in wire form (whole well-formed lines); the
     /// encoder counts them as sent.
     fn verbatim(&mut self, chunk: &[u8]) -> usize {
@@ -121,7 +144,7 @@ impl BodyEncoder {
                     self.mid_line = false;
                     return i;
                 }
-                b'.' if !self.mid_line => {
+                b'.' if !self.mid_line && !self.unstuffed => {
                     out.extend_from_slice(b"..");
                     self.mid_line = true;
                 }

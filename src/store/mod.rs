@@ -31,6 +31,10 @@ pub struct Grant {
     /// When the refresh token itself expires (unix seconds), if the provider said.
     #[serde(default)]
     pub refresh_expires_at: Option<u64>,
+    /// The scopes the provider's last token answer listed (space-separated), when it listed any:
+    /// whether the grant can do what the account's transport needs.
+    #[serde(default)]
+    pub scope: Option<String>,
 }
 
 /// Clear-text bookkeeping per account; nothing secret.

@@ -1,21 +1,26 @@
 //! Test harness: a fake OAuth provider ([`provider`]: its token endpoint in [`oauth`], its SMTP
 //! server in [`upstream`], checking XOAUTH2 / OAUTHBEARER the way Gmail does), the relay under test
 //! wired to it ([`relay`]), a small SMTP client for the mailer side ([`mailer`]), upstream proxies
-//! ([`proxies`]) and the set-ups the tests share ([`setups`]). Everything listens on 127.0.0.1
+//! ([`proxies`]), fakes of Microsoft Graph and the Gmail API ([`api`]) and the set-ups the tests share ([`setups`]). Everything listens on 127.0.0.1
 //! with ports chosen by the OS.
 #![allow(dead_code)]
 
+mod api;
 mod mailer;
 mod oauth;
 mod provider;
 mod proxies;
+mod queueing;
 mod relay;
 mod setups;
 mod upstream;
 
 // Each test binary uses a part of the harness.
 #[allow(unused_imports)]
-pub use {mailer::*, oauth::*, provider::*, proxies::*, relay::*, setups::*, upstream::*};
+pub use {
+    api::*, mailer::*, oauth::*, provider::*, proxies::*, queueing::*, relay::*, setups::*,
+    upstream::*,
+};
 
 use base64::Engine;
 use tokio::io::{AsyncRead, AsyncWrite};

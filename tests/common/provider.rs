@@ -71,7 +71,12 @@ pub struct Message {
     pub body: Vec<u8>,
     /// When the end of data was answered `250`.
     pub at: Option<std::time::Instant>,
+    /// Graph's large way: each attachment's name and bytes.
+    pub attachments: Vec<(String, Vec<u8>)>,
 }
+
+/// A scripted HTTP answer: status, body, extra headers.
+pub type Scripted = (u16, String, Vec<(String, String)>);
 
 /// Everything the fake provider knows and counts.
 pub struct State {
@@ -129,6 +134,20 @@ pub struct State {
     pub extra: HashMap<String, String>,
     /// Say `refresh_token_expires_in` (what Google tells a Testing-status app).
     pub refresh_lifetime: Option<u64>,
+    /// The scopes the token endpoint grants (and says it granted).
+    pub token_scope: String,
+    /// The scope each access token was issued with.
+    pub access_scopes: HashMap<String, String>,
+    /// The fake APIs (Graph, Gmail): the next answers, given instead of doing the request.
+    pub api_script: std::collections::VecDeque<Scripted>,
+    /// Every API request: "METHOD /path".
+    pub api_requests: Vec<String>,
+    /// API requests running now, and the most at once.
+    pub api_now: usize,
+    pub api_peak: usize,
+    /// Graph drafts and upload sessions.
+    pub drafts: HashMap<String, super::api::Draft>,
+    pub uploads: HashMap<String, super::api::Upload>,
 }
 
 impl State {
@@ -151,12 +170,14 @@ impl State {
             at.clone(),
             Instant::now() + Duration::from_secs(self.lifetime),
         );
+        self.access_scopes
+            .insert(at.clone(), self.token_scope.clone());
         at
     }
 
     pub fn token_json(&mut self, refresh: Option<String>) -> String {
         let at = self.issue_access();
-        let mut v = serde_json::json!({"access_token": at, "token_type": "Bearer", "expires_in": self.lifetime});
+        let mut v = serde_json::json!({"access_token": at, "token_type": "Bearer", "expires_in": self.lifetime, "scope": self.token_scope});
         if let Some(rt) = refresh {
             v["refresh_token"] = rt.into();
         }
@@ -198,6 +219,8 @@ pub struct FakeProvider {
     pub state: Shared,
     pub http_addr: SocketAddr,
     pub smtp_addr: SocketAddr,
+    /// The fake Graph (under `/graph/v1.0`) and Gmail API.
+    pub api_addr: SocketAddr,
     pub pki: Arc<Pki>,
     pub smtp_mode: &'static str,
 }
@@ -245,6 +268,14 @@ impl FakeProvider {
             token_outage: false,
             extra: HashMap::new(),
             refresh_lifetime: None,
+            token_scope: "https://mail.google.com/".into(),
+            access_scopes: HashMap::new(),
+            api_script: Default::default(),
+            api_requests: Vec::new(),
+            api_now: 0,
+            api_peak: 0,
+            drafts: HashMap::new(),
+            uploads: HashMap::new(),
         }));
         let pki = Arc::new(Pki::new());
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -258,12 +289,22 @@ impl FakeProvider {
             pki.server_config(),
             smtp_mode == "implicit",
         ));
+        let api_addr = super::api::start(state.clone()).await;
         FakeProvider {
             state,
             http_addr,
             smtp_addr,
+            api_addr,
             pki,
             smtp_mode,
+        }
+    }
+
+    /// `api_url` for a provider table with `transport` = "graph" or "gmail_api".
+    pub fn api_url(&self, transport: &str) -> String {
+        match transport {
+            "graph" => format!("http://{}/graph/v1.0", self.api_addr),
+            _ => format!("http://{}", self.api_addr),
         }
     }
 

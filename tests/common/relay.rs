@@ -228,6 +228,7 @@ impl Relay {
                 access_token: None,
                 expires_in: None,
                 refresh_expires_in: None,
+                scope: None,
             },
         )
         .await

@@ -176,7 +176,13 @@ impl Worker {
                 rcpts: Vec::new(),
             });
         }
-        let cap = self.pacer.recipients_now(self.pacers.now_ms());
+        // An API sends a message in one request: it is never split (pacing waits until the
+        // day's budget has room for all of it); SMTP sends what the budget allows now.
+        let cap = if self.aq.account.load().provider.transport.is_api() {
+            self.pacer.recipients_per_message()
+        } else {
+            self.pacer.recipients_now(self.pacers.now_ms())
+        };
         let take = if cap == 0 { untried.len() } else { cap };
         let rcpts: Vec<usize> = untried.into_iter().take(take).collect();
         if let Err(wait) = self.pacer.take(rcpts.len() as u32, self.pacers.now_ms()) {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::{Common, Delivery, MessageStats};
 use crate::config::Account;
+use crate::delivery::api;
 use crate::delivery::queue::model::Envelope;
 use crate::delivery::queue::spool::Incoming;
 use crate::delivery::status::{Cause, Status};
@@ -24,6 +25,9 @@ pub struct Intake {
 struct Spooled {
     env: Envelope,
     writer: Option<Box<dyn Incoming>>,
+    /// For an API transport: the start of the message, whose header section must agree with the
+    /// envelope before the message is queued (nothing is queued that cannot go exactly).
+    head: Option<Vec<u8>>,
 }
 
 impl Intake {
@@ -57,12 +61,19 @@ impl Intake {
                 ..Envelope::default()
             },
             writer: None,
+            head: self.account.provider.transport.is_api().then(Vec::new),
         }));
         Status::from_reply(Reply::new(250, "2.1.0 Ok"))
     }
 
     pub fn rcpt(&mut self, to: &str) -> Status {
         if let Some(spooled) = self.spooled.as_mut() {
+            if spooled.head.is_some() {
+                let so_far = spooled.env.recipients.len();
+                if let Err(reply) = api::envelope::recipient_allowed(&self.account, so_far) {
+                    return Status::temporary(Cause::Deferred, reply);
+                }
+            }
             spooled.env.recipients.push(to.to_string());
             self.common.stats.recipients += 1;
         }
@@ -78,7 +89,14 @@ impl Intake {
 
     pub async fn body(&mut self, chunk: &BodyChunk) {
         self.common.stats.size += chunk.len();
-        if let Some(writer) = self.spooled.as_mut().and_then(|s| s.writer.as_mut()) {
+        let Some(spooled) = self.spooled.as_mut() else {
+            return;
+        };
+        if let Some(head) = spooled.head.as_mut() {
+            let room = (api::envelope::MAX_HEADER + 2).saturating_sub(head.len());
+            head.extend_from_slice(&chunk.bytes()[..room.min(chunk.len())]);
+        }
+        if let Some(writer) = spooled.writer.as_mut() {
             writer.push(chunk.bytes()).await;
         }
     }
@@ -87,6 +105,7 @@ impl Intake {
         let Some(Spooled {
             env,
             writer: Some(writer),
+            head,
         }) = self.spooled.take().map(|s| *s)
         else {
             return Status::temporary(
@@ -94,6 +113,17 @@ impl Intake {
                 Reply::new(451, "4.3.0 No message to queue; try again"),
             );
         };
+        if let Some(head) = head {
+            let size = self.common.stats.size as u64;
+            if let Err(status) = api::envelope::check(&head, size, &env.recipients, &self.account) {
+                if status.reply().code == 554 {
+                    let metrics = &self.delivery.observer.metrics;
+                    metrics.header_recipients_refused(&self.account.name);
+                }
+                // The spool writer is dropped unused: nothing of the message stays.
+                return status;
+            }
+        }
         match self.delivery.queue.accept(writer, env).await {
             Ok(id) => {
                 let reply = crate::delivery::queue::queued_reply(&id);

@@ -581,6 +581,9 @@ impl TokenManager {
         }
         grant.access_token = Some(set.access_token.clone());
         grant.access_expires_at = Some(now + lifetime.as_secs());
+        if set.scope.is_some() {
+            grant.scope = set.scope.clone();
+        }
         grant.last_refresh = Some(now);
         let saved = self.store.put(&name, grant.clone()).await;
         if saved.is_ok() {

@@ -41,6 +41,7 @@ impl Issuer for Scripted {
                 access_token: Secret::new(format!("at-{n}")),
                 expires_in: Some(Duration::from_secs(lifetime)),
                 refresh_expires_in: None,
+                scope: None,
                 refresh_token: self.rotate.then(|| Secret::new(format!("rt-{n}"))),
             })
         })
