@@ -111,6 +111,24 @@ async fn direct_mode_sends_through_either_api_with_the_envelope_exact() {
             }
         }
         assert!(spill_dir_empty(&relay));
+        // `test --to` sends through the same path and prints each step.
+        let to = Some("check@example.org".to_string());
+        let test = admin(
+            &relay,
+            Request::Test {
+                account: "news".into(),
+                to,
+            },
+        )
+        .await;
+        assert!(test.ok, "{}", test.text);
+        assert!(
+            test.text
+                .contains(&format!("send through {transport}: 250 2.0.0 OK")),
+            "{}",
+            test.text
+        );
+        assert_eq!(provider.state().messages[1].rcpts, ["check@example.org"]);
         relay.stop().await;
     }
 }

@@ -108,3 +108,102 @@ fn debug_output_shows_no_secret_or_password_hash() {
         assert!(!debug.contains(secret), "{secret} in {debug}");
     }
 }
+
+/// A config with one provider table `p` (its keys given) and an account on it.
+fn with_provider(keys: &str) -> Result<Config, ConfigError> {
+    let text = format!(
+        "[[listeners]]\naddress = \"127.0.0.1:587\"\ntls = \"none\"\n\n[providers.p]\n{keys}\n\n[[accounts]]\n\
+         name = \"news\"\npassword_hash = \"$argon2id$v=19$m=19456,t=2,p=1$8uLpBtLr7xHax5eifcWBXA$QKTwp/o3Eg0VHq7aeAVpq5nU6VsxKM0bSk9xdcSnc0U\"\n\
+         provider = \"p\"\nmailbox = \"news@example.com\"\n"
+    );
+    Config::parse(&text, Path::new("relay.toml"))
+}
+
+#[test]
+fn an_api_transport_takes_its_family_from_the_preset_and_its_defaults_from_the_transport() {
+    let c = with_provider("preset = \"microsoft\"\ntransport = \"graph\"\ntenant = \"contoso.com\"\nclient_id = \"c\"")
+        .unwrap();
+    let a = &c.accounts[0];
+    let p = &a.provider;
+    assert_eq!(
+        (p.family, p.transport),
+        (Family::Microsoft, TransportKind::Graph)
+    );
+    assert!(p
+        .token_url
+        .starts_with("https://login.microsoftonline.com/contoso.com/"));
+    assert_eq!(p.api_url, "https://graph.microsoft.com/v1.0");
+    assert_eq!(
+        p.scopes,
+        ["https://graph.microsoft.com/Mail.Send", "offline_access"]
+    );
+    assert_eq!(
+        a.max_upstream_connections, 4,
+        "Outlook's 4 concurrent requests"
+    );
+    assert_eq!(a.pacing.max_messages_per_minute, 30);
+    assert_eq!(a.header_recipients, HeaderRecipients::Refuse);
+    assert_eq!(a.endpoint(), "https://graph.microsoft.com/v1.0");
+
+    let c = with_provider(
+        "preset = \"microsoft\"\ntransport = \"graph\"\ntenant = \"contoso.com\"\nclient_id = \"c\"\n\
+         grant = \"client_credentials\"\nclient_secret = \"s\"",
+    )
+    .unwrap();
+    assert_eq!(
+        c.accounts[0].provider.scopes,
+        ["https://graph.microsoft.com/.default"]
+    );
+
+    let c = with_provider(
+        "preset = \"google\"\ntransport = \"gmail_api\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\
+         header_recipients = \"strip\"",
+    )
+    .unwrap();
+    let a = &c.accounts[0];
+    assert_eq!(
+        a.provider.scopes,
+        ["https://www.googleapis.com/auth/gmail.send"]
+    );
+    assert_eq!(a.provider.api_url, "https://gmail.googleapis.com");
+    assert_eq!(a.max_upstream_connections, 10);
+    assert_eq!(
+        (
+            a.pacing.max_messages_per_minute,
+            a.pacing.max_recipients_per_message
+        ),
+        (150, 100)
+    );
+    assert_eq!(a.header_recipients, HeaderRecipients::Strip);
+}
+
+#[test]
+fn api_transport_mistakes_are_named_with_the_fix() {
+    let e = with_provider("preset = \"yahoo\"\nclient_id = \"c\"")
+        .unwrap_err()
+        .0;
+    assert!(
+        e.contains("preset = \"yahoo\"") && e.contains("\"google\" or \"microsoft\""),
+        "{e}"
+    );
+    let e = with_provider(
+        "preset = \"microsoft\"\ntransport = \"graph\"\nclient_id = \"c\"\napi_url = \"http://graph.example.com/v1.0\"",
+    )
+    .unwrap_err()
+    .0;
+    assert!(e.contains("`api_url` must be an https URL"), "{e}");
+    let e = with_provider("token_url = \"https://login.example.com/token\"\nclient_id = \"c\"")
+        .unwrap_err()
+        .0;
+    assert!(
+        e.contains("`smtp_host` is missing") && e.contains("transport"),
+        "{e}"
+    );
+    // A loopback API (the tests' fakes) may be plain http; an API provider needs no smtp_host.
+    let c = with_provider(
+        "token_url = \"https://login.example.com/token\"\nclient_id = \"c\"\ntransport = \"gmail_api\"\n\
+         api_url = \"http://127.0.0.1:8080/\"",
+    )
+    .unwrap();
+    assert_eq!(c.accounts[0].provider.api_url, "http://127.0.0.1:8080");
+}

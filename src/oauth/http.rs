@@ -57,14 +57,9 @@ impl HttpClient {
         extra_ca: Option<&std::path::Path>,
         timeout: Duration,
     ) -> Result<HttpClient, String> {
-        let tls = crate::util::tls::client_config(extra_ca).map_err(|e| e.to_string())?;
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(rustls::ClientConfig::clone(&tls))
-            // A redirect would re-post a refresh token or client secret to wherever it points.
-            .redirect(reqwest::redirect::Policy::none())
+        let client = crate::util::tls::http_client_builder(extra_ca, &[])?
             .timeout(timeout)
             .connect_timeout(timeout)
-            .user_agent(concat!("xoauth-relay/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| describe(e).0)?;
         Ok(HttpClient { client })

@@ -174,12 +174,8 @@ pub fn webhook_client(config: &AlertsConfig) -> Result<Option<reqwest::Client>, 
     if config.webhook_url.is_none() {
         return Ok(None);
     }
-    let tls = crate::util::tls::client_config(None).map_err(|e| e.to_string())?;
-    reqwest::Client::builder()
-        .use_preconfigured_tls(rustls::ClientConfig::clone(&tls))
-        .redirect(reqwest::redirect::Policy::none())
+    crate::util::tls::http_client_builder(None, &[])?
         .timeout(CHANNEL_TIMEOUT)
-        .user_agent(concat!("xoauth-relay/", env!("CARGO_PKG_VERSION")))
         .build()
         .map(Some)
         .map_err(|e| format!("[alerts] webhook_url: {e}"))

@@ -143,3 +143,19 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig
             .with_no_client_auth(),
     ))
 }
+
+/// Every HTTP client of the relay: rustls with the ring provider, the public roots plus
+/// `extra_ca`, the protocols `alpn` offers (none: HTTP/1.1), and no redirects: a redirect would
+/// re-post a refresh token, a client secret or a bearer token to wherever it points.
+pub fn http_client_builder(
+    extra_ca: Option<&std::path::Path>,
+    alpn: &[&[u8]],
+) -> Result<reqwest::ClientBuilder, String> {
+    let roots = client_config(extra_ca).map_err(|e| e.to_string())?;
+    let mut tls = rustls::ClientConfig::clone(&roots);
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("xoauth-relay/", env!("CARGO_PKG_VERSION"))))
+}

@@ -402,7 +402,7 @@ async fn upload(
         let end = (at + MAX_REQUEST as usize).min(total);
         let chunk = Bytes::copy_from_slice(&bytes[at..end]);
         let answer = api
-            .call_unauthenticated(|client| {
+            .call_unauthenticated(account, |client| {
                 client
                     .put(&upload_url)
                     .header(CONTENT_TYPE, "application/octet-stream")

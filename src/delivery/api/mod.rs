@@ -244,18 +244,15 @@ impl Api {
             }
         }
         let s = **self.settings.load();
-        let roots = crate::util::tls::client_config(provider.http_ca_file.as_deref())
-            .map_err(|e| format!("provider `{}`: http_ca_file: {e}", provider.name))?;
-        let mut tls = rustls::ClientConfig::clone(&roots);
         // HTTP/2 where the API offers it: one connection carries the account's requests.
-        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .redirect(reqwest::redirect::Policy::none())
+        let alpn: &[&[u8]] = &[b"h2", b"http/1.1"];
+        let client = crate::util::tls::http_client_builder(provider.http_ca_file.as_deref(), alpn)
+            .map_err(|e| format!("provider `{}`: http_ca_file: {e}", provider.name))?
+            // No deadline for the whole request (a 35 MB upload takes what it takes): each
+            // connect and each read has one.
             .connect_timeout(s.timeout)
             .read_timeout(s.timeout)
             .pool_idle_timeout(s.idle)
-            .user_agent(concat!("xoauth-relay/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| crate::oauth::http::describe(e).0)?;
         clients.insert(provider.name.clone(), (provider.clone(), client.clone()));
@@ -310,7 +307,9 @@ impl Api {
             .await
             .map_err(|e| no_token(name, &e))?;
         for attempt in 0.. {
-            let answer = self.exchange(make(&client, token.secret.expose())).await?;
+            let answer = self
+                .exchange(|| make(&client, token.secret.expose()))
+                .await?;
             match reading(&answer) {
                 Reading::TokenRefused if attempt == 0 => {
                     tracing::info!(account = %name, answer = %answer.summary(), "the API refused the access token; refreshing and retrying once");
@@ -330,26 +329,44 @@ impl Api {
     }
 
     /// A request to a pre-authenticated URL (a Graph upload session): no token.
-    pub async fn call_unauthenticated<F>(&self, make: F) -> Result<Answer, Status>
+    pub async fn call_unauthenticated<F>(
+        &self,
+        account: &Account,
+        make: F,
+    ) -> Result<Answer, Status>
     where
         F: Fn(&reqwest::Client) -> reqwest::RequestBuilder,
     {
-        // Any provider's client will do: the URL carries its own authentication.
-        let client = lock(&self.clients)
-            .values()
-            .next()
-            .map(|(_, c)| c.clone())
-            .unwrap_or_default();
-        self.exchange(make(&client)).await
+        let client = self.client(&account.provider).map_err(|e| {
+            Status::temporary(Cause::Connection, Reply::new(451, format!("4.3.5 {e}")))
+        })?;
+        self.exchange(|| make(&client)).await
     }
 
-    async fn exchange(&self, request: reqwest::RequestBuilder) -> Result<Answer, Status> {
+    /// One request and its answer; a request that never reached the API whole (the connection
+    /// could not be made, or broke while the body was going out) is made once more: the API
+    /// cannot have taken it. One that broke later is not: it may have been sent.
+    async fn exchange(&self, make: impl Fn() -> reqwest::RequestBuilder) -> Result<Answer, Status> {
+        match self.exchange_once(make()).await {
+            Err(e) if e.is_connect() || e.is_body() => {
+                tracing::info!(error = %crate::oauth::http::describe(e), "API request not sent whole; trying once more");
+                self.exchange_once(make()).await
+            }
+            other => other,
+        }
+        .map_err(unreachable_status)
+    }
+
+    async fn exchange_once(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Answer, reqwest::Error> {
         let started = Instant::now();
-        let mut response = request.send().await.map_err(unreachable_status)?;
+        let mut response = request.send().await?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(unreachable_status)? {
+        while let Some(chunk) = response.chunk().await? {
             if body.len() + chunk.len() > MAX_ANSWER {
                 break;
             }
