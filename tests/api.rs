@@ -286,7 +286,7 @@ async fn retry_after_pauses_the_account_exactly_that_long_and_is_not_an_attempt(
         .await;
     let last = replies.last().unwrap();
     assert!(
-        last.starts_with("451 4.7.0 ") && last.contains("try again in 37 seconds"),
+        last.starts_with("451 4.7.0 ") && last.contains("Try again in 37 seconds"),
         "{last}"
     );
     relay.stop().await;
@@ -412,11 +412,40 @@ fn large_message(small: &[u8], big: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn graph_takes_a_large_message_as_a_draft_with_an_upload_session() {
     let (_dir, provider, relay) = api_relay("graph", "", "").await;
-    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
     let small: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     let big: Vec<u8> = (0..5_500_000u32)
         .map(|i| (i.wrapping_mul(7) % 256) as u8)
         .collect();
+    // Without Mail.ReadWrite the large way is refused: that message waits, the account does not.
+    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
+    let large = large_message(&small, &big);
+    let replies = c
+        .send_mail("news@example.com", &["bob@example.org"], &large)
+        .await;
+    let last = one_line(replies.last().unwrap());
+    assert!(
+        last.starts_with("451 4.7.0 ") && last.contains("Mail.ReadWrite"),
+        "{last}"
+    );
+    let small_message = message("bob@example.org");
+    let replies = c
+        .send_mail(
+            "news@example.com",
+            &["bob@example.org"],
+            small_message.as_bytes(),
+        )
+        .await;
+    assert!(all_ok(&replies), "small messages still go: {replies:?}");
+    drop(c);
+    // With it, on a new token.
+    {
+        let mut s = provider.state();
+        s.token_scope = "https://graph.microsoft.com/Mail.Send https://graph.microsoft.com/Mail.ReadWrite offline_access".into();
+        s.access_tokens.clear();
+        s.messages.clear();
+        s.api_requests.clear();
+    }
+    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
     let replies = c
         .send_mail(
             "news@example.com",

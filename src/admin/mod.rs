@@ -67,14 +67,14 @@ pub async fn execute(ctx: &AdminContext, request: Request) -> Response {
             let result = tokens.replace_grant(&account, change).await;
             // Connections authenticated with the old grant are not used again, and mail held for
             // the old one's trouble may go.
-            ctx.pool.retire_account(&account);
+            ctx.transport.grant_changed(&account);
             ctx.queue.grant_changed(&account);
             result
         }
         Request::Revoke { account } => {
             let change = grants::revoke(ctx, &account);
             let result = tokens.replace_grant(&account, change).await;
-            ctx.pool.retire_account(&account);
+            ctx.transport.grant_changed(&account);
             result
         }
         Request::Test { account, to } => return test::test(ctx, &account, to.as_deref()).await,

@@ -132,6 +132,13 @@ fn account(
         .unwrap_or(provider.max_upstream_connections);
     let pacing = provider.pacing.with(pacing_overrides);
     let delivery = a.delivery.unwrap_or(default_delivery);
+    if a.header_recipients.is_some() && !provider.transport.is_api() {
+        return err(format!(
+            "{what}: `header_recipients` applies to accounts whose provider has transport = \"graph\" or \
+             \"gmail_api\"; provider `{}` sends by SMTP, where the envelope is exact anyway",
+            provider.name
+        ));
+    }
     let header_recipients = a.header_recipients.unwrap_or(provider.header_recipients);
     Ok(Arc::new(Account {
         name: a.name,
@@ -556,6 +563,22 @@ fn provider(
         _ => Family::Generic,
     };
     let transport = raw.transport.unwrap_or_default();
+    match (transport, family) {
+        (TransportKind::Graph, Family::Google) | (TransportKind::GmailApi, Family::Microsoft) => {
+            return err(format!(
+                "{what}: transport = \"{}\" is the other family's API; use preset = \"{}\" (or leave preset out)",
+                transport.as_str(),
+                if transport == TransportKind::Graph { "microsoft" } else { "google" }
+            ))
+        }
+        (TransportKind::Smtp, _) if raw.api_url.is_some() || raw.header_recipients.is_some() => {
+            return err(format!(
+                "{what}: `api_url` and `header_recipients` apply to transport = \"graph\" or \"gmail_api\" only; \
+                 set `transport` or remove them"
+            ))
+        }
+        _ => {}
+    }
     let tenant = raw.tenant.clone().unwrap_or_else(|| "common".into());
     let ms = |path: &str| format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/{path}");
     // Preset values; fields the operator sets win.

@@ -206,4 +206,18 @@ fn api_transport_mistakes_are_named_with_the_fix() {
     )
     .unwrap();
     assert_eq!(c.accounts[0].provider.api_url, "http://127.0.0.1:8080");
+    let e = with_provider(
+        "preset = \"google\"\ntransport = \"graph\"\nclient_id = \"c\"\nclient_secret = \"s\"",
+    )
+    .unwrap_err()
+    .0;
+    assert!(e.contains("use preset = \"microsoft\""), "{e}");
+    let e =
+        with_provider("preset = \"microsoft\"\nclient_id = \"c\"\nheader_recipients = \"strip\"")
+            .unwrap_err()
+            .0;
+    assert!(
+        e.contains("apply to transport = \"graph\" or \"gmail_api\" only"),
+        "{e}"
+    );
 }

@@ -190,6 +190,10 @@ impl Transport for SmtpTransport {
             .remembered_refusal(&account.name)
             .map(|reply| token_refused_text(account, &reply))
     }
+
+    fn grant_changed(&self, account: &str) {
+        self.pool.retire_account(account);
+    }
 }
 
 /// An SMTP transaction in progress on a leased connection.

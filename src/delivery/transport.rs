@@ -40,6 +40,10 @@ pub trait Transport: Send + Sync + 'static {
     /// Why the upstream will not take the account's messages right now, if it said so lastingly
     /// (a token refused for good, say): the mailer is told at AUTH instead of at every MAIL.
     fn known_refusal(&self, account: &Account) -> Option<String>;
+
+    /// The account's grant was replaced or revoked: nothing authenticated with the old one is
+    /// used again, and a refusal remembered for it no longer stands.
+    fn grant_changed(&self, account: &str);
 }
 
 /// One message on its way, stage by stage. Dropped or aborted before [`Transaction::finish`],
@@ -93,5 +97,11 @@ impl Transport for Routes {
 
     fn known_refusal(&self, account: &Account) -> Option<String> {
         self.of(account).known_refusal(account)
+    }
+
+    fn grant_changed(&self, account: &str) {
+        // Either may hold something of the old grant (an account can have moved transports).
+        self.smtp.grant_changed(account);
+        self.api.grant_changed(account);
     }
 }

@@ -179,7 +179,10 @@ fn route(
         };
     }
     let granted = s.access_scopes.get(token).cloned().unwrap_or_default();
-    if !scopes.iter().any(|w| granted.contains(w)) {
+    // Drafts (Graph's large way) need Mail.ReadWrite besides Mail.Send.
+    let drafts = api == "graph" && path.contains("/messages");
+    let read_write = granted.contains("Mail.ReadWrite") || granted.contains(".default");
+    if !scopes.iter().any(|w| granted.contains(w)) || (drafts && !read_write) {
         return match api {
             "graph" => graph_error(
                 403,

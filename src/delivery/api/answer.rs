@@ -149,7 +149,9 @@ fn throttle(a: &Answer) -> Option<Cause> {
     if quota && a.status != 413 {
         return Some(Cause::Quota);
     }
-    let rate = matches!(a.status, 429 | 503)
+    // A 503 is throttling when it says when to come back; without, it is an outage (backoff).
+    let rate = a.status == 429
+        || (a.status == 503 && a.retry_after.is_some())
         || a.code_is(&[
             "rateLimitExceeded",
             "userRateLimitExceeded",
@@ -189,13 +191,14 @@ pub fn status_of(kind: TransportKind, account: &str, a: &Answer) -> Status {
                 ),
             ),
             (cause, after) => {
-                // "in N seconds" is what the queue's pause reads.
+                // "in N seconds" is what the queue's pause reads: the first such phrase, so it
+                // comes before the API's own words (which may name another time).
                 let secs = after.unwrap_or(crate::delivery::queue::retry::RATE_PAUSE).as_secs();
                 Status::temporary(
                     cause,
                     Reply::new(
                         451,
-                        format!("4.7.0 {api} is throttling the account ({what}); try again in {secs} seconds"),
+                        format!("4.7.0 Try again in {secs} seconds: {api} is throttling the account ({what})"),
                     ),
                 )
             }
@@ -296,7 +299,8 @@ mod tests {
             (451, Some(Cause::Quota))
         );
         assert_eq!(of(&answer(500, "", None)), (451, Some(Cause::Connection)));
-        assert_eq!(of(&answer(503, "", None)), (451, Some(Cause::Throttled)));
+        assert_eq!(of(&answer(503, "", Some(5))), (451, Some(Cause::Throttled)));
+        assert_eq!(of(&answer(503, "", None)), (451, Some(Cause::Connection)));
         assert_eq!(reading(&answer(401, "", None)), Reading::TokenRefused);
         assert_eq!(reading(&answer(202, "", None)), Reading::Sent);
     }
@@ -313,6 +317,10 @@ mod tests {
             Duration::from_secs(37)
         );
         assert_eq!(pause(&answer(429, "", None)), Duration::from_secs(60));
+        // The API's own words naming another time do not win over Retry-After.
+        let mut worded = answer(429, "TooManyRequests", Some(37));
+        worded.message = "try again in 5 minutes".into();
+        assert_eq!(pause(&worded), Duration::from_secs(37));
         assert_eq!(
             pause(&answer(403, "dailyLimitExceeded", None)),
             Duration::from_secs(config.quota_pause_secs)

@@ -10,13 +10,13 @@
 //! Nothing else changes: fields that need no change keep their bytes, and a message whose header
 //! recipients already match the envelope goes out byte for byte.
 
-use mail_builder::headers::address::Address as Out;
-use mail_builder::headers::Header;
+use base64::Engine;
 use mail_parser::parsers::MessageStream;
 use mail_parser::HeaderValue;
 
 use crate::config::{Account, HeaderRecipients};
 use crate::delivery::status::Status;
+use crate::observe::Observer;
 use crate::smtp::Reply;
 
 /// The longest header section looked at; a longer one is refused (no mail needs it).
@@ -45,6 +45,9 @@ pub enum Plan {
     Send { header: Vec<u8>, changed: bool },
     /// Header addresses that are not envelope recipients (with `refuse`).
     Refuse { extra: Vec<String> },
+    /// A `To`/`Cc`/`Bcc` field names more addresses than can be read from it: what the API would
+    /// make of it is unknown, so the message does not go (fail closed).
+    Unreadable { field: String },
 }
 
 /// One field of the header section: its name and its whole text (continuation lines included).
@@ -118,8 +121,27 @@ struct Named {
     address: String,
 }
 
-/// The addresses in a `To`/`Cc`/`Bcc` field (groups flattened).
-fn addresses(raw: &[u8]) -> Vec<Named> {
+/// How many `@` a field value has outside quoted strings and comments: at least how many
+/// addresses a reader may find in it.
+fn at_signs(value: &[u8]) -> usize {
+    let (mut quoted, mut depth, mut escaped, mut n) = (false, 0usize, false, 0);
+    for &b in value {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' => escaped = true,
+            b'"' if depth == 0 => quoted = !quoted,
+            b'(' if !quoted => depth += 1,
+            b')' if !quoted => depth = depth.saturating_sub(1),
+            b'@' if !quoted && depth == 0 => n += 1,
+            _ => {}
+        }
+    }
+    n
+}
+
+/// The addresses in a `To`/`Cc`/`Bcc` field (groups flattened); `None` when the field names
+/// more than can be read from it.
+fn addresses(raw: &[u8]) -> Option<Vec<Named>> {
     let colon = raw
         .iter()
         .position(|b| *b == b':')
@@ -129,34 +151,81 @@ fn addresses(raw: &[u8]) -> Vec<Named> {
         value.extend_from_slice(b"\r\n");
     }
     let mut stream = MessageStream::new(&value);
-    let HeaderValue::Address(list) = stream.parse_address() else {
-        return Vec::new();
-    };
-    list.iter()
-        .filter_map(|a| {
-            let address = a.address.as_deref()?.trim();
-            address.contains('@').then(|| Named {
-                name: a.name.as_deref().map(str::to_string),
-                address: address.to_string(),
+    let list: Vec<Named> = match stream.parse_address() {
+        HeaderValue::Address(list) => list
+            .iter()
+            .filter_map(|a| {
+                let address = a.address.as_deref()?.trim();
+                address.contains('@').then(|| Named {
+                    name: a.name.as_deref().map(str::to_string),
+                    address: address.to_string(),
+                })
             })
-        })
-        .collect()
+            .collect(),
+        _ => Vec::new(),
+    };
+    (list.len() >= at_signs(&value)).then_some(list)
 }
 
 fn key(address: &str) -> String {
     address.to_ascii_lowercase()
 }
 
-/// Writes `Name: a, b` for `list` (display names kept, encoded where they need it).
+/// `Name <address>` as RFC 5322 writes it: a display name of atoms as it is, other ASCII quoted,
+/// anything else as RFC 2047 encoded words, which must not stand inside quotes (RFC 2047 §5).
+fn mailbox(n: &Named) -> String {
+    let address = format!("<{}>", n.address);
+    let Some(name) = n.name.as_deref().map(str::trim).filter(|s| !s.is_empty()) else {
+        return address;
+    };
+    let atext = |c: char| c.is_ascii_alphanumeric() || " !#$%&'*+-/=?^_`{|}~".contains(c);
+    let phrase = if name.chars().all(atext) {
+        name.to_string()
+    } else if name.is_ascii() {
+        format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""))
+    } else {
+        // Words of at most 45 bytes: 60 base64 characters, 72 with the `=?UTF-8?B?` frame.
+        let mut words = Vec::new();
+        let mut word = String::new();
+        for c in name.chars() {
+            if word.len() + c.len_utf8() > 45 {
+                words.push(std::mem::take(&mut word));
+            }
+            word.push(c);
+        }
+        words.push(word);
+        let b64 = base64::engine::general_purpose::STANDARD;
+        words
+            .iter()
+            .map(|w| format!("=?UTF-8?B?{}?=", b64.encode(w)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    format!("{phrase} {address}")
+}
+
+/// Writes `Name: a, b` for `list`, folded before a line passes 78 characters.
 fn write_field(out: &mut Vec<u8>, name: &str, list: &[Named]) {
     out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b": ");
-    let items: Vec<Out> = list
-        .iter()
-        .map(|n| Out::new_address(n.name.clone(), n.address.clone()))
-        .collect();
-    // Writing into a Vec cannot fail.
-    let _ = Out::new_list(items).write_header(&mut *out, name.len() + 2);
+    out.extend_from_slice(b":");
+    let mut column = name.len() + 1;
+    for (i, n) in list.iter().enumerate() {
+        let item = mailbox(n);
+        if i > 0 {
+            out.push(b',');
+            column += 1;
+        }
+        if i > 0 && column + 1 + item.len() > 78 {
+            out.extend_from_slice(b"\r\n ");
+            column = 1;
+        } else {
+            out.push(b' ');
+            column += 1;
+        }
+        out.extend_from_slice(item.as_bytes());
+        column += item.len();
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The plan for a message whose header section is `header` (as [`header_end`] found it, blank
@@ -166,11 +235,15 @@ pub fn plan(header: &[u8], envelope: &[String], mode: HeaderRecipients) -> Plan 
     let in_envelope: std::collections::HashSet<String> = envelope.iter().map(|a| key(a)).collect();
     let mut named = std::collections::HashSet::new();
     let mut extra: Vec<String> = Vec::new();
+    let mut unreadable = None;
     let parsed: Vec<Option<(Kind, Vec<Named>)>> = fields
         .iter()
         .map(|f| {
             let kind = kind(f.name)?;
-            let list = addresses(f.raw);
+            let Some(list) = addresses(f.raw) else {
+                unreadable.get_or_insert_with(|| String::from_utf8_lossy(f.name).into_owned());
+                return Some((kind, Vec::new()));
+            };
             for a in &list {
                 let k = key(&a.address);
                 if !in_envelope.contains(&k) && !extra.iter().any(|e| key(e) == k) {
@@ -181,6 +254,9 @@ pub fn plan(header: &[u8], envelope: &[String], mode: HeaderRecipients) -> Plan 
             Some((kind, list))
         })
         .collect();
+    if let Some(field) = unreadable {
+        return Plan::Unreadable { field };
+    }
     if !extra.is_empty() && mode == HeaderRecipients::Refuse {
         return Plan::Refuse { extra };
     }
@@ -236,6 +312,10 @@ pub fn plan(header: &[u8], envelope: &[String], mode: HeaderRecipients) -> Plan 
         }
     }
     if !bcc_written && !bcc.is_empty() {
+        // A header section that ends without a line end (a message of headers only).
+        if !out.is_empty() && !out.ends_with(b"\n") {
+            out.extend_from_slice(b"\r\n");
+        }
         write_field(&mut out, "Bcc", &bcc);
     }
     // The blank line that ends the section (when the message has one).
@@ -266,6 +346,48 @@ pub fn recipient_allowed(account: &Account, so_far: usize) -> Result<(), Reply> 
     Ok(())
 }
 
+/// Why a message cannot go through the API as it is.
+pub struct Refused {
+    pub status: Status,
+    /// Its header recipients are not its envelope (`xoauth_relay_header_recipients_refused_total`).
+    header_recipients: bool,
+}
+
+impl Refused {
+    fn message(code: u16, text: String) -> Refused {
+        Refused {
+            status: Status::Permanent {
+                reply: Reply::new(code, text),
+            },
+            header_recipients: false,
+        }
+    }
+
+    /// The status, counted where it is a header-recipient refusal.
+    pub fn counted(self, observer: &Observer, account: &str) -> Status {
+        if self.header_recipients {
+            observer.metrics.header_recipients_refused(account);
+        }
+        self.status
+    }
+}
+
+/// What an API takes at most, when it says (the Gmail API: 35 MB).
+pub fn too_large(account: &Account, size: u64) -> Option<Status> {
+    let max = match account.provider.transport {
+        crate::config::TransportKind::GmailApi => super::gmail::MAX_MESSAGE,
+        _ => return None,
+    };
+    (size > max).then(|| Status::Permanent {
+        reply: Reply::new(
+            552,
+            format!(
+                "5.3.4 Message too large for the Gmail API ({size} bytes; it takes at most {max})"
+            ),
+        ),
+    })
+}
+
 /// The submitted copy's header section and where the message's own ends, for a message that
 /// starts with `prefix` (at least [`MAX_HEADER`] + 2 bytes of it, or all), `len` bytes long,
 /// with envelope recipients `rcpts`; or why it cannot go.
@@ -274,27 +396,48 @@ pub fn check(
     len: u64,
     rcpts: &[String],
     account: &Account,
-) -> Result<(Vec<u8>, usize), Status> {
+) -> Result<(Vec<u8>, usize), Refused> {
     let end = match header_end(prefix) {
         Some(end) if end <= MAX_HEADER + 2 => end,
         // No blank line: the message is all header section.
         None if len <= MAX_HEADER as u64 && len as usize == prefix.len() => prefix.len(),
         _ => {
-            return Err(Status::Permanent {
-                reply: Reply::new(
-                    554,
-                    format!(
-                        "5.6.0 The message's header section is longer than {} KiB",
-                        MAX_HEADER / 1024
-                    ),
+            return Err(Refused::message(
+                554,
+                format!(
+                    "5.6.0 The message's header section is longer than {} KiB",
+                    MAX_HEADER / 1024
                 ),
-            })
+            ))
         }
     };
-    match plan(&prefix[..end], rcpts, account.header_recipients) {
-        Plan::Send { header, .. } => Ok((header, end)),
-        Plan::Refuse { extra } => Err(refusal(account, &extra)),
+    let (header, _) = match plan(&prefix[..end], rcpts, account.header_recipients) {
+        Plan::Send { header, changed } => (header, changed),
+        Plan::Refuse { extra } => {
+            return Err(Refused {
+                status: refusal(account, &extra),
+                header_recipients: true,
+            })
+        }
+        Plan::Unreadable { field } => {
+            return Err(Refused::message(
+                554,
+                format!(
+                    "5.6.0 The message's {field} field names addresses that cannot be read; the API might send to \
+                     them, so it is not sent"
+                ),
+            ))
+        }
+    };
+    // The copy may have grown by its Bcc.
+    let copy = len + header.len() as u64 - end as u64;
+    if let Some(status) = too_large(account, copy) {
+        return Err(Refused {
+            status,
+            header_recipients: false,
+        });
     }
+    Ok((header, end))
 }
 
 /// `554 5.7.0`: the headers name addresses the envelope does not.
@@ -330,7 +473,7 @@ mod tests {
     fn sent(header: &str, env: &[&str], mode: HeaderRecipients) -> String {
         match plan(header.as_bytes(), &envelope(env), mode) {
             Plan::Send { header, .. } => String::from_utf8(header).unwrap(),
-            Plan::Refuse { extra } => panic!("refused: {extra:?}"),
+            other => panic!("not sent: {other:?}"),
         }
     }
 
@@ -385,8 +528,7 @@ mod tests {
         );
         assert_eq!(
             out,
-            // Folded where the line would pass 76 characters.
-            "Bcc: <eve@example.org>, <fay@example.org>, \r\n\t<dave@example.org>\r\nTo: bob@example.org\r\n\r\n"
+            "Bcc: <eve@example.org>, <fay@example.org>, <dave@example.org>\r\nTo: bob@example.org\r\n\r\n"
         );
     }
 
@@ -404,7 +546,7 @@ mod tests {
             }
         );
         let out = sent(h, &["bob@example.org"], HeaderRecipients::Strip);
-        assert_eq!(out, "To: \"Bob\" <bob@example.org>\r\nSubject: x\r\n\r\n");
+        assert_eq!(out, "To: Bob <bob@example.org>\r\nSubject: x\r\n\r\n");
         // A list tool's `To: list@` with the members in the envelope: the To goes, they get Bcc.
         let h = "From: a@x.org\r\nTo: list@example.org\r\n\r\n";
         let out = sent(
@@ -434,11 +576,63 @@ mod tests {
             &["j@example.de", "a@example.org"],
             HeaderRecipients::Strip,
         );
+        // An encoded name is written as encoded words, never inside quotes (RFC 2047 §5).
+        assert_eq!(
+            out,
+            "To: =?UTF-8?B?SsO8cmdlbg==?= <j@example.de>, <a@example.org>\r\n\
+             Cc: undisclosed-recipients:;\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_field_that_names_more_than_can_be_read_stops_the_message() {
+        let h = "To: bob@example.org, carol@@example.org\r\n\r\n";
+        assert_eq!(
+            plan(
+                h.as_bytes(),
+                &envelope(&["bob@example.org"]),
+                HeaderRecipients::Strip
+            ),
+            Plan::Unreadable { field: "To".into() }
+        );
+        // An @ in a quoted name or a comment is no address.
+        let h = "To: \"bob@home\" <bob@example.org> (was: bob@old.example)\r\n\r\n";
+        assert!(matches!(
+            plan(
+                h.as_bytes(),
+                &envelope(&["bob@example.org"]),
+                HeaderRecipients::Refuse
+            ),
+            Plan::Send { changed: false, .. }
+        ));
+    }
+
+    #[test]
+    fn a_message_of_headers_only_gets_its_bcc_on_a_line_of_its_own() {
+        let out = sent(
+            "To: bob@example.org",
+            &["bob@example.org", "dave@example.org"],
+            HeaderRecipients::Refuse,
+        );
+        assert_eq!(out, "To: bob@example.org\r\nBcc: <dave@example.org>\r\n");
+    }
+
+    #[test]
+    fn long_fields_are_folded_and_names_quoted_where_they_must_be() {
+        let env: Vec<String> = (0..6)
+            .map(|i| format!("member-{i}@lists.example.org"))
+            .collect();
+        let refs: Vec<&str> = env.iter().map(String::as_str).collect();
+        let out = sent(
+            "To: \"Smith, Bob\" <bob@example.org>\r\n\r\n",
+            &[&["bob@example.org"][..], &refs].concat(),
+            HeaderRecipients::Refuse,
+        );
         assert!(
-            out.starts_with("To: \"Jürgen\" <j@example.de>, <a@example.org>\r\n")
-                || out.contains("<a@example.org>"),
+            out.starts_with("To: \"Smith, Bob\" <bob@example.org>\r\nBcc: <member-0@"),
             "{out}"
         );
-        assert!(!out.contains("b@example.org"), "{out}");
+        assert!(out.lines().all(|l| l.len() <= 78), "{out}");
+        assert_eq!(out.matches('@').count(), 7, "{out}");
     }
 }

@@ -8,23 +8,12 @@ use super::answer::reading;
 use super::{Api, Outgoing};
 use crate::config::Account;
 use crate::delivery::status::Status;
-use crate::smtp::Reply;
 
 /// The most `messages.send` takes (its discovery document's `maxSize`: 35 MiB).
 pub const MAX_MESSAGE: u64 = 36_700_160;
 
 pub async fn send(api: &Api, account: &Account, message: &Outgoing) -> Status {
-    if message.len() > MAX_MESSAGE {
-        return Status::Permanent {
-            reply: Reply::new(
-                552,
-                format!(
-                    "5.3.4 Message too large for the Gmail API ({} bytes; it takes at most {MAX_MESSAGE})",
-                    message.len()
-                ),
-            ),
-        };
-    }
+    // The size was checked with the header section (`envelope::check`).
     let url = format!(
         "{}/upload/gmail/v1/users/me/messages/send?uploadType=media",
         account.provider.api_url

@@ -14,7 +14,7 @@ use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE};
 use serde_json::{json, Value};
 
 use super::answer::{reading, Answer, Reading};
-use super::{Api, Outgoing};
+use super::{Api, Outgoing, Refusals};
 use crate::config::Account;
 use crate::delivery::status::{Cause, Status};
 use crate::smtp::Reply;
@@ -134,9 +134,15 @@ fn draft(message: &mail_parser::Message) -> Value {
         "ccRecipients": recipients(message.cc()),
         "bccRecipients": recipients(message.bcc()),
     });
-    if let Some(html) = message.body_html(0) {
+    // The first HTML body, else the first text body (the parser would offer either converted
+    // into the other: only a part of that very type is taken).
+    let html = message.html_part(0).filter(|p| p.is_text_html());
+    let text = message
+        .text_part(0)
+        .filter(|p| p.is_text() && !p.is_text_html());
+    if let Some(html) = html.and_then(|p| p.text_contents()) {
         d["body"] = json!({ "contentType": "HTML", "content": html });
-    } else if let Some(text) = message.body_text(0) {
+    } else if let Some(text) = text.and_then(|p| p.text_contents()) {
         d["body"] = json!({ "contentType": "Text", "content": text });
     }
     if let Some(from) = recipients(message.from())
@@ -165,23 +171,20 @@ fn draft(message: &mail_parser::Message) -> Value {
 }
 
 /// One attachment as Graph takes it.
-struct Attachment<'a> {
+struct Attachment {
     name: String,
     content_type: String,
     content_id: Option<String>,
     inline: bool,
-    bytes: std::borrow::Cow<'a, [u8]>,
+    bytes: Vec<u8>,
 }
 
 /// A part's bytes as sent, transfer encoding undone. The parser's own reading of a text part is
 /// its text, charset-converted (and lossy for bytes that are not text): an attachment must keep
 /// its bytes, so a text part is decoded here from the raw message.
-fn part_bytes<'a>(
-    raw: &'a [u8],
-    part: &'a mail_parser::MessagePart<'a>,
-) -> std::borrow::Cow<'a, [u8]> {
-    if !(part.is_text() || part.is_text_html()) {
-        return std::borrow::Cow::Borrowed(part.contents());
+fn part_bytes(raw: &[u8], part: &mail_parser::MessagePart<'_>) -> Vec<u8> {
+    if !part.is_text() {
+        return part.contents().to_vec();
     }
     let start = part.raw_body_offset() as usize;
     let end = (part.raw_end_offset() as usize).min(raw.len());
@@ -197,10 +200,10 @@ fn part_bytes<'a>(
         }
         _ => None,
     };
-    decoded.map_or(std::borrow::Cow::Borrowed(body), std::borrow::Cow::Owned)
+    decoded.unwrap_or_else(|| body.to_vec())
 }
 
-fn attachments<'a>(raw: &'a [u8], message: &'a mail_parser::Message<'a>) -> Vec<Attachment<'a>> {
+fn attachments(raw: &[u8], message: &mail_parser::Message<'_>) -> Vec<Attachment> {
     message
         .attachments()
         .enumerate()
@@ -235,58 +238,111 @@ fn attachments<'a>(raw: &'a [u8], message: &'a mail_parser::Message<'a>) -> Vec<
         .collect()
 }
 
+/// What the large way sends: the draft's JSON and the attachments.
+struct Prepared {
+    draft: String,
+    attachments: Vec<Attachment>,
+}
+
+/// Parses the message (on the blocking pool: a 35 MB message is tens of milliseconds of work).
+async fn prepare(bytes: Vec<u8>) -> Result<Prepared, Status> {
+    let parsed = tokio::task::spawn_blocking(move || {
+        let parsed = MessageParser::default().parse(&bytes)?;
+        Some(Prepared {
+            draft: draft(&parsed).to_string(),
+            attachments: attachments(&bytes, &parsed),
+        })
+    })
+    .await
+    .ok()
+    .flatten();
+    let Some(prepared) = parsed else {
+        return Err(Status::Permanent {
+            reply: Reply::new(
+                554,
+                "5.6.0 The message cannot be parsed as MIME for Microsoft Graph",
+            ),
+        });
+    };
+    if prepared.draft.len() as u64 > MAX_REQUEST {
+        return Err(too_large("the message's text"));
+    }
+    Ok(prepared)
+}
+
+/// A step of the large way: accepted, or the status that ends it. A 403 here is about the large
+/// way (it needs Mail.ReadWrite, which small messages do not): the message waits, the account
+/// does not.
+async fn step<F>(api: &Api, account: &Account, make: F) -> Result<Answer, Status>
+where
+    F: Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+{
+    let a = api.call_as(account, Refusals::OfTheStep, make).await?;
+    match reading(&a) {
+        Reading::Sent => Ok(a),
+        Reading::GrantRefused => {
+            let name = &account.name;
+            tracing::warn!(account = %name, answer = %a.summary(), "Microsoft Graph refused a draft step: Mail.ReadWrite missing?");
+            Err(Status::temporary(
+                Cause::Deferred,
+                Reply::new(
+                    451,
+                    format!(
+                        "4.7.0 account `{name}`: Microsoft Graph refused to build this message as a draft ({}); \
+                         messages over about 3 MB need the Mail.ReadWrite permission: add \
+                         https://graph.microsoft.com/Mail.ReadWrite to the provider's scopes and run \
+                         `xoauth-relay authorize {name}` again (smaller messages are not affected)",
+                        a.summary()
+                    ),
+                ),
+            ))
+        }
+        _ => Err(api.refused(account, &a)),
+    }
+}
+
 async fn large(api: &Api, account: &Account, message: &Outgoing) -> Status {
     let bytes = match message.all().await {
         Ok(b) => b,
         Err(e) => return super::local_error(&e),
     };
-    let Some(parsed) = MessageParser::default().parse(&bytes) else {
-        return Status::Permanent {
-            reply: Reply::new(
-                554,
-                "5.6.0 The message cannot be parsed as MIME for Microsoft Graph",
-            ),
-        };
+    let prepared = match prepare(bytes).await {
+        Ok(p) => p,
+        Err(status) => return status,
     };
-    let draft_json = draft(&parsed).to_string();
-    if draft_json.len() as u64 > MAX_REQUEST {
-        return too_large("the message's text");
-    }
     let base = mailbox_url(account);
-    let created = api
-        .call(account, |client, token| {
-            client
-                .post(format!("{base}/messages"))
-                .bearer_auth(token)
-                .header(CONTENT_TYPE, "application/json")
-                .body(draft_json.clone())
-        })
-        .await;
-    let id = match created {
-        Ok(a) if reading(&a) == Reading::Sent => match a.id.clone() {
-            Some(id) if a.status == 201 || a.status == 200 => id,
-            _ => {
-                return Status::temporary(
-                    Cause::Connection,
-                    Reply::new(
-                        451,
-                        "4.4.1 Microsoft Graph created no draft id; try again later",
-                    ),
-                )
-            }
-        },
-        Ok(a) => return api.refused(account, &a),
+    let created = step(api, account, |client, token| {
+        client
+            .post(format!("{base}/messages"))
+            .bearer_auth(token)
+            .header(CONTENT_TYPE, "application/json")
+            .body(prepared.draft.clone())
+    })
+    .await;
+    let id = match created.map(|a| a.id.filter(|_| a.status == 201 || a.status == 200)) {
+        Ok(Some(id)) => id,
+        Ok(None) => {
+            return Status::temporary(
+                Cause::Connection,
+                Reply::new(
+                    451,
+                    "4.4.1 Microsoft Graph created no draft id; try again later",
+                ),
+            )
+        }
         Err(status) => return status,
     };
     let message_url = format!("{base}/messages/{}", encode_segment(&id));
-    let status = attach_and_send(api, account, &message_url, &bytes, &parsed).await;
+    let status = match attach_and_send(api, account, &message_url, &prepared.attachments).await {
+        Ok(a) => super::sent(&a),
+        Err(status) => status,
+    };
     if !status.is_accepted() {
         // A draft left behind would sit in the mailbox's Drafts folder.
-        let _ = api
-            .call(account, |client, token| {
-                client.delete(&message_url).bearer_auth(token)
-            })
-            .await;
+        let _ = step(api, account, |client, token| {
+            client.delete(&message_url).bearer_auth(token)
+        })
+        .await;
     }
     status
 }
@@ -299,11 +355,10 @@ async fn attach_and_send(
     api: &Api,
     account: &Account,
     message_url: &str,
-    raw: &[u8],
-    parsed: &mail_parser::Message<'_>,
-) -> Status {
+    attachments: &[Attachment],
+) -> Result<Answer, Status> {
     let b64 = base64::engine::general_purpose::STANDARD;
-    for a in attachments(raw, parsed) {
+    for a in attachments {
         let mut item = json!({
             "name": a.name,
             "contentType": a.content_type,
@@ -313,50 +368,29 @@ async fn attach_and_send(
             item["contentId"] = id.clone().into();
         }
         // JSON around the base64: a little over the base64's own length.
-        let fits = base64_len(a.bytes.len() as u64) + 1024 <= MAX_REQUEST;
-        let status = if fits {
+        if base64_len(a.bytes.len() as u64) + 1024 <= MAX_REQUEST {
             item["@odata.type"] = "#microsoft.graph.fileAttachment".into();
             item["contentBytes"] = b64.encode(&a.bytes).into();
             let body = item.to_string();
-            step(
-                api.call(account, |client, token| {
-                    client
-                        .post(format!("{message_url}/attachments"))
-                        .bearer_auth(token)
-                        .header(CONTENT_TYPE, "application/json")
-                        .body(body.clone())
-                })
-                .await,
-                api,
-                account,
-            )
+            step(api, account, |client, token| {
+                client
+                    .post(format!("{message_url}/attachments"))
+                    .bearer_auth(token)
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(body.clone())
+            })
+            .await?;
         } else {
-            upload(api, account, message_url, item, &a.bytes).await
-        };
-        if !status.is_accepted() {
-            return status;
+            upload(api, account, message_url, item, &a.bytes).await?;
         }
     }
-    step(
-        api.call(account, |client, token| {
-            client
-                .post(format!("{message_url}/send"))
-                .bearer_auth(token)
-                .header(CONTENT_LENGTH, 0)
-        })
-        .await,
-        api,
-        account,
-    )
-}
-
-/// A step's answer: accepted, or the status that ends the large way.
-fn step(answer: Result<Answer, Status>, api: &Api, account: &Account) -> Status {
-    match answer {
-        Ok(a) if reading(&a) == Reading::Sent => super::sent(&a),
-        Ok(a) => api.refused(account, &a),
-        Err(status) => status,
-    }
+    step(api, account, |client, token| {
+        client
+            .post(format!("{message_url}/send"))
+            .bearer_auth(token)
+            .header(CONTENT_LENGTH, 0)
+    })
+    .await
 }
 
 /// An attachment too large for one request: an upload session, then `PUT`s of at most
@@ -367,41 +401,36 @@ async fn upload(
     message_url: &str,
     mut item: Value,
     bytes: &[u8],
-) -> Status {
+) -> Result<(), Status> {
     item["attachmentType"] = "file".into();
     item["size"] = bytes.len().into();
     let body = json!({ "AttachmentItem": item }).to_string();
-    let session = api
-        .call(account, |client, token| {
-            client
-                .post(format!("{message_url}/attachments/createUploadSession"))
-                .bearer_auth(token)
-                .header(CONTENT_TYPE, "application/json")
-                .body(body.clone())
-        })
-        .await;
-    let upload_url = match session {
-        Ok(a) if reading(&a) == Reading::Sent => match a.upload_url.clone() {
-            Some(url) => url,
-            None => {
-                return Status::temporary(
-                    Cause::Connection,
-                    Reply::new(
-                        451,
-                        "4.4.1 Microsoft Graph opened no upload session; try again later",
-                    ),
-                )
-            }
-        },
-        Ok(a) => return api.refused(account, &a),
-        Err(status) => return status,
+    let session = step(api, account, |client, token| {
+        client
+            .post(format!("{message_url}/attachments/createUploadSession"))
+            .bearer_auth(token)
+            .header(CONTENT_TYPE, "application/json")
+            .body(body.clone())
+    })
+    .await?;
+    let lost = |what: String| {
+        Status::temporary(
+            Cause::Connection,
+            Reply::new(
+                451,
+                format!("4.4.1 Microsoft Graph upload session: {what}; try again later"),
+            ),
+        )
+    };
+    let Some(upload_url) = session.upload_url else {
+        return Err(lost("no upload URL in the answer".into()));
     };
     let total = bytes.len();
     let mut at = 0;
     while at < total {
         let end = (at + MAX_REQUEST as usize).min(total);
         let chunk = Bytes::copy_from_slice(&bytes[at..end]);
-        let answer = api
+        let a = api
             .call_unauthenticated(account, |client| {
                 client
                     .put(&upload_url)
@@ -410,17 +439,16 @@ async fn upload(
                     .header(CONTENT_RANGE, format!("bytes {at}-{}/{total}", end - 1))
                     .body(chunk.clone())
             })
-            .await;
-        match answer {
-            Ok(a) if reading(&a) == Reading::Sent => {}
-            Ok(a) => return api.refused(account, &a),
-            Err(status) => return status,
+            .await?;
+        match a.status {
+            200..=299 => {}
+            413 => return Err(api.refused(account, &a)),
+            // The session expired or was lost: nothing about the message or the grant.
+            _ => return Err(lost(a.summary())),
         }
         at = end;
     }
-    Status::Accepted {
-        reply: Reply::new(250, "2.0.0 attached"),
-    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -444,6 +472,15 @@ mod tests {
             assert_eq!(String::from_utf8(out).unwrap(), want, "split {split}");
             assert_eq!(base64_len(data.len() as u64), want.len() as u64);
         }
+    }
+
+    #[test]
+    fn a_text_only_message_stays_text_in_its_draft() {
+        let raw = b"To: a@example.org\r\nSubject: plain\r\n\r\nJust <text>.\r\n";
+        let parsed = MessageParser::default().parse(&raw[..]).unwrap();
+        let d = draft(&parsed);
+        assert_eq!(d["body"]["contentType"], "Text");
+        assert_eq!(d["body"]["content"], "Just <text>.\r\n");
     }
 
     #[test]

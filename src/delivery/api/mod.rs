@@ -128,23 +128,24 @@ impl Outgoing {
 /// account's transport, worded with the fix; `None` when it has what it needs (or the transport
 /// is SMTP, whose scopes the provider checks at AUTH).
 pub fn scope_problem(account: &Account, granted: &str) -> Option<String> {
-    let has = |words: &[&str]| {
+    // A scope as granted, or with its resource's prefix (Microsoft lists `Mail.Send` or
+    // `https://graph.microsoft.com/Mail.Send`; an Outlook `Mail.Send` is another resource's).
+    let has = |prefix: &str, names: &[&str]| {
         granted.split_whitespace().any(|s| {
             let s = s.to_ascii_lowercase();
-            words.iter().any(|w| s.ends_with(&w.to_ascii_lowercase()))
+            let bare = s.strip_prefix(prefix).unwrap_or(&s);
+            names.iter().any(|n| bare == n.to_ascii_lowercase())
         })
     };
+    let graph = "https://graph.microsoft.com/";
+    let google = "https://www.googleapis.com/auth/";
     let needed = match account.provider.transport {
         TransportKind::Smtp => return None,
-        TransportKind::Graph if has(&["Mail.Send", "/.default"]) => return None,
+        TransportKind::Graph if has(graph, &["Mail.Send", ".default"]) => return None,
         TransportKind::Graph => "https://graph.microsoft.com/Mail.Send",
         TransportKind::GmailApi
-            if has(&[
-                "gmail.send",
-                "gmail.compose",
-                "gmail.modify",
-                "mail.google.com/",
-            ]) =>
+            if has(google, &["gmail.send", "gmail.compose", "gmail.modify"])
+                || has("", &["https://mail.google.com/"]) =>
         {
             return None
         }
@@ -248,10 +249,8 @@ impl Api {
         let alpn: &[&[u8]] = &[b"h2", b"http/1.1"];
         let client = crate::util::tls::http_client_builder(provider.http_ca_file.as_deref(), alpn)
             .map_err(|e| format!("provider `{}`: http_ca_file: {e}", provider.name))?
-            // No deadline for the whole request (a 35 MB upload takes what it takes): each
-            // connect and each read has one.
+            // Each request gets its deadline from its size (`exchange_once`).
             .connect_timeout(s.timeout)
-            .read_timeout(s.timeout)
             .pool_idle_timeout(s.idle)
             .build()
             .map_err(|e| crate::oauth::http::describe(e).0)?;
@@ -297,6 +296,19 @@ impl Api {
     where
         F: Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
     {
+        self.call_as(account, Refusals::OfTheGrant, make).await
+    }
+
+    /// [`Api::call`], with a `403` read as `refusals` says.
+    pub async fn call_as<F>(
+        &self,
+        account: &Account,
+        refusals: Refusals,
+        make: F,
+    ) -> Result<Answer, Status>
+    where
+        F: Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+    {
         let client = self.client(&account.provider).map_err(|e| {
             Status::temporary(Cause::Connection, Reply::new(451, format!("4.3.5 {e}")))
         })?;
@@ -319,6 +331,7 @@ impl Api {
                         .await
                         .map_err(|e| no_token(name, &e))?;
                 }
+                Reading::GrantRefused if refusals == Refusals::OfTheStep => return Ok(answer),
                 Reading::TokenRefused | Reading::GrantRefused => {
                     return Err(self.grant_refused(account, &answer))
                 }
@@ -343,13 +356,12 @@ impl Api {
         self.exchange(|| make(&client)).await
     }
 
-    /// One request and its answer; a request that never reached the API whole (the connection
-    /// could not be made, or broke while the body was going out) is made once more: the API
-    /// cannot have taken it. One that broke later is not: it may have been sent.
+    /// One request and its answer; a request whose connection could not be made is made once
+    /// more (the API cannot have seen it). One that broke later is not: it may have been taken.
     async fn exchange(&self, make: impl Fn() -> reqwest::RequestBuilder) -> Result<Answer, Status> {
         match self.exchange_once(make()).await {
-            Err(e) if e.is_connect() || e.is_body() => {
-                tracing::info!(error = %crate::oauth::http::describe(e), "API request not sent whole; trying once more");
+            Err(e) if e.is_connect() => {
+                tracing::info!(error = %crate::oauth::http::describe(e), "API connection failed; trying once more");
                 self.exchange_once(make()).await
             }
             other => other,
@@ -361,8 +373,19 @@ impl Api {
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<Answer, reqwest::Error> {
+        let (client, request) = request.build_split();
+        let mut request = request?;
+        // The whole request has a deadline that grows with its body: `upstream_timeout_secs`
+        // for the answer, plus the body at a slow 256 KiB/s (a 35 MB upload: 140 s more).
+        let len = request
+            .headers()
+            .get(reqwest::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        let base = self.settings.load().timeout;
+        *request.timeout_mut() = Some(base + Duration::from_secs(len / (256 * 1024)));
         let started = Instant::now();
-        let mut response = request.send().await?;
+        let mut response = client.execute(request).await?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let mut body = Vec::new();
@@ -429,14 +452,7 @@ impl Api {
         };
         let (header, end) = match envelope::check(&prefix, spill.len(), rcpts, account) {
             Ok(planned) => planned,
-            Err(status) => {
-                if status.reply().code == 554 {
-                    self.observer
-                        .metrics
-                        .header_recipients_refused(&account.name);
-                }
-                return status;
-            }
+            Err(refused) => return refused.counted(&self.observer, &account.name),
         };
         let out = Outgoing {
             head: Bytes::from(header),
@@ -452,6 +468,15 @@ impl Api {
             _ => gmail::send(self, account, &out).await,
         }
     }
+}
+
+/// What a `403` about permissions speaks of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusals {
+    /// The grant: the account's mail is held (Mail.Send, gmail.send missing).
+    OfTheGrant,
+    /// This step only (Graph's large way needs Mail.ReadWrite, which small messages do not).
+    OfTheStep,
 }
 
 /// A request slot; given back when dropped.
@@ -490,6 +515,13 @@ fn unreachable_status(e: reqwest::Error) -> Status {
     )
 }
 
+impl Api {
+    /// A new grant: a remembered refusal of the old one no longer stands.
+    fn forget_refusal(&self, account: &str) {
+        *lock(&self.state(account).refused) = None;
+    }
+}
+
 impl Transport for ApiTransport {
     fn begin<'a>(
         &'a self,
@@ -503,17 +535,11 @@ impl Transport for ApiTransport {
                     None,
                 );
             }
-            if account.provider.transport == TransportKind::GmailApi
-                && start.size.is_some_and(|s| s > gmail::MAX_MESSAGE)
+            if let Some(status) = start
+                .size
+                .and_then(|size| envelope::too_large(account, size))
             {
-                let reply = Reply::new(
-                    552,
-                    format!(
-                        "5.3.4 Message too large for the Gmail API (it takes at most {} bytes)",
-                        gmail::MAX_MESSAGE
-                    ),
-                );
-                return (Status::Permanent { reply }, None);
+                return (status, None);
             }
             let tx = ApiTransaction {
                 api: self.api.clone(),
@@ -532,6 +558,10 @@ impl Transport for ApiTransport {
 
     fn known_refusal(&self, account: &Account) -> Option<String> {
         self.api.remembered(&account.name)
+    }
+
+    fn grant_changed(&self, account: &str) {
+        self.api.forget_refusal(account);
     }
 }
 

@@ -177,9 +177,10 @@ impl Worker {
             });
         }
         // An API sends a message in one request: it is never split (pacing waits until the
-        // day's budget has room for all of it); SMTP sends what the budget allows now.
+        // day's budget has room for all of it, and RCPT refused what one message may not carry);
+        // SMTP sends what the budget allows now.
         let cap = if self.aq.account.load().provider.transport.is_api() {
-            self.pacer.recipients_per_message()
+            0
         } else {
             self.pacer.recipients_now(self.pacers.now_ms())
         };

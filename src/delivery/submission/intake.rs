@@ -10,7 +10,7 @@ use crate::delivery::queue::model::Envelope;
 use crate::delivery::queue::spool::Incoming;
 use crate::delivery::status::{Cause, Status};
 use crate::observe::MessageOutcome;
-use crate::smtp::body::BodyChunk;
+use crate::smtp::body::{BodyChunk, BodyEncoder};
 use crate::smtp::session::MailParams;
 use crate::smtp::Reply;
 
@@ -27,7 +27,27 @@ struct Spooled {
     writer: Option<Box<dyn Incoming>>,
     /// For an API transport: the start of the message, whose header section must agree with the
     /// envelope before the message is queued (nothing is queued that cannot go exactly).
-    head: Option<Vec<u8>>,
+    head: Option<Head>,
+}
+
+/// The start of a message as the API transport will read it (bare line ends made CRLF).
+#[derive(Default)]
+struct Head {
+    bytes: Vec<u8>,
+    encoder: BodyEncoder,
+}
+
+impl Head {
+    const WANTED: usize = api::envelope::MAX_HEADER + 2;
+
+    fn push(&mut self, chunk: &[u8]) {
+        if self.bytes.len() >= Self::WANTED {
+            return;
+        }
+        let take = &chunk[..chunk.len().min(Self::WANTED)];
+        self.encoder.encode(take, &mut self.bytes);
+        self.bytes.truncate(Self::WANTED);
+    }
 }
 
 impl Intake {
@@ -61,8 +81,18 @@ impl Intake {
                 ..Envelope::default()
             },
             writer: None,
-            head: self.account.provider.transport.is_api().then(Vec::new),
+            head: self.account.provider.transport.is_api().then(|| Head {
+                encoder: BodyEncoder::unstuffed(),
+                ..Head::default()
+            }),
         }));
+        if let Some(status) = params
+            .size
+            .and_then(|size| api::envelope::too_large(&self.account, size as u64))
+        {
+            self.spooled = None;
+            return status;
+        }
         Status::from_reply(Reply::new(250, "2.1.0 Ok"))
     }
 
@@ -93,8 +123,7 @@ impl Intake {
             return;
         };
         if let Some(head) = spooled.head.as_mut() {
-            let room = (api::envelope::MAX_HEADER + 2).saturating_sub(head.len());
-            head.extend_from_slice(&chunk.bytes()[..room.min(chunk.len())]);
+            head.push(chunk.bytes());
         }
         if let Some(writer) = spooled.writer.as_mut() {
             writer.push(chunk.bytes()).await;
@@ -113,15 +142,18 @@ impl Intake {
                 Reply::new(451, "4.3.0 No message to queue; try again"),
             );
         };
-        if let Some(head) = head {
-            let size = self.common.stats.size as u64;
-            if let Err(status) = api::envelope::check(&head, size, &env.recipients, &self.account) {
-                if status.reply().code == 554 {
-                    let metrics = &self.delivery.observer.metrics;
-                    metrics.header_recipients_refused(&self.account.name);
-                }
+        if let Some(mut head) = head {
+            head.bytes
+                .extend_from_slice(head.encoder.finish_unstuffed());
+            // A message wholly read into `head` is as long as it; a longer one at least its size.
+            let size = match head.bytes.len() < Head::WANTED {
+                true => head.bytes.len() as u64,
+                false => self.common.stats.size as u64,
+            };
+            let checked = api::envelope::check(&head.bytes, size, &env.recipients, &self.account);
+            if let Err(refused) = checked {
                 // The spool writer is dropped unused: nothing of the message stays.
-                return status;
+                return refused.counted(&self.delivery.observer, &self.account.name);
             }
         }
         match self.delivery.queue.accept(writer, env).await {
