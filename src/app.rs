@@ -5,7 +5,6 @@
 //! signal, sessions get [`SHUTDOWN_GRACE`] to finish and are then cut. This is the one place that
 //! knows every room; nothing imports it but the command line.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +39,7 @@ use crate::store::sled_store::SledStore;
 use crate::store::Store;
 use crate::util::clock::{self, SharedClock};
 
+pub mod preflight;
 mod reload;
 
 use self::reload::Reloader;
@@ -96,7 +96,7 @@ impl Core {
             .map_err(|e| e.to_string())?;
         let timeout = Duration::from_secs(config.limits.upstream_timeout_secs);
         let http = HttpClients::new(&config)?;
-        let tls = client_tls(&config)?;
+        let tls = preflight::client_tls(&config)?;
         let margin = Duration::from_secs(config.server.refresh_margin_secs);
         let issuer = Arc::new(ProviderIssuer { http: http.clone() });
         let clock = clock::system();
@@ -153,6 +153,7 @@ impl Core {
         );
         let pacers = Arc::new(Pacers::new(&accounts, clock.clone()));
         queue.load_pacing(&pacers);
+        queue.load_usage(&observer.usage);
         let queue = Arc::new(queue);
         let api = Arc::new(ApiTransport::new(
             tokens.clone(),
@@ -209,35 +210,6 @@ impl Core {
     }
 }
 
-/// The provider-side TLS configuration: the public roots plus each provider's `smtp_ca_file`.
-fn client_tls(config: &Config) -> Result<HashMap<String, Arc<rustls::ClientConfig>>, String> {
-    let public = crate::util::tls::client_config(None).map_err(|e| e.to_string())?;
-    let mut tls = HashMap::new();
-    for (name, provider) in &config.providers {
-        let cfg = match &provider.smtp.ca_file {
-            Some(ca) => crate::util::tls::client_config(Some(ca))
-                .map_err(|e| format!("provider `{name}`: smtp_ca_file: {e}"))?,
-            None => public.clone(),
-        };
-        tls.insert(name.clone(), cfg);
-    }
-    Ok(tls)
-}
-
-/// The listeners' certificate and key, when a listener uses TLS.
-fn server_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
-    if config.listeners.iter().all(|l| l.tls == TlsMode::None) {
-        return Ok(None);
-    }
-    let cfg = crate::util::tls::server_config(
-        &config.tls.certificate,
-        &config.tls.private_key,
-        &config.server.hostname,
-    )
-    .map_err(|e| e.to_string())?;
-    Ok(Some(tokio_rustls::TlsAcceptor::from(cfg)))
-}
-
 /// Control requests of the running relay: `reload` here, the rest in the admin room.
 struct Control {
     admin: Arc<AdminContext>,
@@ -250,11 +222,16 @@ impl crate::control::server::Handler for Control {
     fn handle(&self, request: Request) -> crate::util::BoxFuture<'_, Response> {
         Box::pin(async move {
             match request {
-                Request::Reload => match self.reloader.reload().await {
+                Request::Reload { config } => match self.reloader.reload(config).await {
                     Ok(text) => Response::ok(text),
                     Err(text) => Response::fail(text),
                 },
                 Request::Unlock { address } => unlock(&self.shared, address.as_deref()),
+                // Control requests are served only once the relay serves mail.
+                Request::Health => Response::ok(format!(
+                    "ready: relay running (pid {})\n",
+                    std::process::id()
+                )),
                 other => crate::admin::execute(&self.admin, other).await,
             }
         })
@@ -284,15 +261,29 @@ fn unlock(shared: &Shared, address: Option<&str>) -> Response {
 /// Runs `request` in the running relay if there is one (over its control socket), else against
 /// the store opened here.
 pub async fn admin(config: Config, request: Request) -> Result<Response, String> {
+    admin_with(config, request, false).await
+}
+
+/// [`admin`]; `init`: without a relay, a command that needs a store may create a new one
+/// (`--init`).
+pub async fn admin_with(config: Config, request: Request, init: bool) -> Result<Response, String> {
     let socket = config.server.control_socket();
     if let Some(response) = crate::control::client::call(&socket, &request).await? {
         return Ok(response);
     }
-    if matches!(request, Request::Reload | Request::Unlock { .. }) {
+    if matches!(
+        request,
+        Request::Reload { .. } | Request::Unlock { .. } | Request::Health
+    ) {
         return Err(crate::admin::RELAY_ONLY.into());
     }
     let creates = matches!(request, Request::StoreGrant { .. } | Request::Test { .. });
-    local_store_check(&config, &socket, creates)?;
+    let new_store = match request {
+        _ if init => NewStore::Init,
+        Request::StoreGrant { .. } => NewStore::FreshInstall,
+        _ => NewStore::Refuse,
+    };
+    local_store_check(&config, &socket, new_store, creates)?;
     let config = Arc::new(config);
     let tasks = TaskTracker::new();
     let background = tasks.clone();
@@ -312,69 +303,99 @@ pub async fn admin(config: Config, request: Request) -> Result<Response, String>
     Ok(response)
 }
 
+/// May an admin command run without a relay create the store where none exists?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewStore {
+    /// No: there is nothing to show or change.
+    Refuse,
+    /// Storing a grant on a fresh install (neither database nor key yet) may.
+    FreshInstall,
+    /// `--init`: the operator asked for it.
+    Init,
+}
+
 /// An admin command that finds no relay opens the store itself: it must not make a new, empty
-/// database or a new key somewhere `serve` never looks (relative paths resolve against the current
-/// directory). Storing a grant may create them, as on first setup, and so may `test` (an account
-/// with client credentials or a service account has no grant to store first); both say where.
+/// database or a new key that `serve` for this file would not use, nor quietly start over beside
+/// a key whose database is gone (a moved data_dir). It creates one only on a fresh install when
+/// storing a grant, or with `--init`, and says where.
 fn local_store_check(
     config: &Config,
     socket: &std::path::Path,
+    new_store: NewStore,
     creates: bool,
 ) -> Result<(), String> {
     let absolute = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let db = SledStore::database_path(&config.server.data_dir);
     let key = config.key_file();
-    let relative = config.server.data_dir.is_relative() || key.is_relative();
-    let where_from = || {
-        if !relative {
-            return String::new();
-        }
-        let cwd = std::env::current_dir()
-            .map(|d| d.display().to_string())
-            .unwrap_or_else(|_| "?".into());
-        format!(
-            "; relative paths in the config are taken from the current directory ({cwd}): run \
-             this where `serve` runs, or make data_dir and key_file absolute"
-        )
-    };
     match (db.exists(), key.exists()) {
         (true, true) => Ok(()),
         (true, false) => Err(format!(
             "no relay answers on {}, and the database at {} has no key at {} (key_file): a new key \
              could not read its grants. Restore the key from its backup; if it is lost, move the \
-             database away and authorize every account again{}",
+             database away and authorize every account again",
             socket.display(),
             absolute(&db).display(),
             absolute(&key).display(),
-            where_from()
         )),
-        (false, _) if creates => {
-            tracing::warn!(
-                database = %absolute(&db).display(),
-                "no relay answers on {} and there is no database yet: creating one here",
-                socket.display()
-            );
-            Ok(())
+        (false, key_exists) => {
+            let may = match new_store {
+                NewStore::Init => true,
+                NewStore::FreshInstall => !key_exists,
+                NewStore::Refuse => false,
+            };
+            if may {
+                tracing::warn!(
+                    database = %absolute(&db).display(),
+                    key = %absolute(&key).display(),
+                    "no relay answers on {} and there is no database yet: creating one here",
+                    socket.display()
+                );
+                return Ok(());
+            }
+            let key_note = if key_exists {
+                format!(
+                    " although the key at {} exists (was data_dir moved?)",
+                    absolute(&key).display()
+                )
+            } else {
+                String::new()
+            };
+            if creates {
+                Err(format!(
+                    "no relay answers on {}, and there is no database at {}{key_note}: this would \
+                     create a new, empty one. If that is what you want (a new install), run the \
+                     command again with --init; otherwise point data_dir in {} at the relay's data",
+                    socket.display(),
+                    absolute(&db).display(),
+                    config.path.display()
+                ))
+            } else {
+                Err(format!(
+                    "no relay answers on {}, and there is no database at {} yet{key_note}: nothing \
+                     to show or change. On a new install, run `{}` or store a grant first \
+                     (`authorize NAME`, `import-token NAME`)",
+                    socket.display(),
+                    absolute(&db).display(),
+                    crate::hints::command("serve")
+                ))
+            }
         }
-        (false, _) => Err(format!(
-            "no relay answers on {}, and there is no database at {} yet: nothing to show or change. \
-             On a new install, run `xoauth-relay serve` or store a grant first (`authorize NAME`, \
-             `import-token NAME`){}",
-            socket.display(),
-            absolute(&db).display(),
-            where_from()
-        )),
     }
 }
 
 /// Before `authorize` or `import-token` asks for anything: would the grant have a store to go to?
 /// (Refusing after a finished consent flow would throw the new token away.)
-pub async fn grant_store_preflight(config: &Config) -> Result<(), String> {
+pub async fn grant_store_preflight(config: &Config, init: bool) -> Result<(), String> {
     let socket = config.server.control_socket();
     if tokio::net::UnixStream::connect(&socket).await.is_ok() {
         return Ok(());
     }
-    local_store_check(config, &socket, true)
+    let new_store = if init {
+        NewStore::Init
+    } else {
+        NewStore::FreshInstall
+    };
+    local_store_check(config, &socket, new_store, true)
 }
 
 /// A relay with its ports bound, ready to [`Relay::run`].
@@ -403,13 +424,22 @@ impl Relay {
         disk: Arc<dyn crate::delivery::queue::disk::Disk>,
     ) -> Result<Relay, String> {
         let config = Arc::new(config);
-        raise_file_limit(config.limits.max_connections)?;
-        let published = config.example_password_accounts();
-        if let (Some(name), Some(addr)) = (published.first(), config.public_listeners().first()) {
+        let findings = preflight::run(&config);
+        for warning in &findings.warnings {
+            tracing::warn!("{warning}");
+        }
+        if !findings.refusals.is_empty() {
+            return Err(findings.refusals.join("\n"));
+        }
+        raise_file_limit()?;
+        // A second `serve` on the same file would otherwise meet its own ports in use first.
+        let socket = config.server.control_socket();
+        if let Some(pid) = crate::control::client::running_pid(&socket).await {
             return Err(format!(
-                "account `{name}` still has the example config's published password, and listener {addr} is \
-                 reachable from other machines; set its password_hash (`xoauth-relay hash-password`) or listen on \
-                 loopback only"
+                "another relay is already running with this config (pid {pid}, control socket {}); \
+                 stop it first, or apply a changed config with `{}`",
+                socket.display(),
+                crate::hints::command("reload")
             ));
         }
         // Ports first: a port in use is the likeliest failure, and nothing is created on disk before it.
@@ -419,13 +449,12 @@ impl Relay {
         }
         let metrics = match config.metrics.address {
             None => None,
-            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                format!("cannot listen on {addr} for [metrics] address ({e}); change it or stop what uses the port")
-            })?),
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| listener::bind_error("[metrics] address", addr, &e))?,
+            ),
         };
-        if let Some(addr) = metrics.as_ref().and_then(|l| l.local_addr().ok()) {
-            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-        }
         crate::util::fs::create_private_dir(&config.server.data_dir).map_err(|e| {
             format!(
                 "cannot create data_dir {}: {e}",
@@ -441,7 +470,7 @@ impl Relay {
         let background = tasks.clone();
         let (core, tls) = tokio::task::spawn_blocking(move || {
             let core = Core::open_on(setup.clone(), background, true, disk)?;
-            let tls = server_tls(&setup)?;
+            let tls = preflight::server_tls(&setup)?;
             Ok::<_, String>((core, tls))
         })
         .await
@@ -450,7 +479,7 @@ impl Relay {
             if account.grant == GrantKind::RefreshToken
                 && matches!(core.services.tokens.stored_grant(&account.name), Ok(None))
             {
-                tracing::warn!(account = %account.name, "no grant stored; run `xoauth-relay authorize {}`", account.name);
+                tracing::warn!(account = %account.name, "no grant stored; run `{}`", crate::hints::grant_command(account));
             }
         }
         let live = Live {
@@ -470,6 +499,7 @@ impl Relay {
                 tasks.clone(),
             ),
             lockout: crate::inbound::lockout::Lockout::new(
+                config.limits.auth_failures_per_login,
                 config.limits.auth_failures_per_ip,
                 Duration::from_secs(config.limits.auth_lockout_secs),
             ),
@@ -551,6 +581,10 @@ impl Relay {
         // Served until the very end, so that /readyz says 503 while sessions drain.
         let endpoint_stop = CancellationToken::new();
         let endpoint = self.metrics.map(|listener| {
+            // Said here, not at bind: a start that fails later never claims to serve.
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+            }
             tokio::spawn(crate::observe::http::serve(
                 listener,
                 upstream.observer.metrics.clone(),
@@ -587,8 +621,7 @@ impl Relay {
             wait_for_sessions(&sessions, &upstream).await;
         }
         let _ = std::fs::remove_file(config.server.control_socket());
-        upstream.activity.persist(upstream.tokens.store()).await;
-        upstream.queue.save_pacing(&upstream.pacers).await;
+        persist_state(&upstream).await;
         upstream.queue.flush().await;
         if let Err(e) = upstream.tokens.store().flush().await {
             tracing::warn!(error = %e, "cannot flush the database at shutdown");
@@ -644,22 +677,11 @@ fn tighten_data_dir(dir: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Raises the soft limit on open files to the hard one: each mailer session holds two descriptors
-/// (its socket and its upstream connection's), plus the listeners, the store and the control socket.
-fn raise_file_limit(max_connections: usize) -> Result<(), String> {
-    let need = (max_connections as u64)
-        .saturating_mul(2)
-        .saturating_add(64);
-    let limit = rlimit::increase_nofile_limit(u64::MAX)
-        .map_err(|e| format!("cannot read the open-files limit: {e}"))?;
-    if limit < need {
-        return Err(format!(
-            "[limits] max_connections = {max_connections} needs about {need} open files (two per mailer \
-             session), but this process may open only {limit}; raise the limit (systemd LimitNOFILE=, \
-             `ulimit -n`) or lower max_connections"
-        ));
-    }
-    Ok(())
+/// Raises the soft limit on open files to the hard one (which [`preflight::file_limit`] checked).
+fn raise_file_limit() -> Result<(), String> {
+    rlimit::increase_nofile_limit(u64::MAX)
+        .map(drop)
+        .map_err(|e| format!("cannot raise the open-files limit: {e}"))
 }
 
 /// Tells systemd (when it started us with a notify socket) what the relay is doing.
@@ -720,13 +742,20 @@ async fn housekeeping(shared: Arc<Shared>, upstream: Arc<Services>, stop: Cancel
             }
             _ = persist.tick() => {
                 upstream.tokens.save_unsaved().await;
-                upstream.activity.persist(upstream.tokens.store()).await;
-                upstream.queue.save_pacing(&upstream.pacers).await;
+                persist_state(&upstream).await;
                 upstream.queue.compact().await;
                 stuck_queues(&upstream);
             }
         }
     }
+}
+
+/// What lives in memory and must outlast the process: last-use times, pacing windows, usage
+/// figures. Every [`PERSIST_EVERY`] and at shutdown.
+async fn persist_state(upstream: &Services) {
+    upstream.activity.persist(upstream.tokens.store()).await;
+    upstream.queue.save_pacing(&upstream.pacers).await;
+    upstream.queue.save_usage(&upstream.observer.usage).await;
 }
 
 /// `queue_stuck` for each account whose oldest queued message is older than
@@ -748,9 +777,12 @@ fn stuck_queues(upstream: &Services) {
                 .map(|p| format!("; paused: {p}"))
                 .unwrap_or_default()
         );
+        let cmd = |args: String| crate::hints::command(&args);
         let hint = format!(
-            "see `xoauth-relay queue --account {name}` for each message's last reply, and \
-             `xoauth-relay accounts` for the grant; `xoauth-relay queue retry --account {name}` tries again now"
+            "see `{}` for each message's last reply, and `{}` for the grant; `{}` tries again now",
+            cmd(format!("queue --account {name}")),
+            cmd("accounts".into()),
+            cmd(format!("queue retry --account {name}"))
         );
         alerts.raise(crate::observe::Event::QueueStuck, &name, &detail, &hint);
     }

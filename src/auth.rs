@@ -104,7 +104,8 @@ impl LoginCache {
     }
 
     fn fingerprint(&self, account: &Account) -> hmac::Tag {
-        hmac::sign(&self.key, account.password_hash.expose().as_bytes())
+        let hash = account.password_hash.as_ref().map_or("", |h| h.expose());
+        hmac::sign(&self.key, hash.as_bytes())
     }
 
     /// A hit only while the login still maps to the same account with the same password hash.
@@ -162,12 +163,23 @@ struct Engine {
 
 pub struct Authenticator {
     by_login: HashMap<String, Arc<Account>>,
+    /// `sources` of the accounts: a device there sends as the account without AUTH.
+    devices: Vec<(ipnet::IpNet, Arc<Account>)>,
     engine: Arc<Engine>,
+}
+
+fn devices(accounts: &[Arc<Account>]) -> Vec<(ipnet::IpNet, Arc<Account>)> {
+    accounts
+        .iter()
+        .flat_map(|a| a.sources.iter().map(move |net| (*net, a.clone())))
+        .collect()
 }
 
 fn by_login(accounts: &[Arc<Account>]) -> HashMap<String, Arc<Account>> {
     accounts
         .iter()
+        // An account of devices only has no password: nobody logs in as it.
+        .filter(|a| a.password_hash.is_some())
         .map(|a| (a.login.clone(), a.clone()))
         .collect()
 }
@@ -196,6 +208,7 @@ impl Authenticator {
         };
         Authenticator {
             by_login: by_login(accounts),
+            devices: devices(accounts),
             engine: Arc::new(engine),
         }
     }
@@ -207,8 +220,18 @@ impl Authenticator {
         ttl.store(cache_ttl.as_millis() as u64, Ordering::Relaxed);
         Authenticator {
             by_login: by_login(accounts),
+            devices: devices(accounts),
             engine: self.engine.clone(),
         }
+    }
+
+    /// The account whose `sources` hold `ip` (the config allows at most one).
+    pub fn device(&self, ip: std::net::IpAddr) -> Option<&Arc<Account>> {
+        let ip = ip.to_canonical();
+        self.devices
+            .iter()
+            .find(|(net, _)| net.contains(&ip))
+            .map(|(_, a)| a)
     }
 
     /// The account a configured login belongs to.
@@ -265,7 +288,8 @@ impl Authenticator {
         let cache = engine.cache();
         let hash = account
             .as_ref()
-            .map(|a| a.password_hash.expose().to_string())
+            .and_then(|a| a.password_hash.as_ref())
+            .map(|h| h.expose().to_string())
             .unwrap_or_else(|| engine.dummy_hash.clone());
         let ok = engine.run_argon2(hash, password).await;
         let account = account.filter(|_| ok)?;

@@ -8,8 +8,62 @@
 //! Microsoft puts in `error_description`, and an SMTP reply's enhanced status code. This module sits
 //! below `oauth` and `delivery` (it imports neither), so both can ask it.
 
-use crate::config::Family;
+use crate::config::{Account, Family};
 use crate::smtp::{EnhancedCode, Reply};
+
+/// How the operator invokes the relay, set once by the command line: `xoauth-relay`, with
+/// `--config PATH` when the config is not the default one (from the flag or the environment).
+static INVOCATION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Records the config file the commands in hints must name; `default`: it is the default path, so
+/// hints need not name it.
+pub fn set_invocation(config: &std::path::Path, default: bool) {
+    let text = if default {
+        "xoauth-relay".to_string()
+    } else {
+        let path = std::path::absolute(config).unwrap_or_else(|_| config.to_path_buf());
+        let path = path.display().to_string();
+        // Quoted for a shell only where it needs it.
+        if path.contains(|c: char| c.is_whitespace() || "'\"$`\\".contains(c)) {
+            format!("xoauth-relay --config '{}'", path.replace('\'', "'\\''"))
+        } else {
+            format!("xoauth-relay --config {path}")
+        }
+    };
+    let _ = INVOCATION.set(text);
+}
+
+/// `args` as the operator must type it: `xoauth-relay [--config PATH] args`.
+pub fn command(args: &str) -> String {
+    let invocation = INVOCATION.get().map_or("xoauth-relay", String::as_str);
+    format!("{invocation} {args}")
+}
+
+/// The command that gives `account` a new grant: `authorize NAME`, or for a provider without a
+/// consent page the device flow or `import-token`, never a command that would then fail.
+pub fn grant_command(account: &Account) -> String {
+    let name = &account.name;
+    let provider = &account.provider;
+    command(&if provider.authorize_url.is_some() {
+        format!("authorize {name}")
+    } else if provider.device_authorization_url.is_some() {
+        format!("authorize {name} --device")
+    } else {
+        format!("import-token {name} < refresh-token.txt")
+    })
+}
+
+/// What to do about a grant the provider revoked.
+pub fn revoked_fix(account: &Account) -> String {
+    let why = match account.provider.family {
+        Family::Google => {
+            " (Google apps in Testing status lose grants after 7 days: publish the app)"
+        }
+        Family::Microsoft => " (Microsoft drops grants unused for 90 days)",
+        Family::Generic => "",
+    };
+    format!("run `{}`{why}", grant_command(account))
+}
 
 /// The `AADSTSnnnn` numbers in a Microsoft error description.
 fn aadsts_codes(description: &str) -> impl Iterator<Item = u32> + '_ {
@@ -24,7 +78,7 @@ fn aadsts_codes(description: &str) -> impl Iterator<Item = u32> + '_ {
 
 /// A fix for an error from a token or authorization endpoint: `code` is the OAuth `error` field,
 /// `description` its `error_description`.
-pub fn for_provider_error(code: &str, description: &str) -> Option<&'static str> {
+pub fn for_provider_error(family: Family, code: &str, description: &str) -> Option<&'static str> {
     let aadsts: Vec<u32> = aadsts_codes(description).collect();
     let has = |n: u32| aadsts.contains(&n);
     let scope_related = description.contains("scope");
@@ -57,8 +111,17 @@ pub fn for_provider_error(code: &str, description: &str) -> Option<&'static str>
         "the app is not allowed the requested scopes: add them to the app registration (Google: the Gmail API \
          scope https://mail.google.com/, Microsoft: SMTP.Send)"
     } else if code == "invalid_grant" {
-        "the grant was revoked, expired, or the password changed; Google apps left in \"Testing\" lose their \
-         grants after 7 days (publish the app on the OAuth consent screen); Microsoft drops grants unused for 90 days"
+        match family {
+            Family::Google => {
+                "the grant was revoked, expired, or the password changed; Google apps left in \"Testing\" \
+                 lose their grants after 7 days (publish the app on the OAuth consent screen)"
+            }
+            Family::Microsoft => {
+                "the grant was revoked, expired, or the password changed; Microsoft drops grants unused \
+                 for 90 days"
+            }
+            Family::Generic => "the grant was revoked, expired, or the password changed",
+        }
     } else {
         return None;
     })
@@ -131,7 +194,7 @@ mod tests {
         )
         .unwrap()
         .contains("mail.google.com"));
-        let refused = |code: &str, d: &str| for_provider_error(code, d);
+        let refused = |code: &str, d: &str| for_provider_error(Family::Microsoft, code, d);
         assert!(
             (refused("invalid_request", "AADSTS50011: The redirect URI ..."))
                 .unwrap()
@@ -143,17 +206,27 @@ mod tests {
         ))
         .unwrap()
         .contains("Allow public client flows"));
-        assert!(for_provider_error(
+        assert!(refused(
             "invalid_grant",
             "AADSTS700082: The refresh token has expired due to inactivity"
         )
         .unwrap()
         .contains("90 days"));
-        assert!(
-            for_provider_error("invalid_grant", "Token has been expired or revoked.")
-                .unwrap()
-                .contains("Testing")
-        );
+        // Each family's reasons, and only its own.
+        let revoked = |family| {
+            for_provider_error(
+                family,
+                "invalid_grant",
+                "Token has been expired or revoked.",
+            )
+            .unwrap()
+        };
+        assert!(revoked(Family::Google).contains("Testing"));
+        assert!(!revoked(Family::Google).contains("90 days"));
+        assert!(revoked(Family::Microsoft).contains("90 days"));
+        assert!(!revoked(Family::Microsoft).contains("Testing"));
+        let generic = revoked(Family::Generic);
+        assert!(!generic.contains("Testing") && !generic.contains("90 days"));
         assert!(refused("redirect_uri_mismatch", "")
             .unwrap()
             .contains("Desktop app"));

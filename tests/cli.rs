@@ -9,7 +9,13 @@ use std::io::Write;
 const BIN: &str = env!("CARGO_BIN_EXE_xoauth-relay");
 
 fn run(args: &[&str], stdin: &str) -> (bool, String, String) {
+    run_in(Path::new("."), args, stdin)
+}
+
+/// [`run`] from another working directory.
+fn run_in(cwd: &Path, args: &[&str], stdin: &str) -> (bool, String, String) {
     let mut child = Command::new(BIN)
+        .current_dir(cwd)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -206,19 +212,26 @@ fn check_reports_every_error_at_once_and_warns_about_the_published_password() {
     // On a listener other machines can reach, `serve` refuses it.
     let example = std::fs::read_to_string("config/relay.example.toml").unwrap();
     let public = example
-        .replace("127.0.0.1:587", "0.0.0.0:0")
-        .replace("127.0.0.1:465", "127.0.0.1:0")
+        .replace("127.0.0.1:2587", "0.0.0.0:0")
+        .replace("127.0.0.1:2465", "127.0.0.1:0")
         .replace(
-            "data_dir = \"data\"",
+            "data_dir = \"../data\"",
             &format!("data_dir = \"{}/data\"", d.display()),
         );
     let public_path = d.join("public.toml");
     std::fs::write(&public_path, public).unwrap();
-    let (ok, _, err) = run(&["--config", public_path.to_str().unwrap(), "serve"], "");
-    assert!(!ok);
+    // `check` says the same, with the same exit code: it means "serve would start".
+    for cmd in ["serve", "check"] {
+        let (ok, _, err) = run(&["--config", public_path.to_str().unwrap(), cmd], "");
+        assert!(!ok, "{cmd}");
+        assert!(
+            err.contains("still has the example config's published password"),
+            "{cmd}: {err}"
+        );
+    }
     assert!(
-        err.contains("still has the example config's published password"),
-        "{err}"
+        !d.join("data").exists(),
+        "check and a refused serve create nothing"
     );
 }
 
@@ -263,6 +276,14 @@ fn import_token_and_accounts_with_and_without_a_running_relay() {
         row(&table, "crm ").contains("needs authorization"),
         "{table}"
     );
+    // The fix as it must be typed: this file is not the default one, and the provider has no
+    // consent page (no authorize_url), so `authorize` would fail.
+    assert!(
+        table.contains(&format!(
+            "run `xoauth-relay --config {path} import-token crm < refresh-token.txt`"
+        )),
+        "{table}"
+    );
 
     // sled allows one process: with `serve` running, admin commands go through its control socket.
     let mut serve = KillOnDrop(
@@ -295,13 +316,34 @@ fn import_token_and_accounts_with_and_without_a_running_relay() {
     // A second relay on the same data dir is refused with a clear message.
     let (ok, _, err) = run(&["--config", &path, "serve"], "");
     assert!(!ok);
-    assert!(err.contains("already running"), "{err}");
+    let pid = serve.0.id();
+    assert!(
+        err.contains(&format!(
+            "another relay is already running with this config (pid {pid}"
+        )),
+        "{err}"
+    );
     // `reload` as systemd's ExecReload runs it: success when taken, non-zero with the reason when
     // the file is refused (the relay keeps running on the old one).
     let (ok, out, err) = run(&["--config", &path, "reload"], "");
     assert!(ok, "{err}");
-    assert!(out.contains("config reloaded"), "{out}");
+    assert!(
+        out.contains(&format!("config reloaded from {path}: ")),
+        "{out}"
+    );
     let good = std::fs::read_to_string(&path).unwrap();
+    // Another file than the one the relay reads: refused, naming both.
+    let second = dir.path().join("second.toml");
+    std::fs::write(&second, &good).unwrap();
+    let (ok, _, err) = run(&["--config", second.to_str().unwrap(), "reload"], "");
+    assert!(!ok);
+    assert!(
+        err.contains(&format!(
+            "nothing reloaded: the running relay reads {path}, not {}",
+            second.display()
+        )),
+        "{err}"
+    );
     std::fs::write(
         &path,
         good.replace("[server]", "[server]\nhostname = \"elsewhere\""),
@@ -313,10 +355,23 @@ fn import_token_and_accounts_with_and_without_a_running_relay() {
         err.contains("[server] hostname changed, which needs a restart"),
         "{err}"
     );
-    std::fs::write(&path, "[server\n").unwrap();
+    // Half-edited: reload is refused, but the running relay still answers health and accounts.
+    std::fs::write(&path, good.clone() + "\n[limits\nmax_recipients = \n").unwrap();
     let (ok, _, err) = run(&["--config", &path, "reload"], "");
     assert!(!ok);
-    assert!(err.contains("nothing reloaded"), "{err}");
+    assert!(
+        err.contains("config not reloaded, the running one stays"),
+        "{err}"
+    );
+    let (ok, out, err) = run(&["--config", &path, "health"], "");
+    assert!(ok, "{err}");
+    assert_eq!(out, format!("ready: relay running (pid {pid})\n"));
+    let (ok, table, err) = run(&["--config", &path, "accounts"], "");
+    assert!(ok, "{err}");
+    assert!(
+        row(&table, "news ").contains("refresh_token  ok"),
+        "{table}"
+    );
     std::fs::write(&path, &good).unwrap();
     let sent = std::process::Command::new("kill")
         .args(["-TERM", &serve.0.id().to_string()])
@@ -404,4 +459,203 @@ fn a_database_without_its_key_is_refused_before_anything_is_asked() {
     assert!(!ok);
     assert!(err.contains("Restore the key from its backup"), "{err}");
     assert!(!key.exists());
+}
+
+#[test]
+fn check_refuses_what_serve_would_refuse_and_suggests_the_key_meant() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let h = hash();
+    let base = config(d, &account("a", "a", &h), "");
+    // A copy of the base config with one edit.
+    let edited = |name: &str, edit: &dyn Fn(String) -> String| {
+        let path = d.join(name);
+        std::fs::write(&path, edit(std::fs::read_to_string(&base).unwrap())).unwrap();
+        path.display().to_string()
+    };
+    // A data_dir nobody can create: both refuse, naming the key, the path and the user.
+    let data_dir = format!("data_dir = \"{}/data\"", d.display());
+    let nope = edited("nope.toml", &|t| {
+        t.replace(&data_dir, "data_dir = \"/proc/nope/data\"")
+    });
+    for cmd in ["check", "serve"] {
+        let (ok, _, err) = run(&["--config", &nope, cmd], "");
+        assert!(!ok, "{cmd} accepted an uncreatable data_dir");
+        assert!(
+            err.contains("[server] data_dir /proc/nope/data: cannot create it as "),
+            "{cmd}: {err}"
+        );
+    }
+    // A typo gets the key it was meant to be.
+    let typo = edited("typo.toml", &|t| t + "\n[limits]\nmax_recipents = 10\n");
+    let (ok, _, err) = run(&["--config", &typo, "check"], "");
+    assert!(!ok);
+    assert!(err.contains("unknown field `max_recipents`"), "{err}");
+    assert!(err.contains("(did you mean `max_recipients`?)"), "{err}");
+    // The example's placeholders: a warning from check, a refusal from authorize.
+    let placeholder = config(
+        d,
+        &account("a", "a", &h),
+        "client_secret = \"replace-with-the-client-secret\"\nauthorize_url = \"http://127.0.0.1:9/auth\"",
+    );
+    let (ok, _, err) = run(&["--config", &placeholder, "check"], "");
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("warning: [providers.corp]: client_secret \"replace-with-the-client-secret\" is the example's placeholder"),
+        "{err}"
+    );
+    let (ok, _, err) = run(
+        &["--config", &placeholder, "authorize", "a", "--manual"],
+        "",
+    );
+    assert!(!ok);
+    assert!(err.contains("is the example's placeholder"), "{err}");
+    // A privileged port without the privilege: a warning naming the capability.
+    let low = edited("low.toml", &|t| t.replace("127.0.0.1:0", "127.0.0.1:587"));
+    let (ok, _, err) = run(&["--config", &low, "check"], "");
+    assert!(ok, "{err}");
+    let unprivileged = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 10) == 0);
+    let low_ports_privileged =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+            .ok()
+            .and_then(|s| s.trim().parse::<u16>().ok())
+            .is_none_or(|start| start > 587);
+    if unprivileged && low_ports_privileged {
+        assert!(
+            err.contains("127.0.0.1:587: ports below 1024 need root or CAP_NET_BIND_SERVICE"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn relative_paths_are_taken_from_the_config_directory_wherever_a_command_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("conf");
+    std::fs::create_dir(&conf).unwrap();
+    let text = std::fs::read_to_string(config(dir.path(), &account("news", "news", &hash()), ""))
+        .unwrap()
+        .replace(
+            &format!("data_dir = \"{}/data\"", dir.path().display()),
+            "data_dir = \"state\"",
+        );
+    std::fs::write(conf.join("relay.toml"), &text).unwrap();
+    // From the parent directory, through a relative --config: the store lands beside the file.
+    let (ok, out, err) = run_in(
+        dir.path(),
+        &["--config", "conf/relay.toml", "import-token", "news"],
+        "rt-1\n",
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("grant stored"), "{out}");
+    assert!(conf.join("state").is_dir(), "the database is in conf/state");
+    assert!(
+        conf.join("master.key").exists(),
+        "the key is beside the file"
+    );
+    assert!(!dir.path().join("state").exists());
+    // From inside conf/, the same store answers.
+    let (ok, table, err) = run_in(&conf, &["--config", "relay.toml", "accounts"], "");
+    assert!(ok, "{err}");
+    assert!(table.contains("refresh_token  ok"), "{table}");
+
+    // An upgrade where the data still sits at the old place (the working directory): refused,
+    // naming both paths, before anything new is created.
+    let other = tempfile::tempdir().unwrap();
+    let old_conf = other.path().join("etc");
+    std::fs::create_dir(&old_conf).unwrap();
+    std::fs::write(old_conf.join("relay.toml"), &text).unwrap();
+    std::fs::create_dir(other.path().join("state")).unwrap();
+    for cmd in ["check", "serve", "accounts"] {
+        let (ok, _, err) = run_in(other.path(), &["--config", "etc/relay.toml", cmd], "");
+        assert!(!ok, "{cmd}");
+        assert!(
+            err.contains(&format!(
+                "[server] data_dir: {}/state exists but {}/etc/state does not",
+                other.path().display(),
+                other.path().display()
+            )),
+            "{cmd}: {err}"
+        );
+    }
+    assert!(!old_conf.join("state").exists());
+}
+
+#[test]
+fn with_json_logs_a_fatal_error_is_a_json_line_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(
+        dir.path(),
+        &(account("a", "a", &hash()) + "colour = \"red\"\n"),
+        "",
+    );
+    let (ok, _, err) = run(&["--log-format", "json", "--config", &path, "serve"], "");
+    assert!(!ok);
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let last = lines.last().expect("a line");
+    assert_eq!(last["level"], "ERROR", "{last}");
+    assert!(
+        last["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("unknown field `colour`")),
+        "{last}"
+    );
+    assert!(
+        !err.contains("listening") && !err.contains("serving"),
+        "a failed start claims nothing: {err}"
+    );
+}
+
+#[test]
+fn queue_retry_without_a_target_names_the_three_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), &account("a", "a", &hash()), "");
+    let (ok, _, err) = run(&["--config", &path, "queue", "retry"], "");
+    assert!(!ok);
+    for form in [
+        "queue retry ID`",
+        "queue retry --all`",
+        "queue retry --account NAME`",
+    ] {
+        assert!(err.contains(form), "{form} in: {err}");
+    }
+    assert!(
+        err.contains(&format!("xoauth-relay --config {path} queue retry")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_new_store_is_made_only_on_a_fresh_install_or_with_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), &account("news", "news", &hash()), "");
+    // `test` would need a store: it asks for --init instead of making one.
+    let (ok, _, err) = run(&["--config", &path, "test", "news"], "");
+    assert!(!ok);
+    assert!(err.contains("run the command again with --init"), "{err}");
+    assert!(!dir.path().join("data").exists());
+    // A fresh install: storing a grant creates the store.
+    let (ok, _, err) = run(&["--config", &path, "import-token", "news"], "rt-1\n");
+    assert!(ok, "{err}");
+    // The database gone but its key still there (a moved data_dir?): not silently started over.
+    std::fs::remove_dir_all(dir.path().join("data")).unwrap();
+    let (ok, _, err) = run(&["--config", &path, "import-token", "news"], "rt-2\n");
+    assert!(!ok);
+    assert!(err.contains("although the key at"), "{err}");
+    assert!(err.contains("--init"), "{err}");
+    assert!(!dir.path().join("data").exists());
+    let (ok, out, err) = run(
+        &["--config", &path, "import-token", "news", "--init"],
+        "rt-2\n",
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("grant stored"), "{out}");
 }

@@ -297,63 +297,72 @@ async fn a_slow_reader_does_not_outlive_the_preauth_deadline() {
 }
 
 #[tokio::test]
-async fn an_address_that_failed_ten_logins_is_locked_out_and_another_is_not() {
-    let (_dir, provider, relay) = setup(RelayOptions::default(), "starttls").await;
+async fn a_login_that_keeps_failing_is_refused_from_that_address_and_spraying_locks_the_address() {
+    let opts = RelayOptions {
+        extra_limits_toml: "auth_failures_per_login = 4\nauth_failures_per_ip = 8".into(),
+        ..RelayOptions::default()
+    };
+    let (_dir, provider, relay) = setup(opts, "starttls").await;
     let attacker: std::net::IpAddr = "127.0.0.1".parse().unwrap();
     let other: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let connect =
+        |ip| Client::connect_from(relay.starttls, Some(ip), Conn::StartTls, &provider.pki);
+    let greeting = |ip| async move {
+        let mut tcp = connect_tcp(relay.starttls, Some(ip)).await;
+        let mut line = vec![0u8; 512];
+        let n = tokio::io::AsyncReadExt::read(&mut tcp, &mut line)
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&line[..n]).to_string()
+    };
+    const LOCKED: &str = "421 4.7.0 too many failed logins, try again later";
     // A session that opened before the lockout.
-    let mut early = Client::connect_from(
-        relay.starttls,
-        Some(attacker),
-        Conn::StartTls,
-        &provider.pki,
-    )
-    .await;
-    let mut failures = 0;
-    while failures < 10 {
-        let mut c = Client::connect_from(
-            relay.starttls,
-            Some(attacker),
-            Conn::StartTls,
-            &provider.pki,
-        )
-        .await;
-        // The session itself closes after three failures; the count per address goes on.
-        for _ in 0..3 {
-            if failures == 10 {
-                break;
-            }
-            let reply = c.login_plain(LOGIN, "wrong-password").await;
-            assert!(
-                reply.starts_with("535 5.7.8"),
-                "failure {failures}: {reply}"
-            );
-            failures += 1;
-        }
-    }
-    // From now on: 421 at the greeting.
-    let mut tcp = connect_tcp(relay.starttls, Some(attacker)).await;
-    let mut greeting = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut tcp, &mut greeting)
+    let mut early = connect(attacker).await;
+    // What Python's smtplib does with a wrong password: PLAIN, then LOGIN with the same one. One
+    // mistake, counted once.
+    let mut c = connect(attacker).await;
+    assert!(c
+        .login_plain(LOGIN, "wrong-0")
         .await
-        .unwrap();
-    assert_eq!(
-        greeting,
-        "421 4.7.0 too many failed logins, try again later\r\n"
-    );
-    // At AUTH too, and the right password does not help.
-    assert_eq!(
-        early.login_plain(LOGIN, PASSWORD).await,
-        "421 4.7.0 too many failed logins, try again later"
-    );
-    // Another address is not affected.
-    let mut c =
-        Client::connect_from(relay.starttls, Some(other), Conn::StartTls, &provider.pki).await;
+        .starts_with("535 5.7.8"));
+    assert!(c
+        .login_login(LOGIN, "wrong-0")
+        .await
+        .starts_with("535 5.7.8"));
+    assert!(c
+        .login_plain(LOGIN, "wrong-1")
+        .await
+        .starts_with("535 5.7.8"));
+    // Two more wrong passwords reach auth_failures_per_login = 4.
+    let mut c = connect(attacker).await;
+    for n in 2..4 {
+        let reply = c.login_plain(LOGIN, &format!("wrong-{n}")).await;
+        assert!(reply.starts_with("535 5.7.8"), "failure {n}: {reply}");
+    }
+    // That login from that address is refused at AUTH, even with its password...
+    assert_eq!(early.login_plain(LOGIN, PASSWORD).await, LOCKED);
+    // ... but the address still gets its greeting, and other logins are only told they are wrong.
+    assert!(greeting(attacker).await.starts_with("220 "));
+    let mut c = connect(attacker).await;
+    assert!(c
+        .login_plain("someone-else", "pw")
+        .await
+        .starts_with("535 5.7.8"));
+    // The same login from another address logs in.
+    let mut c = connect(other).await;
     assert_eq!(
         c.login_plain(LOGIN, PASSWORD).await,
         "235 2.7.0 Authentication successful"
     );
-    // The operator lifts it (`xoauth-relay unlock 127.0.0.1`): the address logs in again.
+    // Guessing across logins: 4 + 1 failures so far, 3 more reach auth_failures_per_ip = 8.
+    let mut c = connect(attacker).await;
+    for n in 0..3 {
+        let reply = c.login_plain(&format!("guess-{n}"), "pw").await;
+        assert!(reply.starts_with("535 5.7.8"), "guess {n}: {reply}");
+    }
+    assert_eq!(greeting(attacker).await, format!("{LOCKED}\r\n"));
+    assert!(greeting(other).await.starts_with("220 "));
+    // The operator lifts both (`xoauth-relay unlock 127.0.0.1`): the address logs in again.
     let unlocked = admin(
         &relay,
         xoauth_relay::control::wire::Request::Unlock {
@@ -363,13 +372,7 @@ async fn an_address_that_failed_ten_logins_is_locked_out_and_another_is_not() {
     .await;
     assert!(unlocked.ok, "{}", unlocked.text);
     assert_eq!(unlocked.text, "127.0.0.1 unlocked\n");
-    let mut again = Client::connect_from(
-        relay.starttls,
-        Some(attacker),
-        Conn::StartTls,
-        &provider.pki,
-    )
-    .await;
+    let mut again = connect(attacker).await;
     assert_eq!(
         again.login_plain(LOGIN, PASSWORD).await,
         "235 2.7.0 Authentication successful"
@@ -541,4 +544,46 @@ async fn postmaster_reaches_the_upstream_as_postmaster_and_only_angle_brackets_a
         );
         relay.stop().await;
     }
+}
+
+#[tokio::test]
+async fn a_client_on_the_wrong_kind_of_port_is_named_in_the_log() {
+    let opts = RelayOptions {
+        extra_limits_toml: "tls_handshake_timeout_secs = 1".into(),
+        ..RelayOptions::default()
+    };
+    let (_dir, _provider, relay) = setup(opts, "starttls").await;
+    let (logs, _guard) = LogCapture::install();
+    // A TLS client on the STARTTLS port: its ClientHello is not answered as commands.
+    {
+        let mut tcp = connect_tcp(relay.starttls, None).await;
+        let hello = [
+            0x16, 0x03, 0x01, 0x00, 0x2f, 0x01, 0x00, 0x00, 0x2b, 0x03, 0x03,
+        ];
+        tcp.write_all(&hello).await.unwrap();
+        let mut seen = String::new();
+        tcp.read_to_string(&mut seen).await.unwrap();
+        assert!(seen.starts_with("220 "), "{seen}");
+        assert!(
+            !seen.contains("501"),
+            "no replies to the handshake bytes: {seen}"
+        );
+        let expected =
+            "client started TLS on a STARTTLS port; use port 465 (implicit TLS) or STARTTLS";
+        assert!(logs.text().contains(expected), "{}", logs.text());
+    }
+    // A plain or STARTTLS client on the implicit-TLS port waits for a greeting that never comes.
+    let mut tcp = connect_tcp(relay.implicit, None).await;
+    let mut seen = Vec::new();
+    tcp.read_to_end(&mut seen).await.unwrap();
+    assert!(
+        seen.is_empty(),
+        "nothing in clear text on the implicit-TLS port"
+    );
+    assert!(
+        logs.text()
+            .contains("no TLS handshake: a STARTTLS or plain client on the implicit-TLS port?"),
+        "{}",
+        logs.text()
+    );
 }

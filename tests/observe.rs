@@ -272,3 +272,88 @@ async fn a_webhook_gets_the_alert_as_json() {
     assert!(event["hint"].as_str().unwrap().contains("authorize news"));
     relay.stop().await;
 }
+
+/// `GET /metrics` with an `Accept` header (or none): the content type and the body.
+async fn scrape(addr: std::net::SocketAddr, accept: Option<&str>) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    let request =
+        format!("GET /metrics HTTP/1.1\r\nHost: relay\r\n{accept}Connection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tcp.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8_lossy(&response).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type: ")
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    (content_type, body.to_string())
+}
+
+#[tokio::test]
+async fn metrics_speak_what_the_scraper_asks_for_and_the_packaged_rules_name_only_real_metrics() {
+    let (_dir, provider, relay) = setup(with_metrics(""), "starttls").await;
+    let addr = relay.metrics.unwrap();
+    // A message relayed: a token with its expiry, a reply latency.
+    let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
+    let replies = c
+        .send_mail("alice@example.com", &["bob@example.net"], b"hi\r\n")
+        .await;
+    assert!(all_ok(&replies), "{replies:?}");
+    // Prometheus asks for OpenMetrics first.
+    let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let (kind, open) = scrape(addr, Some(prometheus)).await;
+    assert_eq!(
+        kind,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    assert!(open.contains("# TYPE xoauth_relay_auth_failures counter"));
+    assert!(open.ends_with("# EOF\n"));
+    // curl and older agents get the Prometheus text format.
+    let (kind, text) = scrape(addr, None).await;
+    assert_eq!(kind, "text/plain; version=0.0.4; charset=utf-8");
+    assert!(text.contains("# TYPE xoauth_relay_auth_failures_total counter"));
+    assert!(!text.contains("# EOF"));
+
+    // Every metric the dashboard and the alert rules name is one the relay exports.
+    let mut exported = std::collections::HashSet::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let (name, kind) = rest.split_once(' ').unwrap();
+        exported.insert(name.to_string());
+        if kind == "histogram" {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                exported.insert(format!("{name}{suffix}"));
+            }
+        }
+    }
+    for file in [
+        "packaging/grafana-dashboard.json",
+        "packaging/prometheus-rules.yml",
+    ] {
+        let text = std::fs::read_to_string(file).unwrap();
+        let mut named = 0;
+        for (at, _) in text.match_indices("xoauth_relay_") {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            named += 1;
+            assert!(
+                exported.contains(&name),
+                "{file} names {name}, which the relay does not export"
+            );
+        }
+        assert!(named > 5, "{file} names the relay's metrics");
+    }
+}

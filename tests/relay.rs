@@ -291,7 +291,7 @@ async fn revoked_and_missing_grants_are_reported_at_auth() {
     let reply = c.login_plain(LOGIN, PASSWORD).await;
     assert_eq!(
         reply,
-        "454 4.7.0 account `news`: no grant stored yet; run `xoauth-relay authorize news` (or `import-token news`)"
+        "454 4.7.0 account `news`: no grant stored yet; run `xoauth-relay authorize news`"
     );
 }
 
@@ -802,4 +802,87 @@ async fn a_data_dir_open_to_others_is_tightened_at_start() {
     let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700);
     relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_device_at_its_source_address_sends_without_a_login_and_others_may_not() {
+    let opts = RelayOptions {
+        // A scanner's account: its address, no login, no password.
+        extra_accounts_toml: "\n[[accounts]]\nname = \"scanner\"\nprovider = \"fake\"\nmailbox = \"news@example.com\"\nsources = [\"127.0.0.2\", \"127.0.9.0/24\"]\nallowed_senders = [\"scanner@example.com\"]\n".into(),
+        ..RelayOptions::default()
+    };
+    let (_dir, provider, relay) = setup(opts, "starttls").await;
+    let rt = provider.state().add_refresh_token();
+    relay.import("scanner", &rt).await;
+    let device: std::net::IpAddr = "127.0.9.7".parse().unwrap();
+    // No STARTTLS, no AUTH: its MAIL is the scanner account's.
+    let mut c =
+        Client::connect_from(relay.starttls, Some(device), Conn::Plain, &provider.pki).await;
+    let replies = c
+        .send_mail(
+            "scanner@example.com",
+            &["bob@example.org"],
+            b"Subject: scan\r\n\r\npage 1\r\n",
+        )
+        .await;
+    assert!(all_ok(&replies), "{replies:?}");
+    // Its allowed_senders still apply.
+    assert!(c
+        .cmd("MAIL FROM:<ceo@example.com>")
+        .await
+        .starts_with("550 5.7.1"));
+    assert_eq!(c.cmd("QUIT").await, "221 2.0.0 Bye");
+    {
+        let s = provider.state();
+        assert_eq!(s.messages.len(), 1);
+        assert!(s.messages[0].body.ends_with(b"page 1\r\n"));
+    }
+    // Any other address: MAIL without AUTH is refused as before.
+    let mut other = Client::connect_from(
+        relay.starttls,
+        Some("127.0.0.3".parse().unwrap()),
+        Conn::Plain,
+        &provider.pki,
+    )
+    .await;
+    assert_eq!(
+        other.cmd("MAIL FROM:<scanner@example.com>").await,
+        "530 5.7.0 Authentication required"
+    );
+    // From the device's address, a login still works, as that login's account.
+    let mut c = Client::connect_from(
+        relay.starttls,
+        Some("127.0.0.2".parse().unwrap()),
+        Conn::StartTls,
+        &provider.pki,
+    )
+    .await;
+    assert_eq!(
+        c.login_plain(LOGIN, PASSWORD).await,
+        "235 2.7.0 Authentication successful"
+    );
+    assert!(all_ok(
+        &c.send_mail("news@example.com", &["carol@example.org"], b"hi\r\n")
+            .await
+    ));
+    // Usage names the device's address.
+    let usage = admin(
+        &relay,
+        xoauth_relay::control::wire::Request::Accounts {
+            json: true,
+            usage: true,
+        },
+    )
+    .await;
+    let accounts: serde_json::Value = serde_json::from_str(&usage.text).unwrap();
+    let scanner = accounts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "scanner")
+        .unwrap();
+    assert_eq!(scanner["last_source"], "127.0.9.7", "{scanner}");
+    assert_eq!(scanner["last_24h"]["messages"], 1, "{scanner}");
+    assert_eq!(scanner["last_24h"]["sources"], 1, "{scanner}");
+    assert!(scanner["login"].is_null(), "devices only: {scanner}");
 }

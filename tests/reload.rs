@@ -16,7 +16,7 @@ fn rewrite(relay: &Relay, provider: &FakeProvider, opts: &RelayOptions, news_has
 /// `reload` straight to the control socket (the command line would stop at the broken file).
 async fn reload(relay: &Relay) -> xoauth_relay::control::wire::Response {
     let socket = relay.dir.join("data/control.sock");
-    xoauth_relay::control::client::call(&socket, &Request::Reload)
+    xoauth_relay::control::client::call(&socket, &Request::Reload { config: None })
         .await
         .unwrap()
         .expect("the relay answers")
@@ -67,7 +67,7 @@ async fn reload_adds_an_account_changes_a_password_and_swaps_the_certificate() {
     std::fs::write(relay.dir.join("certs/relay.crt"), &new_pki.cert_pem).unwrap();
     std::fs::write(relay.dir.join("certs/relay.key"), &new_pki.key_pem).unwrap();
 
-    let r = admin(&relay, Request::Reload).await;
+    let r = admin(&relay, Request::Reload { config: None }).await;
     assert!(r.ok, "{}", r.text);
     assert!(r.text.contains("accounts added: shop"), "{}", r.text);
     assert!(r.text.contains("accounts changed: news"), "{}", r.text);

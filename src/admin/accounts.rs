@@ -13,7 +13,8 @@ use crate::util::clock::rfc3339;
 #[derive(Serialize)]
 struct Row {
     name: String,
-    login: String,
+    /// None for an account of devices only (`sources`, no password).
+    login: Option<String>,
     provider: String,
     /// `smtp`, `graph` or `gmail_api`, and where it sends.
     transport: &'static str,
@@ -47,11 +48,11 @@ fn row(ctx: &AdminContext, a: &Account, now: u64, usage: bool) -> Row {
     let state = tokens.grant_state(a);
     let state_detail = match &state {
         GrantState::Ok => None,
-        GrantState::NeedsAuthorization => Some(format!("run `xoauth-relay authorize {}`", a.name)),
+        GrantState::NeedsAuthorization => Some(format!("run `{}`", crate::hints::grant_command(a))),
         GrantState::Revoked => Some(format!(
-            "{}; run `xoauth-relay authorize {}`",
+            "{}; {}",
             status.last_error.as_deref().unwrap_or("invalid_grant"),
-            a.name
+            crate::hints::revoked_fix(a)
         )),
         GrantState::Failing(e) => Some(e.clone()),
         GrantState::Unreadable(e) => Some(format!("unreadable: {e}")),
@@ -84,7 +85,7 @@ fn row(ctx: &AdminContext, a: &Account, now: u64, usage: bool) -> Row {
     let last_refresh = g.as_ref().and_then(|g| g.last_refresh);
     Row {
         name: a.name.clone(),
-        login: a.login.clone(),
+        login: a.password_hash.is_some().then(|| a.login.clone()),
         provider: a.provider.name.clone(),
         transport: a.provider.transport.as_str(),
         endpoint: a.endpoint(),
@@ -174,7 +175,7 @@ pub(super) fn list(ctx: &AdminContext, json: bool, usage: bool) -> Result<String
         };
         table.push(vec![
             r.name,
-            r.login,
+            r.login.unwrap_or_else(|| "(devices)".into()),
             provider,
             r.mailbox,
             r.grant.to_string(),

@@ -93,7 +93,7 @@ pub async fn execute(ctx: &AdminContext, request: Request) -> Response {
         }
         Request::QueueDelete { id } => queue::delete(ctx, &id).await,
         // The running relay's control handler answers these before they get here.
-        Request::Reload | Request::Unlock { .. } => Err(RELAY_ONLY.into()),
+        Request::Reload { .. } | Request::Unlock { .. } | Request::Health => Err(RELAY_ONLY.into()),
     };
     match result {
         Ok(text) => Response::ok(text),

@@ -93,7 +93,8 @@ fn sender(m: &MessageView) -> String {
 pub(super) async fn show(ctx: &AdminContext, id: &str) -> Result<String, String> {
     let Some((m, headers)) = ctx.queue.show(id).await else {
         return Err(format!(
-            "no queued message {id}; `xoauth-relay queue` lists them"
+            "no queued message {id}; `{}` lists them",
+            crate::hints::command("queue")
         ));
     };
     let mut out = format!(
@@ -134,7 +135,12 @@ pub(super) async fn retry(ctx: &AdminContext, target: Target) -> Result<String, 
     let n = ctx.queue.retry(&target).await;
     match target {
         Target::Id(id) if n == 0 => Err(format!(
-            "no queued message {id}; `xoauth-relay queue` lists them"
+            "no queued message {id}; `{}` lists them",
+            crate::hints::command("queue")
+        )),
+        _ if !ctx.queue.delivering() => Ok(format!(
+            "{n} message(s) due now; no relay is running, so they go out when `{}` starts\n",
+            crate::hints::command("serve")
         )),
         _ => Ok(format!(
             "{n} message(s) scheduled for delivery now (pacing still applies)\n"
@@ -147,7 +153,8 @@ pub(super) async fn delete(ctx: &AdminContext, id: &str) -> Result<String, Strin
         Ok(format!("message {id} deleted (no bounce sent)\n"))
     } else {
         Err(format!(
-            "no queued message {id}; `xoauth-relay queue` lists them"
+            "no queued message {id}; `{}` lists them",
+            crate::hints::command("queue")
         ))
     }
 }

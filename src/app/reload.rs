@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{client_tls, notify, server_tls, Services};
+use super::preflight::{client_tls, server_tls};
+use super::{notify, Services};
 use crate::admin::AdminContext;
 use crate::config::Config;
 use crate::inbound::shared::{Live, Shared};
@@ -54,7 +55,22 @@ impl Reloader {
 
     /// Reads the file again and puts it in force; `Ok` says what changed, `Err` why nothing did
     /// (logged here either way, whether SIGHUP or `reload` asked).
-    pub async fn reload(&self) -> Result<String, String> {
+    /// `requested`: the file the caller means (`reload --config`); another file than the one this
+    /// relay reads is refused, naming both (SIGHUP passes none).
+    pub async fn reload(&self, requested: Option<std::path::PathBuf>) -> Result<String, String> {
+        let own = self.shared.live.load().config.path.clone();
+        if let Some(requested) = requested {
+            let same = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or(p.to_path_buf());
+            if same(&requested) != same(&own) {
+                return Err(format!(
+                    "nothing reloaded: the running relay reads {}, not {}; run `xoauth-relay --config {} \
+                     reload`, or restart the relay on the other file",
+                    own.display(),
+                    requested.display(),
+                    own.display()
+                ));
+            }
+        }
         let _one = self.one_at_a_time.lock().await;
         let done = self.reload_now().await;
         if let Err(e) = &done {
@@ -111,9 +127,11 @@ impl Reloader {
             .admission
             .set_limits(limits.max_connections, limits.max_connections_per_ip);
         let lockout = Duration::from_secs(limits.auth_lockout_secs);
-        self.shared
-            .lockout
-            .set(limits.auth_failures_per_ip, lockout);
+        self.shared.lockout.set(
+            limits.auth_failures_per_login,
+            limits.auth_failures_per_ip,
+            lockout,
+        );
         let certificate_changed = {
             let mut last = lock(&self.tls_files);
             let changed = *last != files;
@@ -131,7 +149,10 @@ impl Reloader {
         self.admin.config.store(new);
         notify(sd_notify::NotifyState::Ready);
         tracing::info!(changes = %changes, "config reloaded");
-        Ok(format!("config reloaded: {changes}\n"))
+        Ok(format!(
+            "config reloaded from {}: {changes}\n",
+            old.config.path.display()
+        ))
     }
 }
 
@@ -149,7 +170,7 @@ pub async fn on_hangup(
                     return;
                 }
                 tracing::info!("SIGHUP: reloading the config");
-                let _ = reloader.reload().await;
+                let _ = reloader.reload(None).await;
             }
         }
     }

@@ -3,16 +3,19 @@
 //! room's.
 
 use std::io::{IsTerminal, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{strip_one_newline, Config};
+use crate::config::{strip_one_newline, Config, RelayAddress};
 use crate::control::wire::{Request, Response};
 use crate::oauth::authorize;
 use crate::util::logging::{self, LogFormat};
 use crate::util::secret::Secret;
+
+/// `--config` when neither the flag nor `XOAUTH_RELAY_CONFIG` says otherwise.
+const DEFAULT_CONFIG: &str = "config/relay.toml";
 
 #[derive(Parser)]
 #[command(
@@ -26,7 +29,7 @@ struct Cli {
         long,
         global = true,
         env = "XOAUTH_RELAY_CONFIG",
-        default_value = "config/relay.toml"
+        default_value = DEFAULT_CONFIG
     )]
     config: PathBuf,
     /// Log format.
@@ -58,6 +61,9 @@ enum Command {
     ImportToken {
         /// Account name (`name` in [[accounts]]).
         account: String,
+        /// Without a relay or a database: create a new database (a new install).
+        #[arg(long)]
+        init: bool,
     },
     /// Obtain a grant for an account through the provider's consent page or device code.
     Authorize {
@@ -72,6 +78,9 @@ enum Command {
         /// Device code flow: print a code to enter on another device.
         #[arg(long)]
         device: bool,
+        /// Without a relay or a database: create a new database (a new install).
+        #[arg(long)]
+        init: bool,
     },
     /// List accounts with their grant state.
     Accounts {
@@ -120,6 +129,10 @@ enum Command {
         /// Also send a short test message to this address.
         #[arg(long)]
         to: Option<String>,
+        /// Without a relay or a database: create a new database (an account with client
+        /// credentials or a service account on a new install).
+        #[arg(long)]
+        init: bool,
     },
 }
 
@@ -130,7 +143,7 @@ enum QueueAction {
     /// Attempt now: lifts a pause and the backoff (pacing still applies).
     Retry {
         /// A message id.
-        #[arg(required_unless_present_any = ["all", "account"], conflicts_with_all = ["all", "account"])]
+        #[arg(conflicts_with_all = ["all", "account"])]
         id: Option<String>,
         /// Every message of this account.
         #[arg(long, conflicts_with = "all")]
@@ -148,7 +161,9 @@ enum QueueAction {
 pub fn main() -> ExitCode {
     private_umask();
     let cli = Cli::parse();
+    crate::hints::set_invocation(&cli.config, cli.config == Path::new(DEFAULT_CONFIG));
     logging::init(cli.log_format);
+    let format = cli.log_format;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -156,7 +171,11 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            match format {
+                // A log collector reading JSON lines gets the reason as one more line.
+                LogFormat::Json => tracing::error!("{e}"),
+                LogFormat::Text => eprintln!("error: {e}"),
+            }
             ExitCode::FAILURE
         }
     }
@@ -225,8 +244,16 @@ async fn run(cli: Cli) -> Result<(), String> {
                     );
                 }
             }
-            for warning in config.warnings() {
+            let findings = crate::app::preflight::run(&config);
+            for warning in &findings.warnings {
                 eprintln!("warning: {warning}");
+            }
+            if !findings.refusals.is_empty() {
+                return Err(format!(
+                    "{}\n{}: `serve` would refuse to start",
+                    findings.refusals.join("\n"),
+                    config.path.display()
+                ));
             }
             println!(
                 "{}: ok ({} listener(s), {} provider(s), {} account(s))",
@@ -248,14 +275,15 @@ async fn run(cli: Cli) -> Result<(), String> {
             println!("{}", crate::auth::hash_password(&password));
             Ok(())
         }
-        Command::ImportToken { account } => {
+        Command::ImportToken { account, init } => {
             let config = load(&cli)?;
             config.account(account).map_err(|e| e.to_string())?;
-            crate::app::grant_store_preflight(&config).await?;
+            crate::app::grant_store_preflight(&config, *init).await?;
             let token = read_secret("Refresh token: ")?;
             if token.trim().is_empty() {
                 return Err(format!(
-                    "no refresh token on stdin; pipe it in, like `xoauth-relay import-token {account} < token.txt`"
+                    "no refresh token on stdin; pipe it in, like `{}`",
+                    crate::hints::command(&format!("import-token {account} < token.txt"))
                 ));
             }
             let request = Request::StoreGrant {
@@ -266,11 +294,11 @@ async fn run(cli: Cli) -> Result<(), String> {
                 refresh_expires_in: None,
                 scope: None,
             };
-            finish(crate::app::admin(config, request).await?)
+            finish(crate::app::admin_with(config, request, *init).await?)
         }
         Command::Accounts { json, usage } => finish(
-            crate::app::admin(
-                load(&cli)?,
+            admin(
+                &cli,
                 Request::Accounts {
                     json: *json,
                     usage: *usage,
@@ -280,15 +308,15 @@ async fn run(cli: Cli) -> Result<(), String> {
         ),
         Command::Reload => reload(&cli).await,
         Command::Unlock { address, .. } => finish(
-            crate::app::admin(
-                load(&cli)?,
+            admin(
+                &cli,
                 Request::Unlock {
                     address: address.clone(),
                 },
             )
             .await?,
         ),
-        Command::Health => health(&load(&cli)?).await,
+        Command::Health => health(&cli).await,
         Command::Queue {
             action,
             account,
@@ -300,6 +328,16 @@ async fn run(cli: Cli) -> Result<(), String> {
                     json: *json,
                 },
                 Some(QueueAction::Show { id }) => Request::QueueShow { id: id.clone() },
+                Some(QueueAction::Retry { id, account, all })
+                    if id.is_none() && account.is_none() && !all =>
+                {
+                    return Err(format!(
+                        "say what to retry: `{}` (one message), `{}` or `{}`",
+                        crate::hints::command("queue retry ID"),
+                        crate::hints::command("queue retry --all"),
+                        crate::hints::command("queue retry --account NAME")
+                    ));
+                }
                 Some(QueueAction::Retry { id, account, all }) => Request::QueueRetry {
                     id: id.clone(),
                     account: account.clone(),
@@ -307,23 +345,23 @@ async fn run(cli: Cli) -> Result<(), String> {
                 },
                 Some(QueueAction::Delete { id }) => Request::QueueDelete { id: id.clone() },
             };
-            finish(crate::app::admin(load(&cli)?, request).await?)
+            finish(admin(&cli, request).await?)
         }
         Command::Revoke { account } => finish(
-            crate::app::admin(
-                load(&cli)?,
+            admin(
+                &cli,
                 Request::Revoke {
                     account: account.clone(),
                 },
             )
             .await?,
         ),
-        Command::Test { account, to } => {
+        Command::Test { account, to, init } => {
             let request = Request::Test {
                 account: account.clone(),
                 to: to.clone(),
             };
-            let response = crate::app::admin(load(&cli)?, request).await?;
+            let response = admin_init(&cli, request, *init).await?;
             // Every step is worth seeing, the failed one included.
             print!("{}", response.text);
             if response.ok {
@@ -337,6 +375,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             no_browser,
             manual,
             device,
+            init,
         } => {
             let config = load(&cli)?;
             let mode = if *device {
@@ -348,7 +387,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                     open_browser: !no_browser,
                 }
             };
-            crate::app::grant_store_preflight(&config).await?;
+            crate::app::grant_store_preflight(&config, *init).await?;
             let set = authorize::run(&config, account, mode).await?;
             let request = Request::StoreGrant {
                 account: account.clone(),
@@ -358,32 +397,60 @@ async fn run(cli: Cli) -> Result<(), String> {
                 refresh_expires_in: set.refresh_expires_in.map(|d| d.as_secs()),
                 scope: set.scope,
             };
-            finish(crate::app::admin(config, request).await?)
+            finish(crate::app::admin_with(config, request, *init).await?)
         }
     }
 }
 
-/// `reload`: only a running relay can; the file is refused here already when it does not load
-/// (the relay then keeps what it runs).
-async fn reload(cli: &Cli) -> Result<(), String> {
-    let config = load(cli)
-        .map_err(|e| format!("{e}\nnothing reloaded: the running relay keeps its config"))?;
-    let socket = config.server.control_socket();
-    match crate::control::client::call(&socket, &Request::Reload).await? {
-        Some(response) => finish(response),
-        None => Err(format!(
-            "no relay answers on {}; nothing reloaded. If a relay runs with another data_dir or \
-             control_socket than this file now names, that change needs a restart (systemctl \
-             restart xoauth-relay)",
-            socket.display()
-        )),
-    }
+/// An admin request goes to the running relay for this file when one answers (its own config
+/// applies, whatever state the file is in now), else runs against the store with the file loaded
+/// here.
+async fn admin(cli: &Cli, request: Request) -> Result<Response, String> {
+    admin_init(cli, request, false).await
 }
 
-/// `GET /readyz` on the configured metrics address.
-async fn health(config: &crate::config::Config) -> Result<(), String> {
-    let Some(mut addr) = config.metrics.address else {
-        return Err("set [metrics] address in the config to serve /readyz".into());
+/// [`admin`]; `init`: without a relay, a new store may be created (`--init`).
+async fn admin_init(cli: &Cli, request: Request, init: bool) -> Result<Response, String> {
+    let relay = RelayAddress::read(&cli.config).map_err(|e| e.to_string())?;
+    if let Some(response) = crate::control::client::call(&relay.control_socket, &request).await? {
+        return Ok(response);
+    }
+    crate::app::admin_with(load(cli)?, request, init).await
+}
+
+/// `reload`: only a running relay can, and only the file it reads.
+async fn reload(cli: &Cli) -> Result<(), String> {
+    let relay = RelayAddress::read(&cli.config).map_err(|e| e.to_string())?;
+    let config = std::path::absolute(&cli.config).unwrap_or_else(|_| cli.config.clone());
+    let request = Request::Reload {
+        config: Some(config),
+    };
+    if let Some(response) = crate::control::client::call(&relay.control_socket, &request).await? {
+        return finish(response);
+    }
+    // No relay: say what is wrong with the file first, if anything.
+    load(cli).map_err(|e| format!("{e}\nnothing reloaded"))?;
+    Err(format!(
+        "no relay answers on {}; nothing reloaded. If a relay runs with another data_dir or \
+         control_socket than this file now names, that change needs a restart (systemctl \
+         restart xoauth-relay)",
+        relay.control_socket.display()
+    ))
+}
+
+/// `health`: asks the running relay (`/readyz` on `[metrics] address`, else its control socket),
+/// reading nothing else from the file: a half-edited config must not mark a healthy relay
+/// unhealthy.
+async fn health(cli: &Cli) -> Result<(), String> {
+    let relay = RelayAddress::read(&cli.config).map_err(|e| e.to_string())?;
+    let Some(mut addr) = relay.metrics else {
+        return match crate::control::client::call(&relay.control_socket, &Request::Health).await? {
+            Some(response) => finish(response),
+            None => Err(format!(
+                "no relay answers on {}: is it running with this config?",
+                relay.control_socket.display()
+            )),
+        };
     };
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());

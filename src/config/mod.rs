@@ -7,8 +7,14 @@
 //! Every error names the key and says what to do. The rest of the program only ever sees a fully
 //! resolved [`Provider`] and [`Account`], whose `Debug` output shows no secret or password hash.
 
+mod advice;
+mod paths;
 pub mod raw;
 pub mod resolve;
+mod sources;
+
+pub use advice::EXAMPLE_PASSWORD_HASH;
+pub use paths::{Anchored, RelayAddress};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -147,7 +153,11 @@ pub struct Limits {
     pub max_connections_per_ip: usize,
     /// Error replies in a session before `421 4.7.0` and close (Postfix's hard error limit).
     pub max_errors_per_session: u32,
-    /// Failed logins from one address within 10 minutes before it is locked out (0: never).
+    /// Failed logins of one login from one address within 10 minutes before that login is
+    /// refused from there (0: never). A session counts each credential it tries once.
+    pub auth_failures_per_login: usize,
+    /// Failed logins from one address, across logins, within 10 minutes before the address is
+    /// locked out at the greeting (0: never): against guessing many logins.
     pub auth_failures_per_ip: usize,
     /// How long a locked-out address gets `421 4.7.0`.
     pub auth_lockout_secs: u64,
@@ -183,7 +193,8 @@ impl Default for Limits {
             preauth_timeout_secs: 60,
             max_connections_per_ip: 50,
             max_errors_per_session: 10,
-            auth_failures_per_ip: 10,
+            auth_failures_per_login: 10,
+            auth_failures_per_ip: 50,
             auth_lockout_secs: 600,
             bare_line_endings: BareLineEndings::Normalize,
         }
@@ -528,11 +539,14 @@ impl std::fmt::Debug for Provider {
 pub struct Account {
     pub name: String,
     pub login: String,
-    /// argon2id PHC string; a `Secret` so that `{:?}` of an account cannot print it.
-    pub password_hash: Secret,
+    /// argon2id PHC string; a `Secret` so that `{:?}` of an account cannot print it. None for an
+    /// account of devices only (`sources` without a password): nobody logs in as it.
+    pub password_hash: Option<Secret>,
     pub provider: Arc<Provider>,
     pub mailbox: String,
     pub allowed_senders: Option<Vec<String>>,
+    /// Addresses whose sessions are this account's without AUTH (printers, scanners, old apps).
+    pub sources: Vec<ipnet::IpNet>,
     pub grant: GrantKind,
     /// The provider's `max_upstream_connections` unless the account sets its own.
     pub max_upstream_connections: usize,
@@ -568,7 +582,8 @@ impl Account {
         Account {
             name: name.to_string(),
             login: String::new(),
-            password_hash: Secret::default(),
+            password_hash: None,
+            sources: Vec::new(),
             grant: grant.unwrap_or(provider.grant),
             max_upstream_connections: provider.max_upstream_connections,
             pacing: provider.pacing,
@@ -665,6 +680,8 @@ impl Env for SystemEnv {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub path: PathBuf,
+    /// Every path the file gave relative, now taken from the file's directory.
+    pub anchored: Vec<Anchored>,
     pub server: ServerConfig,
     pub listeners: Vec<ListenerConfig>,
     pub tls: TlsConfig,
@@ -686,7 +703,11 @@ impl Config {
                 path.display()
             ))
         })?;
-        Config::parse(&text, path)?.resolve(&SystemEnv)
+        // Absolute, so that the running relay and a command run elsewhere name the same file.
+        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let config = Config::parse(&text, &path)?;
+        config.moved_paths()?;
+        config.resolve(&SystemEnv)
     }
 
     /// Parses and validates the text: a pure function (secrets named, not read).
@@ -710,84 +731,6 @@ impl Config {
                     self.path.display()
                 ))
             })
-    }
-}
-
-/// The `password_hash` published in `config/relay.example.toml` (password "change-me"): anyone can
-/// log in with it, so `serve` refuses it on a listener other than loopback.
-pub const EXAMPLE_PASSWORD_HASH: &str =
-    "$argon2id$v=19$m=19456,t=2,p=1$pvxRNMbZtA9LLJEcHj8WNQ$C4AqN4TR5l9vfJdFPgfWeihGedxXqzT3b2R2NySCvmA";
-
-impl Config {
-    /// The key that seals the grants: `key_file`, else `master.key` beside the config file (not in
-    /// data_dir, so a backup of the data does not carry its own key). A key at the old default,
-    /// `data_dir/master.key`, keeps working until it is moved (`check` says so).
-    pub fn key_file(&self) -> PathBuf {
-        if let Some(k) = &self.server.key_file {
-            return k.clone();
-        }
-        let beside = self.path.with_file_name("master.key");
-        let old = self.server.data_dir.join("master.key");
-        if !beside.exists() && old.exists() {
-            old
-        } else {
-            beside
-        }
-    }
-
-    /// Accounts still using the example config's published password.
-    pub fn example_password_accounts(&self) -> Vec<&str> {
-        self.accounts
-            .iter()
-            .filter(|a| a.password_hash.expose() == EXAMPLE_PASSWORD_HASH)
-            .map(|a| a.name.as_str())
-            .collect()
-    }
-
-    /// Listeners reachable from other machines.
-    pub fn public_listeners(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .iter()
-            .map(|l| l.address)
-            .filter(|a| !a.ip().to_canonical().is_loopback())
-            .collect()
-    }
-
-    /// What `check` should point out although the file is valid.
-    pub fn warnings(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for name in self.example_password_accounts() {
-            out.push(format!(
-                "account `{name}`: password_hash is the example's published one (password \"change-me\"); \
-                 make your own with `xoauth-relay hash-password` (serve refuses it on a non-loopback listener)"
-            ));
-        }
-        let key = self.key_file();
-        if key.starts_with(&self.server.data_dir) {
-            out.push(format!(
-                "[server] key_file {} is inside data_dir: a backup of data_dir then carries its own key; \
-                 move it to {} (the default) or set key_file to a path outside data_dir",
-                key.display(),
-                self.path.with_file_name("master.key").display()
-            ));
-        }
-        let data = &self.server.data_dir;
-        if crate::util::fs::readable_by_others(data) {
-            out.push(format!(
-                "[server] data_dir {} is open to other users; it holds sealed grants and queued mail: `serve` \
-                 tightens it to 0700 (or run `chmod 700 {}`)",
-                data.display(),
-                data.display()
-            ));
-        }
-        if crate::util::fs::readable_by_others(&key) {
-            out.push(format!(
-                "[server] key_file {} is readable by other users; run `chmod 600 {}`",
-                key.display(),
-                key.display()
-            ));
-        }
-        out
     }
 }
 
@@ -820,6 +763,7 @@ tls = "none"
 
 [providers.p]
 token_url = "http://127.0.0.1:1/token"
+authorize_url = "http://127.0.0.1:1/authorize"
 client_id = "c"
 smtp_host = "localhost"
 smtp_tls = "none"

@@ -96,6 +96,9 @@ pub struct RawAccount {
     pub mailbox: String,
     #[serde(default)]
     pub allowed_senders: Option<Vec<String>>,
+    /// Devices that send without AUTH from these addresses or networks are this account's.
+    #[serde(default)]
+    pub sources: Vec<String>,
     pub grant: Option<GrantKind>,
     pub max_upstream_connections: Option<usize>,
     pub delivery: Option<DeliveryMode>,
@@ -141,6 +144,9 @@ pub fn parse(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
             })
             .unwrap_or_default();
         let mut msg = format!("{}{at}: {}", path.display(), e.message().trim_end());
+        if let Some(near) = nearest_field(e.message()) {
+            msg.push_str(&format!("\n(did you mean `{near}`?)"));
+        }
         if msg.contains("invalid socket address") {
             msg.push_str(
                 "\n(a listener address is an IP and a port, like 127.0.0.1:587 or 0.0.0.0:587)",
@@ -148,4 +154,19 @@ pub fn parse(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
         }
         ConfigError(msg)
     })
+}
+
+/// For serde's "unknown field `max_recipents`, expected one of `a`, `b`, ...": the valid key
+/// closest to the typo, when one is close enough to be what was meant.
+fn nearest_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (unknown, expected) = rest.split_once('`')?;
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|k| (strsim::damerau_levenshtein(unknown, k), k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
 }

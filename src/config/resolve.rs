@@ -37,22 +37,34 @@ fn account(
             "{what}: two [[accounts]] have this name; names must be unique"
         ));
     }
+    let sources = super::sources::parse(&what, &a.sources)?;
     let login = a.login.clone().unwrap_or_else(|| a.name.clone());
-    if let Some(other) = seen_logins.insert(login.clone(), a.name.clone()) {
-        return err(format!(
-            "{what}: login `{login}` is already used by account `{other}`; give each account its own `login`"
-        ));
+    // An account of devices only (sources, no password) has no login to collide with.
+    let logs_in = a.password_hash.is_some() || a.login.is_some() || sources.is_empty();
+    if logs_in {
+        if let Some(other) = seen_logins.insert(login.clone(), a.name.clone()) {
+            return err(format!(
+                "{what}: login `{login}` is already used by account `{other}`; give each account its own `login`"
+            ));
+        }
     }
-    let Some(password_hash) = a.password_hash else {
-        return err(format!(
-            "{what}: `password_hash` is missing; create one with `xoauth-relay hash-password` and paste it in"
-        ));
+    let password_hash = match a.password_hash {
+        None if sources.is_empty() || a.login.is_some() => {
+            return err(format!(
+                "{what}: `password_hash` is missing; create one with `xoauth-relay hash-password` and paste it in{}",
+                if sources.is_empty() { "" } else { " (or drop `login`: an account of devices only needs neither)" }
+            ));
+        }
+        None => None,
+        Some(hash) => {
+            if let Err(e) = argon2::PasswordHash::new(hash.expose()) {
+                return err(format!(
+                    "{what}: `password_hash` is not a PHC string ({e}); create one with `xoauth-relay hash-password`"
+                ));
+            }
+            Some(hash)
+        }
     };
-    if let Err(e) = argon2::PasswordHash::new(password_hash.expose()) {
-        return err(format!(
-            "{what}: `password_hash` is not a PHC string ({e}); create one with `xoauth-relay hash-password`"
-        ));
-    }
     let Some(provider) = providers.get(&a.provider).cloned() else {
         if failed_providers.contains(&a.provider) {
             // Its provider's own error says what to fix.
@@ -147,6 +159,7 @@ fn account(
         provider,
         mailbox: a.mailbox,
         allowed_senders: a.allowed_senders,
+        sources,
         grant,
         max_upstream_connections,
         pacing,
@@ -187,9 +200,8 @@ fn preset_scopes(
 }
 
 /// Applies presets and validates; reads nothing outside `raw`.
-pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
-    // Relative paths in the file are relative to the directory the relay runs in, like the
-    // documented `cargo run -- serve --config config/relay.example.toml`.
+pub fn build(mut raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
+    let anchored = super::paths::anchor(&mut raw, path.parent().unwrap_or(Path::new("")));
     // Every problem is collected, so one `check` run shows them all.
     let mut errors: Vec<String> = Vec::new();
     let default_proxy = match raw
@@ -263,6 +275,7 @@ pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             Err(e) => errors.push(e.0),
         }
     }
+    errors.extend(super::sources::overlapping(&accounts));
 
     if raw.limits.max_message_bytes == 0 || raw.limits.max_recipients == 0 {
         errors.push("[limits]: max_message_bytes and max_recipients must be greater than 0".into());
@@ -364,6 +377,7 @@ pub fn build(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
     }
     Ok(Config {
         path: path.to_path_buf(),
+        anchored,
         server: raw.server,
         listeners: raw.listeners,
         tls: raw.tls,

@@ -221,3 +221,47 @@ fn api_transport_mistakes_are_named_with_the_fix() {
         "{e}"
     );
 }
+
+#[test]
+fn device_sources_belong_to_one_account_and_never_to_everyone() {
+    let device = |name: &str, sources: &str| {
+        format!(
+            "\n[[accounts]]\nname = \"{name}\"\nprovider = \"corp\"\nmailbox = \"{name}@example.com\"\nsources = {sources}\n"
+        )
+    };
+    let parse = |extra: String| Config::parse(&format!("{TEXT}{extra}"), Path::new("t.toml"));
+    // An account of devices only: no login, no password; nobody logs in as it.
+    let c = parse(device("scanner", r#"["192.168.10.0/24", "10.1.2.3"]"#)).unwrap();
+    let scanner = c.account("scanner").unwrap();
+    assert!(scanner.password_hash.is_none());
+    assert_eq!(scanner.sources.len(), 2);
+    assert!(scanner.sources[1].contains(&"10.1.2.3".parse::<std::net::IpAddr>().unwrap()));
+    // Two accounts for one address.
+    let e = parse(
+        device("scanner", r#"["192.168.10.0/24"]"#) + &device("printer", r#"["192.168.10.7"]"#),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("account `scanner` source 192.168.10.0/24 and account `printer` source 192.168.10.7/32 overlap"),
+        "{e}"
+    );
+    for everyone in ["0.0.0.0/0", "::/0"] {
+        let e = parse(device("scanner", &format!("[\"{everyone}\"]")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is every address"), "{e}");
+    }
+    let e = parse(device("scanner", r#"["printer.local"]"#))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is neither an address"), "{e}");
+    // A login without a password is still refused.
+    let e = parse(
+        device("scanner", r#"["10.1.2.3"]"#)
+            .replace("name = \"scanner\"", "name = \"scanner\"\nlogin = \"scan\""),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("`password_hash` is missing"), "{e}");
+}

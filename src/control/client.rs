@@ -43,3 +43,10 @@ pub async fn call(path: &Path, request: &Request) -> Result<Option<Response>, St
         .map(Some)
         .map_err(|e| format!("control socket {}: unreadable answer: {e}", path.display()))
 }
+
+/// The process id of the relay listening on `path`, if one does (from the socket's peer
+/// credentials: no request needed).
+pub async fn running_pid(path: &Path) -> Option<i32> {
+    let stream = UnixStream::connect(path).await.ok()?;
+    stream.peer_cred().ok()?.pid()
+}

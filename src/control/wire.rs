@@ -50,7 +50,13 @@ pub enum Request {
         id: String,
     },
     /// Re-read the config file (what SIGHUP does); answered once the new config is in force.
-    Reload,
+    /// `config`: the file the caller means; refused when the relay reads another one.
+    Reload {
+        #[serde(default)]
+        config: Option<std::path::PathBuf>,
+    },
+    /// Whether the relay is up and serving (for `health` without `[metrics] address`).
+    Health,
     /// Lift the failed-login lockout of one address, or of every address when `None`.
     Unlock {
         address: Option<String>,

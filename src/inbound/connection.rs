@@ -83,6 +83,12 @@ struct Connection {
     preauth_deadline: Instant,
     /// Error replies sent, for the log's bound.
     refusals: u32,
+    /// Nothing read yet: the first bytes tell a TLS client on a port where SMTP comes first.
+    first_read: bool,
+    /// Credentials this session tried and failed (as digests): each counts once.
+    failed_credentials: Vec<u64>,
+    /// The account whose `sources` hold the peer's address: a MAIL without AUTH is its.
+    device: Option<Arc<crate::config::Account>>,
     /// The login whose names the session's log span carries (a span field recorded again would
     /// be printed twice).
     logged_login: Option<String>,
@@ -132,7 +138,16 @@ impl Connection {
                 == crate::config::BareLineEndings::Reject,
         });
         let preauth_deadline = Instant::now() + Duration::from_secs(limits.preauth_timeout_secs);
+        let device = live.authenticator.device(peer.ip()).cloned();
+        let mut session = session;
+        if let Some(account) = &device {
+            session.allow_device(Authorized {
+                account: account.name.clone(),
+                allowed_senders: account.allowed_senders.clone(),
+            });
+        }
         Connection {
+            device,
             peer,
             stream,
             mode,
@@ -142,6 +157,8 @@ impl Connection {
             message_started: Instant::now(),
             preauth_deadline,
             refusals: 0,
+            first_read: true,
+            failed_credentials: Vec::new(),
             logged_login: None,
             shared,
             live,
@@ -210,7 +227,17 @@ impl Connection {
 
     async fn run(&mut self) -> Result<(), End> {
         if self.mode == TlsMode::Implicit {
-            self.upgrade_tls().await?;
+            if let Err(e) = self.upgrade_tls().await {
+                if matches!(e, End::Timeout) {
+                    // The likeliest cause by far: a mailer set to STARTTLS or plain SMTP, waiting
+                    // for a greeting that on this port comes only after the handshake.
+                    tracing::warn!(
+                        "no TLS handshake: a STARTTLS or plain client on the implicit-TLS port? \
+                         set the mailer to SSL/TLS, or point it at the STARTTLS port"
+                    );
+                }
+                return Err(e);
+            }
             self.session.tls_started_implicitly();
         }
         if self
@@ -266,6 +293,18 @@ impl Connection {
             if n == 0 {
                 return Ok(());
             }
+            if std::mem::take(&mut self.first_read) && self.session.starts_with_tls_hello() {
+                // Answering the handshake bytes as commands would only log unreadable lines.
+                tracing::warn!(
+                    "client started TLS on a {} port; use port 465 (implicit TLS) or STARTTLS",
+                    if self.mode == TlsMode::None {
+                        "plain"
+                    } else {
+                        "STARTTLS"
+                    }
+                );
+                return Ok(());
+            }
         }
     }
 
@@ -316,6 +355,12 @@ impl Connection {
             } => {
                 self.flush().await?;
                 self.message_started = Instant::now();
+                if self.delivery.is_none() {
+                    if let Err(reply) = self.start_device().await {
+                        self.session.upstream_reply(reply);
+                        return Ok(true);
+                    }
+                }
                 let outcome = self.delivery().mail(&from, &params, &ahead).await;
                 self.session.upstream_reply(outcome.into_reply());
             }
@@ -366,6 +411,55 @@ impl Connection {
         Ok(true)
     }
 
+    /// The session's first MAIL without AUTH from a device's address: the session becomes its
+    /// account's, as after a login (the grant must be usable; usage and the log name the address).
+    async fn start_device(&mut self) -> Result<(), Reply> {
+        let account = self
+            .device
+            .clone()
+            .expect("the session allows MAIL without AUTH only for a device");
+        if let Err(refusal) = self.shared.delivery.admit(&account).await {
+            self.auth_failed(refusal.reason);
+            return Err(Reply::new(454, format!("4.7.0 {}", refusal.text)));
+        }
+        let span = tracing::Span::current();
+        span.record("account", tracing::field::display(&account.name));
+        tracing::info!(source = %self.peer.ip().to_canonical(), "device session: sending without AUTH as the account of its source address");
+        self.shared
+            .observer
+            .usage
+            .login(&account.name, self.peer.ip().to_canonical());
+        self.delivery = Some(self.shared.delivery.submission(account));
+        Ok(())
+    }
+
+    /// Counts a failed login against the lockout limits; says so when it reached one.
+    fn lockout_failure(&self, ip: std::net::IpAddr, login: &str, known: bool) {
+        let limits = &self.live.config.limits;
+        let unlock = format!(
+            "lift it with `{}`",
+            crate::hints::command(&format!("unlock {}", ip.to_canonical()))
+        );
+        let who = if known { login } else { "(an unknown login)" };
+        match self.shared.lockout.failed(ip, login, Instant::now()) {
+            super::lockout::Failure::Counted => {}
+            super::lockout::Failure::LoginLockedOut => tracing::warn!(
+                address = %ip.to_canonical(),
+                login = %who,
+                failures = limits.auth_failures_per_login,
+                lockout_secs = limits.auth_lockout_secs,
+                "login refused from this address after too many failed logins; {unlock}"
+            ),
+            super::lockout::Failure::AddressLockedOut => tracing::warn!(
+                address = %ip.to_canonical(),
+                login = %who,
+                failures = limits.auth_failures_per_ip,
+                lockout_secs = limits.auth_lockout_secs,
+                "address locked out after too many failed logins across logins; {unlock}"
+            ),
+        }
+    }
+
     /// Counts a refused login (`xoauth_relay_auth_failures_total{reason}`).
     fn auth_failed(&self, reason: &'static str) {
         self.shared.observer.metrics.auth_failure(reason);
@@ -381,7 +475,7 @@ impl Connection {
     async fn authenticate(&mut self, login: String, password: Secret) -> AuthOutcome {
         let lockout = &self.shared.lockout;
         let ip = self.peer.ip();
-        if lockout.is_locked(ip, Instant::now()) {
+        if lockout.login_locked(ip, &login, Instant::now()) {
             tracing::info!(
                 result = "locked_out",
                 "login refused: too many failed logins from this address"
@@ -389,22 +483,22 @@ impl Connection {
             self.auth_failed("locked_out");
             return AuthOutcome::LockedOut;
         }
+        let credential = credential_key(&login, &password);
         let Some(verified) = self.live.authenticator.verify(&login, password).await else {
             // Only a configured login is named: an unknown one may be a password typed in the wrong
             // field, or carry line breaks meant to forge log lines.
-            if let Some(account) = self.live.authenticator.account_of(&login) {
+            let account = self.live.authenticator.account_of(&login);
+            let known = account.is_some();
+            if let Some(account) = account {
                 self.shared.observer.usage.failed_login(&account.name);
                 tracing::info!(login = %login, result = "bad_credentials", "login failed: wrong password");
             } else {
                 tracing::info!(result = "bad_credentials", "login failed: unknown login");
             }
-            if lockout.failed(ip, Instant::now()) == super::lockout::Failure::LockedOut {
-                let limits = &self.live.config.limits;
-                tracing::warn!(
-                    failures = limits.auth_failures_per_ip,
-                    lockout_secs = limits.auth_lockout_secs,
-                    "address locked out after too many failed logins"
-                );
+            // The same credential again in this session (PLAIN, then LOGIN) is one mistake.
+            if !self.failed_credentials.contains(&credential) {
+                self.failed_credentials.push(credential);
+                self.lockout_failure(ip, &login, known);
             }
             self.auth_failed("bad_credentials");
             return AuthOutcome::BadCredentials;
@@ -431,4 +525,17 @@ impl Connection {
             allowed_senders: account.allowed_senders.clone(),
         })
     }
+}
+
+/// A digest of a login and password, to recognise a credential tried again in the same session
+/// without keeping the password.
+fn credential_key(login: &str, password: &Secret) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    // Keyed per process: the digest says nothing outside it.
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let mut h = KEYS.get_or_init(Default::default).build_hasher();
+    login.hash(&mut h);
+    password.expose().hash(&mut h);
+    h.finish()
 }

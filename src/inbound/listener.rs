@@ -24,9 +24,9 @@ pub struct Listener {
 
 impl Listener {
     pub async fn bind(address: SocketAddr, mode: TlsMode) -> Result<Listener, String> {
-        let tcp = TcpListener::bind(address).await.map_err(|e| {
-            format!("cannot listen on {address} ({e}); change [[listeners]] address or stop what uses the port")
-        })?;
+        let tcp = TcpListener::bind(address)
+            .await
+            .map_err(|e| bind_error("[[listeners]] address", address, &e))?;
         Ok(Listener {
             tcp,
             mode,
@@ -87,5 +87,19 @@ pub async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             drop(permit);
             drop(ip_permit);
         });
+    }
+}
+
+/// Why a port could not be bound, with the fix for that reason.
+pub fn bind_error(key: &str, address: SocketAddr, e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => format!(
+            "cannot listen on {address} ({e}): ports below 1024 need root or CAP_NET_BIND_SERVICE (the \
+             systemd unit grants it); use a port above 1024 in {key}, or grant the capability"
+        ),
+        std::io::ErrorKind::AddrInUse => format!(
+            "cannot listen on {address} ({e}); change {key} or stop what uses the port"
+        ),
+        _ => format!("cannot listen on {address} ({e}); check {key}"),
     }
 }

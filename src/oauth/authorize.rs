@@ -34,12 +34,15 @@ const LOOPBACK_WAIT: Duration = Duration::from_secs(600);
 /// copies the URL from the browser's address bar.
 const MANUAL_PORT: u16 = 8765;
 
-fn fail(account: &str, e: &ProviderError) -> String {
+fn fail(account: &Account, e: &ProviderError) -> String {
     let hint = e
-        .hint()
+        .hint(account.provider.family)
         .map(|h| format!("\n  hint: {h}"))
         .unwrap_or_default();
-    format!("account `{account}`: authorization failed ({e}){hint}")
+    format!(
+        "account `{}`: authorization failed ({e}){hint}",
+        account.name
+    )
 }
 
 /// Runs the flow and returns the tokens to store (always with a refresh token).
@@ -51,6 +54,13 @@ pub async fn run(config: &Config, name: &str, mode: Mode) -> Result<TokenSet, St
              check it with `xoauth-relay test {name}`",
             account.grant.as_str()
         ));
+    }
+    if let Some(placeholder) = config
+        .placeholders()
+        .into_iter()
+        .find(|p| p.starts_with(&format!("[providers.{}]", account.provider.name)))
+    {
+        return Err(placeholder);
     }
     let http = HttpClient::for_provider(
         &account.provider,
@@ -125,7 +135,7 @@ async fn exchange(
         .set_pkce_verifier(pending.verifier)
         .request_async(http)
         .await
-        .map_err(|e| fail(&account.name, &oauth::classify(e)))?;
+        .map_err(|e| fail(account, &oauth::classify(e)))?;
     Ok(oauth::token_set(&response))
 }
 
@@ -247,7 +257,7 @@ async fn redirect_outcome(
     if let Some(error) = params.get("error") {
         let description = params.get("error_description").cloned().unwrap_or_default();
         return Err(fail(
-            &account.name,
+            account,
             &ProviderError::Refused {
                 code: error.clone(),
                 description,
@@ -348,7 +358,7 @@ async fn device(account: &Account, http: &HttpClient) -> Result<TokenSet, String
         .add_scopes(p.scopes.iter().cloned().map(Scope::new))
         .request_async(http)
         .await
-        .map_err(|e| fail(&account.name, &oauth::classify(e)))?;
+        .map_err(|e| fail(account, &oauth::classify(e)))?;
     let uri = details
         .verification_uri_complete()
         .map(|u| u.secret().to_string())
@@ -381,7 +391,7 @@ async fn device(account: &Account, http: &HttpClient) -> Result<TokenSet, String
                     account.name
                 )
             } else {
-                fail(&account.name, &error)
+                fail(account, &error)
             }
         })?;
     println!("Authorization received.");

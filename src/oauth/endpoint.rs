@@ -77,8 +77,8 @@ impl ProviderError {
     }
 
     /// What the operator should do about it, when known.
-    pub fn hint(&self) -> Option<&'static str> {
-        crate::hints::for_provider_error(self.code(), self.description())
+    pub fn hint(&self, family: crate::config::Family) -> Option<&'static str> {
+        crate::hints::for_provider_error(family, self.code(), self.description())
     }
 }
 

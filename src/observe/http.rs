@@ -74,15 +74,32 @@ pub async fn serve(
     }
 }
 
-async fn scrape(State(ep): State<Endpoint>) -> impl IntoResponse {
+/// OpenMetrics to a scraper that asks for it (Prometheus does), Prometheus text 0.0.4 to anyone
+/// else, as exporters do.
+async fn scrape(State(ep): State<Endpoint>, headers: axum::http::HeaderMap) -> impl IntoResponse {
     let body = ep.metrics.encode(&*ep.fill);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        body,
-    )
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    if openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            crate::observe::metrics::prometheus_text(&body),
+        )
+    }
 }
 
 async fn ready(State(ep): State<Endpoint>) -> impl IntoResponse {

@@ -479,6 +479,42 @@ impl Metrics {
     }
 }
 
+/// The OpenMetrics exposition rewritten as Prometheus text 0.0.4, for scrapers that do not ask
+/// for OpenMetrics (curl, older agents): counters are named with their `_total` in `# HELP` and
+/// `# TYPE`, and `# UNIT` and `# EOF` are left out. Samples are the same.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let name = rest.split(' ').next().unwrap_or("");
+                if counters.contains(name) {
+                    out.push_str(prefix);
+                    out.push_str(name);
+                    out.push_str("_total");
+                    out.push_str(&rest[name.len()..]);
+                } else {
+                    out.push_str(&line.replace(" unknown", " untyped"));
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// One account's message and recipient counters (see [`Metrics::account`]).
 #[derive(Clone)]
 pub struct AccountCounters {
@@ -563,5 +599,31 @@ mod tests {
         }
         drop(_s);
         assert!(m.encode(&|_| {}).contains("xoauth_relay_sessions_active 0"));
+    }
+
+    #[test]
+    fn prometheus_text_names_counters_with_their_total() {
+        let m = Metrics::new();
+        m.auth_failure("bad_credentials");
+        m.step_timers()
+            .observe(Step::Data, std::time::Duration::from_millis(3));
+        let open = m.encode(&|g| Gauges::set(&g.grant_ok, "news", 1));
+        assert!(open.contains("# TYPE xoauth_relay_auth_failures counter"));
+        assert!(open.ends_with("# EOF\n"));
+        let text = prometheus_text(&open);
+        for line in [
+            "# TYPE xoauth_relay_auth_failures_total counter",
+            "xoauth_relay_auth_failures_total{reason=\"bad_credentials\"} 1",
+            "# TYPE xoauth_relay_grant_ok gauge",
+            "xoauth_relay_grant_ok{account=\"news\"} 1",
+            "# TYPE xoauth_relay_upstream_reply_seconds histogram",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
+        assert!(text.contains("# HELP xoauth_relay_auth_failures_total "));
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"));
     }
 }

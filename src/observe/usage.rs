@@ -2,14 +2,15 @@
 //! hourly buckets, and the source addresses that logged in, so `accounts --usage` can show the last
 //! 24 hours and 7 days and an operator can spot a login used from somewhere new.
 //!
-//! Kept in memory (a restart starts the figures afresh); a few hundred bytes per account plus one
-//! entry per distinct source address, bounded.
+//! Kept in memory (a few hundred bytes per account plus one entry per distinct source address,
+//! bounded) and written with the relay's other state every 30 s and at shutdown, so the figures
+//! span restarts and upgrades: usage is watched over weeks, not since the last start.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::util::clock::SharedClock;
 use crate::util::sync::lock;
@@ -19,7 +20,7 @@ const WEEK_HOURS: u64 = 7 * 24;
 /// Distinct source addresses remembered per account; the least recently seen goes first.
 const MAX_SOURCES: usize = 4096;
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
 struct Counts {
     messages: u64,
     recipients: u64,
@@ -27,7 +28,7 @@ struct Counts {
     failed_logins: u64,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone, Serialize, Deserialize)]
 struct AccountUsage {
     /// (hour since the epoch, counts), oldest first, at most a week.
     hours: VecDeque<(u64, Counts)>,
@@ -169,6 +170,27 @@ impl Usage {
         self.with(account, |u, now| u.hour(now).failed_logins += 1);
     }
 
+    /// Everything counted, for [`Usage::restore`] in the next run.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let accounts = self.accounts.read().unwrap_or_else(|e| e.into_inner());
+        let copy: HashMap<&str, AccountUsage> = accounts
+            .iter()
+            .map(|(name, e)| (name.as_str(), lock(e).clone()))
+            .collect();
+        serde_json::to_vec(&copy).unwrap_or_default()
+    }
+
+    /// Takes back what [`Usage::snapshot`] wrote (at start-up); an unreadable file is forgotten.
+    pub fn restore(&self, bytes: &[u8]) {
+        let Ok(saved) = serde_json::from_slice::<HashMap<String, AccountUsage>>(bytes) else {
+            tracing::warn!("the saved usage figures cannot be read; counting afresh");
+            return;
+        };
+        for (name, usage) in saved {
+            *lock(&self.entry(&name)) = usage;
+        }
+    }
+
     pub fn report(&self, account: &str) -> Report {
         let mut report = Report::default();
         self.with(account, |u, now| {
@@ -209,5 +231,27 @@ mod tests {
         assert_eq!(r.last_source.as_deref(), Some("192.0.2.2"));
         clock.advance(std::time::Duration::from_secs(8 * 86400));
         assert_eq!(usage.report("news").last_7d.messages, 0);
+    }
+
+    #[test]
+    fn the_figures_survive_a_restart() {
+        let clock = ManualClock::new(1_000_000 * HOUR);
+        let usage = Usage::new(clock.clone());
+        usage.account("news").message(3, 100);
+        usage.failed_login("news");
+        usage.login("news", "192.0.2.1".parse().unwrap());
+        let saved = usage.snapshot();
+        clock.advance(std::time::Duration::from_secs(HOUR));
+        let next = Usage::new(clock.clone());
+        next.restore(&saved);
+        next.account("news").message(1, 10);
+        let r = next.report("news");
+        assert_eq!((r.last_24h.messages, r.last_24h.bytes), (2, 110));
+        assert_eq!((r.last_24h.failed_logins, r.last_24h.sources), (1, 1));
+        assert_eq!(r.last_source.as_deref(), Some("192.0.2.1"));
+        // A damaged file costs the figures, not the start.
+        let fresh = Usage::new(clock);
+        fresh.restore(b"{not json");
+        assert_eq!(fresh.report("news").last_7d.messages, 0);
     }
 }

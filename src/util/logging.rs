@@ -25,7 +25,10 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
-            .with_current_span(true)
+            // The innermost span is the last entry of `spans`; writing it again as `span` would
+            // repeat the session in every line.
+            .with_current_span(false)
+            .with_span_list(true)
             .try_init(),
     };
 }

@@ -109,6 +109,7 @@ upstream_timeout_secs = 10
 
 [providers.fake]
 token_url = "{token_url}"
+{authorize_url}
 revocation_url = "{base}/revoke"
 scopes = ["https://mail.google.com/"]
 client_id = "test-client"
@@ -139,6 +140,12 @@ mailbox = "news@example.com"
         smtp_tls = provider.smtp_mode,
         mech = opts.mechanism,
         extra_provider = opts.extra_provider_toml,
+        // A consent page, so that hints name `authorize` (tests of the flows set their own).
+        authorize_url = if opts.extra_provider_toml.contains("authorize_url") {
+            String::new()
+        } else {
+            format!("authorize_url = \"{}/authorize\"", provider.base_url())
+        },
         login = LOGIN,
         hash = password_hash,
         extra_accounts = opts.extra_accounts_toml,

@@ -164,15 +164,16 @@ fn throttle(a: &Answer) -> Option<Cause> {
 
 /// The hint for a grant that cannot send through `kind`.
 pub fn grant_hint(kind: TransportKind, account: &str) -> String {
+    let again = crate::hints::command(&format!("authorize {account}"));
     match kind {
         TransportKind::Graph => format!(
             "the app needs the Mail.Send permission (delegated for a user grant, application with admin consent \
              for client_credentials; Mail.ReadWrite too for messages over about 3 MB), and an application access \
-             policy must not exclude the mailbox; then run `xoauth-relay authorize {account}` again"
+             policy must not exclude the mailbox; then run `{again}` again"
         ),
         _ => format!(
             "the grant needs the https://www.googleapis.com/auth/gmail.send scope (a service account: domain-wide \
-             delegation with that scope, and Gmail enabled for the user); run `xoauth-relay authorize {account}` again"
+             delegation with that scope, and Gmail enabled for the user); run `{again}` again"
         ),
     }
 }

@@ -291,8 +291,9 @@ where
                         "4.7.0 account `{name}`: Microsoft Graph refused to build this message as a draft ({}); \
                          messages over about 3 MB need the Mail.ReadWrite permission: add \
                          https://graph.microsoft.com/Mail.ReadWrite to the provider's scopes and run \
-                         `xoauth-relay authorize {name}` again (smaller messages are not affected)",
-                        a.summary()
+                         `{}` again (smaller messages are not affected)",
+                        a.summary(),
+                        crate::hints::command(&format!("authorize {name}"))
                     ),
                 ),
             ))

@@ -153,9 +153,9 @@ pub fn scope_problem(account: &Account, granted: &str) -> Option<String> {
     };
     Some(format!(
         "the grant's scopes ({granted}) lack {needed}, which transport = \"{}\" needs; add it to the \
-         provider's `scopes` if they are set, and run `xoauth-relay authorize {}` again",
+         provider's `scopes` if they are set, and run `{}` again",
         account.provider.transport.as_str(),
-        account.name
+        crate::hints::grant_command(account)
     ))
 }
 
@@ -415,7 +415,9 @@ impl Api {
                     454,
                     format!(
                         "4.7.0 account `{name}`: {api} refused the access token also after a refresh ({}); \
-                         run `xoauth-relay test {name}`, and `xoauth-relay authorize {name}` if it persists",
+                         run `{}`, and `{}` if it persists",
+                        crate::hints::command(&format!("test {name}")),
+                        crate::hints::command(&format!("authorize {name}")),
                         a.summary()
                     ),
                 ),

@@ -45,6 +45,7 @@ use self::model::{Envelope, Progress};
 use self::spool::{Incoming, Opened, Spool};
 pub use self::view::{AccountView, MessageView, RecipientView, Target};
 use super::pacing::Pacers;
+use super::status::Cause;
 use super::transport::Transport;
 use crate::config::{Account, DeliveryConfig, Provider};
 use crate::observe::Observer;
@@ -57,6 +58,13 @@ static ID_SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 
 /// Where the daily pacing windows are kept between runs (in the spool directory).
 const PACING_FILE: &str = "pacing.json";
+const USAGE_FILE: &str = "usage.json";
+
+/// A status that held the whole account (no connection, no token) rather than decided anything
+/// about the message.
+fn held_account(status: &super::status::Status) -> bool {
+    matches!(status.cause(), Some(Cause::Connection | Cause::Token))
+}
 
 /// How long a free-space reading serves before the filesystem is asked again.
 const FREE_SPACE_TTL: Duration = Duration::from_secs(1);
@@ -134,17 +142,43 @@ impl Queue {
             let progress = s
                 .progress
                 .unwrap_or_else(|| Progress::fresh(s.envelope.recipients.len()));
+            queue.restore_pause(&s.envelope.account, &progress);
             let entry = queue.entry(Arc::new(s.envelope), progress);
             lock(&aq.inner).insert(entry);
         }
         (queue, retired)
     }
 
+    /// An account whose last recorded attempt found the upstream or the token failing is shown
+    /// held, as the relay held it, until that attempt's next one: what an offline `queue` lists.
+    /// [`Queue::start`] lifts it.
+    fn restore_pause(&self, account: &str, progress: &Progress) {
+        let Some(last) = progress.last.as_deref().filter(|l| held_account(l)) else {
+            return;
+        };
+        let left = progress.next_attempt.saturating_sub(self.clock.unix());
+        if left == 0 {
+            return;
+        }
+        self.pauses.pause(
+            account,
+            pauses::Pause {
+                until: self.clock.now() + Duration::from_secs(left),
+                why: last.reply().summary(),
+                hold: pauses::Hold::Trouble,
+            },
+        );
+    }
+
     /// An index entry, its times moved from the wall clock to the monotonic one.
     fn entry(&self, env: Arc<Envelope>, progress: Progress) -> Entry {
         let now = self.clock.now();
         let unix = self.clock.unix();
-        let due = now + Duration::from_secs(progress.next_attempt.saturating_sub(unix));
+        // A hold of the whole account is the account's pause (see `restore_pause`), not this
+        // message's backoff.
+        let held = progress.last.as_deref().is_some_and(held_account);
+        let wait = progress.next_attempt.saturating_sub(unix);
+        let due = now + Duration::from_secs(if held { 0 } else { wait });
         let expires_unix = env.received + self.config.load().max_queue_age_secs;
         let expires = now + Duration::from_secs(expires_unix.saturating_sub(unix));
         Entry {
@@ -255,10 +289,19 @@ impl Queue {
         };
         // Held throughout: a reload adding an account meanwhile waits, then finds the workers.
         let mut workers = lock(&self.workers);
-        for aq in self.accounts.all().values() {
+        for (name, aq) in self.accounts.all().iter() {
+            // A start tries again at once: what held an account before (no connection, no token)
+            // is shown by an offline `queue`, not waited out.
+            self.pauses.lift(name, false);
             self.spawn_workers(&w, aq);
         }
         *workers = Some(w);
+    }
+
+    /// Whether this process delivers (`serve`), or only looks at the spool (an admin command run
+    /// without a relay).
+    pub fn delivering(&self) -> bool {
+        lock(&self.workers).is_some()
     }
 
     fn spawn_workers(self: &Arc<Self>, w: &Workers, aq: &Arc<AccountQueue>) {
@@ -349,15 +392,34 @@ impl Queue {
 
     /// Writes the daily pacing windows where the next run finds them.
     pub async fn save_pacing(&self, pacers: &Pacers) {
-        if let Err(e) = self.spool.write_state(PACING_FILE, pacers.snapshot()).await {
-            tracing::warn!(error = %e, "cannot save the pacing windows");
-        }
+        self.save_state(PACING_FILE, pacers.snapshot(), "the pacing windows")
+            .await;
     }
 
     /// Reads what [`Queue::save_pacing`] wrote (blocking; at start-up).
     pub fn load_pacing(&self, pacers: &Pacers) {
         if let Some(bytes) = self.spool.read_state(PACING_FILE) {
             pacers.restore(&bytes);
+        }
+    }
+
+    /// Writes the usage figures where the next run finds them.
+    pub async fn save_usage(&self, usage: &crate::observe::usage::Usage) {
+        self.save_state(USAGE_FILE, usage.snapshot(), "the usage figures")
+            .await;
+    }
+
+    /// Reads what [`Queue::save_usage`] wrote (blocking; at start-up).
+    pub fn load_usage(&self, usage: &crate::observe::usage::Usage) {
+        if let Some(bytes) = self.spool.read_state(USAGE_FILE) {
+            usage.restore(&bytes);
+        }
+    }
+
+    /// The spool keeps the relay's small state files beside the mail (one seam for a shared store).
+    async fn save_state(&self, name: &str, bytes: Vec<u8>, what: &str) {
+        if let Err(e) = self.spool.write_state(name, bytes).await {
+            tracing::warn!(error = %e, "cannot save {what}");
         }
     }
 

@@ -237,6 +237,13 @@ impl Worker {
         self.pacer
             .refund(job.rcpts.len() as u32, self.pacers.now_ms());
         let cause = status.cause().unwrap_or(Cause::Connection);
+        if cause != Cause::Busy {
+            // What last happened to the message tried, for `queue` (not an attempt of its own,
+            // except where `record_attempt` below says so).
+            if let Some(e) = lock(&self.aq.inner).messages.get_mut(&job.env.id) {
+                e.progress.last = Some(Box::new(status.clone()));
+            }
+        }
         let reply = status.into_reply();
         let (pause, why, hold, behind) = match cause {
             Cause::Busy => (
@@ -285,6 +292,12 @@ impl Worker {
                 let pause = backoff(n, &queue.config.load());
                 let why = reply.summary();
                 tracing::warn!(account = %name, error = %why, next_attempt_secs = pause.as_secs(), "queued mail held");
+                // The message tried has had an attempt, like any other that failed for now: its
+                // count, its last reply and its next attempt are recorded (the account's pause is
+                // rebuilt from them after a restart, and the offline `queue` shows them).
+                if cause != Cause::Deferred {
+                    self.record_attempt(&job, pause).await;
+                }
                 (pause, why, Hold::Trouble, false)
             }
         };
@@ -364,6 +377,30 @@ impl Worker {
         }
         queue.bounced(&account.name, &env, &failed);
         self.conclude(&env.id).await;
+    }
+
+    /// A failed attempt that decided no recipient (no connection, no token): counted and recorded.
+    async fn record_attempt(&self, job: &Job, wait: Duration) {
+        let queue = &self.queue;
+        let progress = {
+            let mut inner = lock(&self.aq.inner);
+            let Some(e) = inner.messages.get_mut(&job.env.id) else {
+                return;
+            };
+            e.progress.attempts += 1;
+            e.progress.next_attempt = queue.clock.unix() + wait.as_secs();
+            e.progress.clone()
+        };
+        let mut moved = Envelope::clone(&job.env);
+        if let Err(e) = queue.spool.record(&mut moved, &progress).await {
+            tracing::warn!(id = %job.env.id, error = %e, "cannot record delivery progress in the spool");
+            return;
+        }
+        if moved.logged != job.env.logged {
+            if let Some(e) = lock(&self.aq.inner).messages.get_mut(&job.env.id) {
+                e.env = Arc::new(moved);
+            }
+        }
     }
 
     /// A message past `max_queue_age_secs`: its pending recipients are bounced.

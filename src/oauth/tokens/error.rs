@@ -8,15 +8,20 @@ use crate::config::Family;
 #[derive(Debug, Clone)]
 pub enum TokenError {
     UnknownAccount(String),
-    NeedsAuthorization(String),
+    NeedsAuthorization {
+        account: String,
+        /// The command that gives it a grant, as the operator types it.
+        command: String,
+    },
     Revoked {
         account: String,
         detail: String,
-        family: Family,
+        fix: String,
     },
     Refused {
         account: String,
         error: ProviderError,
+        family: Family,
     },
     Unreachable {
         account: String,
@@ -29,18 +34,25 @@ impl std::fmt::Display for TokenError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             TokenError::UnknownAccount(a) => write!(f, "account `{a}` is not configured"),
-            TokenError::NeedsAuthorization(a) => write!(
+            TokenError::NeedsAuthorization { account, command } => write!(
                 f,
-                "account `{a}`: no grant stored yet; run `xoauth-relay authorize {a}` (or `import-token {a}`)"
+                "account `{account}`: no grant stored yet; run `{command}`"
             ),
-            TokenError::Revoked { account, detail, family } => write!(
+            TokenError::Revoked {
+                account,
+                detail,
+                fix,
+            } => write!(
                 f,
-                "account `{account}`: grant revoked by the provider ({detail}); {}",
-                revoked_hint(account, *family)
+                "account `{account}`: grant revoked by the provider ({detail}); {fix}"
             ),
-            TokenError::Refused { account, error } => {
+            TokenError::Refused {
+                account,
+                error,
+                family,
+            } => {
                 write!(f, "account `{account}`: the provider refused a token ({error})")?;
-                if let Some(hint) = error.hint() {
+                if let Some(hint) = error.hint(*family) {
                     write!(f, "; {hint}")?;
                 }
                 Ok(())
@@ -60,14 +72,18 @@ impl TokenError {
     /// [`std::fmt::Display`] has them).
     pub fn for_mailer(&self) -> String {
         match self {
-            TokenError::Revoked {
-                account, family, ..
-            } => format!(
-                "account `{account}`: grant revoked by the provider (invalid_grant); {}",
-                revoked_hint(account, *family)
+            TokenError::Revoked { account, fix, .. } => format!(
+                "account `{account}`: grant revoked by the provider (invalid_grant); {fix}"
             ),
-            TokenError::Refused { account, error } => {
-                let hint = error.hint().map(|h| format!("; {h}")).unwrap_or_default();
+            TokenError::Refused {
+                account,
+                error,
+                family,
+            } => {
+                let hint = error
+                    .hint(*family)
+                    .map(|h| format!("; {h}"))
+                    .unwrap_or_default();
                 format!(
                     "account `{account}`: the provider refused a token ({}){hint}",
                     error.code()
@@ -82,7 +98,9 @@ impl TokenError {
                  has the details)"
                     .into()
             }
-            TokenError::UnknownAccount(_) | TokenError::NeedsAuthorization(_) => self.to_string(),
+            TokenError::UnknownAccount(_) | TokenError::NeedsAuthorization { .. } => {
+                self.to_string()
+            }
         }
     }
 }
@@ -109,18 +127,6 @@ impl GrantState {
             GrantState::Failing(_) | GrantState::Unreadable(_) => "failing",
         }
     }
-}
-
-/// What to do about a revoked grant.
-pub fn revoked_hint(account: &str, family: Family) -> String {
-    let why = match family {
-        Family::Google => {
-            " (Google apps in Testing status lose grants after 7 days: publish the app)"
-        }
-        Family::Microsoft => " (Microsoft drops grants unused for 90 days)",
-        Family::Generic => "",
-    };
-    format!("run `xoauth-relay authorize {account}`{why}")
 }
 
 /// Failures a still-valid cached token may ride out: the provider being down or refusing for now;

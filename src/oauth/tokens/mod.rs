@@ -36,7 +36,7 @@ mod tests;
 mod upkeep;
 
 use self::error::passing;
-pub use self::error::{revoked_hint, GrantState, TokenError};
+pub use self::error::{GrantState, TokenError};
 
 /// Used when the provider does not say how long a token lives.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
@@ -457,13 +457,16 @@ impl TokenManager {
         let refresh_token = match account.grant {
             GrantKind::RefreshToken => {
                 let Some(rt) = stored.as_ref().and_then(|g| g.refresh_token.clone()) else {
-                    return Err(TokenError::NeedsAuthorization(name));
+                    return Err(TokenError::NeedsAuthorization {
+                        command: crate::hints::grant_command(&account),
+                        account: name,
+                    });
                 };
                 if status.revoked {
                     return Err(TokenError::Revoked {
                         account: name,
                         detail: status.last_error.unwrap_or_else(|| "invalid_grant".into()),
-                        family: account.provider.family,
+                        fix: crate::hints::revoked_fix(&account),
                     });
                 }
                 Some(rt)
@@ -482,10 +485,10 @@ impl TokenManager {
                 let text = error.to_string();
                 let revoked = matches!(error, ProviderError::InvalidGrant(_))
                     && account.grant == GrantKind::RefreshToken;
-                let hint = error.hint().unwrap_or("");
+                let hint = error.hint(account.provider.family).unwrap_or("");
                 if revoked {
                     metrics.token_refresh(&name, "invalid_grant");
-                    let fix = revoked_hint(&name, account.provider.family);
+                    let fix = crate::hints::revoked_fix(&account);
                     self.observer
                         .alerts
                         .raise(Event::GrantRevoked, &name, &text, &fix);
@@ -510,7 +513,7 @@ impl TokenManager {
                     ProviderError::InvalidGrant(_) if revoked => TokenError::Revoked {
                         account: name,
                         detail: text,
-                        family: account.provider.family,
+                        fix: crate::hints::revoked_fix(&account),
                     },
                     ProviderError::Unreachable(detail) => TokenError::Unreachable {
                         account: name,
@@ -519,6 +522,7 @@ impl TokenManager {
                     error => TokenError::Refused {
                         account: name,
                         error,
+                        family: account.provider.family,
                     },
                 })
             }
@@ -595,11 +599,12 @@ impl TokenManager {
         match saved {
             Ok(()) => *lock(&slot.unsaved) = None,
             Err(e) => {
+                let again = crate::hints::command(&format!("authorize {name}"));
                 tracing::error!(
                     account = %name,
                     error = %e,
                     "cannot save the new grant to the database; keeping it in memory and retrying every 30 s \
-                     (if the relay stops first, run `xoauth-relay authorize {name}`)"
+                     (if the relay stops first, run `{again}`)"
                 );
                 *lock(&slot.unsaved) = Some(grant);
                 self.observer.alerts.raise(
@@ -608,7 +613,7 @@ impl TokenManager {
                     &format!("the new grant could not be written to the database ({e})"),
                     &format!(
                         "free space on the disk that holds data_dir (and check its health); the relay keeps the \
-                         grant in memory and retries; if it stops before it succeeds, run `xoauth-relay authorize {name}`"
+                         grant in memory and retries; if it stops before it succeeds, run `{again}`"
                     ),
                 );
             }

@@ -325,7 +325,7 @@ async fn no_grant_means_authorize() {
     let issuer = Scripted::new(Ok(3600));
     let f = fixture(issuer.clone());
     let e = f.tokens.token("news").await.unwrap_err();
-    assert!(matches!(e, TokenError::NeedsAuthorization(_)), "{e}");
+    assert!(matches!(e, TokenError::NeedsAuthorization { .. }), "{e}");
     assert_eq!(issuer.calls(), 0);
 }
 

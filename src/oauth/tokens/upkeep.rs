@@ -151,13 +151,13 @@ impl TokenManager {
             };
             if let Some(at) = grant.refresh_expires_at.filter(|at| *at < now + EXPIRING) {
                 let left = at.saturating_sub(now);
+                let again = crate::hints::grant_command(&account);
                 let hint = match account.provider.family {
                     Family::Google => format!(
                         "a Google app in Testing status gives 7-day grants: publish the app (OAuth consent \
-                         screen), then run `xoauth-relay authorize {}`",
-                        account.name
+                         screen), then run `{again}`"
                     ),
-                    _ => format!("run `xoauth-relay authorize {}` before then", account.name),
+                    _ => format!("run `{again}` before then"),
                 };
                 let detail = format!(
                     "the provider said the refresh token expires in {}h ({})",
@@ -190,7 +190,7 @@ impl TokenManager {
                         "refresh token unused for {} days; Microsoft drops it at 90",
                         unused / 86400
                     ),
-                    &format!("run `xoauth-relay authorize {}`", account.name),
+                    &format!("run `{}`", crate::hints::grant_command(&account)),
                 );
             }
         }

@@ -188,6 +188,9 @@ pub struct Session {
     phase: Phase,
     ehlo_done: bool,
     auth: Option<Authorized>,
+    /// The account of a device at this address (`sources`): the session's at its first MAIL
+    /// without AUTH.
+    device: Option<Authorized>,
     auth_failures: u32,
     in_transaction: bool,
     accepted_rcpts: usize,
@@ -204,6 +207,7 @@ impl Session {
             phase: Phase::Command,
             ehlo_done: false,
             auth: None,
+            device: None,
             auth_failures: 0,
             in_transaction: false,
             accepted_rcpts: 0,
@@ -215,6 +219,11 @@ impl Session {
             220,
             format!("{} ESMTP xoauth-relay ready", self.config.hostname),
         )
+    }
+
+    /// The peer's address is one of `who`'s `sources`: MAIL without AUTH is that account's.
+    pub fn allow_device(&mut self, who: Authorized) {
+        self.device = Some(who);
     }
 
     pub fn authorized(&self) -> Option<&Authorized> {
@@ -246,6 +255,12 @@ impl Session {
         self.input
             .reserve(room.saturating_sub(self.input.len()).max(MIN_READ));
         &mut self.input
+    }
+
+    /// Whether the input opens with a TLS handshake record (content type 22, version 3.x): a
+    /// client that speaks TLS at once, on a port where SMTP comes first.
+    pub fn starts_with_tls_hello(&self) -> bool {
+        !self.config.tls_active && self.input.starts_with(&[0x16, 0x03])
     }
 
     /// Bytes received and not yet consumed.
@@ -510,6 +525,11 @@ impl Session {
     }
 
     fn mail(&mut self, from: smtp_proto::MailFrom<String>) {
+        if self.auth.is_none() {
+            // A device at one of an account's `sources`: no password crosses the network, so
+            // neither AUTH nor TLS is asked of it.
+            self.auth = self.device.clone();
+        }
         let Some(auth) = &self.auth else {
             return self.reply(530, "5.7.0 Authentication required");
         };
