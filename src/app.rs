@@ -283,7 +283,7 @@ pub async fn admin_with(config: Config, request: Request, init: bool) -> Result<
         Request::StoreGrant { .. } => NewStore::FreshInstall,
         _ => NewStore::Refuse,
     };
-    local_store_check(&config, &socket, new_store, creates)?;
+    local_store_check(&config, &socket, new_store, creates, true)?;
     let config = Arc::new(config);
     let tasks = TaskTracker::new();
     let background = tasks.clone();
@@ -323,6 +323,7 @@ fn local_store_check(
     socket: &std::path::Path,
     new_store: NewStore,
     creates: bool,
+    announce: bool,
 ) -> Result<(), String> {
     let absolute = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let db = SledStore::database_path(&config.server.data_dir);
@@ -343,6 +344,9 @@ fn local_store_check(
                 NewStore::FreshInstall => !key_exists,
                 NewStore::Refuse => false,
             };
+            if may && !announce {
+                return Ok(());
+            }
             if may {
                 tracing::warn!(
                     database = %absolute(&db).display(),
@@ -373,10 +377,12 @@ fn local_store_check(
                 Err(format!(
                     "no relay answers on {}, and there is no database at {} yet{key_note}: nothing \
                      to show or change. On a new install, run `{}` or store a grant first \
-                     (`authorize NAME`, `import-token NAME`)",
+                     (`{}`, `{}`)",
                     socket.display(),
                     absolute(&db).display(),
-                    crate::hints::command("serve")
+                    crate::hints::command("serve"),
+                    crate::hints::command("authorize NAME"),
+                    crate::hints::command("import-token NAME")
                 ))
             }
         }
@@ -395,7 +401,8 @@ pub async fn grant_store_preflight(config: &Config, init: bool) -> Result<(), St
     } else {
         NewStore::FreshInstall
     };
-    local_store_check(config, &socket, new_store, true)
+    // Quiet: the command that then stores the grant says where the new store is.
+    local_store_check(config, &socket, new_store, true, false)
 }
 
 /// A relay with its ports bound, ready to [`Relay::run`].

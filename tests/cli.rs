@@ -258,7 +258,7 @@ fn import_token_and_accounts_with_and_without_a_running_relay() {
     assert!(ok, "{err}");
     assert_eq!(
         out.trim(),
-        "account `news`: grant stored; the next session uses it"
+        format!("account `news`: grant stored; no relay is running, `xoauth-relay --config {path} serve` uses it when it starts")
     );
     let (ok, table, err) = run(&["--config", &path, "accounts"], "");
     assert!(ok, "{err}");
@@ -487,11 +487,22 @@ fn check_refuses_what_serve_would_refuse_and_suggests_the_key_meant() {
         );
     }
     // A typo gets the key it was meant to be.
-    let typo = edited("typo.toml", &|t| t + "\n[limits]\nmax_recipents = 10\n");
+    let typo = edited("typo.toml", &|t| {
+        t + "\n[limits]\nmax_recipents = 10\nmax_conections = 5\n"
+    });
     let (ok, _, err) = run(&["--config", &typo, "check"], "");
     assert!(!ok);
-    assert!(err.contains("unknown field `max_recipents`"), "{err}");
-    assert!(err.contains("(did you mean `max_recipients`?)"), "{err}");
+    // Every typo at once, each with the key meant.
+    for (typo, meant) in [
+        ("max_recipents", "max_recipients"),
+        ("max_conections", "max_connections"),
+    ] {
+        assert!(
+            err.contains(&format!("unknown field `{typo}`, expected one of"))
+                && err.contains(&format!("(did you mean `{meant}`?)")),
+            "{typo}: {err}"
+        );
+    }
     // The example's placeholders: a warning from check, a refusal from authorize.
     let placeholder = config(
         d,
@@ -525,6 +536,20 @@ fn check_refuses_what_serve_would_refuse_and_suggests_the_key_meant() {
             .ok()
             .and_then(|s| s.trim().parse::<u16>().ok())
             .is_none_or(|start| start > 587);
+    // A key file that is no key: both refuse before anything is created.
+    std::fs::write(d.join("master.key"), "not a key\n").unwrap();
+    for cmd in ["check", "serve"] {
+        let (ok, _, err) = run(&["--config", &base, cmd], "");
+        assert!(!ok, "{cmd}");
+        assert!(
+            err.contains(&format!(
+                "[server] key_file {}/master.key is not a base64 key; restore the key from its backup",
+                d.display()
+            )),
+            "{cmd}: {err}"
+        );
+    }
+    assert!(!d.join("data").exists());
     if unprivileged && low_ports_privileged {
         assert!(
             err.contains("127.0.0.1:587: ports below 1024 need root or CAP_NET_BIND_SERVICE"),

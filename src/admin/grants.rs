@@ -42,9 +42,16 @@ pub(super) async fn store_grant(
     };
     ctx.tokens.save_grant(name, grant).await?;
     tracing::info!(account = %name, "grant stored");
-    Ok(format!(
-        "account `{name}`: grant stored; the next session uses it"
-    ))
+    if ctx.queue.delivering() {
+        Ok(format!(
+            "account `{name}`: grant stored; the next session uses it"
+        ))
+    } else {
+        Ok(format!(
+            "account `{name}`: grant stored; no relay is running, `{}` uses it when it starts",
+            crate::hints::command("serve")
+        ))
+    }
 }
 
 pub(super) async fn revoke(ctx: &AdminContext, name: &str) -> Result<String, String> {

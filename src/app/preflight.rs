@@ -37,16 +37,17 @@ pub fn run(config: &Config) -> Findings {
         .extend(writable_dir("[server] data_dir", &server.data_dir).err());
     let key = config.key_file();
     let key_check = if key.exists() {
-        std::fs::File::open(&key)
-            .map(drop)
-            .map_err(|e| cannot("[server] key_file", &key, "read", &e))
+        crate::store::seal::verify_key_file(&key).map_err(|e| e.to_string())
     } else {
         writable_dir("[server] key_file (its directory)", parent(&key))
     };
     f.refusals.extend(key_check.err());
-    let socket = server.control_socket();
-    f.refusals
-        .extend(writable_dir("[server] control_socket (its directory)", parent(&socket)).err());
+    // The default socket lives in data_dir, checked above.
+    if server.control_socket.is_some() {
+        let socket = server.control_socket();
+        f.refusals
+            .extend(writable_dir("[server] control_socket (its directory)", parent(&socket)).err());
+    }
     f.refusals.extend(listener_tls_usable(config).err());
     f.refusals.extend(client_tls(config).err());
     if !may_bind_privileged() {
@@ -59,7 +60,7 @@ pub fn run(config: &Config) -> Findings {
             if l.port() != 0 && l.port() < unprivileged_port_start() {
                 f.warnings.push(format!(
                     "{l}: ports below 1024 need root or CAP_NET_BIND_SERVICE (the systemd unit grants it); \
-                     {} runs without either, so `serve` would fail to bind it",
+                     {} has neither, so a `serve` run like this `check` could not bind it",
                     user()
                 ));
             }
@@ -170,7 +171,8 @@ pub fn writable_dir(key: &str, dir: &Path) -> Result<(), String> {
         .prefix(".xoauth-relay-check")
         .tempfile_in(probe)
         .map(drop)
-        .map_err(|e| cannot(key, dir, what, &e))
+        // The kind only: the error's own text names the probe file, which the operator never set.
+        .map_err(|e| cannot(key, dir, what, &std::io::Error::from(e.kind())))
 }
 
 /// "[server] data_dir /abs/path: cannot create it as user relay (uid 999): Permission denied".

@@ -246,7 +246,10 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
             let findings = crate::app::preflight::run(&config);
             for warning in &findings.warnings {
-                eprintln!("warning: {warning}");
+                match cli.log_format {
+                    LogFormat::Json => tracing::warn!("{warning}"),
+                    LogFormat::Text => eprintln!("warning: {warning}"),
+                }
             }
             if !findings.refusals.is_empty() {
                 return Err(format!(

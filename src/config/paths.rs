@@ -72,7 +72,7 @@ pub(super) fn anchor(raw: &mut RawConfig, base: &Path) -> Vec<Anchored> {
     let mut out = Vec::new();
     let mut anchor = |key: String, p: &mut PathBuf| {
         if p.is_relative() {
-            let written = std::mem::replace(p, base.join(&*p));
+            let written = std::mem::replace(p, lexical(&base.join(&*p)));
             out.push(Anchored {
                 key,
                 written,
@@ -153,6 +153,47 @@ impl Config {
             Ok(())
         } else {
             Err(ConfigError(moved.join("\n")))
+        }
+    }
+}
+
+/// `a/b/../c` as `a/c`: the path as written, without the detour (what an operator reads in
+/// messages). Lexical, like `filepath.Clean`: a `..` after a symlink is taken literally, which is
+/// what the config file's author wrote.
+fn lexical(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                let popped = matches!(out.components().next_back(), Some(Component::Normal(_)));
+                if popped {
+                    out.pop();
+                } else if !out.has_root() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anchored_paths_read_as_written_without_detours() {
+        for (path, clean) in [
+            ("/etc/relay/../data", "/etc/data"),
+            ("/etc/relay/./keys/master.key", "/etc/relay/keys/master.key"),
+            ("config/../data", "data"),
+            ("../data", "../data"),
+            ("/../data", "/data"),
+        ] {
+            assert_eq!(lexical(Path::new(path)), Path::new(clean), "{path}");
         }
     }
 }

@@ -131,29 +131,66 @@ impl std::fmt::Debug for RawAccount {
 
 /// Parses the file's text; errors carry `path:line:col`.
 pub fn parse(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
-    toml::from_str(text).map_err(|e| {
-        // Line and column only: the parser's own message quotes the source line, which may hold
-        // a client secret.
-        let at = e
+    // serde stops at the first unknown key: each one found is blanked out (its line kept, so the
+    // positions of the others stay right) and the text parsed again, so that one `check` names
+    // every typo. Any other error ends the search.
+    const MAX_REPORTED: usize = 50;
+    let mut text = text.to_string();
+    let mut errors = Vec::new();
+    loop {
+        let e = match toml::from_str(&text) {
+            Ok(raw) if errors.is_empty() => return Ok(raw),
+            Ok(_) => break,
+            Err(e) => e,
+        };
+        let unknown_key = e.message().starts_with("unknown field `");
+        if !unknown_key && !errors.is_empty() {
+            // Perhaps only what blanking a multi-line value left behind: the typos are reported.
+            break;
+        }
+        errors.push(describe(&e, &text, path));
+        match e
             .span()
-            .map(|span| {
-                let before = &text[..span.start.min(text.len())];
-                let line = before.matches('\n').count() + 1;
-                let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-                format!(":{line}:{col}")
-            })
-            .unwrap_or_default();
-        let mut msg = format!("{}{at}: {}", path.display(), e.message().trim_end());
-        if let Some(near) = nearest_field(e.message()) {
-            msg.push_str(&format!("\n(did you mean `{near}`?)"));
+            .filter(|_| unknown_key && errors.len() < MAX_REPORTED)
+        {
+            Some(span) => blank_line_at(&mut text, span.start),
+            None => break,
         }
-        if msg.contains("invalid socket address") {
-            msg.push_str(
-                "\n(a listener address is an IP and a port, like 127.0.0.1:587 or 0.0.0.0:587)",
-            );
-        }
-        ConfigError(msg)
-    })
+    }
+    Err(ConfigError(errors.join("\n")))
+}
+
+/// One parse error with `path:line:col`, and a hint where one helps.
+fn describe(e: &toml::de::Error, text: &str, path: &Path) -> String {
+    // Line and column only: the parser's own message quotes the source line, which may hold
+    // a client secret.
+    let at = e
+        .span()
+        .map(|span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!(":{line}:{col}")
+        })
+        .unwrap_or_default();
+    let mut msg = format!("{}{at}: {}", path.display(), e.message().trim_end());
+    if let Some(near) = nearest_field(e.message()) {
+        msg.push_str(&format!(" (did you mean `{near}`?)"));
+    }
+    if msg.contains("invalid socket address") {
+        msg.push_str(
+            "\n(a listener address is an IP and a port, like 127.0.0.1:587 or 0.0.0.0:587)",
+        );
+    }
+    msg
+}
+
+/// Replaces the line holding byte `at` with spaces (line breaks and lengths stay as they were).
+fn blank_line_at(text: &mut String, at: usize) {
+    let at = at.min(text.len());
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    text.replace_range(start..end, &" ".repeat(end - start));
 }
 
 /// For serde's "unknown field `max_recipents`, expected one of `a`, `b`, ...": the valid key

@@ -19,10 +19,29 @@ pub(super) fn parse(what: &str, written: &[String]) -> Result<Vec<ipnet::IpNet>,
                      (192.168.10.0/24)"
                 ))
             })?;
-        if net.prefix_len() == 0 {
+        // Peers are matched as IPv4 when they come over IPv4-mapped IPv6: so are the entries.
+        let net = match net {
+            ipnet::IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+                Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                    .map(ipnet::IpNet::V4)
+                    .unwrap_or(net),
+                None => net,
+            },
+            other => other,
+        };
+        // Devices sit in a site's own networks; anything wider than a /8 (IPv4) or a /32 (IPv6,
+        // a provider's whole allocation) lets strangers send as the account without a password.
+        let widest = if net.addr().is_ipv4() { 8 } else { 32 };
+        if net.prefix_len() < widest {
+            let all = if net.prefix_len() == 0 {
+                "every address"
+            } else {
+                "far too wide"
+            };
             return err(format!(
-                "{what}: sources entry \"{text}\" is every address: anyone could send as the account \
-                 without a password (an open relay); list the devices' addresses or networks"
+                "{what}: sources entry \"{text}\" is {all}: anyone there could send as the account \
+                 without a password (an open relay); list the devices' addresses or networks (at \
+                 most a /{widest})"
             ));
         }
         out.push(net.trunc());

@@ -252,6 +252,17 @@ fn device_sources_belong_to_one_account_and_never_to_everyone() {
             .to_string();
         assert!(e.contains("is every address"), "{e}");
     }
+    // Two halves make everyone too.
+    let e = parse(device("scanner", r#"["0.0.0.0/1", "128.0.0.0/1"]"#))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is far too wide"), "{e}");
+    // An IPv4-mapped entry matches the IPv4 peer it names.
+    let c = parse(device("scanner", r#"["::ffff:10.1.2.3"]"#)).unwrap();
+    assert_eq!(
+        c.account("scanner").unwrap().sources[0].to_string(),
+        "10.1.2.3/32"
+    );
     let e = parse(device("scanner", r#"["printer.local"]"#))
         .unwrap_err()
         .to_string();

@@ -20,6 +20,14 @@ pub async fn call(path: &Path, request: &Request) -> Result<Option<Response>, St
         {
             return Ok(None)
         }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(format!(
+                "cannot reach the running relay at {}: {e}; admin commands run as the relay's user \
+                 (e.g. `sudo -u xoauth-relay XOAUTH_RELAY_CONFIG=/etc/xoauth-relay/relay.toml \
+                 xoauth-relay ...`)",
+                path.display()
+            ))
+        }
         Err(e) => {
             return Err(format!(
                 "cannot reach the running relay at {}: {e}",

@@ -209,6 +209,27 @@ impl Connection {
         self.flush().await
     }
 
+    /// This relay's first listener of `mode`, in words: "port 2465 (implicit TLS)", or without the
+    /// number where the config lets the system pick one.
+    fn listener_port(&self, mode: TlsMode) -> Option<String> {
+        let l = self.live.config.listeners.iter().find(|l| l.tls == mode)?;
+        let what = if mode == TlsMode::Implicit {
+            "implicit TLS"
+        } else {
+            "STARTTLS"
+        };
+        Some(match l.address.port() {
+            0 => format!("the {what} port"),
+            port => format!("port {port} ({what})"),
+        })
+    }
+
+    /// Where a client that cannot do implicit TLS should go instead, in words.
+    fn starttls_port(&self) -> String {
+        self.listener_port(TlsMode::Starttls)
+            .unwrap_or_else(|| "a STARTTLS listener (none is configured)".into())
+    }
+
     async fn upgrade_tls(&mut self) -> Result<(), End> {
         let acceptor = self
             .live
@@ -228,13 +249,26 @@ impl Connection {
     async fn run(&mut self) -> Result<(), End> {
         if self.mode == TlsMode::Implicit {
             if let Err(e) = self.upgrade_tls().await {
-                if matches!(e, End::Timeout) {
+                match &e {
                     // The likeliest cause by far: a mailer set to STARTTLS or plain SMTP, waiting
                     // for a greeting that on this port comes only after the handshake.
-                    tracing::warn!(
+                    End::Timeout => tracing::warn!(
                         "no TLS handshake: a STARTTLS or plain client on the implicit-TLS port? \
-                         set the mailer to SSL/TLS, or point it at the STARTTLS port"
-                    );
+                         set the mailer to SSL/TLS, or point it at {}",
+                        self.starttls_port()
+                    ),
+                    // A client that speaks first in clear text: its command is no TLS record.
+                    End::Tls(why)
+                        if why.contains("InvalidContentType")
+                            || why.contains("corrupt message") =>
+                    {
+                        tracing::warn!(
+                            "plain-text SMTP on the implicit-TLS port: set the mailer to SSL/TLS, or \
+                             point it at {}",
+                            self.starttls_port()
+                        )
+                    }
+                    _ => {}
                 }
                 return Err(e);
             }
@@ -295,14 +329,17 @@ impl Connection {
             }
             if std::mem::take(&mut self.first_read) && self.session.starts_with_tls_hello() {
                 // Answering the handshake bytes as commands would only log unreadable lines.
-                tracing::warn!(
-                    "client started TLS on a {} port; use port 465 (implicit TLS) or STARTTLS",
-                    if self.mode == TlsMode::None {
-                        "plain"
-                    } else {
-                        "STARTTLS"
-                    }
-                );
+                let kind = if self.mode == TlsMode::None {
+                    "plain"
+                } else {
+                    "STARTTLS"
+                };
+                let instead = match self.listener_port(TlsMode::Implicit) {
+                    Some(port) => format!("use {port} or STARTTLS"),
+                    None => "set the mailer to STARTTLS (this relay has no implicit-TLS listener)"
+                        .into(),
+                };
+                tracing::warn!("client started TLS on a {kind} port; {instead}");
                 return Ok(());
             }
         }

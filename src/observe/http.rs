@@ -78,12 +78,12 @@ pub async fn serve(
 /// else, as exporters do.
 async fn scrape(State(ep): State<Endpoint>, headers: axum::http::HeaderMap) -> impl IntoResponse {
     let body = ep.metrics.encode(&*ep.fill);
-    let openmetrics = headers
+    let accept: Vec<&str> = headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains("application/openmetrics-text"));
-    if openmetrics {
+        .collect();
+    if prefers_openmetrics(&accept.join(",")) {
         (
             [(
                 header::CONTENT_TYPE,
@@ -102,6 +102,26 @@ async fn scrape(State(ep): State<Endpoint>, headers: axum::http::HeaderMap) -> i
     }
 }
 
+/// Whether an `Accept` header ranks OpenMetrics above the Prometheus text format (q-values as
+/// RFC 9110 §12.4.2 has them; `text/plain` or a wildcard stands for the text format).
+fn prefers_openmetrics(accept: &str) -> bool {
+    let (mut open, mut text) = (0.0f32, 0.0f32);
+    for range in accept.split(',') {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.strip_prefix("q="))
+            .find_map(|q| q.parse::<f32>().ok())
+            .unwrap_or(1.0);
+        match media.as_str() {
+            "application/openmetrics-text" => open = open.max(q),
+            "text/plain" | "text/*" | "*/*" => text = text.max(q),
+            _ => {}
+        }
+    }
+    open > 0.0 && open >= text
+}
+
 async fn ready(State(ep): State<Endpoint>) -> impl IntoResponse {
     match ep.health.reason() {
         None => (StatusCode::OK, "ready\n".to_string()),
@@ -109,5 +129,22 @@ async fn ready(State(ep): State<Endpoint>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {why}\n"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefers_openmetrics;
+
+    #[test]
+    fn the_scraper_s_ranking_decides_the_format() {
+        // Prometheus's own header.
+        assert!(prefers_openmetrics("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"));
+        assert!(!prefers_openmetrics(""));
+        assert!(!prefers_openmetrics("*/*"));
+        assert!(!prefers_openmetrics(
+            "text/plain;version=0.0.4;q=1,application/openmetrics-text;q=0.1"
+        ));
+        assert!(!prefers_openmetrics("application/openmetrics-text;q=0"));
     }
 }

@@ -74,30 +74,51 @@ impl Sealer {
     }
 }
 
+/// Whether the key at `path` would load (`check`): a missing one is made at the first start.
+pub fn verify_key_file(path: &Path) -> Result<(), StoreError> {
+    match std::fs::read_to_string(path).map(zeroize::Zeroizing::new) {
+        Ok(text) => parse_key(path, &text).map(drop),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError(format!(
+            "[server] key_file {}: cannot read it ({e}); check its owner and mode (0600, the relay's user)",
+            path.display()
+        ))),
+    }
+}
+
+/// The key in a key file's text (base64 of 32 bytes, surrounding whitespace ignored).
+fn parse_key(path: &Path, text: &str) -> Result<zeroize::Zeroizing<[u8; 32]>, StoreError> {
+    let damaged = |what: &str| {
+        StoreError(format!(
+            "[server] key_file {} {what}; restore the key from its backup (a new key cannot read the \
+             stored grants)",
+            path.display()
+        ))
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map(zeroize::Zeroizing::new)
+        .map_err(|_| damaged("is not a base64 key"))?;
+    let key: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| damaged("does not hold a 32-byte key"))?;
+    Ok(zeroize::Zeroizing::new(key))
+}
+
 /// The key and every copy made on the way are overwritten when they go (the cipher zeroizes its
 /// own copy).
 fn load_or_create_key(path: &Path) -> Result<zeroize::Zeroizing<[u8; 32]>, StoreError> {
     match std::fs::read_to_string(path).map(zeroize::Zeroizing::new) {
         Ok(text) => {
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(text.trim())
-                .map(zeroize::Zeroizing::new)
-                .map_err(|_| {
-                    StoreError(format!("key_file {} is not a base64 key", path.display()))
-                })?;
-            let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-                StoreError(format!(
-                    "key_file {} does not hold a 32-byte key",
-                    path.display()
-                ))
-            })?;
+            let key = parse_key(path, &text)?;
             if readable_by_others(path) {
                 tracing::warn!(
                     key_file = %path.display(),
                     "key file is readable by other users; run `chmod 600` on it"
                 );
             }
-            Ok(zeroize::Zeroizing::new(key))
+            Ok(key)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
