@@ -237,13 +237,10 @@ impl Worker {
         self.pacer
             .refund(job.rcpts.len() as u32, self.pacers.now_ms());
         let cause = status.cause().unwrap_or(Cause::Connection);
-        if cause != Cause::Busy {
-            // What last happened to the message tried, for `queue` (not an attempt of its own,
-            // except where `record_attempt` below says so).
-            if let Some(e) = lock(&self.aq.inner).messages.get_mut(&job.env.id) {
-                e.progress.last = Some(Box::new(status.clone()));
-            }
-        }
+        // What last happened to the message tried, for `queue` (not an attempt of its own, except
+        // where `record_attempt` below says so); set with the pause, so that whoever sees one sees
+        // the other.
+        let last = (cause != Cause::Busy).then(|| Box::new(status.clone()));
         let reply = status.into_reply();
         let (pause, why, hold, behind) = match cause {
             Cause::Busy => (
@@ -292,17 +289,25 @@ impl Worker {
                 let pause = backoff(n, &queue.config.load());
                 let why = reply.summary();
                 tracing::warn!(account = %name, error = %why, next_attempt_secs = pause.as_secs(), "queued mail held");
-                // The message tried has had an attempt, like any other that failed for now: its
-                // count, its last reply and its next attempt are recorded (the account's pause is
-                // rebuilt from them after a restart, and the offline `queue` shows them).
-                if cause != Cause::Deferred {
-                    self.record_attempt(&job, pause).await;
-                }
                 (pause, why, Hold::Trouble, false)
             }
         };
         let until = now + pause;
-        let pause = queue.pauses.pause(name, Pause { until, why, hold });
+        // In force before anything is awaited: a `queue retry` from now on lifts it.
+        let pause = {
+            let mut inner = lock(&self.aq.inner);
+            if let (Some(last), Some(e)) = (last, inner.messages.get_mut(&job.env.id)) {
+                e.progress.last = Some(last);
+            }
+            queue.pauses.pause(name, Pause { until, why, hold })
+        };
+        if matches!(cause, Cause::Connection | Cause::Token) {
+            // The message tried has had an attempt, like any other that failed for now: its
+            // count, its last reply and its next attempt are recorded (an offline `queue` shows
+            // them, and rebuilds the account's hold from them).
+            self.record_attempt(&job, pause.until.saturating_duration_since(now))
+                .await;
+        }
         let mut inner = lock(&self.aq.inner);
         if behind {
             // Behind the others when the pause ends, so that one recipient's throttling does not
