@@ -478,23 +478,24 @@ impl Connection {
             crate::hints::command(&format!("unlock {}", ip.to_canonical()))
         );
         let who = if known { login } else { "(an unknown login)" };
-        match self.shared.lockout.failed(ip, login, Instant::now()) {
-            super::lockout::Failure::Counted => {}
-            super::lockout::Failure::LoginLockedOut => tracing::warn!(
-                address = %ip.to_canonical(),
-                login = %who,
-                failures = limits.auth_failures_per_login,
-                lockout_secs = limits.auth_lockout_secs,
-                "login refused from this address after too many failed logins; {unlock}"
+        let (failures, what) = match self.shared.lockout.failed(ip, login, Instant::now()) {
+            super::lockout::Failure::Counted => return,
+            super::lockout::Failure::LoginLockedOut => (
+                limits.auth_failures_per_login,
+                "login refused from this address after too many failed logins",
             ),
-            super::lockout::Failure::AddressLockedOut => tracing::warn!(
-                address = %ip.to_canonical(),
-                login = %who,
-                failures = limits.auth_failures_per_ip,
-                lockout_secs = limits.auth_lockout_secs,
-                "address locked out after too many failed logins across logins; {unlock}"
+            super::lockout::Failure::AddressLockedOut => (
+                limits.auth_failures_per_ip,
+                "address locked out after too many failed logins across logins",
             ),
-        }
+        };
+        tracing::warn!(
+            address = %ip.to_canonical(),
+            login = %who,
+            failures,
+            lockout_secs = limits.auth_lockout_secs,
+            "{what}; {unlock}"
+        );
     }
 
     /// Counts a refused login (`xoauth_relay_auth_failures_total{reason}`).
