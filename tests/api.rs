@@ -53,6 +53,16 @@ fn message(to: &str) -> String {
     )
 }
 
+/// The test message, addressed in its header to `to`, sent to bob@example.org by envelope.
+async fn to_bob(c: &mut Client, to: &str) -> Vec<String> {
+    c.send_mail(
+        "news@example.com",
+        &["bob@example.org"],
+        message(to).as_bytes(),
+    )
+    .await
+}
+
 /// A reply's text on one line: `454-a\n454 b` is "454 a b".
 fn one_line(reply: &str) -> String {
     let code = &reply[..3];
@@ -179,13 +189,7 @@ async fn queue_mode_refuses_at_the_end_of_data_what_cannot_go_exactly_and_delive
     let time = ManualTime::start();
     let (_dir, provider, relay) = api_relay("gmail_api", "", "delivery = \"queue\"").await;
     let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
-    let refused = c
-        .send_mail(
-            "news@example.com",
-            &["bob@example.org"],
-            message("list@example.org").as_bytes(),
-        )
-        .await;
+    let refused = to_bob(&mut c, "list@example.org").await;
     assert!(
         refused.last().unwrap().starts_with("554 5.7.0 "),
         "{refused:?}"
@@ -250,13 +254,7 @@ async fn a_refused_token_is_refreshed_once_and_the_request_made_again() {
         .state()
         .api_script
         .push_back((401, expired.into(), vec![]));
-    let replies = c
-        .send_mail(
-            "news@example.com",
-            &["bob@example.org"],
-            message("bob@example.org").as_bytes(),
-        )
-        .await;
+    let replies = to_bob(&mut c, "bob@example.org").await;
     assert!(all_ok(&replies), "{replies:?}");
     {
         let s = provider.state();
@@ -277,13 +275,7 @@ async fn retry_after_pauses_the_account_exactly_that_long_and_is_not_an_attempt(
         .state()
         .api_script
         .push_back((429, limited.into(), after.clone()));
-    let replies = c
-        .send_mail(
-            "news@example.com",
-            &["bob@example.org"],
-            message("bob@example.org").as_bytes(),
-        )
-        .await;
+    let replies = to_bob(&mut c, "bob@example.org").await;
     let last = replies.last().unwrap();
     assert!(
         last.starts_with("451 4.7.0 ") && last.contains("Try again in 37 seconds"),
@@ -329,13 +321,7 @@ async fn a_grant_without_the_api_scope_is_held_alerted_and_named_with_the_fix() 
     provider.state().token_scope = "https://outlook.office.com/SMTP.Send offline_access".into();
     let relay = start_with_grant(dir.path(), &provider, opts).await;
     let mut c = logged_in(&relay, &provider, Conn::StartTls).await;
-    let replies = c
-        .send_mail(
-            "news@example.com",
-            &["bob@example.org"],
-            message("bob@example.org").as_bytes(),
-        )
-        .await;
+    let replies = to_bob(&mut c, "bob@example.org").await;
     let last = one_line(replies.last().unwrap());
     assert!(
         last.starts_with("454 4.7.0 ")
@@ -561,13 +547,7 @@ async fn api_answers_reach_the_mailer_with_the_code_the_table_gives() {
             .state()
             .api_script
             .push_back((status, body.into(), vec![]));
-        let replies = c
-            .send_mail(
-                "news@example.com",
-                &["bob@example.org"],
-                message("bob@example.org").as_bytes(),
-            )
-            .await;
+        let replies = to_bob(&mut c, "bob@example.org").await;
         let last = replies.last().unwrap();
         assert!(last.starts_with(want), "{status}: {last}");
     }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::{Config, TlsMode};
+use crate::config::{Config, ListenerConfig};
 
 /// Refusals stop `serve`; warnings are printed by `check` and logged by `serve`.
 #[derive(Debug, Default)]
@@ -51,33 +51,44 @@ pub fn run(config: &Config) -> Findings {
     f.refusals.extend(listener_tls_usable(config).err());
     f.refusals.extend(client_tls(config).err());
     if !may_bind_privileged() {
-        for l in config
+        let addresses = config
             .listeners
             .iter()
             .map(|l| l.address)
-            .chain(config.metrics.address)
-        {
-            if l.port() != 0 && l.port() < unprivileged_port_start() {
-                f.warnings.push(format!(
-                    "{l}: ports below 1024 need root or CAP_NET_BIND_SERVICE (the systemd unit grants it); \
-                     {} has neither, so a `serve` run like this `check` could not bind it",
-                    user()
-                ));
-            }
-        }
+            .chain(config.metrics.address);
+        f.warnings.extend(privileged_ports(
+            addresses,
+            unprivileged_port_start(),
+            &user(),
+        ));
     }
     f
+}
+
+/// The addresses below `start` (the first port anyone may bind), for a user without the
+/// privilege to bind them.
+fn privileged_ports(
+    addresses: impl Iterator<Item = std::net::SocketAddr>,
+    start: u16,
+    user: &str,
+) -> Vec<String> {
+    addresses
+        .filter(|a| a.port() != 0 && a.port() < start)
+        .map(|a| {
+            format!(
+                "{a}: ports below 1024 need root or CAP_NET_BIND_SERVICE (the systemd unit grants it); \
+                 {user} has neither, so a `serve` run like this `check` could not bind it"
+            )
+        })
+        .collect()
 }
 
 /// The listeners' certificate and key load, or (neither there yet) `serve` may create a
 /// self-signed pair where they are named.
 fn listener_tls_usable(config: &Config) -> Result<(), String> {
     let tls = &config.tls;
-    let uses_tls = config.listeners.iter().any(|l| l.tls != TlsMode::None);
-    if !uses_tls {
-        return Ok(());
-    }
-    if !tls.certificate.exists() && !tls.private_key.exists() {
+    let uses_tls = ListenerConfig::any_tls(&config.listeners);
+    if uses_tls && !tls.certificate.exists() && !tls.private_key.exists() {
         writable_dir(
             "[tls] certificate (its directory)",
             parent(&tls.certificate),
@@ -93,7 +104,7 @@ fn listener_tls_usable(config: &Config) -> Result<(), String> {
 /// The listeners' certificate and key, when a listener uses TLS (a self-signed pair is made
 /// where neither exists).
 pub fn server_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
-    if config.listeners.iter().all(|l| l.tls == TlsMode::None) {
+    if !ListenerConfig::any_tls(&config.listeners) {
         return Ok(None);
     }
     let cfg = crate::util::tls::server_config(
@@ -228,4 +239,24 @@ fn unprivileged_port_start() -> u16 {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_privileged_port_is_named_with_the_capability_it_needs() {
+        let addrs = ["127.0.0.1:587", "127.0.0.1:2587", "0.0.0.0:0"]
+            .map(|a| a.parse::<std::net::SocketAddr>().unwrap());
+        let warned = privileged_ports(addrs.into_iter(), 1024, "user nobody (uid 65534)");
+        assert_eq!(
+            warned,
+            ["127.0.0.1:587: ports below 1024 need root or CAP_NET_BIND_SERVICE (the systemd unit \
+              grants it); user nobody (uid 65534) has neither, so a `serve` run like this `check` \
+              could not bind it"]
+        );
+        // A machine that lowered the privileged range.
+        assert!(privileged_ports(addrs.into_iter(), 0, "root").is_empty());
+    }
 }

@@ -9,7 +9,7 @@ use super::{Config, SecretSource};
 
 /// The `password_hash` published in `config/relay.example.toml` (password "change-me"): anyone can
 /// log in with it, so `serve` refuses it on a listener other than loopback.
-pub const EXAMPLE_PASSWORD_HASH: &str =
+const EXAMPLE_PASSWORD_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$pvxRNMbZtA9LLJEcHj8WNQ$C4AqN4TR5l9vfJdFPgfWeihGedxXqzT3b2R2NySCvmA";
 
 impl Config {

@@ -13,7 +13,6 @@ pub mod raw;
 pub mod resolve;
 mod sources;
 
-pub use advice::EXAMPLE_PASSWORD_HASH;
 pub use paths::{Anchored, RelayAddress};
 
 use std::collections::BTreeMap;
@@ -112,6 +111,13 @@ impl std::fmt::Display for TlsMode {
 pub struct ListenerConfig {
     pub address: SocketAddr,
     pub tls: TlsMode,
+}
+
+impl ListenerConfig {
+    /// Whether any of `listeners` needs the `[tls]` certificate and key.
+    pub fn any_tls(listeners: &[ListenerConfig]) -> bool {
+        listeners.iter().any(|l| l.tls != TlsMode::None)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

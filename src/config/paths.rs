@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use super::raw::RawConfig;
-use super::{Config, ConfigError, ServerConfig, TlsMode};
+use super::{Config, ConfigError, ListenerConfig, ServerConfig};
 
 /// Where the running relay for a config file answers: read from the file leniently, one line at
 /// a time, so that a half-edited file (an error anywhere else in it) still finds the relay that
@@ -95,7 +95,7 @@ pub(super) fn anchor(raw: &mut RawConfig, base: &Path) -> Vec<Anchored> {
         }
     }
     // The defaults count only where a listener uses them.
-    if raw.listeners.iter().any(|l| l.tls != TlsMode::None) {
+    if ListenerConfig::any_tls(&raw.listeners) {
         anchor("[tls] certificate".into(), &mut raw.tls.certificate);
         anchor("[tls] private_key".into(), &mut raw.tls.private_key);
     }

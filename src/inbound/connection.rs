@@ -118,7 +118,7 @@ impl Connection {
         let live = shared.live.load_full();
         let server = &live.config.server;
         let limits = &live.config.limits;
-        let session = Session::new(SessionConfig {
+        let mut session = Session::new(SessionConfig {
             hostname: server.hostname.clone(),
             tls_active: false,
             starttls_available: mode == TlsMode::Starttls && live.tls.is_some(),
@@ -139,7 +139,6 @@ impl Connection {
         });
         let preauth_deadline = Instant::now() + Duration::from_secs(limits.preauth_timeout_secs);
         let device = live.authenticator.device(peer.ip()).cloned();
-        let mut session = session;
         if let Some(account) = &device {
             session.allow_device(Authorized {
                 account: account.name.clone(),

@@ -48,19 +48,25 @@ pub async fn until_queue(relay: &Relay, mut done: impl FnMut(&[serde_json::Value
     }
 }
 
+/// The `accounts` table of the running relay.
+pub async fn accounts_table(relay: &Relay) -> String {
+    admin(
+        relay,
+        Request::Accounts {
+            json: false,
+            usage: false,
+        },
+    )
+    .await
+    .text
+}
+
 /// Waits until `accounts` shows the account paused, and returns the table.
 pub async fn until_paused(relay: &Relay) -> String {
     loop {
-        let r = admin(
-            relay,
-            Request::Accounts {
-                json: false,
-                usage: false,
-            },
-        )
-        .await;
-        if r.text.contains("paused") {
-            return r.text;
+        let table = accounts_table(relay).await;
+        if table.contains("paused") {
+            return table;
         }
         tokio::task::yield_now().await;
     }

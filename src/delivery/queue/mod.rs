@@ -372,15 +372,35 @@ impl Queue {
                     .collect()
             };
             for (env, progress) in stale {
-                let mut moved = Envelope::clone(&env);
-                if let Err(e) = self.spool.record(&mut moved, &progress).await {
-                    tracing::warn!(id = %env.id, error = %e, "cannot move a waiting message out of the spool log");
-                }
-                let mut inner = lock(&aq.inner);
-                if let Some(e) = inner.messages.get_mut(&env.id) {
-                    e.env = Arc::new(moved);
-                }
-                inner.release(&env.id);
+                self.record_progress(
+                    aq,
+                    &env,
+                    &progress,
+                    "move a waiting message out of the spool log",
+                )
+                .await;
+                lock(&aq.inner).release(&env.id);
+            }
+        }
+    }
+
+    /// Writes a message's progress. The spool may move a logged message into a file of its own on
+    /// the way: the index then holds the envelope as moved. `what` names the write in the log.
+    async fn record_progress(
+        &self,
+        aq: &AccountQueue,
+        env: &Envelope,
+        progress: &Progress,
+        what: &str,
+    ) {
+        let mut moved = env.clone();
+        if let Err(e) = self.spool.record(&mut moved, progress).await {
+            tracing::warn!(id = %env.id, error = %e, "cannot {what}");
+            return;
+        }
+        if moved.logged != env.logged {
+            if let Some(e) = lock(&aq.inner).messages.get_mut(&env.id) {
+                e.env = Arc::new(moved);
             }
         }
     }

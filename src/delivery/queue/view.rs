@@ -207,10 +207,8 @@ impl Queue {
             }
         }
         for (aq, env, progress) in records {
-            let mut env = Envelope::clone(&env);
-            if let Err(e) = self.spool.record(&mut env, &progress).await {
-                tracing::warn!(id = %env.id, error = %e, "cannot record the retry in the spool");
-            }
+            self.record_progress(&aq, &env, &progress, "record the retry in the spool")
+                .await;
             lock(&aq.inner).release(&env.id);
             aq.wake.notify_one();
         }

@@ -396,16 +396,14 @@ impl Worker {
             e.progress.next_attempt = queue.clock.unix() + wait.as_secs();
             e.progress.clone()
         };
-        let mut moved = Envelope::clone(&job.env);
-        if let Err(e) = queue.spool.record(&mut moved, &progress).await {
-            tracing::warn!(id = %job.env.id, error = %e, "cannot record delivery progress in the spool");
-            return;
-        }
-        if moved.logged != job.env.logged {
-            if let Some(e) = lock(&self.aq.inner).messages.get_mut(&job.env.id) {
-                e.env = Arc::new(moved);
-            }
-        }
+        queue
+            .record_progress(
+                &self.aq,
+                &job.env,
+                &progress,
+                "record delivery progress in the spool",
+            )
+            .await;
     }
 
     /// A message past `max_queue_age_secs`: its pending recipients are bounced.
@@ -515,18 +513,15 @@ impl Worker {
             lock(&self.aq.inner).remove(id);
             return;
         };
-        let mut moved = Envelope::clone(&env);
-        if let Err(e) = queue.spool.record(&mut moved, &progress).await {
-            tracing::warn!(id = %env.id, error = %e, "cannot record delivery progress in the spool");
-        }
-        let mut inner = lock(&self.aq.inner);
-        if let Some(e) = inner.messages.get_mut(id) {
-            if moved.logged != env.logged {
-                e.env = Arc::new(moved);
-            }
-        }
-        inner.release(id);
-        drop(inner);
+        queue
+            .record_progress(
+                &self.aq,
+                &env,
+                &progress,
+                "record delivery progress in the spool",
+            )
+            .await;
+        lock(&self.aq.inner).release(id);
         // More recipients of it may go at once.
         self.aq.wake.notify_one();
     }

@@ -455,41 +455,26 @@ async fn a_rotated_refresh_token_that_cannot_be_saved_raises_an_alert_and_is_sav
         text.contains("xoauth_relay_alerts_total{account=\"news\",event=\"grant_save_failed\"} 1"),
         "{text}"
     );
-    assert_eq!(
-        store
-            .get("news")
-            .unwrap()
-            .unwrap()
-            .refresh_token
-            .unwrap()
-            .expose(),
-        "rt-0"
-    );
+    assert_eq!(stored_refresh_token(&store), "rt-0");
     tokens.save_unsaved().await;
-    assert_eq!(
-        store
-            .get("news")
-            .unwrap()
-            .unwrap()
-            .refresh_token
-            .unwrap()
-            .expose(),
-        "rt-0",
-        "still full"
-    );
+    assert_eq!(stored_refresh_token(&store), "rt-0", "still full");
     memory.full.store(false, Ordering::SeqCst);
     tokens.save_unsaved().await;
     assert_eq!(
-        store
-            .get("news")
-            .unwrap()
-            .unwrap()
-            .refresh_token
-            .unwrap()
-            .expose(),
+        stored_refresh_token(&store),
         "rt-1",
         "the rotated refresh token reached the store"
     );
+}
+
+/// The refresh token of `news` in the store, as the next start would read it.
+fn stored_refresh_token(store: &Store) -> String {
+    let grant = store.get("news").unwrap().expect("a stored grant");
+    grant
+        .refresh_token
+        .expect("a refresh token")
+        .expose()
+        .to_string()
 }
 
 /// A [`MemoryStore`] the test keeps a handle on.
