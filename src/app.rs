@@ -35,14 +35,15 @@ use crate::oauth::tokens::TokenManager;
 use crate::observe::http::{Fill, Health};
 use crate::observe::metrics::Gauges;
 use crate::observe::Observer;
-use crate::store::sled_store::SledStore;
-use crate::store::Store;
 use crate::util::clock::{self, SharedClock};
 
 pub mod preflight;
 mod reload;
+mod stores;
 
 use self::reload::Reloader;
+use self::stores::local_store_check;
+pub use self::stores::{grant_store_preflight, NewStore};
 
 /// How long running sessions may take to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -92,8 +93,7 @@ impl Core {
         alerts: bool,
         disk: Arc<dyn crate::delivery::queue::disk::Disk>,
     ) -> Result<Core, String> {
-        let store = SledStore::open(&config.server.data_dir, &config.key_file())
-            .map_err(|e| e.to_string())?;
+        let store = stores::open_store(&config, alerts)?;
         let timeout = Duration::from_secs(config.limits.upstream_timeout_secs);
         let http = HttpClients::new(&config)?;
         let tls = preflight::client_tls(&config)?;
@@ -126,7 +126,7 @@ impl Core {
         });
         let accounts: Vec<Arc<Account>> = config.accounts.iter().chain(&retired).cloned().collect();
         let tokens = Arc::new(TokenManager::new(
-            Store::new(store),
+            store,
             issuer,
             clock.clone(),
             margin,
@@ -134,6 +134,7 @@ impl Core {
             tasks.clone(),
             observer.clone(),
         ));
+        tokens.follow_shared();
         let dialer = Dialer {
             tokens: tokens.clone(),
             tls: arc_swap::ArcSwap::from_pointee(tls),
@@ -211,6 +212,26 @@ impl Core {
 }
 
 /// Control requests of the running relay: `reload` here, the rest in the admin room.
+/// `health` through the control socket: running, and with a shared store, whether the database
+/// answers and which relays share it.
+async fn health_text(admin: &AdminContext) -> Response {
+    let pid = std::process::id();
+    let Some(shared) = admin.tokens.store().sharing() else {
+        return Response::ok(format!("ready: relay running (pid {pid})\n"));
+    };
+    if let Some(why) = shared.trouble() {
+        return Response::fail(format!("not ready: {why} (relay running, pid {pid})\n"));
+    }
+    let relays = shared.relays().await.unwrap_or_default();
+    Response::ok(format!(
+        "ready: relay running (pid {pid}); relays sharing the database:\n{}",
+        relays
+            .iter()
+            .map(|r| format!("  {r}\n"))
+            .collect::<String>()
+    ))
+}
+
 struct Control {
     admin: Arc<AdminContext>,
     reloader: Arc<Reloader>,
@@ -228,10 +249,7 @@ impl crate::control::server::Handler for Control {
                 },
                 Request::Unlock { address } => unlock(&self.shared, address.as_deref()),
                 // Control requests are served only once the relay serves mail.
-                Request::Health => Response::ok(format!(
-                    "ready: relay running (pid {})\n",
-                    std::process::id()
-                )),
+                Request::Health => health_text(&self.admin).await,
                 other => crate::admin::execute(&self.admin, other).await,
             }
         })
@@ -301,108 +319,6 @@ pub async fn admin_with(config: Config, request: Request, init: bool) -> Result<
         .await
         .map_err(|e| e.to_string())?;
     Ok(response)
-}
-
-/// May an admin command run without a relay create the store where none exists?
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NewStore {
-    /// No: there is nothing to show or change.
-    Refuse,
-    /// Storing a grant on a fresh install (neither database nor key yet) may.
-    FreshInstall,
-    /// `--init`: the operator asked for it.
-    Init,
-}
-
-/// An admin command that finds no relay opens the store itself: it must not make a new, empty
-/// database or a new key that `serve` for this file would not use, nor quietly start over beside
-/// a key whose database is gone (a moved data_dir). It creates one only on a fresh install when
-/// storing a grant, or with `--init`, and says where.
-fn local_store_check(
-    config: &Config,
-    socket: &std::path::Path,
-    new_store: NewStore,
-    creates: bool,
-    announce: bool,
-) -> Result<(), String> {
-    let absolute = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let db = SledStore::database_path(&config.server.data_dir);
-    let key = config.key_file();
-    match (db.exists(), key.exists()) {
-        (true, true) => Ok(()),
-        (true, false) => Err(format!(
-            "no relay answers on {}, and the database at {} has no key at {} (key_file): a new key \
-             could not read its grants. Restore the key from its backup; if it is lost, move the \
-             database away and authorize every account again",
-            socket.display(),
-            absolute(&db).display(),
-            absolute(&key).display(),
-        )),
-        (false, key_exists) => {
-            let may = match new_store {
-                NewStore::Init => true,
-                NewStore::FreshInstall => !key_exists,
-                NewStore::Refuse => false,
-            };
-            if may && !announce {
-                return Ok(());
-            }
-            if may {
-                tracing::warn!(
-                    database = %absolute(&db).display(),
-                    key = %absolute(&key).display(),
-                    "no relay answers on {} and there is no database yet: creating one here",
-                    socket.display()
-                );
-                return Ok(());
-            }
-            let key_note = if key_exists {
-                format!(
-                    " although the key at {} exists (was data_dir moved?)",
-                    absolute(&key).display()
-                )
-            } else {
-                String::new()
-            };
-            if creates {
-                Err(format!(
-                    "no relay answers on {}, and there is no database at {}{key_note}: this would \
-                     create a new, empty one. If that is what you want (a new install), run the \
-                     command again with --init; otherwise point data_dir in {} at the relay's data",
-                    socket.display(),
-                    absolute(&db).display(),
-                    config.path.display()
-                ))
-            } else {
-                Err(format!(
-                    "no relay answers on {}, and there is no database at {} yet{key_note}: nothing \
-                     to show or change. On a new install, run `{}` or store a grant first \
-                     (`{}`, `{}`)",
-                    socket.display(),
-                    absolute(&db).display(),
-                    crate::hints::command("serve"),
-                    crate::hints::command("authorize NAME"),
-                    crate::hints::command("import-token NAME")
-                ))
-            }
-        }
-    }
-}
-
-/// Before `authorize` or `import-token` asks for anything: would the grant have a store to go to?
-/// (Refusing after a finished consent flow would throw the new token away.)
-pub async fn grant_store_preflight(config: &Config, init: bool) -> Result<(), String> {
-    let socket = config.server.control_socket();
-    if tokio::net::UnixStream::connect(&socket).await.is_ok() {
-        return Ok(());
-    }
-    let new_store = if init {
-        NewStore::Init
-    } else {
-        NewStore::FreshInstall
-    };
-    // Quiet: the command that then stores the grant says where the new store is.
-    local_store_check(config, &socket, new_store, true, false)
 }
 
 /// A relay with its ports bound, ready to [`Relay::run`].
@@ -609,6 +525,9 @@ impl Relay {
         );
         // Under systemd (Type=notify): the listeners are bound and accepting now.
         notify(sd_notify::NotifyState::Ready);
+        if let Some(shared) = upstream.tokens.store().sharing().cloned() {
+            self.health.set_check(Box::new(move || shared.trouble()));
+        }
         self.health.set(None);
         shutdown.await;
         self.health.set(Some("shutting down"));
@@ -632,6 +551,9 @@ impl Relay {
         upstream.queue.flush().await;
         if let Err(e) = upstream.tokens.store().flush().await {
             tracing::warn!(error = %e, "cannot flush the database at shutdown");
+        }
+        if let Some(shared) = upstream.tokens.store().sharing() {
+            shared.close().await;
         }
         endpoint_stop.cancel();
         if let Some(endpoint) = endpoint {

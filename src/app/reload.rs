@@ -196,6 +196,8 @@ fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
         Some("[metrics] address")
     } else if old.server.hostname != new.server.hostname {
         Some("[server] hostname")
+    } else if old.store != new.store {
+        Some("[store]")
     } else {
         None
     }

@@ -12,8 +12,10 @@ mod paths;
 pub mod raw;
 pub mod resolve;
 mod sources;
+pub mod store;
 
 pub use paths::{Anchored, RelayAddress};
+pub use store::{Backend, StoreConfig};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -695,6 +697,7 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub metrics: MetricsConfig,
     pub alerts: AlertsConfig,
+    pub store: StoreConfig,
     pub providers: BTreeMap<String, Arc<Provider>>,
     pub accounts: Vec<Arc<Account>>,
 }

@@ -94,6 +94,9 @@ pub(super) fn anchor(raw: &mut RawConfig, base: &Path) -> Vec<Anchored> {
             anchor(format!("[server] {key}"), p);
         }
     }
+    if let Some(file) = &mut raw.store.url_file {
+        anchor("[store] url_file".into(), file);
+    }
     // The defaults count only where a listener uses them.
     if ListenerConfig::any_tls(&raw.listeners) {
         anchor("[tls] certificate".into(), &mut raw.tls.certificate);

@@ -33,6 +33,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub alerts: AlertsConfig,
     #[serde(default)]
+    pub store: super::StoreConfig,
+    #[serde(default)]
     pub providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
     pub accounts: Vec<RawAccount>,

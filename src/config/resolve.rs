@@ -5,7 +5,6 @@
 //! looks outside the file, through [`Env`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -14,6 +13,7 @@ use super::{
     err, Account, Config, ConfigError, DeliveryMode, Env, Family, GrantKind, Mechanism, Pacing,
     Provider, SecretSource, SmtpUpstream, TlsMode, TransportKind, UpstreamProxy,
 };
+use crate::util::is_loopback_host;
 use crate::util::secret::Secret;
 
 /// One `[[accounts]]` entry, checked against the resolved providers and the accounts before it.
@@ -371,6 +371,7 @@ pub fn build(mut raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             ));
         }
     }
+    errors.extend(raw.store.problems());
     errors.retain(|e| !e.is_empty());
     if !errors.is_empty() {
         return err(errors.join("\n"));
@@ -385,6 +386,7 @@ pub fn build(mut raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         delivery: raw.delivery,
         metrics: raw.metrics,
         alerts: raw.alerts,
+        store: raw.store,
         providers,
         accounts,
     })
@@ -477,6 +479,9 @@ pub fn external(mut config: Config, env: &dyn Env) -> Result<Config, ConfigError
     } else {
         None
     };
+    if let Err(e) = config.store.read_url(env) {
+        errors.push(e);
+    }
     for (name, p) in &config.providers {
         match provider_externals(name, p, env) {
             Ok(mut p) => {
@@ -521,15 +526,6 @@ pub fn external(mut config: Config, env: &dyn Env) -> Result<Config, ConfigError
         ));
     }
     Ok(config)
-}
-
-fn is_loopback_host(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn check_url(provider: &str, key: &str, value: &str) -> Result<(), ConfigError> {

@@ -17,16 +17,22 @@ use tokio_util::sync::CancellationToken;
 use super::metrics::{Gauges, Metrics};
 use crate::util::sync::lock;
 
+/// A condition outside the relay's own start and stop that makes it not ready (the shared
+/// database out of reach), asked at each probe.
+pub type Check = Box<dyn Fn() -> Option<String> + Send + Sync>;
+
 /// Whether the relay can take mail, and if not, why.
 #[derive(Default)]
 pub struct Health {
     not_ready: Mutex<Option<&'static str>>,
+    check: Mutex<Option<Check>>,
 }
 
 impl Health {
     pub fn starting() -> Health {
         Health {
             not_ready: Mutex::new(Some("starting")),
+            check: Mutex::new(None),
         }
     }
 
@@ -34,8 +40,15 @@ impl Health {
         *lock(&self.not_ready) = not_ready;
     }
 
-    fn reason(&self) -> Option<&'static str> {
-        *lock(&self.not_ready)
+    pub fn set_check(&self, check: Check) {
+        *lock(&self.check) = Some(check);
+    }
+
+    pub fn reason(&self) -> Option<String> {
+        if let Some(why) = *lock(&self.not_ready) {
+            return Some(why.to_string());
+        }
+        lock(&self.check).as_ref().and_then(|c| c())
     }
 }
 

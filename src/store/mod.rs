@@ -1,14 +1,16 @@
 //! The grant store: refresh tokens, cached access tokens and per-account bookkeeping.
 //!
-//! [`GrantStore`] is the seam: the token manager and the admin commands see only this trait, so a
-//! shared database for several relays can be added beside [`sled_store::SledStore`] without touching token
-//! logic. [`memory::MemoryStore`] serves unit tests. Sealing lives in [`seal`], the only code that
-//! sees ciphertext.
+//! [`GrantStore`] is the seam: the token manager and the admin commands see only this trait.
+//! [`sled_store::SledStore`] is one relay's store; [`postgres::PgStore`] is shared by several
+//! relays and adds [`Shared`]: a refresh lease per account, the grant as the database has it now,
+//! and news of grants another relay replaced. [`memory::MemoryStore`] serves unit tests. Sealing
+//! lives in [`seal`], the only code that sees ciphertext.
 //!
 //! Durable operations block on a disk sync; [`Store`] runs them on the blocking pool so no runtime
 //! worker waits on an fsync.
 
 pub mod memory;
+pub mod postgres;
 pub mod seal;
 pub mod sled_store;
 
@@ -17,6 +19,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::util::secret::Secret;
+use crate::util::BoxFuture;
 
 /// What is stored, sealed, per account.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,32 +76,70 @@ pub trait GrantStore: Send + Sync + 'static {
     fn flush(&self) -> Result<(), StoreError>;
 }
 
+/// What a store shared by several relays adds to [`GrantStore`].
+pub trait Shared: Send + Sync + 'static {
+    /// Takes `account`'s refresh lease, waiting while another relay holds it; released on drop.
+    fn lease<'a>(&'a self, account: &'a str) -> BoxFuture<'a, Result<postgres::Lease, StoreError>>;
+    /// The grant as the database has it now (another relay may just have refreshed it).
+    fn current<'a>(&'a self, account: &'a str) -> BoxFuture<'a, Result<Option<Grant>, StoreError>>;
+    /// A grant was stored or deleted by an operator here: a clean status, and every relay drops
+    /// what it cached of the old one.
+    fn replaced<'a>(&'a self, account: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Accounts whose grant another relay replaced, deleted or found revoked.
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<String>;
+    /// Why the database cannot be used now, if it cannot.
+    fn trouble(&self) -> Option<String>;
+    /// The relays sharing the database and seen alive, one line each.
+    fn relays(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
+    /// A clean stop: this relay's registration and leases are given up.
+    fn close(&self) -> BoxFuture<'_, ()>;
+}
+
 /// The store as the rest of the relay holds it: cheap to clone, durable writes off the runtime.
 #[derive(Clone)]
-pub struct Store(Arc<dyn GrantStore>);
+pub struct Store {
+    inner: Arc<dyn GrantStore>,
+    shared: Option<Arc<dyn Shared>>,
+}
 
 impl Store {
     pub fn new(inner: impl GrantStore) -> Store {
-        Store(Arc::new(inner))
+        Store {
+            inner: Arc::new(inner),
+            shared: None,
+        }
+    }
+
+    /// A store several relays share.
+    pub fn shared<S: GrantStore + Shared>(inner: Arc<S>) -> Store {
+        Store {
+            inner: inner.clone(),
+            shared: Some(inner),
+        }
+    }
+
+    /// The shared store's extras; `None` for one relay's own store.
+    pub fn sharing(&self) -> Option<&Arc<dyn Shared>> {
+        self.shared.as_ref()
     }
 
     pub fn get(&self, account: &str) -> Result<Option<Grant>, StoreError> {
-        self.0.get(account)
+        self.inner.get(account)
     }
 
     pub fn status(&self, account: &str) -> Status {
-        self.0.status(account)
+        self.inner.status(account)
     }
 
     pub fn update_status(&self, account: &str, f: impl Fn(&mut Status)) {
-        self.0.update_status(account, &f)
+        self.inner.update_status(account, &f)
     }
 
     async fn blocking<T: Send + 'static>(
         &self,
         work: impl FnOnce(&dyn GrantStore) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let inner = self.0.clone();
+        let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || work(inner.as_ref()))
             .await
             .map_err(|e| StoreError(format!("store task failed: {e}")))?
@@ -117,10 +158,5 @@ impl Store {
     /// Makes bookkeeping changes durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.blocking(|s| s.flush()).await
-    }
-
-    /// For the end of a process, where no runtime may be left to run blocking work.
-    pub fn flush_now(&self) -> Result<(), StoreError> {
-        self.0.flush()
     }
 }

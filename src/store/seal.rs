@@ -75,6 +75,26 @@ impl Sealer {
 }
 
 /// Whether the key at `path` would load (`check`): a missing one is made at the first start.
+/// A grant as it is kept: JSON, sealed to its account. One rule for every backend, so a sealed
+/// value moves between sled and PostgreSQL as it is.
+impl Sealer {
+    pub fn seal_grant(&self, account: &str, grant: &super::Grant) -> Result<Vec<u8>, StoreError> {
+        let plain = zeroize::Zeroizing::new(
+            serde_json::to_vec(grant).map_err(|e| StoreError(e.to_string()))?,
+        );
+        self.seal(account, &plain)
+    }
+
+    pub fn open_grant(&self, account: &str, sealed: &[u8]) -> Result<super::Grant, StoreError> {
+        let plain = zeroize::Zeroizing::new(self.open(account, sealed)?);
+        serde_json::from_slice(&plain).map_err(|e| {
+            StoreError(format!(
+                "account `{account}`: stored grant is unreadable: {e}"
+            ))
+        })
+    }
+}
+
 pub fn verify_key_file(path: &Path) -> Result<(), StoreError> {
     match std::fs::read_to_string(path).map(zeroize::Zeroizing::new) {
         Ok(text) => parse_key(path, &text).map(drop),

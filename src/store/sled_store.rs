@@ -96,17 +96,11 @@ impl GrantStore for SledStore {
         let Some(sealed) = self.grants.get(account).map_err(db_err)? else {
             return Ok(None);
         };
-        let plain = self.sealer.open(account, &sealed)?;
-        serde_json::from_slice(&plain).map(Some).map_err(|e| {
-            StoreError(format!(
-                "account `{account}`: stored grant is unreadable: {e}"
-            ))
-        })
+        self.sealer.open_grant(account, &sealed).map(Some)
     }
 
     fn put(&self, account: &str, grant: &Grant) -> Result<(), StoreError> {
-        let plain = serde_json::to_vec(grant).map_err(|e| StoreError(e.to_string()))?;
-        let sealed = self.sealer.seal(account, &plain)?;
+        let sealed = self.sealer.seal_grant(account, grant)?;
         self.grants.insert(account, sealed).map_err(db_err)?;
         self.db.flush().map_err(db_err)?;
         Ok(())

@@ -8,6 +8,7 @@
 mod api;
 mod mailer;
 mod oauth;
+mod pg;
 mod provider;
 mod proxies;
 mod queueing;
@@ -18,7 +19,7 @@ mod upstream;
 // Each test binary uses a part of the harness.
 #[allow(unused_imports)]
 pub use {
-    api::*, mailer::*, oauth::*, provider::*, proxies::*, queueing::*, relay::*, setups::*,
+    api::*, mailer::*, oauth::*, pg::*, provider::*, proxies::*, queueing::*, relay::*, setups::*,
     upstream::*,
 };
 

@@ -20,6 +20,8 @@ pub struct RelayOptions {
     pub extra_limits_toml: String,
     /// More `[server]` keys, one per line.
     pub extra_server_toml: String,
+    /// More tables, at the end of the file (`[store]`, say).
+    pub extra_toml: String,
 }
 
 impl Default for RelayOptions {
@@ -37,6 +39,7 @@ impl Default for RelayOptions {
             extra_accounts_toml: String::new(),
             extra_limits_toml: String::new(),
             extra_server_toml: String::new(),
+            extra_toml: String::new(),
         }
     }
 }
@@ -129,6 +132,8 @@ provider = "fake"
 mailbox = "news@example.com"
 {allowed}
 {extra_accounts}
+
+{extra}
 "#,
         dir = dir.display(),
         require_tls = opts.require_tls_for_auth,
@@ -151,6 +156,7 @@ mailbox = "news@example.com"
         extra_accounts = opts.extra_accounts_toml,
         extra_limits = opts.extra_limits_toml,
         extra_server = opts.extra_server_toml,
+        extra = opts.extra_toml,
     );
     let path = dir.join("relay.toml");
     std::fs::write(&path, config).unwrap();

@@ -28,6 +28,9 @@ pub enum TokenError {
         detail: String,
     },
     Store(String),
+    /// The database several relays share cannot be reached (or another relay's refresh never
+    /// ended): passing, like an unreachable token endpoint.
+    Database(String),
 }
 
 impl std::fmt::Display for TokenError {
@@ -61,7 +64,7 @@ impl std::fmt::Display for TokenError {
                 f,
                 "account `{account}`: cannot get a token, {detail}; check the network path to the provider"
             ),
-            TokenError::Store(e) => f.write_str(e),
+            TokenError::Store(e) | TokenError::Database(e) => f.write_str(e),
         }
     }
 }
@@ -98,6 +101,11 @@ impl TokenError {
                  has the details)"
                     .into()
             }
+            TokenError::Database(_) => {
+                "the relay cannot reach its shared database right now; try again later (the relay's \
+                 log has the details)"
+                    .into()
+            }
             TokenError::UnknownAccount(_) | TokenError::NeedsAuthorization { .. } => {
                 self.to_string()
             }
@@ -129,12 +137,12 @@ impl GrantState {
     }
 }
 
-/// Failures a still-valid cached token may ride out: the provider being down or refusing for now;
-/// not a revoked grant or a store failure.
+/// Failures a still-valid cached token may ride out: the provider being down or refusing for now,
+/// or the shared database out of reach; not a revoked grant or a damaged store.
 pub(super) fn passing(error: &TokenError) -> bool {
     matches!(
         error,
-        TokenError::Unreachable { .. } | TokenError::Refused { .. }
+        TokenError::Unreachable { .. } | TokenError::Refused { .. } | TokenError::Database(_)
     )
 }
 

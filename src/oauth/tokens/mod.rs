@@ -185,7 +185,8 @@ impl TokenManager {
         Ok(existed)
     }
 
-    /// A new or deleted grant starts with a clean record: no revoked flag, no old provider error.
+    /// A new or deleted grant starts with a clean record: no revoked flag, no old provider error;
+    /// relays sharing the store drop what they cached of the old grant.
     async fn clear_status(&self, account: &str) {
         self.store.update_status(account, |s| {
             s.revoked = false;
@@ -194,6 +195,47 @@ impl TokenManager {
         if let Err(e) = self.store.flush().await {
             tracing::warn!(account, error = %e, "cannot write the account's status");
         }
+        if let Some(shared) = self.store.sharing() {
+            if let Err(e) = shared.replaced(account).await {
+                tracing::warn!(account, error = %e, "cannot tell the other relays about the new grant; they see it at their next refresh");
+            }
+        }
+    }
+
+    /// Follows a shared store's news: a grant replaced, deleted or found revoked by another relay
+    /// makes this one forget its cached token, so the next session goes by the new state.
+    pub fn follow_shared(self: &Arc<Self>) {
+        let Some(shared) = self.store.sharing() else {
+            return;
+        };
+        let mut changes = shared.changes();
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let changed = changes.recv().await;
+                let Some(this) = this.upgrade() else { return };
+                match changed {
+                    Ok(account) => this.forget(&account),
+                    // Missed news: forget everything rather than keep a dead grant's token.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        for name in this.slots.all().keys() {
+                            this.forget(name);
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+    }
+
+    /// Drops the cached token and remembered failures of `account`.
+    fn forget(&self, account: &str) {
+        self.slots.with(account, |s| {
+            *lock(&s.cached) = None;
+            *lock(&s.failure) = None;
+            *lock(&s.failing_since) = None;
+            *lock(&s.unsaved) = None;
+        });
     }
 
     fn slot(&self, account: &str) -> Result<Arc<AccountTokens>, TokenError> {
@@ -367,7 +409,7 @@ impl TokenManager {
             // A token persisted by an earlier run may still be good, but only an empty cache means we
             // have not looked at it yet; a stale cached token is the stored one.
             let first_use = rejected.is_none() && lock(&slot.cached).is_none();
-            let result = this.obtain(&slot, first_use).await;
+            let result = this.obtain(&slot, first_use, rejected.as_ref()).await;
             let now = this.clock.now();
             *lock(&slot.failure) = result.as_ref().err().map(|e| (now, e.clone()));
             this.changed.notify_one();
@@ -396,12 +438,7 @@ impl TokenManager {
             None => None,
         };
         let out = change.await;
-        if let Some(s) = &slot {
-            *lock(&s.cached) = None;
-            *lock(&s.failure) = None;
-            *lock(&s.failing_since) = None;
-            *lock(&s.unsaved) = None;
-        }
+        self.forget(account);
         out
     }
 
@@ -428,23 +465,34 @@ impl TokenManager {
         &self,
         slot: &AccountTokens,
         reuse_stored: bool,
+        rejected: Option<&Secret>,
     ) -> Result<AccessToken, TokenError> {
         let account = slot.account.load_full();
         let name = account.name.clone();
+        let store_error = |e: crate::store::StoreError| TokenError::Store(e.to_string());
+        let database = |e: crate::store::StoreError| TokenError::Database(e.to_string());
+        // A store shared by several relays: one refresh at a time across all of them (the lease
+        // is held until the new grant is committed), and the grant read from the database itself,
+        // so a token another relay just stored is used instead of asking the provider again.
+        let shared = self.store.sharing();
+        let _lease = match shared {
+            Some(s) => Some(s.lease(&name).await.map_err(database)?),
+            None => None,
+        };
         let unsaved = lock(&slot.unsaved).clone();
-        let stored = match unsaved {
-            Some(grant) => Some(grant),
-            None => self
-                .store
-                .get(&name)
-                .map_err(|e| TokenError::Store(e.to_string()))?,
+        let stored = match (unsaved, shared) {
+            (Some(grant), _) => Some(grant),
+            (None, Some(s)) => s.current(&name).await.map_err(database)?,
+            (None, None) => self.store.get(&name).map_err(store_error)?,
         };
         let status = self.store.status(&name);
         let now = self.clock.unix();
-        if reuse_stored {
-            // A token persisted by an earlier run is still good: no need to ask the provider.
+        if reuse_stored || shared.is_some() {
+            // A token persisted by an earlier run (or another relay) is still good: no need to
+            // ask the provider.
             if let Some(g) = &stored {
-                if let (Some(tok), Some(exp)) = (&g.access_token, g.access_expires_at) {
+                let usable = g.access_token.as_ref().filter(|t| rejected != Some(*t));
+                if let (Some(tok), Some(exp)) = (usable, g.access_expires_at) {
                     let issued = g.last_refresh.unwrap_or(g.obtained_at).min(now);
                     let lifetime = Duration::from_secs(exp.saturating_sub(issued));
                     if exp > now + self.margin_for(lifetime).as_secs() {

@@ -175,7 +175,7 @@ impl TokenManager {
             }
             tracing::info!(account = %account.name, unused_days = unused / 86400, "keep-alive: refreshing a grant that has not been used for a while");
             let _guard = slot.refresh.lock().await;
-            let result = self.obtain(slot, false).await;
+            let result = self.obtain(slot, false, None).await;
             *lock(&slot.failure) = result.as_ref().err().map(|e| (self.clock.now(), e.clone()));
             // Microsoft drops a grant unused for 90 days; keep-alive failing on one unused for 80
             // is the last chance to say so with days to spare.

@@ -1,0 +1,753 @@
+//! The grant store on PostgreSQL, shared by several relays.
+//!
+//! Grants are sealed exactly as in sled (the same [`Sealer`], the account as associated data), so
+//! the database never sees a token in clear and a sealed value moves between backends as it is.
+//! Each relay keeps a mirror of the grants and statuses in memory: a session's lookups cost no
+//! round trip. Every change is announced with `NOTIFY xoauth_relay` in the transaction that makes
+//! it, and each relay `LISTEN`s and reloads that account, so a grant stored, deleted or found
+//! revoked on one relay is seen by the others within milliseconds; a relay whose listening
+//! connection broke reloads everything when it is back. A refresh first takes the account's lease
+//! ([`lease`]) and reads the grant from the database itself, so a token another relay just got is
+//! used instead of asking the provider again.
+//!
+//! [`GrantStore`]'s writes come on the blocking pool (see [`crate::store::Store`]); they run their
+//! queries there on the runtime's handle.
+
+pub mod connect;
+mod lease;
+pub mod schema;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use self::connect::Target;
+pub use self::lease::Lease;
+use super::seal::Sealer;
+use super::{Grant, GrantStore, Status, StoreError};
+use crate::util::secret::Secret;
+use crate::util::sync::lock;
+use crate::util::BoxFuture;
+
+const CHANNEL: &str = "xoauth_relay";
+
+/// Connections per relay: writes are few (a refresh, a status flush); leases and reads are short.
+const POOL_SIZE: usize = 4;
+
+/// How long a relay waits before reconnecting its listening connection, at most.
+const RECONNECT_AT_MOST: Duration = Duration::from_secs(10);
+
+/// What opening the store needs.
+pub struct Settings {
+    pub url: Secret,
+    pub key_file: PathBuf,
+    pub instance: String,
+    pub lease: Duration,
+    /// `serve`: register the instance, listen for changes, retry while the database is down.
+    pub serve: bool,
+}
+
+#[derive(Default)]
+struct Mirror {
+    /// Everything was read at least once since the process started.
+    loaded: bool,
+    grants: HashMap<String, Vec<u8>>,
+    status: HashMap<String, Status>,
+}
+
+/// Status fields changed here and not yet written: only those, so one relay's last-use update
+/// never overwrites an error another relay recorded.
+#[derive(Default, Clone)]
+struct Patch {
+    last_use: Option<u64>,
+    last_error: Option<Option<String>>,
+    revoked: Option<bool>,
+}
+
+pub struct PgStore {
+    target: Target,
+    key_file: PathBuf,
+    /// The key file was made by this start (there was none).
+    new_key: bool,
+    pool: deadpool_postgres::Pool,
+    sealer: Sealer,
+    instance: String,
+    /// Unique per process: a restarted relay of the same name is a new holder.
+    holder: String,
+    lease: Duration,
+    handle: tokio::runtime::Handle,
+    mirror: Mutex<Mirror>,
+    dirty: Mutex<HashMap<String, Patch>>,
+    changes: broadcast::Sender<String>,
+    trouble: Mutex<Option<String>>,
+    stop: CancellationToken,
+}
+
+/// A database error as an operator reads it: the server's message, or why no connection came.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                text = format!("{text}: {s}");
+                source = s.source();
+            }
+            text
+        }
+    }
+}
+
+fn describe_pool(e: &deadpool_postgres::PoolError) -> StoreError {
+    use deadpool_postgres::PoolError;
+    StoreError(match e {
+        PoolError::Backend(e) => describe(e),
+        PoolError::Timeout(_) => format!(
+            "no database connection within {} s",
+            connect::CONNECT_TIMEOUT.as_secs()
+        ),
+        other => other.to_string(),
+    })
+}
+
+impl PgStore {
+    /// Connects, migrates, loads the mirror and (for `serve`) registers. `serve` starts with the
+    /// database down (not ready, retrying); an admin command needs it now.
+    pub async fn open(settings: Settings) -> Result<Arc<PgStore>, StoreError> {
+        let target = Target::parse(settings.url.expose())?;
+        let pool = target.pool(POOL_SIZE)?;
+        let new_key = !settings.key_file.exists();
+        let sealer = Sealer::from_key_file(&settings.key_file)?;
+        let holder = format!(
+            "{}/{}/{:08x}",
+            settings.instance,
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let store = Arc::new(PgStore {
+            target,
+            key_file: settings.key_file,
+            new_key,
+            pool,
+            sealer,
+            instance: settings.instance,
+            holder,
+            lease: settings.lease,
+            handle: tokio::runtime::Handle::current(),
+            mirror: Mutex::new(Mirror::default()),
+            dirty: Mutex::new(HashMap::new()),
+            changes: broadcast::channel(64).0,
+            trouble: Mutex::new(None),
+            stop: CancellationToken::new(),
+        });
+        match store.prepare(settings.serve).await {
+            Ok(()) => {}
+            // A name held by a live relay, or a schema from a later release: starting would be wrong.
+            Err(Prepare::Refused(e)) => return Err(e),
+            Err(Prepare::Unreachable(e)) if settings.serve => {
+                tracing::warn!(database = %store.target.shown, error = %e, "database unreachable; starting not ready and retrying");
+                store.set_trouble(Some(e.0));
+            }
+            Err(Prepare::Unreachable(e)) => {
+                return Err(StoreError(format!(
+                    "cannot reach the database {}: {e}; check [store] and that PostgreSQL is up",
+                    store.target.shown
+                )))
+            }
+        }
+        if settings.serve {
+            let weak = Arc::downgrade(&store);
+            let stop = store.stop.clone();
+            store.handle.spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = listen(weak) => {}
+                }
+            });
+        }
+        Ok(store)
+    }
+
+    /// Where the database is, without the password: for messages.
+    pub fn shown(&self) -> &str {
+        &self.target.shown
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    fn set_trouble(&self, why: Option<String>) {
+        *lock(&self.trouble) = why;
+    }
+
+    /// A failed query: remembered as the database's trouble when it is a lost connection.
+    fn failed(&self, what: &str, e: &tokio_postgres::Error) -> StoreError {
+        let text = describe(e);
+        if e.as_db_error().is_none() {
+            self.set_trouble(Some(text.clone()));
+        }
+        StoreError(format!("database {}: {what}: {text}", self.target.shown))
+    }
+
+    fn trouble_from(&self, e: &deadpool_postgres::PoolError) -> StoreError {
+        let e = describe_pool(e);
+        self.set_trouble(Some(e.0.clone()));
+        StoreError(format!("database {}: {e}", self.target.shown))
+    }
+
+    async fn prepare(&self, serve: bool) -> Result<(), Prepare> {
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| Prepare::Unreachable(describe_pool(&e)))?;
+        schema::migrate(&mut client).await.map_err(|e| {
+            if e.0.contains("newer than this relay") {
+                Prepare::Refused(e)
+            } else {
+                Prepare::Unreachable(e)
+            }
+        })?;
+        drop(client);
+        self.reload_all().await.map_err(Prepare::Unreachable)?;
+        self.same_key().map_err(Prepare::Refused)?;
+        if serve {
+            self.register().await.map_err(|e| {
+                if e.0.contains("is alive on database") {
+                    Prepare::Refused(e)
+                } else {
+                    Prepare::Unreachable(e)
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Every relay on the database must seal with the same key: one grant that does not open
+    /// means this relay's key_file is another one (or new), and it could use none of them.
+    fn same_key(&self) -> Result<(), StoreError> {
+        let sample = lock(&self.mirror)
+            .grants
+            .iter()
+            .next()
+            .map(|(a, s)| (a.clone(), s.clone()));
+        let Some((account, sealed)) = sample else {
+            return Ok(());
+        };
+        if self.sealer.open(&account, &sealed).is_ok() {
+            return Ok(());
+        }
+        let made = if self.new_key {
+            let _ = std::fs::remove_file(&self.key_file);
+            " (there was none; the one just made was removed again)"
+        } else {
+            ""
+        };
+        Err(StoreError(format!(
+            "key_file {}{made} is not the key that sealed the grants in database {}: every relay sharing \
+             the database needs the same key_file; copy it (mode 0600) from a relay that uses this database",
+            self.key_file.display(),
+            self.target.shown
+        )))
+    }
+
+    /// Reads every grant and status into the mirror.
+    async fn reload_all(&self) -> Result<(), StoreError> {
+        let client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+        let grants = client
+            .query("SELECT account, sealed FROM xoauth_grants", &[])
+            .await
+            .map_err(|e| self.failed("reading grants", &e))?;
+        let status = client
+            .query(
+                "SELECT account, last_use, last_error, revoked FROM xoauth_grant_status",
+                &[],
+            )
+            .await
+            .map_err(|e| self.failed("reading grants", &e))?;
+        let mut m = lock(&self.mirror);
+        m.grants = grants.iter().map(|r| (r.get(0), r.get(1))).collect();
+        m.status = status.iter().map(|r| (r.get(0), status_of(r))).collect();
+        m.loaded = true;
+        Ok(())
+    }
+
+    /// Reads one account into the mirror; returns its sealed grant.
+    async fn reload(&self, account: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+        let grant = client
+            .query_opt(
+                "SELECT sealed FROM xoauth_grants WHERE account = $1",
+                &[&account],
+            )
+            .await
+            .map_err(|e| self.failed("reading the grant", &e))?
+            .map(|r| r.get::<_, Vec<u8>>(0));
+        let status = client
+            .query_opt(
+                "SELECT account, last_use, last_error, revoked FROM xoauth_grant_status WHERE account = $1",
+                &[&account],
+            )
+            .await
+            .map_err(|e| self.failed("reading the grant", &e))?
+            .map(|r| status_of(&r))
+            .unwrap_or_default();
+        let mut m = lock(&self.mirror);
+        match &grant {
+            Some(sealed) => m.grants.insert(account.to_string(), sealed.clone()),
+            None => m.grants.remove(account),
+        };
+        m.status.insert(account.to_string(), status);
+        Ok(grant)
+    }
+
+    /// A notice from any relay (this one included): the account changed in the database.
+    async fn on_notice(&self, payload: &str) {
+        let Some((kind, account)) = payload.split_once(':') else {
+            return;
+        };
+        if self.reload(account).await.is_err() {
+            return;
+        }
+        let revoked = lock(&self.mirror)
+            .status
+            .get(account)
+            .is_some_and(|s| s.revoked);
+        // A grant replaced or deleted, or found dead: cached tokens of the old one must go.
+        if kind == "replaced" || (kind == "status" && revoked) {
+            let _ = self.changes.send(account.to_string());
+        }
+    }
+
+    /// Runs `work` with a connection, from a blocking-pool thread ([`GrantStore`]'s writes).
+    fn blocking<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.handle.block_on(work)
+    }
+
+    /// Writes the pending status changes of `only` (or of every account) inside `tx`; returns
+    /// what was taken, to be put back if the transaction fails.
+    async fn write_patches(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        only: Option<&str>,
+    ) -> Result<HashMap<String, Patch>, StoreError> {
+        let taken: HashMap<String, Patch> = {
+            let mut dirty = lock(&self.dirty);
+            match only {
+                Some(a) => dirty
+                    .remove(a)
+                    .map(|p| (a.to_string(), p))
+                    .into_iter()
+                    .collect(),
+                None => std::mem::take(&mut *dirty),
+            }
+        };
+        for (account, p) in &taken {
+            let last_use = p.last_use.map(|t| t as i64);
+            let set_error = p.last_error.is_some();
+            let error = p.last_error.clone().flatten();
+            let r = tx
+                .execute(
+                    "INSERT INTO xoauth_grant_status (account, last_use, last_error, revoked) \
+                     VALUES ($1, $2, $3, COALESCE($5, false)) \
+                     ON CONFLICT (account) DO UPDATE SET \
+                       last_use = GREATEST(xoauth_grant_status.last_use, EXCLUDED.last_use), \
+                       last_error = CASE WHEN $4 THEN EXCLUDED.last_error ELSE xoauth_grant_status.last_error END, \
+                       revoked = COALESCE($5, xoauth_grant_status.revoked)",
+                    &[account, &last_use, &error, &set_error, &p.revoked],
+                )
+                .await;
+            if let Err(e) = r {
+                self.put_back(taken.clone());
+                return Err(self.failed("writing the account's status", &e));
+            }
+            if set_error || p.revoked.is_some() {
+                notify(tx, "status", account).await.inspect_err(|_| {
+                    self.put_back(taken.clone());
+                })?;
+            }
+        }
+        Ok(taken)
+    }
+
+    /// Patches whose transaction failed go back under whatever changed since.
+    fn put_back(&self, taken: HashMap<String, Patch>) {
+        let mut dirty = lock(&self.dirty);
+        for (account, old) in taken {
+            let newer = dirty.remove(&account).unwrap_or_default();
+            dirty.insert(
+                account,
+                Patch {
+                    last_use: newer.last_use.max(old.last_use),
+                    last_error: newer.last_error.or(old.last_error),
+                    revoked: newer.revoked.or(old.revoked),
+                },
+            );
+        }
+    }
+
+    async fn put_async(&self, account: &str, sealed: Vec<u8>) -> Result<(), StoreError> {
+        let mut client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| self.failed("saving the grant", &e))?;
+        tx.execute(
+            "INSERT INTO xoauth_grants (account, sealed, updated_at, updated_by) VALUES ($1, $2, now(), $3) \
+             ON CONFLICT (account) DO UPDATE SET sealed = EXCLUDED.sealed, updated_at = now(), \
+               updated_by = EXCLUDED.updated_by",
+            &[&account, &sealed, &self.instance],
+        )
+        .await
+        .map_err(|e| self.failed("saving the grant", &e))?;
+        let taken = self.write_patches(&tx, Some(account)).await?;
+        notify(&tx, "grant", account).await?;
+        if let Err(e) = tx.commit().await {
+            self.put_back(taken);
+            return Err(self.failed("saving the grant", &e));
+        }
+        lock(&self.mirror)
+            .grants
+            .insert(account.to_string(), sealed);
+        Ok(())
+    }
+
+    async fn remove_async(&self, account: &str) -> Result<bool, StoreError> {
+        let mut client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| self.failed("deleting the grant", &e))?;
+        let n = tx
+            .execute("DELETE FROM xoauth_grants WHERE account = $1", &[&account])
+            .await
+            .map_err(|e| self.failed("deleting the grant", &e))?;
+        notify(&tx, "replaced", account).await?;
+        tx.commit()
+            .await
+            .map_err(|e| self.failed("deleting the grant", &e))?;
+        lock(&self.mirror).grants.remove(account);
+        Ok(n > 0)
+    }
+
+    async fn flush_async(&self) -> Result<(), StoreError> {
+        let mut client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| self.failed("writing statuses", &e))?;
+        let taken = self.write_patches(&tx, None).await?;
+        if let Err(e) = tx.commit().await {
+            self.put_back(taken);
+            return Err(self.failed("writing statuses", &e));
+        }
+        Ok(())
+    }
+
+    /// A grant stored by `authorize` or `import-token`, or deleted by `revoke`: a clean status,
+    /// and every relay drops what it cached of the old grant.
+    async fn replaced_async(&self, account: &str) -> Result<(), StoreError> {
+        let mut client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| self.failed("announcing the new grant", &e))?;
+        tx.execute(
+            "UPDATE xoauth_grant_status SET revoked = false, last_error = NULL WHERE account = $1",
+            &[&account],
+        )
+        .await
+        .map_err(|e| self.failed("announcing the new grant", &e))?;
+        notify(&tx, "replaced", account).await?;
+        tx.commit()
+            .await
+            .map_err(|e| self.failed("announcing the new grant", &e))?;
+        Ok(())
+    }
+
+    /// Every sealed grant and status, as stored (`store migrate-from-sled` writes these).
+    pub async fn import(
+        &self,
+        grants: Vec<(String, Vec<u8>)>,
+        statuses: Vec<(String, Status)>,
+    ) -> Result<(usize, usize), StoreError> {
+        let mut client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| self.failed("importing", &e))?;
+        let (mut copied, mut kept) = (0, 0);
+        for (account, sealed) in &grants {
+            let n = tx
+                .execute(
+                    "INSERT INTO xoauth_grants (account, sealed, updated_by) VALUES ($1, $2, $3) \
+                     ON CONFLICT (account) DO NOTHING",
+                    &[account, sealed, &self.instance],
+                )
+                .await
+                .map_err(|e| self.failed("importing grants", &e))?;
+            if n == 1 {
+                copied += 1;
+                notify(&tx, "replaced", account).await?;
+            } else {
+                kept += 1;
+            }
+        }
+        for (account, s) in &statuses {
+            tx.execute(
+                "INSERT INTO xoauth_grant_status (account, last_use, last_error, revoked) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (account) DO NOTHING",
+                &[account, &s.last_use.map(|t| t as i64), &s.last_error, &s.revoked],
+            )
+            .await
+            .map_err(|e| self.failed("importing statuses", &e))?;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| self.failed("importing", &e))?;
+        Ok((copied, kept))
+    }
+
+    /// The schema version the database has (`check --verbose`).
+    pub async fn schema_version(&self) -> Result<Option<i32>, StoreError> {
+        let client = self.pool.get().await.map_err(|e| describe_pool(&e))?;
+        schema::version(&**client).await
+    }
+}
+
+enum Prepare {
+    Refused(StoreError),
+    Unreachable(StoreError),
+}
+
+fn status_of(r: &tokio_postgres::Row) -> Status {
+    Status {
+        last_use: r.get::<_, Option<i64>>(1).map(|t| t.max(0) as u64),
+        last_error: r.get(2),
+        revoked: r.get(3),
+    }
+}
+
+async fn notify(
+    tx: &tokio_postgres::Transaction<'_>,
+    kind: &str,
+    account: &str,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&CHANNEL, &format!("{kind}:{account}")],
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| StoreError(format!("database: announcing a change: {}", describe(&e))))
+}
+
+/// The listening connection: reconnects with backoff, reloads everything on each (re)connect,
+/// keeps the relay's registration alive. Ends when the store is dropped.
+async fn listen(store: Weak<PgStore>) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let Some(s) = store.upgrade() else { return };
+        let result = listen_once(&s).await;
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                let first = lock(&s.trouble).is_none();
+                s.set_trouble(Some(e.0.clone()));
+                if first {
+                    tracing::warn!(database = %s.target.shown, error = %e, "database connection lost; reconnecting");
+                } else {
+                    tracing::debug!(database = %s.target.shown, error = %e, "database still unreachable");
+                }
+            }
+        }
+        drop(s);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RECONNECT_AT_MOST);
+    }
+}
+
+async fn listen_once(s: &Arc<PgStore>) -> Result<(), StoreError> {
+    let (client, mut connection) = s
+        .target
+        .config
+        .connect(s.target.tls.clone())
+        .await
+        .map_err(|e| StoreError(describe(&e)))?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let driver = tokio::spawn(async move {
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            match message {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    let _ = tx.send(n.payload().to_string());
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    let _abort = AbortOnDrop(driver);
+    client
+        .batch_execute(&format!("LISTEN {CHANNEL}"))
+        .await
+        .map_err(|e| StoreError(describe(&e)))?;
+    // Whatever changed while nobody listened is read now.
+    s.prepare(true).await.map_err(|e| match e {
+        Prepare::Refused(e) | Prepare::Unreachable(e) => e,
+    })?;
+    if lock(&s.trouble).take().is_some() {
+        tracing::info!(database = %s.target.shown, "database reachable again");
+    }
+    let mut beat = tokio::time::interval(s.lease / 3);
+    beat.tick().await;
+    loop {
+        tokio::select! {
+            notice = rx.recv() => match notice {
+                Some(payload) => s.on_notice(&payload).await,
+                None => return Err(StoreError("the database closed the listening connection".into())),
+            },
+            _ = beat.tick() => {
+                if !s.heartbeat().await? {
+                    tracing::error!(instance = %s.instance, "this relay's registration was taken over (it was unreachable longer than lease_secs); registering again");
+                    s.register().await?;
+                }
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl GrantStore for PgStore {
+    fn get(&self, account: &str) -> Result<Option<Grant>, StoreError> {
+        let sealed = {
+            let m = lock(&self.mirror);
+            if !m.loaded {
+                let why = lock(&self.trouble).clone().unwrap_or_default();
+                return Err(StoreError(format!(
+                    "database {} not reached yet: {why}",
+                    self.target.shown
+                )));
+            }
+            m.grants.get(account).cloned()
+        };
+        sealed
+            .map(|s| self.sealer.open_grant(account, &s))
+            .transpose()
+    }
+
+    fn put(&self, account: &str, grant: &Grant) -> Result<(), StoreError> {
+        let sealed = self.sealer.seal_grant(account, grant)?;
+        self.blocking(self.put_async(account, sealed))
+    }
+
+    fn remove(&self, account: &str) -> Result<bool, StoreError> {
+        self.blocking(self.remove_async(account))
+    }
+
+    fn status(&self, account: &str) -> Status {
+        lock(&self.mirror)
+            .status
+            .get(account)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn update_status(&self, account: &str, f: &dyn Fn(&mut Status)) {
+        let mut m = lock(&self.mirror);
+        let old = m.status.get(account).cloned().unwrap_or_default();
+        let mut new = old.clone();
+        f(&mut new);
+        if new == old {
+            return;
+        }
+        let mut dirty = lock(&self.dirty);
+        let p = dirty.entry(account.to_string()).or_default();
+        if new.last_use != old.last_use {
+            p.last_use = p.last_use.max(new.last_use);
+        }
+        if new.last_error != old.last_error {
+            p.last_error = Some(new.last_error.clone());
+        }
+        if new.revoked != old.revoked {
+            p.revoked = Some(new.revoked);
+        }
+        m.status.insert(account.to_string(), new);
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        if lock(&self.dirty).is_empty() {
+            return Ok(());
+        }
+        self.blocking(self.flush_async())
+    }
+}
+
+impl super::Shared for PgStore {
+    fn lease<'a>(&'a self, account: &'a str) -> BoxFuture<'a, Result<Lease, StoreError>> {
+        Box::pin(self.take_lease(account))
+    }
+
+    fn current<'a>(&'a self, account: &'a str) -> BoxFuture<'a, Result<Option<Grant>, StoreError>> {
+        Box::pin(async move {
+            self.reload(account)
+                .await?
+                .map(|s| self.sealer.open_grant(account, &s))
+                .transpose()
+        })
+    }
+
+    fn replaced<'a>(&'a self, account: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.replaced_async(account))
+    }
+
+    fn changes(&self) -> broadcast::Receiver<String> {
+        self.changes.subscribe()
+    }
+
+    fn trouble(&self) -> Option<String> {
+        lock(&self.trouble)
+            .clone()
+            .map(|why| format!("database {} unreachable: {why}", self.target.shown))
+    }
+
+    fn relays(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        Box::pin(async move {
+            Ok(self
+                .live_relays()
+                .await?
+                .into_iter()
+                .map(|(instance, host, pid, ago)| {
+                    let me = if instance == self.instance {
+                        " (this one)"
+                    } else {
+                        ""
+                    };
+                    format!("{instance}{me}: pid {pid} on {host}, seen {ago:.0} s ago")
+                })
+                .collect())
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.stop.cancel();
+            self.unregister().await;
+        })
+    }
+}

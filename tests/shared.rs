@@ -1,0 +1,228 @@
+//! Several relays on one PostgreSQL database (`[store] backend = "postgres"`): one token request
+//! for a crowd spread over them, a revoke on one refused on the others, instance names, the
+//! database down and back, and a sled install moved over. Each test starts its own PostgreSQL
+//! server ([`common::Postgres`]).
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use xoauth_relay::control::wire::Request;
+
+/// Options for relay `instance` in `root/instance`, on `pg`, with the key every relay shares.
+fn shared_opts(root: &Path, pg: &Postgres, instance: &str) -> RelayOptions {
+    std::fs::write(root.join("db-url"), pg.url()).unwrap();
+    RelayOptions {
+        extra_server_toml: format!("key_file = \"{}/shared.key\"", root.display()),
+        extra_toml: format!(
+            "[store]\nbackend = \"postgres\"\nurl_file = \"{}/db-url\"\ninstance = \"{instance}\"\nlease_secs = 10\n",
+            root.display()
+        ),
+        ..RelayOptions::default()
+    }
+}
+
+async fn shared_relay(root: &Path, pg: &Postgres, provider: &FakeProvider, name: &str) -> Relay {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    Relay::start(&dir, provider, shared_opts(root, pg, name)).await
+}
+
+async fn admin(relay: &Relay, request: Request) -> xoauth_relay::control::wire::Response {
+    let config = xoauth_relay::config::Config::load(&relay.config_path).unwrap();
+    xoauth_relay::app::admin(config, request).await.unwrap()
+}
+
+/// One message through `relay` from a new session; the replies.
+async fn send_one(relay: &Relay, pki: &Pki, n: usize) -> Vec<String> {
+    let mut c = Client::connect(relay, Conn::Implicit, pki).await;
+    let auth = c.login_plain(LOGIN, PASSWORD).await;
+    if !auth.starts_with("235") {
+        return vec![auth];
+    }
+    c.send_mail(
+        "news@example.com",
+        &["bob@example.org"],
+        format!("Subject: {n}\r\n\r\nmessage {n}\r\n").as_bytes(),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_sessions_over_three_relays_cause_one_token_request() {
+    let Some(pg) = Postgres::start().await else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("implicit", None).await;
+    let mut relays = Vec::new();
+    for name in ["relay-a", "relay-b", "relay-c"] {
+        relays.push(shared_relay(root.path(), &pg, &provider, name).await);
+    }
+    let rt = provider.state().add_refresh_token();
+    relays[0].import("news", &rt).await;
+    assert_eq!(provider.state().token_requests, 0);
+    let mut tasks = Vec::new();
+    for n in 0..40 {
+        let relay = relays[n % 3].view();
+        let pki = provider.pki.clone();
+        tasks.push(tokio::spawn(async move { send_one(&relay, &pki, n).await }));
+    }
+    for t in tasks {
+        let replies = t.await.unwrap();
+        assert!(replies.last().unwrap().starts_with("250"), "{replies:?}");
+    }
+    let (delivered, token_requests) = {
+        let s = provider.state();
+        (s.messages.len(), s.token_requests)
+    };
+    assert_eq!(delivered, 40);
+    assert_eq!(
+        token_requests, 1,
+        "one token request for the three relays together"
+    );
+    // The database never saw the token in clear: only sealed bytes.
+    let client = pg.client().await;
+    let rows = client
+        .query(
+            "SELECT sealed FROM xoauth_grants WHERE account = 'news'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let sealed: Vec<u8> = rows[0].get(0);
+    let issued = provider.state().issued.clone();
+    for secret in issued {
+        assert!(
+            !sealed.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "a token in clear in the database"
+        );
+    }
+    for r in relays {
+        r.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_on_one_relay_is_refused_on_the_other_at_once() {
+    let Some(pg) = Postgres::start().await else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("implicit", None).await;
+    let a = shared_relay(root.path(), &pg, &provider, "relay-a").await;
+    let b = shared_relay(root.path(), &pg, &provider, "relay-b").await;
+    let rt = provider.state().add_refresh_token();
+    a.import("news", &rt).await;
+    // B has a cached token now.
+    let replies = send_one(&b, &provider.pki, 1).await;
+    assert!(replies.last().unwrap().starts_with("250"), "{replies:?}");
+    let done = admin(
+        &a,
+        Request::Revoke {
+            account: "news".into(),
+        },
+    )
+    .await;
+    assert!(done.ok, "{}", done.text);
+    // The news travels by NOTIFY: B refuses within moments, not at its token's expiry.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let refused = loop {
+        let mut c = Client::connect(&b, Conn::Implicit, &provider.pki).await;
+        let reply = c.login_plain(LOGIN, PASSWORD).await;
+        if reply.starts_with("454") {
+            break reply;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "relay B still accepts the revoked account: {reply}"
+        );
+        tokio::task::yield_now().await;
+    };
+    assert!(refused.contains("no grant stored"), "{refused}");
+    // A new grant on B is used on A at its next session.
+    let rt = provider.state().add_refresh_token();
+    b.import("news", &rt).await;
+    let replies = send_one(&a, &provider.pki, 2).await;
+    assert!(replies.last().unwrap().starts_with("250"), "{replies:?}");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_relay_s_instance_name_is_refused_and_a_stopped_one_s_is_free() {
+    let Some(pg) = Postgres::start().await else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("implicit", None).await;
+    let a = shared_relay(root.path(), &pg, &provider, "relay-a").await;
+    // A second relay (its own directory) that calls itself relay-a too.
+    let dir = root.path().join("other");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = write_config(
+        &dir,
+        &provider,
+        &shared_opts(root.path(), &pg, "relay-a"),
+        &password_hash(),
+    );
+    let config = xoauth_relay::config::Config::load(&path).unwrap();
+    let refused = match xoauth_relay::app::Relay::bind(config).await {
+        Ok(_) => panic!("a second relay-a started"),
+        Err(e) => e,
+    };
+    assert!(
+        refused.contains("another relay named `relay-a` is alive on database relay@127.0.0.1"),
+        "{refused}"
+    );
+    assert!(
+        refused.contains(&format!("pid {}", std::process::id())),
+        "{refused}"
+    );
+    let health = admin(&a, Request::Health).await;
+    assert!(
+        health.text.contains("relay-a (this one): pid"),
+        "{}",
+        health.text
+    );
+    a.stop().await;
+    // A clean stop gives the name up at once.
+    let config = xoauth_relay::config::Config::load(&path).unwrap();
+    let again = xoauth_relay::app::Relay::bind(config).await;
+    assert!(again.is_ok(), "{:?}", again.err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_without_the_shared_key_is_refused_by_name() {
+    let Some(pg) = Postgres::start().await else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("implicit", None).await;
+    let a = shared_relay(root.path(), &pg, &provider, "relay-a").await;
+    let rt = provider.state().add_refresh_token();
+    a.import("news", &rt).await;
+    // Relay B with a key_file of its own.
+    let dir = root.path().join("relay-b");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut opts = shared_opts(root.path(), &pg, "relay-b");
+    opts.extra_server_toml = String::new();
+    let path = write_config(&dir, &provider, &opts, &password_hash());
+    let config = xoauth_relay::config::Config::load(&path).unwrap();
+    let refused = match xoauth_relay::app::Relay::bind(config).await {
+        Ok(_) => panic!("a relay with another key started"),
+        Err(e) => e,
+    };
+    assert!(
+        refused.contains("is not the key that sealed the grants in database"),
+        "{refused}"
+    );
+    assert!(
+        refused.contains("the one just made was removed again"),
+        "{refused}"
+    );
+    assert!(!dir.join("master.key").exists());
+    a.stop().await;
+}
