@@ -19,9 +19,10 @@ use crate::control::wire::{Request, Response};
 use crate::delivery::activity::{Activity, PERSIST_EVERY};
 use crate::delivery::api::{ApiTransport, Settings as ApiSettings};
 use crate::delivery::pacing::Pacers;
-use crate::delivery::pool::{Dialer, LocalSlots, Pool};
+use crate::delivery::pool::{Dialer, Pool};
 use crate::delivery::queue::local::LocalSpool;
 use crate::delivery::queue::{Queue, Setup as QueueSetup};
+use crate::delivery::slots::{LocalSlots, SharedSlots, Slots};
 use crate::delivery::smtp::SmtpTransport;
 use crate::delivery::submission::Services as DeliveryServices;
 use crate::delivery::transport::{Routes, Transport};
@@ -143,6 +144,15 @@ impl Core {
             observer: observer.clone(),
         };
         let limits = &config.limits;
+        // Upstream connections (SMTP) and requests (APIs) count against one cap per account;
+        // across relays when the store is shared.
+        let sharing = tokens.store().sharing().cloned();
+        let slots = || -> Arc<dyn Slots> {
+            match &sharing {
+                Some(store) => Arc::new(SharedSlots::new(store.clone())),
+                None => Arc::new(LocalSlots::default()),
+            }
+        };
         let pool = Pool::new(
             &accounts,
             dialer,
@@ -150,9 +160,12 @@ impl Core {
             Duration::from_secs(limits.upstream_wait_secs),
             tasks.clone(),
             clock.clone(),
-            Arc::new(LocalSlots::default()),
+            slots(),
         );
-        let pacers = Arc::new(Pacers::new(&accounts, clock.clone()));
+        if let Some(store) = &sharing {
+            follow_wants(store.wanted(), Arc::downgrade(&pool));
+        }
+        let pacers = Arc::new(Pacers::new(&accounts, clock.clone(), sharing.clone()));
         queue.load_pacing(&pacers);
         queue.load_usage(&observer.usage);
         let queue = Arc::new(queue);
@@ -161,6 +174,7 @@ impl Core {
             observer.clone(),
             &config.server.data_dir,
             ApiSettings::of(limits),
+            slots(),
         )?);
         let transport: Arc<dyn Transport> = Arc::new(Routes {
             smtp: Arc::new(SmtpTransport::new(pool.clone())),
@@ -212,6 +226,21 @@ impl Core {
 }
 
 /// Control requests of the running relay: `reload` here, the rest in the admin room.
+/// Another relay waits for a slot of an account: an idle connection here gives its slot up.
+fn follow_wants(mut wanted: tokio::sync::broadcast::Receiver<String>, pool: std::sync::Weak<Pool>) {
+    tokio::spawn(async move {
+        loop {
+            let account = match wanted.recv().await {
+                Ok(account) => account,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            };
+            let Some(pool) = pool.upgrade() else { return };
+            pool.yield_idle(&account);
+        }
+    });
+}
+
 /// `health` through the control socket: running, and with a shared store, whether the database
 /// answers and which relays share it.
 async fn health_text(admin: &AdminContext) -> Response {

@@ -226,3 +226,109 @@ async fn a_relay_without_the_shared_key_is_refused_by_name() {
     assert!(!dir.join("master.key").exists());
     a.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pacing_counts_the_relays_together() {
+    let Some(pg) = Postgres::start().await else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("implicit", None).await;
+    let paced = |name: &str| {
+        let mut opts = shared_opts(root.path(), &pg, name);
+        // Burst of 1: a second message within seconds must wait, whichever relay takes it.
+        opts.extra_accounts_toml = "max_messages_per_minute = 20".into();
+        opts.extra_limits_toml = "upstream_wait_secs = 1".into();
+        opts
+    };
+    let mut relays = Vec::new();
+    for name in ["relay-a", "relay-b"] {
+        let dir = root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        relays.push(Relay::start(&dir, &provider, paced(name)).await);
+    }
+    let rt = provider.state().add_refresh_token();
+    relays[0].import("news", &rt).await;
+    let first = send_one(&relays[0], &provider.pki, 1).await;
+    assert!(first.last().unwrap().starts_with("250"), "{first:?}");
+    // Relay B alone would have a turn of its own; together there is none for about 3 s.
+    let second = send_one(&relays[1], &provider.pki, 2).await;
+    assert!(
+        second[0].starts_with("451 4.7.0 account `news`: max_messages_per_minute (20) reached"),
+        "{second:?}"
+    );
+    assert_eq!(provider.state().messages.len(), 1);
+    let client = pg.client().await;
+    let rows = client
+        .query(
+            "SELECT count(*) FROM xoauth_rows WHERE kind = 'pace' AND key = 'news'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows[0].get::<_, i64>(0), 1, "one row for the account");
+    for r in relays {
+        r.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cap_of_three_holds_across_two_relays() {
+    let Some(pg) = Postgres::start().await else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("implicit", None).await;
+    // Like Exchange Online: a fourth concurrent authenticated connection gets 432 4.3.2.
+    provider.state().max_authed = Some(3);
+    let mut relays = Vec::new();
+    for name in ["relay-a", "relay-b"] {
+        let mut opts = shared_opts(root.path(), &pg, name);
+        opts.extra_provider_toml = "max_upstream_connections = 3".into();
+        let dir = root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        relays.push(Relay::start(&dir, &provider, opts).await);
+    }
+    let rt = provider.state().add_refresh_token();
+    relays[0].import("news", &rt).await;
+    let mut sessions = Vec::new();
+    for i in 0..16 {
+        let relay = relays[i % 2].view();
+        let pki = provider.pki.clone();
+        sessions.push(tokio::spawn(async move {
+            let mut c = Client::connect(&relay, Conn::Implicit, &pki).await;
+            assert!(c.login_plain(LOGIN, PASSWORD).await.starts_with("235"));
+            let mut replies = Vec::new();
+            for n in 0..3 {
+                let body = format!("Subject: {i}/{n}\r\n\r\nbody {i} {n}\r\n");
+                replies.extend(
+                    c.send_mail("news@example.com", &["a@x.org"], body.as_bytes())
+                        .await,
+                );
+            }
+            replies
+        }));
+    }
+    for s in sessions {
+        let replies = s.await.unwrap();
+        assert!(
+            replies
+                .iter()
+                .all(|r| r.starts_with('2') || r.starts_with('3')),
+            "{replies:?}"
+        );
+    }
+    {
+        let s = provider.state();
+        assert_eq!(s.messages.len(), 48, "every message delivered");
+        assert!(
+            s.authed_peak <= 3,
+            "at most 3 upstream connections at once across both relays, saw {}",
+            s.authed_peak
+        );
+        assert_eq!(s.auth_rejected, 0, "no 432 from the upstream");
+    }
+    for r in relays {
+        r.stop().await;
+    }
+}

@@ -18,6 +18,7 @@ pub mod error;
 pub mod pacing;
 pub mod pool;
 pub mod queue;
+pub mod slots;
 pub mod smtp;
 pub mod status;
 pub mod submission;

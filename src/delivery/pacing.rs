@@ -12,15 +12,18 @@
 //! An upstream transaction counts as one message; each recipient in it counts once.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Account, Pacing};
+use crate::store::Shared;
 use crate::util::clock::SharedClock;
 use crate::util::keyed::Keyed;
 use crate::util::sync::lock;
+use crate::util::BoxFuture;
 
 const DAY_SECS: u64 = 86_400;
 /// Daily windows are kept in buckets this wide: a day of traffic is at most 1,440 entries.
@@ -105,8 +108,8 @@ impl Day {
     }
 }
 
-#[derive(Debug)]
-struct Usage {
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Usage {
     /// Messages the per-minute bucket holds now (fractional: it refills continuously).
     tokens: f64,
     /// Unix time in milliseconds of the last refill.
@@ -116,64 +119,28 @@ struct Usage {
     day: Day,
 }
 
-/// An account's sending limits as the message paths ask them (direct submission, queue
-/// workers). [`Pacer`] keeps the counts in this relay's memory; a store shared by several relays
-/// implements it over their common counts, without the callers changing.
-pub trait Pace: Send + Sync {
-    /// Recipients one upstream transaction may carry (0: no limit).
-    fn recipients_per_message(&self) -> usize;
-    /// Takes one message with `recipients` recipients at `now_ms` (unix milliseconds), or says
-    /// how long until it would fit. Nothing is taken when it does not fit.
-    fn take(&self, recipients: u32, now_ms: u64) -> Result<(), Wait>;
-    /// Gives back a turn taken for a transaction that never reached the provider.
-    fn refund(&self, recipients: u32, now_ms: u64);
-    /// Recipients one transaction may carry now (the per-message cap and what is left of the
-    /// day's; 0: no limit).
-    fn recipients_now(&self, now_ms: u64) -> usize;
-    /// Counts one more recipient of a transaction already counted (direct mode's RCPTs).
-    fn take_recipient(&self, now_ms: u64) -> Result<(), Wait>;
+fn burst_of(limits: Pacing) -> u32 {
+    (limits.max_messages_per_minute / 20).max(1)
 }
 
-/// One account's limits and what it has used of them, in memory.
-#[derive(Debug)]
-pub struct Pacer {
-    /// Swapped by a reload; what has been used stays.
-    limits: arc_swap::ArcSwap<Pacing>,
-    state: Mutex<Usage>,
-}
-
-impl Pacer {
-    pub fn new(limits: Pacing) -> Pacer {
-        Pacer {
-            limits: arc_swap::ArcSwap::from_pointee(limits),
-            state: Mutex::new(Usage {
-                tokens: f64::from(Self::burst_of(limits)),
-                refilled_ms: 0,
-                minute: VecDeque::new(),
-                day: Day::default(),
-            }),
+/// The rules, on what has been used: one place, whether the usage is this relay's (in memory) or
+/// the relays' together (a row read and written in one database transaction).
+impl Usage {
+    pub fn new(limits: Pacing) -> Usage {
+        Usage {
+            tokens: f64::from(burst_of(limits)),
+            refilled_ms: 0,
+            minute: VecDeque::new(),
+            day: Day::default(),
         }
     }
 
-    pub fn limits(&self) -> Pacing {
-        **self.limits.load()
-    }
-
-    fn burst_of(limits: Pacing) -> u32 {
-        (limits.max_messages_per_minute / 20).max(1)
-    }
-
-    fn per_message(&self) -> usize {
-        self.limits().max_recipients_per_message as usize
-    }
-
-    fn take_message(&self, recipients: u32, now_ms: u64) -> Result<(), Wait> {
-        let l = self.limits();
+    pub fn take(&mut self, l: Pacing, recipients: u32, now_ms: u64) -> Result<(), Wait> {
         let now = now_ms / 1000;
-        let mut s = lock(&self.state);
+        let s = self;
         let per_minute = l.max_messages_per_minute;
         if per_minute > 0 {
-            let burst = Self::burst_of(l);
+            let burst = burst_of(l);
             // Refilling at (limit - burst) a minute keeps any 60 s window within the limit.
             let refill = per_minute.saturating_sub(burst).max(1);
             let rate = f64::from(refill) / 60_000.0;
@@ -226,31 +193,27 @@ impl Pacer {
         Ok(())
     }
 
-    fn give_back(&self, recipients: u32, now_ms: u64) {
-        let l = self.limits();
-        let mut s = lock(&self.state);
+    pub fn give_back(&mut self, l: Pacing, recipients: u32, now_ms: u64) {
         if l.max_messages_per_minute > 0 {
-            let burst = f64::from(Self::burst_of(l));
-            s.tokens = (s.tokens + 1.0).min(burst);
-            s.minute.pop_back();
+            let burst = f64::from(burst_of(l));
+            self.tokens = (self.tokens + 1.0).min(burst);
+            self.minute.pop_back();
         }
-        s.day.expire(now_ms / 1000);
-        if let Some(b) = s.day.buckets.back_mut() {
+        self.day.expire(now_ms / 1000);
+        if let Some(b) = self.day.buckets.back_mut() {
             b.1 = b.1.saturating_sub(1);
             b.2 = b.2.saturating_sub(recipients);
         }
     }
 
-    fn recipients_left(&self, now_ms: u64) -> usize {
-        let l = self.limits();
+    pub fn recipients_left(&mut self, l: Pacing, now_ms: u64) -> usize {
         let cap = l.max_recipients_per_message as usize;
         let per_day = u64::from(l.max_recipients_per_day);
         if per_day == 0 {
             return cap;
         }
-        let mut s = lock(&self.state);
-        s.day.expire(now_ms / 1000);
-        let left = per_day.saturating_sub(s.day.totals().1).max(1) as usize;
+        self.day.expire(now_ms / 1000);
+        let left = per_day.saturating_sub(self.day.totals().1).max(1) as usize;
         if cap == 0 {
             left
         } else {
@@ -258,50 +221,222 @@ impl Pacer {
         }
     }
 
-    fn add_recipient(&self, now_ms: u64) -> Result<(), Wait> {
-        let limit = self.limits().max_recipients_per_day;
+    pub fn add_recipient(&mut self, l: Pacing, now_ms: u64) -> Result<(), Wait> {
+        let limit = l.max_recipients_per_day;
         let now = now_ms / 1000;
-        let mut s = lock(&self.state);
-        s.day.expire(now);
-        if limit > 0 && s.day.totals().1 + 1 > u64::from(limit) {
+        self.day.expire(now);
+        if limit > 0 && self.day.totals().1 + 1 > u64::from(limit) {
             return Err(Wait {
-                after: s.day.frees_after(now, limit.into(), 1, |b| b.2.into()),
+                after: self.day.frees_after(now, limit.into(), 1, |b| b.2.into()),
                 limit: "max_recipients_per_day",
                 value: limit,
             });
         }
-        s.day.add(now, 0, 1);
+        self.day.add(now, 0, 1);
         Ok(())
+    }
+
+    /// Messages and recipients of the last 24 hours.
+    pub fn used_today(&mut self, now_ms: u64) -> (u64, u64) {
+        self.day.expire(now_ms / 1000);
+        self.day.totals()
+    }
+}
+
+/// An account's sending limits as the message paths ask them (direct submission, queue
+/// workers). [`Pacer`] keeps the counts in this relay's memory; a store shared by several relays
+/// keeps them in one row every relay updates in a transaction, with the same rules ([`Usage`]),
+/// without the callers changing.
+pub trait Pace: Send + Sync {
+    /// Recipients one upstream transaction may carry (0: no limit).
+    fn recipients_per_message(&self) -> usize;
+    /// Takes one message with `recipients` recipients at `now_ms` (unix milliseconds), or says
+    /// how long until it would fit. Nothing is taken when it does not fit.
+    fn take(&self, recipients: u32, now_ms: u64) -> BoxFuture<'_, Result<(), Wait>>;
+    /// Gives back a turn taken for a transaction that never reached the provider.
+    fn refund(&self, recipients: u32, now_ms: u64);
+    /// Recipients one transaction may carry now (the per-message cap and what is left of the
+    /// day's; 0: no limit).
+    fn recipients_now(&self, now_ms: u64) -> usize;
+    /// Counts one more recipient of a transaction already counted (direct mode's RCPTs).
+    fn take_recipient(&self, now_ms: u64) -> BoxFuture<'_, Result<(), Wait>>;
+}
+
+/// Where a shared store keeps an account's usage (`xoauth_rows`, kind `pace`).
+const ROW: &str = "pace";
+
+/// One account's limits and what it has used of them.
+pub struct Pacer {
+    /// Swapped by a reload; what has been used stays.
+    limits: arc_swap::ArcSwap<Pacing>,
+    /// This relay's usage; with a shared store, the relays' usage as last read, which this relay
+    /// paces by, on its share of the limits, while the database is out of reach.
+    state: Mutex<Usage>,
+    shared: Option<SharedUsage>,
+}
+
+/// The usage of all relays in one database row.
+struct SharedUsage {
+    store: Arc<dyn Shared>,
+    account: String,
+    /// The last try failed (one warning per outage).
+    offline: AtomicBool,
+}
+
+/// Each limit divided among `relays` (at least 1 where there is a limit): what one relay may do
+/// alone while it cannot see the others' counts.
+fn share_of(l: Pacing, relays: usize) -> Pacing {
+    let part = |v: u32| {
+        if v == 0 {
+            0
+        } else {
+            (v / relays.max(1) as u32).max(1)
+        }
+    };
+    Pacing {
+        max_messages_per_minute: part(l.max_messages_per_minute),
+        max_recipients_per_message: l.max_recipients_per_message,
+        max_messages_per_day: part(l.max_messages_per_day),
+        max_recipients_per_day: part(l.max_recipients_per_day),
+    }
+}
+
+impl Pacer {
+    pub fn new(limits: Pacing) -> Pacer {
+        Pacer {
+            limits: arc_swap::ArcSwap::from_pointee(limits),
+            state: Mutex::new(Usage::new(limits)),
+            shared: None,
+        }
+    }
+
+    /// A pacer whose usage is the relays' together, in `store`.
+    fn shared(limits: Pacing, store: Arc<dyn Shared>, account: &str) -> Pacer {
+        Pacer {
+            shared: Some(SharedUsage {
+                store,
+                account: account.to_string(),
+                offline: AtomicBool::new(false),
+            }),
+            ..Pacer::new(limits)
+        }
+    }
+
+    pub fn limits(&self) -> Pacing {
+        **self.limits.load()
+    }
+
+    /// Runs `rule` on the relays' usage in the database (written back when it allows the turn);
+    /// while the database is out of reach, on this relay's copy under its share of the limits.
+    async fn shared_rule(
+        &self,
+        sh: &SharedUsage,
+        rule: impl Fn(&mut Usage, Pacing) -> Result<(), Wait> + Send + Sync,
+    ) -> Result<(), Wait> {
+        let l = self.limits();
+        let mut outcome = None;
+        let mut seen = None;
+        let mut change = |old: Option<&[u8]>| {
+            let mut usage = old
+                .and_then(|b| serde_json::from_slice::<Usage>(b).ok())
+                .unwrap_or_else(|| Usage::new(l));
+            let allowed = rule(&mut usage, l);
+            let write = allowed
+                .is_ok()
+                .then(|| serde_json::to_vec(&usage).ok())
+                .flatten();
+            seen = Some(usage);
+            outcome = Some(allowed);
+            write
+        };
+        let done = sh.store.update_row(ROW, &sh.account, &mut change).await;
+        match (done, outcome) {
+            (Ok(()), Some(allowed)) => {
+                if sh.offline.swap(false, Ordering::Relaxed) {
+                    tracing::info!(account = %sh.account, "pacing shared with the other relays again");
+                }
+                if let Some(usage) = seen {
+                    *lock(&self.state) = usage;
+                }
+                allowed
+            }
+            (done, _) => {
+                let relays = sh.store.relays_seen();
+                if !sh.offline.swap(true, Ordering::Relaxed) {
+                    let error = done.err().map(|e| e.0).unwrap_or_default();
+                    tracing::warn!(account = %sh.account, %error, relays, "the database is out of reach: pacing this relay alone on its share of the limits");
+                }
+                rule(&mut lock(&self.state), share_of(l, relays))
+            }
+        }
+    }
+
+    fn limited(&self) -> bool {
+        let l = self.limits();
+        l.max_messages_per_minute > 0 || l.max_messages_per_day > 0 || l.max_recipients_per_day > 0
     }
 
     /// Messages and recipients of the last 24 hours.
     #[cfg(test)]
     fn used_today(&self, now_ms: u64) -> (u64, u64) {
-        let mut s = lock(&self.state);
-        s.day.expire(now_ms / 1000);
-        s.day.totals()
+        lock(&self.state).used_today(now_ms)
+    }
+
+    /// [`Pace::take`] without the future, for the rules' tests.
+    #[cfg(test)]
+    fn take(&self, recipients: u32, now_ms: u64) -> Result<(), Wait> {
+        lock(&self.state).take(self.limits(), recipients, now_ms)
     }
 }
 
 impl Pace for Pacer {
     fn recipients_per_message(&self) -> usize {
-        self.per_message()
+        self.limits().max_recipients_per_message as usize
     }
 
-    fn take(&self, recipients: u32, now_ms: u64) -> Result<(), Wait> {
-        self.take_message(recipients, now_ms)
+    fn take(&self, recipients: u32, now_ms: u64) -> BoxFuture<'_, Result<(), Wait>> {
+        match &self.shared {
+            // Without limits there is nothing to count together: no round trip.
+            Some(sh) if self.limited() => {
+                Box::pin(self.shared_rule(sh, move |u, l| u.take(l, recipients, now_ms)))
+            }
+            _ => {
+                let taken = lock(&self.state).take(self.limits(), recipients, now_ms);
+                Box::pin(std::future::ready(taken))
+            }
+        }
     }
 
     fn refund(&self, recipients: u32, now_ms: u64) {
-        self.give_back(recipients, now_ms)
+        let l = self.limits();
+        lock(&self.state).give_back(l, recipients, now_ms);
+        if let Some(sh) = self.shared.as_ref().filter(|_| self.limited()) {
+            let (store, account) = (sh.store.clone(), sh.account.clone());
+            tokio::spawn(async move {
+                let mut change = |old: Option<&[u8]>| {
+                    let mut usage: Usage = serde_json::from_slice(old?).ok()?;
+                    usage.give_back(l, recipients, now_ms);
+                    serde_json::to_vec(&usage).ok()
+                };
+                let _ = store.update_row(ROW, &account, &mut change).await;
+            });
+        }
     }
 
     fn recipients_now(&self, now_ms: u64) -> usize {
-        self.recipients_left(now_ms)
+        lock(&self.state).recipients_left(self.limits(), now_ms)
     }
 
-    fn take_recipient(&self, now_ms: u64) -> Result<(), Wait> {
-        self.add_recipient(now_ms)
+    fn take_recipient(&self, now_ms: u64) -> BoxFuture<'_, Result<(), Wait>> {
+        match &self.shared {
+            Some(sh) if self.limits().max_recipients_per_day > 0 => {
+                Box::pin(self.shared_rule(sh, move |u, l| u.add_recipient(l, now_ms)))
+            }
+            _ => {
+                let taken = lock(&self.state).add_recipient(self.limits(), now_ms);
+                Box::pin(std::future::ready(taken))
+            }
+        }
     }
 }
 
@@ -312,19 +447,31 @@ pub struct Pacers {
     /// The monotonic clock at start and the wall clock then: pacing follows the monotonic clock
     /// (which tests can pause), in wall-clock milliseconds (which can be persisted).
     origin: (tokio::time::Instant, u64),
+    shared: Option<Arc<dyn Shared>>,
 }
 
 impl Pacers {
-    pub fn new(accounts: &[Arc<Account>], clock: SharedClock) -> Pacers {
+    /// `shared`: a store several relays share, where the accounts' usage is counted together.
+    pub fn new(
+        accounts: &[Arc<Account>],
+        clock: SharedClock,
+        shared: Option<Arc<dyn Shared>>,
+    ) -> Pacers {
         let origin = (clock.now(), clock.unix() * 1000);
-        Pacers {
-            accounts: Keyed::new(
-                accounts
-                    .iter()
-                    .map(|a| (a.name.clone(), Pacer::new(a.pacing))),
-            ),
+        let pacers = Pacers {
+            accounts: Keyed::default(),
             clock,
             origin,
+            shared,
+        };
+        pacers.reconfigure(accounts);
+        pacers
+    }
+
+    fn pacer_for(&self, a: &Account) -> Pacer {
+        match &self.shared {
+            Some(store) => Pacer::shared(a.pacing, store.clone(), &a.name),
+            None => Pacer::new(a.pacing),
         }
     }
 
@@ -342,9 +489,7 @@ impl Pacers {
     /// with what each account already used kept.
     pub fn reconfigure(&self, accounts: &[Arc<Account>]) {
         for a in accounts {
-            let p = self
-                .accounts
-                .insert_missing(&a.name, || Pacer::new(a.pacing));
+            let p = self.accounts.insert_missing(&a.name, || self.pacer_for(a));
             if p.limits() != a.pacing {
                 p.limits.store(Arc::new(a.pacing));
             }
@@ -444,8 +589,9 @@ mod tests {
             accounts: Keyed::new([("news".to_string(), pacer(0, 2, 5))]),
             clock: crate::util::clock::system(),
             origin: (tokio::time::Instant::now(), 0),
+            shared: None,
         };
-        let p = pacers.get("news").unwrap();
+        let p = pacers.accounts.get("news").unwrap();
         let t0 = 10 * DAY_SECS * 1000;
         p.take(3, t0).unwrap();
         let wait = p.take(3, t0 + 60_000).unwrap_err();
@@ -460,6 +606,7 @@ mod tests {
             accounts: Keyed::new([("news".to_string(), pacer(0, 2, 5))]),
             clock: crate::util::clock::system(),
             origin: (tokio::time::Instant::now(), 0),
+            shared: None,
         };
         restarted.restore(&pacers.snapshot());
         let p = restarted.accounts.get("news").unwrap();

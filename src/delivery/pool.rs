@@ -109,53 +109,7 @@ struct Connections {
     closed: bool,
 }
 
-/// The connection slots of each account: how many upstream connections it holds (idle, leased,
-/// and being dialled), against its cap. In this relay's memory today; a store shared by several
-/// relays holds them as leases, so that the cap is the account's across relays.
-pub trait Slots: Send + Sync {
-    /// Takes a slot for `account` if it holds fewer than `cap`.
-    fn acquire(&self, account: &str, cap: usize) -> bool;
-    /// Gives a slot back (its connection is closed).
-    fn release(&self, account: &str);
-    /// Slots `account` holds now.
-    fn held(&self, account: &str) -> usize;
-}
-
-/// Connection slots counted in memory.
-#[derive(Default)]
-pub struct LocalSlots(Mutex<HashMap<String, usize>>);
-
-impl Slots for LocalSlots {
-    fn acquire(&self, account: &str, cap: usize) -> bool {
-        let mut held = lock(&self.0);
-        let n = held.entry(account.to_string()).or_default();
-        if *n >= cap {
-            return false;
-        }
-        *n += 1;
-        true
-    }
-
-    fn release(&self, account: &str) {
-        if let Some(n) = lock(&self.0).get_mut(account) {
-            *n = n.saturating_sub(1);
-        }
-    }
-
-    fn held(&self, account: &str) -> usize {
-        lock(&self.0).get(account).copied().unwrap_or(0)
-    }
-}
-
-enum Take {
-    Idle(Conn),
-    /// A slot is reserved: dial a new connection.
-    Dial,
-    /// At the cap: close this idle connection, then dial in its slot.
-    Replace(Conn),
-    /// At the cap with nothing idle.
-    Wait,
-}
+pub use super::slots::{LocalSlots, Slots};
 
 /// A connection slot held by one session for one transaction. Dropping it without
 /// [`Lease::give_back`] retires the connection (the upstream discards a half-sent message).
@@ -309,34 +263,38 @@ impl Pool {
             freed.as_mut().enable();
             let (got, stale, generation) = self.take(&pool, fresh);
             self.quit_all(&pool, stale);
-            match got {
-                Take::Idle(conn) => {
-                    let mut lease = self.slot(&pool);
-                    lease.conn = Some(conn);
-                    return Ok(lease);
-                }
-                Take::Replace(mut old) => {
-                    // At the cap: the old connection goes before the new one comes, so the
-                    // upstream never sees one more than the cap.
-                    let mut lease = self.slot(&pool);
-                    let _ = tokio::time::timeout(QUIT_TIMEOUT, old.client.command("QUIT")).await;
-                    drop(old);
-                    lease.conn = Some(self.dial_remembering(&pool, generation).await?);
-                    return Ok(lease);
-                }
-                Take::Dial => {
-                    // On failure the lease drops here and frees the slot.
-                    let mut lease = self.slot(&pool);
-                    lease.conn = Some(self.dial_remembering(&pool, generation).await?);
-                    return Ok(lease);
-                }
-                Take::Wait => {
-                    let left = deadline.saturating_duration_since(self.clock.now());
-                    if tokio::time::timeout(left, freed).await.is_err() {
-                        return Err(OpenError::Busy { cap: pool.cap() });
-                    }
-                }
+            if let Some(conn) = got {
+                let mut lease = self.slot(&pool);
+                lease.conn = Some(conn);
+                return Ok(lease);
             }
+            if pool.slots.acquire(&pool.name, pool.cap()).await {
+                // On failure the lease drops here and frees the slot.
+                let mut lease = self.slot(&pool);
+                lease.conn = Some(self.dial_remembering(&pool, generation).await?);
+                return Ok(lease);
+            }
+            // At the cap: a fresh connection may take an idle one's slot; the old connection
+            // goes before the new one comes, so the upstream never sees one more than the cap.
+            let idle = if fresh {
+                lock(&pool.state).idle.pop()
+            } else {
+                None
+            };
+            if let Some((mut old, _)) = idle {
+                let mut lease = self.slot(&pool);
+                let _ = tokio::time::timeout(QUIT_TIMEOUT, old.client.command("QUIT")).await;
+                drop(old);
+                lease.conn = Some(self.dial_remembering(&pool, generation).await?);
+                return Ok(lease);
+            }
+            let left = deadline.saturating_duration_since(self.clock.now());
+            if left.is_zero() {
+                return Err(OpenError::Busy { cap: pool.cap() });
+            }
+            // A slot freed by another relay wakes nobody here: look again now and then.
+            let look = pool.slots.recheck().map_or(left, |r| r.min(left));
+            let _ = tokio::time::timeout(look, freed).await;
         }
     }
 
@@ -350,26 +308,18 @@ impl Pool {
         }
     }
 
-    /// Under the lock: sweeps stale idle connections out (returned, to be closed), then decides.
-    fn take(&self, pool: &AccountPool, fresh: bool) -> (Take, Vec<Conn>, u64) {
+    /// Under the lock: sweeps stale idle connections out (returned, to be closed), then an idle
+    /// connection unless a fresh one is wanted (`None`: a slot for a new one is needed).
+    fn take(&self, pool: &AccountPool, fresh: bool) -> (Option<Conn>, Vec<Conn>, u64) {
         let mut state = lock(&pool.state);
         let generation = state.generation;
         let stale = self.sweep(&mut state);
         if !fresh {
             if let Some((conn, _)) = state.idle.pop() {
-                return (Take::Idle(conn), stale, generation);
+                return (Some(conn), stale, generation);
             }
         }
-        if pool.slots.acquire(&pool.name, pool.cap()) {
-            return (Take::Dial, stale, generation);
-        }
-        if fresh {
-            // Make room for a new connection by retiring an idle one.
-            if let Some((conn, _)) = state.idle.pop() {
-                return (Take::Replace(conn), stale, generation);
-            }
-        }
-        (Take::Wait, stale, generation)
+        (None, stale, generation)
     }
 
     /// Takes out the idle connections that must not be used again: idle too long, token expired,
@@ -479,6 +429,19 @@ impl Pool {
             idle.into_iter().map(|(c, _)| c).collect()
         };
         self.quit_all(&pool, stale);
+    }
+
+    /// Another relay sharing the store waits for one of `account`'s slots: the connection idle
+    /// longest here gives its slot up, instead of holding it until `upstream_idle_secs`.
+    pub fn yield_idle(&self, account: &str) {
+        let Some(pool) = self.accounts.get(account) else {
+            return;
+        };
+        let spare = {
+            let mut state = lock(&pool.state);
+            (!state.idle.is_empty()).then(|| state.idle.remove(0).0)
+        };
+        self.quit_all(&pool, spare.into_iter().collect());
     }
 
     /// At shutdown: no more leases come back into the pool; idle connections say QUIT.

@@ -93,6 +93,34 @@ pub trait Shared: Send + Sync + 'static {
     fn relays(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
     /// A clean stop: this relay's registration and leases are given up.
     fn close(&self) -> BoxFuture<'_, ()>;
+    /// How many relays were alive at the last look (at least 1): a limit's local share while
+    /// the database is out of reach is the limit divided by this.
+    fn relays_seen(&self) -> usize;
+    /// Runs `change` on the shared record `kind`/`key` in one transaction (see
+    /// [`postgres::Change`]).
+    fn update_row<'a>(
+        &'a self,
+        kind: &'a str,
+        key: &'a str,
+        change: postgres::Change<'a>,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn read_row<'a>(
+        &'a self,
+        kind: &'a str,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>>;
+    /// One of `account`'s upstream connection slots across relays, if fewer than `cap` are held.
+    fn take_slot<'a>(
+        &'a self,
+        account: &'a str,
+        cap: usize,
+    ) -> BoxFuture<'a, Result<Option<i64>, StoreError>>;
+    fn free_slot(&self, id: i64) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Tells the other relays this one waits for a slot of `account` (their idle connections
+    /// give theirs up).
+    fn want_slot<'a>(&'a self, account: &'a str) -> BoxFuture<'a, ()>;
+    /// Accounts whose slots another relay waits for.
+    fn wanted(&self) -> tokio::sync::broadcast::Receiver<String>;
 }
 
 /// The store as the rest of the relay holds it: cheap to clone, durable writes off the runtime.

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 
 use self::answer::{api_name, reading, Answer, Reading};
 use self::spill::Spill;
-use super::pool::Slots;
+use super::slots::Slots;
 use super::status::{Cause, Status};
 use super::transport::{Begun, MailStart, Transaction, Transport};
 use crate::config::{Account, Provider, TransportKind};
@@ -184,6 +184,7 @@ impl ApiTransport {
         observer: Observer,
         data_dir: &std::path::Path,
         settings: Settings,
+        slots: Arc<dyn Slots>,
     ) -> Result<ApiTransport, String> {
         let spill_dir = spill::prepare_dir(data_dir).map_err(|e| {
             format!(
@@ -196,7 +197,7 @@ impl ApiTransport {
                 tokens,
                 observer,
                 spill_dir: Arc::new(spill_dir),
-                slots: Arc::new(super::pool::LocalSlots::default()),
+                slots,
                 accounts: Mutex::new(HashMap::new()),
                 clients: Mutex::new(HashMap::new()),
                 settings: arc_swap::ArcSwap::from_pointee(settings),
@@ -267,14 +268,19 @@ impl Api {
             let freed = state.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if self.slots.acquire(&account.name, cap) {
+            if self.slots.acquire(&account.name, cap).await {
                 return Ok(SlotGuard {
                     api: self,
                     account: account.name.clone(),
                     state: state.clone(),
                 });
             }
-            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+            // A slot freed by another relay wakes nobody here: look again now and then.
+            let look = match self.slots.recheck() {
+                Some(every) => (Instant::now() + every).min(deadline),
+                None => deadline,
+            };
+            if tokio::time::timeout_at(look, freed).await.is_err() && look >= deadline {
                 tracing::warn!(account = %account.name, cap, "all API request slots busy");
                 return Err(Status::temporary(
                     Cause::Busy,

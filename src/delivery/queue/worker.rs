@@ -57,6 +57,13 @@ enum Next {
     /// Messages past `max_queue_age_secs`, taken from the index.
     Expired(Vec<String>),
     Sleep(Option<Instant>),
+    /// `pick` chose this message (recipients `rcpts`) if pacing gives it a turn; `expiry`: when
+    /// the account's first message expires, to wake for it meanwhile.
+    Turn {
+        id: String,
+        rcpts: Vec<usize>,
+        expiry: Option<Instant>,
+    },
     /// A reload lowered the account's connection cap below this worker's lane.
     Leave,
 }
@@ -82,7 +89,7 @@ impl Worker {
                             self.expire(&id).await;
                         }
                     }
-                    Next::Sleep(_) | Next::Leave => {}
+                    Next::Sleep(_) | Next::Leave | Next::Turn { .. } => {}
                 }
             };
             tokio::select! {
@@ -101,8 +108,13 @@ impl Worker {
             if self.leaves() {
                 return Next::Leave;
             }
-            match self.pick() {
+            let picked = match self.pick() {
+                Next::Turn { id, rcpts, expiry } => self.paced(id, rcpts, expiry).await,
+                other => other,
+            };
+            match picked {
                 work @ (Next::Job(_) | Next::Expired(_) | Next::Leave) => return work,
+                Next::Turn { .. } => unreachable!("paced above"),
                 Next::Sleep(until) => {
                     let sleep = async {
                         match until {
@@ -186,15 +198,30 @@ impl Worker {
         };
         let take = if cap == 0 { untried.len() } else { cap };
         let rcpts: Vec<usize> = untried.into_iter().take(take).collect();
-        if let Err(wait) = self.pacer.take(rcpts.len() as u32, self.pacers.now_ms()) {
-            tracing::debug!(account = %self.aq.name, "{}", wait.describe(&self.aq.name));
-            return Next::Sleep(wake_by(Some(now + wait.after)));
-        }
-        let entry = inner.take(&id).expect("found above");
-        Next::Job(Job {
-            env: entry.env.clone(),
+        Next::Turn {
+            id,
             rcpts,
-        })
+            expiry: soonest_expiry,
+        }
+    }
+
+    /// A turn from pacing for the message `pick` chose (outside the lock: a shared store's
+    /// pacing is a database round trip); then the message, unless another worker took it meanwhile.
+    async fn paced(&self, id: String, rcpts: Vec<usize>, expiry: Option<Instant>) -> Next {
+        let n = rcpts.len() as u32;
+        if let Err(wait) = self.pacer.take(n, self.pacers.now_ms()).await {
+            tracing::debug!(account = %self.aq.name, "{}", wait.describe(&self.aq.name));
+            let until = self.queue.clock.now() + wait.after;
+            return Next::Sleep(Some(expiry.map_or(until, |e| e.min(until))));
+        }
+        let mut inner = lock(&self.aq.inner);
+        if inner.messages.get(&id).is_some_and(|e| !e.busy) {
+            let env = inner.take(&id).expect("found above").env.clone();
+            return Next::Job(Job { env, rcpts });
+        }
+        drop(inner);
+        self.pacer.refund(n, self.pacers.now_ms());
+        Next::Sleep(Some(self.queue.clock.now()))
     }
 
     async fn deliver(&self, job: Job) {

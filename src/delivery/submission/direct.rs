@@ -60,7 +60,7 @@ impl Direct {
             .load(std::sync::atomic::Ordering::Relaxed);
         let deadline = clock.now() + std::time::Duration::from_millis(wait);
         loop {
-            match pacer.take(0, self.delivery.pacers.now_ms()) {
+            match pacer.take(0, self.delivery.pacers.now_ms()).await {
                 Ok(()) => return Ok(()),
                 Err(wait) if clock.now() + wait.after <= deadline => {
                     tokio::time::sleep(wait.after).await;
@@ -75,7 +75,7 @@ impl Direct {
     }
 
     /// Whether one more RCPT may go upstream in this transaction (direct mode's share of pacing).
-    fn recipient_allowed(&self) -> Result<(), Reply> {
+    async fn recipient_allowed(&self) -> Result<(), Reply> {
         let Some(pacer) = &self.pacer else {
             return Ok(());
         };
@@ -90,6 +90,7 @@ impl Direct {
         }
         pacer
             .take_recipient(self.delivery.pacers.now_ms())
+            .await
             .map_err(|wait| {
                 let text = wait.describe(&self.account.name);
                 tracing::warn!(account = %self.account.name, "{text}");
@@ -115,7 +116,7 @@ impl Direct {
                 // Only as many RCPTs as pacing allows go ahead; the rest are asked one by one.
                 let mut allowed = Vec::with_capacity(ahead.rcpts.len());
                 for to in &ahead.rcpts {
-                    if self.recipient_allowed().is_err() {
+                    if self.recipient_allowed().await.is_err() {
                         break;
                     }
                     self.rcpts += 1;
@@ -149,7 +150,7 @@ impl Direct {
         if self.prepaid > 0 {
             self.prepaid -= 1;
         } else {
-            if let Err(reply) = self.recipient_allowed() {
+            if let Err(reply) = self.recipient_allowed().await {
                 return Status::from_reply(reply);
             }
             self.rcpts += 1;

@@ -15,6 +15,7 @@
 
 pub mod connect;
 mod lease;
+mod rows;
 pub mod schema;
 
 use std::collections::HashMap;
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::connect::Target;
 pub use self::lease::Lease;
+pub use self::rows::Change;
 use super::seal::Sealer;
 use super::{Grant, GrantStore, Status, StoreError};
 use crate::util::secret::Secret;
@@ -83,8 +85,11 @@ pub struct PgStore {
     mirror: Mutex<Mirror>,
     dirty: Mutex<HashMap<String, Patch>>,
     changes: broadcast::Sender<String>,
+    wants: broadcast::Sender<String>,
     trouble: Mutex<Option<String>>,
     stop: CancellationToken,
+    /// Relays seen alive at the last heartbeat.
+    relays_seen: std::sync::atomic::AtomicUsize,
 }
 
 /// A database error as an operator reads it: the server's message, or why no connection came.
@@ -142,8 +147,10 @@ impl PgStore {
             mirror: Mutex::new(Mirror::default()),
             dirty: Mutex::new(HashMap::new()),
             changes: broadcast::channel(64).0,
+            wants: broadcast::channel(64).0,
             trouble: Mutex::new(None),
             stop: CancellationToken::new(),
+            relays_seen: std::sync::atomic::AtomicUsize::new(1),
         });
         match store.prepare(settings.serve).await {
             Ok(()) => {}
@@ -171,6 +178,13 @@ impl PgStore {
             });
         }
         Ok(store)
+    }
+
+    async fn count_relays(&self) -> Result<(), StoreError> {
+        let n = self.live_relays().await?.len();
+        self.relays_seen
+            .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Where the database is, without the password: for messages.
@@ -312,6 +326,10 @@ impl PgStore {
         let Some((kind, account)) = payload.split_once(':') else {
             return;
         };
+        if kind == "want" {
+            let _ = self.wants.send(account.to_string());
+            return;
+        }
         if self.reload(account).await.is_err() {
             return;
         }
@@ -604,6 +622,7 @@ async fn listen_once(s: &Arc<PgStore>) -> Result<(), StoreError> {
     s.prepare(true).await.map_err(|e| match e {
         Prepare::Refused(e) | Prepare::Unreachable(e) => e,
     })?;
+    s.count_relays().await?;
     if lock(&s.trouble).take().is_some() {
         tracing::info!(database = %s.target.shown, "database reachable again");
     }
@@ -620,6 +639,8 @@ async fn listen_once(s: &Arc<PgStore>) -> Result<(), StoreError> {
                     tracing::error!(instance = %s.instance, "this relay's registration was taken over (it was unreachable longer than lease_secs); registering again");
                     s.register().await?;
                 }
+                s.renew_slots().await?;
+                s.count_relays().await?;
             }
         }
     }
@@ -749,5 +770,57 @@ impl super::Shared for PgStore {
             self.stop.cancel();
             self.unregister().await;
         })
+    }
+
+    fn relays_seen(&self) -> usize {
+        self.relays_seen
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(1)
+    }
+
+    fn update_row<'a>(
+        &'a self,
+        kind: &'a str,
+        key: &'a str,
+        change: Change<'a>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.update_row(kind, key, change))
+    }
+
+    fn read_row<'a>(
+        &'a self,
+        kind: &'a str,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>> {
+        Box::pin(self.read_row(kind, key))
+    }
+
+    fn take_slot<'a>(
+        &'a self,
+        account: &'a str,
+        cap: usize,
+    ) -> BoxFuture<'a, Result<Option<i64>, StoreError>> {
+        Box::pin(self.take_slot(account, cap))
+    }
+
+    fn free_slot(&self, id: i64) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.free_slot(id))
+    }
+
+    fn want_slot<'a>(&'a self, account: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Ok(client) = self.pool.get().await {
+                let _ = client
+                    .execute(
+                        "SELECT pg_notify($1, $2)",
+                        &[&CHANNEL, &format!("want:{account}")],
+                    )
+                    .await;
+            }
+        })
+    }
+
+    fn wanted(&self) -> broadcast::Receiver<String> {
+        self.wants.subscribe()
     }
 }

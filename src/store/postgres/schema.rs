@@ -41,6 +41,23 @@ const MIGRATIONS: &[&str] = &[
         seen_at     timestamptz NOT NULL
     );
     "#,
+    // 2: shared records (pacing, pauses, lockouts, usage) and connection slots.
+    r#"
+    CREATE TABLE xoauth_rows (
+        kind        text NOT NULL,
+        key         text NOT NULL,
+        value       bytea,
+        updated_at  timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (kind, key)
+    );
+    CREATE TABLE xoauth_slots (
+        id          bigserial PRIMARY KEY,
+        account     text NOT NULL,
+        holder      text NOT NULL,
+        until       timestamptz NOT NULL
+    );
+    CREATE INDEX xoauth_slots_account ON xoauth_slots (account, until);
+    "#,
 ];
 
 /// The version this relay's schema has.

@@ -1,0 +1,167 @@
+//! The connection slots of each account: how many upstream connections (or API requests) it
+//! holds, against its `max_upstream_connections`. [`LocalSlots`] counts this relay's; with a
+//! store several relays share, [`SharedSlots`] holds each slot as a lease row, so the cap is the
+//! account's across relays (Exchange Online answers a fourth connection with `432 4.3.2`,
+//! whichever relay opens it), and a dead relay's slots come free after `lease_secs`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::store::Shared;
+use crate::util::sync::lock;
+use crate::util::BoxFuture;
+
+pub trait Slots: Send + Sync {
+    /// Takes a slot for `account` if it holds fewer than `cap`.
+    fn acquire<'a>(&'a self, account: &'a str, cap: usize) -> BoxFuture<'a, bool>;
+    /// Gives a slot back (its connection is closed).
+    fn release(&self, account: &str);
+    /// Slots `account` holds now (this relay's).
+    fn held(&self, account: &str) -> usize;
+    /// How often a caller waiting for a slot looks again: a slot another relay frees wakes no
+    /// waiter here. `None`: only a local release frees one.
+    fn recheck(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// Connection slots counted in memory.
+#[derive(Default)]
+pub struct LocalSlots(Mutex<HashMap<String, usize>>);
+
+impl LocalSlots {
+    fn take(&self, account: &str, cap: usize) -> bool {
+        let mut held = lock(&self.0);
+        let n = held.entry(account.to_string()).or_default();
+        if *n >= cap {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Gives one back; whether there was one.
+    fn give(&self, account: &str) -> bool {
+        match lock(&self.0).get_mut(account) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Slots for LocalSlots {
+    fn acquire<'a>(&'a self, account: &'a str, cap: usize) -> BoxFuture<'a, bool> {
+        Box::pin(std::future::ready(self.take(account, cap)))
+    }
+
+    fn release(&self, account: &str) {
+        self.give(account);
+    }
+
+    fn held(&self, account: &str) -> usize {
+        lock(&self.0).get(account).copied().unwrap_or(0)
+    }
+}
+
+/// A waiter looks again this often for a slot another relay freed.
+const RECHECK: Duration = Duration::from_millis(100);
+
+/// Slots as lease rows in the shared database; while it is out of reach, this relay's share of
+/// the cap (the cap divided by the relays last seen alive), counted here.
+pub struct SharedSlots {
+    store: Arc<dyn Shared>,
+    /// The lease ids this relay holds, per account.
+    leases: Mutex<HashMap<String, Vec<i64>>>,
+    /// Slots taken while the database was out of reach.
+    offline: LocalSlots,
+    warned: AtomicBool,
+    /// When this relay last asked the others for a slot, per account.
+    asked: Mutex<HashMap<String, Instant>>,
+}
+
+/// How often a waiting relay asks the others to give up an idle connection.
+const ASK_EVERY: Duration = Duration::from_millis(250);
+
+impl SharedSlots {
+    /// At the cap: the others' idle connections give a slot up (at most every [`ASK_EVERY`]).
+    async fn ask_others(&self, account: &str) {
+        let now = Instant::now();
+        {
+            let mut asked = lock(&self.asked);
+            if asked
+                .get(account)
+                .is_some_and(|at| now.duration_since(*at) < ASK_EVERY)
+            {
+                return;
+            }
+            asked.insert(account.to_string(), now);
+        }
+        self.store.want_slot(account).await;
+    }
+
+    pub fn new(store: Arc<dyn Shared>) -> SharedSlots {
+        SharedSlots {
+            store,
+            leases: Mutex::new(HashMap::new()),
+            offline: LocalSlots::default(),
+            warned: AtomicBool::new(false),
+            asked: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Slots for SharedSlots {
+    fn acquire<'a>(&'a self, account: &'a str, cap: usize) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            match self.store.take_slot(account, cap).await {
+                Ok(Some(id)) => {
+                    self.warned.store(false, Ordering::Relaxed);
+                    lock(&self.leases)
+                        .entry(account.to_string())
+                        .or_default()
+                        .push(id);
+                    true
+                }
+                Ok(None) => {
+                    self.ask_others(account).await;
+                    false
+                }
+                Err(e) => {
+                    let relays = self.store.relays_seen();
+                    if !self.warned.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(account, error = %e, relays, "the database is out of reach: upstream connections limited to this relay's share of max_upstream_connections");
+                    }
+                    let share = (cap / relays).max(1);
+                    self.held(account) < share && self.offline.take(account, share)
+                }
+            }
+        })
+    }
+
+    fn release(&self, account: &str) {
+        if self.offline.give(account) {
+            return;
+        }
+        let id = lock(&self.leases).get_mut(account).and_then(Vec::pop);
+        if let Some(id) = id {
+            let store = self.store.clone();
+            // A release that fails leaves the row to expire after lease_secs.
+            tokio::spawn(async move {
+                let _ = store.free_slot(id).await;
+            });
+        }
+    }
+
+    fn held(&self, account: &str) -> usize {
+        lock(&self.leases).get(account).map_or(0, Vec::len) + self.offline.held(account)
+    }
+
+    fn recheck(&self) -> Option<Duration> {
+        Some(RECHECK)
+    }
+}
