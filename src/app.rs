@@ -124,6 +124,7 @@ impl Core {
             clock: clock.clone(),
             hostname: &config.server.hostname,
             observer: observer.clone(),
+            shared: store.sharing().cloned(),
         });
         let accounts: Vec<Arc<Account>> = config.accounts.iter().chain(&retired).cloned().collect();
         let tokens = Arc::new(TokenManager::new(
@@ -163,7 +164,7 @@ impl Core {
             slots(),
         );
         if let Some(store) = &sharing {
-            follow_wants(store.wanted(), Arc::downgrade(&pool));
+            follow_wants(store.signals(), Arc::downgrade(&pool));
         }
         let pacers = Arc::new(Pacers::new(&accounts, clock.clone(), sharing.clone()));
         queue.load_pacing(&pacers);
@@ -227,12 +228,15 @@ impl Core {
 
 /// Control requests of the running relay: `reload` here, the rest in the admin room.
 /// Another relay waits for a slot of an account: an idle connection here gives its slot up.
-fn follow_wants(mut wanted: tokio::sync::broadcast::Receiver<String>, pool: std::sync::Weak<Pool>) {
+fn follow_wants(
+    mut signals: tokio::sync::broadcast::Receiver<(String, String)>,
+    pool: std::sync::Weak<Pool>,
+) {
     tokio::spawn(async move {
         loop {
-            let account = match wanted.recv().await {
-                Ok(account) => account,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            let account = match signals.recv().await {
+                Ok((kind, account)) if kind == "want" => account,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(_) => return,
             };
             let Some(pool) = pool.upgrade() else { return };

@@ -332,3 +332,39 @@ async fn a_connection_cap_of_three_holds_across_two_relays() {
         r.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_relay_s_throttling_pauses_the_account_on_the_other() {
+    let Some(pg) = Postgres::start().await else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("implicit", None).await;
+    let mut relays = Vec::new();
+    for name in ["relay-a", "relay-b"] {
+        let mut opts = shared_opts(root.path(), &pg, name);
+        opts.extra_accounts_toml = "delivery = \"queue\"".into();
+        let dir = root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        relays.push(Relay::start(&dir, &provider, opts).await);
+    }
+    let rt = provider.state().add_refresh_token();
+    relays[0].import("news", &rt).await;
+    // Microsoft's throttling reply to relay A's message.
+    provider.state().mail_reply = Some("451 4.7.500 Server busy. Please try again later".into());
+    let mut c = Client::connect(&relays[0], Conn::Implicit, &provider.pki).await;
+    assert!(c.login_plain(LOGIN, PASSWORD).await.starts_with("235"));
+    queue_one(&mut c, &["bob@example.org"], b"Subject: 1\r\n\r\none\r\n").await;
+    until_paused(&relays[0]).await;
+    // Relay B holds the account too, without having tried anything itself.
+    let table = until_paused(&relays[1]).await;
+    assert!(table.contains("Server busy"), "{table}");
+    assert_eq!(provider.state().messages.len(), 0);
+    // `queue retry` on B lifts it everywhere: A delivers its message.
+    provider.state().mail_reply = None;
+    assert!(retry_all(&relays[1]).await.ok);
+    provider.until(|s| s.messages.len() == 1).await;
+    for r in relays {
+        r.stop().await;
+    }
+}

@@ -101,7 +101,7 @@ impl SharedSlots {
             }
             asked.insert(account.to_string(), now);
         }
-        self.store.want_slot(account).await;
+        self.store.signal("want", account).await;
     }
 
     pub fn new(store: Arc<dyn Shared>) -> SharedSlots {

@@ -116,11 +116,11 @@ pub trait Shared: Send + Sync + 'static {
         cap: usize,
     ) -> BoxFuture<'a, Result<Option<i64>, StoreError>>;
     fn free_slot(&self, id: i64) -> BoxFuture<'_, Result<(), StoreError>>;
-    /// Tells the other relays this one waits for a slot of `account` (their idle connections
-    /// give theirs up).
-    fn want_slot<'a>(&'a self, account: &'a str) -> BoxFuture<'a, ()>;
-    /// Accounts whose slots another relay waits for.
-    fn wanted(&self) -> tokio::sync::broadcast::Receiver<String>;
+    /// Tells every relay (this one too) something about `account` (`want`: a relay waits for one
+    /// of its slots; `pause`, `lift`: its shared pause changed); best effort.
+    fn signal<'a>(&'a self, kind: &'static str, account: &'a str) -> BoxFuture<'a, ()>;
+    /// The signals, as (kind, account).
+    fn signals(&self) -> tokio::sync::broadcast::Receiver<(String, String)>;
 }
 
 /// The store as the rest of the relay holds it: cheap to clone, durable writes off the runtime.

@@ -71,7 +71,7 @@ const FREE_SPACE_TTL: Duration = Duration::from_secs(1);
 
 pub struct Queue {
     spool: Arc<dyn Spool>,
-    pauses: Arc<dyn pauses::Pauses>,
+    pub(super) pauses: Arc<dyn pauses::Pauses>,
     accounts: Keyed<AccountQueue>,
     /// `[delivery]`; a reload swaps it.
     config: arc_swap::ArcSwap<DeliveryConfig>,
@@ -104,6 +104,8 @@ pub struct Setup<'a> {
     pub clock: SharedClock,
     pub hostname: &'a str,
     pub observer: Observer,
+    /// A store several relays share: throttling pauses hold the account on all of them.
+    pub shared: Option<Arc<dyn crate::store::Shared>>,
 }
 
 impl Queue {
@@ -119,7 +121,10 @@ impl Queue {
         );
         let queue = Queue {
             spool,
-            pauses: Arc::new(pauses::LocalPauses::default()),
+            pauses: match setup.shared {
+                Some(store) => pauses::SharedPauses::new(store, setup.clock.clone()),
+                None => Arc::new(pauses::LocalPauses::default()),
+            },
             accounts,
             config: arc_swap::ArcSwap::from_pointee(setup.config),
             clock: setup.clock,
@@ -292,7 +297,7 @@ impl Queue {
         for (name, aq) in self.accounts.all().iter() {
             // A start tries again at once: what held an account before (no connection, no token)
             // is shown by an offline `queue`, not waited out.
-            self.pauses.lift(name, false);
+            self.pauses.forget(name);
             self.spawn_workers(&w, aq);
         }
         *workers = Some(w);

@@ -1,15 +1,18 @@
 //! Why and until when an account's deliveries wait: the provider throttling it, the upstream or
 //! the token failing (with the backoff's step), or its connections all busy.
 //!
-//! Behind a small interface, in this relay's memory today, so that a store shared by several
-//! relays can take it over (one relay's `432 4.3.2` pausing the account on all of them) without
-//! the workers and views changing.
+//! Behind a small interface: [`LocalPauses`] in this relay's memory; [`SharedPauses`] when
+//! several relays share a store (one relay's `432 4.3.2` pausing the account on all of them),
+//! without the workers and views changing.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::store::Shared;
+use crate::util::clock::SharedClock;
 use crate::util::sync::lock;
 
 /// Why an account waits.
@@ -48,6 +51,17 @@ pub trait Pauses: Send + Sync {
     /// Lifts the pause (`queue retry`, a new grant); `keep_throttling`: a provider's throttling
     /// stays.
     fn lift(&self, account: &str, keep_throttling: bool);
+
+    /// Lifts what holds the account on this relay only (a start: what held it before the
+    /// restart is tried again at once; other relays' throttling stays theirs).
+    fn forget(&self, account: &str) {
+        self.lift(account, false)
+    }
+
+    /// Notified when another relay lifted a pause here (workers sleeping out a pause wake).
+    fn lifted(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
 }
 
 #[derive(Default)]
@@ -105,5 +119,164 @@ impl Pauses for LocalPauses {
             }
             a.trouble = 0;
         }
+    }
+}
+
+/// Where a shared store keeps an account's throttling pause (`xoauth_rows`, kind `pause`).
+const ROW: &str = "pause";
+
+/// A throttling pause as the relays share it: until when (unix seconds) and why.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SharedPause {
+    until: u64,
+    why: String,
+}
+
+/// Pauses several relays share: the provider's throttling and quota replies (`Hold::Throttled`)
+/// hold the account on every relay (one relay's `432 4.3.2` is the provider's answer to all of
+/// them); trouble (an upstream or token failing as seen from here) and busy connections stay
+/// this relay's. Kept in memory as [`LocalPauses`]; the shared row and a signal carry a pause
+/// or a lift to the others, which read it back ([`SharedPauses::follow`]).
+pub struct SharedPauses {
+    local: LocalPauses,
+    lifted: Arc<tokio::sync::Notify>,
+    store: Arc<dyn Shared>,
+    clock: SharedClock,
+}
+
+impl SharedPauses {
+    pub fn new(store: Arc<dyn Shared>, clock: SharedClock) -> Arc<SharedPauses> {
+        let pauses = Arc::new(SharedPauses {
+            local: LocalPauses::default(),
+            lifted: Arc::new(tokio::sync::Notify::new()),
+            store,
+            clock,
+        });
+        tokio::spawn(SharedPauses::follow(Arc::downgrade(&pauses)));
+        pauses
+    }
+
+    /// Applies the pauses and lifts any relay announces, until the pauses are dropped.
+    async fn follow(this: Weak<SharedPauses>) {
+        let Some(mut signals) = this.upgrade().map(|p| p.store.signals()) else {
+            return;
+        };
+        loop {
+            let (kind, account) = match signals.recv().await {
+                Ok(signal) => signal,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            };
+            let Some(p) = this.upgrade() else { return };
+            match kind.as_str() {
+                "pause" => p.read_back(&account).await,
+                "lift" => {
+                    p.local.lift(&account, false);
+                    p.lifted.notify_waiters();
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn read_back(&self, account: &str) {
+        let Ok(Some(bytes)) = self.store.read_row(ROW, account).await else {
+            return;
+        };
+        let Ok(shared) = serde_json::from_slice::<SharedPause>(&bytes) else {
+            return;
+        };
+        let left = shared.until.saturating_sub(self.clock.unix());
+        if left > 0 {
+            self.local.pause(
+                account,
+                Pause {
+                    until: self.clock.now() + Duration::from_secs(left),
+                    why: shared.why,
+                    hold: Hold::Throttled,
+                },
+            );
+        }
+    }
+
+    /// Writes the pause (the longest wins, as here) and tells the others; in the background.
+    fn share(&self, account: &str, pause: &Pause) {
+        let left = pause.until.saturating_duration_since(self.clock.now());
+        let until = self.clock.unix() + left.as_secs_f64().ceil() as u64;
+        let why = pause.why.clone();
+        let (store, account) = (self.store.clone(), account.to_string());
+        tokio::spawn(async move {
+            let mut change = |old: Option<&[u8]>| {
+                let longer = old
+                    .and_then(|b| serde_json::from_slice::<SharedPause>(b).ok())
+                    .is_some_and(|p| p.until >= until);
+                (!longer)
+                    .then(|| {
+                        serde_json::to_vec(&SharedPause {
+                            until,
+                            why: why.clone(),
+                        })
+                        .ok()
+                    })
+                    .flatten()
+            };
+            if store.update_row(ROW, &account, &mut change).await.is_ok() {
+                store.signal("pause", &account).await;
+            }
+        });
+    }
+
+    /// Clears the shared pause (`queue retry`, a new grant) and tells the others.
+    fn share_lift(&self, account: &str) {
+        let (store, account) = (self.store.clone(), account.to_string());
+        tokio::spawn(async move {
+            let mut change = |old: Option<&[u8]>| {
+                old?;
+                serde_json::to_vec(&SharedPause {
+                    until: 0,
+                    why: String::new(),
+                })
+                .ok()
+            };
+            if store.update_row(ROW, &account, &mut change).await.is_ok() {
+                store.signal("lift", &account).await;
+            }
+        });
+    }
+}
+
+impl Pauses for SharedPauses {
+    fn current(&self, account: &str, now: Instant) -> Option<Pause> {
+        self.local.current(account, now)
+    }
+
+    fn pause(&self, account: &str, pause: Pause) -> Pause {
+        if pause.hold == Hold::Throttled {
+            self.share(account, &pause);
+        }
+        self.local.pause(account, pause)
+    }
+
+    fn trouble(&self, account: &str, now: Instant) -> u32 {
+        self.local.trouble(account, now)
+    }
+
+    fn recovered(&self, account: &str) {
+        self.local.recovered(account)
+    }
+
+    fn lift(&self, account: &str, keep_throttling: bool) {
+        self.local.lift(account, keep_throttling);
+        if !keep_throttling {
+            self.share_lift(account);
+        }
+    }
+
+    fn forget(&self, account: &str) {
+        self.local.lift(account, false)
+    }
+
+    fn lifted(&self) -> Option<Arc<tokio::sync::Notify>> {
+        Some(self.lifted.clone())
     }
 }

@@ -200,7 +200,12 @@ impl Queue {
                 count += 1;
                 touched = true;
             }
-            if touched || matches!(target, Target::Account(a) if *a == aq.name) {
+            // `--all` and `--account` lift the account's pause even with nothing queued here:
+            // with a shared store, the pause may hold another relay's mail.
+            if touched
+                || matches!(target, Target::All)
+                || matches!(target, Target::Account(a) if *a == aq.name)
+            {
                 drop(inner);
                 self.pauses.lift(&aq.name, false);
                 aq.wake.notify_waiters();

@@ -101,10 +101,19 @@ impl Worker {
 
     /// The next job or expired messages, sleeping until there is one.
     async fn next_work(&self) -> Next {
+        let lifted = self.queue.pauses.lifted();
         loop {
             let wake = self.aq.wake.notified();
             tokio::pin!(wake);
             wake.as_mut().enable();
+            // A pause another relay lifted (shared store) ends the sleep too.
+            let lift = async {
+                match &lifted {
+                    Some(n) => n.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(lift);
             if self.leaves() {
                 return Next::Leave;
             }
@@ -125,6 +134,7 @@ impl Worker {
                     tokio::select! {
                         _ = wake => {}
                         _ = sleep => {}
+                        _ = lift => {}
                     }
                 }
             }

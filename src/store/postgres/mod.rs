@@ -85,7 +85,7 @@ pub struct PgStore {
     mirror: Mutex<Mirror>,
     dirty: Mutex<HashMap<String, Patch>>,
     changes: broadcast::Sender<String>,
-    wants: broadcast::Sender<String>,
+    signals: broadcast::Sender<(String, String)>,
     trouble: Mutex<Option<String>>,
     stop: CancellationToken,
     /// Relays seen alive at the last heartbeat.
@@ -147,7 +147,7 @@ impl PgStore {
             mirror: Mutex::new(Mirror::default()),
             dirty: Mutex::new(HashMap::new()),
             changes: broadcast::channel(64).0,
-            wants: broadcast::channel(64).0,
+            signals: broadcast::channel(256).0,
             trouble: Mutex::new(None),
             stop: CancellationToken::new(),
             relays_seen: std::sync::atomic::AtomicUsize::new(1),
@@ -326,8 +326,8 @@ impl PgStore {
         let Some((kind, account)) = payload.split_once(':') else {
             return;
         };
-        if kind == "want" {
-            let _ = self.wants.send(account.to_string());
+        if !matches!(kind, "grant" | "replaced" | "status") {
+            let _ = self.signals.send((kind.to_string(), account.to_string()));
             return;
         }
         if self.reload(account).await.is_err() {
@@ -807,20 +807,20 @@ impl super::Shared for PgStore {
         Box::pin(self.free_slot(id))
     }
 
-    fn want_slot<'a>(&'a self, account: &'a str) -> BoxFuture<'a, ()> {
+    fn signal<'a>(&'a self, kind: &'static str, account: &'a str) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             if let Ok(client) = self.pool.get().await {
                 let _ = client
                     .execute(
                         "SELECT pg_notify($1, $2)",
-                        &[&CHANNEL, &format!("want:{account}")],
+                        &[&CHANNEL, &format!("{kind}:{account}")],
                     )
                     .await;
             }
         })
     }
 
-    fn wanted(&self) -> broadcast::Receiver<String> {
-        self.wants.subscribe()
+    fn signals(&self) -> broadcast::Receiver<(String, String)> {
+        self.signals.subscribe()
     }
 }
