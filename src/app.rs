@@ -20,7 +20,6 @@ use crate::delivery::activity::{Activity, PERSIST_EVERY};
 use crate::delivery::api::{ApiTransport, Settings as ApiSettings};
 use crate::delivery::pacing::Pacers;
 use crate::delivery::pool::{Dialer, Pool};
-use crate::delivery::queue::local::LocalSpool;
 use crate::delivery::queue::{Queue, Setup as QueueSetup};
 use crate::delivery::slots::{LocalSlots, SharedSlots, Slots};
 use crate::delivery::smtp::SmtpTransport;
@@ -94,7 +93,7 @@ impl Core {
         alerts: bool,
         disk: Arc<dyn crate::delivery::queue::disk::Disk>,
     ) -> Result<Core, String> {
-        let store = stores::open_store(&config, alerts)?;
+        let (store, database) = stores::open_store(&config, alerts)?;
         let timeout = Duration::from_secs(config.limits.upstream_timeout_secs);
         let http = HttpClients::new(&config)?;
         let tls = preflight::client_tls(&config)?;
@@ -109,14 +108,9 @@ impl Core {
         observer.prepare(&config);
         // The queue first: mail queued by accounts no longer configured brings those accounts
         // back (without a login) for the token manager, the pool and pacing.
-        let (spool, opened) = LocalSpool::open(&config.server.data_dir, disk).map_err(|e| {
-            format!(
-                "cannot open the queue in {}: {e}",
-                config.server.data_dir.join("queue").display()
-            )
-        })?;
+        let (spool, opened) = stores::open_spool(&config, database.as_ref(), disk, alerts)?;
         let (queue, retired) = Queue::open(QueueSetup {
-            spool: Arc::new(spool),
+            spool,
             opened,
             config: config.delivery.clone(),
             accounts: &config.accounts,

@@ -368,3 +368,214 @@ async fn one_relay_s_throttling_pauses_the_account_on_the_other() {
         r.stop().await;
     }
 }
+
+/// Queue-mode options for relay `name` on `pg`: retries a second apart, so a test waits for the
+/// takeover, not for a backoff.
+fn queue_opts(root: &Path, pg: &Postgres, name: &str) -> RelayOptions {
+    let mut opts = shared_opts(root, pg, name);
+    opts.extra_accounts_toml = "delivery = \"queue\"\n\n[delivery]\nretry_min_secs = 1".into();
+    opts
+}
+
+async fn queued_rows(pg: &Postgres) -> Vec<(String, String, i64)> {
+    let client = pg.client().await;
+    client
+        .query(
+            "SELECT q.id, q.owner, (SELECT count(*) FROM xoauth_queue_body b WHERE b.id = q.id) \
+             FROM xoauth_queue q ORDER BY q.id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_relay_s_queue_is_delivered_by_the_other() {
+    let Some(pg) = Postgres::start().await else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("implicit", None).await;
+    let mut relays = Vec::new();
+    for name in ["relay-a", "relay-b"] {
+        let dir = root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        relays.push(Relay::start(&dir, &provider, queue_opts(root.path(), &pg, name)).await);
+    }
+    let rt = provider.state().add_refresh_token();
+    relays[0].import("news", &rt).await;
+    // The upstream is down: relay A keeps what it accepts.
+    provider.state().down = true;
+    let mut c = Client::connect(&relays[0], Conn::Implicit, &provider.pki).await;
+    assert!(c.login_plain(LOGIN, PASSWORD).await.starts_with("235"));
+    // One message large enough for several body chunks, byte for byte.
+    let big: Vec<u8> = (0..700_000u32)
+        .map(|i| b"abcdefghijklmnopqrstuvwxyz0123456789"[i as usize % 36])
+        .collect();
+    let mut big_mail = b"Subject: big\r\n\r\n".to_vec();
+    for line in big.chunks(70) {
+        big_mail.extend_from_slice(line);
+        big_mail.extend_from_slice(b"\r\n");
+    }
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let body = format!("Subject: {n}\r\n\r\nmessage {n}\r\n").into_bytes();
+        ids.push(queue_one(&mut c, &["bob@example.org"], &body).await);
+    }
+    ids.push(queue_one(&mut c, &["carol@example.org"], &big_mail).await);
+    drop(c);
+    // In the database, owned by A, bodies in chunks; not in A's data_dir.
+    let rows = queued_rows(&pg).await;
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert!(
+        rows.iter().all(|(_, owner, _)| owner == "relay-a"),
+        "{rows:?}"
+    );
+    assert!(rows.iter().any(|(_, _, chunks)| *chunks >= 3), "{rows:?}");
+    assert!(!root.path().join("relay-a/data/queue").exists());
+    // A stops (a rolling upgrade, say); the upstream comes back; B takes A's mail over.
+    let a = relays.remove(0);
+    a.stop().await;
+    provider.state().down = false;
+    provider.until(|s| s.messages.len() == 4).await;
+    let delivered = provider.state().messages.clone();
+    let big_copy = delivered
+        .iter()
+        .find(|m| m.rcpts == ["carol@example.org"])
+        .unwrap();
+    assert!(
+        big_copy.body.ends_with(&big_mail),
+        "the large message arrived byte for byte"
+    );
+    // Delivered once each, and gone from the database.
+    assert_eq!(delivered.len(), 4);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !queued_rows(&pg).await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the queue did not empty"
+        );
+        tokio::task::yield_now().await;
+    }
+    for r in relays {
+        r.stop().await;
+    }
+}
+
+/// `serve` as its own process (so that it can be killed); its implicit-TLS address once it
+/// listens.
+async fn serve_process(config: &Path) -> (tokio::process::Child, std::net::SocketAddr) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_xoauth-relay"))
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let port = loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("serve exited early");
+        if line.contains("listening") && line.contains("implicit") {
+            if let Some(p) = line
+                .split(|c: char| c.is_whitespace())
+                .find_map(|w| w.strip_prefix("addr=127.0.0.1:"))
+                .and_then(|p| p.parse::<u16>().ok())
+            {
+                break p;
+            }
+        }
+    };
+    // Keep reading its log so that it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, ([127, 0, 0, 1], port).into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_mid_transfer_has_its_queue_delivered_by_another() {
+    let Some(pg) = Postgres::start().await else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("implicit", None).await;
+    let short_lease = |name: &str| {
+        let mut opts = queue_opts(root.path(), &pg, name);
+        opts.extra_toml = opts.extra_toml.replace("lease_secs = 10", "lease_secs = 6");
+        opts
+    };
+    let dir_a = root.path().join("relay-a");
+    std::fs::create_dir_all(&dir_a).unwrap();
+    let config_a = write_config(&dir_a, &provider, &short_lease("relay-a"), &password_hash());
+    let (mut a, addr_a) = serve_process(&config_a).await;
+    let dir_b = root.path().join("relay-b");
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let b = Relay::start(&dir_b, &provider, short_lease("relay-b")).await;
+    let rt = provider.state().add_refresh_token();
+    b.import("news", &rt).await;
+    // The upstream takes A's first transfer and never answers it.
+    provider.state().hold_data = true;
+    let mut c = Client::connect_addr(addr_a, Conn::Implicit, &provider.pki).await;
+    assert!(c.login_plain(LOGIN, PASSWORD).await.starts_with("235"));
+    for n in 0..5 {
+        let body = format!("Subject: m{n}\r\n\r\nmessage {n}\r\n").into_bytes();
+        queue_one(&mut c, &["bob@example.org"], &body).await;
+    }
+    drop(c);
+    // Mid-transfer: the first message is claimed by A and its data is at the upstream.
+    let claimed = loop {
+        let client = pg.client().await;
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM xoauth_queue WHERE claimed_by LIKE 'relay-a/%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            break n;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert!(claimed >= 1);
+    a.kill().await.unwrap();
+    {
+        let mut s = provider.state();
+        s.hold_data = false;
+        s.changed.notify_waiters();
+    }
+    // B adopts A's messages once A's registration and claims have run out (6 s), and delivers.
+    let want: Vec<String> = (0..5).map(|n| format!("Subject: m{n}")).collect();
+    provider
+        .until(|s| {
+            want.iter().all(|w| {
+                s.messages
+                    .iter()
+                    .any(|m| String::from_utf8_lossy(&m.body).contains(w.as_str()))
+            })
+        })
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !queued_rows(&pg).await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the queue did not empty"
+        );
+        tokio::task::yield_now().await;
+    }
+    // A second copy only of the one whose data the upstream had when A died.
+    let delivered = provider.state().messages.len();
+    assert!(
+        (5..=6).contains(&delivered),
+        "{delivered} deliveries of 5 messages"
+    );
+    b.stop().await;
+}

@@ -2,18 +2,27 @@
 //! relays share (`[store] backend`); and, for an admin command that finds no relay running,
 //! whether it may create a local store at all.
 
+use std::sync::Arc;
+
 use crate::config::{Backend, Config};
+use crate::delivery::queue::local::LocalSpool;
+use crate::delivery::queue::shared::SharedSpool;
+use crate::delivery::queue::spool::{Opened, Spool};
 use crate::store::postgres::{PgStore, Settings};
 use crate::store::sled_store::SledStore;
 use crate::store::Store;
 
-/// Opens the store the config names. Blocking (a sled open, or the database's first round trips
-/// on the runtime's handle): call it from the blocking pool. `serve`: the relay itself, which
-/// registers its instance and starts with the database down rather than not at all.
-pub(super) fn open_store(config: &Config, serve: bool) -> Result<Store, String> {
+/// Opens the store the config names; with PostgreSQL also the handle the queue uses. Blocking
+/// (a sled open, or the database's first round trips on the runtime's handle): call it from the
+/// blocking pool. `serve`: the relay itself, which registers its instance and starts with the
+/// database down rather than not at all.
+pub(super) fn open_store(
+    config: &Config,
+    serve: bool,
+) -> Result<(Store, Option<Arc<PgStore>>), String> {
     match config.store.backend {
         Backend::Sled => SledStore::open(&config.server.data_dir, &config.key_file())
-            .map(Store::new)
+            .map(|s| (Store::new(s), None))
             .map_err(|e| e.to_string()),
         Backend::Postgres => {
             let url = config.store.url.clone().ok_or_else(|| {
@@ -29,7 +38,41 @@ pub(super) fn open_store(config: &Config, serve: bool) -> Result<Store, String> 
             let store = tokio::runtime::Handle::current()
                 .block_on(PgStore::open(settings))
                 .map_err(|e| e.to_string())?;
-            Ok(Store::shared(store))
+            Ok((Store::shared(store.clone()), Some(store)))
+        }
+    }
+}
+
+/// The queue's spool: `data_dir/queue`, or the shared database's tables. Blocking, like
+/// [`open_store`].
+pub(super) fn open_spool(
+    config: &Config,
+    shared: Option<&Arc<PgStore>>,
+    disk: Arc<dyn crate::delivery::queue::local::disk::Disk>,
+    serve: bool,
+) -> Result<(Arc<dyn Spool>, Opened), String> {
+    let data_dir = &config.server.data_dir;
+    match shared {
+        None => {
+            let (spool, opened) = LocalSpool::open(data_dir, disk).map_err(|e| {
+                format!(
+                    "cannot open the queue in {}: {e}",
+                    data_dir.join("queue").display()
+                )
+            })?;
+            Ok((Arc::new(spool), opened))
+        }
+        Some(db) => {
+            let (spool, stored) = tokio::runtime::Handle::current()
+                .block_on(SharedSpool::open(db.clone(), data_dir, serve))
+                .map_err(|e| format!("cannot open the queue in database {}: {e}", db.shown()))?;
+            Ok((
+                Arc::new(spool),
+                Opened {
+                    stored,
+                    damage: Vec::new(),
+                },
+            ))
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod model;
 pub mod pauses;
 mod recover;
 pub mod retry;
+pub mod shared;
 pub mod spool;
 pub mod transfer;
 mod view;
@@ -299,6 +300,9 @@ impl Queue {
             // is shown by an offline `queue`, not waited out.
             self.pauses.forget(name);
             self.spawn_workers(&w, aq);
+        }
+        if let Some(every) = self.spool.adopt_every() {
+            self.adopt_loop(every, w.stop.clone(), &w.tasks);
         }
         *workers = Some(w);
     }

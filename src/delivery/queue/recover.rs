@@ -10,6 +10,7 @@ use super::spool::Damage;
 use super::Queue;
 use crate::config::{Account, Provider};
 use crate::observe::Event;
+use crate::util::sync::lock;
 
 impl Queue {
     /// The queue of an account that is no longer configured, for its queued mail: delivered
@@ -98,6 +99,66 @@ impl Queue {
                 &detail,
                 "check the disk (dmesg, SMART); `xoauth-relay queue` lists what is damaged; a damaged \
                  message is returned to its sender at max_queue_age_secs, or `queue delete ID` removes it",
+            );
+        }
+    }
+}
+
+impl Queue {
+    /// Looks for messages this relay takes over (a store several relays share: those of a relay
+    /// that stopped or died) every `every`, and indexes them for its workers.
+    pub(super) fn adopt_loop(
+        self: &Arc<Self>,
+        every: std::time::Duration,
+        stop: tokio_util::sync::CancellationToken,
+        tasks: &tokio_util::task::TaskTracker,
+    ) {
+        let queue = Arc::downgrade(self);
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let Some(queue) = queue.upgrade() else { return };
+                match queue.spool.adopt().await {
+                    Ok(found) if !found.is_empty() => queue.index_adopted(found),
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "cannot look for messages to take over"),
+                }
+            }
+        });
+    }
+
+    fn index_adopted(&self, found: Vec<super::spool::Stored>) {
+        let mut by_account: BTreeMap<String, usize> = BTreeMap::new();
+        for s in found {
+            let Some(aq) = self.accounts.get(&s.envelope.account) else {
+                // Relays sharing a store share their accounts; one missing here is the
+                // operator's to fix, and the message stays listed in the database.
+                tracing::error!(
+                    id = %s.envelope.id,
+                    account = %s.envelope.account,
+                    "took over a queued message of an account this relay's config does not have; \
+                     add the account to this relay's config (every relay sharing the database needs it)"
+                );
+                continue;
+            };
+            let progress = s
+                .progress
+                .unwrap_or_else(|| super::model::Progress::fresh(s.envelope.recipients.len()));
+            *by_account.entry(s.envelope.account.clone()).or_default() += 1;
+            let entry = self.entry(Arc::new(s.envelope), progress);
+            lock(&aq.inner).insert(entry);
+            aq.wake.notify_one();
+        }
+        for (account, n) in by_account {
+            tracing::info!(
+                account,
+                messages = n,
+                "took over queued messages of a relay no longer running"
             );
         }
     }

@@ -1,9 +1,11 @@
 //! The seam between the queue and where its messages are kept.
 //!
-//! The index, the workers and pacing talk to a [`Spool`], never to files. Today's one
-//! implementation is the local disk ([`super::local::LocalSpool`]: a segment log plus a file per
-//! staying message, with group commit); a database shared by several relays plugs in here, and
-//! then its claims keep two relays from sending the same message ([`Spool::claim`]).
+//! The index, the workers and pacing talk to a [`Spool`], never to files. One implementation is
+//! the local disk ([`super::local::LocalSpool`]: a segment log plus a file per staying message,
+//! with group commit); the other the database several relays share
+//! ([`super::shared::SharedSpool`]), whose claims keep two relays from sending the same message
+//! ([`Spool::claim`]) and whose messages of a stopped or dead relay another adopts
+//! ([`Spool::adopt`]).
 
 use std::io;
 use std::path::PathBuf;
@@ -117,4 +119,16 @@ pub trait Spool: Send + Sync + 'static {
     fn claim<'a>(&'a self, id: &'a str) -> BoxFuture<'a, io::Result<bool>>;
     fn renew<'a>(&'a self, id: &'a str) -> BoxFuture<'a, io::Result<()>>;
     fn release(&self, id: &str);
+
+    /// How often to look for messages this relay should take over ([`Spool::adopt`]); `None`:
+    /// never (one relay's own spool).
+    fn adopt_every(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Messages that became this relay's since the spool was opened (another relay stopped or
+    /// died), to index and deliver.
+    fn adopt(&self) -> BoxFuture<'_, io::Result<Vec<Stored>>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
 }

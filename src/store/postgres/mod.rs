@@ -37,8 +37,9 @@ use crate::util::BoxFuture;
 
 const CHANNEL: &str = "xoauth_relay";
 
-/// Connections per relay: writes are few (a refresh, a status flush); leases and reads are short.
-const POOL_SIZE: usize = 4;
+/// Connections per relay: grant writes are few, but in queue mode every accepted message is a
+/// commit, and commits in parallel share the database's fsync (group commit).
+const POOL_SIZE: usize = 12;
 
 /// How long a relay waits before reconnecting its listening connection, at most.
 const RECONNECT_AT_MOST: Duration = Duration::from_secs(10);
@@ -194,6 +195,30 @@ impl PgStore {
 
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// This process among the relays (claims carry it).
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// Connections for the queue's tables (`delivery::queue::shared`).
+    pub fn pool(&self) -> &deadpool_postgres::Pool {
+        &self.pool
+    }
+
+    /// A failed query of the queue's, as the store words it (a lost connection is remembered as
+    /// the database's trouble).
+    pub fn error(&self, what: &str, e: &tokio_postgres::Error) -> StoreError {
+        self.failed(what, e)
+    }
+
+    pub fn pool_error(&self, e: &deadpool_postgres::PoolError) -> StoreError {
+        self.trouble_from(e)
     }
 
     fn set_trouble(&self, why: Option<String>) {

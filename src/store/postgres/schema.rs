@@ -58,6 +58,27 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX xoauth_slots_account ON xoauth_slots (account, until);
     "#,
+    // 3: the queue: messages with their progress, bodies in chunks, claims while a relay sends.
+    r#"
+    CREATE TABLE xoauth_queue (
+        id          text PRIMARY KEY,
+        account     text NOT NULL,
+        owner       text NOT NULL,
+        envelope    bytea NOT NULL,
+        progress    bytea,
+        size        bigint NOT NULL,
+        claimed_by  text,
+        claim_until timestamptz,
+        queued_at   timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX xoauth_queue_owner ON xoauth_queue (owner);
+    CREATE TABLE xoauth_queue_body (
+        id          text NOT NULL REFERENCES xoauth_queue (id) ON DELETE CASCADE,
+        seq         integer NOT NULL,
+        data        bytea NOT NULL,
+        PRIMARY KEY (id, seq)
+    );
+    "#,
 ];
 
 /// The version this relay's schema has.
