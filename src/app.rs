@@ -37,10 +37,12 @@ use crate::observe::metrics::Gauges;
 use crate::observe::Observer;
 use crate::util::clock::{self, SharedClock};
 
+mod migrate;
 pub mod preflight;
 mod reload;
 mod stores;
 
+pub use self::migrate::migrate_from_sled;
 use self::reload::Reloader;
 use self::stores::local_store_check;
 pub use self::stores::{grant_store_preflight, NewStore};

@@ -579,3 +579,134 @@ async fn a_relay_killed_mid_transfer_has_its_queue_delivered_by_another() {
     );
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sled_install_moves_into_the_database_with_its_grant_and_queue() {
+    let Some(pg) = Postgres::start().await else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("implicit", None).await;
+    let dir = root.path().join("relay-a");
+    std::fs::create_dir_all(&dir).unwrap();
+    // One relay on sled, in queue mode, with a grant and a message it could not deliver yet.
+    let mut sled_opts = queue_opts(root.path(), &pg, "relay-a");
+    sled_opts.extra_toml = String::new();
+    let relay = Relay::start(&dir, &provider, sled_opts).await;
+    let rt = provider.state().add_refresh_token();
+    relay.import("news", &rt).await;
+    provider.state().down = true;
+    let mut c = Client::connect(&relay, Conn::Implicit, &provider.pki).await;
+    assert!(c.login_plain(LOGIN, PASSWORD).await.starts_with("235"));
+    queue_one(
+        &mut c,
+        &["bob@example.org"],
+        b"Subject: kept\r\n\r\nkept\r\n",
+    )
+    .await;
+    drop(c);
+    relay.stop().await;
+    let requests_before = provider.state().token_requests;
+    // The same file, now on the database.
+    let path = write_config(
+        &dir,
+        &provider,
+        &queue_opts(root.path(), &pg, "relay-a"),
+        &password_hash(),
+    );
+    let config = xoauth_relay::config::Config::load(&path).unwrap();
+    let text = xoauth_relay::app::migrate_from_sled(config, None)
+        .await
+        .unwrap();
+    assert!(
+        text.contains("1 grant(s) (0 already there, kept), 1 queued message(s) (0 already there)"),
+        "{text}"
+    );
+    // Once only: a second run copies nothing.
+    let config = xoauth_relay::config::Config::load(&path).unwrap();
+    let again = xoauth_relay::app::migrate_from_sled(config, None)
+        .await
+        .unwrap();
+    assert!(
+        again.contains("0 grant(s) (1 already there, kept), 0 queued message(s) (1 already there)"),
+        "{again}"
+    );
+    // The relay on the database delivers the old message with the old grant: no new authorization.
+    provider.state().down = false;
+    let relay = Relay::start_from(&dir, path).await;
+    provider.until(|s| s.messages.len() == 1).await;
+    let replies = send_one(&relay, &provider.pki, 2).await;
+    assert!(replies.last().unwrap().starts_with("250"), "{replies:?}");
+    // The access token the sled store had was still good, or one refresh of the copied grant.
+    assert!(provider.state().token_requests <= requests_before + 1);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_down_loses_nothing_acknowledged_and_direct_mode_goes_on() {
+    let Some(mut pg) = Postgres::start().await else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("implicit", None).await;
+    let start = |name: &str, queue: bool| {
+        let mut opts = if queue {
+            queue_opts(root.path(), &pg, name)
+        } else {
+            shared_opts(root.path(), &pg, name)
+        };
+        opts.extra_toml
+            .push_str("\n[metrics]\naddress = \"127.0.0.1:0\"\n");
+        let dir = root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        (dir, opts)
+    };
+    let (dir_q, opts_q) = start("queued", true);
+    let queued = Relay::start(&dir_q, &provider, opts_q).await;
+    let (dir_d, opts_d) = start("direct", false);
+    let direct = Relay::start(&dir_d, &provider, opts_d).await;
+    let rt = provider.state().add_refresh_token();
+    queued.import("news", &rt).await;
+    // Both have a token now; one message each.
+    let mut acknowledged = 0;
+    for relay in [&queued, &direct] {
+        let replies = send_one(relay, &provider.pki, 0).await;
+        assert!(replies.last().unwrap().starts_with("250"), "{replies:?}");
+        acknowledged += 1;
+    }
+    provider.until(|s| s.messages.len() == 2).await;
+    let ready = |relay: &Relay| {
+        let addr = relay.metrics.unwrap();
+        async move { http_get(addr, "/readyz").await }
+    };
+    assert_eq!(ready(&queued).await.0, 200);
+
+    pg.stop();
+    // Queue mode: no 250 without the commit; the mailer is told to come back.
+    let replies = send_one(&queued, &provider.pki, 1).await;
+    let last = replies.last().unwrap();
+    assert!(last.starts_with("451 4.3.0"), "{replies:?}");
+    // Direct mode relays on with its cached token.
+    let replies = send_one(&direct, &provider.pki, 2).await;
+    assert!(replies.last().unwrap().starts_with("250"), "{replies:?}");
+    acknowledged += 1;
+    let (code, body) = ready(&queued).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("unreachable"), "{body}");
+
+    pg.restart().await;
+    // Each relay reconnects on its own and says so.
+    for relay in [&queued, &direct] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while ready(relay).await.0 != 200 {
+            assert!(tokio::time::Instant::now() < deadline, "not ready again");
+            tokio::task::yield_now().await;
+        }
+    }
+    let replies = send_one(&queued, &provider.pki, 3).await;
+    assert!(replies.last().unwrap().starts_with("250"), "{replies:?}");
+    acknowledged += 1;
+    provider.until(|s| s.messages.len() == acknowledged).await;
+    queued.stop().await;
+    direct.stop().await;
+}

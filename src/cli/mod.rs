@@ -134,6 +134,22 @@ enum Command {
         #[arg(long)]
         init: bool,
     },
+    /// The shared store ([store] backend = "postgres").
+    Store {
+        #[command(subcommand)]
+        action: StoreAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreAction {
+    /// Copy a sled data dir (grants, statuses, queue) into the [store] database, once: grants
+    /// sealed as they are, what the database already has kept.
+    MigrateFromSled {
+        /// The old data dir (default: the config's data_dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -244,7 +260,17 @@ async fn run(cli: Cli) -> Result<(), String> {
                     );
                 }
             }
-            let findings = crate::app::preflight::run(&config);
+            let mut findings = crate::app::preflight::run(&config);
+            if let Some(url) = config.store.url.as_ref().filter(|_| config.store.shared()) {
+                // Unreachable is a warning: `serve` starts with the database down, not ready.
+                match crate::store::postgres::probe(url).await {
+                    Ok(state) if *verbose => println!("{state}"),
+                    Ok(_) => {}
+                    Err(e) => findings.warnings.push(format!(
+                        "{e}; `serve` would start not ready and keep trying"
+                    )),
+                }
+            }
             for warning in &findings.warnings {
                 match cli.log_format {
                     LogFormat::Json => tracing::warn!("{warning}"),
@@ -320,6 +346,13 @@ async fn run(cli: Cli) -> Result<(), String> {
             .await?,
         ),
         Command::Health => health(&cli).await,
+        Command::Store {
+            action: StoreAction::MigrateFromSled { data_dir },
+        } => {
+            let text = crate::app::migrate_from_sled(load(&cli)?, data_dir.clone()).await?;
+            println!("{text}");
+            Ok(())
+        }
         Command::Queue {
             action,
             account,

@@ -91,6 +91,28 @@ impl SledStore {
     }
 }
 
+impl SledStore {
+    /// Every grant as stored (sealed: the key never leaves this relay) and every status, for
+    /// `store migrate-from-sled`.
+    #[allow(clippy::type_complexity)]
+    pub fn export(&self) -> Result<(Vec<(String, Vec<u8>)>, Vec<(String, Status)>), StoreError> {
+        let name = |k: &[u8]| String::from_utf8_lossy(k).into_owned();
+        let mut grants = Vec::new();
+        for item in self.grants.iter() {
+            let (k, v) = item.map_err(db_err)?;
+            grants.push((name(&k), v.to_vec()));
+        }
+        let mut statuses = Vec::new();
+        for item in self.status.iter() {
+            let (k, v) = item.map_err(db_err)?;
+            if let Ok(s) = serde_json::from_slice(&v) {
+                statuses.push((name(&k), s));
+            }
+        }
+        Ok((grants, statuses))
+    }
+}
+
 impl GrantStore for SledStore {
     fn get(&self, account: &str) -> Result<Option<Grant>, StoreError> {
         let Some(sealed) = self.grants.get(account).map_err(db_err)? else {

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 pub struct Postgres {
     dir: tempfile::TempDir,
+    bin: PathBuf,
     pub port: u16,
     child: Option<std::process::Child>,
 }
@@ -105,25 +106,36 @@ impl Postgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let port = free_port();
-        let child = command(&bin.join("postgres"))
+        let mut pg = Postgres {
+            dir,
+            bin,
+            port: free_port(),
+            child: None,
+        };
+        pg.spawn();
+        pg.until_up().await;
+        Some(pg)
+    }
+
+    fn spawn(&mut self) {
+        let child = command(&self.bin.join("postgres"))
             .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string(), "-h", "127.0.0.1", "-k"])
-            .arg(dir.path())
+            .arg(self.dir.path().join("data"))
+            .args(["-p", &self.port.to_string(), "-h", "127.0.0.1", "-k"])
+            .arg(self.dir.path())
             // A test database: no fsync, and room for several relays' pools.
             .args(["-F", "-c", "max_connections=200"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let pg = Postgres {
-            dir,
-            port,
-            child: Some(child),
-        };
-        pg.until_up().await;
-        Some(pg)
+        self.child = Some(child);
+    }
+
+    /// Starts the server again after [`Postgres::stop`], on the same port and data.
+    pub async fn restart(&mut self) {
+        self.spawn();
+        self.until_up().await;
     }
 
     pub fn url(&self) -> String {

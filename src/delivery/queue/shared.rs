@@ -143,6 +143,16 @@ impl SharedSpool {
         Ok(rows.iter().filter_map(stored_of).collect())
     }
 
+    /// Every queued id in the database (`store migrate-from-sled` skips those).
+    pub async fn ids(&self) -> io::Result<HashSet<String>> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT id FROM xoauth_queue", &[])
+            .await
+            .map_err(|e| io_error(self.db.error("reading the queue", &e)))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     async fn remove_now(db: &PgStore, id: &str) -> io::Result<()> {
         let client = db
             .pool()

@@ -567,6 +567,35 @@ impl PgStore {
     }
 }
 
+/// Whether the database answers and where its schema stands, without changing anything (`check`).
+pub async fn probe(url: &Secret) -> Result<String, StoreError> {
+    let target = Target::parse(url.expose())?;
+    let pool = target.pool(1)?;
+    let client = pool.get().await.map_err(|e| {
+        StoreError(format!(
+            "database {} unreachable: {}",
+            target.shown,
+            describe_pool(&e)
+        ))
+    })?;
+    let state = match schema::version(&**client).await? {
+        None => format!(
+            "no schema yet (`serve` creates version {})",
+            schema::CURRENT
+        ),
+        Some(v) if v == schema::CURRENT => format!("schema version {v}, current"),
+        Some(v) if v < schema::CURRENT => format!(
+            "schema version {v}; `serve` migrates it to {}",
+            schema::CURRENT
+        ),
+        Some(v) => format!(
+            "schema version {v}, newer than this relay knows ({}): upgrade this relay",
+            schema::CURRENT
+        ),
+    };
+    Ok(format!("database {}: reachable, {state}", target.shown))
+}
+
 enum Prepare {
     Refused(StoreError),
     Unreachable(StoreError),
