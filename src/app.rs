@@ -40,6 +40,7 @@ use crate::util::clock::{self, SharedClock};
 mod migrate;
 pub mod preflight;
 mod reload;
+mod sharing;
 mod stores;
 
 pub use self::migrate::migrate_from_sled;
@@ -160,7 +161,7 @@ impl Core {
             slots(),
         );
         if let Some(store) = &sharing {
-            follow_wants(store.signals(), Arc::downgrade(&pool));
+            sharing::follow_wants(store, Arc::downgrade(&pool));
         }
         let pacers = Arc::new(Pacers::new(&accounts, clock.clone(), sharing.clone()));
         queue.load_pacing(&pacers);
@@ -223,24 +224,6 @@ impl Core {
 }
 
 /// Control requests of the running relay: `reload` here, the rest in the admin room.
-/// Another relay waits for a slot of an account: an idle connection here gives its slot up.
-fn follow_wants(
-    mut signals: tokio::sync::broadcast::Receiver<(String, String)>,
-    pool: std::sync::Weak<Pool>,
-) {
-    tokio::spawn(async move {
-        loop {
-            let account = match signals.recv().await {
-                Ok((kind, account)) if kind == "want" => account,
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(_) => return,
-            };
-            let Some(pool) = pool.upgrade() else { return };
-            pool.yield_idle(&account);
-        }
-    });
-}
-
 /// `health` through the control socket: running, and with a shared store, whether the database
 /// answers and which relays share it.
 async fn health_text(admin: &AdminContext) -> Response {
@@ -276,7 +259,15 @@ impl crate::control::server::Handler for Control {
                     Ok(text) => Response::ok(text),
                     Err(text) => Response::fail(text),
                 },
-                Request::Unlock { address } => unlock(&self.shared, address.as_deref()),
+                Request::Unlock { address } => {
+                    let response = unlock(&self.shared, address.as_deref());
+                    if let (true, Some(store)) = (response.ok, self.admin.tokens.store().sharing())
+                    {
+                        let ip = address.as_deref().and_then(|a| a.parse().ok());
+                        sharing::announce_unlock(store, ip);
+                    }
+                    response
+                }
                 // Control requests are served only once the relay serves mail.
                 Request::Health => health_text(&self.admin).await,
                 other => crate::admin::execute(&self.admin, other).await,
@@ -461,6 +452,9 @@ impl Relay {
             stop: CancellationToken::new(),
             cut: CancellationToken::new(),
         });
+        if let Some(store) = core.services.tokens.store().sharing() {
+            sharing::share_lockouts(&shared, store.clone());
+        }
         // Installed before the relay reports ready: SIGHUP's default action would end the process.
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .map_err(|e| format!("cannot install the SIGHUP handler: {e}"))?;

@@ -710,3 +710,71 @@ async fn the_database_down_loses_nothing_acknowledged_and_direct_mode_goes_on() 
     queued.stop().await;
     direct.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_count_across_relays_and_unlock_on_one_lifts_all() {
+    let Some(pg) = Postgres::start().await else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("implicit", None).await;
+    let mut relays = Vec::new();
+    for name in ["relay-a", "relay-b"] {
+        let mut opts = shared_opts(root.path(), &pg, name);
+        opts.extra_limits_toml = "auth_failures_per_login = 4\nauth_failures_per_ip = 50".into();
+        let dir = root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        relays.push(Relay::start(&dir, &provider, opts).await);
+    }
+    const LOCKED: &str = "421 4.7.0 too many failed logins, try again later";
+    // Two wrong passwords on each relay: four together, the limit.
+    for (n, relay) in [&relays[0], &relays[0], &relays[1], &relays[1]]
+        .iter()
+        .enumerate()
+    {
+        let mut c = Client::connect(relay, Conn::Implicit, &provider.pki).await;
+        let reply = c.login_plain(LOGIN, &format!("wrong-{n}")).await;
+        assert!(reply.starts_with("535 5.7.8"), "failure {n}: {reply}");
+    }
+    // Either relay refuses that login from this address now, the right password too.
+    for relay in &relays {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut c = Client::connect(relay, Conn::Implicit, &provider.pki).await;
+            let reply = c.login_plain(LOGIN, PASSWORD).await;
+            if reply == LOCKED {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not locked out: {reply}"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+    // `unlock` on relay B lifts it on A too.
+    let done = admin(
+        &relays[1],
+        Request::Unlock {
+            address: Some("127.0.0.1".into()),
+        },
+    )
+    .await;
+    assert!(done.ok, "{}", done.text);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut c = Client::connect(&relays[0], Conn::Implicit, &provider.pki).await;
+        let reply = c.login_plain(LOGIN, PASSWORD).await;
+        if reply.starts_with("235") || reply.starts_with("454") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still locked out: {reply}"
+        );
+        tokio::task::yield_now().await;
+    }
+    for r in relays {
+        r.stop().await;
+    }
+}

@@ -169,13 +169,38 @@ impl<K: Key> Counter<K> {
         }
         reached
     }
+
+    /// Locks `key` out until `now + lockout`, whatever its count here (decided elsewhere).
+    fn lock(&self, key: K, now: Instant, lockout: Duration) {
+        if self.limit() == 0 {
+            return;
+        }
+        let mut table = self.table();
+        let s = table.sources.entry(key.clone()).or_insert(Source {
+            failures: VecDeque::new(),
+            locked_until: None,
+            expires: now,
+        });
+        s.failures.clear();
+        s.locked_until = Some(
+            s.locked_until
+                .map_or(now + lockout, |u| u.max(now + lockout)),
+        );
+        table.refile(key);
+    }
 }
+
+/// Told of each failed login (its source key and login), for counting across relays.
+pub type Report = Box<dyn Fn(IpAddr, &str) + Send + Sync>;
 
 pub struct Lockout {
     by_login: Counter<(IpAddr, String)>,
     by_ip: Counter<IpAddr>,
     /// Follows a reload.
     lockout_ms: AtomicU64,
+    /// With a store several relays share: failures counted there too, so that a guesser cannot
+    /// multiply its tries by the number of relays.
+    report: std::sync::OnceLock<Report>,
 }
 
 /// What a failed login led to.
@@ -199,6 +224,7 @@ impl Lockout {
             by_login: Counter::new(per_login, capacity),
             by_ip: Counter::new(per_ip, capacity),
             lockout_ms: AtomicU64::new(lockout.as_millis() as u64),
+            report: std::sync::OnceLock::new(),
         }
     }
 
@@ -223,9 +249,36 @@ impl Lockout {
                 .is_locked(&(source_key(ip), login.to_string()), now)
     }
 
+    /// The limits in force: (`auth_failures_per_login`, `auth_failures_per_ip`, lockout).
+    pub fn limits(&self) -> (usize, usize, Duration) {
+        (
+            self.by_login.limit(),
+            self.by_ip.limit(),
+            Duration::from_millis(self.lockout_ms.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// Failures are reported to `report` too (once, at start).
+    pub fn set_report(&self, report: Report) {
+        let _ = self.report.set(report);
+    }
+
+    /// A lockout the relays reached together: the address (`login: None`) or one login from it.
+    pub fn lock(&self, ip: IpAddr, login: Option<&str>, now: Instant) {
+        let lockout = Duration::from_millis(self.lockout_ms.load(Ordering::Relaxed));
+        let key = source_key(ip);
+        match login {
+            Some(login) => self.by_login.lock((key, login.to_string()), now, lockout),
+            None => self.by_ip.lock(key, now, lockout),
+        }
+    }
+
     pub fn failed(&self, ip: IpAddr, login: &str, now: Instant) -> Failure {
         let lockout = Duration::from_millis(self.lockout_ms.load(Ordering::Relaxed));
         let key = source_key(ip);
+        if let Some(report) = self.report.get() {
+            report(key, login);
+        }
         let login_reached = self.by_login.failed((key, login.to_string()), now, lockout);
         if self.by_ip.failed(key, now, lockout) {
             Failure::AddressLockedOut
