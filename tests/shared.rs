@@ -778,3 +778,35 @@ async fn failed_logins_count_across_relays_and_unlock_on_one_lifts_all() {
         r.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_usage_counts_every_relay() {
+    let Some(pg) = Postgres::start().await else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("implicit", None).await;
+    let a = shared_relay(root.path(), &pg, &provider, "relay-a").await;
+    let b = shared_relay(root.path(), &pg, &provider, "relay-b").await;
+    let rt = provider.state().add_refresh_token();
+    a.import("news", &rt).await;
+    for (n, relay) in [&a, &b, &b].iter().enumerate() {
+        let replies = send_one(relay, &provider.pki, n).await;
+        assert!(replies.last().unwrap().starts_with("250"), "{replies:?}");
+    }
+    // B writes its figures at shutdown (and every 30 s while it runs).
+    b.stop().await;
+    let listed = admin(
+        &a,
+        Request::Accounts {
+            json: true,
+            usage: true,
+        },
+    )
+    .await;
+    assert!(listed.ok, "{}", listed.text);
+    let json: serde_json::Value = serde_json::from_str(&listed.text).unwrap();
+    assert_eq!(json[0]["last_24h"]["messages"], 3, "{json}");
+    assert_eq!(json[0]["last_7d"]["recipients"], 3, "{json}");
+    a.stop().await;
+}

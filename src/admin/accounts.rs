@@ -41,7 +41,7 @@ struct Row {
     times: (Option<u64>, Option<u64>),
 }
 
-fn row(ctx: &AdminContext, a: &Account, now: u64, usage: bool) -> Row {
+fn row(ctx: &AdminContext, a: &Account, now: u64, usage: Option<&[Vec<u8>]>) -> Row {
     let tokens = &ctx.tokens;
     let status = tokens.status(&a.name);
     let last_use = ctx.activity.last_use(&a.name).max(status.last_use);
@@ -111,19 +111,25 @@ fn row(ctx: &AdminContext, a: &Account, now: u64, usage: bool) -> Row {
         queued: q.queued,
         queue_oldest_secs: q.oldest_secs,
         paused: q.paused,
-        usage: usage.then(|| ctx.observer.usage.report(&a.name)),
+        usage: usage.map(|others| ctx.observer.usage.report_with(&a.name, others)),
         times: (last_refresh, last_use),
     }
 }
 
-pub(super) fn list(ctx: &AdminContext, json: bool, usage: bool) -> Result<String, String> {
+/// `others`: the usage figures of the other relays sharing a store (none without one).
+pub(super) fn list(
+    ctx: &AdminContext,
+    json: bool,
+    usage: bool,
+    others: &[Vec<u8>],
+) -> Result<String, String> {
     let now = ctx.clock.unix();
     let rows: Vec<Row> = ctx
         .config
         .load()
         .accounts
         .iter()
-        .map(|a| row(ctx, a, now, usage))
+        .map(|a| row(ctx, a, now, usage.then_some(others)))
         .collect();
     if json {
         let mut text = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;

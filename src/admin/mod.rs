@@ -49,7 +49,17 @@ pub const RELAY_ONLY: &str = "no relay is running with this config's data_dir (i
 pub async fn execute(ctx: &AdminContext, request: Request) -> Response {
     let tokens = &ctx.tokens;
     let result = match request {
-        Request::Accounts { json, usage } => accounts::list(ctx, json, usage),
+        Request::Accounts { json, usage } => {
+            // With a shared store, `--usage` counts every relay's figures.
+            let others = match ctx.tokens.store().sharing() {
+                Some(store) if usage => store
+                    .others_state(crate::delivery::queue::USAGE_FILE)
+                    .await
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            accounts::list(ctx, json, usage, &others)
+        }
         Request::StoreGrant {
             account,
             refresh_token,

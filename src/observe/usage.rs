@@ -191,6 +191,48 @@ impl Usage {
         }
     }
 
+    /// [`Usage::report`] with the figures of other relays sharing a store added: their
+    /// snapshots as they last wrote them (every 30 s).
+    pub fn report_with(&self, account: &str, others: &[Vec<u8>]) -> Report {
+        let mut merged = lock(&self.entry(account)).clone();
+        for bytes in others {
+            let Ok(mut all) = serde_json::from_slice::<HashMap<String, AccountUsage>>(bytes) else {
+                continue;
+            };
+            let Some(theirs) = all.remove(account) else {
+                continue;
+            };
+            for (hour, c) in theirs.hours {
+                match merged.hours.iter_mut().find(|(h, _)| *h == hour) {
+                    Some((_, mine)) => {
+                        mine.messages += c.messages;
+                        mine.recipients += c.recipients;
+                        mine.bytes += c.bytes;
+                        mine.failed_logins += c.failed_logins;
+                    }
+                    None => merged.hours.push_back((hour, c)),
+                }
+            }
+            for (ip, seen) in theirs.sources {
+                let t = merged.sources.entry(ip).or_insert(seen);
+                *t = (*t).max(seen);
+            }
+        }
+        merged.last_source = merged
+            .sources
+            .iter()
+            .max_by_key(|(_, t)| **t)
+            .map(|(ip, _)| *ip)
+            .or(merged.last_source);
+        let now = self.clock.unix();
+        merged.sources.retain(|_, t| *t + WEEK_HOURS * HOUR > now);
+        Report {
+            last_24h: merged.window(now, 24),
+            last_7d: merged.window(now, WEEK_HOURS),
+            last_source: merged.last_source.map(|a| a.to_string()),
+        }
+    }
+
     pub fn report(&self, account: &str) -> Report {
         let mut report = Report::default();
         self.with(account, |u, now| {

@@ -121,6 +121,9 @@ pub trait Shared: Send + Sync + 'static {
     fn signal<'a>(&'a self, kind: &'static str, account: &'a str) -> BoxFuture<'a, ()>;
     /// The signals, as (kind, account).
     fn signals(&self) -> tokio::sync::broadcast::Receiver<(String, String)>;
+    /// The state record `name` of every other relay that wrote one (usage figures, say).
+    fn others_state<'a>(&'a self, name: &'a str)
+        -> BoxFuture<'a, Result<Vec<Vec<u8>>, StoreError>>;
 }
 
 /// The store as the rest of the relay holds it: cheap to clone, durable writes off the runtime.

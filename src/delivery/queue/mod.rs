@@ -59,7 +59,7 @@ static ID_SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 
 /// Where the daily pacing windows are kept between runs (in the spool directory).
 const PACING_FILE: &str = "pacing.json";
-const USAGE_FILE: &str = "usage.json";
+pub const USAGE_FILE: &str = "usage.json";
 
 /// A status that held the whole account (no connection, no token) rather than decided anything
 /// about the message.

@@ -877,4 +877,22 @@ impl super::Shared for PgStore {
     fn signals(&self) -> broadcast::Receiver<(String, String)> {
         self.signals.subscribe()
     }
+
+    fn others_state<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Vec<u8>>, StoreError>> {
+        Box::pin(async move {
+            let client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+            let rows = client
+                .query(
+                    "SELECT value FROM xoauth_rows WHERE kind LIKE 'state:%' AND kind <> $1 \
+                     AND key = $2 AND value IS NOT NULL",
+                    &[&format!("state:{}", self.instance), &name],
+                )
+                .await
+                .map_err(|e| self.failed("reading other relays' state", &e))?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
 }
