@@ -4,6 +4,7 @@
 //! expired, or already ours), so a relay that dies holding one loses it after `lease_secs`
 //! without anyone cleaning up.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use super::{describe_pool, PgStore};
@@ -161,6 +162,30 @@ impl PgStore {
                 )
                 .await;
         }
+    }
+
+    /// What each live relay holds: (instance, queued messages it owns, messages it is sending,
+    /// upstream connection slots, refresh leases).
+    pub(super) async fn holdings(
+        &self,
+    ) -> Result<HashMap<String, (i64, i64, i64, i64)>, StoreError> {
+        let client = self.pool.get().await.map_err(|e| describe_pool(&e))?;
+        let rows = client
+            .query(
+                "SELECT r.instance, \
+                   (SELECT count(*) FROM xoauth_queue q WHERE q.owner = r.instance), \
+                   (SELECT count(*) FROM xoauth_queue q WHERE q.claimed_by = r.holder AND q.claim_until > now()), \
+                   (SELECT count(*) FROM xoauth_slots s WHERE s.holder = r.holder AND s.until > now()), \
+                   (SELECT count(*) FROM xoauth_refresh_leases l WHERE l.holder = r.holder AND l.until > now()) \
+                 FROM xoauth_relays r",
+                &[],
+            )
+            .await
+            .map_err(|e| self.failed("listing what relays hold", &e))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3), r.get(4))))
+            .collect())
     }
 
     /// The relays seen alive within a lease: (instance, host, pid, seconds since seen).
