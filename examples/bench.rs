@@ -9,6 +9,9 @@
 //! that its peak RSS is that cell's. The baseline sends the same load straight to the fake provider.
 //! The machine is shared: compare ratios, not absolute times.
 
+#[path = "support/pg.rs"]
+mod pg;
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -579,6 +582,8 @@ impl RelayProcess {
 
 struct Env {
     dir: tempfile::TempDir,
+    /// A `[store]` table every relay config ends with (the postgres cells), or nothing.
+    store: std::sync::Mutex<String>,
     provider: Arc<Provider>,
     smtp: SocketAddr,
     http: SocketAddr,
@@ -643,7 +648,8 @@ mailbox = "{MAILBOX}"
     }
 
     async fn started(&self, config: &str) -> RelayProcess {
-        let relay = RelayProcess::start(self.dir.path(), config).await;
+        let config = format!("{config}\n{}", self.store.lock().unwrap());
+        let relay = RelayProcess::start(self.dir.path(), &config).await;
         relay.import(&self.dir.path().join("relay.toml"), "rt-bench");
         relay
     }
@@ -903,6 +909,48 @@ async fn queue_cell(
     }
 }
 
+/// The `[store]` table of a relay named `instance` on the bench's database.
+fn store_table(dir: &Path, instance: &str) -> String {
+    format!(
+        "\n[store]\nbackend = \"postgres\"\nurl_file = \"{}/db-url\"\ninstance = \"{instance}\"\n",
+        dir.display()
+    )
+}
+
+/// Two relays on one database, `load` against each at once: together, their CPU per message.
+async fn two_relays(env: &Env, load: Load, store: impl Fn(&str) -> String) -> Row {
+    *env.provider.expected.lock().unwrap() =
+        ring::digest::digest(&ring::digest::SHA256, &load.body)
+            .as_ref()
+            .to_vec();
+    *env.store.lock().unwrap() = store("bench-a");
+    let a = env.relay("", "").await;
+    *env.store.lock().unwrap() = store("bench-b");
+    let b = env.relay("", "").await;
+    let pids = [a.child.id(), b.child.id()];
+    let cpu0: f64 = pids.iter().map(|p| cpu_ms(*p)).sum();
+    let (ca, cb) = tokio::join!(
+        run_load(Target::Relay(a.addr), &load, &env.client_tls, &env.provider),
+        run_load(Target::Relay(b.addr), &load, &env.client_tls, &env.provider),
+    );
+    let cpu: f64 = pids.iter().map(|p| cpu_ms(*p)).sum::<f64>() - cpu0;
+    let rss = pids.iter().map(|p| peak_rss_mb(*p)).fold(0.0, f64::max);
+    a.stop();
+    b.stop();
+    let sent = ca.sent + cb.sent;
+    Row {
+        cell: "postgres: two relays, persistent, 10 KiB, C=5 each".into(),
+        base: None,
+        rate: sent as f64 / load.duration.as_secs_f64(),
+        cpu_per_msg: cpu / sent.max(1) as f64,
+        rss,
+        note: format!(
+            "{} + {} sent; CPU of both relays per message, the larger peak RSS",
+            ca.sent, cb.sent
+        ),
+    }
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -926,6 +974,7 @@ async fn bench(quick: bool) {
     let api_addr = api.local_addr().unwrap();
     tokio::spawn(gmail_api(api, provider.clone()));
     let env = Env {
+        store: std::sync::Mutex::new(String::new()),
         http: http.local_addr().unwrap(),
         smtp: smtp.local_addr().unwrap(),
         dir,
@@ -1098,6 +1147,36 @@ async fn bench(quick: bool) {
             )
             .await,
         );
+    }
+
+    // The same cells with the store in PostgreSQL (fsync on), and two relays sharing it.
+    let pg_cells = [
+        "postgres: persistent, 10 KiB, C=10",
+        "postgres: queue mode, 10 KiB, C=10",
+        "postgres: two relays, persistent, 10 KiB, C=5 each",
+    ];
+    if pg_cells.iter().any(|c| selected(c)) {
+        if let Some(pg) = pg::Postgres::start().await {
+            std::fs::write(env.dir.path().join("db-url"), pg.url()).unwrap();
+            let dir = env.dir.path().to_path_buf();
+            let store = move |instance: &str| store_table(&dir, instance);
+            *env.store.lock().unwrap() = store_table(env.dir.path(), "bench");
+            if selected("postgres: persistent, 10 KiB, C=10") {
+                pg.reset().await;
+                let name = "postgres: persistent, 10 KiB, C=10";
+                rows.push(cell(&env, name, persistent(10, &kib10, secs(6)), true, ("", "")).await);
+            }
+            if selected("postgres: queue mode, 10 KiB, C=10") {
+                pg.reset().await;
+                let name = "postgres: queue mode, 10 KiB, C=10";
+                rows.push(queue_cell(&env, name, persistent(10, &kib10, secs(6)), "", None).await);
+            }
+            if selected(pg_cells[2]) {
+                pg.reset().await;
+                rows.push(two_relays(&env, persistent(5, &kib10, secs(6)), store).await);
+            }
+            env.store.lock().unwrap().clear();
+        }
     }
 
     println!();

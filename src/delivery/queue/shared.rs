@@ -159,8 +159,7 @@ impl SharedSpool {
             .get()
             .await
             .map_err(|e| io_error(db.pool_error(&e)))?;
-        client
-            .execute("DELETE FROM xoauth_queue WHERE id = $1", &[&id])
+        run(&client, "DELETE FROM xoauth_queue WHERE id = $1", &[&id])
             .await
             .map_err(|e| io_error(db.error("removing a message", &e)))?;
         Ok(())
@@ -183,6 +182,26 @@ impl SharedSpool {
             }
         }
     }
+}
+
+/// `sql` prepared once per connection (deadpool keeps it): one round trip a use instead of two,
+/// on the paths every message takes.
+async fn run(
+    client: &deadpool_postgres::Object,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<u64, tokio_postgres::Error> {
+    let statement = client.prepare_cached(sql).await?;
+    client.execute(&statement, params).await
+}
+
+async fn rows(
+    client: &deadpool_postgres::Object,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let statement = client.prepare_cached(sql).await?;
+    client.query(&statement, params).await
 }
 
 fn stored_of(r: &tokio_postgres::Row) -> Option<Stored> {
@@ -259,22 +278,50 @@ impl Incoming for SharedIncoming {
                 .await
                 .map_err(|e| io_error(db.pool_error(&e)))?;
             let err = |e: tokio_postgres::Error| io_error(db.error("queueing a message", &e));
+            let (id, size) = (&env.id, env.size as i64);
+            if self.spill.len() <= IN_MEMORY as u64 {
+                // The common case, one chunk: message and body in one statement, one round trip
+                // and one commit (the foreign key is checked at the statement's end).
+                let body = self.spill.all().await?;
+                let insert = client
+                    .prepare_cached(
+                        "WITH m AS (INSERT INTO xoauth_queue (id, account, owner, envelope, size) \
+                                    VALUES ($1, $2, $3, $4, $5)) \
+                         INSERT INTO xoauth_queue_body (id, seq, data) VALUES ($1, 0, $6)",
+                    )
+                    .await
+                    .map_err(err)?;
+                client
+                    .execute(
+                        &insert,
+                        &[id, &env.account, &db.instance(), &envelope, &size, &body],
+                    )
+                    .await
+                    .map_err(err)?;
+                return Ok(());
+            }
             let tx = client.transaction().await.map_err(err)?;
+            let message = tx
+                .prepare_cached(
+                    "INSERT INTO xoauth_queue (id, account, owner, envelope, size) VALUES ($1, $2, $3, $4, $5)",
+                )
+                .await
+                .map_err(err)?;
             tx.execute(
-                "INSERT INTO xoauth_queue (id, account, owner, envelope, size) VALUES ($1, $2, $3, $4, $5)",
-                &[&env.id, &env.account, &db.instance(), &envelope, &(env.size as i64)],
+                &message,
+                &[id, &env.account, &db.instance(), &envelope, &size],
             )
             .await
             .map_err(err)?;
             let insert = tx
-                .prepare("INSERT INTO xoauth_queue_body (id, seq, data) VALUES ($1, $2, $3)")
+                .prepare_cached("INSERT INTO xoauth_queue_body (id, seq, data) VALUES ($1, $2, $3)")
                 .await
                 .map_err(err)?;
             let mut chunks = Box::pin(self.spill.stream(Bytes::new(), 0));
             let mut seq = 0i32;
             while let Some(chunk) = chunks.next().await {
                 let chunk = chunk?;
-                tx.execute(&insert, &[&env.id, &seq, &chunk.as_ref()])
+                tx.execute(&insert, &[id, &seq, &chunk.as_ref()])
                     .await
                     .map_err(err)?;
                 seq += 1;
@@ -302,23 +349,25 @@ impl Spool for SharedSpool {
         Box::pin(async move {
             let bytes = serde_json::to_vec(progress).map_err(io_error)?;
             let client = self.client().await?;
-            client
-                .execute(
-                    "UPDATE xoauth_queue SET progress = $2 WHERE id = $1",
-                    &[&env.id, &bytes],
-                )
-                .await
-                .map_err(|e| io_error(self.db.error("recording a message's progress", &e)))?;
+            run(
+                &client,
+                "UPDATE xoauth_queue SET progress = $2 WHERE id = $1",
+                &[&env.id, &bytes],
+            )
+            .await
+            .map_err(|e| io_error(self.db.error("recording a message's progress", &e)))?;
             Ok(())
         })
     }
 
     fn remove(&self, env: &Envelope) -> BoxFuture<'static, io::Result<()>> {
+        lock(&self.claims).remove(&env.id);
         let task = self.detached.track_future(self.remove_task(env.id.clone()));
         Box::pin(task)
     }
 
     fn remove_detached(&self, env: &Envelope) {
+        lock(&self.claims).remove(&env.id);
         self.detached.spawn(self.remove_task(env.id.clone()));
     }
 
@@ -326,13 +375,13 @@ impl Spool for SharedSpool {
         Box::pin(async move {
             if env.size <= WHOLE {
                 let client = self.client().await?;
-                let rows = client
-                    .query(
-                        "SELECT data FROM xoauth_queue_body WHERE id = $1 ORDER BY seq",
-                        &[&env.id],
-                    )
-                    .await
-                    .map_err(|e| io_error(self.db.error("reading a message", &e)))?;
+                let rows = rows(
+                    &client,
+                    "SELECT data FROM xoauth_queue_body WHERE id = $1 ORDER BY seq",
+                    &[&env.id],
+                )
+                .await
+                .map_err(|e| io_error(self.db.error("reading a message", &e)))?;
                 let mut body = Vec::with_capacity(env.size as usize);
                 for r in &rows {
                     body.extend_from_slice(r.get::<_, &[u8]>(0));
@@ -434,16 +483,17 @@ impl Spool for SharedSpool {
     fn claim<'a>(&'a self, id: &'a str) -> BoxFuture<'a, io::Result<bool>> {
         Box::pin(async move {
             let client = self.client().await?;
-            let taken = client
-                .query_opt(
-                    "UPDATE xoauth_queue SET claimed_by = $2, claim_until = now() + make_interval(secs => $3) \
-                     WHERE id = $1 AND owner = $4 \
-                       AND (claimed_by IS NULL OR claimed_by = $2 OR claim_until < now()) \
-                     RETURNING id",
-                    &[&id, &self.db.holder(), &self.db.lease().as_secs_f64(), &self.db.instance()],
-                )
-                .await
-                .map_err(|e| io_error(self.db.error("claiming a message", &e)))?;
+            let taken = rows(
+                &client,
+                "UPDATE xoauth_queue SET claimed_by = $2, claim_until = now() + make_interval(secs => $3) \
+                 WHERE id = $1 AND owner = $4 \
+                   AND (claimed_by IS NULL OR claimed_by = $2 OR claim_until < now()) \
+                 RETURNING id",
+                &[&id, &self.db.holder(), &self.db.lease().as_secs_f64(), &self.db.instance()],
+            )
+            .await
+            .map_err(|e| io_error(self.db.error("claiming a message", &e)))?
+            .pop();
             if taken.is_some() {
                 lock(&self.claims).insert(id.to_string());
             }
@@ -467,18 +517,21 @@ impl Spool for SharedSpool {
     }
 
     fn release(&self, id: &str) {
-        lock(&self.claims).remove(id);
+        // A message removed meanwhile has no claim left to give back.
+        if !lock(&self.claims).remove(id) {
+            return;
+        }
         let (db, id) = (self.db.clone(), id.to_string());
         // A release that fails leaves the claim to run out after lease_secs.
         tokio::spawn(async move {
             if let Ok(client) = db.pool().get().await {
-                let _ = client
-                    .execute(
-                        "UPDATE xoauth_queue SET claimed_by = NULL, claim_until = NULL \
-                         WHERE id = $1 AND claimed_by = $2",
-                        &[&id, &db.holder()],
-                    )
-                    .await;
+                let _ = run(
+                    &client,
+                    "UPDATE xoauth_queue SET claimed_by = NULL, claim_until = NULL \
+                     WHERE id = $1 AND claimed_by = $2",
+                    &[&id, &db.holder()],
+                )
+                .await;
             }
         });
     }
