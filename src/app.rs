@@ -588,6 +588,9 @@ impl Relay {
 /// Fills the state gauges from the pool, the token manager and the queue at scrape time.
 fn gauges(shared: Arc<Shared>, upstream: Arc<Services>) -> Fill {
     Arc::new(move |g: &Gauges| {
+        if let Some(store) = upstream.tokens.store().sharing() {
+            g.set_database(store.database(), store.trouble().is_none());
+        }
         for a in &shared.live.load().config.accounts {
             let name = &a.name;
             let open = upstream.pool.open_connections(name);

@@ -693,6 +693,10 @@ async fn the_database_down_loses_nothing_acknowledged_and_direct_mode_goes_on() 
     let (code, body) = ready(&queued).await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("unreachable"), "{body}");
+    let database = format!("relay@127.0.0.1:{}/postgres", pg.port);
+    let up = |value: u8| format!("xoauth_relay_database_up{{database=\"{database}\"}} {value}");
+    let metrics = http_get(queued.metrics.unwrap(), "/metrics").await.1;
+    assert!(metrics.contains(&up(0)), "{metrics}");
 
     pg.restart().await;
     // Each relay reconnects on its own and says so.
@@ -703,6 +707,8 @@ async fn the_database_down_loses_nothing_acknowledged_and_direct_mode_goes_on() 
             tokio::task::yield_now().await;
         }
     }
+    let metrics = http_get(queued.metrics.unwrap(), "/metrics").await.1;
+    assert!(metrics.contains(&up(1)), "{metrics}");
     let replies = send_one(&queued, &provider.pki, 3).await;
     assert!(replies.last().unwrap().starts_with("250"), "{replies:?}");
     acknowledged += 1;

@@ -151,6 +151,14 @@ pub struct Gauges {
     pub queue_messages: Family<AccountLabel, Gauge>,
     pub queue_oldest_seconds: Family<AccountLabel, Gauge>,
     pub account_paused: Family<AccountLabel, Gauge>,
+    /// With a store several relays share: 1 while its database answers.
+    pub database_up: Family<DatabaseLabel, Gauge>,
+}
+
+/// The shared database, as `user@host:port/db` (never the password).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DatabaseLabel {
+    pub database: String,
 }
 
 impl Gauges {
@@ -163,6 +171,14 @@ impl Gauges {
             &self.queue_oldest_seconds,
             &self.account_paused,
         ]
+    }
+
+    pub fn set_database(&self, database: &str, up: bool) {
+        self.database_up
+            .get_or_create(&DatabaseLabel {
+                database: database.to_string(),
+            })
+            .set(i64::from(up));
     }
 
     pub fn set(family: &Family<AccountLabel, Gauge>, account: &str, value: i64) {
@@ -229,6 +245,7 @@ impl Metrics {
             queue_messages: Family::default(),
             queue_oldest_seconds: Family::default(),
             account_paused: Family::default(),
+            database_up: Family::default(),
         };
         // Counters get their `_total` suffix from the encoder.
         let r = &mut registry;
@@ -318,6 +335,11 @@ impl Metrics {
             "xoauth_relay_account_paused",
             "1 while the account's deliveries are paused (throttled or held)",
             g.account_paused.clone(),
+        );
+        r.register(
+            "xoauth_relay_database_up",
+            "1 while the database several relays share answers, 0 while it does not (only with [store] backend = \"postgres\")",
+            g.database_up.clone(),
         );
         Metrics {
             registry,
@@ -471,6 +493,7 @@ impl Metrics {
         for family in self.gauges.all() {
             family.clear();
         }
+        self.gauges.database_up.clear();
         fill(&self.gauges);
         let mut out = String::new();
         // Writing into a String cannot fail.

@@ -89,6 +89,8 @@ pub trait Shared: Send + Sync + 'static {
     fn changes(&self) -> tokio::sync::broadcast::Receiver<String>;
     /// Why the database cannot be used now, if it cannot.
     fn trouble(&self) -> Option<String>;
+    /// The database, as `user@host:port/db` (never the password).
+    fn database(&self) -> &str;
     /// The relays sharing the database and seen alive, one line each.
     fn relays(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
     /// A clean stop: this relay's registration and leases are given up.

@@ -128,6 +128,10 @@ impl Shared for PgStore {
         })
     }
 
+    fn database(&self) -> &str {
+        self.shown()
+    }
+
     fn relays_seen(&self) -> usize {
         self.relays_seen
             .load(std::sync::atomic::Ordering::Relaxed)
