@@ -48,6 +48,13 @@ pub fn run(config: &Config) -> Findings {
         f.refusals
             .extend(writable_dir("[server] control_socket (its directory)", parent(&socket)).err());
     }
+    // A connection string serve could not use (the database being down is only a warning, from
+    // `check`'s probe: serve starts not ready and keeps trying).
+    if let Some(url) = config.store.url.as_ref().filter(|_| config.store.shared()) {
+        if let Err(e) = crate::store::postgres::connect::Target::parse(url.expose()) {
+            f.refusals.push(e.0);
+        }
+    }
     f.refusals.extend(listener_tls_usable(config).err());
     f.refusals.extend(client_tls(config).err());
     if !may_bind_privileged() {

@@ -261,7 +261,13 @@ async fn run(cli: Cli) -> Result<(), String> {
                 }
             }
             let mut findings = crate::app::preflight::run(&config);
-            if let Some(url) = config.store.url.as_ref().filter(|_| config.store.shared()) {
+            let usable = findings.refusals.is_empty();
+            if let Some(url) = config
+                .store
+                .url
+                .as_ref()
+                .filter(|_| config.store.shared() && usable)
+            {
                 // Unreachable is a warning: `serve` starts with the database down, not ready.
                 match crate::store::postgres::probe(url).await {
                     Ok(state) if *verbose => println!("{state}"),

@@ -58,7 +58,7 @@ impl StoreConfig {
 
     /// The name this relay registers under: `instance`, or the OS hostname.
     pub fn instance(&self) -> String {
-        self.instance.clone().unwrap_or_else(os_hostname)
+        self.instance.clone().unwrap_or_else(crate::util::hostname)
     }
 
     pub fn lease(&self) -> std::time::Duration {
@@ -138,15 +138,6 @@ impl StoreConfig {
     }
 }
 
-/// The machine's name, for a relay that has no `instance`.
-pub fn os_hostname() -> String {
-    let uname = rustix::system::uname();
-    match uname.nodename().to_str() {
-        Ok(name) if !name.is_empty() => name.to_string(),
-        _ => "relay".to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,6 +163,6 @@ mod tests {
             ..StoreConfig::default()
         };
         assert!(sled.problems()[0].contains("backend = \"sled\""));
-        assert!(!os_hostname().is_empty());
+        assert!(!crate::util::hostname().is_empty());
     }
 }

@@ -574,6 +574,38 @@ mod tests {
     }
 
     #[test]
+    fn relays_taking_turns_from_one_stored_usage_keep_every_minute_within_the_limit() {
+        // What two relays sharing a store do for each message: read the row, apply the rule,
+        // write it back (in one transaction).
+        let l = Pacing {
+            max_messages_per_minute: 20,
+            max_recipients_per_message: 0,
+            max_messages_per_day: 0,
+            max_recipients_per_day: 0,
+        };
+        let mut row: Option<Vec<u8>> = None;
+        let mut sent = Vec::new();
+        for ms in (0..180_000u64).step_by(100) {
+            for _relay in 0..2 {
+                let mut usage = row
+                    .as_deref()
+                    .and_then(|b| serde_json::from_slice::<Usage>(b).ok())
+                    .unwrap_or_else(|| Usage::new(l));
+                if usage.take(l, 1, ms).is_ok() {
+                    row = Some(serde_json::to_vec(&usage).unwrap());
+                    sent.push(ms);
+                }
+            }
+        }
+        for (i, t) in sent.iter().enumerate() {
+            let in_window = sent[i..].iter().take_while(|u| **u < t + 60_000).count();
+            assert!(in_window <= 20, "{in_window} in the minute from {t}");
+        }
+        // Together at the limit's pace (19 a minute after the burst of 1), not twice it.
+        assert!((55..=60).contains(&sent.len()), "{}", sent.len());
+    }
+
+    #[test]
     fn a_refund_gives_the_turn_back() {
         let p = pacer(10, 2, 0);
         p.take(3, 0).unwrap();

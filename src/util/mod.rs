@@ -23,3 +23,12 @@ pub fn is_loopback_host(host: &str) -> bool {
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
 }
+
+/// The machine's name (a relay's default `[store] instance`, and what `health` shows).
+pub fn hostname() -> String {
+    let uname = rustix::system::uname();
+    match uname.nodename().to_str() {
+        Ok(name) if !name.is_empty() => name.to_string(),
+        _ => "relay".to_string(),
+    }
+}

@@ -85,7 +85,7 @@ impl PgStore {
     pub(super) async fn register(&self) -> Result<(), StoreError> {
         let client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
         let secs = self.lease.as_secs_f64();
-        let host = crate::config::store::os_hostname();
+        let host = crate::util::hostname();
         let pid = std::process::id() as i32;
         let taken = client
             .query_opt(
