@@ -57,10 +57,13 @@ async fn forty_sessions_over_three_relays_cause_one_token_request() {
     };
     let root = tempfile::tempdir().unwrap();
     let provider = FakeProvider::start("implicit", None).await;
-    let mut relays = Vec::new();
-    for name in ["relay-a", "relay-b", "relay-c"] {
-        relays.push(shared_relay(root.path(), &pg, &provider, name).await);
-    }
+    // Started together on an empty database: one migrates, the others wait on its lock.
+    let (a, b, c) = tokio::join!(
+        shared_relay(root.path(), &pg, &provider, "relay-a"),
+        shared_relay(root.path(), &pg, &provider, "relay-b"),
+        shared_relay(root.path(), &pg, &provider, "relay-c"),
+    );
+    let relays = [a, b, c];
     let rt = provider.state().add_refresh_token();
     relays[0].import("news", &rt).await;
     assert_eq!(provider.state().token_requests, 0);
@@ -815,4 +818,54 @@ async fn accounts_usage_counts_every_relay() {
     assert_eq!(json[0]["last_24h"]["messages"], 3, "{json}");
     assert_eq!(json[0]["last_7d"]["recipients"], 3, "{json}");
     a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_starts_with_the_database_down_and_serves_once_it_answers() {
+    let Some(mut pg) = Postgres::start().await else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("implicit", None).await;
+    // A grant stored while the database is up.
+    let first = shared_relay(root.path(), &pg, &provider, "relay-a").await;
+    let rt = provider.state().add_refresh_token();
+    first.import("news", &rt).await;
+    first.stop().await;
+    pg.stop();
+    let dir = root.path().join("relay-a");
+    let mut opts = queue_opts(root.path(), &pg, "relay-a");
+    opts.extra_toml
+        .push_str("\n[metrics]\naddress = \"127.0.0.1:0\"\n");
+    let relay = Relay::start(&dir, &provider, opts).await;
+    let addr = relay.metrics.unwrap();
+    // Past "starting", it says why it is not ready.
+    let (code, body) = loop {
+        let (code, body) = http_get(addr, "/readyz").await;
+        if !body.contains("starting") {
+            break (code, body);
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("unreachable"), "{body}");
+    // Nothing is acknowledged meanwhile.
+    let replies = send_one(&relay, &provider.pki, 1).await;
+    assert!(
+        replies.last().unwrap().starts_with("451 4.3.0"),
+        "{replies:?}"
+    );
+    pg.restart().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while http_get(addr, "/readyz").await.0 != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not ready after the database came up"
+        );
+        tokio::task::yield_now().await;
+    }
+    let replies = send_one(&relay, &provider.pki, 2).await;
+    assert!(replies.last().unwrap().starts_with("250"), "{replies:?}");
+    provider.until(|s| s.messages.len() == 1).await;
+    relay.stop().await;
 }

@@ -411,7 +411,13 @@ impl TokenManager {
             let first_use = rejected.is_none() && lock(&slot.cached).is_none();
             let result = this.obtain(&slot, first_use, rejected.as_ref()).await;
             let now = this.clock.now();
-            *lock(&slot.failure) = result.as_ref().err().map(|e| (now, e.clone()));
+            // Remembered for FAILURE_BACKOFF so that a failing endpoint is not asked by every
+            // waiter; a shared database out of reach asked nobody, and is tried again at once.
+            *lock(&slot.failure) = result
+                .as_ref()
+                .err()
+                .filter(|e| !matches!(e, TokenError::Database(_)))
+                .map(|e| (now, e.clone()));
             this.changed.notify_one();
             match result {
                 Err(e) => match still_valid().filter(|_| passing(&e)) {
