@@ -439,6 +439,23 @@ async fn a_stopped_relay_s_queue_is_delivered_by_the_other() {
     );
     assert!(rows.iter().any(|(_, _, chunks)| *chunks >= 3), "{rows:?}");
     assert!(!root.path().join("relay-a/data/queue").exists());
+    // Any relay lists them, with the relay that holds them.
+    let listed = queue_json(&relays[1]).await;
+    assert_eq!(listed.len(), 4, "{listed:?}");
+    assert!(listed.iter().all(|m| m["relay"] == "relay-a"), "{listed:?}");
+    let table = admin(
+        &relays[1],
+        Request::Queue {
+            account: None,
+            json: false,
+        },
+    )
+    .await
+    .text;
+    assert!(
+        table.contains("RELAY") && table.contains("relay-a"),
+        "{table}"
+    );
     // A stops (a rolling upgrade, say); the upstream comes back; B takes A's mail over.
     let a = relays.remove(0);
     a.stop().await;

@@ -88,7 +88,7 @@ pub async fn execute(ctx: &AdminContext, request: Request) -> Response {
             result
         }
         Request::Test { account, to } => return test::test(ctx, &account, to.as_deref()).await,
-        Request::Queue { account, json } => queue::list(ctx, account.as_deref(), json),
+        Request::Queue { account, json } => queue::list(ctx, account.as_deref(), json).await,
         Request::QueueShow { id } => queue::show(ctx, &id).await,
         Request::QueueRetry { id, account, all } => {
             let target = match (id, account) {

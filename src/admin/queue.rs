@@ -4,7 +4,7 @@ use super::{span_text, AdminContext};
 use crate::delivery::queue::{MessageView, Target};
 
 /// The table, or with `json` one JSON array with an object per message.
-pub(super) fn list(
+pub(super) async fn list(
     ctx: &AdminContext,
     account: Option<&str>,
     json: bool,
@@ -12,7 +12,7 @@ pub(super) fn list(
     if let Some(a) = account {
         super::account(ctx, a)?;
     }
-    let messages = ctx.queue.list(account);
+    let messages = ctx.queue.list_all(account).await;
     if json {
         return serde_json::to_string_pretty(&messages)
             .map(|mut s| {
@@ -74,6 +74,17 @@ pub(super) fn list(
                 .or_else(|| m.last_reply.clone())
                 .unwrap_or_else(|| "-".into()),
         ]);
+    }
+    // A store several relays share: which relay holds each message, and whether it is being sent.
+    if messages.iter().any(|m| m.relay.is_some()) {
+        rows[0].push("RELAY".into());
+        for (row, m) in rows.iter_mut().skip(1).zip(&messages) {
+            let relay = m.relay.clone().unwrap_or_else(|| "-".into());
+            row.push(match &m.sending {
+                Some(_) => format!("{relay} (sending)"),
+                None => relay,
+            });
+        }
     }
     let mut out = super::columns(rows);
     out.push_str(&format!("{} message(s)\n", messages.len()));

@@ -21,7 +21,7 @@ use futures_util::StreamExt;
 use tokio_util::task::TaskTracker;
 
 use super::model::{Envelope, Progress};
-use super::spool::{Body, Incoming, Spool, Stored};
+use super::spool::{Body, Incoming, Listed, Spool, Stored};
 use crate::delivery::api::spill::{Spill, IN_MEMORY};
 use crate::store::postgres::PgStore;
 use crate::util::sync::lock;
@@ -534,6 +534,35 @@ impl Spool for SharedSpool {
                 .await;
             }
         });
+    }
+
+    fn listing<'a>(
+        &'a self,
+        account: Option<&'a str>,
+    ) -> BoxFuture<'a, io::Result<Option<Vec<Listed>>>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT envelope, progress, size, owner, \
+                       CASE WHEN claim_until > now() THEN claimed_by END \
+                     FROM xoauth_queue WHERE $1::text IS NULL OR account = $1 ORDER BY id",
+                    &[&account],
+                )
+                .await
+                .map_err(|e| io_error(self.db.error("listing the queue", &e)))?;
+            Ok(Some(
+                rows.iter()
+                    .filter_map(|r| {
+                        Some(Listed {
+                            stored: stored_of(r)?,
+                            owner: r.get(3),
+                            claimed_by: r.get(4),
+                        })
+                    })
+                    .collect(),
+            ))
+        })
     }
 
     fn adopt_every(&self) -> Option<Duration> {

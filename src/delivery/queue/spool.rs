@@ -131,4 +131,22 @@ pub trait Spool: Send + Sync + 'static {
     fn adopt(&self) -> BoxFuture<'_, io::Result<Vec<Stored>>> {
         Box::pin(std::future::ready(Ok(Vec::new())))
     }
+
+    /// Every relay's messages (of `account`), each with the relay holding it, where several
+    /// share the spool; `None` for one relay's own.
+    fn listing<'a>(
+        &'a self,
+        _account: Option<&'a str>,
+    ) -> BoxFuture<'a, io::Result<Option<Vec<Listed>>>> {
+        Box::pin(std::future::ready(Ok(None)))
+    }
+}
+
+/// A message as a shared spool lists it.
+pub struct Listed {
+    pub stored: Stored,
+    /// The relay (instance) that delivers it.
+    pub owner: String,
+    /// The process sending it now, if one is.
+    pub claimed_by: Option<String>,
 }

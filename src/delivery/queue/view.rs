@@ -28,6 +28,12 @@ pub struct MessageView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub held: Option<String>,
     pub recipients: Vec<RecipientView>,
+    /// With a store several relays share: the relay that holds it (and, while one sends it,
+    /// `sending` names that process).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sending: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -86,7 +92,53 @@ impl Queue {
                     last_reply: r.last_reply(),
                 })
                 .collect(),
+            relay: None,
+            sending: None,
         }
+    }
+
+    /// [`Queue::list`], and with a store several relays share, every relay's messages, each
+    /// with the relay that holds it.
+    pub async fn list_all(&self, account: Option<&str>) -> Vec<MessageView> {
+        let mut out = self.list(account);
+        let Ok(Some(listing)) = self.spool.listing(account).await else {
+            return out;
+        };
+        let mine: std::collections::HashSet<String> = out.iter().map(|m| m.id.clone()).collect();
+        let now = self.clock.now();
+        for m in &mut out {
+            if let Some(l) = listing.iter().find(|l| l.stored.envelope.id == m.id) {
+                m.relay = Some(l.owner.clone());
+                m.sending = l.claimed_by.clone();
+            }
+        }
+        for l in listing {
+            let env = &l.stored.envelope;
+            if mine.contains(&env.id) {
+                continue;
+            }
+            let progress = l
+                .stored
+                .progress
+                .clone()
+                .unwrap_or_else(|| super::model::Progress::fresh(env.recipients.len()));
+            let wait = progress.next_attempt.saturating_sub(self.clock.unix());
+            let entry = Entry {
+                tried: Vec::new(),
+                env: Arc::new(env.clone()),
+                progress,
+                due: now + std::time::Duration::from_secs(wait),
+                expires: now,
+                busy: false,
+                strikes: 0,
+            };
+            let mut view = self.view(&entry, now, None, None);
+            view.relay = Some(l.owner);
+            view.sending = l.claimed_by;
+            out.push(view);
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
     }
 
     /// Queued messages, oldest first.
