@@ -9,7 +9,8 @@
 //! that its peak RSS is that cell's. The baseline sends the same load straight to the fake provider.
 //! The machine is shared: compare ratios, not absolute times.
 
-#[path = "support/pg.rs"]
+#[allow(dead_code)]
+#[path = "../tests/common/pg.rs"]
 mod pg;
 
 use std::collections::HashMap;
@@ -1156,7 +1157,7 @@ async fn bench(quick: bool) {
         "postgres: two relays, persistent, 10 KiB, C=5 each",
     ];
     if pg_cells.iter().any(|c| selected(c)) {
-        if let Some(pg) = pg::Postgres::start().await {
+        if let Some(pg) = pg::Postgres::start_with(true).await {
             std::fs::write(env.dir.path().join("db-url"), pg.url()).unwrap();
             let dir = env.dir.path().to_path_buf();
             let store = move |instance: &str| store_table(&dir, instance);

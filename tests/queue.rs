@@ -423,7 +423,6 @@ async fn direct_mode_refuses_recipients_beyond_the_cap_and_waits_for_the_pace() 
 /// kill (the documented window between the upstream's `250` and its recording).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_acknowledged_is_lost_when_the_relay_is_killed_again_and_again() {
-    use tokio::io::AsyncBufReadExt;
     let dir = tempfile::tempdir().unwrap();
     let provider = FakeProvider::start("starttls", None).await;
     let path = write_config(dir.path(), &provider, &queued("", ""), &password_hash());
@@ -444,32 +443,8 @@ async fn nothing_acknowledged_is_lost_when_the_relay_is_killed_again_and_again()
     assert!(import.wait().await.unwrap().success());
 
     let serve = |path: std::path::PathBuf| async move {
-        let mut child = tokio::process::Command::new(bin)
-            .arg("--config")
-            .arg(&path)
-            .arg("serve")
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut port = None;
-        while port.is_none() {
-            let line = lines
-                .next_line()
-                .await
-                .unwrap()
-                .expect("serve exited early");
-            if line.contains("listening") && line.contains("starttls") {
-                port = line
-                    .split(|c: char| c.is_whitespace())
-                    .find_map(|w| w.strip_prefix("addr=127.0.0.1:"))
-                    .and_then(|p| p.parse::<u16>().ok());
-            }
-        }
-        // Keep reading its log so that it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        (child, port.unwrap())
+        let (child, addr) = serve_process(&path, "starttls").await;
+        (child, addr.port())
     };
 
     let acked = Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));

@@ -24,10 +24,36 @@ fn shared_opts(root: &Path, pg: &Postgres, instance: &str) -> RelayOptions {
     }
 }
 
+/// PostgreSQL, a directory for the relays and a fake provider; `None` where PostgreSQL is not
+/// installed (the test is then skipped, saying so).
+async fn setup() -> Option<(Postgres, tempfile::TempDir, FakeProvider)> {
+    let pg = Postgres::start().await?;
+    let root = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start("implicit", None).await;
+    Some((pg, root, provider))
+}
+
+/// Relays `names` on `pg`, each in its own directory, with options from `opts` changed by `tweak`.
+async fn start_relays(
+    (root, pg, provider): (&Path, &Postgres, &FakeProvider),
+    names: &[&str],
+    opts: fn(&Path, &Postgres, &str) -> RelayOptions,
+    tweak: impl Fn(&mut RelayOptions),
+) -> Vec<Relay> {
+    let mut relays = Vec::new();
+    for name in names {
+        let mut o = opts(root, pg, name);
+        tweak(&mut o);
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        relays.push(Relay::start(&dir, provider, o).await);
+    }
+    relays
+}
+
 async fn shared_relay(root: &Path, pg: &Postgres, provider: &FakeProvider, name: &str) -> Relay {
-    let dir = root.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    Relay::start(&dir, provider, shared_opts(root, pg, name)).await
+    let mut relays = start_relays((root, pg, provider), &[name], shared_opts, |_| {}).await;
+    relays.remove(0)
 }
 
 async fn admin(relay: &Relay, request: Request) -> xoauth_relay::control::wire::Response {
@@ -52,11 +78,9 @@ async fn send_one(relay: &Relay, pki: &Pki, n: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forty_sessions_over_three_relays_cause_one_token_request() {
-    let Some(pg) = Postgres::start().await else {
+    let Some((pg, root, provider)) = setup().await else {
         return;
     };
-    let root = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start("implicit", None).await;
     // Started together on an empty database: one migrates, the others wait on its lock.
     let (a, b, c) = tokio::join!(
         shared_relay(root.path(), &pg, &provider, "relay-a"),
@@ -110,11 +134,9 @@ async fn forty_sessions_over_three_relays_cause_one_token_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_on_one_relay_is_refused_on_the_other_at_once() {
-    let Some(pg) = Postgres::start().await else {
+    let Some((pg, root, provider)) = setup().await else {
         return;
     };
-    let root = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start("implicit", None).await;
     let a = shared_relay(root.path(), &pg, &provider, "relay-a").await;
     let b = shared_relay(root.path(), &pg, &provider, "relay-b").await;
     let rt = provider.state().add_refresh_token();
@@ -156,11 +178,9 @@ async fn a_revoke_on_one_relay_is_refused_on_the_other_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_relay_s_instance_name_is_refused_and_a_stopped_one_s_is_free() {
-    let Some(pg) = Postgres::start().await else {
+    let Some((pg, root, provider)) = setup().await else {
         return;
     };
-    let root = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start("implicit", None).await;
     let a = shared_relay(root.path(), &pg, &provider, "relay-a").await;
     // A second relay (its own directory) that calls itself relay-a too.
     let dir = root.path().join("other");
@@ -199,11 +219,9 @@ async fn a_live_relay_s_instance_name_is_refused_and_a_stopped_one_s_is_free() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_without_the_shared_key_is_refused_by_name() {
-    let Some(pg) = Postgres::start().await else {
+    let Some((pg, root, provider)) = setup().await else {
         return;
     };
-    let root = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start("implicit", None).await;
     let a = shared_relay(root.path(), &pg, &provider, "relay-a").await;
     let rt = provider.state().add_refresh_token();
     a.import("news", &rt).await;
@@ -232,24 +250,20 @@ async fn a_relay_without_the_shared_key_is_refused_by_name() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pacing_counts_the_relays_together() {
-    let Some(pg) = Postgres::start().await else {
+    let Some((pg, root, provider)) = setup().await else {
         return;
     };
-    let root = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start("implicit", None).await;
-    let paced = |name: &str| {
-        let mut opts = shared_opts(root.path(), &pg, name);
-        // Burst of 1: a second message within seconds must wait, whichever relay takes it.
-        opts.extra_accounts_toml = "max_messages_per_minute = 20".into();
-        opts.extra_limits_toml = "upstream_wait_secs = 1".into();
-        opts
-    };
-    let mut relays = Vec::new();
-    for name in ["relay-a", "relay-b"] {
-        let dir = root.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        relays.push(Relay::start(&dir, &provider, paced(name)).await);
-    }
+    // Burst of 1: a second message within seconds must wait, whichever relay takes it.
+    let relays = start_relays(
+        (root.path(), &pg, &provider),
+        &["relay-a", "relay-b"],
+        shared_opts,
+        |o| {
+            o.extra_accounts_toml = "max_messages_per_minute = 20".into();
+            o.extra_limits_toml = "upstream_wait_secs = 1".into();
+        },
+    )
+    .await;
     let rt = provider.state().add_refresh_token();
     relays[0].import("news", &rt).await;
     let first = send_one(&relays[0], &provider.pki, 1).await;
@@ -277,21 +291,20 @@ async fn pacing_counts_the_relays_together() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_cap_of_three_holds_across_two_relays() {
-    let Some(pg) = Postgres::start().await else {
+    let Some((pg, root, provider)) = setup().await else {
         return;
     };
-    let root = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start("implicit", None).await;
     // Like Exchange Online: a fourth concurrent authenticated connection gets 432 4.3.2.
     provider.state().max_authed = Some(3);
-    let mut relays = Vec::new();
-    for name in ["relay-a", "relay-b"] {
-        let mut opts = shared_opts(root.path(), &pg, name);
-        opts.extra_provider_toml = "max_upstream_connections = 3".into();
-        let dir = root.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        relays.push(Relay::start(&dir, &provider, opts).await);
-    }
+    let relays = start_relays(
+        (root.path(), &pg, &provider),
+        &["relay-a", "relay-b"],
+        shared_opts,
+        |o| {
+            o.extra_provider_toml = "max_upstream_connections = 3".into();
+        },
+    )
+    .await;
     let rt = provider.state().add_refresh_token();
     relays[0].import("news", &rt).await;
     let mut sessions = Vec::new();
@@ -338,19 +351,18 @@ async fn a_connection_cap_of_three_holds_across_two_relays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_relay_s_throttling_pauses_the_account_on_the_other() {
-    let Some(pg) = Postgres::start().await else {
+    let Some((pg, root, provider)) = setup().await else {
         return;
     };
-    let root = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start("implicit", None).await;
-    let mut relays = Vec::new();
-    for name in ["relay-a", "relay-b"] {
-        let mut opts = shared_opts(root.path(), &pg, name);
-        opts.extra_accounts_toml = "delivery = \"queue\"".into();
-        let dir = root.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        relays.push(Relay::start(&dir, &provider, opts).await);
-    }
+    let relays = start_relays(
+        (root.path(), &pg, &provider),
+        &["relay-a", "relay-b"],
+        shared_opts,
+        |o| {
+            o.extra_accounts_toml = "delivery = \"queue\"".into();
+        },
+    )
+    .await;
     let rt = provider.state().add_refresh_token();
     relays[0].import("news", &rt).await;
     // Microsoft's throttling reply to relay A's message.
@@ -397,17 +409,16 @@ async fn queued_rows(pg: &Postgres) -> Vec<(String, String, i64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_relay_s_queue_is_delivered_by_the_other() {
-    let Some(pg) = Postgres::start().await else {
+    let Some((pg, root, provider)) = setup().await else {
         return;
     };
-    let root = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start("implicit", None).await;
-    let mut relays = Vec::new();
-    for name in ["relay-a", "relay-b"] {
-        let dir = root.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        relays.push(Relay::start(&dir, &provider, queue_opts(root.path(), &pg, name)).await);
-    }
+    let mut relays = start_relays(
+        (root.path(), &pg, &provider),
+        &["relay-a", "relay-b"],
+        queue_opts,
+        |_| {},
+    )
+    .await;
     let rt = provider.state().add_refresh_token();
     relays[0].import("news", &rt).await;
     // The upstream is down: relay A keeps what it accepts.
@@ -485,47 +496,11 @@ async fn a_stopped_relay_s_queue_is_delivered_by_the_other() {
     }
 }
 
-/// `serve` as its own process (so that it can be killed); its implicit-TLS address once it
-/// listens.
-async fn serve_process(config: &Path) -> (tokio::process::Child, std::net::SocketAddr) {
-    use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_xoauth-relay"))
-        .arg("--config")
-        .arg(config)
-        .arg("serve")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let port = loop {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("serve exited early");
-        if line.contains("listening") && line.contains("implicit") {
-            if let Some(p) = line
-                .split(|c: char| c.is_whitespace())
-                .find_map(|w| w.strip_prefix("addr=127.0.0.1:"))
-                .and_then(|p| p.parse::<u16>().ok())
-            {
-                break p;
-            }
-        }
-    };
-    // Keep reading its log so that it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, ([127, 0, 0, 1], port).into())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_mid_transfer_has_its_queue_delivered_by_another() {
-    let Some(pg) = Postgres::start().await else {
+    let Some((pg, root, provider)) = setup().await else {
         return;
     };
-    let root = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start("implicit", None).await;
     let short_lease = |name: &str| {
         let mut opts = queue_opts(root.path(), &pg, name);
         opts.extra_toml = opts.extra_toml.replace("lease_secs = 10", "lease_secs = 6");
@@ -534,7 +509,7 @@ async fn a_relay_killed_mid_transfer_has_its_queue_delivered_by_another() {
     let dir_a = root.path().join("relay-a");
     std::fs::create_dir_all(&dir_a).unwrap();
     let config_a = write_config(&dir_a, &provider, &short_lease("relay-a"), &password_hash());
-    let (mut a, addr_a) = serve_process(&config_a).await;
+    let (mut a, addr_a) = serve_process(&config_a, "implicit").await;
     let dir_b = root.path().join("relay-b");
     std::fs::create_dir_all(&dir_b).unwrap();
     let b = Relay::start(&dir_b, &provider, short_lease("relay-b")).await;
@@ -602,11 +577,9 @@ async fn a_relay_killed_mid_transfer_has_its_queue_delivered_by_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sled_install_moves_into_the_database_with_its_grant_and_queue() {
-    let Some(pg) = Postgres::start().await else {
+    let Some((pg, root, provider)) = setup().await else {
         return;
     };
-    let root = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start("implicit", None).await;
     let dir = root.path().join("relay-a");
     std::fs::create_dir_all(&dir).unwrap();
     // One relay on sled, in queue mode, with a grant and a message it could not deliver yet.
@@ -664,11 +637,9 @@ async fn a_sled_install_moves_into_the_database_with_its_grant_and_queue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_down_loses_nothing_acknowledged_and_direct_mode_goes_on() {
-    let Some(mut pg) = Postgres::start().await else {
+    let Some((mut pg, root, provider)) = setup().await else {
         return;
     };
-    let root = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start("implicit", None).await;
     let start = |name: &str, queue: bool| {
         let mut opts = if queue {
             queue_opts(root.path(), &pg, name)
@@ -739,19 +710,18 @@ async fn the_database_down_loses_nothing_acknowledged_and_direct_mode_goes_on() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_logins_count_across_relays_and_unlock_on_one_lifts_all() {
-    let Some(pg) = Postgres::start().await else {
+    let Some((pg, root, provider)) = setup().await else {
         return;
     };
-    let root = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start("implicit", None).await;
-    let mut relays = Vec::new();
-    for name in ["relay-a", "relay-b"] {
-        let mut opts = shared_opts(root.path(), &pg, name);
-        opts.extra_limits_toml = "auth_failures_per_login = 4\nauth_failures_per_ip = 50".into();
-        let dir = root.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        relays.push(Relay::start(&dir, &provider, opts).await);
-    }
+    let relays = start_relays(
+        (root.path(), &pg, &provider),
+        &["relay-a", "relay-b"],
+        shared_opts,
+        |o| {
+            o.extra_limits_toml = "auth_failures_per_login = 4\nauth_failures_per_ip = 50".into();
+        },
+    )
+    .await;
     const LOCKED: &str = "421 4.7.0 too many failed logins, try again later";
     // Two wrong passwords on each relay: four together, the limit.
     for (n, relay) in [&relays[0], &relays[0], &relays[1], &relays[1]]
@@ -807,11 +777,9 @@ async fn failed_logins_count_across_relays_and_unlock_on_one_lifts_all() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accounts_usage_counts_every_relay() {
-    let Some(pg) = Postgres::start().await else {
+    let Some((pg, root, provider)) = setup().await else {
         return;
     };
-    let root = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start("implicit", None).await;
     let a = shared_relay(root.path(), &pg, &provider, "relay-a").await;
     let b = shared_relay(root.path(), &pg, &provider, "relay-b").await;
     let rt = provider.state().add_refresh_token();
@@ -839,11 +807,9 @@ async fn accounts_usage_counts_every_relay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_starts_with_the_database_down_and_serves_once_it_answers() {
-    let Some(mut pg) = Postgres::start().await else {
+    let Some((mut pg, root, provider)) = setup().await else {
         return;
     };
-    let root = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start("implicit", None).await;
     // A grant stored while the database is up.
     let first = shared_relay(root.path(), &pg, &provider, "relay-a").await;
     let rt = provider.state().add_refresh_token();

@@ -1,6 +1,6 @@
 //! A PostgreSQL server of the test's own: `initdb` into a temporary directory, `postgres` on a free
 //! loopback port, stopped (immediate shutdown) when dropped. As root (CI), both run as the
-//! package's `postgres` user: initdb refuses root.
+//! package's `postgres` user: initdb refuses root. The bench uses it too, with fsync on.
 //!
 //! Where no PostgreSQL is installed the test is skipped with a printed reason, unless
 //! `XOAUTH_RELAY_REQUIRE_POSTGRES` is set (`.ci/run` sets it after installing the package): then
@@ -15,6 +15,8 @@ pub struct Postgres {
     bin: PathBuf,
     pub port: u16,
     child: Option<std::process::Child>,
+    /// Off for the tests (speed); on for the bench (an operator's server syncs its commits).
+    fsync: bool,
 }
 
 /// The directory holding `initdb` and `postgres`, if PostgreSQL is installed.
@@ -61,6 +63,11 @@ impl Postgres {
     /// A running server, or `None` (with the reason printed) where PostgreSQL is not installed
     /// and CI did not ask for it.
     pub async fn start() -> Option<Postgres> {
+        Postgres::start_with(false).await
+    }
+
+    /// [`Postgres::start`], with `fsync` on or off.
+    pub async fn start_with(fsync: bool) -> Option<Postgres> {
         let Some(bin) = bin_dir() else {
             let why =
                 "PostgreSQL is not installed (no initdb under /usr/lib/postgresql or in PATH)";
@@ -111,6 +118,7 @@ impl Postgres {
             bin,
             port: free_port(),
             child: None,
+            fsync,
         };
         pg.spawn();
         pg.until_up().await;
@@ -123,8 +131,9 @@ impl Postgres {
             .arg(self.dir.path().join("data"))
             .args(["-p", &self.port.to_string(), "-h", "127.0.0.1", "-k"])
             .arg(self.dir.path())
-            // A test database: no fsync, and room for several relays' pools.
-            .args(["-F", "-c", "max_connections=200"])
+            // Room for several relays' pools.
+            .args(["-c", "max_connections=200"])
+            .args(if self.fsync { &[][..] } else { &["-F"][..] })
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -160,6 +169,15 @@ impl Postgres {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Empty tables: the next relay creates them again (the bench, between cells).
+    pub async fn reset(&self) {
+        self.client()
+            .await
+            .batch_execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public;")
+            .await
+            .unwrap();
     }
 
     /// A client for the test's own queries.

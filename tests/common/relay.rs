@@ -258,3 +258,37 @@ impl Relay {
         }
     }
 }
+
+/// `serve` as its own process (so that a test can kill it); the address of its listener with
+/// `tls` ("starttls" or "implicit") once it listens.
+pub async fn serve_process(config: &Path, tls: &str) -> (tokio::process::Child, SocketAddr) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_xoauth-relay"))
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let port = loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("serve exited early");
+        if line.contains("listening") && line.contains(tls) {
+            if let Some(p) = line
+                .split(|c: char| c.is_whitespace())
+                .find_map(|w| w.strip_prefix("addr=127.0.0.1:"))
+                .and_then(|p| p.parse::<u16>().ok())
+            {
+                break p;
+            }
+        }
+    };
+    // Keep reading its log so that it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, ([127, 0, 0, 1], port).into())
+}
