@@ -75,8 +75,8 @@ const RECHECK: Duration = Duration::from_millis(100);
 /// the cap (the cap divided by the relays last seen alive), counted here.
 pub struct SharedSlots {
     store: Arc<dyn Shared>,
-    /// The lease ids this relay holds, per account.
-    leases: Mutex<HashMap<String, Vec<i64>>>,
+    /// The lease ids this relay holds, per account (renewed every third of a lease).
+    leases: Arc<Mutex<HashMap<String, Vec<i64>>>>,
     /// Slots taken while the database was out of reach.
     offline: LocalSlots,
     warned: AtomicBool,
@@ -105,9 +105,11 @@ impl SharedSlots {
     }
 
     pub fn new(store: Arc<dyn Shared>) -> SharedSlots {
+        let leases = Arc::new(Mutex::new(HashMap::new()));
+        tokio::spawn(renew(Arc::downgrade(&leases), store.clone()));
         SharedSlots {
             store,
-            leases: Mutex::new(HashMap::new()),
+            leases,
             offline: LocalSlots::default(),
             warned: AtomicBool::new(false),
             asked: Mutex::new(HashMap::new()),
@@ -131,6 +133,9 @@ impl Slots for SharedSlots {
                     self.ask_others(account).await;
                     false
                 }
+                // A busy pool or a single failed query: wait like at the cap; the local share is
+                // for the database out of reach.
+                Err(_) if self.store.trouble().is_none() => false,
                 Err(e) => {
                     let relays = self.store.relays_seen();
                     if !self.warned.swap(true, Ordering::Relaxed) {
@@ -150,9 +155,17 @@ impl Slots for SharedSlots {
         let id = lock(&self.leases).get_mut(account).and_then(Vec::pop);
         if let Some(id) = id {
             let store = self.store.clone();
-            // A release that fails leaves the row to expire after lease_secs.
+            // Tried a few times; a row whose release still fails is no longer renewed, and runs
+            // out after lease_secs.
             tokio::spawn(async move {
-                let _ = store.free_slot(id).await;
+                let mut wait = Duration::from_millis(200);
+                for _ in 0..5 {
+                    if store.free_slot(id).await.is_ok() {
+                        return;
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
             });
         }
     }
@@ -163,5 +176,22 @@ impl Slots for SharedSlots {
 
     fn recheck(&self) -> Option<Duration> {
         Some(RECHECK)
+    }
+}
+
+/// Renews the slots this relay holds every third of a lease, until the slots are dropped.
+async fn renew(leases: std::sync::Weak<Mutex<HashMap<String, Vec<i64>>>>, store: Arc<dyn Shared>) {
+    let mut every = tokio::time::interval(store.lease_time() / 3);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let Some(leases) = leases.upgrade() else {
+            return;
+        };
+        let ids: Vec<i64> = lock(&leases).values().flatten().copied().collect();
+        drop(leases);
+        if let Err(e) = store.renew_slots(ids).await {
+            tracing::debug!(error = %e, "cannot renew connection slots");
+        }
     }
 }

@@ -118,6 +118,10 @@ pub trait Shared: Send + Sync + 'static {
         cap: usize,
     ) -> BoxFuture<'a, Result<Option<i64>, StoreError>>;
     fn free_slot(&self, id: i64) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Keeps the slots `ids` (those this relay holds) from running out.
+    fn renew_slots(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// `lease_secs`: how long a lease lasts unless renewed.
+    fn lease_time(&self) -> std::time::Duration;
     /// Tells every relay (this one too) something about `account` (`want`: a relay waits for one
     /// of its slots; `pause`, `lift`: its shared pause changed); best effort.
     fn signal<'a>(&'a self, kind: &'static str, account: &'a str) -> BoxFuture<'a, ()>;

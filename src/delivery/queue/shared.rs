@@ -21,11 +21,14 @@ use futures_util::StreamExt;
 use tokio_util::task::TaskTracker;
 
 use super::model::{Envelope, Progress};
-use super::spool::{Body, Incoming, Listed, Spool, Stored};
+use super::spool::{Body, Claim, Incoming, Listed, Spool, Stored};
 use crate::delivery::api::spill::{Spill, IN_MEMORY};
 use crate::store::postgres::PgStore;
 use crate::util::sync::lock;
 use crate::util::BoxFuture;
+
+/// How long shutdown waits for removals still running.
+const FLUSH_AT_MOST: Duration = Duration::from_secs(5);
 
 /// Bodies up to this size are read whole for a transfer; larger ones stream chunk by chunk.
 const WHOLE: u64 = 1 << 20;
@@ -386,6 +389,15 @@ impl Spool for SharedSpool {
                 for r in &rows {
                     body.extend_from_slice(r.get::<_, &[u8]>(0));
                 }
+                // A body cut short (rows gone meanwhile) is never sent as the message.
+                if body.len() as u64 != env.size {
+                    return Err(io_error(format!(
+                        "message {}: {} of its {} bytes in the database",
+                        env.id,
+                        body.len(),
+                        env.size
+                    )));
+                }
                 return Ok(Body::Bytes(body));
             }
             // Chunk by chunk, each its own query: memory stays at a chunk or two whatever the size.
@@ -446,8 +458,10 @@ impl Spool for SharedSpool {
 
     fn flush(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
+            // At most a few seconds: with the database down a removal cannot finish, and the
+            // message then stays queued (delivered, not yet removed: the documented window).
             self.detached.close();
-            self.detached.wait().await;
+            let _ = tokio::time::timeout(FLUSH_AT_MOST, self.detached.wait()).await;
             self.detached.reopen();
         })
     }
@@ -480,7 +494,7 @@ impl Spool for SharedSpool {
         lock(&self.state).get(name).cloned()
     }
 
-    fn claim<'a>(&'a self, id: &'a str) -> BoxFuture<'a, io::Result<bool>> {
+    fn claim<'a>(&'a self, id: &'a str) -> BoxFuture<'a, io::Result<Claim>> {
         Box::pin(async move {
             let client = self.client().await?;
             let taken = rows(
@@ -496,8 +510,21 @@ impl Spool for SharedSpool {
             .pop();
             if taken.is_some() {
                 lock(&self.claims).insert(id.to_string());
+                return Ok(Claim::Taken);
             }
-            Ok(taken.is_some())
+            let owner: Option<String> = rows(
+                &client,
+                "SELECT owner FROM xoauth_queue WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(|e| io_error(self.db.error("claiming a message", &e)))?
+            .pop()
+            .map(|r| r.get(0));
+            Ok(match owner {
+                Some(owner) if owner == self.db.instance() => Claim::Held,
+                _ => Claim::Gone,
+            })
         })
     }
 

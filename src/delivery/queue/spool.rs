@@ -113,10 +113,10 @@ pub trait Spool: Send + Sync + 'static {
     fn write_state<'a>(&'a self, name: &'a str, bytes: Vec<u8>) -> BoxFuture<'a, io::Result<()>>;
     fn read_state(&self, name: &str) -> Option<Vec<u8>>;
 
-    /// This relay works on message `id` now: `false` when another relay has it. Renewed while a
-    /// transfer lasts ([`Spool::renew`]) and given back with [`Spool::release`]. One relay on a
-    /// local spool always has every claim.
-    fn claim<'a>(&'a self, id: &'a str) -> BoxFuture<'a, io::Result<bool>>;
+    /// This relay works on message `id` now, unless another process has it or it is no longer
+    /// this relay's. Renewed while a transfer lasts ([`Spool::renew`]) and given back with
+    /// [`Spool::release`]. One relay on a local spool always has every claim.
+    fn claim<'a>(&'a self, id: &'a str) -> BoxFuture<'a, io::Result<Claim>>;
     fn renew<'a>(&'a self, id: &'a str) -> BoxFuture<'a, io::Result<()>>;
     fn release(&self, id: &str);
 
@@ -140,6 +140,19 @@ pub trait Spool: Send + Sync + 'static {
     ) -> BoxFuture<'a, io::Result<Option<Vec<Listed>>>> {
         Box::pin(std::future::ready(Ok(None)))
     }
+}
+
+/// What claiming a message found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// This process sends it now.
+    Taken,
+    /// Another process has it for now (this relay's previous run, restarted within its claim's
+    /// lease): try again later.
+    Held,
+    /// No longer this relay's (another adopted it while this one was out of reach): out of the
+    /// index.
+    Gone,
 }
 
 /// A message as a shared spool lists it.

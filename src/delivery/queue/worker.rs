@@ -16,6 +16,7 @@ use super::index::{worker_count, AccountQueue};
 use super::model::{Envelope, RcptStatus};
 use super::pauses::{Hold, Pause};
 use super::retry::{backoff, pause_for};
+use super::spool::Claim;
 use super::transfer::{self, Transfer};
 use super::Queue;
 use crate::delivery::pacing::{Pace, Pacers};
@@ -29,6 +30,9 @@ use crate::util::sync::lock;
 /// Attempts in a row on which one recipient of a message drew a throttling reply before that is
 /// taken as the recipient's trouble (a deferral with backoff) rather than the account's.
 const STRIKES: u32 = 2;
+
+/// A message another process holds (or that could not be claimed) is tried again after this.
+const CLAIM_AGAIN: Duration = Duration::from_secs(5);
 
 /// A throttled message waits this long after the pause ends, so the others go first.
 const BEHIND: Duration = Duration::from_secs(1);
@@ -225,7 +229,17 @@ impl Worker {
             return Next::Sleep(Some(expiry.map_or(until, |e| e.min(until))));
         }
         let mut inner = lock(&self.aq.inner);
-        if inner.messages.get(&id).is_some_and(|e| !e.busy) {
+        // Still as `pick` saw it: not taken by another worker meanwhile, due, and each chosen
+        // recipient still pending and untried (else another worker's attempt came between).
+        let now = self.queue.clock.now();
+        let unchanged = inner.messages.get(&id).is_some_and(|e| {
+            !e.busy
+                && e.due <= now
+                && rcpts
+                    .iter()
+                    .all(|i| !e.tried[*i] && e.pending().any(|p| p == *i))
+        });
+        if unchanged {
             let env = inner.take(&id).expect("found above").env.clone();
             return Next::Job(Job { env, rcpts });
         }
@@ -237,13 +251,30 @@ impl Worker {
     async fn deliver(&self, job: Job) {
         let spool = &self.queue.spool;
         let id = job.env.id.clone();
-        // Another relay sharing the spool may be sending it: then it is theirs for now.
-        if !spool.claim(&id).await.unwrap_or(false) {
-            lock(&self.aq.inner).release(&id);
+        let claim = spool.claim(&id).await;
+        if let Ok(Claim::Taken) = claim {
+            self.attempt(job).await;
+            spool.release(&id);
             return;
         }
-        self.attempt(job).await;
-        spool.release(&id);
+        // Not sent: the pacing turn goes back, and the message waits (held by another process,
+        // or the database out of reach) or leaves the index (another relay adopted it).
+        self.pacer
+            .refund(job.rcpts.len() as u32, self.pacers.now_ms());
+        let mut inner = lock(&self.aq.inner);
+        match claim {
+            Ok(Claim::Gone) => {
+                inner.remove(&id);
+                tracing::info!(id, account = %self.aq.name, "queued message taken over by another relay");
+            }
+            _ => {
+                if let Err(e) = &claim {
+                    tracing::warn!(id, error = %e, "cannot claim a queued message; trying again later");
+                }
+                inner.release(&id);
+                inner.set_due(&id, self.queue.clock.now() + CLAIM_AGAIN);
+            }
+        }
     }
 
     async fn attempt(&self, job: Job) {

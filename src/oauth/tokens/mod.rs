@@ -66,6 +66,10 @@ const UPKEEP_AT_LEAST: Duration = Duration::from_secs(5);
 /// the provider again (a dead endpoint would otherwise make a hundred sessions queue for minutes).
 const FAILURE_BACKOFF: Duration = Duration::from_secs(15);
 
+/// After the shared database was out of reach for a refresh: waiters get that error for this long
+/// (each would otherwise wait for its own connection attempt in turn).
+const DATABASE_BACKOFF: Duration = Duration::from_secs(1);
+
 struct AccountTokens {
     /// Swapped by a reload; the cached token stays unless what it was issued for changed.
     account: arc_swap::ArcSwap<Account>,
@@ -399,7 +403,13 @@ impl TokenManager {
                     .cloned()
             };
             if let Some((at, error)) = lock(&slot.failure).clone().filter(|_| !ask) {
-                if this.clock.now().saturating_duration_since(at) < FAILURE_BACKOFF {
+                // A failing endpoint is not asked by every waiter; a shared database out of reach
+                // asked nobody, and is tried again a moment later.
+                let backoff = match error {
+                    TokenError::Database(_) => DATABASE_BACKOFF,
+                    _ => FAILURE_BACKOFF,
+                };
+                if this.clock.now().saturating_duration_since(at) < backoff {
                     return match still_valid().filter(|_| passing(&error)) {
                         Some(t) => Ok(t),
                         None => Err(error),
@@ -411,13 +421,7 @@ impl TokenManager {
             let first_use = rejected.is_none() && lock(&slot.cached).is_none();
             let result = this.obtain(&slot, first_use, rejected.as_ref()).await;
             let now = this.clock.now();
-            // Remembered for FAILURE_BACKOFF so that a failing endpoint is not asked by every
-            // waiter; a shared database out of reach asked nobody, and is tried again at once.
-            *lock(&slot.failure) = result
-                .as_ref()
-                .err()
-                .filter(|e| !matches!(e, TokenError::Database(_)))
-                .map(|e| (now, e.clone()));
+            *lock(&slot.failure) = result.as_ref().err().map(|e| (now, e.clone()));
             this.changed.notify_one();
             match result {
                 Err(e) => match still_valid().filter(|_| passing(&e)) {

@@ -126,6 +126,18 @@ impl Target {
             _ => SslMode::Require,
         });
         config.connect_timeout(CONNECT_TIMEOUT);
+        // No statement, lock wait or open transaction may hang a relay (or hold a row another
+        // relay waits for) when a peer or the network stalls; the operator's own `options` win.
+        let ours = "-c statement_timeout=15s -c lock_timeout=10s -c idle_in_transaction_session_timeout=30s";
+        let theirs = config.get_options().map(str::to_string);
+        config.options(&match theirs {
+            Some(t) => format!("{ours} {t}"),
+            None => ours.to_string(),
+        });
+        // A peer gone without a FIN is noticed in about a minute, not the kernel's hours.
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(30));
+        config.tcp_user_timeout(Duration::from_secs(60));
         config.application_name("xoauth-relay");
         let shown = shown(&config);
         Ok(Target {

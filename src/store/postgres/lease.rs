@@ -155,12 +155,14 @@ impl PgStore {
                     &[&self.instance, &self.holder],
                 )
                 .await;
-            let _ = client
-                .execute(
-                    "DELETE FROM xoauth_refresh_leases WHERE holder = $1",
-                    &[&self.holder],
-                )
-                .await;
+            // Leases, slots and claims too: the others need not wait for them to run out.
+            for sql in [
+                "DELETE FROM xoauth_refresh_leases WHERE holder = $1",
+                "DELETE FROM xoauth_slots WHERE holder = $1",
+                "UPDATE xoauth_queue SET claimed_by = NULL, claim_until = NULL WHERE claimed_by = $1",
+            ] {
+                let _ = client.execute(sql, &[&self.holder]).await;
+            }
         }
     }
 

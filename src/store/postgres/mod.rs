@@ -37,6 +37,10 @@ use crate::util::sync::lock;
 
 const CHANNEL: &str = "xoauth_relay";
 
+/// A value the first relay on a database seals (`xoauth_rows`, kind `key-check`): a relay with
+/// another key cannot open it and is refused before it stores anything.
+const KEY_CHECK: &str = "xoauth-relay key check";
+
 /// Connections per relay: grant writes are few, but in queue mode every accepted message is a
 /// commit, and commits in parallel share the database's fsync (group commit).
 const POOL_SIZE: usize = 12;
@@ -91,6 +95,8 @@ pub struct PgStore {
     stop: CancellationToken,
     /// Relays seen alive at the last heartbeat.
     relays_seen: std::sync::atomic::AtomicUsize,
+    /// Registered once since the start (a later registration is a lost one made again).
+    registered: std::sync::atomic::AtomicBool,
 }
 
 /// A database error as an operator reads it: the server's message, or why no connection came.
@@ -152,6 +158,7 @@ impl PgStore {
             trouble: Mutex::new(None),
             stop: CancellationToken::new(),
             relays_seen: std::sync::atomic::AtomicUsize::new(1),
+            registered: std::sync::atomic::AtomicBool::new(false),
         });
         match store.prepare(settings.serve).await {
             Ok(()) => {}
@@ -179,6 +186,42 @@ impl PgStore {
             });
         }
         Ok(store)
+    }
+
+    /// Renews the registration; registers again if it was lost (unreachable longer than a
+    /// lease, or the relay started with the database down), unless the relay is stopping.
+    async fn keep_registered(&self) -> Result<(), StoreError> {
+        if self.heartbeat().await? || self.stop.is_cancelled() {
+            return Ok(());
+        }
+        if self
+            .registered
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            tracing::error!(instance = %self.instance, "this relay's registration was lost (the database was out of reach longer than lease_secs); registering again");
+        }
+        self.register().await
+    }
+
+    /// The database answers: any trouble remembered is over.
+    fn reachable(&self) {
+        if lock(&self.trouble).take().is_some() {
+            tracing::info!(database = %self.target.shown, "database reachable again");
+        }
+    }
+
+    /// Failed-login counts older than any lockout can last (a guesser's random logins must not
+    /// grow the table).
+    async fn forget_old_counts(&self) {
+        if let Ok(client) = self.pool.get().await {
+            let _ = client
+                .execute(
+                    "DELETE FROM xoauth_rows WHERE kind IN ('fail-login', 'fail-ip') \
+                     AND updated_at < now() - interval '1 day'",
+                    &[],
+                )
+                .await;
+        }
     }
 
     async fn count_relays(&self) -> Result<(), StoreError> {
@@ -235,8 +278,13 @@ impl PgStore {
     }
 
     fn trouble_from(&self, e: &deadpool_postgres::PoolError) -> StoreError {
+        use deadpool_postgres::{PoolError, TimeoutType};
+        // Every pooled connection busy (a burst) is not the database being down.
+        let busy = matches!(e, PoolError::Timeout(TimeoutType::Wait));
         let e = describe_pool(e);
-        self.set_trouble(Some(e.0.clone()));
+        if !busy {
+            self.set_trouble(Some(e.0.clone()));
+        }
         StoreError(format!("database {}: {e}", self.target.shown))
     }
 
@@ -255,8 +303,10 @@ impl PgStore {
         })?;
         drop(client);
         self.reload_all().await.map_err(Prepare::Unreachable)?;
-        self.same_key().map_err(Prepare::Refused)?;
+        self.same_key().await?;
         if serve {
+            self.registered
+                .store(true, std::sync::atomic::Ordering::Release);
             self.register().await.map_err(|e| {
                 if e.0.contains("is alive on database") {
                     Prepare::Refused(e)
@@ -268,32 +318,65 @@ impl PgStore {
         Ok(())
     }
 
-    /// Every relay on the database must seal with the same key: one grant that does not open
-    /// means this relay's key_file is another one (or new), and it could use none of them.
-    fn same_key(&self) -> Result<(), StoreError> {
+    /// Every relay on the database must seal with the same key: one grant that does not open,
+    /// or the database's key check (a value sealed by the first relay that started on it), means
+    /// this relay's key_file is another one (or new), and it could use none of the grants.
+    async fn same_key(&self) -> Result<(), Prepare> {
         let sample = lock(&self.mirror)
             .grants
             .iter()
             .next()
             .map(|(a, s)| (a.clone(), s.clone()));
-        let Some((account, sealed)) = sample else {
-            return Ok(());
-        };
-        if self.sealer.open(&account, &sealed).is_ok() {
-            return Ok(());
+        if let Some((account, sealed)) = sample {
+            if self.sealer.open(&account, &sealed).is_err() {
+                return Err(Prepare::Refused(self.wrong_key()));
+            }
         }
+        let unreachable =
+            |e: &tokio_postgres::Error| Prepare::Unreachable(self.failed("the key check", e));
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| Prepare::Unreachable(describe_pool(&e)))?;
+        let mine = self
+            .sealer
+            .seal(KEY_CHECK, KEY_CHECK.as_bytes())
+            .map_err(Prepare::Refused)?;
+        client
+            .execute(
+                "INSERT INTO xoauth_rows (kind, key, value) VALUES ('key-check', 'v1', $1) ON CONFLICT DO NOTHING",
+                &[&mine],
+            )
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let stored: Option<Vec<u8>> = client
+            .query_one(
+                "SELECT value FROM xoauth_rows WHERE kind = 'key-check' AND key = 'v1'",
+                &[],
+            )
+            .await
+            .map_err(|e| unreachable(&e))?
+            .get(0);
+        match stored.map(|v| self.sealer.open(KEY_CHECK, &v)) {
+            Some(Ok(_)) => Ok(()),
+            _ => Err(Prepare::Refused(self.wrong_key())),
+        }
+    }
+
+    fn wrong_key(&self) -> StoreError {
         let made = if self.new_key {
             let _ = std::fs::remove_file(&self.key_file);
             " (there was none; the one just made was removed again)"
         } else {
             ""
         };
-        Err(StoreError(format!(
+        StoreError(format!(
             "key_file {}{made} is not the key that sealed the grants in database {}: every relay sharing \
              the database needs the same key_file; copy it (mode 0600) from a relay that uses this database",
             self.key_file.display(),
             self.target.shown
-        )))
+        ))
     }
 
     /// Reads every grant and status into the mirror.
@@ -628,8 +711,8 @@ async fn notify(
 async fn listen(store: Weak<PgStore>) {
     let mut backoff = Duration::from_millis(500);
     loop {
+        let result = listen_once(&store).await;
         let Some(s) = store.upgrade() else { return };
-        let result = listen_once(&s).await;
         match result {
             Ok(()) => return,
             Err(e) => {
@@ -648,7 +731,12 @@ async fn listen(store: Weak<PgStore>) {
     }
 }
 
-async fn listen_once(s: &Arc<PgStore>) -> Result<(), StoreError> {
+/// One listening connection, until it breaks (`Err`) or the store is dropped (`Ok`). The store
+/// is held only while a notice or a heartbeat is handled, so dropping it ends the loop.
+async fn listen_once(store: &Weak<PgStore>) -> Result<(), StoreError> {
+    let Some(s) = store.upgrade() else {
+        return Ok(());
+    };
     let (client, mut connection) = s
         .target
         .config
@@ -672,29 +760,33 @@ async fn listen_once(s: &Arc<PgStore>) -> Result<(), StoreError> {
         .batch_execute(&format!("LISTEN {CHANNEL}"))
         .await
         .map_err(|e| StoreError(describe(&e)))?;
-    // Whatever changed while nobody listened is read now.
-    s.prepare(true).await.map_err(|e| match e {
+    // Whatever changed while nobody listened is read now. The registration made at open is
+    // only renewed here, and made again only if it was lost (never after a clean stop began).
+    s.prepare(false).await.map_err(|e| match e {
         Prepare::Refused(e) | Prepare::Unreachable(e) => e,
     })?;
+    s.keep_registered().await?;
     s.count_relays().await?;
-    if lock(&s.trouble).take().is_some() {
-        tracing::info!(database = %s.target.shown, "database reachable again");
-    }
+    s.reachable();
     let mut beat = tokio::time::interval(s.lease / 3);
     beat.tick().await;
+    drop(s);
     loop {
         tokio::select! {
-            notice = rx.recv() => match notice {
-                Some(payload) => s.on_notice(&payload).await,
-                None => return Err(StoreError("the database closed the listening connection".into())),
-            },
+            notice = rx.recv() => {
+                let Some(payload) = notice else {
+                    return Err(StoreError("the database closed the listening connection".into()));
+                };
+                let Some(s) = store.upgrade() else { return Ok(()) };
+                s.on_notice(&payload).await;
+            }
             _ = beat.tick() => {
-                if !s.heartbeat().await? {
-                    tracing::error!(instance = %s.instance, "this relay's registration was taken over (it was unreachable longer than lease_secs); registering again");
-                    s.register().await?;
-                }
-                s.renew_slots().await?;
+                let Some(s) = store.upgrade() else { return Ok(()) };
+                s.keep_registered().await?;
                 s.count_relays().await?;
+                s.forget_old_counts().await;
+                // A query failure meanwhile (not the listening connection) has passed.
+                s.reachable();
             }
         }
     }

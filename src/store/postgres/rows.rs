@@ -116,13 +116,18 @@ impl PgStore {
         Ok(())
     }
 
-    /// Live relays hold their slots: renewed with the heartbeat.
-    pub(super) async fn renew_slots(&self) -> Result<(), StoreError> {
+    /// The slots `ids` stay this relay's (renewed every third of a lease while held; a slot
+    /// whose release failed is not among them, and runs out).
+    pub(super) async fn renew_slots(&self, ids: &[i64]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
         let client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
         client
             .execute(
-                "UPDATE xoauth_slots SET until = now() + make_interval(secs => $2) WHERE holder = $1",
-                &[&self.holder, &self.lease.as_secs_f64()],
+                "UPDATE xoauth_slots SET until = now() + make_interval(secs => $2) \
+                 WHERE holder = $1 AND id = ANY($3)",
+                &[&self.holder, &self.lease.as_secs_f64(), &ids],
             )
             .await
             .map_err(|e| self.failed("renewing connection slots", &e))?;

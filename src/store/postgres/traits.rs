@@ -167,6 +167,14 @@ impl Shared for PgStore {
         Box::pin(self.free_slot(id))
     }
 
+    fn renew_slots(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move { self.renew_slots(&ids).await })
+    }
+
+    fn lease_time(&self) -> std::time::Duration {
+        self.lease()
+    }
+
     fn signal<'a>(&'a self, kind: &'static str, account: &'a str) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             if let Ok(client) = self.pool.get().await {

@@ -31,7 +31,7 @@ use self::commit::{Committer, Detached, Job, Op};
 use self::disk::Disk;
 use self::log::{LogAt, Rec, Record};
 use super::model::{valid_id, Envelope, Progress};
-use super::spool::{Body, Incoming, Opened, Quarantine, Spool, Stored};
+use super::spool::{Body, Claim, Incoming, Opened, Quarantine, Spool, Stored};
 use crate::util::sync::lock;
 use crate::util::BoxFuture;
 
@@ -733,8 +733,8 @@ impl Spool for LocalSpool {
         std::fs::read(self.0.root.join(name)).ok()
     }
 
-    fn claim<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, io::Result<bool>> {
-        Box::pin(std::future::ready(Ok(true)))
+    fn claim<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, io::Result<Claim>> {
+        Box::pin(std::future::ready(Ok(Claim::Taken)))
     }
 
     fn renew<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, io::Result<()>> {
