@@ -373,6 +373,18 @@ async fn one_relay_s_throttling_pauses_the_account_on_the_other() {
     // Relay B holds the account too, without having tried anything itself.
     let table = until_paused(&relays[1]).await;
     assert!(table.contains("Server busy"), "{table}");
+    // A relay started now holds it too, from the shared record.
+    let late = start_relays(
+        (root.path(), &pg, &provider),
+        &["relay-c"],
+        shared_opts,
+        |o| o.extra_accounts_toml = "delivery = \"queue\"".into(),
+    )
+    .await
+    .remove(0);
+    let table = until_paused(&late).await;
+    assert!(table.contains("Server busy"), "{table}");
+    late.stop().await;
     assert_eq!(provider.state().messages.len(), 0);
     // `queue retry` on B lifts it everywhere: A delivers its message.
     provider.state().mail_reply = None;

@@ -76,6 +76,9 @@ pub trait GrantStore: Send + Sync + 'static {
     fn flush(&self) -> Result<(), StoreError>;
 }
 
+/// A shared record: its key and its bytes.
+pub type Record = (String, Vec<u8>);
+
 /// What a store shared by several relays adds to [`GrantStore`].
 pub trait Shared: Send + Sync + 'static {
     /// Takes `account`'s refresh lease, waiting while another relay holds it; released on drop.
@@ -111,6 +114,8 @@ pub trait Shared: Send + Sync + 'static {
         kind: &'a str,
         key: &'a str,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>>;
+    /// Every record of `kind`, as (key, value).
+    fn read_rows<'a>(&'a self, kind: &'a str) -> BoxFuture<'a, Result<Vec<Record>, StoreError>>;
     /// One of `account`'s upstream connection slots across relays, if fewer than `cap` are held.
     fn take_slot<'a>(
         &'a self,

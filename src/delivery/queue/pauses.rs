@@ -161,6 +161,14 @@ impl SharedPauses {
         let Some(mut signals) = this.upgrade().map(|p| p.store.signals()) else {
             return;
         };
+        // The pauses in force when this relay starts (another relay's throttling holds here too).
+        if let Some(p) = this.upgrade() {
+            if let Ok(rows) = p.store.read_rows(ROW).await {
+                for (account, bytes) in rows {
+                    p.apply(&account, &bytes);
+                }
+            }
+        }
         loop {
             let (kind, account) = match signals.recv().await {
                 Ok(signal) => signal,
@@ -180,10 +188,14 @@ impl SharedPauses {
     }
 
     async fn read_back(&self, account: &str) {
-        let Ok(Some(bytes)) = self.store.read_row(ROW, account).await else {
-            return;
-        };
-        let Ok(shared) = serde_json::from_slice::<SharedPause>(&bytes) else {
+        if let Ok(Some(bytes)) = self.store.read_row(ROW, account).await {
+            self.apply(account, &bytes);
+        }
+    }
+
+    /// A shared pause row, held here until it ends.
+    fn apply(&self, account: &str, bytes: &[u8]) {
+        let Ok(shared) = serde_json::from_slice::<SharedPause>(bytes) else {
             return;
         };
         let left = shared.until.saturating_sub(self.clock.unix());
@@ -272,8 +284,9 @@ impl Pauses for SharedPauses {
         }
     }
 
+    // The relays' throttling (read from the shared rows at start) stays.
     fn forget(&self, account: &str) {
-        self.local.lift(account, false)
+        self.local.lift(account, true)
     }
 
     fn lifted(&self) -> Option<Arc<tokio::sync::Notify>> {

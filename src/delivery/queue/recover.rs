@@ -123,7 +123,8 @@ impl Queue {
                     _ = tick.tick() => {}
                 }
                 let Some(queue) = queue.upgrade() else { return };
-                match queue.spool.adopt().await {
+                let accounts: Vec<String> = queue.accounts.all().keys().cloned().collect();
+                match queue.spool.adopt(&accounts).await {
                     Ok(found) if !found.is_empty() => queue.index_adopted(found),
                     Ok(_) => {}
                     Err(e) => tracing::debug!(error = %e, "cannot look for messages to take over"),

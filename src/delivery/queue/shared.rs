@@ -126,20 +126,24 @@ impl SharedSpool {
 
     /// Messages of relays no longer alive (stopped, or dead longer than `lease_secs` with their
     /// claims run out), now this relay's.
-    pub async fn adopt(&self) -> io::Result<Vec<Stored>> {
+    pub async fn adopt(&self, accounts: &[String]) -> io::Result<Vec<Stored>> {
         let client = self.client().await?;
         let rows = client
             .query(
                 "UPDATE xoauth_queue q SET owner = $1, claimed_by = NULL, claim_until = NULL \
                  FROM (SELECT id FROM xoauth_queue \
-                       WHERE owner <> $1 \
+                       WHERE owner <> $1 AND account = ANY($3) \
                          AND owner NOT IN (SELECT instance FROM xoauth_relays \
                                            WHERE seen_at > now() - make_interval(secs => $2)) \
                          AND (claim_until IS NULL OR claim_until < now()) \
                        ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED) free \
                  WHERE q.id = free.id \
                  RETURNING q.envelope, q.progress, q.size",
-                &[&self.db.instance(), &self.db.lease().as_secs_f64()],
+                &[
+                    &self.db.instance(),
+                    &self.db.lease().as_secs_f64(),
+                    &accounts,
+                ],
             )
             .await
             .map_err(|e| io_error(self.db.error("adopting messages", &e)))?;
@@ -596,7 +600,7 @@ impl Spool for SharedSpool {
         Some(self.db.lease() / 3)
     }
 
-    fn adopt(&self) -> BoxFuture<'_, io::Result<Vec<Stored>>> {
+    fn adopt<'a>(&'a self, accounts: &'a [String]) -> BoxFuture<'a, io::Result<Vec<Stored>>> {
         Box::pin(async move {
             // Its own messages first, when the database was out of reach at start.
             let mut found = Vec::new();
@@ -613,7 +617,7 @@ impl Spool for SharedSpool {
                     }
                 }
             }
-            found.extend(SharedSpool::adopt(self).await?);
+            found.extend(SharedSpool::adopt(self, accounts).await?);
             Ok(found)
         })
     }

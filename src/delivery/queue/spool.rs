@@ -126,9 +126,9 @@ pub trait Spool: Send + Sync + 'static {
         None
     }
 
-    /// Messages that became this relay's since the spool was opened (another relay stopped or
-    /// died), to index and deliver.
-    fn adopt(&self) -> BoxFuture<'_, io::Result<Vec<Stored>>> {
+    /// Messages of `accounts` that became this relay's since the spool was opened (another relay
+    /// stopped or died), to index and deliver. Other accounts' wait for a relay that has them.
+    fn adopt<'a>(&'a self, _accounts: &'a [String]) -> BoxFuture<'a, io::Result<Vec<Stored>>> {
         Box::pin(std::future::ready(Ok(Vec::new())))
     }
 

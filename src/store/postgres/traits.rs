@@ -155,6 +155,23 @@ impl Shared for PgStore {
         Box::pin(self.read_row(kind, key))
     }
 
+    fn read_rows<'a>(
+        &'a self,
+        kind: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<crate::store::Record>, StoreError>> {
+        Box::pin(async move {
+            let client = self.pool().get().await.map_err(|e| self.pool_error(&e))?;
+            let rows = client
+                .query(
+                    "SELECT key, value FROM xoauth_rows WHERE kind = $1 AND value IS NOT NULL",
+                    &[&kind],
+                )
+                .await
+                .map_err(|e| self.error("reading shared state", &e))?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+    }
+
     fn take_slot<'a>(
         &'a self,
         account: &'a str,
