@@ -518,13 +518,7 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use pg::free_port;
 
 impl RelayProcess {
     async fn start(dir: &Path, config: &str) -> RelayProcess {

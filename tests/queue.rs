@@ -817,15 +817,7 @@ async fn a_damaged_byte_costs_at_most_its_own_record_and_is_reported() {
             1,
             "offset {at}"
         );
-        let text = admin(
-            &relay,
-            Request::Queue {
-                account: None,
-                json: false,
-            },
-        )
-        .await
-        .text;
+        let text = queue_table(&relay).await;
         assert!(
             text.contains("quarantined: 1 file(s)"),
             "offset {at}: {text}"

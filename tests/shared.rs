@@ -56,11 +56,6 @@ async fn shared_relay(root: &Path, pg: &Postgres, provider: &FakeProvider, name:
     relays.remove(0)
 }
 
-async fn admin(relay: &Relay, request: Request) -> xoauth_relay::control::wire::Response {
-    let config = xoauth_relay::config::Config::load(&relay.config_path).unwrap();
-    xoauth_relay::app::admin(config, request).await.unwrap()
-}
-
 /// One message through `relay` from a new session; the replies.
 async fn send_one(relay: &Relay, pki: &Pki, n: usize) -> Vec<String> {
     let mut c = Client::connect(relay, Conn::Implicit, pki).await;
@@ -465,15 +460,7 @@ async fn a_stopped_relay_s_queue_is_delivered_by_the_other() {
     let listed = queue_json(&relays[1]).await;
     assert_eq!(listed.len(), 4, "{listed:?}");
     assert!(listed.iter().all(|m| m["relay"] == "relay-a"), "{listed:?}");
-    let table = admin(
-        &relays[1],
-        Request::Queue {
-            account: None,
-            json: false,
-        },
-    )
-    .await
-    .text;
+    let table = queue_table(&relays[1]).await;
     assert!(
         table.contains("RELAY") && table.contains("relay-a"),
         "{table}"

@@ -48,6 +48,19 @@ pub async fn until_queue(relay: &Relay, mut done: impl FnMut(&[serde_json::Value
     }
 }
 
+/// The `queue` table of the running relay.
+pub async fn queue_table(relay: &Relay) -> String {
+    admin(
+        relay,
+        Request::Queue {
+            account: None,
+            json: false,
+        },
+    )
+    .await
+    .text
+}
+
 /// The `accounts` table of the running relay.
 pub async fn accounts_table(relay: &Relay) -> String {
     admin(
