@@ -15,6 +15,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -43,8 +44,8 @@ pub struct SharedSpool {
     db: Arc<PgStore>,
     /// Bodies being received wait here (memory, then a temporary file) until their commit.
     spill_dir: Arc<PathBuf>,
-    /// The ids this relay has claimed, renewed together.
-    claims: Arc<Mutex<HashSet<String>>>,
+    /// The ids this relay has claimed, renewed together, with when each was last confirmed.
+    claims: Arc<Mutex<HashMap<String, Instant>>>,
     /// Removals running in the background, for [`Spool::flush`].
     detached: TaskTracker,
     /// This relay's state rows, read at open (`read_state` is not async).
@@ -69,7 +70,7 @@ impl SharedSpool {
         let spool = SharedSpool {
             db,
             spill_dir: Arc::new(spill_dir),
-            claims: Arc::new(Mutex::new(HashSet::new())),
+            claims: Arc::new(Mutex::new(HashMap::new())),
             detached: TaskTracker::new(),
             state: Mutex::new(HashMap::new()),
             unloaded: std::sync::atomic::AtomicBool::new(false),
@@ -221,7 +222,7 @@ fn stored_of(r: &tokio_postgres::Row) -> Option<Stored> {
 }
 
 /// Renews this relay's claims every third of a lease, until the spool is dropped.
-async fn renew_claims(claims: std::sync::Weak<Mutex<HashSet<String>>>, db: Arc<PgStore>) {
+async fn renew_claims(claims: std::sync::Weak<Mutex<HashMap<String, Instant>>>, db: Arc<PgStore>) {
     let mut every = tokio::time::interval(db.lease() / 3);
     every.tick().await;
     loop {
@@ -229,19 +230,29 @@ async fn renew_claims(claims: std::sync::Weak<Mutex<HashSet<String>>>, db: Arc<P
         let Some(claims) = claims.upgrade() else {
             return;
         };
-        let ids: Vec<String> = lock(&claims).iter().cloned().collect();
-        drop(claims);
+        let ids: Vec<String> = lock(&claims).keys().cloned().collect();
         if ids.is_empty() {
             continue;
         }
-        if let Ok(client) = db.pool().get().await {
-            let _ = client
-                .execute(
-                    "UPDATE xoauth_queue SET claim_until = now() + make_interval(secs => $3) \
-                     WHERE id = ANY($1) AND claimed_by = $2",
-                    &[&ids, &db.holder(), &db.lease().as_secs_f64()],
-                )
-                .await;
+        let Ok(client) = db.pool().get().await else {
+            continue;
+        };
+        // Only the claims the database confirms count as renewed: one lost (taken over while
+        // this relay was out of reach) grows stale, and its transfer stops before the end.
+        let renewed = client
+            .query(
+                "UPDATE xoauth_queue SET claim_until = now() + make_interval(secs => $3) \
+                 WHERE id = ANY($1) AND claimed_by = $2 RETURNING id",
+                &[&ids, &db.holder(), &db.lease().as_secs_f64()],
+            )
+            .await
+            .unwrap_or_default();
+        let now = Instant::now();
+        let mut held = lock(&claims);
+        for r in renewed {
+            if let Some(at) = held.get_mut(r.get::<_, &str>(0)) {
+                *at = now;
+            }
         }
     }
 }
@@ -339,6 +350,106 @@ impl Incoming for SharedIncoming {
     }
 }
 
+impl SharedSpool {
+    /// The body from its chunks: whole when small, else streamed chunk by chunk.
+    async fn read_body(&self, env: &Envelope) -> io::Result<Body> {
+        if env.size <= WHOLE {
+            let client = self.client().await?;
+            let rows = rows(
+                &client,
+                "SELECT data FROM xoauth_queue_body WHERE id = $1 ORDER BY seq",
+                &[&env.id],
+            )
+            .await
+            .map_err(|e| io_error(self.db.error("reading a message", &e)))?;
+            let mut body = Vec::with_capacity(env.size as usize);
+            for r in &rows {
+                body.extend_from_slice(r.get::<_, &[u8]>(0));
+            }
+            // A body cut short (rows gone meanwhile) is never sent as the message.
+            if body.len() as u64 != env.size {
+                return Err(io_error(format!(
+                    "message {}: {} of its {} bytes in the database",
+                    env.id,
+                    body.len(),
+                    env.size
+                )));
+            }
+            return Ok(Body::Bytes(body));
+        }
+        // Chunk by chunk, each its own query: memory stays at a chunk or two whatever the size.
+        let (db, id) = (self.db.clone(), env.id.clone());
+        let chunks = futures_util::stream::unfold(0i32, move |seq| {
+            let (db, id) = (db.clone(), id.clone());
+            async move {
+                let client = match db.pool().get().await {
+                    Ok(c) => c,
+                    Err(e) => return Some((Err(io_error(db.pool_error(&e))), seq)),
+                };
+                let row = client
+                    .query_opt(
+                        "SELECT data FROM xoauth_queue_body WHERE id = $1 AND seq = $2",
+                        &[&id, &seq],
+                    )
+                    .await;
+                match row {
+                    Ok(Some(r)) => Some((Ok(Bytes::from(r.get::<_, Vec<u8>>(0))), seq + 1)),
+                    Ok(None) => None,
+                    Err(e) => Some((Err(io_error(db.error("reading a message", &e))), seq)),
+                }
+            }
+        });
+        Ok(Body::Stream(Box::new(tokio_util::io::StreamReader::new(
+            Box::pin(chunks),
+        ))))
+    }
+
+    /// Whether this relay's claim on `id` was confirmed recently enough to send it: renewals come
+    /// every third of a lease, so two missed ones mean the database may have handed it on.
+    fn still_claimed(&self, id: &str) -> io::Result<()> {
+        fresh(&self.claims, id, self.db.lease())
+    }
+}
+
+fn fresh(claims: &Mutex<HashMap<String, Instant>>, id: &str, lease: Duration) -> io::Result<()> {
+    match lock(claims).get(id) {
+        Some(at) if at.elapsed() < lease * 2 / 3 => Ok(()),
+        _ => Err(io::Error::other(format!(
+            "message {id}: this relay's claim on it was not renewed in time (the database out of reach); \
+             not sending it, another relay may"
+        ))),
+    }
+}
+
+/// A streamed body that ends only while the claim holds: a transfer that outlasted a lost claim
+/// stops before its final dot (or the API request's end), so the upstream never takes a message
+/// another relay may be sending.
+struct Guarded {
+    inner: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    claims: Arc<Mutex<HashMap<String, Instant>>>,
+    lease: Duration,
+    id: String,
+}
+
+impl tokio::io::AsyncRead for Guarded {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
+            std::task::Poll::Ready(Ok(()))
+                if buf.filled().len() == before && buf.remaining() > 0 =>
+            {
+                std::task::Poll::Ready(fresh(&this.claims, &this.id, this.lease))
+            }
+            other => other,
+        }
+    }
+}
+
 impl Spool for SharedSpool {
     fn incoming(&self, _env: &Envelope) -> Box<dyn Incoming> {
         Box::new(SharedIncoming {
@@ -358,8 +469,10 @@ impl Spool for SharedSpool {
             let client = self.client().await?;
             run(
                 &client,
-                "UPDATE xoauth_queue SET progress = $2 WHERE id = $1",
-                &[&env.id, &bytes],
+                // Only while it is this relay's: progress of a message another relay adopted
+                // meanwhile is that relay's to write (this one drops it at its next claim).
+                "UPDATE xoauth_queue SET progress = $2 WHERE id = $1 AND owner = $3",
+                &[&env.id, &bytes, &self.db.instance()],
             )
             .await
             .map_err(|e| io_error(self.db.error("recording a message's progress", &e)))?;
@@ -380,55 +493,17 @@ impl Spool for SharedSpool {
 
     fn open_body<'a>(&'a self, env: &'a Envelope) -> BoxFuture<'a, io::Result<Body>> {
         Box::pin(async move {
-            if env.size <= WHOLE {
-                let client = self.client().await?;
-                let rows = rows(
-                    &client,
-                    "SELECT data FROM xoauth_queue_body WHERE id = $1 ORDER BY seq",
-                    &[&env.id],
-                )
-                .await
-                .map_err(|e| io_error(self.db.error("reading a message", &e)))?;
-                let mut body = Vec::with_capacity(env.size as usize);
-                for r in &rows {
-                    body.extend_from_slice(r.get::<_, &[u8]>(0));
-                }
-                // A body cut short (rows gone meanwhile) is never sent as the message.
-                if body.len() as u64 != env.size {
-                    return Err(io_error(format!(
-                        "message {}: {} of its {} bytes in the database",
-                        env.id,
-                        body.len(),
-                        env.size
-                    )));
-                }
-                return Ok(Body::Bytes(body));
-            }
-            // Chunk by chunk, each its own query: memory stays at a chunk or two whatever the size.
-            let (db, id) = (self.db.clone(), env.id.clone());
-            let chunks = futures_util::stream::unfold(0i32, move |seq| {
-                let (db, id) = (db.clone(), id.clone());
-                async move {
-                    let client = match db.pool().get().await {
-                        Ok(c) => c,
-                        Err(e) => return Some((Err(io_error(db.pool_error(&e))), seq)),
-                    };
-                    let row = client
-                        .query_opt(
-                            "SELECT data FROM xoauth_queue_body WHERE id = $1 AND seq = $2",
-                            &[&id, &seq],
-                        )
-                        .await;
-                    match row {
-                        Ok(Some(r)) => Some((Ok(Bytes::from(r.get::<_, Vec<u8>>(0))), seq + 1)),
-                        Ok(None) => None,
-                        Err(e) => Some((Err(io_error(db.error("reading a message", &e))), seq)),
-                    }
-                }
-            });
-            Ok(Body::Stream(Box::new(tokio_util::io::StreamReader::new(
-                Box::pin(chunks),
-            ))))
+            let body = self.read_body(env).await?;
+            self.still_claimed(&env.id)?;
+            Ok(match body {
+                Body::Stream(inner) => Body::Stream(Box::new(Guarded {
+                    inner,
+                    claims: self.claims.clone(),
+                    lease: self.db.lease(),
+                    id: env.id.clone(),
+                })),
+                whole => whole,
+            })
         })
     }
 
@@ -513,7 +588,7 @@ impl Spool for SharedSpool {
             .map_err(|e| io_error(self.db.error("claiming a message", &e)))?
             .pop();
             if taken.is_some() {
-                lock(&self.claims).insert(id.to_string());
+                lock(&self.claims).insert(id.to_string(), Instant::now());
                 return Ok(Claim::Taken);
             }
             let owner: Option<String> = rows(
@@ -549,7 +624,7 @@ impl Spool for SharedSpool {
 
     fn release(&self, id: &str) {
         // A message removed meanwhile has no claim left to give back.
-        if !lock(&self.claims).remove(id) {
+        if lock(&self.claims).remove(id).is_none() {
             return;
         }
         let (db, id) = (self.db.clone(), id.to_string());
@@ -620,5 +695,39 @@ impl Spool for SharedSpool {
             found.extend(SharedSpool::adopt(self, accounts).await?);
             Ok(found)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_streamed_body_ends_only_while_its_claim_holds() {
+        let lease = Duration::from_secs(60);
+        let claims = Arc::new(Mutex::new(HashMap::new()));
+        let read = |claims: &Arc<Mutex<HashMap<String, Instant>>>| {
+            let mut body = Guarded {
+                inner: Box::new(&b"Subject: x\r\n\r\nbody\r\n"[..]),
+                claims: claims.clone(),
+                lease,
+                id: "m1".into(),
+            };
+            async move {
+                let mut out = Vec::new();
+                body.read_to_end(&mut out).await.map(|_| out)
+            }
+        };
+        lock(&claims).insert("m1".to_string(), Instant::now());
+        assert_eq!(read(&claims).await.unwrap(), b"Subject: x\r\n\r\nbody\r\n");
+        // Last confirmed longer ago than two renewals: the end of the body is refused.
+        lock(&claims).insert("m1".to_string(), Instant::now() - lease);
+        let e = read(&claims).await.unwrap_err();
+        assert!(e.to_string().contains("claim on it was not renewed"), "{e}");
+        // Given back (delivered, removed): no claim, no end.
+        lock(&claims).clear();
+        assert!(read(&claims).await.is_err());
     }
 }
