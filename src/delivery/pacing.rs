@@ -193,6 +193,18 @@ impl Usage {
         Ok(())
     }
 
+    /// Spends a turn of the per-minute bucket and window without asking (a message another
+    /// relay could not see being sent).
+    fn spend_minute(&mut self, l: Pacing, now_ms: u64) {
+        let burst = burst_of(l);
+        let refill = l.max_messages_per_minute.saturating_sub(burst).max(1);
+        let rate = f64::from(refill) / 60_000.0;
+        let elapsed = now_ms.saturating_sub(self.refilled_ms) as f64;
+        self.tokens = (self.tokens + elapsed * rate).min(f64::from(burst)) - 1.0;
+        self.refilled_ms = self.refilled_ms.max(now_ms);
+        self.minute.push_back(now_ms);
+    }
+
     pub fn give_back(&mut self, l: Pacing, recipients: u32, now_ms: u64) {
         if l.max_messages_per_minute > 0 {
             let burst = f64::from(burst_of(l));
@@ -281,6 +293,48 @@ struct SharedUsage {
     account: String,
     /// The last try failed (one warning per outage).
     offline: AtomicBool,
+    /// Turns taken while the database was out of reach, added to the row when it answers.
+    counted_offline: Mutex<Vec<Turn>>,
+}
+
+/// What one call counts.
+#[derive(Debug, Clone, Copy)]
+enum Turn {
+    /// An upstream transaction with this many recipients.
+    Message { recipients: u32, now_ms: u64 },
+    /// One more recipient of a transaction already counted (direct mode's RCPTs).
+    Recipient { now_ms: u64 },
+}
+
+impl Turn {
+    /// The rules: counted if they allow it.
+    fn check(self, usage: &mut Usage, l: Pacing) -> Result<(), Wait> {
+        match self {
+            Turn::Message { recipients, now_ms } => usage.take(l, recipients, now_ms),
+            Turn::Recipient { now_ms } => usage.add_recipient(l, now_ms),
+        }
+    }
+
+    /// Counted whatever the rules say: it happened (while the others could not see it).
+    fn count(self, usage: &mut Usage, l: Pacing) {
+        let unlimited = Pacing {
+            max_messages_per_minute: 0,
+            max_recipients_per_message: 0,
+            max_messages_per_day: 0,
+            max_recipients_per_day: 0,
+        };
+        match self {
+            Turn::Message { recipients, now_ms } => {
+                if l.max_messages_per_minute > 0 {
+                    usage.spend_minute(l, now_ms);
+                }
+                let _ = usage.take(unlimited, recipients, now_ms);
+            }
+            Turn::Recipient { now_ms } => {
+                let _ = usage.add_recipient(unlimited, now_ms);
+            }
+        }
+    }
 }
 
 /// Each limit divided among `relays` (at least 1 where there is a limit): what one relay may do
@@ -317,6 +371,7 @@ impl Pacer {
                 store,
                 account: account.to_string(),
                 offline: AtomicBool::new(false),
+                counted_offline: Mutex::new(Vec::new()),
             }),
             ..Pacer::new(limits)
         }
@@ -326,23 +381,23 @@ impl Pacer {
         **self.limits.load()
     }
 
-    /// Runs `rule` on the relays' usage in the database (written back when it allows the turn);
-    /// while the database is out of reach, on this relay's copy under its share of the limits.
-    async fn shared_rule(
-        &self,
-        sh: &SharedUsage,
-        rule: impl Fn(&mut Usage, Pacing) -> Result<(), Wait> + Send + Sync,
-    ) -> Result<(), Wait> {
+    /// Counts `turn` in the relays' usage in the database (written back when the rules allow
+    /// it); while the database is out of reach, in this relay's copy under its share of the
+    /// limits, and those turns are added to the row once it answers again.
+    async fn shared_turn(&self, sh: &SharedUsage, turn: Turn) -> Result<(), Wait> {
         let l = self.limits();
+        let offline: Vec<Turn> = lock(&sh.counted_offline).clone();
         let mut outcome = None;
         let mut seen = None;
         let mut change = |old: Option<&[u8]>| {
             let mut usage = old
                 .and_then(|b| serde_json::from_slice::<Usage>(b).ok())
                 .unwrap_or_else(|| Usage::new(l));
-            let allowed = rule(&mut usage, l);
-            let write = allowed
-                .is_ok()
+            for t in &offline {
+                t.count(&mut usage, l);
+            }
+            let allowed = turn.check(&mut usage, l);
+            let write = (allowed.is_ok() || !offline.is_empty())
                 .then(|| serde_json::to_vec(&usage).ok())
                 .flatten();
             seen = Some(usage);
@@ -355,6 +410,7 @@ impl Pacer {
                 if sh.offline.swap(false, Ordering::Relaxed) {
                     tracing::info!(account = %sh.account, "pacing shared with the other relays again");
                 }
+                lock(&sh.counted_offline).drain(..offline.len());
                 if let Some(usage) = seen {
                     *lock(&self.state) = usage;
                 }
@@ -366,7 +422,11 @@ impl Pacer {
                     let error = done.err().map(|e| e.0).unwrap_or_default();
                     tracing::warn!(account = %sh.account, %error, relays, "the database is out of reach: pacing this relay alone on its share of the limits");
                 }
-                rule(&mut lock(&self.state), share_of(l, relays))
+                let allowed = turn.check(&mut lock(&self.state), share_of(l, relays));
+                if allowed.is_ok() {
+                    lock(&sh.counted_offline).push(turn);
+                }
+                allowed
             }
         }
     }
@@ -398,7 +458,7 @@ impl Pace for Pacer {
         match &self.shared {
             // Without limits there is nothing to count together: no round trip.
             Some(sh) if self.limited() => {
-                Box::pin(self.shared_rule(sh, move |u, l| u.take(l, recipients, now_ms)))
+                Box::pin(self.shared_turn(sh, Turn::Message { recipients, now_ms }))
             }
             _ => {
                 let taken = lock(&self.state).take(self.limits(), recipients, now_ms);
@@ -430,7 +490,7 @@ impl Pace for Pacer {
     fn take_recipient(&self, now_ms: u64) -> BoxFuture<'_, Result<(), Wait>> {
         match &self.shared {
             Some(sh) if self.limits().max_recipients_per_day > 0 => {
-                Box::pin(self.shared_rule(sh, move |u, l| u.add_recipient(l, now_ms)))
+                Box::pin(self.shared_turn(sh, Turn::Recipient { now_ms }))
             }
             _ => {
                 let taken = lock(&self.state).add_recipient(self.limits(), now_ms);
@@ -603,6 +663,32 @@ mod tests {
         }
         // Together at the limit's pace (19 a minute after the burst of 1), not twice it.
         assert!((55..=60).contains(&sent.len()), "{}", sent.len());
+    }
+
+    #[test]
+    fn turns_taken_while_the_database_was_away_count_when_it_answers() {
+        let l = Pacing {
+            max_messages_per_minute: 20,
+            max_recipients_per_message: 0,
+            max_messages_per_day: 100,
+            max_recipients_per_day: 0,
+        };
+        // The stored row, and three messages one relay sent on its share meanwhile.
+        let mut row = Usage::new(l);
+        let t0 = 1_000_000_000;
+        for _ in 0..3 {
+            Turn::Message {
+                recipients: 2,
+                now_ms: t0,
+            }
+            .count(&mut row, l);
+        }
+        assert_eq!(row.used_today(t0 + 1_000), (3, 6));
+        // The bucket owes them too: the next turn waits until they are paid off (about 9.5 s
+        // at 19 a minute), instead of making four within a second.
+        let wait = row.take(l, 1, t0 + 1_000).unwrap_err();
+        assert_eq!(wait.limit, "max_messages_per_minute");
+        assert!(wait.after > Duration::from_secs(8), "{:?}", wait.after);
     }
 
     #[test]
