@@ -82,6 +82,8 @@ pub struct SharedSlots {
     warned: AtomicBool,
     /// When this relay last asked the others for a slot, per account.
     asked: Mutex<HashMap<String, Instant>>,
+    /// The slots the other relays held at the last look, per account.
+    others: Mutex<HashMap<String, usize>>,
 }
 
 /// How often a waiting relay asks the others to give up an idle connection.
@@ -113,6 +115,7 @@ impl SharedSlots {
             offline: LocalSlots::default(),
             warned: AtomicBool::new(false),
             asked: Mutex::new(HashMap::new()),
+            others: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -121,15 +124,20 @@ impl Slots for SharedSlots {
     fn acquire<'a>(&'a self, account: &'a str, cap: usize) -> BoxFuture<'a, bool> {
         Box::pin(async move {
             match self.store.take_slot(account, cap).await {
-                Ok(Some(id)) => {
+                Ok((taken, before)) => {
                     self.warned.store(false, Ordering::Relaxed);
-                    lock(&self.leases)
-                        .entry(account.to_string())
-                        .or_default()
-                        .push(id);
-                    true
-                }
-                Ok(None) => {
+                    {
+                        let mut leases = lock(&self.leases);
+                        let mine = leases.entry(account.to_string()).or_default();
+                        // What the other relays hold, so that a share taken while the database
+                        // is away leaves them theirs.
+                        lock(&self.others)
+                            .insert(account.to_string(), before.saturating_sub(mine.len()));
+                        if let Some(id) = taken {
+                            mine.push(id);
+                            return true;
+                        }
+                    }
                     self.ask_others(account).await;
                     false
                 }
@@ -141,7 +149,10 @@ impl Slots for SharedSlots {
                     if !self.warned.swap(true, Ordering::Relaxed) {
                         tracing::warn!(account, error = %e, relays, "the database is out of reach: upstream connections limited to this relay's share of max_upstream_connections");
                     }
-                    let share = (cap / relays).max(1);
+                    // A share of the cap, and never more than the others left free when last
+                    // seen: their connections stay open through the outage too.
+                    let others = lock(&self.others).get(account).copied().unwrap_or(0);
+                    let share = (cap / relays).max(1).min(cap.saturating_sub(others));
                     self.held(account) < share && self.offline.take(account, share)
                 }
             }

@@ -116,12 +116,13 @@ pub trait Shared: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>>;
     /// Every record of `kind`, as (key, value).
     fn read_rows<'a>(&'a self, kind: &'a str) -> BoxFuture<'a, Result<Vec<Record>, StoreError>>;
-    /// One of `account`'s upstream connection slots across relays, if fewer than `cap` are held.
+    /// One of `account`'s upstream connection slots across relays, if fewer than `cap` are held;
+    /// and how many the relays held before.
     fn take_slot<'a>(
         &'a self,
         account: &'a str,
         cap: usize,
-    ) -> BoxFuture<'a, Result<Option<i64>, StoreError>>;
+    ) -> BoxFuture<'a, Result<(Option<i64>, usize), StoreError>>;
     fn free_slot(&self, id: i64) -> BoxFuture<'_, Result<(), StoreError>>;
     /// Keeps the slots `ids` (those this relay holds) from running out.
     fn renew_slots(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<(), StoreError>>;

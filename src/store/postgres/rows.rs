@@ -65,12 +65,13 @@ impl PgStore {
     }
 
     /// Takes one of `account`'s connection slots if the relays together hold fewer than `cap`;
-    /// the slot's id, or `None` at the cap. Serialized per account by an advisory lock.
+    /// the slot's id (`None` at the cap), and how many were held before. Serialized per account
+    /// by an advisory lock.
     pub(super) async fn take_slot(
         &self,
         account: &str,
         cap: usize,
-    ) -> Result<Option<i64>, StoreError> {
+    ) -> Result<(Option<i64>, usize), StoreError> {
         let mut client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
         let tx = client
             .transaction()
@@ -91,8 +92,9 @@ impl PgStore {
             .await
             .map_err(err)?
             .get(0);
-        if held >= cap as i64 {
-            return Ok(None);
+        let before = held.max(0) as usize;
+        if before >= cap {
+            return Ok((None, before));
         }
         let id: i64 = tx
             .query_one(
@@ -104,7 +106,7 @@ impl PgStore {
             .map_err(err)?
             .get(0);
         tx.commit().await.map_err(err)?;
-        Ok(Some(id))
+        Ok((Some(id), before))
     }
 
     pub(super) async fn free_slot(&self, id: i64) -> Result<(), StoreError> {

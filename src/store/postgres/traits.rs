@@ -176,7 +176,7 @@ impl Shared for PgStore {
         &'a self,
         account: &'a str,
         cap: usize,
-    ) -> BoxFuture<'a, Result<Option<i64>, StoreError>> {
+    ) -> BoxFuture<'a, Result<(Option<i64>, usize), StoreError>> {
         Box::pin(self.take_slot(account, cap))
     }
 
