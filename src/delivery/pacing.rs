@@ -294,11 +294,50 @@ struct SharedUsage {
     /// The last try failed (one warning per outage).
     offline: AtomicBool,
     /// Turns taken while the database was out of reach, added to the row when it answers.
-    counted_offline: Mutex<Vec<Turn>>,
+    counted_offline: Arc<Mutex<Vec<Turn>>>,
+    /// A task adding them is running.
+    merging: Arc<AtomicBool>,
 }
 
+impl SharedUsage {
+    /// Adds the turns counted while the database was away to the row once it answers, even if
+    /// this relay takes no further turn of the account (one task at a time, every few seconds).
+    fn merge_later(&self, l: Pacing) {
+        if self.merging.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (store, account) = (self.store.clone(), self.account.clone());
+        let (pending, merging) = (self.counted_offline.clone(), self.merging.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(MERGE_EVERY).await;
+                let turns = std::mem::take(&mut *lock(&pending));
+                if turns.is_empty() {
+                    merging.store(false, Ordering::Release);
+                    return;
+                }
+                let mut change = |old: Option<&[u8]>| {
+                    let mut usage = old
+                        .and_then(|b| serde_json::from_slice::<Usage>(b).ok())
+                        .unwrap_or_else(|| Usage::new(l));
+                    for t in &turns {
+                        t.count(&mut usage, l);
+                    }
+                    serde_json::to_vec(&usage).ok()
+                };
+                if store.update_row(ROW, &account, &mut change).await.is_err() {
+                    lock(&pending).splice(0..0, turns);
+                }
+            }
+        });
+    }
+}
+
+/// How often turns counted offline are offered to the database again.
+const MERGE_EVERY: Duration = Duration::from_secs(5);
+
 /// What one call counts.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Turn {
     /// An upstream transaction with this many recipients.
     Message { recipients: u32, now_ms: u64 },
@@ -371,7 +410,8 @@ impl Pacer {
                 store,
                 account: account.to_string(),
                 offline: AtomicBool::new(false),
-                counted_offline: Mutex::new(Vec::new()),
+                counted_offline: Arc::new(Mutex::new(Vec::new())),
+                merging: Arc::new(AtomicBool::new(false)),
             }),
             ..Pacer::new(limits)
         }
@@ -386,7 +426,9 @@ impl Pacer {
     /// limits, and those turns are added to the row once it answers again.
     async fn shared_turn(&self, sh: &SharedUsage, turn: Turn) -> Result<(), Wait> {
         let l = self.limits();
-        let offline: Vec<Turn> = lock(&sh.counted_offline).clone();
+        // Turns counted while the database was away go in with this one (taken out, so that two
+        // callers never add them twice; put back if the database is still away).
+        let offline: Vec<Turn> = std::mem::take(&mut *lock(&sh.counted_offline));
         let mut outcome = None;
         let mut seen = None;
         let mut change = |old: Option<&[u8]>| {
@@ -410,13 +452,13 @@ impl Pacer {
                 if sh.offline.swap(false, Ordering::Relaxed) {
                     tracing::info!(account = %sh.account, "pacing shared with the other relays again");
                 }
-                lock(&sh.counted_offline).drain(..offline.len());
                 if let Some(usage) = seen {
                     *lock(&self.state) = usage;
                 }
                 allowed
             }
             (done, _) => {
+                lock(&sh.counted_offline).splice(0..0, offline);
                 let relays = sh.store.relays_seen();
                 if !sh.offline.swap(true, Ordering::Relaxed) {
                     let error = done.err().map(|e| e.0).unwrap_or_default();
@@ -425,6 +467,7 @@ impl Pacer {
                 let allowed = turn.check(&mut lock(&self.state), share_of(l, relays));
                 if allowed.is_ok() {
                     lock(&sh.counted_offline).push(turn);
+                    sh.merge_later(l);
                 }
                 allowed
             }
@@ -471,6 +514,17 @@ impl Pace for Pacer {
         let l = self.limits();
         lock(&self.state).give_back(l, recipients, now_ms);
         if let Some(sh) = self.shared.as_ref().filter(|_| self.limited()) {
+            // A turn counted while the database was away is taken back here, not in the row.
+            {
+                let mut pending = lock(&sh.counted_offline);
+                let same = pending.iter().rposition(
+                    |t| matches!(t, Turn::Message { recipients: r, .. } if *r == recipients),
+                );
+                if let Some(at) = same {
+                    pending.remove(at);
+                    return;
+                }
+            }
             let (store, account) = (sh.store.clone(), sh.account.clone());
             tokio::spawn(async move {
                 let mut change = |old: Option<&[u8]>| {

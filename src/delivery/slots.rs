@@ -82,8 +82,9 @@ pub struct SharedSlots {
     warned: AtomicBool,
     /// When this relay last asked the others for a slot, per account.
     asked: Mutex<HashMap<String, Instant>>,
-    /// The slots the other relays held at the last look, per account.
-    others: Mutex<HashMap<String, usize>>,
+    /// The slots the other relays held at the last look, per account (looked at with every
+    /// renewal, and at each slot taken).
+    others: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 /// How often a waiting relay asks the others to give up an idle connection.
@@ -108,14 +109,19 @@ impl SharedSlots {
 
     pub fn new(store: Arc<dyn Shared>) -> SharedSlots {
         let leases = Arc::new(Mutex::new(HashMap::new()));
-        tokio::spawn(renew(Arc::downgrade(&leases), store.clone()));
+        let others = Arc::new(Mutex::new(HashMap::new()));
+        tokio::spawn(renew(
+            Arc::downgrade(&leases),
+            Arc::downgrade(&others),
+            store.clone(),
+        ));
         SharedSlots {
             store,
             leases,
             offline: LocalSlots::default(),
             warned: AtomicBool::new(false),
             asked: Mutex::new(HashMap::new()),
-            others: Mutex::new(HashMap::new()),
+            others,
         }
     }
 }
@@ -190,8 +196,13 @@ impl Slots for SharedSlots {
     }
 }
 
-/// Renews the slots this relay holds every third of a lease, until the slots are dropped.
-async fn renew(leases: std::sync::Weak<Mutex<HashMap<String, Vec<i64>>>>, store: Arc<dyn Shared>) {
+/// Renews the slots this relay holds every third of a lease, and looks at what the other relays
+/// hold, until the slots are dropped.
+async fn renew(
+    leases: std::sync::Weak<Mutex<HashMap<String, Vec<i64>>>>,
+    others: std::sync::Weak<Mutex<HashMap<String, usize>>>,
+    store: Arc<dyn Shared>,
+) {
     let mut every = tokio::time::interval(store.lease_time() / 3);
     every.tick().await;
     loop {
@@ -203,6 +214,9 @@ async fn renew(leases: std::sync::Weak<Mutex<HashMap<String, Vec<i64>>>>, store:
         drop(leases);
         if let Err(e) = store.renew_slots(ids).await {
             tracing::debug!(error = %e, "cannot renew connection slots");
+        }
+        if let (Ok(held), Some(others)) = (store.slots_of_others().await, others.upgrade()) {
+            *lock(&others) = held.into_iter().collect();
         }
     }
 }

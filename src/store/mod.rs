@@ -126,6 +126,8 @@ pub trait Shared: Send + Sync + 'static {
     fn free_slot(&self, id: i64) -> BoxFuture<'_, Result<(), StoreError>>;
     /// Keeps the slots `ids` (those this relay holds) from running out.
     fn renew_slots(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// How many upstream connection slots the other relays hold now, per account.
+    fn slots_of_others(&self) -> BoxFuture<'_, Result<Vec<(String, usize)>, StoreError>>;
     /// `lease_secs`: how long a lease lasts unless renewed.
     fn lease_time(&self) -> std::time::Duration;
     /// Tells every relay (this one too) something about `account` (`want`: a relay waits for one

@@ -123,7 +123,14 @@ impl Queue {
                     _ = tick.tick() => {}
                 }
                 let Some(queue) = queue.upgrade() else { return };
-                let accounts: Vec<String> = queue.accounts.all().keys().cloned().collect();
+                // Accounts this relay delivers for (not those it only holds mail of).
+                let accounts: Vec<String> = queue
+                    .accounts
+                    .all()
+                    .iter()
+                    .filter(|(_, aq)| aq.held.load().is_none())
+                    .map(|(name, _)| name.clone())
+                    .collect();
                 match queue.spool.adopt(&accounts).await {
                     Ok(found) if !found.is_empty() => queue.index_adopted(found),
                     Ok(_) => {}
@@ -150,9 +157,17 @@ impl Queue {
             let progress = s
                 .progress
                 .unwrap_or_else(|| super::model::Progress::fresh(s.envelope.recipients.len()));
-            *by_account.entry(s.envelope.account.clone()).or_default() += 1;
             let entry = self.entry(Arc::new(s.envelope), progress);
-            lock(&aq.inner).insert(entry);
+            {
+                let mut inner = lock(&aq.inner);
+                // Already indexed (its own messages read again after a start with the database
+                // down, one of them perhaps being sent now): the index keeps its entry.
+                if inner.messages.contains_key(&entry.env.id) {
+                    continue;
+                }
+                *by_account.entry(entry.env.account.clone()).or_default() += 1;
+                inner.insert(entry);
+            }
             aq.wake.notify_one();
         }
         for (account, n) in by_account {

@@ -237,6 +237,8 @@ async fn renew_claims(claims: std::sync::Weak<Mutex<HashMap<String, Instant>>>, 
         let Ok(client) = db.pool().get().await else {
             continue;
         };
+        // Taken before the query: the database's claim_until counts from its statement's start.
+        let now = Instant::now();
         // Only the claims the database confirms count as renewed: one lost (taken over while
         // this relay was out of reach) grows stale, and its transfer stops before the end.
         let renewed = client
@@ -247,7 +249,6 @@ async fn renew_claims(claims: std::sync::Weak<Mutex<HashMap<String, Instant>>>, 
             )
             .await
             .unwrap_or_default();
-        let now = Instant::now();
         let mut held = lock(&claims);
         for r in renewed {
             if let Some(at) = held.get_mut(r.get::<_, &str>(0)) {
@@ -495,15 +496,18 @@ impl Spool for SharedSpool {
         Box::pin(async move {
             let body = self.read_body(env).await?;
             self.still_claimed(&env.id)?;
-            Ok(match body {
-                Body::Stream(inner) => Body::Stream(Box::new(Guarded {
-                    inner,
-                    claims: self.claims.clone(),
-                    lease: self.db.lease(),
-                    id: env.id.clone(),
-                })),
-                whole => whole,
-            })
+            // Small bodies too: the transaction may wait for a connection slot and the
+            // recipients long after the body was read.
+            let inner: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match body {
+                Body::Stream(inner) => inner,
+                Body::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes)),
+            };
+            Ok(Body::Stream(Box::new(Guarded {
+                inner,
+                claims: self.claims.clone(),
+                lease: self.db.lease(),
+                id: env.id.clone(),
+            })))
         })
     }
 
@@ -576,6 +580,7 @@ impl Spool for SharedSpool {
     fn claim<'a>(&'a self, id: &'a str) -> BoxFuture<'a, io::Result<Claim>> {
         Box::pin(async move {
             let client = self.client().await?;
+            let asked = Instant::now();
             let taken = rows(
                 &client,
                 "UPDATE xoauth_queue SET claimed_by = $2, claim_until = now() + make_interval(secs => $3) \
@@ -588,7 +593,7 @@ impl Spool for SharedSpool {
             .map_err(|e| io_error(self.db.error("claiming a message", &e)))?
             .pop();
             if taken.is_some() {
-                lock(&self.claims).insert(id.to_string(), Instant::now());
+                lock(&self.claims).insert(id.to_string(), asked);
                 return Ok(Claim::Taken);
             }
             let owner: Option<String> = rows(

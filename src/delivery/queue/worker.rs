@@ -257,10 +257,13 @@ impl Worker {
             spool.release(&id);
             return;
         }
-        // Not sent: the pacing turn goes back, and the message waits (held by another process,
-        // or the database out of reach) or leaves the index (another relay adopted it).
-        self.pacer
-            .refund(job.rcpts.len() as u32, self.pacers.now_ms());
+        // Not sent: the pacing turn (if one was taken: a message with only bounces left takes
+        // none) goes back, and the message waits (held by another process, or the database out
+        // of reach) or leaves the index (another relay adopted it).
+        if !job.rcpts.is_empty() {
+            self.pacer
+                .refund(job.rcpts.len() as u32, self.pacers.now_ms());
+        }
         let mut inner = lock(&self.aq.inner);
         match claim {
             Ok(Claim::Gone) => {
@@ -268,8 +271,10 @@ impl Worker {
                 tracing::info!(id, account = %self.aq.name, "queued message taken over by another relay");
             }
             _ => {
+                // The database's own trouble is logged once by the store; each message's retry
+                // is detail.
                 if let Err(e) = &claim {
-                    tracing::warn!(id, error = %e, "cannot claim a queued message; trying again later");
+                    tracing::debug!(id, error = %e, "cannot claim a queued message; trying again later");
                 }
                 inner.release(&id);
                 inner.set_due(&id, self.queue.clock.now() + CLAIM_AGAIN);

@@ -188,6 +188,24 @@ impl Shared for PgStore {
         Box::pin(async move { self.renew_slots(&ids).await })
     }
 
+    fn slots_of_others(&self) -> BoxFuture<'_, Result<Vec<(String, usize)>, StoreError>> {
+        Box::pin(async move {
+            let client = self.pool().get().await.map_err(|e| self.pool_error(&e))?;
+            let rows = client
+                .query(
+                    "SELECT account, count(*) FROM xoauth_slots WHERE holder <> $1 AND until > now() \
+                     GROUP BY account",
+                    &[&self.holder()],
+                )
+                .await
+                .map_err(|e| self.error("counting connection slots", &e))?;
+            Ok(rows
+                .iter()
+                .map(|r| (r.get(0), r.get::<_, i64>(1).max(0) as usize))
+                .collect())
+        })
+    }
+
     fn lease_time(&self) -> std::time::Duration {
         self.lease()
     }
