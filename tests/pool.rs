@@ -19,26 +19,7 @@ async fn twenty_sessions_share_three_upstream_connections() {
     let (_dir, provider, relay) = setup(capped(3), "implicit").await;
     // Like Exchange Online: a fourth concurrent authenticated connection gets 432 4.3.2.
     provider.state().max_authed = Some(3);
-    let mut sessions = Vec::new();
-    for i in 0..20 {
-        let relay = relay.view();
-        let pki = provider.pki.clone();
-        sessions.push(tokio::spawn(async move {
-            let mut c = Client::connect(&relay, Conn::Implicit, &pki).await;
-            assert!(c.login_plain(LOGIN, PASSWORD).await.starts_with("235"));
-            let mut replies = Vec::new();
-            for n in 0..3 {
-                let body = format!("Subject: {i}/{n}\r\n\r\nbody {i} {n}\r\n");
-                replies.extend(
-                    c.send_mail("news@example.com", &["a@x.org"], body.as_bytes())
-                        .await,
-                );
-            }
-            replies
-        }));
-    }
-    for s in sessions {
-        let replies = s.await.unwrap();
+    for replies in sessions_sending(&[&relay], &provider.pki, 20, 3).await {
         assert!(all_ok(&replies), "{replies:?}");
     }
     {

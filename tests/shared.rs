@@ -301,32 +301,9 @@ async fn a_connection_cap_of_three_holds_across_two_relays() {
     .await;
     let rt = provider.state().add_refresh_token();
     relays[0].import("news", &rt).await;
-    let mut sessions = Vec::new();
-    for i in 0..16 {
-        let relay = relays[i % 2].view();
-        let pki = provider.pki.clone();
-        sessions.push(tokio::spawn(async move {
-            let mut c = Client::connect(&relay, Conn::Implicit, &pki).await;
-            assert!(c.login_plain(LOGIN, PASSWORD).await.starts_with("235"));
-            let mut replies = Vec::new();
-            for n in 0..3 {
-                let body = format!("Subject: {i}/{n}\r\n\r\nbody {i} {n}\r\n");
-                replies.extend(
-                    c.send_mail("news@example.com", &["a@x.org"], body.as_bytes())
-                        .await,
-                );
-            }
-            replies
-        }));
-    }
-    for s in sessions {
-        let replies = s.await.unwrap();
-        assert!(
-            replies
-                .iter()
-                .all(|r| r.starts_with('2') || r.starts_with('3')),
-            "{replies:?}"
-        );
+    let views: Vec<&Relay> = relays.iter().collect();
+    for replies in sessions_sending(&views, &provider.pki, 16, 3).await {
+        assert!(all_ok(&replies), "{replies:?}");
     }
     {
         let s = provider.state();

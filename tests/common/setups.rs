@@ -98,3 +98,36 @@ pub fn all_ok(replies: &[String]) -> bool {
         .iter()
         .all(|r| r.starts_with('2') || r.starts_with("354"))
 }
+
+/// `sessions` mailers at once, spread over `relays` in turn, each logging in (implicit TLS) and
+/// sending `each` messages; every session's replies.
+pub async fn sessions_sending(
+    relays: &[&Relay],
+    pki: &Pki,
+    sessions: usize,
+    each: usize,
+) -> Vec<Vec<String>> {
+    let mut tasks = Vec::new();
+    for i in 0..sessions {
+        let relay = relays[i % relays.len()].view();
+        let pki = pki.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(&relay, Conn::Implicit, &pki).await;
+            assert!(c.login_plain(LOGIN, PASSWORD).await.starts_with("235"));
+            let mut replies = Vec::new();
+            for n in 0..each {
+                let body = format!("Subject: {i}/{n}\r\n\r\nbody {i} {n}\r\n");
+                replies.extend(
+                    c.send_mail("news@example.com", &["a@x.org"], body.as_bytes())
+                        .await,
+                );
+            }
+            replies
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}

@@ -98,11 +98,7 @@ impl SharedSpool {
     }
 
     async fn client(&self) -> io::Result<deadpool_postgres::Object> {
-        self.db
-            .pool()
-            .get()
-            .await
-            .map_err(|e| io_error(self.db.pool_error(&e)))
+        self.db.client().await.map_err(io_error)
     }
 
     async fn load(&self) -> io::Result<Vec<Stored>> {
@@ -162,11 +158,7 @@ impl SharedSpool {
     }
 
     async fn remove_now(db: &PgStore, id: &str) -> io::Result<()> {
-        let client = db
-            .pool()
-            .get()
-            .await
-            .map_err(|e| io_error(db.pool_error(&e)))?;
+        let client = db.client().await.map_err(io_error)?;
         run(&client, "DELETE FROM xoauth_queue WHERE id = $1", &[&id])
             .await
             .map_err(|e| io_error(db.error("removing a message", &e)))?;
@@ -234,7 +226,7 @@ async fn renew_claims(claims: std::sync::Weak<Mutex<HashMap<String, Instant>>>, 
         if ids.is_empty() {
             continue;
         }
-        let Ok(client) = db.pool().get().await else {
+        let Ok(client) = db.client().await else {
             continue;
         };
         // Taken before the query: the database's claim_until counts from its statement's start.
@@ -291,11 +283,7 @@ impl Incoming for SharedIncoming {
             env.size = self.spill.len();
             let envelope = serde_json::to_vec(&*env).map_err(io_error)?;
             let db = &self.db;
-            let mut client = db
-                .pool()
-                .get()
-                .await
-                .map_err(|e| io_error(db.pool_error(&e)))?;
+            let mut client = db.client().await.map_err(io_error)?;
             let err = |e: tokio_postgres::Error| io_error(db.error("queueing a message", &e));
             let (id, size) = (&env.id, env.size as i64);
             if self.spill.len() <= IN_MEMORY as u64 {
@@ -383,9 +371,9 @@ impl SharedSpool {
         let chunks = futures_util::stream::unfold(0i32, move |seq| {
             let (db, id) = (db.clone(), id.clone());
             async move {
-                let client = match db.pool().get().await {
+                let client = match db.client().await {
                     Ok(c) => c,
-                    Err(e) => return Some((Err(io_error(db.pool_error(&e))), seq)),
+                    Err(e) => return Some((Err(io_error(e)), seq)),
                 };
                 let row = client
                     .query_opt(
@@ -635,7 +623,7 @@ impl Spool for SharedSpool {
         let (db, id) = (self.db.clone(), id.to_string());
         // A release that fails leaves the claim to run out after lease_secs.
         tokio::spawn(async move {
-            if let Ok(client) = db.pool().get().await {
+            if let Ok(client) = db.client().await {
                 let _ = run(
                     &client,
                     "UPDATE xoauth_queue SET claimed_by = NULL, claim_until = NULL \

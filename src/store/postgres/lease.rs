@@ -48,7 +48,7 @@ impl PgStore {
         let give_up = tokio::time::Instant::now() + self.lease + Duration::from_secs(5);
         let secs = self.lease.as_secs_f64();
         loop {
-            let client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+            let client = self.client().await?;
             let taken = client
                 .query_opt(
                     "INSERT INTO xoauth_refresh_leases (account, holder, until) \
@@ -83,7 +83,7 @@ impl PgStore {
 
     /// Registers this relay under its instance name, or says which live relay holds the name.
     pub(super) async fn register(&self) -> Result<(), StoreError> {
-        let client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+        let client = self.client().await?;
         let secs = self.lease.as_secs_f64();
         let host = crate::util::hostname();
         let pid = std::process::id() as i32;
@@ -135,7 +135,7 @@ impl PgStore {
 
     /// Says this relay is still alive; `false` if its registration was taken over meanwhile.
     pub(super) async fn heartbeat(&self) -> Result<bool, StoreError> {
-        let client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+        let client = self.client().await?;
         let n = client
             .execute(
                 "UPDATE xoauth_relays SET seen_at = now() WHERE instance = $1 AND holder = $2",

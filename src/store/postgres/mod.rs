@@ -250,19 +250,16 @@ impl PgStore {
         self.lease
     }
 
-    /// Connections for the queue's tables (`delivery::queue::shared`).
-    pub fn pool(&self) -> &deadpool_postgres::Pool {
-        &self.pool
+    /// A pooled connection; a database out of reach is remembered as the store's trouble (every
+    /// query of the store and the shared queue comes through here).
+    pub async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(|e| self.trouble_from(&e))
     }
 
     /// A failed query of the queue's, as the store words it (a lost connection is remembered as
     /// the database's trouble).
     pub fn error(&self, what: &str, e: &tokio_postgres::Error) -> StoreError {
         self.failed(what, e)
-    }
-
-    pub fn pool_error(&self, e: &deadpool_postgres::PoolError) -> StoreError {
-        self.trouble_from(e)
     }
 
     fn set_trouble(&self, why: Option<String>) {
@@ -382,7 +379,7 @@ impl PgStore {
 
     /// Reads every grant and status into the mirror.
     async fn reload_all(&self) -> Result<(), StoreError> {
-        let client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+        let client = self.client().await?;
         let grants = client
             .query("SELECT account, sealed FROM xoauth_grants", &[])
             .await
@@ -403,7 +400,7 @@ impl PgStore {
 
     /// Reads one account into the mirror; returns its sealed grant.
     async fn reload(&self, account: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+        let client = self.client().await?;
         let grant = client
             .query_opt(
                 "SELECT sealed FROM xoauth_grants WHERE account = $1",
@@ -523,7 +520,7 @@ impl PgStore {
     }
 
     async fn put_async(&self, account: &str, sealed: Vec<u8>) -> Result<(), StoreError> {
-        let mut client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+        let mut client = self.client().await?;
         let tx = client
             .transaction()
             .await
@@ -549,7 +546,7 @@ impl PgStore {
     }
 
     async fn remove_async(&self, account: &str) -> Result<bool, StoreError> {
-        let mut client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+        let mut client = self.client().await?;
         let tx = client
             .transaction()
             .await
@@ -567,7 +564,7 @@ impl PgStore {
     }
 
     async fn flush_async(&self) -> Result<(), StoreError> {
-        let mut client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+        let mut client = self.client().await?;
         let tx = client
             .transaction()
             .await
@@ -583,7 +580,7 @@ impl PgStore {
     /// A grant stored by `authorize` or `import-token`, or deleted by `revoke`: a clean status,
     /// and every relay drops what it cached of the old grant.
     async fn replaced_async(&self, account: &str) -> Result<(), StoreError> {
-        let mut client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+        let mut client = self.client().await?;
         let tx = client
             .transaction()
             .await
@@ -607,7 +604,7 @@ impl PgStore {
         grants: Vec<(String, Vec<u8>)>,
         statuses: Vec<(String, Status)>,
     ) -> Result<(usize, usize), StoreError> {
-        let mut client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+        let mut client = self.client().await?;
         let tx = client
             .transaction()
             .await

@@ -15,7 +15,7 @@ impl PgStore {
         key: &str,
         f: Change<'_>,
     ) -> Result<(), StoreError> {
-        let mut client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+        let mut client = self.client().await?;
         let tx = client
             .transaction()
             .await
@@ -53,7 +53,7 @@ impl PgStore {
         kind: &str,
         key: &str,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        let client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+        let client = self.client().await?;
         let row = client
             .query_opt(
                 "SELECT value FROM xoauth_rows WHERE kind = $1 AND key = $2",
@@ -72,7 +72,7 @@ impl PgStore {
         account: &str,
         cap: usize,
     ) -> Result<(Option<i64>, usize), StoreError> {
-        let mut client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+        let mut client = self.client().await?;
         let tx = client
             .transaction()
             .await
@@ -110,7 +110,7 @@ impl PgStore {
     }
 
     pub(super) async fn free_slot(&self, id: i64) -> Result<(), StoreError> {
-        let client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+        let client = self.client().await?;
         client
             .execute("DELETE FROM xoauth_slots WHERE id = $1", &[&id])
             .await
@@ -124,7 +124,7 @@ impl PgStore {
         if ids.is_empty() {
             return Ok(());
         }
-        let client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+        let client = self.client().await?;
         client
             .execute(
                 "UPDATE xoauth_slots SET until = now() + make_interval(secs => $2) \

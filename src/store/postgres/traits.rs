@@ -160,7 +160,7 @@ impl Shared for PgStore {
         kind: &'a str,
     ) -> BoxFuture<'a, Result<Vec<crate::store::Record>, StoreError>> {
         Box::pin(async move {
-            let client = self.pool().get().await.map_err(|e| self.pool_error(&e))?;
+            let client = self.client().await?;
             let rows = client
                 .query(
                     "SELECT key, value FROM xoauth_rows WHERE kind = $1 AND value IS NOT NULL",
@@ -190,7 +190,7 @@ impl Shared for PgStore {
 
     fn slots_of_others(&self) -> BoxFuture<'_, Result<Vec<(String, usize)>, StoreError>> {
         Box::pin(async move {
-            let client = self.pool().get().await.map_err(|e| self.pool_error(&e))?;
+            let client = self.client().await?;
             let rows = client
                 .query(
                     "SELECT account, count(*) FROM xoauth_slots WHERE holder <> $1 AND until > now() \
@@ -232,7 +232,7 @@ impl Shared for PgStore {
         name: &'a str,
     ) -> BoxFuture<'a, Result<Vec<Vec<u8>>, StoreError>> {
         Box::pin(async move {
-            let client = self.pool.get().await.map_err(|e| self.trouble_from(&e))?;
+            let client = self.client().await?;
             let rows = client
                 .query(
                     "SELECT value FROM xoauth_rows WHERE kind LIKE 'state:%' AND kind <> $1 \
